@@ -1,0 +1,1 @@
+"""Command-line interface (``hyperlane``): thin wrappers over library functions."""

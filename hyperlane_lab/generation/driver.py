@@ -1,0 +1,154 @@
+"""The token loop shared by the in-process pipeline and the distributed client.
+
+A *runner* opens a session over its stages and offers ``step(ids, positions) -> next ids``; this
+module batches prompts of different lengths (right padding, position -1), feeds finished rows as
+padding, applies EOS / stop strings / max tokens, streams text, and records timings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from hyperlane_lab.generation.text import SequenceState
+from hyperlane_lab.types import SamplingParams
+
+__all__ = ["GenerationResult", "GenerationTimings", "Runner", "RunnerSession", "TextGenerator"]
+
+
+class RunnerSession(Protocol):
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids/positions [B, S] int64 (-1 = padding) -> next token ids [B] int64."""
+        ...
+
+
+class Runner(Protocol):
+    def open_session(
+        self, batch: int, max_len: int, params: SamplingParams
+    ) -> AbstractContextManager[RunnerSession]: ...
+
+
+@dataclass
+class GenerationTimings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "decode_steps": self.decode_steps,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, prompt excluded, EOS excluded
+    prompt_token_ids: list[int]
+    finish_reason: str
+    timings: GenerationTimings = field(default_factory=GenerationTimings)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class TextGenerator:
+    """``generate`` for anything that has ``tokenizer``, ``spec`` and a ``runner``."""
+
+    tokenizer: Any
+    spec: Any
+    runner: Runner
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; pass a non-empty prompt")
+        return ids
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        stream: bool = False,
+    ) -> Any:
+        """Generate for one prompt (-> GenerationResult) or a list (-> list of them).
+
+        With ``stream=True`` returns an iterator of text pieces (one prompt) or of
+        ``(index, text)`` pairs (a list of prompts) as tokens arrive.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        eos = frozenset(self.spec.eos_token_ids)
+        states = [SequenceState(self.encode(p), self.tokenizer, max_tokens, eos, stops) for p in prompts]
+        timings = GenerationTimings(prompt_tokens=sum(len(s.prompt_ids) for s in states))
+        events = self._loop(states, params, timings)
+        if stream:
+            return (d for _, d in events) if single else events
+        for _ in events:
+            pass
+        results = [
+            GenerationResult(s.text, list(s.token_ids), s.prompt_ids, s.finish_reason or "length", timings)
+            for s in states
+        ]
+        return results[0] if single else results
+
+    def _loop(
+        self, states: list[SequenceState], params: SamplingParams, timings: GenerationTimings
+    ) -> Iterator[tuple[int, str]]:
+        bsz = len(states)
+        lens = [len(s.prompt_ids) for s in states]
+        width = max(lens)
+        max_len = width + max(s.max_tokens for s in states)
+        ids = torch.zeros((bsz, width), dtype=torch.int64)
+        positions = torch.full((bsz, width), -1, dtype=torch.int64)
+        for b, s in enumerate(states):
+            ids[b, : lens[b]] = torch.tensor(s.prompt_ids)
+            positions[b, : lens[b]] = torch.arange(lens[b])
+        cur = torch.tensor(lens, dtype=torch.int64)  # next position of each row
+        with self.runner.open_session(bsz, max_len, params) as session:
+            t0 = time.perf_counter()
+            nxt = session.step(ids, positions)
+            timings.prefill_s = time.perf_counter() - t0
+            while True:
+                for b, s in enumerate(states):
+                    if not s.done:
+                        delta = s.push(int(nxt[b]))
+                        timings.generated_tokens += 1
+                        if delta:
+                            yield b, delta
+                if all(s.done for s in states):
+                    return
+                done = torch.tensor([s.done for s in states])
+                pos = torch.where(done, torch.full_like(cur, -1), cur)[:, None]
+                cur += 1
+                t0 = time.perf_counter()
+                nxt = session.step(nxt.to(torch.int64)[:, None], pos)
+                timings.decode_s += time.perf_counter() - t0
+                timings.decode_steps += 1

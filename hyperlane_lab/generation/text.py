@@ -1,0 +1,71 @@
+"""Incremental detokenization with EOS and stop strings, shared by every generation driver."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SequenceState"]
+
+
+@dataclass
+class SequenceState:
+    """One sequence being generated: its ids, its text so far, and why it stopped."""
+
+    prompt_ids: list[int]
+    tokenizer: Any
+    max_tokens: int
+    eos_ids: frozenset[int]
+    stop: Sequence[str] = ()
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "length" | "eos" | "stop"
+    _emitted: int = 0  # characters of `text` already handed to a stream
+    _prefix: str | None = None  # decoded prompt
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the new text that is safe to show (may be "")."""
+        if self.done:
+            return ""
+        if token in self.eos_ids:
+            self.finish_reason = "eos"
+            return self._flush()
+        self.token_ids.append(token)
+        if self._prefix is None:
+            self._prefix = self.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(self.prompt_ids + self.token_ids, skip_special_tokens=True)
+        # decode with the prompt so word-initial spaces come out right, then drop the prompt's text
+        self.text = full[len(self._prefix) :] if full.startswith(self._prefix) else full
+        for s in self.stop:
+            cut = self.text.find(s)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                return self._flush()
+        if len(self.token_ids) >= self.max_tokens:
+            self.finish_reason = "length"
+            return self._flush()
+        # hold back a possible stop-string prefix and an incomplete UTF-8 character
+        safe = len(self.text)
+        if self.text.endswith("\ufffd"):
+            safe -= 1
+        for s in self.stop:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if self.text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        if safe <= self._emitted:
+            return ""
+        delta = self.text[self._emitted : safe]
+        self._emitted = safe
+        return delta
+
+    def _flush(self) -> str:
+        delta = self.text[self._emitted :]
+        self._emitted = len(self.text)
+        return delta

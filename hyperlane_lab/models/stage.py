@@ -1,0 +1,217 @@
+"""TorchStage: the layers ``[start, end)`` of a decoder, with a preallocated KV cache per session.
+
+The first stage also owns the embedding, the last the final norm and LM head. ``forward`` is the
+stage interface every engine and transport uses:
+
+    x: first stage token ids [B, S] int64, else hidden states [B, S, H]
+    positions: [B, S] int64 absolute positions; -1 marks padding (written to a trash slot, ignored)
+    returns: hidden [B, S, H]; or, on the last stage, fp32 logits [B, V] at each row's last valid
+             token ([B, S, V] with ``all_logits=True``).
+
+Positions alone say where each token's K/V goes, so prefill of any length, chunked prefill,
+one-token decode and batches of different lengths all use the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hyperlane_lab.models.config import ModelSpec
+from hyperlane_lab.models.layers import LayerWeights, attention_mask, decoder_layer, rms_norm, rope_tables
+from hyperlane_lab.types import LayerSpan
+
+__all__ = ["SessionCache", "StageWeights", "TorchStage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageWeights:
+    layers: list[LayerWeights]
+    embed: torch.Tensor | None = None  # [V, H], first stage (and last when tied)
+    norm: torch.Tensor | None = None  # [H], last stage
+    lm_head: torch.Tensor | None = None  # [V, H], last stage
+
+    def nbytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        tensors = [self.embed, self.norm, self.lm_head]
+        for lw in self.layers:
+            tensors += [lw.wqkv, lw.bqkv, lw.wo, lw.w_gate_up, lw.w_down, lw.ln_attn, lw.ln_mlp]
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass
+class SessionCache:
+    batch: int
+    max_len: int
+    k: list[torch.Tensor]  # per layer [B, Hkv, max_len + 1, D]
+    v: list[torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class TorchStage:
+    """One pipeline stage executed with PyTorch (the ``torch`` engine)."""
+
+    engine_name = "torch"
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        span: LayerSpan,
+        weights: StageWeights,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        span.check_within(spec.n_layers)
+        if len(weights.layers) != len(span):
+            raise ValueError(f"stage {span} needs {len(span)} layers of weights, got {len(weights.layers)}")
+        self.spec, self.span, self.weights = spec, span, weights
+        self.dtype, self.device = dtype, torch.device(device)
+        self.is_first = span.start == 0
+        self.is_last = span.end == spec.n_layers
+        if self.is_first and weights.embed is None:
+            raise ValueError("the first stage needs the embedding table")
+        if self.is_last and (weights.norm is None or weights.lm_head is None):
+            raise ValueError("the last stage needs the final norm and LM head")
+        self._sessions: dict[str, SessionCache] = {}
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, session_id: str, batch: int, max_len: int) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        if session_id in self._sessions:
+            raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
+        s = self.spec
+        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        with self._lock:
+            self._sessions[session_id] = SessionCache(batch, max_len, k, v)
+        log.debug("stage %s: opened session %s (batch %d, max_len %d)", self.span, session_id, batch, max_len)
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def session(self, session_id: str) -> SessionCache:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r} on stage {self.span}; open it first") from None
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
+        s = self.spec
+        return 2 * len(self.span) * batch * s.n_kv_heads * (max_len + 1) * s.head_dim * self.dtype.itemsize
+
+    # ------------------------------------------------------------------ compute
+
+    def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].shape[0] < length:
+            n = max(length, self.spec.max_position)
+            self._rope = rope_tables(self.spec, n, self.device)
+        return self._rope
+
+    def input_shape_ok(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Raise ValueError when x/positions don't fit this stage (checked before touching the cache)."""
+        if positions.dim() != 2 or positions.dtype != torch.int64:
+            raise ValueError(f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}")
+        if self.is_first:
+            if x.dim() != 2 or x.dtype != torch.int64:
+                raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.spec.vocab_size):
+                raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
+        elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
+            raise ValueError(
+                f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
+            )
+        if tuple(x.shape[:2]) != tuple(positions.shape):
+            raise ValueError(f"x {tuple(x.shape)} and positions {tuple(positions.shape)} disagree on [B, S]")
+
+    @torch.inference_mode()
+    def forward(
+        self, session_id: str, x: torch.Tensor, positions: torch.Tensor, all_logits: bool = False
+    ) -> torch.Tensor:
+        cache = self.session(session_id)
+        self.input_shape_ok(x, positions)
+        bsz, seq = positions.shape
+        if bsz != cache.batch:
+            raise ValueError(f"session {session_id!r} was opened with batch {cache.batch}, got batch {bsz}")
+        positions = positions.to(self.device)
+        max_pos = int(positions.max()) if positions.numel() else -1
+        if max_pos >= cache.max_len:
+            raise ValueError(
+                f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
+                "open the session with a larger max_len"
+            )
+        valid = positions >= 0
+        write_idx = torch.where(valid, positions, torch.full_like(positions, cache.max_len))
+        cos_t, sin_t = self._rope_for(cache.max_len)
+        gather = positions.clamp(min=0)
+        cos = cos_t[gather].to(self.dtype)[:, None]  # [B,1,S,D]
+        sin = sin_t[gather].to(self.dtype)[:, None]
+        mask = attention_mask(positions, max_pos + 1 if max_pos >= 0 else 1, self.spec.sliding_window)
+
+        if self.is_first:
+            h = F.embedding(x.to(self.device), self.weights.embed)
+        else:
+            h = x.to(device=self.device, dtype=self.dtype)
+        for i, lw in enumerate(self.weights.layers):
+            h = decoder_layer(h, lw, self.spec, cos, sin, cache.k[i], cache.v[i], write_idx, mask)
+        if not self.is_last:
+            return h
+        if not all_logits:
+            last = positions.argmax(dim=1)  # index of each row's last valid token
+            h = h[torch.arange(bsz, device=self.device), last][:, None]
+        h = rms_norm(h, self.weights.norm, self.spec.rms_eps)
+        logits = F.linear(h, self.weights.lm_head).float()
+        return logits if all_logits else logits[:, 0]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def random(
+        cls,
+        spec: ModelSpec,
+        span: LayerSpan,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        std: float = 0.02,
+    ) -> TorchStage:
+        """Random weights of the right shapes (for speed work; no checkpoint needed)."""
+        from hyperlane_lab.models.loading import random_stage_weights
+
+        return cls(spec, span, random_stage_weights(spec, span, seed, dtype, device, std), dtype, device)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "span": [self.span.start, self.span.end],
+            "engine": self.engine_name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weight_bytes": self.weights.nbytes(),
+            "first": self.is_first,
+            "last": self.is_last,
+        }
