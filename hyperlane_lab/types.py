@@ -150,7 +150,9 @@ class ModelProfile:
 
     name: str
     n_layers: int
-    layer_flops_per_token: tuple[float, ...]  # forward FLOPs of each layer for one token (excl. attention over context)
+    layer_flops_per_token: tuple[
+        float, ...
+    ]  # forward FLOPs of each layer for one token (excl. attention over context)
     layer_weight_bytes: tuple[int, ...]  # weight bytes of each layer at the plan's dtype
     kv_bytes_per_token: int  # K+V bytes one layer stores for one token
     act_bytes_per_token: int  # hidden-state bytes crossing a stage boundary per token (fp16)
@@ -163,14 +165,17 @@ class ModelProfile:
     def __post_init__(self) -> None:
         _require(self.n_layers >= 1, f"model {self.name!r}: n_layers must be >= 1")
         _require(
-            len(self.layer_flops_per_token) == self.n_layers and len(self.layer_weight_bytes) == self.n_layers,
+            len(self.layer_flops_per_token) == self.n_layers
+            and len(self.layer_weight_bytes) == self.n_layers,
             f"model {self.name!r}: per-layer tuples must have n_layers={self.n_layers} entries",
         )
         _require(
             all(f >= 0 for f in self.layer_flops_per_token) and all(b >= 0 for b in self.layer_weight_bytes),
             f"model {self.name!r}: per-layer costs must be >= 0",
         )
-        _require(self.kv_bytes_per_token >= 0 and self.act_bytes_per_token > 0, f"model {self.name!r}: bad sizes")
+        _require(
+            self.kv_bytes_per_token >= 0 and self.act_bytes_per_token > 0, f"model {self.name!r}: bad sizes"
+        )
 
 
 @dataclass(frozen=True)
@@ -290,4 +295,3 @@ class WorkerInfo:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
-

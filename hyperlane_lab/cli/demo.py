@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"hyperlane demo: bundled stories260K, {args.stages} in-process stages\n")
     result = pipe.generate(args.prompt, max_tokens=args.max_tokens)
     print(args.prompt + result.text + "\n")
-    print(format_table(pipe.stage_table(), ["stage", "span", "engine", "device", "weight_bytes", "calls", "compute_s"]))
+    print(
+        format_table(
+            pipe.stage_table(), ["stage", "span", "engine", "device", "weight_bytes", "calls", "compute_s"]
+        )
+    )
     print()
     print(format_table([result.timings.as_dict()]))
     return 0

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from hyperlane_lab.cli.common import add_generation_args, format_table, generation_kwargs, print_json, result_json
+from hyperlane_lab.cli.common import (
+    add_generation_args,
+    format_table,
+    generation_kwargs,
+    print_json,
+    result_json,
+)
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="generate text with a model split into stages")
-    p.add_argument("model", nargs="?", default=None, help="HF folder, .gguf file or hub id (default: bundled)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="HF folder, .gguf file or hub id (default: bundled)"
+    )
     p.add_argument("--stages", type=int, default=None, help="number of in-process stages (default 1)")
-    p.add_argument("--workers", default=None, help="host:port,... of running workers, or N to start N locally")
+    p.add_argument(
+        "--workers", default=None, help="host:port,... of running workers, or N to start N locally"
+    )
     p.add_argument("--partitioner", default="uniform", help="how to split layers over workers")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_generation_args(p)

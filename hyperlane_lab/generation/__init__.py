@@ -3,7 +3,14 @@
 from hyperlane_lab.generation.driver import GenerationResult, GenerationTimings, TextGenerator
 from hyperlane_lab.generation.sampling import Sampler, filter_logits
 
-__all__ = ["GenerationResult", "GenerationTimings", "InProcessPipeline", "Sampler", "TextGenerator", "filter_logits"]
+__all__ = [
+    "GenerationResult",
+    "GenerationTimings",
+    "InProcessPipeline",
+    "Sampler",
+    "TextGenerator",
+    "filter_logits",
+]
 
 
 def __getattr__(name: str):  # the pipeline pulls in model loading; import it on first use

@@ -3,6 +3,7 @@ distributed runtime uses (``open_session`` / ``forward`` / ``close_session``).""
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -71,10 +72,14 @@ class InProcessPipeline(TextGenerator):
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         spans = [s.span for s in stages]
-        if spans[0].start != 0 or spans[-1].end != spec.n_layers or any(
-            a.end != b.start for a, b in zip(spans, spans[1:])
+        if (
+            spans[0].start != 0
+            or spans[-1].end != spec.n_layers
+            or any(a.end != b.start for a, b in itertools.pairwise(spans))
         ):
-            raise ValueError(f"stage spans {[str(s) for s in spans]} must cover [0, {spec.n_layers}) contiguously")
+            raise ValueError(
+                f"stage spans {[str(s) for s in spans]} must cover [0, {spec.n_layers}) contiguously"
+            )
         self.stages, self.tokenizer, self.spec = list(stages), tokenizer, spec
         self.runner = _LocalRunner(self.stages)
 
@@ -100,5 +105,7 @@ class InProcessPipeline(TextGenerator):
     def stage_table(self) -> list[dict[str, Any]]:
         rows = []
         for i, (st, stat) in enumerate(zip(self.stages, self.runner.stats)):
-            rows.append({"stage": i, **st.describe(), "calls": stat.calls, "compute_s": round(stat.compute_s, 6)})
+            rows.append(
+                {"stage": i, **st.describe(), "calls": stat.calls, "compute_s": round(stat.compute_s, 6)}
+            )
         return rows

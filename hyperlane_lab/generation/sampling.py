@@ -44,7 +44,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> token ids [B] int64 (on CPU)."""
         if not torch.isfinite(logits).all():
-            raise ValueError("logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)")
+            raise ValueError(
+                "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
+            )
         if self.params.greedy:
             return logits.argmax(dim=-1).cpu()
         probs = filter_logits(logits, self.params).softmax(-1).cpu()

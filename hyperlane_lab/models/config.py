@@ -43,7 +43,15 @@ class ModelSpec:
                 f"unsupported architecture {self.model_type!r}; hyperlane_lab supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)"
             )
-        for f in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size"):
+        for f in (
+            "n_layers",
+            "hidden_size",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ):
             if getattr(self, f) <= 0:
                 raise ModelLoadError(f"model config field {f} must be > 0, got {getattr(self, f)}")
         if self.n_heads % self.n_kv_heads:
@@ -134,7 +142,9 @@ class ModelSpec:
         try:
             return PRESETS[name]
         except KeyError:
-            raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+            raise ValueError(
+                f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}"
+            ) from None
 
 
 _LLAMA3_SCALING = (
@@ -151,21 +161,76 @@ PRESETS: dict[str, ModelSpec] = {
     "llama-2-13b": ModelSpec("llama", 40, 5120, 40, 40, 128, 13824, 32000, 1e-5, name="llama-2-13b"),
     "llama-2-70b": ModelSpec("llama", 80, 8192, 64, 8, 128, 28672, 32000, 1e-5, name="llama-2-70b"),
     "llama-3-8b": ModelSpec(
-        "llama", 32, 4096, 32, 8, 128, 14336, 128256, 1e-5, 500000.0, (), 8192,
-        bos_token_id=128000, eos_token_ids=(128001,), name="llama-3-8b",
+        "llama",
+        32,
+        4096,
+        32,
+        8,
+        128,
+        14336,
+        128256,
+        1e-5,
+        500000.0,
+        (),
+        8192,
+        bos_token_id=128000,
+        eos_token_ids=(128001,),
+        name="llama-3-8b",
     ),
     "llama-3-70b": ModelSpec(
-        "llama", 80, 8192, 64, 8, 128, 28672, 128256, 1e-5, 500000.0, (), 8192,
-        bos_token_id=128000, eos_token_ids=(128001,), name="llama-3-70b",
+        "llama",
+        80,
+        8192,
+        64,
+        8,
+        128,
+        28672,
+        128256,
+        1e-5,
+        500000.0,
+        (),
+        8192,
+        bos_token_id=128000,
+        eos_token_ids=(128001,),
+        name="llama-3-70b",
     ),
     "llama-3.1-8b": ModelSpec(
-        "llama", 32, 4096, 32, 8, 128, 14336, 128256, 1e-5, 500000.0, _LLAMA3_SCALING, 131072,
-        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009), name="llama-3.1-8b",
+        "llama",
+        32,
+        4096,
+        32,
+        8,
+        128,
+        14336,
+        128256,
+        1e-5,
+        500000.0,
+        _LLAMA3_SCALING,
+        131072,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+        name="llama-3.1-8b",
     ),
-    "mistral-7b": ModelSpec("mistral", 32, 4096, 32, 8, 128, 14336, 32000, 1e-5, 1000000.0, (), 32768, name="mistral-7b"),
+    "mistral-7b": ModelSpec(
+        "mistral", 32, 4096, 32, 8, 128, 14336, 32000, 1e-5, 1000000.0, (), 32768, name="mistral-7b"
+    ),
     "qwen2-7b": ModelSpec(
-        "qwen2", 28, 3584, 28, 4, 128, 18944, 152064, 1e-6, 1000000.0, (), 32768, qkv_bias=True,
-        bos_token_id=None, eos_token_ids=(151643,), name="qwen2-7b",
+        "qwen2",
+        28,
+        3584,
+        28,
+        4,
+        128,
+        18944,
+        152064,
+        1e-6,
+        1000000.0,
+        (),
+        32768,
+        qkv_bias=True,
+        bos_token_id=None,
+        eos_token_ids=(151643,),
+        name="qwen2-7b",
     ),
     "tiny-100m": ModelSpec("llama", 12, 768, 12, 4, 64, 2048, 32000, 1e-5, name="tiny-100m"),
 }

@@ -59,7 +59,9 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     return inv
 
 
-def rope_tables(spec: ModelSpec, length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    spec: ModelSpec, length: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [length, D] in fp32 (the half-rotation layout transformers uses)."""
     inv = rope_inv_freq(spec).to(device)
     t = torch.arange(length, device=device, dtype=torch.int64).float()

@@ -37,8 +37,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -164,7 +170,9 @@ class _SafetensorsReader:
                 present = set(f.keys())
                 for n in group:
                     if n not in present:
-                        raise ModelLoadError(f"tensor {n!r} is missing from {path}; is the checkpoint complete?")
+                        raise ModelLoadError(
+                            f"tensor {n!r} is missing from {path}; is the checkpoint complete?"
+                        )
                     t = f.get_tensor(n)
                     out[n] = t
                     stats.tensors.append(n)
@@ -182,9 +190,15 @@ def _gguf_name(hf: str) -> str:
     parts = hf.split(".")  # model.layers.{i}.{module}.{name}.{weight|bias}
     i, rest = parts[2], ".".join(parts[3:])
     table = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
     }
     module, kind = rest.rsplit(".", 1)
     return f"blk.{i}.{table[module]}.{kind}"
@@ -239,7 +253,11 @@ def _reader(src: Source, spec: ModelSpec, hub_id: str | None) -> _SafetensorsRea
 
 
 def _assemble(
-    spec: ModelSpec, span: LayerSpan, t: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+    spec: ModelSpec,
+    span: LayerSpan,
+    t: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
 ) -> StageWeights:
     def get(name: str) -> torch.Tensor:
         return t[name].to(device=device, dtype=dtype)
@@ -252,10 +270,13 @@ def _assemble(
         bqkv = torch.cat([get(a + f"{x}_proj.bias") for x in "qkv"]) if spec.qkv_bias else None
         layers.append(
             LayerWeights(
-                wqkv=wqkv, bqkv=bqkv, wo=get(a + "o_proj.weight"),
+                wqkv=wqkv,
+                bqkv=bqkv,
+                wo=get(a + "o_proj.weight"),
                 w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
                 w_down=get(p + "mlp.down_proj.weight"),
-                ln_attn=get(p + "input_layernorm.weight"), ln_mlp=get(p + "post_attention_layernorm.weight"),
+                ln_attn=get(p + "input_layernorm.weight"),
+                ln_mlp=get(p + "post_attention_layernorm.weight"),
             )
         )
     embed = get("model.embed_tokens.weight") if "model.embed_tokens.weight" in t else None
@@ -272,14 +293,20 @@ def load_stage_weights(
     device: torch.device | str = "cpu",
     spec: ModelSpec | None = None,
 ) -> tuple[ModelSpec, StageWeights, LoadStats]:
-    hub_id = str(source) if not Path(os.path.expanduser(str(source))).exists() and _is_hub_id(str(source)) else None
+    hub_id = (
+        str(source)
+        if not Path(os.path.expanduser(str(source))).exists() and _is_hub_id(str(source))
+        else None
+    )
     src = resolve_source(source)
     spec = spec or ModelSpec.from_hf_config(load_hf_config(source), name=str(source))
     span.check_within(spec.n_layers)
     stats = LoadStats()
     tensors = _reader(src, spec, hub_id).read(stage_tensor_names(spec, span), stats)
     weights = _assemble(spec, span, tensors, parse_dtype(dtype), device)
-    log.info("loaded stage %s of %s: %d tensors, %.1f MB", span, source, len(stats.tensors), stats.bytes_read / 1e6)
+    log.info(
+        "loaded stage %s of %s: %d tensors, %.1f MB", span, source, len(stats.tensors), stats.bytes_read / 1e6
+    )
     return spec, weights, stats
 
 
@@ -320,16 +347,28 @@ def random_stage_weights(
         g = torch.Generator().manual_seed(seed * 100_003 + i)
         layers.append(
             LayerWeights(
-                wqkv=rnd(g, qkv_rows, h), bqkv=rnd(g, qkv_rows) if spec.qkv_bias else None,
-                wo=rnd(g, h, spec.n_heads * d), w_gate_up=rnd(g, 2 * f, h), w_down=rnd(g, h, f),
-                ln_attn=torch.ones(h, dtype=dtype, device=device), ln_mlp=torch.ones(h, dtype=dtype, device=device),
+                wqkv=rnd(g, qkv_rows, h),
+                bqkv=rnd(g, qkv_rows) if spec.qkv_bias else None,
+                wo=rnd(g, h, spec.n_heads * d),
+                w_gate_up=rnd(g, 2 * f, h),
+                w_down=rnd(g, h, f),
+                ln_attn=torch.ones(h, dtype=dtype, device=device),
+                ln_mlp=torch.ones(h, dtype=dtype, device=device),
             )
         )
     g = torch.Generator().manual_seed(seed * 100_003 - 1)
-    embed = rnd(g, spec.vocab_size, h) if span.start == 0 or (spec.tie_embeddings and span.end == spec.n_layers) else None
+    embed = (
+        rnd(g, spec.vocab_size, h)
+        if span.start == 0 or (spec.tie_embeddings and span.end == spec.n_layers)
+        else None
+    )
     last = span.end == spec.n_layers
     head = None
     if last:
-        head = embed if spec.tie_embeddings else rnd(torch.Generator().manual_seed(seed * 100_003 - 2), spec.vocab_size, h)
+        head = (
+            embed
+            if spec.tie_embeddings
+            else rnd(torch.Generator().manual_seed(seed * 100_003 - 2), spec.vocab_size, h)
+        )
     norm = torch.ones(h, dtype=dtype, device=device) if last else None
     return StageWeights(layers, embed if span.start == 0 else None, norm, head)

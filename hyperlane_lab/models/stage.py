@@ -93,7 +93,9 @@ class TorchStage:
 
     def open_session(self, session_id: str, batch: int, max_len: int) -> None:
         if batch < 1 or max_len < 1:
-            raise ValueError(f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+            raise ValueError(
+                f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}"
+            )
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
         s = self.spec
@@ -136,7 +138,9 @@ class TorchStage:
     def input_shape_ok(self, x: torch.Tensor, positions: torch.Tensor) -> None:
         """Raise ValueError when x/positions don't fit this stage (checked before touching the cache)."""
         if positions.dim() != 2 or positions.dtype != torch.int64:
-            raise ValueError(f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}"
+            )
         if self.is_first:
             if x.dim() != 2 or x.dtype != torch.int64:
                 raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
@@ -155,7 +159,7 @@ class TorchStage:
     ) -> torch.Tensor:
         cache = self.session(session_id)
         self.input_shape_ok(x, positions)
-        bsz, seq = positions.shape
+        bsz, _seq = positions.shape
         if bsz != cache.batch:
             raise ValueError(f"session {session_id!r} was opened with batch {cache.batch}, got batch {bsz}")
         positions = positions.to(self.device)

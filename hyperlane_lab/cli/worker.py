@@ -1,0 +1,47 @@
+"""``hyperlane worker [PORT]``: serve one stage of a model on this machine's device."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("worker", help="start a worker (one per GPU)")
+    p.add_argument(
+        "port", nargs="?", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)"
+    )
+    p.add_argument("--data-port", type=int, default=None, help="TCP data-plane port (default PORT+1)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
+    p.add_argument("--device", default="auto", help="cpu, cuda:N, or auto (default)")
+    p.add_argument("--id", default="", help="worker id (default hostname + random suffix)")
+    p.add_argument("--cache-dir", default="", help="blob cache (default ~/.cache/hyperlane_lab/blobs)")
+    p.add_argument("--no-advertise", action="store_true", help="do not register on mDNS")
+    p.add_argument("--advertise-address", default=None, help="address to put in the mDNS record")
+    p.add_argument(
+        "--interfaces", default="all", help="mDNS interfaces: all, default, or comma-separated IPs"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from hyperlane_lab.runtime.server import run_worker
+    from hyperlane_lab.runtime.worker import WorkerConfig
+
+    if args.verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)
+    cfg = WorkerConfig(
+        host=args.host,
+        grpc_port=args.port,
+        data_port=args.data_port,
+        device=args.device,
+        worker_id=args.id,
+        cache_dir=args.cache_dir,
+        advertise=not args.no_advertise,
+        advertise_address=args.advertise_address,
+        interfaces=args.interfaces,
+    )
+    return run_worker(cfg)

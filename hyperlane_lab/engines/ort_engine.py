@@ -1,0 +1,293 @@
+"""The ``onnxruntime`` engine: one stage = one exported ONNX file run by an InferenceSession.
+
+``OrtStage`` implements the same stage interface as ``TorchStage`` (sessions with a preallocated
+KV cache, ``forward(sid, x, positions)``). The graph (see ``hyperlane_lab.onnx.graph``) is a pure
+function: it reads the cache buffers and returns only the new tokens' K/V, which the engine then
+writes into its cache in place. All buffers — cache, inputs, outputs — are torch tensors on the
+stage's device, bound to ORT by pointer with IO binding, so nothing is copied between steps and
+the cache never leaves the device (CPU memory, or GPU memory with the CUDA execution provider).
+
+On CUDA the engine synchronises torch's current stream before ``run_with_iobinding`` (so ORT sees
+finished inputs and cache writes) and relies on ORT's end-of-run synchronisation for the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hyperlane_lab.errors import ModelLoadError
+from hyperlane_lab.models.config import ModelSpec
+from hyperlane_lab.models.loading import parse_dtype
+from hyperlane_lab.models.stage import SessionCache
+from hyperlane_lab.types import LayerSpan
+
+__all__ = ["OrtStage", "load_ort_stage", "ort_available_providers"]
+
+log = logging.getLogger(__name__)
+
+# torch dtype -> element type for IOBinding.bind_input/bind_output (numpy type, or onnx code for bf16)
+_ELEM: dict[torch.dtype, Any] = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.bfloat16: 16,  # onnx.TensorProto.BFLOAT16; numpy has no bfloat16
+}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ModelLoadError(
+            "the onnxruntime engine needs onnxruntime: `pip install onnxruntime` (CPU) or "
+            "`pip install hyperlane-lab[gpu]` (onnxruntime-gpu)"
+        ) from e
+    return ort
+
+
+def ort_available_providers() -> list[str]:
+    return list(_import_ort().get_available_providers())
+
+
+class OrtStage:
+    """One pipeline stage run by ONNX Runtime (the ``onnxruntime`` engine)."""
+
+    engine_name = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike[str],
+        device: torch.device | str = "cpu",
+        threads: int | None = None,
+        providers: list[Any] | None = None,
+        expected_span: LayerSpan | tuple[int, int] | None = None,
+        expected_sha256: str | None = None,
+    ) -> None:
+        from hyperlane_lab.onnx.shard import read_shard_info, validate_onnx_shard
+
+        path = Path(onnx_path)
+        try:
+            if expected_span is None and expected_sha256 is None:
+                info = read_shard_info(path)
+            else:
+                want = expected_span if expected_span is not None else read_shard_info(path).span
+                info = validate_onnx_shard(path, want, expected_sha256)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
+        self.info, self.onnx_path = info, path
+        self.spec: ModelSpec = info.spec
+        self.span: LayerSpan = info.span
+        self.is_first, self.is_last = info.is_first, info.is_last
+        self.dtype: torch.dtype = parse_dtype(info.dtype)
+        ort = _import_ort()
+        dev = torch.device(device)
+        available = ort.get_available_providers()
+        if providers is None:
+            if dev.type == "cuda" and "CUDAExecutionProvider" not in available:
+                log.warning(
+                    "device %s asked but onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu: "
+                    "`pip install hyperlane-lab[gpu]`); running stage %s on CPU",
+                    dev,
+                    info.span,
+                )
+                dev = torch.device("cpu")
+            if dev.type == "cuda":
+                providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+            elif dev.type == "cpu":
+                providers = ["CPUExecutionProvider"]
+            else:
+                raise ValueError(f"the onnxruntime engine runs on cpu or cuda, not {dev}")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", 0)
+        self.device = dev
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3  # errors only; ORT warns about every CPU fallback node
+        try:
+            self._ort = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(
+                f"onnxruntime could not load {path}: {e}; the file may be corrupted or from an incompatible "
+                "exporter: re-export it (`hyperlane export`) or delete it from the export cache"
+            ) from e
+        self.providers: list[str] = list(self._ort.get_providers())
+        self._device_type = "cuda" if self.device.type == "cuda" else "cpu"
+        self._device_id = self.device.index or 0
+        self._sessions: dict[str, SessionCache] = {}
+        self._lock = threading.Lock()
+        log.info("onnxruntime stage %s from %s on %s (%s)", self.span, path, self.device, self.providers[0])
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, session_id: str, batch: int, max_len: int) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(
+                f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}"
+            )
+        if session_id in self._sessions:
+            raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
+        s = self.spec
+        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)  # slot max_len = trash for padding
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        with self._lock:
+            self._sessions[session_id] = SessionCache(batch, max_len, k, v)
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def session(self, session_id: str) -> SessionCache:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r} on stage {self.span}; open it first") from None
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
+        s = self.spec
+        return 2 * len(self.span) * batch * s.n_kv_heads * (max_len + 1) * s.head_dim * self.dtype.itemsize
+
+    # ------------------------------------------------------------------ compute
+
+    def input_shape_ok(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Raise ValueError when x/positions don't fit this stage (same rules as TorchStage)."""
+        if positions.dim() != 2 or positions.dtype != torch.int64:
+            raise ValueError(
+                f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}"
+            )
+        if self.is_first:
+            if x.dim() != 2 or x.dtype != torch.int64:
+                raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.spec.vocab_size):
+                raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
+        elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
+            raise ValueError(
+                f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
+            )
+        if tuple(x.shape[:2]) != tuple(positions.shape):
+            raise ValueError(f"x {tuple(x.shape)} and positions {tuple(positions.shape)} disagree on [B, S]")
+        if positions.shape[1] == 0:
+            raise ValueError("forward needs at least one token per row (S >= 1)")
+
+    def _bind_in(self, io: Any, name: str, t: torch.Tensor) -> None:
+        io.bind_input(name, self._device_type, self._device_id, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())
+
+    def _bind_out(self, io: Any, name: str, t: torch.Tensor) -> None:
+        io.bind_output(name, self._device_type, self._device_id, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())
+
+    @torch.inference_mode()
+    def forward(
+        self, session_id: str, x: torch.Tensor, positions: torch.Tensor, all_logits: bool = False
+    ) -> torch.Tensor:
+        cache = self.session(session_id)
+        self.input_shape_ok(x, positions)
+        bsz, seq = positions.shape
+        if bsz != cache.batch:
+            raise ValueError(f"session {session_id!r} was opened with batch {cache.batch}, got batch {bsz}")
+        positions = positions.to(self.device).contiguous()
+        max_pos = int(positions.max())
+        if max_pos >= cache.max_len:
+            raise ValueError(
+                f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
+                "open the session with a larger max_len"
+            )
+        dev, s = self.device, self.spec
+        x = (x.to(dev) if self.is_first else x.to(device=dev, dtype=self.dtype)).contiguous()
+        io = self._ort.io_binding()
+        self._bind_in(io, "x", x)
+        self._bind_in(io, "positions", positions)
+        if self.is_last:
+            if all_logits:
+                index = torch.arange(seq, device=dev).expand(bsz, seq).contiguous()
+            else:
+                index = positions.argmax(dim=1, keepdim=True)  # each row's last valid token [B, 1]
+            self._bind_in(io, "logits_index", index)
+            out = torch.empty((bsz, index.shape[1], s.vocab_size), dtype=torch.float32, device=dev)
+            self._bind_out(io, "logits", out)
+        else:
+            out = torch.empty((bsz, seq, s.hidden_size), dtype=self.dtype, device=dev)
+            self._bind_out(io, "hidden", out)
+        new_kv = []
+        for i, layer in enumerate(self.span.layers()):
+            self._bind_in(io, f"past_k_{layer}", cache.k[i])  # whole [B, Hkv, T, D] buffer, read in place
+            self._bind_in(io, f"past_v_{layer}", cache.v[i])
+            nk = torch.empty((bsz, s.n_kv_heads, seq, s.head_dim), dtype=self.dtype, device=dev)
+            nv = torch.empty_like(nk)
+            self._bind_out(io, f"new_k_{layer}", nk)
+            self._bind_out(io, f"new_v_{layer}", nv)
+            new_kv.append((nk, nv))
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # inputs and cache writes done before ORT reads
+        self._ort.run_with_iobinding(io)
+        # Scatter the new K/V into the cache at their positions; padding goes to the trash slot.
+        write_idx = torch.where(positions >= 0, positions, torch.full_like(positions, cache.max_len))
+        rows = torch.arange(bsz, device=dev)[:, None].expand(bsz, seq)
+        for i, (nk, nv) in enumerate(new_kv):
+            cache.k[i][rows, :, write_idx] = nk.transpose(1, 2)  # [B, S, Hkv, D] to slots
+            cache.v[i][rows, :, write_idx] = nv.transpose(1, 2)
+        if self.is_last and not all_logits:
+            return out[:, 0]
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "span": [self.span.start, self.span.end],
+            "engine": self.engine_name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weight_bytes": self.info.size_bytes,
+            "first": self.is_first,
+            "last": self.is_last,
+            "provider": self.providers[0] if self.providers else "",
+            "onnx": str(self.onnx_path),
+        }
+
+
+def load_ort_stage(
+    source: Any = None,
+    span: LayerSpan | tuple[int, int] | None = None,
+    dtype: str | torch.dtype = "fp32",
+    device: torch.device | str = "cpu",
+    spec: ModelSpec | None = None,
+    onnx_path: str | os.PathLike[str] | None = None,
+    **opts: Any,
+) -> OrtStage:
+    """An ``OrtStage`` for ``span`` of ``source`` (HF folder, GGUF, hub id, None = bundled, or a
+    ``TorchStage``), exported through the cache unless ``onnx_path`` names a ready shard.
+
+    Options: ``threads``, ``providers`` (for the session); ``cache_dir``, ``opset``, ``exporter``,
+    ``validate`` (for the export); ``expected_sha256`` (checked against ``onnx_path``).
+    """
+    span = LayerSpan(*span) if isinstance(span, tuple) else span
+    session_keys = ("threads", "providers")
+    stage_opts = {k: opts.pop(k) for k in session_keys if k in opts}
+    expected_sha = opts.pop("expected_sha256", None)
+    if onnx_path is None:
+        from hyperlane_lab.onnx.export import export_stage
+
+        onnx_path = export_stage(source, span, dtype=dtype, spec=spec, **opts).path
+    elif opts:
+        raise ValueError(f"export options {sorted(opts)} don't apply when onnx_path is given")
+    stage = OrtStage(onnx_path, device, expected_span=span, expected_sha256=expected_sha, **stage_opts)
+    if stage.dtype != parse_dtype(dtype):
+        raise ModelLoadError(
+            f"ONNX shard {onnx_path} is {stage.info.dtype} but dtype={dtype} was asked; "
+            f"pass dtype={stage.info.dtype!r} or export a shard in {dtype}"
+        )
+    return stage

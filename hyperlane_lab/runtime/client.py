@@ -1,0 +1,291 @@
+"""AutoDistributedModel: plan, load shards onto workers, wire the ring, and generate.
+
+Control goes over gRPC to each worker; tensors go client -> stage 0 -> ... -> last stage, which
+samples and sends the token ids straight back to the client's data port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hyperlane_lab.errors import WorkerError
+from hyperlane_lab.generation.driver import TextGenerator
+from hyperlane_lab.models import ModelSpec, load_tokenizer, resolve_model
+from hyperlane_lab.runtime.client_dataplane import ClientDataPlane, local_address_towards
+from hyperlane_lab.runtime.control import WorkerClient
+from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+from hyperlane_lab.types import EventKind, Plan, SamplingParams, StagePlan, TraceEvent, WorkerInfo
+
+__all__ = ["AutoDistributedModel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RemoteSession:
+    model: AutoDistributedModel
+    sid: str
+    step_no: int = 0
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model._data.step(self.sid, self.step_no, ids, positions, self.model.step_timeout)
+        self.step_no += 1
+        return out
+
+
+class _RemoteRunner:
+    def __init__(self, model: AutoDistributedModel) -> None:
+        self.model = model
+
+    @contextmanager
+    def open_session(self, batch: int, max_len: int, params: SamplingParams) -> Iterator[_RemoteSession]:
+        m = self.model
+        sid = uuid.uuid4().hex
+        opened: list[WorkerClient] = []
+        try:
+            for i, w in enumerate(m.clients):
+                last = i == len(m.clients) - 1
+                req = pb.OpenSessionRequest(
+                    session_id=sid,
+                    batch=batch,
+                    max_len=max_len,
+                    temperature=params.temperature,
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    has_seed=params.seed is not None,
+                    seed=params.seed or 0,
+                    reply_to=m._data.reply_address if last else "",
+                )
+                w.call("OpenSession", req)
+                opened.append(w)
+            yield _RemoteSession(m, sid)
+        finally:
+            m._data.fail_session(sid, RuntimeError("session closed"))
+            for w in opened:
+                try:
+                    w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
+                except WorkerError as e:
+                    log.warning("closing session %s: %s", sid[:8], e)
+
+
+class AutoDistributedModel(TextGenerator):
+    """A model whose layers live on remote workers. Use ``from_pretrained``; close when done."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: Any,
+        clients: list[WorkerClient],
+        plan: Plan,
+        data: ClientDataPlane,
+        step_timeout: float = 300.0,
+    ) -> None:
+        self.spec, self.tokenizer, self.clients, self.plan = spec, tokenizer, clients, plan
+        self._data = data
+        self.runner = _RemoteRunner(self)
+        self.step_timeout = step_timeout
+        self._closed = False
+        self._trace_cursor = [0] * len(clients)
+        self._trace_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        workers: Sequence[str] | None = None,
+        discovery: Any = None,
+        partitioner: str = "uniform",
+        compression: str | Sequence[str] = "raw",
+        group_size: int = 64,
+        engine: str | Sequence[str] = "torch",
+        dtype: str = "fp32",
+        ship_weights: bool = True,
+        progress: bool = True,
+        objective: str = "latency",
+        concurrency: int = 1,
+        context: int = 2048,
+        step_timeout: float = 300.0,
+        n_workers: int | None = None,
+    ) -> AutoDistributedModel:
+        """Load ``model`` (path, .gguf, hub id; None = bundled) over ``workers`` (host:port list) or the
+        workers a ``discovery`` (DiscoveryManager / StaticDiscovery) has found."""
+        from hyperlane_lab.runtime.deploy import deploy
+
+        source = resolve_model(model)
+        addresses = _worker_addresses(workers, discovery, n_workers)
+        spec = ModelSpec.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
+        clients = [WorkerClient(a) for a in addresses]
+        data = None
+        try:
+            plan, clients = deploy(
+                source,
+                spec,
+                clients,
+                partitioner=partitioner,
+                compression=compression,
+                group_size=group_size,
+                engine=engine,
+                dtype=dtype,
+                ship_weights=ship_weights,
+                progress=progress,
+                objective=objective,
+                concurrency=concurrency,
+                context=context,
+            )
+            first = clients[0]
+            data = ClientDataPlane(first.data_address, local_address_towards(clients[-1].host))
+            data.start()
+            return cls(spec, tokenizer, clients, plan, data, step_timeout)
+        except BaseException:
+            if data is not None:
+                data.close()
+            for c in clients:
+                c.close()
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._data.close()
+        for c in self.clients:
+            c.close()
+
+    def __enter__(self) -> AutoDistributedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with suppress(Exception):
+            self.close()
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        return [c.worker_info() for c in self.clients]
+
+    def stage_table(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, (st, c) in enumerate(zip(self.plan.stages, self.clients)):
+            info = c.info()
+            rows.append(
+                {
+                    "stage": i,
+                    "worker": c.address,
+                    "span": [st.span.start, st.span.end],
+                    "engine": info.shard.engine,
+                    "device": info.device,
+                    "dtype": info.shard.dtype,
+                    "weight_bytes": info.shard.weight_bytes,
+                    "codec": st.codec,
+                }
+            )
+        return rows
+
+    def trace_events(self, clear: bool = False) -> list[TraceEvent]:
+        """Events recorded by every stage since the last call, on this client's clock."""
+        events: list[TraceEvent] = []
+        with self._trace_lock:
+            for i, c in enumerate(self.clients):
+                offset, _ = c.clock_offset()
+                reply = c.call("GetTrace", pb.GetTraceRequest(since_seq=self._trace_cursor[i], clear=clear))
+                self._trace_cursor[i] = reply.next_seq
+                for r in reply.events:
+                    events.append(
+                        TraceEvent(
+                            stage=i,
+                            kind=EventKind(r.kind),
+                            start=r.start - offset,
+                            end=r.end - offset,
+                            session=r.session,
+                            step=r.step,
+                            nbytes=r.nbytes,
+                            tokens=r.tokens,
+                        )
+                    )
+        events.sort(key=lambda e: (e.start, e.stage))
+        return events
+
+    def trace(self, clear: bool = False) -> Any:
+        from hyperlane_lab.tracing import events_to_frame
+
+        return events_to_frame(self.trace_events(clear=clear))
+
+    def trace_summary(self, clear: bool = False) -> Any:
+        from hyperlane_lab.tracing import summarize
+
+        return summarize(self.trace(clear=clear))
+
+    def probe_links(
+        self, sizes: Sequence[int] = (64, 65536, 1 << 20), repeats: int = 3
+    ) -> list[dict[str, Any]]:
+        """Latency and bandwidth of each hop: client -> stage 0, stage i -> stage i+1."""
+        rows = []
+        lat, bw = self._data.probe_first_stage(list(sizes), repeats)
+        rows.append({"from": "client", "to": self.clients[0].address, "latency_s": lat, "bandwidth": bw})
+        for a, b in zip(self.clients, self.clients[1:]):
+            r = a.call(
+                "ProbeLink",
+                pb.ProbeLinkRequest(target_address=b.data_address, sizes=list(sizes), repeats=repeats),
+            )
+            rows.append(
+                {"from": a.address, "to": b.address, "latency_s": r.latency_s, "bandwidth": r.bandwidth}
+            )
+        return rows
+
+
+def _worker_addresses(workers: Sequence[str] | None, discovery: Any, n_workers: int | None) -> list[str]:
+    if workers:
+        if isinstance(workers, str):
+            workers = [w.strip() for w in workers.split(",") if w.strip()]
+        return list(workers)
+    if discovery is not None:
+        found = (
+            list(discovery.discovered_workers.values())
+            if hasattr(discovery, "discovered_workers")
+            else list(discovery.workers())
+        )
+        if n_workers and len(found) < n_workers and hasattr(discovery, "wait_for"):
+            found = list(discovery.wait_for(n_workers, timeout=10.0))
+        if not found:
+            raise WorkerError(
+                "discovery found no workers; start `hyperlane worker` on each GPU machine, "
+                "or pass workers=['host:port', ...]"
+            )
+        found.sort(key=lambda w: w.worker_id)
+        return [w.address for w in found[: n_workers or len(found)]]
+    raise ValueError("pass workers=['host:port', ...] or discovery=DiscoveryManager()")
+
+
+def _codec_list(compression: str | Sequence[str], n: int) -> list[str]:
+    if isinstance(compression, str):
+        return [compression] * n
+    codecs = list(compression)
+    if len(codecs) != n:
+        raise ValueError(f"compression lists {len(codecs)} codecs but the plan has {n} stages")
+    return codecs
+
+
+def _stage_plan(
+    spans: Sequence[Any], clients: Sequence[WorkerClient], codecs: Sequence[str]
+) -> tuple[StagePlan, ...]:
+    return tuple(
+        StagePlan(device=c.address, span=s, codec=k, address=c.address)
+        for s, c, k in zip(spans, clients, codecs)
+    )

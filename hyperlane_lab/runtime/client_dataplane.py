@@ -1,0 +1,184 @@
+"""The client's data plane: sends token ids to the first stage and receives sampled ids from the
+last, on an asyncio loop in a background thread so any number of user threads can wait at once."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import threading
+import time
+from typing import Any
+
+import torch
+
+from hyperlane_lab.runtime.dataplane import (
+    BufferPool,
+    Frame,
+    FrameConnection,
+    open_connection,
+    parse_address,
+    start_server,
+)
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.wire import decode_payload, tensor_bytes
+
+__all__ = ["ClientDataPlane", "local_address_towards"]
+
+
+def local_address_towards(host: str) -> str:
+    """This machine's address on the route to ``host`` (what a worker there can reach us at)."""
+    if host.startswith("127.") or host == "localhost":
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # no packet is sent
+            return str(s.getsockname()[0])
+    except OSError:
+        return "0.0.0.0"
+
+
+class ClientDataPlane:
+    def __init__(self, first_stage: str, listen_host: str) -> None:
+        self.first_stage = first_stage
+        self.listen_host = listen_host
+        self.pool = BufferPool()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="hyperlane-client-io", daemon=True
+        )
+        self._pending: dict[tuple[str, int], concurrent.futures.Future[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._conn: FrameConnection | None = None
+        self._server: asyncio.Server | None = None
+        self.reply_address = ""
+        self.pongs: dict[int, asyncio.Future[float]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+        self.run(self._start())
+
+    async def _start(self) -> None:
+        self._server = await start_server(self.listen_host, 0, self._on_frame, self.pool)
+        port = self._server.sockets[0].getsockname()[1]
+        host = self.listen_host
+        if host in ("0.0.0.0", ""):
+            host = local_address_towards(parse_address(self.first_stage)[0])
+        self.reply_address = f"{host}:{port}"
+        self._conn = await open_connection(self.first_stage, self._on_frame, self.pool)
+
+    def run(self, coro: Any, timeout: float | None = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        async def _stop() -> None:
+            if self._conn is not None and self._conn.transport is not None:
+                self._conn.transport.close()
+            if self._server is not None:
+                self._server.close()
+
+        try:
+            self.run(_stop(), timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        with self._lock:
+            for fut in self._pending.values():
+                fut.set_exception(ConnectionError("the client was closed"))
+            self._pending.clear()
+
+    # ------------------------------------------------------------------ steps
+
+    def submit(
+        self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor
+    ) -> concurrent.futures.Future[torch.Tensor]:
+        fut: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
+        with self._lock:
+            self._pending[(sid, step)] = fut
+        ids = ids.to(torch.int64).contiguous()
+        pos = positions.to(torch.int64).contiguous()
+        payload = tensor_bytes(ids)
+        header = FrameHeader(
+            FrameKind.TENSOR,
+            sid,
+            step,
+            ids.shape[0],
+            ids.shape[1],
+            torch.int64,
+            0,
+            0,
+            tuple(ids.shape),
+            payload.nbytes,
+        )
+        parts = [bytes(tensor_bytes(pos)), bytes(payload)]
+        self._loop.call_soon_threadsafe(self._send, header, parts, sid, step)
+        return fut
+
+    def _send(self, header: FrameHeader, parts: list[bytes], sid: str, step: int) -> None:
+        try:
+            if self._conn is None or not self._conn.is_open:
+                raise ConnectionError(f"the data connection to the first stage {self.first_stage} is closed")
+            self._conn.send(header, *parts)
+        except ConnectionError as e:
+            self._fail(sid, step, e)
+
+    def step(
+        self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor, timeout: float
+    ) -> torch.Tensor:
+        fut = self.submit(sid, step, ids, positions)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                self._pending.pop((sid, step), None)
+            raise TimeoutError(
+                f"no token for session {sid[:8]} step {step} within {timeout:.0f}s; a worker may have died "
+                "(check the workers' logs)"
+            ) from None
+
+    def _fail(self, sid: str, step: int, exc: Exception) -> None:
+        with self._lock:
+            fut = self._pending.pop((sid, step), None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def fail_session(self, sid: str, exc: Exception) -> None:
+        with self._lock:
+            keys = [k for k in self._pending if k[0] == sid]
+            futs = [self._pending.pop(k) for k in keys]
+        for f in futs:
+            if not f.done():
+                f.set_exception(exc)
+
+    def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        h = frame.header
+        try:
+            if h.kind == FrameKind.TOKENS:
+                ids = decode_payload(h, frame.payload_view).clone()
+                with self._lock:
+                    fut = self._pending.pop((h.session, h.step), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ids)
+            elif h.kind == FrameKind.ERROR:
+                msg = bytes(frame.payload_view).decode("utf-8", "replace")
+                self.fail_session(h.session, RuntimeError(f"pipeline error: {msg}"))
+            elif h.kind == FrameKind.PONG:
+                fut2 = self.pongs.pop(h.step, None)
+                if fut2 is not None and not fut2.done():
+                    fut2.set_result(time.perf_counter())
+        finally:
+            frame.body.release()
+
+    def probe_first_stage(self, sizes: list[int], repeats: int = 3) -> tuple[float, float]:
+        from hyperlane_lab.runtime.linkprobe import probe_connection
+
+        async def _probe() -> tuple[float, float]:
+            assert self._conn is not None
+            return await probe_connection(self._conn, self.pongs, sizes, repeats)
+
+        return self.run(_probe())  # type: ignore[no-any-return]

@@ -1,0 +1,234 @@
+"""Asyncio TCP transport for frames (see ``frame.py``), with TCP_NODELAY and pooled receive buffers.
+
+``FrameConnection`` is a ``BufferedProtocol``: the kernel copies each frame's body straight into a
+buffer taken from a per-process ``BufferPool`` (grow-only, reused), so steady-state decode never
+allocates payload memory. A malformed frame closes only that connection, with a logged reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hyperlane_lab.errors import ProtocolError
+from hyperlane_lab.runtime.frame import HEADER, MAX_PAYLOAD, FrameHeader, pack_header, unpack_header
+
+__all__ = [
+    "BufferPool",
+    "Frame",
+    "FrameConnection",
+    "PooledBuffer",
+    "open_connection",
+    "parse_address",
+    "start_server",
+]
+
+log = logging.getLogger(__name__)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"bad address {address!r}; expected host:port, e.g. 192.168.1.20:50051")
+    return host.strip("[]"), int(port)
+
+
+class PooledBuffer:
+    """A bytearray on loan from a BufferPool; ``release()`` returns it."""
+
+    __slots__ = ("_pool", "buf", "size")
+
+    def __init__(self, pool: BufferPool | None, buf: bytearray, size: int) -> None:
+        self._pool, self.buf, self.size = pool, buf, size
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[: self.size]
+
+    def release(self) -> None:
+        if self._pool is not None:
+            self._pool._give_back(self.buf)
+            self._pool = None
+
+
+class BufferPool:
+    """Free list of receive buffers; a request takes the smallest free one that fits."""
+
+    def __init__(self, max_free: int = 32) -> None:
+        self._free: list[bytearray] = []
+        self._max_free = max_free
+        self.allocations = 0  # buffers created (tests check reuse)
+
+    def acquire(self, size: int) -> PooledBuffer:
+        best = None
+        for i, b in enumerate(self._free):
+            if len(b) >= size and (best is None or len(b) < len(self._free[best])):
+                best = i
+        if best is not None:
+            buf = self._free.pop(best)
+        else:
+            self.allocations += 1
+            buf = bytearray(max(size, 4096))
+        return PooledBuffer(self, buf, size)
+
+    def _give_back(self, buf: bytearray) -> None:
+        if len(self._free) < self._max_free:
+            self._free.append(buf)
+
+
+@dataclass
+class Frame:
+    header: FrameHeader
+    body: PooledBuffer  # positions (B*S int64) then payload
+    received_at: float  # perf_counter when the first header byte arrived
+    completed_at: float
+
+    @property
+    def positions_view(self) -> memoryview:
+        return self.body.view[: self.header.positions_len]
+
+    @property
+    def payload_view(self) -> memoryview:
+        return self.body.view[self.header.positions_len :]
+
+
+FrameHandler = Callable[["FrameConnection", Frame], None]
+
+
+class FrameConnection(asyncio.BufferedProtocol):
+    def __init__(
+        self,
+        on_frame: FrameHandler,
+        pool: BufferPool,
+        max_payload: int = MAX_PAYLOAD,
+        on_close: Callable[[FrameConnection], None] | None = None,
+        name: str = "",
+    ) -> None:
+        self._on_frame, self._pool, self._max_payload, self._on_close = on_frame, pool, max_payload, on_close
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self._hdr = bytearray(HEADER.size)
+        self._hdr_got = 0
+        self._header: FrameHeader | None = None
+        self._body: PooledBuffer | None = None
+        self._body_got = 0
+        self._t_first = 0.0
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self.closed = asyncio.Event()
+        self.peer = ""
+        self.frames_in = 0
+
+    # -------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._header is None:
+            return memoryview(self._hdr)[self._hdr_got :]
+        assert self._body is not None
+        return self._body.view[self._body_got :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._header is None:
+            if self._hdr_got == 0:
+                self._t_first = time.perf_counter()
+            self._hdr_got += nbytes
+            if self._hdr_got < HEADER.size:
+                return
+            try:
+                self._header = unpack_header(self._hdr, self._max_payload)
+            except ProtocolError as e:
+                self.abort(str(e))
+                return
+            self._hdr_got = 0
+            self._body = self._pool.acquire(self._header.body_len)
+            self._body_got = 0
+        else:
+            self._body_got += nbytes
+        if self._body is not None and self._body_got >= self._header.body_len:
+            frame = Frame(self._header, self._body, self._t_first, time.perf_counter())
+            self._header, self._body = None, None
+            self.frames_in += 1
+            try:
+                self._on_frame(self, frame)
+            except ProtocolError as e:
+                frame.body.release()
+                self.abort(str(e))
+            except Exception as e:  # a handler bug must not kill the event loop
+                frame.body.release()
+                log.exception("frame handler failed on %s", self.peer)
+                self.abort(f"internal error: {e}")
+
+    def eof_received(self) -> bool | None:
+        return None  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._body is not None:
+            self._body.release()
+            self._body = None
+        self._can_write.set()
+        self.closed.set()
+        if self._on_close:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -------------------------------------------------------------- API
+
+    def abort(self, reason: str) -> None:
+        log.warning("data plane: closing connection from %s: %s", self.peer, reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, header: FrameHeader, *parts: bytes | bytearray | memoryview) -> int:
+        """Queue one frame (header, then positions and payload parts); returns bytes queued."""
+        if not self.is_open:
+            raise ConnectionError(f"data connection to {self.peer or self.name} is closed")
+        assert self.transport is not None
+        hdr = pack_header(header)
+        self.transport.writelines([hdr, *parts])
+        return len(hdr) + sum(len(p) for p in parts)
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+
+
+async def start_server(
+    host: str, port: int, on_frame: FrameHandler, pool: BufferPool, **kw: object
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: FrameConnection(on_frame, pool, **kw), host, port)  # type: ignore[arg-type]
+
+
+async def open_connection(
+    address: str, on_frame: FrameHandler, pool: BufferPool, timeout: float = 10.0
+) -> FrameConnection:
+    host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    try:
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: FrameConnection(on_frame, pool, name=address), host, port), timeout
+        )
+    except (OSError, asyncio.TimeoutError) as e:
+        raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e
+    return proto

@@ -1,0 +1,184 @@
+"""The data-plane frame: a fixed little-endian header, positions, then the payload.
+
+    offset size field
+    0      4    magic            b"HLF1"
+    4      1    version          1
+    5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR
+    6      2    flags            bit 0: all_logits (reserved)
+    8      16   session          uuid bytes
+    24     4    step             0 = prefill, k = k-th decode step
+    28     2    batch  B
+    30     2    seq    S         positions are [B, S]
+    32     1    dtype            0 int64, 1 fp32, 2 fp16, 3 bf16, 4 uint8, 5 int32
+    33     1    codec            codec id (0 = raw: the tensor as is, in `dtype`)
+    34     2    group_size       codec group size (0 when unused)
+    36     1    ndim             of the (decoded) tensor, <= 4
+    37     3    reserved         zero
+    40     16   shape            4 x u32, unused dims 0
+    56     8    payload_len      bytes after the positions
+    64     -    positions        B*S int64
+    ...    -    payload          payload_len bytes (codec-encoded tensor, or raw bytes)
+
+TENSOR frames carry token ids (first stage) or hidden states; TOKENS frames carry the sampled
+ids [B] int64 back to the client; PING/PONG carry opaque bytes for link probes. Nothing here is
+ever unpickled: tensors are rebuilt with ``torch.frombuffer`` from validated sizes only.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from hyperlane_lab.errors import ProtocolError
+
+__all__ = [
+    "DTYPE_CODES",
+    "HEADER",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "VERSION",
+    "FrameHeader",
+    "FrameKind",
+    "pack_header",
+    "unpack_header",
+]
+
+MAGIC = b"HLF1"
+VERSION = 1
+HEADER = struct.Struct("<4sBBH16sIHHBBHB3x4IQ")
+assert HEADER.size == 64
+MAX_PAYLOAD = 1 << 31  # 2 GiB: larger frames are rejected before any allocation
+MAX_TOKENS = 1 << 20  # B*S bound
+
+
+class FrameKind:
+    TENSOR = 1
+    TOKENS = 2
+    HELLO = 3
+    PING = 4
+    PONG = 5
+    ERROR = 6
+    ALL = (1, 2, 3, 4, 5, 6)
+
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.int64: 0,
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.uint8: 4,
+    torch.int32: 5,
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    kind: int
+    session: str  # 32 hex chars
+    step: int
+    batch: int
+    seq: int
+    dtype: torch.dtype
+    codec: int
+    group_size: int
+    shape: tuple[int, ...]
+    payload_len: int
+    flags: int = 0
+
+    @property
+    def positions_len(self) -> int:
+        return self.batch * self.seq * 8
+
+    @property
+    def body_len(self) -> int:
+        return self.positions_len + self.payload_len
+
+
+def pack_header(h: FrameHeader) -> bytes:
+    if len(h.shape) > 4:
+        raise ValueError(f"frames carry tensors of at most 4 dims, got shape {h.shape}")
+    shape = (*h.shape, *([0] * (4 - len(h.shape))))
+    return HEADER.pack(
+        MAGIC,
+        VERSION,
+        h.kind,
+        h.flags,
+        uuid.UUID(hex=h.session).bytes if h.session else bytes(16),
+        h.step,
+        h.batch,
+        h.seq,
+        DTYPE_CODES[h.dtype],
+        h.codec,
+        h.group_size,
+        len(h.shape),
+        *shape,
+        h.payload_len,
+    )
+
+
+def unpack_header(buf: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> FrameHeader:
+    """Parse and validate a 64-byte header; ProtocolError says what is wrong."""
+    if len(buf) < HEADER.size:
+        raise ProtocolError(f"truncated header: {len(buf)} of {HEADER.size} bytes")
+    (
+        magic,
+        version,
+        kind,
+        flags,
+        sess,
+        step,
+        batch,
+        seq,
+        dcode,
+        codec,
+        group,
+        ndim,
+        d0,
+        d1,
+        d2,
+        d3,
+        payload_len,
+    ) = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a hyperlane data-plane peer"
+        )
+    if version != VERSION:
+        raise ProtocolError(f"frame version {version} is not supported (this worker speaks {VERSION})")
+    if kind not in FrameKind.ALL:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if dcode not in CODE_DTYPES:
+        raise ProtocolError(f"unknown dtype code {dcode}")
+    if ndim > 4:
+        raise ProtocolError(f"ndim {ndim} > 4")
+    if payload_len > max_payload:
+        raise ProtocolError(f"payload of {payload_len} bytes exceeds the limit of {max_payload}")
+    if batch * seq > MAX_TOKENS:
+        raise ProtocolError(f"{batch}x{seq} positions exceed the limit of {MAX_TOKENS}")
+    shape = (d0, d1, d2, d3)[:ndim]
+    if any(d == 0 for d in shape) and kind in (FrameKind.TENSOR, FrameKind.TOKENS):
+        raise ProtocolError(f"tensor shape {shape} has a zero dimension")
+    return FrameHeader(
+        kind,
+        uuid.UUID(bytes=bytes(sess)).hex,
+        step,
+        batch,
+        seq,
+        CODE_DTYPES[dcode],
+        codec,
+        group,
+        shape,
+        payload_len,
+        flags,
+    )
+
+
+def raw_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * dtype.itemsize

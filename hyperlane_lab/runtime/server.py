@@ -1,0 +1,112 @@
+"""Run a worker: gRPC control plane + TCP data plane on one asyncio loop, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+import grpc
+
+from hyperlane_lab.runtime.proto_gen import hyperlane_pb2_grpc as pb_grpc
+from hyperlane_lab.runtime.service import WorkerService
+from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
+__all__ = ["READY_PREFIX", "run_worker", "serve"]
+
+log = logging.getLogger(__name__)
+READY_PREFIX = "HYPERLANE_WORKER_READY"
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def _advertised_host(config: WorkerConfig) -> str:
+    if config.advertise_address:
+        return config.advertise_address
+    if config.host not in ("0.0.0.0", "::", ""):
+        return config.host
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent; picks the outgoing interface
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def _start_advertiser(worker: Worker, service: WorkerService, config: WorkerConfig) -> Any:
+    try:
+        from hyperlane_lab.discovery import WorkerAdvertiser, worker_info_from_reply
+    except ImportError:
+        log.info("discovery is not available; not advertising on mDNS")
+        return None
+    adv = WorkerAdvertiser(
+        worker_info_from_reply(service.info()),
+        interfaces=config.interfaces,
+        advertise_address=config.advertise_address,
+    )
+    adv.start()
+
+    def refresh() -> None:
+        try:
+            adv.update(worker_info_from_reply(service.info()))
+        except Exception:
+            log.exception("mDNS re-announce failed")
+
+    worker.on_change.append(refresh)
+    return adv
+
+
+async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announce: bool = True) -> None:
+    worker = Worker(config)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    host = _advertised_host(config)
+    service = WorkerService(worker, host)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    bind = f"[{config.host}]" if ":" in config.host else config.host
+    port = server.add_insecure_port(f"{bind}:{config.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.grpc_port} (port in use?); pick another port")
+    worker.grpc_port = port
+    await server.start()
+    data_port = await worker.start_data_plane()
+    advertiser = (
+        await asyncio.to_thread(_start_advertiser, worker, service, config) if config.advertise else None
+    )
+    log.info(
+        "worker %s on %s: gRPC %s:%d, data %s:%d",
+        worker.worker_id,
+        worker.device,
+        host,
+        port,
+        host,
+        data_port,
+    )
+    if announce:
+        print(f"{READY_PREFIX} grpc={port} data={data_port} id={worker.worker_id}", flush=True)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %s shutting down", worker.worker_id)
+    if advertiser is not None:
+        await asyncio.to_thread(advertiser.stop)
+    await server.stop(grace=1.0)
+    await worker.stop()
+
+
+def run_worker(config: WorkerConfig) -> int:
+    try:
+        asyncio.run(serve(config))
+    except OSError as e:
+        print(f"hyperlane worker: {e}", file=sys.stderr)
+        return 1
+    return 0

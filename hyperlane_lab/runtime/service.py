@@ -1,0 +1,311 @@
+"""gRPC servicer: validates each request, then calls the Worker. Bad requests get
+INVALID_ARGUMENT with a message saying what was wrong; the worker keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+import hyperlane_lab
+from hyperlane_lab.errors import ModelLoadError
+from hyperlane_lab.models.loading import DTYPES
+from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+from hyperlane_lab.runtime.proto_gen import hyperlane_pb2_grpc as pb_grpc
+from hyperlane_lab.runtime.worker import Worker, device_memory, resolve_device
+from hyperlane_lab.types import LayerSpan, SamplingParams
+
+__all__ = ["PROTOCOL_VERSION", "WorkerService", "shard_info"]
+
+log = logging.getLogger(__name__)
+PROTOCOL_VERSION = 1
+_SID = re.compile(r"^[0-9a-f]{32}$")
+R = TypeVar("R")
+
+
+def _guard(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Map exceptions to gRPC status codes with the message intact."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: WorkerService, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except (ValueError, KeyError, ModelLoadError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(msg))
+        except MemoryError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ConnectionError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    return wrapper
+
+
+def _check_sid(sid: str) -> str:
+    if not _SID.match(sid):
+        raise ValueError(f"session_id {sid!r} must be 32 lowercase hex characters (uuid4().hex)")
+    return sid
+
+
+def shard_info(worker: Worker) -> pb.ShardInfo:
+    eng = worker.engine
+    if eng is None:
+        return pb.ShardInfo()
+    d = eng.describe()
+    return pb.ShardInfo(
+        start=eng.span.start,
+        end=eng.span.end,
+        n_layers=eng.spec.n_layers,
+        engine=worker.engine_name,
+        dtype=str(d.get("dtype", "")),
+        weight_bytes=int(d.get("weight_bytes", 0) or 0),
+        stage_index=worker.stage_index,
+        hidden_size=eng.spec.hidden_size,
+        vocab_size=eng.spec.vocab_size,
+    )
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, worker: Worker, host_for_info: str) -> None:
+        self.w = worker
+        self.host = host_for_info
+
+    # ------------------------------------------------------------------ info
+
+    def info(self) -> pb.InfoReply:
+        w = self.w
+        total, free = device_memory(w.device)
+        gpu = cc = ""
+        if w.device.type == "cuda":
+            gpu = torch.cuda.get_device_name(w.device)
+            cc = "{}.{}".format(*torch.cuda.get_device_capability(w.device))
+        from hyperlane_lab.engines import names as engine_names
+
+        versions = f"hyperlane_lab={hyperlane_lab.__version__};torch={torch.__version__};python={platform.python_version()}"
+        return pb.InfoReply(
+            worker_id=w.worker_id,
+            host=self.host,
+            grpc_port=w.grpc_port,
+            data_port=w.data_port,
+            device=str(w.device),
+            device_kind=w.device.type,
+            gpu_name=gpu,
+            total_memory=total,
+            free_memory=free,
+            compute_capability=cc,
+            host_ram=device_memory(torch.device("cpu"))[0],
+            flops=w.profile.get("flops", 0.0),
+            mem_bw=w.profile.get("mem_bw", 0.0),
+            shard_loaded=w.engine is not None,
+            auth_required=False,
+            protocol_version=PROTOCOL_VERSION,
+            versions=versions,
+            engines=engine_names(),
+            shard=shard_info(w),
+            sessions=len(w.sessions),
+        )
+
+    @_guard
+    async def Info(self, request: pb.InfoRequest, context: Any) -> pb.InfoReply:
+        return self.info()
+
+    @_guard
+    async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
+        return pb.HealthReply(ok=True, worker_time_s=time.perf_counter())
+
+    # ------------------------------------------------------------------ blobs and shards
+
+    @_guard
+    async def HasBlobs(self, request: pb.HasBlobsRequest, context: Any) -> pb.HasBlobsReply:
+        return pb.HasBlobsReply(missing=self.w.blobs.missing(list(request.sha256)))
+
+    async def PutBlob(self, request_iterator: AsyncIterator[pb.BlobChunk], context: Any) -> pb.PutBlobReply:
+        upload = None
+        try:
+            async for chunk in request_iterator:
+                if upload is None:
+                    if self.w.blobs.has(chunk.sha256):
+                        return pb.PutBlobReply(sha256=chunk.sha256, size=chunk.size, already_present=True)
+                    upload = self.w.blobs.begin(chunk.sha256, chunk.size)
+                upload.write(chunk.data)
+            if upload is None:
+                raise ValueError("PutBlob stream was empty; send at least one chunk with sha256 and size")
+            path = await asyncio.to_thread(upload.finish)
+            log.info("received blob %s (%d bytes)", upload.digest[:12], upload.size)
+            return pb.PutBlobReply(sha256=upload.digest, size=path.stat().st_size)
+        except ValueError as e:
+            if upload is not None:
+                upload.abort()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+
+    def _materialize(self, req: pb.LoadShardRequest) -> tuple[str, dict[str, Any]]:
+        """Folder the engine loads from, and extra engine options."""
+        if req.model_path:
+            path = Path(req.model_path).expanduser()
+            if not path.exists():
+                raise ValueError(f"model_path {req.model_path} does not exist on worker {self.w.worker_id}")
+            return str(path), {}
+        if not req.config_sha256:
+            raise ValueError("LoadShard needs model_path, or config_sha256 plus weights_sha256 / onnx_sha256")
+        blobs = [req.config_sha256, req.weights_sha256, req.onnx_sha256]
+        for b in filter(None, blobs):
+            if not self.w.blobs.has(b):
+                raise ValueError(
+                    f"blob {b[:12]}... is not in the worker's cache; upload it with PutBlob first"
+                )
+        key = "-".join(b[:16] for b in blobs if b)
+        folder = self.w.blobs.root.parent / "shards" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.w.blobs.path(req.config_sha256), folder / "config.json")
+        opts: dict[str, Any] = {}
+        if req.weights_sha256:
+            target = folder / "model.safetensors"
+            if not target.exists():
+                os.symlink(self.w.blobs.path(req.weights_sha256), target)
+        if req.onnx_sha256:
+            opts["onnx_path"] = str(self.w.blobs.path(req.onnx_sha256))
+            opts["onnx_sha256"] = req.onnx_sha256
+        return str(folder), opts
+
+    @_guard
+    async def LoadShard(self, request: pb.LoadShardRequest, context: Any) -> pb.LoadShardReply:
+        from hyperlane_lab.engines import ENGINES, create_engine
+
+        span = LayerSpan(int(request.start), int(request.end))
+        dtype = request.dtype or "fp32"
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+        engine_name = request.engine or "torch"
+        ENGINES.get(engine_name)
+        device = resolve_device(request.device) if request.device else self.w.device
+        source, opts = self._materialize(request)
+        _, free = device_memory(device)
+        need = self._estimate_bytes(request, source, span)
+        if need and free and need > free:
+            raise MemoryError(
+                f"shard {span} needs about {need / 2**30:.2f} GiB, worker {self.w.worker_id} ({device}) has "
+                f"{free / 2**30:.2f} GiB free; give this worker fewer layers or use fp16"
+            )
+        t0 = time.perf_counter()
+        self.w.unload()
+        engine = await asyncio.to_thread(
+            create_engine, engine_name, source=source, span=span, dtype=dtype, device=device, **opts
+        )
+        self.w.set_engine(engine, engine_name, int(request.stage_index))
+        load_s = time.perf_counter() - t0
+        log.info(
+            "loaded %s layers %s (%s, %s) on %s in %.2fs", engine_name, span, dtype, source, device, load_s
+        )
+        return pb.LoadShardReply(
+            shard=shard_info(self.w), free_memory=device_memory(device)[1], load_s=load_s
+        )
+
+    def _estimate_bytes(self, req: pb.LoadShardRequest, source: str, span: LayerSpan) -> int:
+        for digest in (req.weights_sha256, req.onnx_sha256):
+            if digest:
+                return self.w.blobs.path(digest).stat().st_size
+        try:
+            from hyperlane_lab.models.config import ModelSpec
+
+            spec = ModelSpec.from_pretrained(source)
+            per_layer = (spec.n_params - 2 * spec.vocab_size * spec.hidden_size) / spec.n_layers
+            itemsize = DTYPES[req.dtype or "fp32"].itemsize
+            return int(per_layer * len(span) * itemsize)
+        except Exception:
+            return 0
+
+    @_guard
+    async def UnloadShard(self, request: pb.UnloadShardRequest, context: Any) -> pb.UnloadShardReply:
+        return pb.UnloadShardReply(was_loaded=self.w.unload())
+
+    # ------------------------------------------------------------------ sessions and wiring
+
+    @_guard
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: Any) -> pb.OpenSessionReply:
+        sid = _check_sid(request.session_id)
+        if not 1 <= request.batch <= 4096:
+            raise ValueError(f"batch must be in [1, 4096], got {request.batch}")
+        if not 1 <= request.max_len <= 1 << 20:
+            raise ValueError(f"max_len must be in [1, 1048576], got {request.max_len}")
+        top_p = request.top_p if request.top_p > 0 else 1.0
+        params = SamplingParams(
+            float(request.temperature),
+            int(request.top_k),
+            float(top_p),
+            int(request.seed) if request.has_seed else None,
+        )
+        need = await self.w.open_session(
+            sid, int(request.batch), int(request.max_len), params, request.reply_to
+        )
+        return pb.OpenSessionReply(kv_cache_bytes=need)
+
+    @_guard
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionReply:
+        return pb.CloseSessionReply(was_open=await self.w.close_session(_check_sid(request.session_id)))
+
+    @_guard
+    async def Connect(self, request: pb.ConnectRequest, context: Any) -> pb.ConnectReply:
+        if request.next_address:
+            from hyperlane_lab.runtime.dataplane import parse_address
+
+            parse_address(request.next_address)
+        s = await self.w.connect_next(request.next_address, request.codec or "raw", int(request.group_size))
+        return pb.ConnectReply(connect_s=s)
+
+    # ------------------------------------------------------------------ measurement
+
+    @_guard
+    async def Profile(self, request: pb.ProfileRequest, context: Any) -> pb.ProfileReply:
+        from hyperlane_lab.runtime.profiling import profile_device
+
+        cfg = json.loads(request.model_config_json) if request.model_config_json else None
+        if cfg is not None and not isinstance(cfg, dict):
+            raise ValueError("model_config_json must be a JSON object (a transformers config.json)")
+        res = await asyncio.to_thread(
+            profile_device, self.w.device, cfg, request.dtype or "fp16", request.context or 512
+        )
+        self.w.profile.update({"flops": res["flops"], "mem_bw": res["mem_bw"]})
+        self.w.changed()
+        return pb.ProfileReply(device=str(self.w.device), **{k: v for k, v in res.items() if k != "device"})
+
+    @_guard
+    async def ProbeLink(self, request: pb.ProbeLinkRequest, context: Any) -> pb.ProbeLinkReply:
+        sizes = [int(s) for s in request.sizes] or [64, 65536, 1 << 20]
+        if any(s > 1 << 28 for s in sizes):
+            raise ValueError("probe sizes must be <= 256 MiB")
+        lat, bw = await self.w.probe_link(request.target_address, sizes, int(request.repeats) or 3)
+        return pb.ProbeLinkReply(latency_s=lat, bandwidth=bw)
+
+    @_guard
+    async def GetTrace(self, request: pb.GetTraceRequest, context: Any) -> pb.GetTraceReply:
+        events, last = self.w.trace.since(int(request.since_seq))
+        if request.clear:
+            self.w.trace.clear()
+        recs = [
+            pb.TraceRecord(
+                stage=e.stage,
+                kind=e.kind,
+                start=e.start,
+                end=e.end,
+                session=e.session,
+                step=e.step,
+                nbytes=e.nbytes,
+                tokens=e.tokens,
+            )
+            for e in events
+        ]
+        return pb.GetTraceReply(events=recs, next_seq=last, worker_time_s=time.perf_counter())

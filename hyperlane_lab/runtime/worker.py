@@ -1,0 +1,397 @@
+"""The worker: one stage engine, its sessions, and the data-plane handling around it.
+
+Threads: the asyncio loop owns sockets and gRPC; one compute thread runs ``forward`` (FIFO, so
+a session's steps stay in order) plus codec work and sampling. Frames for stage i+1 leave as
+soon as stage i's compute ends, so with several sessions in flight every stage can be busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperlane_lab.errors import ProtocolError
+from hyperlane_lab.generation.sampling import Sampler
+from hyperlane_lab.runtime.blobs import BlobStore
+from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.trace_recorder import TraceRecorder
+from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
+from hyperlane_lab.types import SamplingParams
+
+__all__ = ["Worker", "WorkerConfig", "device_memory"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    host: str = "0.0.0.0"  # where gRPC and the data plane listen
+    grpc_port: int = 50051  # 0 = any free port
+    data_port: int | None = None  # None = grpc_port + 1 (or any free port when grpc_port is 0)
+    device: str = "auto"  # auto | cpu | cuda:N
+    worker_id: str = ""
+    cache_dir: str = ""  # blob cache; default ~/.cache/hyperlane_lab/blobs
+    advertise: bool = True  # register on mDNS (zeroconf)
+    advertise_address: str | None = None  # address put in the mDNS record (multi-homed hosts)
+    interfaces: str = "all"  # zeroconf interfaces: all | default | comma-separated IPs
+    max_payload: int = 1 << 31
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but this machine has no CUDA; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPUs"
+            )
+    elif d.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda:N")
+    return d
+
+
+def _meminfo() -> tuple[int, int]:
+    total = avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemTotal":
+                total = int(rest.split()[0]) * 1024
+            elif key == "MemAvailable":
+                avail = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return total, avail
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(total, free) bytes of the device; host RAM for the CPU."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(free)
+    return _meminfo()
+
+
+@dataclass
+class _Session:
+    batch: int
+    max_len: int
+    sampler: Sampler | None
+    reply_to: str
+    steps: int = 0
+    error: str = ""
+
+
+@dataclass
+class _Outgoing:
+    codec: str = "raw"
+    group_size: int = 0
+    address: str = ""
+    conn: FrameConnection | None = None
+    extra: dict[str, FrameConnection] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        cache = config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hyperlane_lab", "blobs")
+        self.blobs = BlobStore(cache)
+        self.engine: Any = None
+        self.engine_name = ""
+        self.stage_index = 0
+        self.sessions: dict[str, _Session] = {}
+        self.out = _Outgoing()
+        self.trace = TraceRecorder()
+        self.pool = BufferPool()
+        self.profile: dict[str, float] = {}
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="hyperlane-compute")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._pongs: dict[int, asyncio.Future[float]] = {}
+        self._lock = threading.Lock()
+        self.grpc_port = config.grpc_port
+        self.data_port = 0
+        self.on_change: list[Any] = []  # callbacks when shard/memory changes (mDNS re-announce)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start_data_plane(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        port = self.config.data_port
+        if port is None:
+            port = self.grpc_port + 1 if self.grpc_port else 0
+        self._server = await start_server(
+            self.config.host, port, self._on_frame, self.pool, max_payload=self.config.max_payload
+        )
+        self.data_port = self._server.sockets[0].getsockname()[1]
+        return self.data_port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in [self.out.conn, *self.out.extra.values()]:
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def changed(self) -> None:
+        for cb in self.on_change:
+            try:
+                cb()
+            except Exception:
+                log.exception("on_change callback failed")
+
+    # ------------------------------------------------------------------ control (called from gRPC)
+
+    def set_engine(self, engine: Any, engine_name: str, stage_index: int) -> None:
+        with self._lock:
+            self.engine, self.engine_name, self.stage_index = engine, engine_name, stage_index
+            self.sessions.clear()
+            self.trace.stage = stage_index
+        self.changed()
+
+    def unload(self) -> bool:
+        with self._lock:
+            was = self.engine is not None
+            self.engine, self.engine_name = None, ""
+            self.sessions.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.changed()
+        return was
+
+    async def open_session(
+        self, sid: str, batch: int, max_len: int, params: SamplingParams, reply_to: str
+    ) -> int:
+        eng = self.engine
+        if eng is None:
+            raise ValueError("no shard is loaded on this worker; call LoadShard first")
+        if sid in self.sessions:
+            raise ValueError(f"session {sid} is already open")
+        if eng.is_last:
+            if not reply_to:
+                raise ValueError("the last stage needs reply_to (the client's data address)")
+            await self._connection_to(reply_to)
+        need = eng.kv_cache_bytes(batch, max_len) if hasattr(eng, "kv_cache_bytes") else 0
+        _, free = device_memory(self.device)
+        if need and free and need > free:
+            raise MemoryError(
+                f"KV cache for batch {batch} x {max_len} tokens needs {need / 2**30:.2f} GiB, "
+                f"worker {self.worker_id} has {free / 2**30:.2f} GiB free; use a shorter max length or smaller batch"
+            )
+        await asyncio.get_running_loop().run_in_executor(self._compute, eng.open_session, sid, batch, max_len)
+        self.sessions[sid] = _Session(batch, max_len, Sampler(params) if eng.is_last else None, reply_to)
+        return need
+
+    async def close_session(self, sid: str) -> bool:
+        s = self.sessions.pop(sid, None)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(self._compute, self.engine.close_session, sid)
+        return s is not None
+
+    async def connect_next(self, address: str, codec: str, group_size: int) -> float:
+        t0 = time.perf_counter()
+        if codec not in ("raw", "none"):
+            from hyperlane_lab import codecs
+
+            codecs.get(codec, group_size=group_size or 64)  # ValueError listing valid codecs
+        self.out.codec, self.out.group_size = codec or "raw", group_size
+        if address:
+            if self.out.conn is not None and self.out.address == address and self.out.conn.is_open:
+                return 0.0
+            self.out.conn = await open_connection(address, self._on_frame, self.pool)
+            self.out.address = address
+        return time.perf_counter() - t0
+
+    async def _connection_to(self, address: str) -> FrameConnection:
+        conn = self.out.extra.get(address)
+        if conn is None or not conn.is_open:
+            conn = await open_connection(address, self._on_frame, self.pool)
+            self.out.extra[address] = conn
+        return conn
+
+    async def probe_link(self, address: str, sizes: list[int], repeats: int) -> tuple[float, float]:
+        from hyperlane_lab.runtime.linkprobe import probe_connection
+
+        conn = await open_connection(address, self._on_frame, self.pool)
+        try:
+            return await probe_connection(conn, self._pongs, sizes, repeats)
+        finally:
+            if conn.transport is not None:
+                conn.transport.close()
+
+    # ------------------------------------------------------------------ data plane (loop thread)
+
+    def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:
+        h = frame.header
+        if h.kind == FrameKind.PING:
+            conn.send(
+                FrameHeader(FrameKind.PONG, h.session, h.step, 0, 0, torch.uint8, 0, 0, (), h.payload_len),
+                bytes(frame.payload_view),
+            )
+            frame.body.release()
+            return
+        if h.kind == FrameKind.PONG:
+            fut = self._pongs.pop(h.step, None)
+            if fut is not None and not fut.done():
+                fut.set_result(time.perf_counter())
+            frame.body.release()
+            return
+        if h.kind == FrameKind.ERROR:
+            msg = bytes(frame.payload_view).decode("utf-8", "replace")
+            frame.body.release()
+            self._forward_error(h.session, h.step, msg)
+            return
+        if h.kind != FrameKind.TENSOR:
+            raise ProtocolError(f"a worker does not accept frames of kind {h.kind}")
+        self._accept_tensor(frame)
+
+    def _accept_tensor(self, frame: Frame) -> None:
+        h, eng = frame.header, self.engine
+        if eng is None:
+            raise ProtocolError("tensor frame but no shard is loaded")
+        sess = self.sessions.get(h.session)
+        if sess is None:
+            raise ProtocolError(f"unknown session {h.session}")
+        if h.batch != sess.batch or h.seq < 1:
+            raise ProtocolError(
+                f"frame has batch {h.batch}x{h.seq}, session {h.session} has batch {sess.batch}"
+            )
+        expect_first = eng.is_first
+        if expect_first and (h.dtype != torch.int64 or h.shape != (h.batch, h.seq)):
+            raise ProtocolError(
+                f"first stage expects int64 ids [{h.batch}, {h.seq}], got {h.dtype} {h.shape}"
+            )
+        if not expect_first and (
+            h.shape != (h.batch, h.seq, eng.spec.hidden_size) or not h.dtype.is_floating_point
+        ):
+            raise ProtocolError(
+                f"stage expects hidden [{h.batch}, {h.seq}, {eng.spec.hidden_size}] float, got {h.dtype} {h.shape}"
+            )
+        t0 = time.perf_counter()
+        x = decode_payload(h, frame.payload_view)  # validates payload length (ProtocolError)
+        t1 = time.perf_counter()
+        positions = torch.frombuffer(frame.positions_view, dtype=torch.int64).view(h.batch, h.seq)
+        self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
+        if h.codec:
+            self.trace.add("decode", t0, t1, h.session, h.step)
+        self._compute.submit(self._run_step, frame, x, positions, time.perf_counter())
+
+    # ------------------------------------------------------------------ compute (compute thread)
+
+    def _run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
+        h, eng = frame.header, self.engine
+        sid, step = h.session, h.step
+        sess = self.sessions.get(sid)
+        t0 = time.perf_counter()
+        self.trace.add("queue", queued_at, t0, sid, step)
+        try:
+            if sess is None or eng is None:
+                raise ValueError(f"session {sid} was closed")
+            eng.input_shape_ok(x, positions)
+            out = eng.forward(sid, x, positions)
+            n_tok = int((positions >= 0).sum())
+            if eng.device.type == "cuda":
+                torch.cuda.current_stream(eng.device).synchronize()
+            t1 = time.perf_counter()
+            self.trace.add("compute", t0, t1, sid, step, tokens=n_tok)
+            pos_bytes = bytes(frame.positions_view)
+        except Exception as e:
+            frame.body.release()
+            log.warning("stage %d: step %d of session %s failed: %s", self.stage_index, step, sid, e)
+            self._call_soon(self._forward_error, sid, step, f"stage {self.stage_index}: {e}")
+            return
+        frame.body.release()
+        sess.steps += 1
+        try:
+            if eng.is_last:
+                assert sess.sampler is not None
+                ids = sess.sampler(out).to(torch.int64).contiguous()
+                t2 = time.perf_counter()
+                self.trace.add("sample", t1, t2, sid, step)
+                payload = encode_tensor(ids)
+                header = FrameHeader(
+                    FrameKind.TOKENS,
+                    sid,
+                    step,
+                    h.batch,
+                    0,
+                    torch.int64,
+                    0,
+                    0,
+                    tuple(ids.shape),
+                    payload.nbytes,
+                )
+                self._call_soon(self._send, sess.reply_to, header, [pos_bytes[:0], *payload.parts], sid, step)
+            else:
+                payload = encode_tensor(out, self.out.codec, self.out.group_size)
+                t2 = time.perf_counter()
+                if payload.codec:
+                    self.trace.add("quantize", t1, t2, sid, step)
+                header = FrameHeader(
+                    FrameKind.TENSOR,
+                    sid,
+                    step,
+                    h.batch,
+                    h.seq,
+                    payload.dtype,
+                    payload.codec,
+                    payload.group_size,
+                    payload.shape,
+                    payload.nbytes,
+                )
+                self._call_soon(self._send, "", header, [pos_bytes, *payload.parts], sid, step)
+        except Exception as e:
+            log.exception("stage %d: could not emit step %d of %s", self.stage_index, step, sid)
+            self._call_soon(self._forward_error, sid, step, f"stage {self.stage_index}: {e}")
+
+    def _call_soon(self, fn: Any, *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    # ------------------------------------------------------------------ sending (loop thread)
+
+    def _send(self, reply_to: str, header: FrameHeader, parts: list[Any], sid: str, step: int) -> None:
+        conn = self.out.extra.get(reply_to) if reply_to else self.out.conn
+        t0 = time.perf_counter()
+        try:
+            if conn is None:
+                raise ConnectionError("this stage is not connected to a next stage (call Connect)")
+            n = conn.send(header, *parts)
+        except ConnectionError as e:
+            log.error("stage %d: cannot send step %d of %s: %s", self.stage_index, step, sid, e)
+            return
+        self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
+
+    def _forward_error(self, sid: str, step: int, message: str) -> None:
+        sess = self.sessions.get(sid)
+        if sess is None:  # errors are only relayed for sessions this worker knows
+            return
+        sess.error = message
+        if self.engine is not None and self.engine.is_last:
+            conn = self.out.extra.get(sess.reply_to)
+        else:
+            conn = self.out.conn
+        if conn is None or not conn.is_open:
+            return
+        data = message.encode()[:65536]
+        conn.send(
+            FrameHeader(FrameKind.ERROR, sid, step, 0, 0, torch.uint8, 0, 0, (len(data),), len(data)), data
+        )
