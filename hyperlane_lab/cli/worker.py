@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--interfaces", default="all", help="mDNS interfaces: all, default, or comma-separated IPs"
     )
+    p.add_argument("--memory-limit-gib", type=float, default=0.0, help="memory this worker may use (0 = all free)")
     p.set_defaults(func=run)
 
 
@@ -43,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
         advertise=not args.no_advertise,
         advertise_address=args.advertise_address,
         interfaces=args.interfaces,
+        memory_limit=int(args.memory_limit_gib * 2**30),
     )
     return run_worker(cfg)

@@ -87,7 +87,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def info(self) -> pb.InfoReply:
         w = self.w
-        total, free = device_memory(w.device)
+        total, free = w.memory()
         gpu = cc = ""
         if w.device.type == "cuda":
             gpu = torch.cuda.get_device_name(w.device)
@@ -193,7 +193,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         ENGINES.get(engine_name)
         device = resolve_device(request.device) if request.device else self.w.device
         source, opts = self._materialize(request)
-        _, free = device_memory(device)
+        _, free = self.w.memory(device)
         need = self._estimate_bytes(request, source, span)
         if need and free and need > free:
             raise MemoryError(
@@ -211,7 +211,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             "loaded %s layers %s (%s, %s) on %s in %.2fs", engine_name, span, dtype, source, device, load_s
         )
         return pb.LoadShardReply(
-            shard=shard_info(self.w), free_memory=device_memory(device)[1], load_s=load_s
+            shard=shard_info(self.w), free_memory=self.w.memory(device)[1], load_s=load_s
         )
 
     def _estimate_bytes(self, req: pb.LoadShardRequest, source: str, span: LayerSpan) -> int:

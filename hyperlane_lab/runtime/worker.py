@@ -47,6 +47,7 @@ class WorkerConfig:
     advertise_address: str | None = None  # address put in the mDNS record (multi-homed hosts)
     interfaces: str = "all"  # zeroconf interfaces: all | default | comma-separated IPs
     max_payload: int = 1 << 31
+    memory_limit: int = 0  # bytes this worker may use (0 = the device's free memory)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -158,6 +159,15 @@ class Worker:
             except Exception:
                 log.exception("on_change callback failed")
 
+    def memory(self, device: torch.device | None = None) -> tuple[int, int]:
+        """(total, free) bytes this worker offers, honouring ``memory_limit``."""
+        total, free = device_memory(device or self.device)
+        limit = self.config.memory_limit
+        if limit:
+            used = self.engine.weights.nbytes() if self.engine is not None and hasattr(self.engine, "weights") else 0
+            total, free = min(total, limit), max(0, min(free, limit - used))
+        return total, free
+
     # ------------------------------------------------------------------ control (called from gRPC)
 
     def set_engine(self, engine: Any, engine_name: str, stage_index: int) -> None:
@@ -190,7 +200,7 @@ class Worker:
                 raise ValueError("the last stage needs reply_to (the client's data address)")
             await self._connection_to(reply_to)
         need = eng.kv_cache_bytes(batch, max_len) if hasattr(eng, "kv_cache_bytes") else 0
-        _, free = device_memory(self.device)
+        _, free = self.memory()
         if need and free and need > free:
             raise MemoryError(
                 f"KV cache for batch {batch} x {max_len} tokens needs {need / 2**30:.2f} GiB, "

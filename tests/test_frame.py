@@ -1,0 +1,76 @@
+"""Frame header packing and validation (pure, no sockets)."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+import pytest
+import torch
+
+from hyperlane_lab.errors import ProtocolError
+from hyperlane_lab.runtime.dataplane import BufferPool, parse_address
+from hyperlane_lab.runtime.frame import HEADER, MAGIC, FrameHeader, FrameKind, pack_header, unpack_header
+from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
+
+
+def _header(**kw):
+    base = dict(kind=FrameKind.TENSOR, session=uuid.uuid4().hex, step=7, batch=2, seq=3, dtype=torch.float16,
+                codec=0, group_size=0, shape=(2, 3, 64), payload_len=2 * 3 * 64 * 2)
+    base.update(kw)
+    return FrameHeader(**base)
+
+
+def test_roundtrip():
+    h = _header()
+    raw = pack_header(h)
+    assert len(raw) == HEADER.size == 64
+    assert unpack_header(raw) == h
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b"XXXX" + b[4:], "bad magic"),
+        (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
+        (lambda b: b[:5] + bytes([77]) + b[6:], "unknown frame kind"),
+        (lambda b: b[:32] + bytes([99]) + b[33:], "dtype"),
+        (lambda b: b[:56] + struct.pack("<Q", 1 << 40) + b[64:], "exceeds the limit"),
+        (lambda b: b[:40], "truncated"),
+    ],
+)
+def test_bad_headers(mutate, message):
+    raw = pack_header(_header())
+    with pytest.raises(ProtocolError, match=message):
+        unpack_header(mutate(raw))
+
+
+def test_payload_length_checked():
+    t = torch.randn(2, 3, 8)
+    enc = encode_tensor(t)
+    h = _header(dtype=torch.float32, shape=(2, 3, 8), payload_len=enc.nbytes)
+    data = bytes(enc.parts[0])
+    assert torch.equal(decode_payload(h, memoryview(data)), t)
+    with pytest.raises(ProtocolError, match="needs"):
+        decode_payload(h, memoryview(data[:-4]))
+
+
+def test_magic_constant():
+    assert MAGIC == b"HLF1"
+
+
+def test_buffer_pool_reuses():
+    pool = BufferPool()
+    a = pool.acquire(1000)
+    a.release()
+    b = pool.acquire(800)
+    assert b.buf is a.buf and pool.allocations == 1
+    c = pool.acquire(10_000)  # larger: a new buffer
+    assert pool.allocations == 2
+    b.release(), c.release()
+
+
+@pytest.mark.parametrize("bad", ["nohost", "host:", ":80", "host:abc"])
+def test_bad_address(bad):
+    with pytest.raises(ValueError, match="host:port"):
+        parse_address(bad)

@@ -1,0 +1,247 @@
+"""Multi-process tests: real worker processes, real gRPC and TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from hyperlane_lab.errors import InfeasiblePlanError, WorkerError
+from hyperlane_lab.generation.pipeline import InProcessPipeline
+from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster, WorkerClient
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind, pack_header
+from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+pytestmark = pytest.mark.multiprocess
+
+PROMPTS = ["Once upon a time", "The cat sat on the mat", "Lily and Ben went to the park. They saw"]
+
+
+@pytest.fixture(scope="module")
+def model3(cluster3):
+    with AutoDistributedModel.from_pretrained(None, workers=cluster3.addresses, progress=False) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def local_pipe():
+    return InProcessPipeline.from_pretrained(None, n_stages=3)
+
+
+def test_greedy_equals_inprocess_and_transformers(model3, local_pipe, hf_greedy):
+    assert [s.span.start for s in model3.plan.stages] == [0, 2, 4]
+    for prompt in PROMPTS:
+        remote = model3.generate(prompt, max_tokens=48)
+        local = local_pipe.generate(prompt, max_tokens=48)
+        assert remote.token_ids == local.token_ids == hf_greedy(prompt, 48)
+        assert remote.text == local.text
+
+
+def test_sampled_generation_is_seeded_like_inprocess(model3, local_pipe):
+    kw = dict(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    assert model3.generate(PROMPTS[0], **kw).token_ids == local_pipe.generate(PROMPTS[0], **kw).token_ids
+
+
+def test_batch_of_prompts_matches_single(model3):
+    batch = model3.generate(PROMPTS, max_tokens=20)
+    singles = [model3.generate(p, max_tokens=20) for p in PROMPTS]
+    assert [b.token_ids for b in batch] == [s.token_ids for s in singles]
+
+
+def test_concurrent_sessions_equal_sequential(model3):
+    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(8)]
+    sequential = [model3.generate(p, max_tokens=16).token_ids for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda p: model3.generate(p, max_tokens=16).token_ids, prompts))
+    assert concurrent == sequential
+    # they really were in flight together: different sessions overlapped on the stages
+    events = [e for e in model3.trace_events() if e.kind.value == "compute"]
+    sessions = {e.session for e in events}
+    assert len(sessions) >= 8
+
+
+def test_streaming_yields_same_text(model3):
+    full = model3.generate(PROMPTS[0], max_tokens=30, stop=["park"])
+    pieces = list(model3.generate(PROMPTS[0], max_tokens=30, stop=["park"], stream=True))
+    assert "".join(pieces) == full.text and len(pieces) > 3
+
+
+def test_trace_has_events_from_every_stage(model3):
+    model3.trace_events()  # drain
+    model3.generate(PROMPTS[1], max_tokens=5)
+    events = model3.trace_events()
+    kinds = {(e.stage, e.kind.value) for e in events}
+    for stage in range(3):
+        assert (stage, "compute") in kinds and (stage, "receive") in kinds
+    assert (2, "sample") in kinds
+    for e in events:
+        assert e.end >= e.start
+
+
+def _fuzz_frames(rng: random.Random, target: tuple[str, int], session: str, n: int) -> int:
+    """Send n malformed frames, each on its own connection (the worker closes it)."""
+    sent = 0
+    good = FrameHeader(FrameKind.TENSOR, session, 0, 1, 1, torch.float32, 0, 0, (1, 1, 64), 256)
+    for i in range(n):
+        kind = i % 8
+        hdr = bytearray(pack_header(good))
+        body = bytes(8) + bytes(256)
+        if kind == 0:
+            hdr[:4] = b"EVIL"
+        elif kind == 1:
+            hdr[4] = 99  # version
+        elif kind == 2:
+            hdr[56:64] = struct.pack("<Q", 1 << 40)  # oversized payload_len
+        elif kind == 3:
+            body = body[: rng.randrange(0, len(body))]  # truncated, then close
+        elif kind == 4:
+            hdr = bytearray(pack_header(FrameHeader(FrameKind.TENSOR, session, 0, 1, 1, torch.float32, 0, 0,
+                                                    (1, 1, 64), 200)))  # length disagrees with shape
+            body = bytes(8) + bytes(200)
+        elif kind == 5:
+            hdr = bytearray(pack_header(FrameHeader(FrameKind.TENSOR, uuid.uuid4().hex, 0, 1, 1, torch.float32,
+                                                    0, 0, (1, 1, 64), 256)))  # unknown session
+        elif kind == 6:
+            hdr = bytearray(rng.randbytes(64))
+        else:
+            hdr[32] = 42  # dtype code
+        try:
+            with socket.create_connection(target, timeout=2) as s:
+                s.sendall(bytes(hdr) + body)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(2)
+                while s.recv(4096):
+                    pass
+        except OSError:
+            pass
+        sent += 1
+    return sent
+
+
+def test_fuzzer_does_not_disturb_generation(cluster3, model3, hf_greedy):
+    targets = [("127.0.0.1", p) for p in cluster3.data_ports]
+    session = uuid.uuid4().hex
+    counts = []
+
+    def fuzz() -> None:
+        rng = random.Random(7)
+        counts.append(sum(_fuzz_frames(rng, t, session, 350) for t in targets))
+
+    th = threading.Thread(target=fuzz)
+    th.start()
+    results = []
+    while th.is_alive() and len(results) < 50:
+        results.append(model3.generate(PROMPTS[2], max_tokens=24).token_ids)
+    th.join(120)
+    assert counts and counts[0] >= 1000
+    assert results and all(r == hf_greedy(PROMPTS[2], 24) for r in results)
+    assert all(cluster3.alive)
+    assert model3.generate(PROMPTS[0], max_tokens=24).token_ids == hf_greedy(PROMPTS[0], 24)
+
+
+def test_invalid_grpc_requests(cluster3):
+    c = WorkerClient(cluster3.addresses[0])
+    bad = [
+        ("LoadShard", pb.LoadShardRequest(start=3, end=1, model_path="/nope"), "empty or negative"),
+        ("LoadShard", pb.LoadShardRequest(start=0, end=1, dtype="fp8"), "unknown dtype"),
+        ("LoadShard", pb.LoadShardRequest(start=0, end=1, engine="tensorrt"), "unknown engine"),
+        ("LoadShard", pb.LoadShardRequest(start=0, end=1, model_path="/does/not/exist"), "does not exist"),
+        ("LoadShard", pb.LoadShardRequest(start=0, end=1, config_sha256="ab" * 32), "not in the worker's cache"),
+        ("OpenSession", pb.OpenSessionRequest(session_id="xyz", batch=1, max_len=8), "32 lowercase hex"),
+        ("OpenSession", pb.OpenSessionRequest(session_id="a" * 32, batch=0, max_len=8), "batch must be"),
+        ("Connect", pb.ConnectRequest(next_address="nonsense"), "host:port"),
+        ("Connect", pb.ConnectRequest(next_address="", codec="int3"), "unknown codec"),
+        ("HasBlobs", pb.HasBlobsRequest(sha256=["zz"]), "bad sha256"),
+    ]
+    for method, req, message in bad:
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(c.stub, method)(req, timeout=20)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
+        assert message in info.value.details(), (method, info.value.details())
+    assert c.info().worker_id  # still serving
+    c.close()
+
+
+def test_unreachable_worker_names_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(WorkerError, match=f"127.0.0.1:{port}"):
+        AutoDistributedModel.from_pretrained(None, workers=[f"127.0.0.1:{port}"], progress=False)
+
+
+def test_shard_shipping_and_cache(tmp_path, hf_greedy, monkeypatch):
+    """Workers have no weights on disk: the client ships them; a second load sends nothing."""
+    with LocalCluster(2, cache_dir=tmp_path / "cache") as cluster:
+        with AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m:
+            assert m.generate(PROMPTS[0], max_tokens=12).token_ids == hf_greedy(PROMPTS[0], 12)
+        assert len(list((tmp_path / "cache").iterdir())) >= 3  # config + 2 weight shards
+        calls, sent = [], []
+        orig = WorkerClient.upload_blob
+
+        def spy(self, data, progress=None):
+            calls.append(len(data))
+            real_put = self.stub.PutBlob
+            self.stub.PutBlob = lambda *a, **kw: sent.append(1) or real_put(*a, **kw)
+            return orig(self, data, progress)
+
+        monkeypatch.setattr(WorkerClient, "upload_blob", spy)
+        with AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m:
+            assert m.generate(PROMPTS[0], max_tokens=12).token_ids == hf_greedy(PROMPTS[0], 12)
+        assert calls and not sent  # asked, but nothing was sent
+
+
+def test_model_does_not_fit(tmp_path):
+    with LocalCluster(2, cache_dir=tmp_path / "c", extra_args=["--memory-limit-gib", "0.0002"]) as cluster:
+        with pytest.raises(InfeasiblePlanError, match=r"needs .* GiB, has .* GiB free"):
+            AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False)
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path):
+    cluster = LocalCluster(1, cache_dir=tmp_path / "c").start()
+    try:
+        p = cluster.procs[0]
+        p.terminate()
+        assert p.wait(20) == 0
+    finally:
+        cluster.close()
+
+
+def test_cli_run_with_workers(capsys, hf_greedy):
+    import json
+
+    from hyperlane_lab.cli.main import main
+
+    assert main(["run", "--workers", "2", "--max-tokens", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["token_ids"] == hf_greedy("Once upon a time", 10)
+    assert [s["span"] for s in out["stages"]] == [[0, 3], [3, 5]]
+
+
+def test_link_probe(model3):
+    rows = model3.probe_links(sizes=(64, 1 << 16, 1 << 20), repeats=2)
+    assert len(rows) == 3
+    for r in rows:
+        assert 0 < r["latency_s"] < 0.5 and r["bandwidth"] > 1e6
+
+
+def test_profile_rpc(cluster3, bundled_path):
+    import json
+    from pathlib import Path
+
+    c = WorkerClient(cluster3.addresses[0])
+    cfg = json.loads((Path(bundled_path) / "config.json").read_text())
+    r = c.call("Profile", pb.ProfileRequest(model_config_json=json.dumps(cfg), dtype="fp32", context=64))
+    assert r.flops > 1e8 and r.mem_bw > 1e8 and 0 < r.layer_decode_s < 1 and r.layer_prefill_s_per_token > 0
+    info = c.info()
+    assert info.flops == pytest.approx(r.flops) and info.mem_bw == pytest.approx(r.mem_bw)
+    c.close()
+    time.sleep(0)
