@@ -75,8 +75,15 @@ class TextGenerator:
     spec: Any
     runner: Runner
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = list(self.tokenizer(prompt)["input_ids"])
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+            if any(not 0 <= t < self.spec.vocab_size for t in ids):
+                raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
+        elif self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (random weights): pass token ids instead of text")
+        else:
+            ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
             raise ValueError("the prompt encodes to no tokens; pass a non-empty prompt")
         return ids
@@ -97,7 +104,9 @@ class TextGenerator:
         With ``stream=True`` returns an iterator of text pieces (one prompt) or of
         ``(index, text)`` pairs (a list of prompts) as tokens arrive.
         """
-        single = isinstance(prompt, str)
+        # a prompt is text, or token ids (a list of ints); a list of either is a batch
+        single = isinstance(prompt, str) or (isinstance(prompt, Sequence) and bool(prompt)
+                                             and all(isinstance(t, int) for t in prompt))
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise ValueError("no prompts given")

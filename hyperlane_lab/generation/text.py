@@ -36,6 +36,10 @@ class SequenceState:
             self.finish_reason = "eos"
             return self._flush()
         self.token_ids.append(token)
+        if self.tokenizer is None:  # token ids only (random-weight models)
+            if len(self.token_ids) >= self.max_tokens:
+                self.finish_reason = "length"
+            return ""
         if self._prefix is None:
             self._prefix = self.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
         full = self.tokenizer.decode(self.prompt_ids + self.token_ids, skip_special_tokens=True)

@@ -18,7 +18,7 @@ import torch
 
 from hyperlane_lab.errors import WorkerError
 from hyperlane_lab.generation.driver import TextGenerator
-from hyperlane_lab.models import ModelSpec, load_tokenizer, resolve_model
+from hyperlane_lab.models import PRESETS, ModelSpec, load_tokenizer, resolve_model
 from hyperlane_lab.runtime.client_dataplane import ClientDataPlane, local_address_towards
 from hyperlane_lab.runtime.control import WorkerClient
 from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
@@ -116,15 +116,24 @@ class AutoDistributedModel(TextGenerator):
         context: int = 2048,
         step_timeout: float = 300.0,
         n_workers: int | None = None,
+        random_weights: bool = False,
+        seed: int = 0,
     ) -> AutoDistributedModel:
         """Load ``model`` (path, .gguf, hub id; None = bundled) over ``workers`` (host:port list) or the
-        workers a ``discovery`` (DiscoveryManager / StaticDiscovery) has found."""
+        workers a ``discovery`` (DiscoveryManager / StaticDiscovery) has found.
+
+        ``random_weights=True`` builds random weights of the model's shape on the workers (speed
+        work without checkpoints); ``model`` may then be a preset name such as ``"llama-2-7b"``,
+        and generation takes token ids since there is no tokenizer."""
         from hyperlane_lab.runtime.deploy import deploy
 
-        source = resolve_model(model)
         addresses = _worker_addresses(workers, discovery, n_workers)
-        spec = ModelSpec.from_pretrained(source)
-        tokenizer = load_tokenizer(source)
+        if random_weights and model in PRESETS:
+            source, spec, tokenizer = str(model), PRESETS[str(model)], None
+        else:
+            source = resolve_model(model)
+            spec = ModelSpec.from_pretrained(source)
+            tokenizer = None if random_weights else load_tokenizer(source)
         clients = [WorkerClient(a) for a in addresses]
         data = None
         try:
@@ -142,6 +151,8 @@ class AutoDistributedModel(TextGenerator):
                 objective=objective,
                 concurrency=concurrency,
                 context=context,
+                random_weights=random_weights,
+                seed=seed,
             )
             first = clients[0]
             data = ClientDataPlane(first.data_address, local_address_towards(clients[-1].host))

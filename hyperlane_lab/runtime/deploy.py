@@ -87,6 +87,8 @@ def deploy(
     objective: str = "latency",
     concurrency: int = 1,
     context: int = 2048,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> tuple[Plan, list[WorkerClient]]:
     from hyperlane_lab.runtime.client import _codec_list
     from hyperlane_lab.runtime.shipping import build_shard_payload
@@ -107,16 +109,21 @@ def deploy(
         raise ValueError(f"engine lists {len(engines)} engines but the plan has {n} stages")
     _check_memory(spec, plan, infos, dtype)
 
+    ship = ship_weights or random_weights
     payloads = (
-        [build_shard_payload(source, spec, st.span, e, dtype=dtype) for st, e in zip(plan.stages, engines)]
-        if ship_weights
+        [
+            build_shard_payload(source, spec, st.span, e, dtype=dtype, random_weights=random_weights)
+            for st, e in zip(plan.stages, engines)
+        ]
+        if ship
         else [None] * n
     )
     bar = _progress(sum(p.nbytes for p in payloads if p is not None), progress)
 
     def load(i: int) -> None:
         st, c, e, p = plan.stages[i], ordered[i], engines[i], payloads[i]
-        req = pb.LoadShardRequest(start=st.span.start, end=st.span.end, dtype=dtype, engine=e, stage_index=i)
+        req = pb.LoadShardRequest(start=st.span.start, end=st.span.end, dtype=dtype, engine=e, stage_index=i,
+                                  random_weights=random_weights, seed=seed)
         if p is None:
             req.model_path = source
         else:

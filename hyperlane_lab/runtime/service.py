@@ -194,7 +194,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         device = resolve_device(request.device) if request.device else self.w.device
         source, opts = self._materialize(request)
         _, free = self.w.memory(device)
-        need = self._estimate_bytes(request, source, span)
+        need = self._estimate_bytes(request, source, span, dtype)
         if need and free and need > free:
             raise MemoryError(
                 f"shard {span} needs about {need / 2**30:.2f} GiB, worker {self.w.worker_id} ({device}) has "
@@ -202,9 +202,19 @@ class WorkerService(pb_grpc.WorkerServicer):
             )
         t0 = time.perf_counter()
         self.w.unload()
-        engine = await asyncio.to_thread(
-            create_engine, engine_name, source=source, span=span, dtype=dtype, device=device, **opts
-        )
+        if request.random_weights:
+            if engine_name != "torch":
+                raise ValueError("random_weights works with the torch engine only")
+            from hyperlane_lab.models import ModelSpec, TorchStage, parse_dtype
+
+            spec = ModelSpec.from_pretrained(source)
+            engine = await asyncio.to_thread(
+                TorchStage.random, spec, span, int(request.seed), parse_dtype(dtype), device
+            )
+        else:
+            engine = await asyncio.to_thread(
+                create_engine, engine_name, source=source, span=span, dtype=dtype, device=device, **opts
+            )
         self.w.set_engine(engine, engine_name, int(request.stage_index))
         load_s = time.perf_counter() - t0
         log.info(
@@ -214,17 +224,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             shard=shard_info(self.w), free_memory=self.w.memory(device)[1], load_s=load_s
         )
 
-    def _estimate_bytes(self, req: pb.LoadShardRequest, source: str, span: LayerSpan) -> int:
-        for digest in (req.weights_sha256, req.onnx_sha256):
-            if digest:
-                return self.w.blobs.path(digest).stat().st_size
+    def _estimate_bytes(self, req: pb.LoadShardRequest, source: str, span: LayerSpan, dtype: str) -> int:
+        if not req.random_weights:
+            for digest in (req.weights_sha256, req.onnx_sha256):
+                if digest:
+                    return self.w.blobs.path(digest).stat().st_size
         try:
             from hyperlane_lab.models.config import ModelSpec
+            from hyperlane_lab.runtime.deploy import stage_weight_bytes
 
-            spec = ModelSpec.from_pretrained(source)
-            per_layer = (spec.n_params - 2 * spec.vocab_size * spec.hidden_size) / spec.n_layers
-            itemsize = DTYPES[req.dtype or "fp32"].itemsize
-            return int(per_layer * len(span) * itemsize)
+            return stage_weight_bytes(ModelSpec.from_pretrained(source), span, dtype)
         except Exception:
             return 0
 

@@ -3,6 +3,7 @@ as safetensors bytes (never pickle), or the stage's ONNX file."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ def config_json(source: str) -> bytes:
 def build_shard_payload(
     source: str, spec: ModelSpec, span: LayerSpan, engine: str = "torch", **opts: Any
 ) -> ShardPayload:
+    if opts.get("random_weights"):
+        return ShardPayload(json.dumps(spec.to_hf_config_dict()).encode())
     cfg = config_json(source)
     if engine == "onnxruntime":
         from hyperlane_lab.onnx_export import export_stage
