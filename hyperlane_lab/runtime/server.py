@@ -55,7 +55,7 @@ def _start_advertiser(worker: Worker, service: WorkerService, config: WorkerConf
 
     def refresh() -> None:
         try:
-            adv.update(worker_info_from_reply(service.info()))
+            adv.update(worker_info_from_reply(service.info()), wait=False)
         except Exception:
             log.exception("mDNS re-announce failed")
 
