@@ -34,6 +34,7 @@ def stage_weight_bytes(spec: ModelSpec, span: LayerSpan, dtype: str) -> int:
 
 def make_plan(
     spec: ModelSpec,
+    clients: Sequence[WorkerClient],
     infos: Sequence[WorkerInfo],
     partitioner: str,
     objective: str,
@@ -41,6 +42,8 @@ def make_plan(
     context: int,
     dtype: str,
 ) -> Plan:
+    """``uniform`` splits layers evenly in the given order; any other name profiles the workers
+    and runs that partitioner of ``hyperlane_lab.planning`` (which may reorder or skip workers)."""
     if partitioner == "uniform":
         n = min(len(infos), spec.n_layers)
         spans = LayerSpan.split_uniform(spec.n_layers, n)
@@ -51,7 +54,7 @@ def make_plan(
         )
     from hyperlane_lab.runtime.planning_bridge import plan_for_workers
 
-    return plan_for_workers(spec, infos, partitioner, objective, concurrency, context, dtype)
+    return plan_for_workers(spec, clients, partitioner, objective, concurrency, context, dtype)
 
 
 def _check_memory(spec: ModelSpec, plan: Plan, infos: dict[str, WorkerInfo], dtype: str) -> None:
@@ -95,7 +98,7 @@ def deploy(
 
     parse_dtype(dtype)
     infos = {c.address: c.worker_info() for c in clients}  # WorkerError names an unreachable address
-    plan = make_plan(spec, list(infos.values()), partitioner, objective, concurrency, context, dtype)
+    plan = make_plan(spec, clients, list(infos.values()), partitioner, objective, concurrency, context, dtype)
     by_addr = {c.address: c for c in clients}
     ordered = [by_addr[st.device] for st in plan.stages]
     for c in clients:
