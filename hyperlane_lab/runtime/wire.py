@@ -43,7 +43,7 @@ def encode_tensor(t: torch.Tensor, codec: str = "raw", group_size: int = 0) -> E
 
     c = codecs.get(codec, group_size=group_size or 64)
     enc = c.encode(t)
-    return EncodedPayload(t.dtype, c.codec_id, c.group_size, tuple(t.shape), [tensor_bytes(enc.data)])
+    return EncodedPayload(t.dtype, c.codec_id, c.group_size, tuple(t.shape), [enc.buffer()])
 
 
 def decode_payload(h: FrameHeader, payload: memoryview, device: torch.device | str = "cpu") -> torch.Tensor:

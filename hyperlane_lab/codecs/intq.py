@@ -1,0 +1,191 @@
+"""Grouped symmetric integer codecs: ``int8``, ``int4`` and ``int4_hadamard``.
+
+Byte layout of the payload (N groups, see ``base``; offsets in bytes):
+
+- ``[0, 2N)``: one fp16 scale per group (NaN marks a group that held NaN/Inf, see ``reference``);
+- ``int8``: ``[2N, 2N + N*gs)``: int8 values (two's complement), group after group, padding included;
+- ``int4`` / ``int4_hadamard``: ``[2N, 2N + N*gs/2)``: packed nibbles (``q + 8``; element 2k low nibble,
+  2k+1 high nibble). ``int4_hadamard`` quantizes the Walsh-Hadamard rotation of each group and rotates back
+  after dequantizing (the rotation spreads an outlier over the group; gs must be a power of two).
+
+Quantization math and rounding (round-half-to-even): ``hyperlane_lab.codecs.reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hyperlane_lab.codecs import reference as ref
+from hyperlane_lab.codecs._kernels import kernel_module
+from hyperlane_lab.codecs.base import (
+    DTYPES,
+    CheckFinite,
+    Codec,
+    EncodedTensor,
+    GroupLayout,
+    dtype_name,
+    nonfinite_error,
+    resolve_backend,
+    rows_of,
+)
+from hyperlane_lab.codecs.fp16 import first_nonfinite_index
+
+__all__ = ["IntCodec", "range_error"]
+
+
+def range_error(codec: Codec, x: torch.Tensor, qmax: int, where_rotated: bool = False) -> ValueError:
+    """The error raised for a tensor whose bad groups hold NaN/Inf or exceed the fp16-scale range."""
+    shape = tuple(x.shape)
+    where = first_nonfinite_index(x)
+    if where is not None:
+        return nonfinite_error(codec.name, shape, f"index {where}")
+    flat = int(x.detach().abs().flatten().argmax())
+    idx = tuple(int(t) for t in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
+    value = float(x.flatten()[flat])
+    rotated = " after the Hadamard rotation (up to sqrt(group_size) x larger)" if where_rotated else ""
+    return ValueError(
+        f"activation value {value:.4g} at index {idx} is out of the {codec.name!r} codec's range{rotated}: "
+        f"fp16 scales allow |x| <= {65504 * qmax:.4g}; use the fp16 codec for this boundary "
+        "or rescale the activations"
+    )
+
+
+@dataclass(frozen=True)
+class IntCodec(Codec):
+    bits: int = 8
+    hadamard: bool = False
+
+    def __post_init__(self) -> None:
+        gs = self.group_size
+        if self.bits not in ref.QMAX:
+            raise ValueError(f"IntCodec bits must be 8 or 4, got {self.bits}")
+        if not isinstance(gs, int) or gs < 1 or gs > 4096:
+            raise ValueError(f"codec {self.name!r}: group_size must be an int in [1, 4096], got {gs!r}")
+        if self.bits == 4 and gs % 2:
+            raise ValueError(
+                f"codec {self.name!r} packs two values per byte: group_size must be even, got {gs}"
+            )
+        if self.hadamard and (self.bits != 4 or gs < 2 or gs & (gs - 1)):
+            raise ValueError(f"codec {self.name!r} needs a power-of-two group_size >= 2, got {gs}")
+
+    @property
+    def qmax(self) -> int:
+        return ref.QMAX[self.bits]
+
+    def _value_bytes(self, n_groups: int) -> int:
+        return n_groups * self.group_size * self.bits // 8
+
+    def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float16) -> int:
+        dtype_name(dtype)
+        n = GroupLayout.of(tuple(shape), self.group_size).n_groups
+        return 2 * n + self._value_bytes(n)
+
+    # ---------------------------------------------------------------- quantize / dequantize (2-D)
+
+    def _quantize_into(
+        self, x2d: torch.Tensor, scales: torch.Tensor, body: torch.Tensor, be: str, flag: Any
+    ) -> Any:
+        """Fill the scale and value sections of a payload from ``x2d [R, H]``; returns a device count of bad
+        groups (or None when not asked for)."""
+        gs = self.group_size
+        if be == "torch":
+            if self.bits == 8:
+                bits, vals = ref.quantize_int8(x2d, gs)
+                body.view(torch.int8).copy_(vals)
+            else:
+                bits, vals = ref.quantize_int4(x2d, gs, self.hadamard)
+                body.copy_(vals)
+            scales.copy_(bits)
+            return (bits == ref.NAN16_BITS).sum() if flag is not None else None
+        if self.bits == 8:
+            kernel_module("quant_int8").quantize(x2d, scales, body.view(torch.int8), gs, flag)
+        else:
+            kernel_module("quant_int4").quantize(x2d, scales, body, gs, self.hadamard, flag)
+        return flag
+
+    def _dequantize_into(
+        self, scales: torch.Tensor, body: torch.Tensor, out2d: torch.Tensor, be: str
+    ) -> None:
+        gs = self.group_size
+        rows, cols = out2d.shape
+        if be == "torch":
+            if self.bits == 8:
+                res = ref.dequantize_int8(scales, body.view(torch.int8), rows, cols, gs, out2d.dtype)
+            else:
+                res = ref.dequantize_int4(scales, body, rows, cols, gs, out2d.dtype, self.hadamard)
+            out2d.copy_(res)
+        elif self.bits == 8:
+            kernel_module("quant_int8").dequantize(scales, body.view(torch.int8), out2d, gs)
+        else:
+            kernel_module("quant_int4").dequantize(scales, body, out2d, gs, self.hadamard)
+
+    # ---------------------------------------------------------------- Codec API
+
+    def _encode_sections(
+        self, x: torch.Tensor, check_finite: CheckFinite, backend: str | None, extra_bytes: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, Any, str]:
+        """Quantize ``x`` into a fresh buffer ``[scales][extra_bytes][values]``.
+
+        Returns (buffer, extra section view, device count of bad groups or None, backend used).
+        """
+        rows, cols = rows_of(tuple(x.shape))
+        layout = GroupLayout(rows, cols, self.group_size)
+        n = layout.n_groups
+        be = resolve_backend(backend or self.backend, x)
+        data = torch.empty(2 * n + extra_bytes + self._value_bytes(n), dtype=torch.uint8, device=x.device)
+        scales = data[: 2 * n].view(torch.int16)
+        extra = data[2 * n : 2 * n + extra_bytes]
+        body = data[2 * n + extra_bytes :]
+        x2d = x.detach().reshape(rows, cols).contiguous()
+        flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else None
+        count = self._quantize_into(x2d, scales, body, be, flag)
+        return data, extra, count, be
+
+    def encode(
+        self, x: torch.Tensor, *, check_finite: CheckFinite = True, backend: str | None = None
+    ) -> EncodedTensor:
+        dname = self._check_input(x)
+        data, _, count, _ = self._encode_sections(x, check_finite, backend)
+        if check_finite is True and int(count.item()) > 0:
+            raise range_error(self, x, self.qmax, self.hadamard)
+        return EncodedTensor(
+            codec=self.name,
+            codec_id=self.codec_id,
+            group_size=self.group_size,
+            shape=tuple(x.shape),
+            dtype=dname,
+            data=data,
+            pending_check=count if check_finite == "defer" else None,
+        )
+
+    def _decode_sections(
+        self,
+        payload: EncodedTensor,
+        device: torch.device | str | None,
+        backend: str | None,
+        extra_bytes: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantize a payload ``[scales][extra_bytes][values]`` -> (out [R, H], extra section view)."""
+        data = self._check_payload(payload)
+        if device is not None:
+            data = data.to(device)
+        rows, cols = rows_of(payload.shape)
+        n = GroupLayout(rows, cols, self.group_size).n_groups
+        be = resolve_backend(backend or self.backend, data)
+        out2d = torch.empty((rows, cols), dtype=DTYPES[payload.dtype], device=data.device)
+        scales = data[: 2 * n].view(torch.int16)
+        self._dequantize_into(scales, data[2 * n + extra_bytes :], out2d, be)
+        return out2d, data[2 * n : 2 * n + extra_bytes]
+
+    def decode(
+        self,
+        payload: EncodedTensor,
+        *,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        out2d, _ = self._decode_sections(payload, device, backend)
+        return out2d.reshape(payload.shape)

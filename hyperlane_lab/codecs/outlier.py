@@ -1,0 +1,114 @@
+"""``int4_outlier`` codec: the ``k`` largest-|x| channels of each row travel as fp16 on the side; the rest of
+the row (outliers zeroed) is quantized like ``int4``, so one massive channel no longer inflates its group's
+scale.
+
+Byte layout (N groups, R rows, k = min(outliers, H) per row, see ``base``; offsets in bytes):
+
+- ``[0, 2N)``: fp16 group scales (as ``int4``);
+- ``[2N, 2N + 2Rk)``: uint16 column index of each outlier, row after row (needs H <= 65536);
+- ``[2N + 2Rk, 2N + 4Rk)``: the outlier values as fp16, same order;
+- ``[2N + 4Rk, ...)``: packed int4 values of the row with outliers zeroed (as ``int4``).
+
+The header field ``outliers`` carries k. The top-k selection and the scatter run in torch (``torch.topk``) on
+both backends; only the int4 part uses the Triton kernels. A NaN/Inf is always selected as an outlier (topk
+ranks NaN highest), so it is reported by the finite check and, with ``check_finite=False``, decodes as
+itself instead of poisoning a group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hyperlane_lab.codecs.base import CheckFinite, EncodedTensor, GroupLayout, rows_of
+from hyperlane_lab.codecs.intq import IntCodec, range_error
+
+__all__ = ["OutlierInt4Codec"]
+
+_MAX_COLS = 1 << 16  # column indices are uint16
+
+
+@dataclass(frozen=True)
+class OutlierInt4Codec(IntCodec):
+    bits: int = 4
+    outliers: int = 8  # channels per row sent as fp16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits != 4 or self.hadamard:
+            raise ValueError("OutlierInt4Codec is int4 without rotation (bits=4, hadamard=False)")
+        if self.outliers < 0:
+            raise ValueError(f"codec {self.name!r}: outliers per row must be >= 0, got {self.outliers}")
+
+    def payload_outliers(self, shape: tuple[int, ...]) -> int:
+        return min(self.outliers, rows_of(tuple(shape))[1])
+
+    def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float16) -> int:
+        rows, _ = rows_of(tuple(shape))
+        return super().encoded_nbytes(shape, dtype) + 4 * rows * self.payload_outliers(shape)
+
+    def encode(
+        self, x: torch.Tensor, *, check_finite: CheckFinite = True, backend: str | None = None
+    ) -> EncodedTensor:
+        dname = self._check_input(x)
+        shape = tuple(x.shape)
+        rows, cols = rows_of(shape)
+        if cols > _MAX_COLS:
+            raise ValueError(
+                f"int4_outlier indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
+            )
+        k = self.payload_outliers(shape)
+        x2d = x.detach().reshape(rows, cols)
+        if k:
+            idx = x2d.abs().topk(k, dim=1).indices  # [R, k] int64
+            vals16 = x2d.gather(1, idx).to(torch.float16)
+            rest = x2d.scatter(1, idx, 0.0)  # fresh [R, H] tensor, outliers zeroed
+        else:
+            idx = torch.zeros((rows, 0), dtype=torch.int64, device=x.device)
+            vals16 = torch.zeros((rows, 0), dtype=torch.float16, device=x.device)
+            rest = x2d
+        data, side, count, _ = self._encode_sections(rest, check_finite, backend, extra_bytes=4 * rows * k)
+        side[: 2 * rows * k].view(torch.int16).copy_(idx.to(torch.int16).flatten())  # uint16 bits
+        side[2 * rows * k :].view(torch.float16).copy_(vals16.flatten())
+        if check_finite:
+            count = count + (~torch.isfinite(vals16)).sum()
+            if check_finite is True and int(count.item()) > 0:
+                raise range_error(self, x, self.qmax)
+        return EncodedTensor(
+            codec=self.name,
+            codec_id=self.codec_id,
+            group_size=self.group_size,
+            shape=shape,
+            dtype=dname,
+            data=data,
+            outliers=k,
+            pending_check=count if check_finite == "defer" else None,
+        )
+
+    def decode(
+        self,
+        payload: EncodedTensor,
+        *,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        shape = tuple(payload.shape)
+        rows, cols = rows_of(shape)
+        k = self.payload_outliers(shape)
+        # validate indices where the bytes are (host, usually) before a device scatter can assert
+        if k and rows:
+            data = self._check_payload(payload)
+            start = 2 * GroupLayout(rows, cols, self.group_size).n_groups
+            top = int((data[start : start + 2 * rows * k].view(torch.int16).to(torch.int32) & 0xFFFF).max())
+            if top >= cols:
+                raise ValueError(
+                    f"corrupted int4_outlier payload: outlier column {top} >= last dim {cols}; "
+                    "the frame body is damaged"
+                )
+        out2d, side = self._decode_sections(payload, device, backend, extra_bytes=4 * rows * k)
+        if k:
+            idx = (side[: 2 * rows * k].view(torch.int16).to(torch.int64) & 0xFFFF).reshape(rows, k)
+            vals = side[2 * rows * k :].view(torch.float16).reshape(rows, k)
+            out2d.scatter_(1, idx, vals.to(out2d.dtype))
+        return out2d.reshape(payload.shape)

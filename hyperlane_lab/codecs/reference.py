@@ -1,0 +1,166 @@
+"""Pure-torch reference of the grouped int8/int4 quantizers. The Triton kernels in ``hyperlane_lab.kernels``
+reproduce these functions bit for bit (same fp32 operations in the same order).
+
+Per group of ``gs`` values ``v`` (fp32; for ``int4_hadamard`` the rotated values, see ``hadamard_rows``):
+
+1. ``bad`` = the group holds a NaN/Inf;  ``absmax = max |v|`` over its finite values.
+2. ``s32 = absmax / qmax`` (IEEE fp32 division), ``qmax`` = 127 (int8) or 7 (int4).
+3. ``s = fp16(s32)`` rounded to nearest-even, then bumped one fp16 ulp up if it landed below ``s32``: ``s`` is
+   the smallest fp16 >= ``s32``, so ``|v| / s <= qmax`` and no value is clipped (tiny groups get a subnormal
+   scale instead of 0). If ``s`` is +Inf (``absmax > 65504 * qmax``) the group is ``bad`` as well.
+4. ``q = clamp(round_half_even(v / s), -qmax, qmax)`` (IEEE fp32 division by the stored fp16 scale, so the
+   receiver multiplies by exactly the scale the sender divided by). ``|v - q*s| <= s/2`` up to one fp32
+   rounding of ``v/s`` (a relative 6e-8).
+5. ``bad`` groups store the scale bits ``0x7E00`` (fp16 NaN) and ``q = 0``: they decode to NaN.
+
+Dequantize: ``q * s`` in fp32 (exact), inverse rotation if any, clamped to the output dtype's finite range
+(so an fp16 value near 65504 cannot round up to Inf), cast to the output dtype (round-to-nearest-even).
+
+int4 packing: nibble ``u = q + 8`` (offset binary, 1..15); byte ``k`` of a group holds element ``2k`` in its
+low nibble and element ``2k+1`` in its high nibble.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "NAN16_BITS",
+    "QMAX",
+    "dequantize_int4",
+    "dequantize_int8",
+    "group_scales",
+    "grouped",
+    "hadamard_rows",
+    "inv_sqrt_f32",
+    "quantize_int4",
+    "quantize_int8",
+    "ungroup",
+]
+
+QMAX = {8: 127, 4: 7}
+NAN16_BITS = 0x7E00  # canonical fp16 quiet NaN
+FP16_INF_BITS = 0x7C00
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def inv_sqrt_f32(n: int) -> float:
+    """``1/sqrt(n)`` rounded to fp32 (the Hadamard normalization constant, as both paths use it)."""
+    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
+
+
+def grouped(x2d: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[R, H]`` (any float dtype) -> fp32 ``[R * G, group_size]``, last group of each row zero-padded."""
+    rows, cols = x2d.shape
+    groups = -(-cols // group_size)
+    xf = x2d.float()
+    pad = groups * group_size - cols
+    if pad:
+        xf = F.pad(xf, (0, pad))
+    return xf.reshape(rows * groups, group_size)
+
+
+def ungroup(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of ``grouped``: ``[R * G, gs]`` -> ``[R, H]`` (drops the padding)."""
+    gs = v.shape[1]
+    return v.reshape(rows, -(-cols // gs) * gs)[:, :cols]
+
+
+def hadamard_rows(v: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform of each row of fp32 ``[N, gs]`` (gs a power of two).
+
+    Butterfly stages h = 1, 2, 4, ...: within blocks of 2h, ``(a, b) -> (a + b, a - b)`` for a = first half,
+    b = second half; then one multiply by fp32(1/sqrt(gs)). The transform is its own inverse.
+    """
+    n, gs = v.shape
+    h = 1
+    while h < gs:
+        v4 = v.reshape(n, gs // (2 * h), 2, h)
+        a, b = v4[:, :, 0, :], v4[:, :, 1, :]
+        v = torch.stack((a + b, a - b), dim=2).reshape(n, gs)
+        h *= 2
+    return v * inv_sqrt_f32(gs)
+
+
+def group_scales(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-3 and 5 for fp32 ``v [N, gs]``: (scale bits int16 [N], divisor fp32 [N], bad bool [N])."""
+    absv = v.abs()
+    finite = absv <= _FP32_MAX  # False for NaN and +-Inf
+    nonfinite = ~finite.all(dim=1)
+    absmax = torch.where(finite, absv, 0.0).amax(dim=1)
+    # Divide by a full tensor, not a Python scalar: CUDA turns "tensor / scalar" into a reciprocal multiply.
+    s32 = absmax / torch.full_like(absmax, float(qmax))
+    s16 = s32.to(torch.float16)
+    bits = s16.view(torch.int16)
+    bits = torch.where(s16.float() < s32, bits + 1, bits)  # round up: smallest fp16 >= s32
+    bad = nonfinite | (bits >= FP16_INF_BITS)
+    bits = torch.where(bad, torch.full_like(bits, NAN16_BITS), bits)
+    divisor = torch.where(bad | (bits == 0), 1.0, bits.view(torch.float16).float())
+    return bits, divisor, bad
+
+
+def _quantize_values(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    bits, divisor, bad = group_scales(v, qmax)
+    q = torch.round(v / divisor[:, None]).clamp(-qmax, qmax)  # torch.round: half to even
+    q = torch.where(bad[:, None], 0.0, q)
+    return bits, q
+
+
+def _dequantize_values(bits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return q * bits.view(torch.float16).float()[:, None]  # exact in fp32 (|q| <= 127, fp16 scale)
+
+
+def _to_output(v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    lim = torch.finfo(out_dtype).max
+    v = torch.where(v > lim, lim, torch.where(v < -lim, -lim, v))  # keeps NaN (clamp-by-where)
+    return v.to(out_dtype)
+
+
+def quantize_int8(x2d: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, H]`` -> (scale bits int16 ``[N]``, int8 values ``[N * gs]``)."""
+    bits, q = _quantize_values(grouped(x2d, group_size), QMAX[8])
+    return bits, q.to(torch.int8).flatten()
+
+
+def dequantize_int8(
+    bits: torch.Tensor, q: torch.Tensor, rows: int, cols: int, group_size: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of ``quantize_int8`` -> ``[R, H]`` of ``out_dtype``."""
+    v = _dequantize_values(bits, q.reshape(-1, group_size).float())
+    return ungroup(_to_output(v, out_dtype), rows, cols)
+
+
+def quantize_int4(
+    x2d: torch.Tensor, group_size: int, hadamard: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, H]`` -> (scale bits int16 ``[N]``, packed uint8 ``[N * gs / 2]``)."""
+    v = grouped(x2d, group_size)
+    if hadamard:
+        v = hadamard_rows(v)
+    bits, q = _quantize_values(v, QMAX[4])
+    nib = (q + 8.0).to(torch.uint8)
+    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return bits, packed.flatten()
+
+
+def dequantize_int4(
+    bits: torch.Tensor,
+    packed: torch.Tensor,
+    rows: int,
+    cols: int,
+    group_size: int,
+    out_dtype: torch.dtype,
+    hadamard: bool = False,
+) -> torch.Tensor:
+    """Inverse of ``quantize_int4`` -> ``[R, H]`` of ``out_dtype``."""
+    p = packed.reshape(-1, group_size // 2)
+    lo = (p & 0xF).to(torch.int16) - 8
+    hi = (p >> 4).to(torch.int16) - 8
+    q = torch.stack((lo, hi), dim=-1).reshape(-1, group_size).float()
+    v = _dequantize_values(bits, q)
+    if hadamard:
+        v = hadamard_rows(v)
+    return ungroup(_to_output(v, out_dtype), rows, cols)

@@ -1,0 +1,150 @@
+"""Fused int8 group quantization: quantize + scales in one pass, dequantize in one pass.
+
+Layout: ``kernel`` (``@triton.jit``) -> launcher (``quantize`` / ``dequantize``: checks, grid) ->
+torch reference ``hyperlane_lab.codecs.reference.quantize_int8`` / ``dequantize_int8`` (bitwise equal).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from hyperlane_lab.kernels.quant_common import (
+    ACT_DTYPES,
+    check_launch,
+    group_scales,
+    launch_shape,
+    output_view,
+    quantize_values,
+    store_output,
+)
+
+__all__ = ["dequantize", "quantize"]
+
+_QMAX = tl.constexpr(127)
+
+
+@triton.jit
+def _quant_int8_kernel(
+    x_ptr,  # [R, H] fp16/bf16/fp32
+    scale_ptr,  # [N] int16 (fp16 bits)
+    q_ptr,  # [N * GS] int8
+    flag_ptr,  # [1] int32: += number of bad groups (when CHECK)
+    n_groups,
+    cols,
+    groups_per_row,
+    GS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GP: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)  # [GP] group ids
+    gvalid = g < n_groups
+    row = g // groups_per_row
+    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]  # [GP, BLOCK]
+    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
+    x = tl.load(x_ptr + row[:, None] * cols + col, mask=in_group & (col < cols), other=0.0).to(tl.float32)
+    bits, divisor, bad = group_scales(x, _QMAX)
+    q = quantize_values(x, divisor, bad, _QMAX)
+    tl.store(scale_ptr + g, bits, mask=gvalid)
+    tl.store(q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :], q.to(tl.int8), mask=in_group)
+    if CHECK:
+        nbad = tl.sum((bad & gvalid).to(tl.int32), axis=0)
+        if nbad > 0:
+            tl.atomic_add(flag_ptr, nbad)
+
+
+@triton.jit
+def _dequant_int8_kernel(
+    scale_ptr,  # [N] int16
+    q_ptr,  # [N * GS] int8
+    out_ptr,  # [R, H]
+    n_groups,
+    cols,
+    groups_per_row,
+    GS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GP: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
+    gvalid = g < n_groups
+    row = g // groups_per_row
+    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
+    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
+    bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
+    scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    q = tl.load(q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :], mask=in_group, other=0)
+    v = q.to(tl.float32) * scale[:, None]  # exact: |q| <= 127 times an fp16 scale
+    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+
+
+def _groups(x_rows: int, cols: int, group_size: int) -> tuple[int, int]:
+    gpr = -(-cols // group_size)
+    return x_rows * gpr, gpr
+
+
+def quantize(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    q: torch.Tensor,
+    group_size: int,
+    flag: torch.Tensor | None = None,
+) -> None:
+    """Fill ``scales`` (int16 [N], fp16 bits) and ``q`` (int8 [N * gs]) from ``x [R, H]``.
+
+    ``flag`` (int32 [1], zeroed by the caller) receives the number of groups holding NaN/Inf.
+    Torch reference: ``hyperlane_lab.codecs.reference.quantize_int8``.
+    """
+    check_launch(x, "quantize_int8 input", ACT_DTYPES)
+    if x.dim() != 2 or group_size < 1:
+        raise ValueError(
+            f"quantize_int8 takes x [R, H] and group_size >= 1, got {tuple(x.shape)}, {group_size}"
+        )
+    n_groups, gpr = _groups(x.shape[0], x.shape[1], group_size)
+    check_launch(scales, "scales", (torch.int16,), n_groups)
+    check_launch(q, "q", (torch.int8,), n_groups * group_size)
+    if flag is not None:
+        check_launch(flag, "flag", (torch.int32,), 1)
+    if n_groups == 0:
+        return
+    block, gp = launch_shape(group_size)
+    grid = (triton.cdiv(n_groups, gp),)
+    _quant_int8_kernel[grid](
+        x, scales, q, scales if flag is None else flag, n_groups, x.shape[1], gpr,
+        GS=group_size, BLOCK=block, GP=gp, CHECK=flag is not None, enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def dequantize(scales: torch.Tensor, q: torch.Tensor, out: torch.Tensor, group_size: int) -> None:
+    """Fill ``out [R, H]`` (fp16/bf16/fp32) from ``scales`` and ``q``.
+
+    Torch reference: ``hyperlane_lab.codecs.reference.dequantize_int8``.
+    """
+    check_launch(out, "dequantize_int8 output", ACT_DTYPES)
+    if out.dim() != 2 or group_size < 1:
+        raise ValueError(
+            f"dequantize_int8 takes out [R, H], group_size >= 1; got {tuple(out.shape)}, {group_size}"
+        )
+    n_groups, gpr = _groups(out.shape[0], out.shape[1], group_size)
+    check_launch(scales, "scales", (torch.int16,), n_groups)
+    check_launch(q, "q", (torch.int8,), n_groups * group_size)
+    if n_groups == 0:
+        return
+    block, gp = launch_shape(group_size)
+    grid = (triton.cdiv(n_groups, gp),)
+    out_ptr, out_meta = output_view(out)
+    _dequant_int8_kernel[grid](
+        scales,
+        q,
+        out_ptr,
+        n_groups,
+        out.shape[1],
+        gpr,
+        GS=group_size,
+        BLOCK=block,
+        GP=gp,
+        enable_fp_fusion=False,
+        **out_meta,
+    )
