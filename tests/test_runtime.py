@@ -245,3 +245,26 @@ def test_profile_rpc(cluster3, bundled_path):
     assert info.flops == pytest.approx(r.flops) and info.mem_bw == pytest.approx(r.mem_bw)
     c.close()
     time.sleep(0)
+
+
+def test_auto_compression_on_loopback(cluster3, hf_greedy):
+    with AutoDistributedModel.from_pretrained(None, workers=cluster3.addresses, compression="auto", progress=False) as m:
+        # loopback moves a 64-wide activation faster than any codec can encode it
+        assert [s.codec for s in m.plan.stages[:-1]] == ["raw", "raw"]
+        assert m.generate(PROMPTS[0], max_tokens=16).token_ids == hf_greedy(PROMPTS[0], 16)
+
+
+def test_auto_rule_compresses_only_where_it_pays():
+    from hyperlane_lab import codecs
+    from hyperlane_lab.runtime.codec_choice import choose_codec
+    from hyperlane_lab.types import LinkProfile
+
+    slow = LinkProfile(0.3e-3, 1e9 / 8)  # 1 Gbit/s
+    name, predicted = choose_codec(slow, 4096, torch.float16, tokens=512, device_kind="cuda")
+    raw = 512 * 4096 * 2
+    assert predicted["raw"] == pytest.approx(slow.transfer_s(raw))
+    enc = codecs.get("int8").encoded_nbytes((1, 512, 4096), torch.float16)
+    assert predicted["int8"] == pytest.approx(slow.transfer_s(enc) + 3 * raw / 1e12)
+    assert name == "int8"
+    fast = LinkProfile(5e-6, 1e12)  # a link faster than the codec's passes over memory
+    assert choose_codec(fast, 4096, torch.float16, device_kind="cuda")[0] == "raw"

@@ -157,7 +157,10 @@ class AutoDistributedModel(TextGenerator):
             first = clients[0]
             data = ClientDataPlane(first.data_address, local_address_towards(clients[-1].host))
             data.start()
-            return cls(spec, tokenizer, clients, plan, data, step_timeout)
+            model = cls(spec, tokenizer, clients, plan, data, step_timeout)
+            if compression == "auto":
+                model._apply_auto_compression(dtype, group_size)
+            return model
         except BaseException:
             if data is not None:
                 data.close()
@@ -242,6 +245,28 @@ class AutoDistributedModel(TextGenerator):
         from hyperlane_lab.tracing import summarize
 
         return summarize(self.trace(clear=clear))
+
+    def _apply_auto_compression(self, dtype: str, group_size: int) -> None:
+        """Measure each stage-to-stage link, then compress only where it pays (see codec_choice)."""
+        from dataclasses import replace
+
+        from hyperlane_lab.models.loading import parse_dtype
+        from hyperlane_lab.runtime.codec_choice import choose_codec
+        from hyperlane_lab.types import LinkProfile
+
+        links = self.probe_links()[1:]  # stage i -> i+1
+        stages = list(self.plan.stages)
+        for i, row in enumerate(links):
+            link = LinkProfile(row["latency_s"], min(row["bandwidth"], 1e13))
+            kind = self.clients[i].info().device_kind
+            name, predicted = choose_codec(
+                link, self.spec.hidden_size, parse_dtype(dtype), group_size=group_size, device_kind=kind
+            )
+            log.info("auto compression, boundary %d: %s (predicted %s)", i, name, predicted)
+            nxt = self.clients[i + 1].data_address
+            self.clients[i].call("Connect", pb.ConnectRequest(next_address=nxt, codec=name, group_size=group_size))
+            stages[i] = replace(stages[i], codec=name)
+        self.plan = replace(self.plan, stages=tuple(stages))
 
     def probe_links(
         self, sizes: Sequence[int] = (64, 65536, 1 << 20), repeats: int = 3

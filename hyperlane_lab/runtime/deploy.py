@@ -106,7 +106,7 @@ def deploy(
             log.info("worker %s is left out by the plan", c.address)
             c.close()
     n = len(plan.stages)
-    codecs = _codec_list(compression, n)
+    codecs = _codec_list("raw" if compression == "auto" else compression, n)  # auto: decided once wired
     engines = [engine] * n if isinstance(engine, str) else list(engine)
     if len(engines) != n:
         raise ValueError(f"engine lists {len(engines)} engines but the plan has {n} stages")
