@@ -15,7 +15,7 @@ from hyperlane_lab.discovery import Discovery, DiscoveryManager, StaticDiscovery
 from hyperlane_lab.discovery.advertise import instance_label
 from hyperlane_lab.discovery.net import choose_address, to_zeroconf_interfaces
 from hyperlane_lab.discovery.static import parse_address
-from hyperlane_lab.discovery.txt import KEYS, SERVICE_TYPE, decode_txt, encode_txt, parse_txt_wire
+from hyperlane_lab.discovery.txt import KEYS, SERVICE_TYPE, decode_txt, encode_txt, parse_txt_wire, txt_serial
 from hyperlane_lab.types import WorkerInfo
 
 H100 = WorkerInfo(
@@ -158,6 +158,19 @@ def test_encode_rejects_what_cannot_be_announced() -> None:
         encode_txt(dataclasses.replace(H100, flops=math.nan))
     with pytest.raises(ValueError, match="device_kind"):
         encode_txt(dataclasses.replace(H100, device_kind="Cuda GPU"))
+
+
+def test_txt_serial_reads_the_announcement_serial() -> None:
+    def wire(*entries: bytes) -> bytes:
+        return b"".join(bytes([len(e)]) + e for e in entries)
+
+    assert txt_serial(wire(b"v=1", b"n=1795770948123")) == 1795770948123
+    assert txt_serial(wire(b"N=7")) == 7  # keys are case-insensitive (RFC 6763 §6.4)
+    assert txt_serial(wire(b"n=7", b"n=9")) == 7  # the first of a repeated key wins
+    assert txt_serial(wire(b"v=1")) is None
+    assert txt_serial(wire(b"n")) is None and txt_serial(wire(b"n=")) is None
+    assert txt_serial(wire(b"n=-3")) is None and txt_serial(wire(b"n=1e3")) is None
+    assert txt_serial(b"") is None
 
 
 def test_parse_txt_wire_follows_rfc6763() -> None:

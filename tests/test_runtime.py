@@ -268,3 +268,13 @@ def test_auto_rule_compresses_only_where_it_pays():
     assert name == "int8"
     fast = LinkProfile(5e-6, 1e12)  # a link faster than the codec's passes over memory
     assert choose_codec(fast, 4096, torch.float16, device_kind="cuda")[0] == "raw"
+
+
+def test_async_tasks_run_concurrently(model3):
+    import asyncio
+
+    async def main():
+        return await asyncio.gather(*(model3.agenerate(p, max_tokens=12) for p in PROMPTS))
+
+    results = asyncio.run(main())
+    assert [r.token_ids for r in results] == [model3.generate(p, max_tokens=12).token_ids for p in PROMPTS]

@@ -303,9 +303,14 @@ class DiscoveryManager:
                     return
                 if live_records(zc.cache, name, DNS_TYPE_SRV):
                     txt = freshest_txt(zc.cache, name)
-                    if False and txt != txt_used:  # an update the table missed: cache-only re-read
+                    if txt is not None and txt != txt_used:  # an update the table missed: cache-only re-read
                         log.debug("discovery: %s has a newer TXT record than the table; re-reading", name)
-                        self._resolve(zc, self.service_type, name)
+                        try:
+                            self._resolve(zc, self.service_type, name)
+                        except Exception:  # zeroconf closing under us during stop_discovery
+                            if stop.is_set():
+                                return
+                            log.debug("re-reading %s failed", name, exc_info=True)
                     continue
                 try:
                     si = zc.get_service_info(

@@ -163,8 +163,8 @@ def txt_serial(text: bytes) -> int | None:
     A newer announcement of the same advertiser always carries a larger serial, so this orders TXT
     records of one service that zeroconf's cache holds side by side (see ``records.freshest_txt``).
     """
-    raw = parse_txt_wire(text).get(SERIAL_KEY.encode())
-    if raw is None or not raw.isdigit():
+    raw = _normalise_keys(parse_txt_wire(text)).get(SERIAL_KEY)  # keys are case-insensitive, as in decode_txt
+    if not isinstance(raw, bytes) or not raw.isdigit():
         return None
     return int(raw)
 

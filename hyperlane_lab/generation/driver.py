@@ -107,13 +107,15 @@ class TextGenerator:
         # a prompt is text, or token ids (a list of ints); a list of either is a batch
         single = isinstance(prompt, str) or (isinstance(prompt, Sequence) and bool(prompt)
                                              and all(isinstance(t, int) for t in prompt))
-        prompts = [prompt] if single else list(prompt)
+        prompts: list[Any] = [prompt] if single else list(prompt)
         if not prompts:
             raise ValueError("no prompts given")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         params = SamplingParams(temperature, top_k, top_p, seed)
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(stops):
+            raise ValueError(f"stop strings must be non-empty, got {stops!r}")
         eos = frozenset(self.spec.eos_token_ids)
         states = [SequenceState(self.encode(p), self.tokenizer, max_tokens, eos, stops) for p in prompts]
         timings = GenerationTimings(prompt_tokens=sum(len(s.prompt_ids) for s in states))
@@ -127,6 +129,14 @@ class TextGenerator:
             for s in states
         ]
         return results[0] if single else results
+
+    async def agenerate(self, prompt: str | Sequence[str], **kwargs: Any) -> Any:
+        """``generate`` for asyncio code: runs in a worker thread, so many tasks can be in flight."""
+        import asyncio
+
+        if kwargs.get("stream"):
+            raise ValueError("agenerate does not stream; iterate generate(..., stream=True) in a thread")
+        return await asyncio.to_thread(self.generate, prompt, **kwargs)
 
     def _loop(
         self, states: list[SequenceState], params: SamplingParams, timings: GenerationTimings
