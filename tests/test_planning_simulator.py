@@ -1,0 +1,119 @@
+"""The discrete-event simulator against closed-form pipeline results."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hyperlane_lab.planning import (
+    PARTITIONERS,
+    PipelineTimes,
+    PlanOptions,
+    preset_profile,
+    simulate,
+    simulate_plan,
+)
+from hyperlane_lab.planning.catalog import device_from_catalog
+from hyperlane_lab.types import EventKind, LinkProfile
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16])
+def test_gpipe_bubble_for_one_pass_of_m_microbatches(p: int, m: int) -> None:
+    # GPipe setting: m micro-batches pass once (forward only = our prefill step, no decode) through
+    # p equal stages with free communication; makespan (m+p-1)·t, each stage busy m·t.
+    t = 0.25
+    res = simulate(PipelineTimes.equal_stages(p, prefill_s=t, decode_s=1.0), concurrency=m, decode_steps=0)
+    assert res.summary.makespan_s == pytest.approx((m + p - 1) * t, rel=1e-12)
+    for bubble in res.summary.bubble_fraction:
+        assert bubble == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+
+
+def _random_times(draw: st.DrawFn, p: int) -> PipelineTimes:
+    ms = st.integers(1, 100).map(lambda x: x * 1e-4)
+    small = st.integers(0, 20).map(lambda x: x * 1e-4)
+    return PipelineTimes(
+        prefill_s=tuple(draw(ms) for _ in range(p)),
+        decode_s=tuple(draw(ms) for _ in range(p)),
+        hop_latency_s=tuple(draw(small) for _ in range(p + 1)),
+        hop_prefill_ser_s=tuple(draw(small) for _ in range(p + 1)),
+        hop_decode_ser_s=tuple(draw(small) for _ in range(p + 1)),
+    )
+
+
+@st.composite
+def rings(draw: st.DrawFn) -> tuple[PipelineTimes, int]:
+    p = draw(st.integers(1, 5))
+    return _random_times(draw, p), draw(st.integers(1, 8))
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(rings())
+def test_steady_state_matches_cycle_time_formula(ring: tuple[PipelineTimes, int]) -> None:
+    times, m = ring
+    R = sum(times.decode_s) + sum(times.hop_latency_s) + sum(times.hop_decode_ser_s)
+    slowest = max([*times.decode_s, *times.hop_decode_ser_s])
+    res = simulate(times, concurrency=m, decode_steps=150)
+    cycle = max(R / m, slowest)
+    assert res.summary.decode_tokens_per_s == pytest.approx(1.0 / cycle, rel=5e-3)
+    if m == 1:  # alone in the ring: every step takes exactly R
+        assert res.summary.latency_per_token_s == pytest.approx(R, rel=1e-9)
+
+
+def test_large_m_throughput_is_one_over_slowest_stage() -> None:
+    times = PipelineTimes(
+        prefill_s=(0.01, 0.02, 0.01),
+        decode_s=(0.003, 0.005, 0.002),
+        hop_latency_s=(0.001,) * 4,
+        hop_prefill_ser_s=(0.0,) * 4,
+        hop_decode_ser_s=(0.0001,) * 4,
+        batch=2,
+    )
+    res = simulate(times, concurrency=32, decode_steps=60)
+    assert res.summary.decode_tokens_per_s == pytest.approx(2 / 0.005, rel=1e-3)
+    busy = res.summary.busy_fraction
+    assert busy[1] == max(busy) and busy[1] > 0.9
+
+
+@settings(deadline=None, max_examples=30, derandomize=True)
+@given(rings(), st.integers(0, 6))
+def test_trace_is_consistent(ring: tuple[PipelineTimes, int], steps: int) -> None:
+    times, m = ring
+    res = simulate(times, concurrency=m, decode_steps=steps)
+    p = times.n_stages
+    computes = defaultdict(list)
+    for ev in res.events:
+        assert ev.source == "simulated" and 0 <= ev.stage < p and 0 <= ev.step <= steps
+        if ev.kind is EventKind.COMPUTE:
+            computes[ev.stage].append(ev)
+    for _stage, evs in computes.items():
+        assert len(evs) == m * (steps + 1)  # each sequence, each step, once
+        evs.sort(key=lambda e: e.start)
+        for a, b in itertools.pairwise(evs):
+            assert b.start >= a.end - 1e-15  # one micro-batch at a time
+    sessions = {ev.session for ev in res.events}
+    assert sessions == {f"seq{i}" for i in range(m)}
+    for seq in range(m):  # each step flows stage 0 -> ... -> p-1
+        for step in range(steps + 1):
+            starts = [
+                next(e.start for e in computes[i] if e.session == f"seq{seq}" and e.step == step)
+                for i in range(p)
+            ]
+            assert starts == sorted(starts)
+
+
+def test_simulated_plan_matches_plan_predictions() -> None:
+    model = preset_profile("llama-2-13b")
+    devices = tuple(device_from_catalog(n, f"{n}-{i}") for i, n in enumerate(["rtx4090", "rtx3090", "a5000"]))
+    links = LinkProfile(2e-4, 1e9 / 8)
+    for m in (1, 3, 12):
+        opts = PlanOptions(objective="throughput", concurrency=m, context=1024)
+        plan = PARTITIONERS.get("dp")(model, devices, links, opts)
+        res = simulate_plan(plan, model, devices, links, opts, prompt_tokens=32, decode_steps=80)
+        assert res.summary.decode_tokens_per_s == pytest.approx(plan.predicted_tokens_per_s, rel=0.02)
+        if m == 1:
+            assert res.summary.latency_per_token_s == pytest.approx(plan.predicted_latency_s, rel=1e-9)
