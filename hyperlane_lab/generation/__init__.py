@@ -1,5 +1,7 @@
 """Generation: sampling, stop strings, the token loop, and the in-process pipeline."""
 
+from typing import Any
+
 from hyperlane_lab.generation.driver import GenerationResult, GenerationTimings, TextGenerator
 from hyperlane_lab.generation.sampling import Sampler, filter_logits
 
@@ -13,7 +15,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # the pipeline pulls in model loading; import it on first use
+def __getattr__(name: str) -> Any:  # the pipeline pulls in model loading; import it on first use
     if name == "InProcessPipeline":
         from hyperlane_lab.generation.pipeline import InProcessPipeline
 

@@ -68,6 +68,8 @@ class _LocalRunner:
 class InProcessPipeline(TextGenerator):
     """Stages run one after another in this process; ``generate`` as in the distributed client."""
 
+    runner: _LocalRunner
+
     def __init__(self, stages: Sequence[Any], tokenizer: Any, spec: ModelSpec) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")

@@ -45,18 +45,19 @@ class SequenceState:
         full = self.tokenizer.decode(self.prompt_ids + self.token_ids, skip_special_tokens=True)
         # decode with the prompt so word-initial spaces come out right, then drop the prompt's text
         self.text = full[len(self._prefix) :] if full.startswith(self._prefix) else full
-        for s in self.stop:
-            cut = self.text.find(s)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                return self._flush()
+        cuts = [c for c in (self.text.find(s) for s in self.stop) if c >= 0]
+        if cuts:  # cut at the earliest stop string, whichever of them it is
+            self.text = self.text[: min(cuts)]
+            self.finish_reason = "stop"
+            return self._flush()
         if len(self.token_ids) >= self.max_tokens:
             self.finish_reason = "length"
             return self._flush()
-        # hold back a possible stop-string prefix and an incomplete UTF-8 character
+        # hold back a possible stop-string prefix and an incomplete UTF-8 character. Byte-fallback
+        # tokenizers decode a run of byte tokens with one \ufffd per byte until the run is valid
+        # UTF-8 (and then re-decode the whole run), so hold back every trailing \ufffd.
         safe = len(self.text)
-        if self.text.endswith("\ufffd"):
+        while safe > 0 and self.text[safe - 1] == "\ufffd":
             safe -= 1
         for s in self.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):

@@ -36,6 +36,8 @@ class ModelSpec:
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     name: str = ""
+    # layers that ignore ``sliding_window`` (Qwen2's first ``max_window_layers``); () = all use it
+    full_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -59,6 +61,10 @@ class ModelSpec:
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
             )
 
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of decoder layer ``layer`` (None = full causal attention)."""
+        return None if layer in self.full_attention_layers else self.sliding_window
+
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
@@ -74,6 +80,23 @@ class ModelSpec:
         layer = attn + mlp + 2 * h
         emb = self.vocab_size * h
         return self.n_layers * layer + emb * (1 if self.tie_embeddings else 2) + h
+
+    def to_hf_config_dict(self) -> dict[str, Any]:
+        """A transformers config.json dict of this shape (for workers building random weights)."""
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default", **dict(self.rope_scaling)}
+        d: dict[str, Any] = {
+            "model_type": self.model_type, "architectures": [f"{self.model_type.capitalize()}ForCausalLM"],
+            "num_hidden_layers": self.n_layers, "hidden_size": self.hidden_size,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta, "rope_parameters": rope, "max_position_embeddings": self.max_position,
+            "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.qkv_bias,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
+            "sliding_window": self.sliding_window, "use_sliding_window": self.sliding_window is not None,
+        }
+        if self.rope_scaling:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
 
     def with_layers(self, n_layers: int) -> ModelSpec:
         return replace(self, n_layers=n_layers)
@@ -106,12 +129,31 @@ class ModelSpec:
         scaling = () if rope_type == "default" else tuple(sorted({**params, "rope_type": rope_type}.items()))
         eos = getattr(cfg, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        if model_type != "qwen2" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+            # Llama's attention_bias also puts a bias on o_proj, mlp_bias on gate/up/down: not modelled here
+            raise ModelLoadError(
+                f"{name or 'this config'} sets attention_bias or mlp_bias, which hyperlane_lab does not "
+                "support for Llama/Mistral; use a checkpoint without projection biases"
+            )
+        n_layers = cfg.num_hidden_layers
         window = getattr(cfg, "sliding_window", None)
+        full_layers: tuple[int, ...] = ()
         if model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
             window = None
+        if window is not None:
+            # transformers marks each layer "full_attention" or "sliding_attention"; Qwen2 only windows
+            # layers >= max_window_layers (older configs carry no layer_types: apply that rule here)
+            types = getattr(cfg, "layer_types", None)
+            if types is None and model_type == "qwen2":
+                mwl = int(getattr(cfg, "max_window_layers", 0))
+                types = ["full_attention" if i < mwl else "sliding_attention" for i in range(n_layers)]
+            if types is not None:
+                full_layers = tuple(i for i, t in enumerate(types) if t != "sliding_attention")
+                if len(full_layers) >= n_layers:
+                    window, full_layers = None, ()
         return cls(
             model_type=model_type,
-            n_layers=cfg.num_hidden_layers,
+            n_layers=n_layers,
             hidden_size=cfg.hidden_size,
             n_heads=n_heads,
             n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
@@ -128,6 +170,7 @@ class ModelSpec:
             bos_token_id=getattr(cfg, "bos_token_id", None),
             eos_token_ids=eos_ids,
             name=name or getattr(cfg, "_name_or_path", ""),
+            full_attention_layers=full_layers,
         )
 
     @classmethod

@@ -102,22 +102,27 @@ def decoder_layer(
     k_cache: torch.Tensor,  # [B, Hkv, L+1, D]; slot L is the trash slot for padding writes
     v_cache: torch.Tensor,
     write_idx: torch.Tensor,  # [B, S] cache slot of each new token
-    mask: torch.Tensor,  # [B, 1, S, K]
+    mask: torch.Tensor | None,  # [B, 1, S, K]; None with causal=True
+    causal: bool = False,  # new tokens are positions 0..S-1 of every row (no cache, no padding)
 ) -> torch.Tensor:
     bsz, seq, _ = x.shape
     hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
     h = rms_norm(x, w.ln_attn, spec.rms_eps)
     qkv = F.linear(h, w.wqkv, w.bqkv)  # [B, S, (Hq+2Hkv) D]
-    q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+    q, k, v = torch.split(qkv, [hq * d, hkv * d, hkv * d], dim=-1)
     q = _apply_rope(q.view(bsz, seq, hq, d).transpose(1, 2), cos, sin)
     k = _apply_rope(k.view(bsz, seq, hkv, d).transpose(1, 2), cos, sin)
     v = v.view(bsz, seq, hkv, d).transpose(1, 2)
     rows = torch.arange(bsz, device=x.device)[:, None].expand(bsz, seq)
     k_cache[rows, :, write_idx] = k.transpose(1, 2)  # [B,S,Hkv,D] scattered to its slots
     v_cache[rows, :, write_idx] = v.transpose(1, 2)
-    kv_len = mask.shape[-1]
-    keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+    if causal:  # fresh prompt: attend to the new keys with is_causal (flash kernels, no mask tensor)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv)
+    else:
+        assert mask is not None
+        kv_len = mask.shape[-1]
+        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
     x = x + F.linear(attn.transpose(1, 2).reshape(bsz, seq, hq * d), w.wo)
     h = rms_norm(x, w.ln_mlp, spec.rms_eps)
     gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)

@@ -157,6 +157,11 @@ class _SafetensorsReader:
 
         by_file: dict[str, list[str]] = {}
         for n in names:
+            if self.weight_map and n not in self.weight_map:
+                raise ModelLoadError(
+                    f"tensor {n!r} is not listed in {self.folder / 'model.safetensors.index.json'}; "
+                    "the checkpoint is incomplete or not a Llama-family layout (re-download or re-export it)"
+                )
             by_file.setdefault(self.weight_map.get(n, "model.safetensors"), []).append(n)
         out: dict[str, torch.Tensor] = {}
         for fname, group in sorted(by_file.items()):
@@ -333,18 +338,28 @@ def random_stage_weights(
     device: torch.device | str = "cpu",
     std: float = 0.02,
 ) -> StageWeights:
-    """Random weights for ``span``; layer i's values depend only on (seed, i), not on the span."""
+    """Random weights for ``span``; layer i's values depend only on (seed, i), not on the span.
+
+    On CUDA the values are drawn on the device, in ``dtype``, by a CUDA generator (a 70B shard is
+    built in seconds, without a host copy); they differ from the CPU draw of the same seed."""
     span.check_within(spec.n_layers)
     h, d, f = spec.hidden_size, spec.head_dim, spec.intermediate_size
     qkv_rows = (spec.n_heads + 2 * spec.n_kv_heads) * d
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+
+    def generator(seed_value: int) -> torch.Generator:
+        return (torch.Generator(device=dev) if on_gpu else torch.Generator()).manual_seed(seed_value)
 
     def rnd(gen: torch.Generator, *shape: int) -> torch.Tensor:
+        if on_gpu:
+            return torch.empty(shape, dtype=dtype, device=dev).normal_(0.0, std, generator=gen)
         t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
         return t.to(device=device, dtype=dtype)
 
     layers = []
     for i in span.layers():
-        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        g = generator(seed * 100_003 + i)
         layers.append(
             LayerWeights(
                 wqkv=rnd(g, qkv_rows, h),
@@ -356,7 +371,7 @@ def random_stage_weights(
                 ln_mlp=torch.ones(h, dtype=dtype, device=device),
             )
         )
-    g = torch.Generator().manual_seed(seed * 100_003 - 1)
+    g = generator(seed * 100_003 - 1)
     embed = (
         rnd(g, spec.vocab_size, h)
         if span.start == 0 or (spec.tie_embeddings and span.end == spec.n_layers)
@@ -368,7 +383,7 @@ def random_stage_weights(
         head = (
             embed
             if spec.tie_embeddings
-            else rnd(torch.Generator().manual_seed(seed * 100_003 - 2), spec.vocab_size, h)
+            else rnd(generator(seed * 100_003 - 2), spec.vocab_size, h)
         )
     norm = torch.ones(h, dtype=dtype, device=device) if last else None
     return StageWeights(layers, embed if span.start == 0 else None, norm, head)
