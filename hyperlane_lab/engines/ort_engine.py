@@ -115,6 +115,11 @@ class OrtStage:
         try:
             self._ort = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            if "NOT_IMPLEMENTED" in str(e):
+                raise ModelLoadError(
+                    f"onnxruntime's {providers} can't run {path} ({info.dtype}): {e}; the CPU provider has no "
+                    "bf16 kernels: use fp32/fp16 shards on CPU, or run bf16 with onnxruntime-gpu on CUDA"
+                ) from e
             raise ModelLoadError(
                 f"onnxruntime could not load {path}: {e}; the file may be corrupted or from an incompatible "
                 "exporter: re-export it (`hyperlane export`) or delete it from the export cache"
@@ -272,12 +277,14 @@ def load_ort_stage(
     ``TorchStage``), exported through the cache unless ``onnx_path`` names a ready shard.
 
     Options: ``threads``, ``providers`` (for the session); ``cache_dir``, ``opset``, ``exporter``,
-    ``validate`` (for the export); ``expected_sha256`` (checked against ``onnx_path``).
+    ``validate`` (for the export); ``expected_sha256`` (alias ``onnx_sha256``: checked against
+    ``onnx_path``, as a worker does for an uploaded shard).
     """
     span = LayerSpan(*span) if isinstance(span, tuple) else span
     session_keys = ("threads", "providers")
     stage_opts = {k: opts.pop(k) for k in session_keys if k in opts}
-    expected_sha = opts.pop("expected_sha256", None)
+    alias = opts.pop("onnx_sha256", None)
+    expected_sha = opts.pop("expected_sha256", None) or alias
     if onnx_path is None:
         from hyperlane_lab.onnx.export import export_stage
 
