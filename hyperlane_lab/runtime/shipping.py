@@ -48,6 +48,12 @@ def build_shard_payload(
         from hyperlane_lab.onnx_export import export_stage
 
         result = export_stage(source, span, dtype=opts.get("dtype", "fp32"), spec=spec)
+        side = result.path.with_name(result.path.name + ".data")
+        if side.exists():
+            raise ValueError(
+                f"ONNX shard {span} keeps its weights in a side file ({side.name}, > 1.8 GB); shipping those is not "
+                "supported yet: use engine='torch' for this stage, or fewer layers per stage"
+            )
         return ShardPayload(cfg, onnx=result.path.read_bytes())
     from safetensors.torch import save
 
