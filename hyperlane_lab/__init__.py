@@ -39,3 +39,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext hyperlane_lab`` registers the ``%hyperlane`` magics (see hyperlane_lab.magics)."""
+    from hyperlane_lab.magics import load_ipython_extension as _load
+
+    _load(ipython)

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 import grpc
@@ -92,9 +93,17 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announc
         print(f"{READY_PREFIX} grpc={port} data={data_port} id={worker.worker_id}", flush=True)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def request_stop() -> None:
+        if stop.is_set():  # a second signal: leave now
+            os._exit(1)
+        stop.set()
+        # a compute step stuck in a kernel must not keep the process alive forever
+        threading.Timer(15.0, lambda: os._exit(1)).start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, request_stop)
     await stop.wait()
     log.info("worker %s shutting down", worker.worker_id)
     if advertiser is not None:
@@ -109,4 +118,6 @@ def run_worker(config: WorkerConfig) -> int:
     except OSError as e:
         print(f"hyperlane worker: {e}", file=sys.stderr)
         return 1
-    return 0
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)  # don't wait for compute threads that are still busy: the worker is done
