@@ -90,8 +90,6 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announc
         host,
         data_port,
     )
-    if announce:
-        print(f"{READY_PREFIX} grpc={port} data={data_port} id={worker.worker_id}", flush=True)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -105,6 +103,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announc
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, request_stop)
+    if announce:
+        print(f"{READY_PREFIX} grpc={port} data={data_port} id={worker.worker_id}", flush=True)
     await stop.wait()
     log.info("worker %s shutting down", worker.worker_id)
     if advertiser is not None:
