@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     args = ap.parse_args()
 
+    import torch
+
+    torch.set_num_threads(1)  # each worker process runs 1 thread (LocalCluster): same budget in-process
     from hyperlane_lab.generation.pipeline import InProcessPipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
 
