@@ -56,8 +56,13 @@ def hf_decode(model: Any, prompt_ids: list[int], n: int, device: str) -> tuple[f
     ids = torch.tensor([prompt_ids], device=device)
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=0,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([Stamp()]),
+            pad_token_id=0,
         )
     new = out[0, len(prompt_ids) :].tolist()
     assert len(stamps) == n == len(new), (len(stamps), len(new))
@@ -87,11 +92,19 @@ def build_model(name: str, tmp: Path, device: str) -> tuple[str, Any, Any, Any]:
     else:
         s = ModelSpec.preset(name)
         cfg = LlamaConfig(
-            vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-            num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads, num_key_value_heads=s.n_kv_heads,
-            head_dim=s.head_dim, max_position_embeddings=s.max_position, rms_norm_eps=s.rms_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=None,
+            vocab_size=s.vocab_size,
+            hidden_size=s.hidden_size,
+            intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_kv_heads,
+            head_dim=s.head_dim,
+            max_position_embeddings=s.max_position,
+            rms_norm_eps=s.rms_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=None,
         )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -111,7 +124,10 @@ def pipeline(folder: str, n_stages: int, device: str, tokenizer: bool) -> Any:
 
     spec = ModelSpec.from_pretrained(folder)
     spec = dataclasses.replace(spec, eos_token_ids=spec.eos_token_ids if tokenizer else ())
-    stages = [load_stage(folder, sp, "fp32", device, spec) for sp in LayerSpan.split_uniform(spec.n_layers, n_stages)]
+    stages = [
+        load_stage(folder, sp, "fp32", device, spec)
+        for sp in LayerSpan.split_uniform(spec.n_layers, n_stages)
+    ]
     return InProcessPipeline(stages, load_tokenizer(folder) if tokenizer else None, spec)
 
 
@@ -137,15 +153,33 @@ def run(models: list[str], n: int, reps: int, device: str) -> list[dict[str, Any
                     match[k] &= got == hf_ids
             hf_med = statistics.median(hf_rates)
             n_params = sum(t.numel() for t in hf.parameters())
-            rows.append({"model": name, "params": n_params, "runner": "transformers generate", "stages": 1,
-                         "decode_tok_s": hf_med, "all": hf_rates, "vs_transformers": 1.0, "tokens_match": True})
+            rows.append(
+                {
+                    "model": name,
+                    "params": n_params,
+                    "runner": "transformers generate",
+                    "stages": 1,
+                    "decode_tok_s": hf_med,
+                    "all": hf_rates,
+                    "vs_transformers": 1.0,
+                    "tokens_match": True,
+                }
+            )
             for k, vals in ours.items():
                 loop = statistics.median(v[0] for v in vals)
-                rows.append({
-                    "model": name, "params": n_params, "runner": "hyperlane in-process", "stages": k,
-                    "decode_tok_s": loop, "step_tok_s": statistics.median(v[1] for v in vals),
-                    "all": [v[0] for v in vals], "vs_transformers": loop / hf_med, "tokens_match": match[k],
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "params": n_params,
+                        "runner": "hyperlane in-process",
+                        "stages": k,
+                        "decode_tok_s": loop,
+                        "step_tok_s": statistics.median(v[1] for v in vals),
+                        "all": [v[0] for v in vals],
+                        "vs_transformers": loop / hf_med,
+                        "tokens_match": match[k],
+                    }
+                )
             del hf, pipes
     return rows
 
@@ -177,14 +211,22 @@ def main() -> None:
 
     rows = run(args.models.split(","), args.tokens, args.reps, args.device)
     result = {
-        "bench": "cpu_decode", "device": args.device, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "new_tokens": args.tokens, "reps": args.reps, "rows": rows,
+        "bench": "cpu_decode",
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "new_tokens": args.tokens,
+        "reps": args.reps,
+        "rows": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "cpu_decode.json").write_text(json.dumps(result, indent=2))
-    print(f"decode, greedy, {args.tokens} new tokens, median of {args.reps}, device {args.device}, "
-          f"{result['threads']} thread(s), torch {torch.__version__}, transformers {transformers.__version__}\n")
+    print(
+        f"decode, greedy, {args.tokens} new tokens, median of {args.reps}, device {args.device}, "
+        f"{result['threads']} thread(s), torch {torch.__version__}, transformers {transformers.__version__}\n"
+    )
     print(table(rows))
 
 

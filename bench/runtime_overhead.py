@@ -93,9 +93,10 @@ def main() -> None:
     local.generate(prompt, max_tokens=8)
     t_local = decode_s_per_token(local, prompt, args.tokens, args.repeats)
     hidden = local.spec.hidden_size
-    with LocalCluster(args.stages) as cluster, AutoDistributedModel.from_pretrained(
-        args.model, workers=cluster.addresses, progress=False
-    ) as model:
+    with (
+        LocalCluster(args.stages) as cluster,
+        AutoDistributedModel.from_pretrained(args.model, workers=cluster.addresses, progress=False) as model,
+    ):
         model.generate(prompt, max_tokens=8)
         t_dist = decode_s_per_token(model, prompt, args.tokens, args.repeats)
         model.trace_events()

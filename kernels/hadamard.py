@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hyperlane_lab.kernels.quant_common import check_launch
 
 from hyperlane_lab.codecs.reference import inv_sqrt_f32
+from hyperlane_lab.kernels.quant_common import check_launch
 
 __all__ = ["rotate", "wht_groups"]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from hyperlane_lab.codecs.reference import inv_sqrt_f32
 from hyperlane_lab.kernels.hadamard import wht_groups
 from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
@@ -21,8 +23,6 @@ from hyperlane_lab.kernels.quant_common import (
     quantize_values,
     store_output,
 )
-
-from hyperlane_lab.codecs.reference import inv_sqrt_f32
 
 __all__ = ["dequantize", "quantize"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
     check_launch,

@@ -54,7 +54,9 @@ def hf_greedy(hf_model, tokenizer):
         if (prompt, n) not in cache:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                out = hf_model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+                out = hf_model.generate(
+                    ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids)
+                )
             gen = out[0, ids.shape[1] :].tolist()
             eos = hf_model.config.eos_token_id
             cache[(prompt, n)] = gen[: gen.index(eos)] if eos in gen else gen

@@ -70,23 +70,33 @@ def hf_bundled() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(BUNDLED)
-    model = AutoModelForCausalLM.from_pretrained(BUNDLED, attn_implementation="eager", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        BUNDLED, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     return model, tok
 
 
-def hf_greedy(model: Any, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+def hf_greedy(
+    model: Any, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
     """transformers' greedy ``generate``: new ids only (EOS included when it stopped there)."""
     ids = torch.tensor([list(prompt_ids)])
     kwargs: dict[str, Any] = {"eos_token_id": eos_token_id} if eos_token_id is not None else {}
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=0, **kwargs,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
         )
     return [int(t) for t in out[0, ids.shape[1] :]]
 
 
-def hf_step_logits(model: Any, prompt_ids: Sequence[int], n_decode: int) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+def hf_step_logits(
+    model: Any, prompt_ids: Sequence[int], n_decode: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
     """Prefill logits [S, V], then ``n_decode`` greedy decode steps with transformers' own KV cache.
 
     Returns (prefill logits, per-step logits [V] list, the tokens fed at each decode step).
@@ -118,8 +128,16 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     if family == "gpt2":
         return GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96, **overrides)
     base: dict[str, Any] = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
     )
     base.update(overrides)
@@ -156,8 +174,9 @@ def load_stages(source: str | Path, spans: Sequence[tuple[int, int]], dtype: str
     return [load_stage(str(source), LayerSpan(a, b), dtype) for a, b in spans]
 
 
-def run_stages(stages: Sequence[Any], sid: str, ids: torch.Tensor, positions: torch.Tensor,
-               all_logits: bool = False) -> torch.Tensor:
+def run_stages(
+    stages: Sequence[Any], sid: str, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool = False
+) -> torch.Tensor:
     """One pipeline step through every stage (ids [B, S] -> logits [B, V] or [B, S, V])."""
     x = ids
     for i, st in enumerate(stages):
@@ -244,9 +263,15 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 _GGUF_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
@@ -278,8 +303,11 @@ def write_gguf(hf_folder: Path, out: Path, matrices_f16: bool = False) -> Path:
     w.add_eos_token_id(cfg["eos_token_id"])
 
     def name_of(hf: str) -> str:
-        fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+        fixed = {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight",
+        }
         if hf in fixed:
             return fixed[hf]
         parts = hf.split(".")

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.multiprocess
 
 
 def test_local_cluster_workers_are_discovered(tmp_path, hf_greedy):
-    with LocalCluster(2, cache_dir=tmp_path / "c", advertise=True, extra_args=["--interfaces", "127.0.0.1"]) as cl:
+    with LocalCluster(
+        2, cache_dir=tmp_path / "c", advertise=True, extra_args=["--interfaces", "127.0.0.1"]
+    ) as cl:
         dm = DiscoveryManager(interfaces=["127.0.0.1"])
         dm.start_discovery()
         try:
@@ -29,7 +31,9 @@ def test_local_cluster_workers_are_discovered(tmp_path, hf_greedy):
                 assert txt.device_kind == info.device_kind == "cpu"
                 assert txt.total_memory == info.total_memory and not txt.shard_loaded
             with AutoDistributedModel.from_pretrained(None, discovery=dm, n_workers=2, progress=False) as m:
-                assert m.generate("Once upon a time", max_tokens=16).token_ids == hf_greedy("Once upon a time", 16)
+                assert m.generate("Once upon a time", max_tokens=16).token_ids == hf_greedy(
+                    "Once upon a time", 16
+                )
                 # loading a shard re-announces the TXT record
                 deadline = time.monotonic() + 15
                 while time.monotonic() < deadline and not all(w.shard_loaded for w in dm.workers()):
@@ -66,9 +70,25 @@ def test_discovery_and_generation_across_namespaces(tmp_path, hf_greedy):
         pytest.skip(why)
     with NetnsLab(3) as lab:
         for i in range(2):
-            lab.popen(i, [sys.executable, "-m", "hyperlane_lab.cli.main", "worker", "50051", "--host", lab.ip(i),
-                          "--device", "cpu", "--cache-dir", str(tmp_path / f"c{i}"), "--id", f"ns-worker-{i}"],
-                      env={"OMP_NUM_THREADS": "1"})
+            lab.popen(
+                i,
+                [
+                    sys.executable,
+                    "-m",
+                    "hyperlane_lab.cli.main",
+                    "worker",
+                    "50051",
+                    "--host",
+                    lab.ip(i),
+                    "--device",
+                    "cpu",
+                    "--cache-dir",
+                    str(tmp_path / f"c{i}"),
+                    "--id",
+                    f"ns-worker-{i}",
+                ],
+                env={"OMP_NUM_THREADS": "1"},
+            )
         out = lab.python(2, CLIENT, timeout=150)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["hosts"] == [lab.ip(0), lab.ip(1)]

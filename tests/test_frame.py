@@ -15,8 +15,18 @@ from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
 
 
 def _header(**kw):
-    base = dict(kind=FrameKind.TENSOR, session=uuid.uuid4().hex, step=7, batch=2, seq=3, dtype=torch.float16,
-                codec=0, group_size=0, shape=(2, 3, 64), payload_len=2 * 3 * 64 * 2)
+    base = dict(
+        kind=FrameKind.TENSOR,
+        session=uuid.uuid4().hex,
+        step=7,
+        batch=2,
+        seq=3,
+        dtype=torch.float16,
+        codec=0,
+        group_size=0,
+        shape=(2, 3, 64),
+        payload_len=2 * 3 * 64 * 2,
+    )
     base.update(kw)
     return FrameHeader(**base)
 

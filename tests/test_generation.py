@@ -128,7 +128,9 @@ def test_top_k_1_is_greedy(pipe: InProcessPipeline) -> None:
 
 
 @pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5)])
-def test_sampled_tokens_lie_in_transformers_candidate_set(pipe: InProcessPipeline, top_k: int, top_p: float) -> None:
+def test_sampled_tokens_lie_in_transformers_candidate_set(
+    pipe: InProcessPipeline, top_k: int, top_p: float
+) -> None:
     model, _ = hf_bundled()
     res = pipe.generate(PROMPT, max_tokens=32, temperature=1.5, top_k=top_k, top_p=top_p, seed=11)
     ids = res.prompt_token_ids + res.token_ids
@@ -151,7 +153,9 @@ def test_sampled_tokens_lie_in_transformers_candidate_set(pipe: InProcessPipelin
 def test_stop_string_split_across_tokens(pipe: InProcessPipeline) -> None:
     _, tok = hf_bundled()
     ids, full = _hf_continuation(30)
-    assert "girl" in full and not any("girl" in p for p in tok.convert_ids_to_tokens(ids))  # split: '▁g','ir','l'
+    assert "girl" in full and not any(
+        "girl" in p for p in tok.convert_ids_to_tokens(ids)
+    )  # split: '▁g','ir','l'
     res = pipe.generate(PROMPT, max_tokens=30, stop="girl")
     assert res.finish_reason == "stop"
     assert res.text == full[: full.find("girl")]
@@ -190,7 +194,9 @@ def test_streaming_multibyte_byte_fallback() -> None:
     assert sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(generated)) >= 10
     state = SequenceState(prompt, tok, max_tokens=100, eos_ids=frozenset({2}))
     pieces = [state.push(t) for t in generated] + [state.push(2)]
-    oracle = tok.decode(prompt + generated, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)) :]
+    oracle = tok.decode(prompt + generated, skip_special_tokens=True)[
+        len(tok.decode(prompt, skip_special_tokens=True)) :
+    ]
     assert state.text == oracle and state.finish_reason == "eos"
     assert "".join(pieces) == oracle
     assert not any("\ufffd" in p for p in pieces)
@@ -251,7 +257,11 @@ def test_loop_pads_and_retires_rows() -> None:
     assert pos0.tolist() == [list(range(lens[0])), list(range(lens[1])) + pad]  # right padding at -1
     assert ids0[1, : lens[1]].tolist() == tok(prompts[1])["input_ids"]
     a, b = lens
-    assert [c[1][:, 0].tolist() for c in runner.calls[1:]] == [[a, b], [-1, b + 1], [-1, b + 2]]  # retired: -1
+    assert [c[1][:, 0].tolist() for c in runner.calls[1:]] == [
+        [a, b],
+        [-1, b + 1],
+        [-1, b + 2],
+    ]  # retired: -1
     assert [c[0][1, 0].item() for c in runner.calls[1:]] == [301, 302, 304]
     assert len(runner.calls) == 4  # prefill + 3 decode steps for 4 tokens
 

@@ -53,15 +53,24 @@ PROMPT_IDS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376]  # "Once upon a ti
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     folder = tmp_path_factory.mktemp("llama32")
-    cfg = tiny_config("llama", num_hidden_layers=32, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=64)
+    cfg = tiny_config(
+        "llama",
+        num_hidden_layers=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
     model = make_checkpoint(folder, cfg, seed=11, max_shard_size=20_000)  # ~8 KB a layer: many shards
     return folder, model
 
 
 def test_span_reads_only_its_layers(sharded: tuple[Path, object], monkeypatch: pytest.MonkeyPatch) -> None:
     folder, model = sharded
-    weight_map: dict[str, str] = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    weight_map: dict[str, str] = json.loads((folder / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
     shards = set(weight_map.values())
     assert len(shards) >= 5
     wanted = {n for n in weight_map if n.startswith(("model.layers.2.", "model.layers.3."))}
@@ -75,8 +84,10 @@ def test_span_reads_only_its_layers(sharded: tuple[Path, object], monkeypatch: p
     assert set(stats.tensors) == wanted and len(stats.tensors) == len(wanted)
     assert not any("embed" in n or "lm_head" in n or n == "model.norm.weight" for n in stats.tensors)
     headers = {f: safetensors_header(folder / f) for f in wanted_files}
-    expected_bytes = sum(headers[weight_map[n]][n]["data_offsets"][1] - headers[weight_map[n]][n]["data_offsets"][0]
-                         for n in wanted)
+    expected_bytes = sum(
+        headers[weight_map[n]][n]["data_offsets"][1] - headers[weight_map[n]][n]["data_offsets"][0]
+        for n in wanted
+    )
     assert stats.bytes_read == expected_bytes
     assert set(stats.files_opened) == wanted_files
     # independent of our own bookkeeping: what safetensors itself was asked for
@@ -222,7 +233,9 @@ def test_missing_tensor_and_shard(tmp_path: Path, sharded: tuple[Path, object]) 
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     load_stage(str(tmp_path), (2, 3))  # layer 1 is not needed here
-    with pytest.raises(ModelLoadError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing.*complete"):
+    with pytest.raises(
+        ModelLoadError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing.*complete"
+    ):
         load_stage(str(tmp_path), (1, 2))
 
     folder, _ = sharded
@@ -230,7 +243,9 @@ def test_missing_tensor_and_shard(tmp_path: Path, sharded: tuple[Path, object]) 
     broken.mkdir()
     for f in folder.iterdir():
         (broken / f.name).symlink_to(f)
-    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]["model.layers.5.mlp.up_proj.weight"]
+    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.5.mlp.up_proj.weight"
+    ]
     (broken / shard).unlink()
     with pytest.raises(ModelLoadError, match=rf"{shard} is missing; re-download"):
         load_stage(str(broken), (5, 6))
@@ -240,7 +255,9 @@ def test_missing_tensor_and_shard(tmp_path: Path, sharded: tuple[Path, object]) 
     del index["weight_map"]["model.layers.7.self_attn.k_proj.weight"]
     (broken / "model.safetensors.index.json").unlink()
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match=r"'model\.layers\.7\.self_attn\.k_proj\.weight' is not listed in .*index\.json"):
+    with pytest.raises(
+        ModelLoadError, match=r"'model\.layers\.7\.self_attn\.k_proj\.weight' is not listed in .*index\.json"
+    ):
         load_stage(str(broken), (7, 8))
 
 
@@ -253,9 +270,14 @@ def test_stage_input_errors() -> None:
     first, last = load_stages(BUNDLED, [(0, 2), (2, 5)])
     with open_all([first, last], 1, 8) as sid:
         pos = torch.arange(3)[None]
-        with pytest.raises(ValueError, match=r"position 8 is beyond .* max length 8; open the session with a larger max_len"):
+        with pytest.raises(
+            ValueError, match=r"position 8 is beyond .* max length 8; open the session with a larger max_len"
+        ):
             first.forward(sid, torch.tensor([[1, 2, 3]]), pos + 6)
-        with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\), got ids in \[1, 600\]; encode prompts with this model's tokenizer"):
+        with pytest.raises(
+            ValueError,
+            match=r"token ids must be in \[0, 512\), got ids in \[1, 600\]; encode prompts with this model's tokenizer",
+        ):
             first.forward(sid, torch.tensor([[1, 600, 3]]), pos)
         with pytest.raises(ValueError, match=r"takes hidden states \[B, S, 64\], got \(1, 3, 32\)"):
             last.forward(sid, torch.zeros(1, 3, 32), pos)
@@ -282,8 +304,10 @@ def test_spec_random_stage_shapes() -> None:
     assert out.shape == (1, 3, 768) and bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen2", {"tie_word_embeddings": True}),
-                                              ("mistral", {"head_dim": 16})])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("llama", {}), ("qwen2", {"tie_word_embeddings": True}), ("mistral", {"head_dim": 16})],
+)
 def test_spec_param_count_matches_transformers(family: str, overrides: dict) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -59,21 +59,25 @@ def test_greedy_tokens_match_transformers(pipelines: dict[int, InProcessPipeline
         assert res.prompt_token_ids == prompt_ids
         assert res.token_ids == expected, f"{n} stages diverge from transformers"
         assert res.finish_reason == "length"
-        assert res.text == tok.decode(prompt_ids + expected, skip_special_tokens=True)[len(prompt):]
+        assert res.text == tok.decode(prompt_ids + expected, skip_special_tokens=True)[len(prompt) :]
 
 
 def test_generation_stops_at_eos_like_transformers(pipelines: dict[int, InProcessPipeline]) -> None:
     # stories260K ends a story by emitting BOS (id 1: llama2.c separates stories with BOS, never EOS),
     # so id 1 is the natural end-of-sequence id of this model; give it to both generators.
     model, tok = hf_bundled()
-    prompt = ("Tim and Sue played all day. When the sun went down, they went home. "
-              "They were tired but happy. They hugged and said good night.")
+    prompt = (
+        "Tim and Sue played all day. When the sun went down, they went home. "
+        "They were tired but happy. They hugged and said good night."
+    )
     prompt_ids = tok(prompt)["input_ids"]
     expected = hf_greedy(model, prompt_ids, 200, eos_token_id=1)
     assert expected[-1] == 1 and len(expected) < 200  # transformers stopped at the story's end
     for n in (2, 3):
         base = pipelines[n]
-        pipe = InProcessPipeline(base.stages, base.tokenizer, dataclasses.replace(base.spec, eos_token_ids=(1,)))
+        pipe = InProcessPipeline(
+            base.stages, base.tokenizer, dataclasses.replace(base.spec, eos_token_ids=(1,))
+        )
         res = pipe.generate(prompt, max_tokens=200)
         assert res.finish_reason == "eos"
         assert res.token_ids == expected[:-1]  # our token_ids exclude the EOS id
@@ -81,14 +85,23 @@ def test_generation_stops_at_eos_like_transformers(pipelines: dict[int, InProces
 
 # ------------------------------------------------------------------ logits, random tiny configs
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-gqa": ("llama", {}),
     "llama-head-dim": ("llama", {"head_dim": 16}),
     # head_dim 16: wavelengths 6.3 (between 16/4 and 16/1: smoothed) and 63..6283 (> 16: divided by factor)
     "llama3-rope": ("llama", {"hidden_size": 64, "rope_parameters": LLAMA3_ROPE}),
-    "llama-linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}}),
+    "llama-linear-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}},
+    ),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     # layer 0 full attention, layers 1-2 with a window of 8 (transformers' max_window_layers rule)
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
@@ -137,8 +150,9 @@ def test_sliding_window_changes_logits(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ batches vs single prompts
 
 
-def _greedy_logits(stages: list[Any], prompts: list[list[int]], n_steps: int,
-                   feed: list[list[int]] | None = None) -> tuple[list[list[torch.Tensor]], list[list[int]]]:
+def _greedy_logits(
+    stages: list[Any], prompts: list[list[int]], n_steps: int, feed: list[list[int]] | None = None
+) -> tuple[list[list[torch.Tensor]], list[list[int]]]:
     """Run prompts as one right-padded batch; per row, logits of prefill and each decode step.
 
     ``feed``: tokens to feed per row and step (default: each row's own greedy choice).
@@ -205,7 +219,9 @@ def test_batch_generate_equals_single(pipelines: dict[int, InProcessPipeline]) -
 
     # rows that finish early (EOS = ".") become padding while the others go on
     dot = base.tokenizer.convert_tokens_to_ids(".")
-    pipe = InProcessPipeline(base.stages, base.tokenizer, dataclasses.replace(base.spec, eos_token_ids=(dot,)))
+    pipe = InProcessPipeline(
+        base.stages, base.tokenizer, dataclasses.replace(base.spec, eos_token_ids=(dot,))
+    )
     model, tok = hf_bundled()
     together = pipe.generate(prompts, max_tokens=24)
     lengths = set()

@@ -22,11 +22,15 @@ def cluster(tmp_path_factory):
 
 
 def test_onnx_engine_equals_torch_over_three_workers(cluster, hf_greedy):
-    with AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, engine="onnxruntime", progress=False) as m:
+    with AutoDistributedModel.from_pretrained(
+        None, workers=cluster.addresses, engine="onnxruntime", progress=False
+    ) as m:
         assert [r["engine"] for r in m.stage_table()] == ["onnxruntime"] * 3
         assert m.generate(PROMPT, max_tokens=40).token_ids == hf_greedy(PROMPT, 40)
     mixed = ["torch", "onnxruntime", "torch"]
-    with AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, engine=mixed, progress=False) as m:
+    with AutoDistributedModel.from_pretrained(
+        None, workers=cluster.addresses, engine=mixed, progress=False
+    ) as m:
         assert [r["engine"] for r in m.stage_table()] == mixed
         assert m.generate(PROMPT, max_tokens=40).token_ids == hf_greedy(PROMPT, 40)
 

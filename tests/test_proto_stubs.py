@@ -23,7 +23,11 @@ def test_drift_is_detected(tmp_path: Path) -> None:
     """The check above can fail: a changed .proto gives different stubs."""
     pytest.importorskip("grpc_tools")
     proto = tmp_path / "hyperlane.proto"
-    proto.write_text(protogen.PROTO.read_text().replace("uint32 sessions = 20;", "uint32 sessions = 20;\n  bool extra = 21;"))
+    proto.write_text(
+        protogen.PROTO.read_text().replace(
+            "uint32 sessions = 20;", "uint32 sessions = 20;\n  bool extra = 21;"
+        )
+    )
     fresh = protogen.generate(tmp_path / "out", proto)
     committed = Path(protogen.DEFAULT_OUT) / "hyperlane_pb2.py"
     assert fresh[0].read_text() != committed.read_text()

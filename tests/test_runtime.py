@@ -103,12 +103,20 @@ def _fuzz_frames(rng: random.Random, target: tuple[str, int], session: str, n: i
         elif kind == 3:
             body = body[: rng.randrange(0, len(body))]  # truncated, then close
         elif kind == 4:
-            hdr = bytearray(pack_header(FrameHeader(FrameKind.TENSOR, session, 0, 1, 1, torch.float32, 0, 0,
-                                                    (1, 1, 64), 200)))  # length disagrees with shape
+            hdr = bytearray(
+                pack_header(
+                    FrameHeader(FrameKind.TENSOR, session, 0, 1, 1, torch.float32, 0, 0, (1, 1, 64), 200)
+                )
+            )  # length disagrees with shape
             body = bytes(8) + bytes(200)
         elif kind == 5:
-            hdr = bytearray(pack_header(FrameHeader(FrameKind.TENSOR, uuid.uuid4().hex, 0, 1, 1, torch.float32,
-                                                    0, 0, (1, 1, 64), 256)))  # unknown session
+            hdr = bytearray(
+                pack_header(
+                    FrameHeader(
+                        FrameKind.TENSOR, uuid.uuid4().hex, 0, 1, 1, torch.float32, 0, 0, (1, 1, 64), 256
+                    )
+                )
+            )  # unknown session
         elif kind == 6:
             hdr = bytearray(rng.randbytes(64))
         else:
@@ -154,7 +162,11 @@ def test_invalid_grpc_requests(cluster3):
         ("LoadShard", pb.LoadShardRequest(start=0, end=1, dtype="fp8"), "unknown dtype"),
         ("LoadShard", pb.LoadShardRequest(start=0, end=1, engine="tensorrt"), "unknown engine"),
         ("LoadShard", pb.LoadShardRequest(start=0, end=1, model_path="/does/not/exist"), "does not exist"),
-        ("LoadShard", pb.LoadShardRequest(start=0, end=1, config_sha256="ab" * 32), "not in the worker's cache"),
+        (
+            "LoadShard",
+            pb.LoadShardRequest(start=0, end=1, config_sha256="ab" * 32),
+            "not in the worker's cache",
+        ),
         ("OpenSession", pb.OpenSessionRequest(session_id="xyz", batch=1, max_len=8), "32 lowercase hex"),
         ("OpenSession", pb.OpenSessionRequest(session_id="a" * 32, batch=0, max_len=8), "batch must be"),
         ("Connect", pb.ConnectRequest(next_address="nonsense"), "host:port"),
@@ -200,9 +212,11 @@ def test_shard_shipping_and_cache(tmp_path, hf_greedy, monkeypatch):
 
 
 def test_model_does_not_fit(tmp_path):
-    with LocalCluster(2, cache_dir=tmp_path / "c", extra_args=["--memory-limit-gib", "0.0002"]) as cluster:
-        with pytest.raises(InfeasiblePlanError, match=r"needs .* GiB, has .* GiB free"):
-            AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False)
+    with (
+        LocalCluster(2, cache_dir=tmp_path / "c", extra_args=["--memory-limit-gib", "0.0002"]) as cluster,
+        pytest.raises(InfeasiblePlanError, match=r"needs .* GiB, has .* GiB free"),
+    ):
+        AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False)
 
 
 def test_sigterm_shuts_down_cleanly(tmp_path):
@@ -248,7 +262,9 @@ def test_profile_rpc(cluster3, bundled_path):
 
 
 def test_auto_compression_on_loopback(cluster3, hf_greedy):
-    with AutoDistributedModel.from_pretrained(None, workers=cluster3.addresses, compression="auto", progress=False) as m:
+    with AutoDistributedModel.from_pretrained(
+        None, workers=cluster3.addresses, compression="auto", progress=False
+    ) as m:
         # loopback moves a 64-wide activation faster than any codec can encode it
         assert [s.codec for s in m.plan.stages[:-1]] == ["raw", "raw"]
         assert m.generate(PROMPTS[0], max_tokens=16).token_ids == hf_greedy(PROMPTS[0], 16)

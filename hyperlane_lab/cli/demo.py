@@ -20,12 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     if not args.in_process:
-        try:
-            from hyperlane_lab.runtime.cli_support import demo_distributed
-        except ImportError:
-            demo_distributed = None
-        if demo_distributed is not None:
-            return demo_distributed(args)
+        from hyperlane_lab.runtime.cli_support import demo_distributed
+
+        return demo_distributed(args)
     from hyperlane_lab.generation.pipeline import InProcessPipeline
 
     pipe = InProcessPipeline.from_pretrained(None, n_stages=args.stages)

@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--interfaces", default="all", help="mDNS interfaces: all, default, or comma-separated IPs"
     )
-    p.add_argument("--memory-limit-gib", type=float, default=0.0, help="memory this worker may use (0 = all free)")
+    p.add_argument(
+        "--memory-limit-gib", type=float, default=0.0, help="memory this worker may use (0 = all free)"
+    )
     p.set_defaults(func=run)
 
 

@@ -105,8 +105,9 @@ class TextGenerator:
         ``(index, text)`` pairs (a list of prompts) as tokens arrive.
         """
         # a prompt is text, or token ids (a list of ints); a list of either is a batch
-        single = isinstance(prompt, str) or (isinstance(prompt, Sequence) and bool(prompt)
-                                             and all(isinstance(t, int) for t in prompt))
+        single = isinstance(prompt, str) or (
+            isinstance(prompt, Sequence) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+        )
         prompts: list[Any] = [prompt] if single else list(prompt)
         if not prompts:
             raise ValueError("no prompts given")

@@ -83,16 +83,31 @@ class ModelSpec:
 
     def to_hf_config_dict(self) -> dict[str, Any]:
         """A transformers config.json dict of this shape (for workers building random weights)."""
-        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default", **dict(self.rope_scaling)}
+        rope: dict[str, Any] = {
+            "rope_theta": self.rope_theta,
+            "rope_type": "default",
+            **dict(self.rope_scaling),
+        }
         d: dict[str, Any] = {
-            "model_type": self.model_type, "architectures": [f"{self.model_type.capitalize()}ForCausalLM"],
-            "num_hidden_layers": self.n_layers, "hidden_size": self.hidden_size,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_eps,
-            "rope_theta": self.rope_theta, "rope_parameters": rope, "max_position_embeddings": self.max_position,
-            "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.qkv_bias,
-            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
-            "sliding_window": self.sliding_window, "use_sliding_window": self.sliding_window is not None,
+            "model_type": self.model_type,
+            "architectures": [f"{self.model_type.capitalize()}ForCausalLM"],
+            "num_hidden_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": self.qkv_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "sliding_window": self.sliding_window,
+            "use_sliding_window": self.sliding_window is not None,
         }
         if self.rope_scaling:
             d["rope_scaling"] = dict(self.rope_scaling)
@@ -129,7 +144,9 @@ class ModelSpec:
         scaling = () if rope_type == "default" else tuple(sorted({**params, "rope_type": rope_type}.items()))
         eos = getattr(cfg, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        if model_type != "qwen2" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+        if model_type != "qwen2" and (
+            getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)
+        ):
             # Llama's attention_bias also puts a bias on o_proj, mlp_bias on gate/up/down: not modelled here
             raise ModelLoadError(
                 f"{name or 'this config'} sets attention_bias or mlp_bias, which hyperlane_lab does not "

@@ -380,10 +380,6 @@ def random_stage_weights(
     last = span.end == spec.n_layers
     head = None
     if last:
-        head = (
-            embed
-            if spec.tie_embeddings
-            else rnd(generator(seed * 100_003 - 2), spec.vocab_size, h)
-        )
+        head = embed if spec.tie_embeddings else rnd(generator(seed * 100_003 - 2), spec.vocab_size, h)
     norm = torch.ones(h, dtype=dtype, device=device) if last else None
     return StageWeights(layers, embed if span.start == 0 else None, norm, head)

@@ -27,10 +27,17 @@ def _workers(spec: str) -> Any:
 def run_distributed(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
     from hyperlane_lab.runtime.client import AutoDistributedModel
 
-    with _workers(args.workers) as addresses, AutoDistributedModel.from_pretrained(
-        args.model, workers=addresses, partitioner=args.partitioner, dtype=args.dtype, progress=not args.json,
-        compression=getattr(args, "compression", "raw") or "raw",
-    ) as model:
+    with (
+        _workers(args.workers) as addresses,
+        AutoDistributedModel.from_pretrained(
+            args.model,
+            workers=addresses,
+            partitioner=args.partitioner,
+            dtype=args.dtype,
+            progress=not args.json,
+            compression=getattr(args, "compression", "raw") or "raw",
+        ) as model,
+    ):
         result = model.generate(args.prompt, **generation_kwargs(args))
         return result, model.stage_table()
 
@@ -52,7 +59,12 @@ def demo_distributed(args: argparse.Namespace) -> int:
                 pieces.append(piece)
             print("\n")
             print("plan:")
-            print(format_table(model.stage_table(), ["stage", "worker", "span", "engine", "device", "weight_bytes", "codec"]))
+            print(
+                format_table(
+                    model.stage_table(),
+                    ["stage", "worker", "span", "engine", "device", "weight_bytes", "codec"],
+                )
+            )
             summary = model.trace_summary()
             print("\nper-stage timings (measured on the workers):")
             print(summary.to_string(index=False) if hasattr(summary, "to_string") else summary)

@@ -157,10 +157,10 @@ class AutoDistributedModel(TextGenerator):
             first = clients[0]
             data = ClientDataPlane(first.data_address, local_address_towards(clients[-1].host))
             data.start()
-            model = cls(spec, tokenizer, clients, plan, data, step_timeout)
+            dist = cls(spec, tokenizer, clients, plan, data, step_timeout)
             if compression == "auto":
-                model._apply_auto_compression(dtype, group_size)
-            return model
+                dist._apply_auto_compression(dtype, group_size)
+            return dist
         except BaseException:
             if data is not None:
                 data.close()
@@ -264,7 +264,9 @@ class AutoDistributedModel(TextGenerator):
             )
             log.info("auto compression, boundary %d: %s (predicted %s)", i, name, predicted)
             nxt = self.clients[i + 1].data_address
-            self.clients[i].call("Connect", pb.ConnectRequest(next_address=nxt, codec=name, group_size=group_size))
+            self.clients[i].call(
+                "Connect", pb.ConnectRequest(next_address=nxt, codec=name, group_size=group_size)
+            )
             stages[i] = replace(stages[i], codec=name)
         self.plan = replace(self.plan, stages=tuple(stages))
 

@@ -22,7 +22,9 @@ __all__ = ["AUTO_CANDIDATES", "choose_codec", "codec_cost_s"]
 AUTO_CANDIDATES = ("int8",)
 
 
-def codec_cost_s(name: str, shape: tuple[int, ...], dtype: torch.dtype, group_size: int = 64, repeats: int = 3) -> float:
+def codec_cost_s(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, group_size: int = 64, repeats: int = 3
+) -> float:
     """Median encode+decode time of one activation of ``shape`` on the CPU."""
     from hyperlane_lab import codecs
 

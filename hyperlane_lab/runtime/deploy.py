@@ -125,8 +125,15 @@ def deploy(
 
     def load(i: int) -> None:
         st, c, e, p = plan.stages[i], ordered[i], engines[i], payloads[i]
-        req = pb.LoadShardRequest(start=st.span.start, end=st.span.end, dtype=dtype, engine=e, stage_index=i,
-                                  random_weights=random_weights, seed=seed)
+        req = pb.LoadShardRequest(
+            start=st.span.start,
+            end=st.span.end,
+            dtype=dtype,
+            engine=e,
+            stage_index=i,
+            random_weights=random_weights,
+            seed=seed,
+        )
         if p is None:
             req.model_path = source
         else:

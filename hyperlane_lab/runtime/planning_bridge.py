@@ -28,12 +28,23 @@ def profile_workers(
 
     def one(c: WorkerClient) -> DeviceProfile:
         info = c.worker_info()
-        r = c.call("Profile", pb.ProfileRequest(model_config_json=cfg, dtype=dtype, context=context), timeout=600)
-        log.info("profiled %s: %.2f TFLOP/s, %.1f GB/s, layer %.3f ms", c.address, r.flops / 1e12, r.mem_bw / 1e9,
-                 r.layer_decode_s * 1e3)
+        r = c.call(
+            "Profile", pb.ProfileRequest(model_config_json=cfg, dtype=dtype, context=context), timeout=600
+        )
+        log.info(
+            "profiled %s: %.2f TFLOP/s, %.1f GB/s, layer %.3f ms",
+            c.address,
+            r.flops / 1e12,
+            r.mem_bw / 1e9,
+            r.layer_decode_s * 1e3,
+        )
         return DeviceProfile(
-            name=c.address, memory_bytes=max(1, info.free_memory), flops=r.flops, mem_bw=r.mem_bw,
-            layer_decode_s=r.layer_decode_s or None, layer_prefill_s_per_token=r.layer_prefill_s_per_token or None,
+            name=c.address,
+            memory_bytes=max(1, info.free_memory),
+            flops=r.flops,
+            mem_bw=r.mem_bw,
+            layer_decode_s=r.layer_decode_s or None,
+            layer_prefill_s_per_token=r.layer_prefill_s_per_token or None,
             address=c.address,
         )
 
@@ -56,6 +67,7 @@ def plan_for_workers(
     part = get_partitioner(partitioner)  # ValueError listing valid names before any profiling
     devices = profile_workers(clients, spec, dtype, context=min(context, 512))
     profile = model_profile_from_spec(spec, dtype_bytes=parse_dtype(dtype).itemsize)
-    options = PlanOptions(objective=objective, concurrency=concurrency, context=context, codec="fp16",
-                          headroom_bytes=64 * 2**20)
+    options = PlanOptions(
+        objective=objective, concurrency=concurrency, context=context, codec="fp16", headroom_bytes=64 * 2**20
+    )
     return part(profile, tuple(devices), Links(link), options)

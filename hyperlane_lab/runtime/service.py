@@ -202,6 +202,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             )
         t0 = time.perf_counter()
         self.w.unload()
+        engine: Any
         if request.random_weights:
             if engine_name != "torch":
                 raise ValueError("random_weights works with the torch engine only")
