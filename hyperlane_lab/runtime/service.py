@@ -4,6 +4,7 @@ INVALID_ARGUMENT with a message saying what was wrong; the worker keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -170,12 +171,16 @@ class WorkerService(pb_grpc.WorkerServicer):
         key = "-".join(b[:16] for b in blobs if b)
         folder = self.w.blobs.root.parent / "shards" / key
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.w.blobs.path(req.config_sha256), folder / "config.json")
+        # workers of one machine may share the cache: publish each file atomically
+        tmp = folder / f".config.{os.getpid()}.{time.monotonic_ns()}"
+        shutil.copyfile(self.w.blobs.path(req.config_sha256), tmp)
+        os.replace(tmp, folder / "config.json")
         opts: dict[str, Any] = {}
         if req.weights_sha256:
             target = folder / "model.safetensors"
             if not target.exists():
-                os.symlink(self.w.blobs.path(req.weights_sha256), target)
+                with contextlib.suppress(FileExistsError):  # another worker linked it first
+                    os.symlink(self.w.blobs.path(req.weights_sha256), target)
         if req.onnx_sha256:
             opts["onnx_path"] = str(self.w.blobs.path(req.onnx_sha256))
             opts["onnx_sha256"] = req.onnx_sha256
