@@ -15,8 +15,10 @@ one-token decode and batches of different lengths all use the same path.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,7 @@ class SessionCache:
     max_len: int
     k: list[torch.Tensor]  # per layer [B, Hkv, max_len + 1, D]
     v: list[torch.Tensor]
+    graph: Any = field(default=None, repr=False)  # CUDA decode graph bound to these tensors (cuda_decode)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -88,6 +91,9 @@ class TorchStage:
         self._sessions: dict[str, SessionCache] = {}
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
+        # CUDA only: decode steps (S == 1) replay a CUDA graph (models/cuda_decode.py)
+        self.cuda_graphs = os.environ.get("HYPERLANE_CUDA_GRAPHS", "1") != "0"
+        self._graphs: Any = None
 
     # ------------------------------------------------------------------ sessions
 
@@ -98,17 +104,34 @@ class TorchStage:
             )
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
-        s = self.spec
-        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
-        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        graphs = self.graph_decoder()
+        if graphs is not None:  # a parked cache of this shape (with its graph) when there is one
+            cache = graphs.new_cache(batch, max_len)
+        else:
+            s = self.spec
+            shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
+            k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+            v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+            cache = SessionCache(batch, max_len, k, v)
         with self._lock:
-            self._sessions[session_id] = SessionCache(batch, max_len, k, v)
+            self._sessions[session_id] = cache
         log.debug("stage %s: opened session %s (batch %d, max_len %d)", self.span, session_id, batch, max_len)
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            cache = self._sessions.pop(session_id, None)
+        if cache is not None and self._graphs is not None:
+            self._graphs.release(cache)
+
+    def graph_decoder(self) -> Any:
+        """The CUDA-graph decoder of this stage (None on CPU or with ``cuda_graphs`` off)."""
+        if not self.cuda_graphs or self.device.type != "cuda":
+            return None
+        if self._graphs is None:
+            from hyperlane_lab.models.cuda_decode import GraphDecoder
+
+            self._graphs = GraphDecoder(self)
+        return self._graphs
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -144,8 +167,14 @@ class TorchStage:
         if self.is_first:
             if x.dim() != 2 or x.dtype != torch.int64:
                 raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.spec.vocab_size):
-                raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
+            # range check on host copies only (a device check would sync); the worker and the
+            # generation driver check the CPU ids before they reach the GPU
+            xn = x.numpy() if x.numel() and x.device.type == "cpu" else None  # numpy: µs, not tens of µs
+            if xn is not None and (int(xn.min()) < 0 or int(xn.max()) >= self.spec.vocab_size):
+                raise ValueError(
+                    f"token ids must be in [0, {self.spec.vocab_size}), got ids in [{int(x.min())}, {int(x.max())}]; "
+                    "encode prompts with this model's tokenizer"
+                )
         elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
             raise ValueError(
                 f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
@@ -159,38 +188,71 @@ class TorchStage:
     ) -> torch.Tensor:
         cache = self.session(session_id)
         self.input_shape_ok(x, positions)
-        bsz, _seq = positions.shape
+        bsz, seq = positions.shape
         if bsz != cache.batch:
             raise ValueError(f"session {session_id!r} was opened with batch {cache.batch}, got batch {bsz}")
-        positions = positions.to(self.device)
-        max_pos = int(positions.max()) if positions.numel() else -1
+        if not positions.numel():
+            max_pos = -1
+        elif positions.device.type == "cpu":  # the caller's host copy: no device sync
+            max_pos = int(positions.numpy().max())
+        else:
+            max_pos = int(positions.max())
         if max_pos >= cache.max_len:
             raise ValueError(
                 f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
                 "open the session with a larger max_len"
             )
+        graphs = self.graph_decoder()
+        if graphs is not None and seq == 1 and not all_logits:
+            return graphs.step(cache, x, positions)  # type: ignore[no-any-return]
+        causal = self.device.type == "cuda" and self._fresh_prompt(positions)
+        positions = positions.to(self.device)
         valid = positions >= 0
         write_idx = torch.where(valid, positions, torch.full_like(positions, cache.max_len))
         cos_t, sin_t = self._rope_for(cache.max_len)
         gather = positions.clamp(min=0)
         cos = cos_t[gather].to(self.dtype)[:, None]  # [B,1,S,D]
         sin = sin_t[gather].to(self.dtype)[:, None]
-        mask = attention_mask(positions, max_pos + 1 if max_pos >= 0 else 1, self.spec.sliding_window)
+        kv_len = max_pos + 1 if max_pos >= 0 else 1
+        masks: dict[int | None, torch.Tensor | None] = {}  # per distinct window of this stage's layers
+        layer_masks = []
+        for layer in self.span.layers():
+            window = self.spec.layer_window(layer)
+            if window not in masks:
+                masks[window] = None if causal else attention_mask(positions, kv_len, window)
+            layer_masks.append(masks[window])
 
+        w = self.weights
         if self.is_first:
-            h = F.embedding(x.to(self.device), self.weights.embed)
+            assert w.embed is not None  # checked in __init__
+            h = F.embedding(x.to(self.device), w.embed)
         else:
             h = x.to(device=self.device, dtype=self.dtype)
+        layer_fn = graphs.prefill_layer() if graphs is not None else decoder_layer  # CUDA: compiled
         for i, lw in enumerate(self.weights.layers):
-            h = decoder_layer(h, lw, self.spec, cos, sin, cache.k[i], cache.v[i], write_idx, mask)
+            h = layer_fn(
+                h, lw, self.spec, cos, sin, cache.k[i], cache.v[i], write_idx, layer_masks[i], causal
+            )
         if not self.is_last:
             return h
         if not all_logits:
             last = positions.argmax(dim=1)  # index of each row's last valid token
             h = h[torch.arange(bsz, device=self.device), last][:, None]
-        h = rms_norm(h, self.weights.norm, self.spec.rms_eps)
-        logits = F.linear(h, self.weights.lm_head).float()
+        assert w.norm is not None and w.lm_head is not None  # checked in __init__
+        h = rms_norm(h, w.norm, self.spec.rms_eps)
+        logits = F.linear(h, w.lm_head).float()
         return logits if all_logits else logits[:, 0]
+
+    def _fresh_prompt(self, positions: torch.Tensor) -> bool:
+        """True when every row holds positions 0..S-1 (no padding, empty cache before them) and no
+        layer's window cuts into them: plain causal attention over the new tokens is then exact."""
+        bsz, seq = positions.shape
+        if seq < 2 or positions.device.type != "cpu":
+            return False
+        if not torch.equal(positions, torch.arange(seq).expand(bsz, seq)):
+            return False
+        windows = [self.spec.layer_window(i) for i in self.span.layers()]
+        return all(w is None or w >= seq for w in windows)
 
     # ------------------------------------------------------------------ construction
 

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.runtime.frame import FrameHeader, raw_nbytes
 
-__all__ = ["RAW", "EncodedPayload", "decode_payload", "encode_tensor", "tensor_bytes"]
+__all__ = ["RAW", "CudaStager", "EncodedPayload", "decode_payload", "encode_tensor", "tensor_bytes"]
 
 RAW = 0
 
@@ -33,7 +34,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.device.type != "cpu":
         t = t.cpu()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    if not t.numel():
+        return memoryview(b"")
+    arr: Any = t.view(torch.uint8).numpy()  # numpy arrays export the buffer protocol
+    return memoryview(arr).cast("B")
 
 
 def encode_tensor(t: torch.Tensor, codec: str = "raw", group_size: int = 0) -> EncodedPayload:
@@ -66,3 +70,43 @@ def decode_payload(h: FrameHeader, payload: memoryview, device: torch.device | s
         return codecs.decode_frame_payload(h.codec, h.group_size, h.shape, h.dtype, payload, device)
     except ValueError as e:
         raise ProtocolError(str(e)) from e
+
+
+class CudaStager:
+    """Host <-> device copies for one GPU on their own streams, off the compute stream.
+
+    ``to_device``: CPU tensor -> device on an upload stream (a pageable source is staged by the driver,
+    which overlaps its staging copies with the DMA; the call returns once the source has been read);
+    the caller's current (compute) stream waits for it with an event.
+    ``to_host``: device tensor -> pinned host tensor on the copy stream once ``after`` (an event on
+    the compute stream) has fired; returns the host tensor and an event that fires when it is
+    filled. Pinned blocks come from PyTorch's caching host allocator, which keeps a block from
+    reuse until the copies that use it have finished, so a payload can stay referenced by the
+    socket writer for as long as it needs.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.copy_stream = torch.cuda.Stream(self.device)  # device -> host (waits on compute events)
+        self.h2d_stream = torch.cuda.Stream(self.device)  # host -> device (never waits on compute)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.h2d_stream):
+            dev = torch.empty(x.shape, dtype=x.dtype, device=self.device)  # from the h2d stream's pool
+            dev.copy_(x, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.h2d_stream)
+        compute.wait_event(ready)
+        dev.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        return dev
+
+    def to_host(self, t: torch.Tensor, after: torch.cuda.Event) -> tuple[torch.Tensor, torch.cuda.Event]:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(after)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.copy_stream)
+        t.record_stream(self.copy_stream)
+        return host, done

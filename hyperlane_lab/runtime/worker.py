@@ -26,6 +26,7 @@ from hyperlane_lab.generation.sampling import Sampler
 from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
 from hyperlane_lab.types import SamplingParams
@@ -123,6 +124,7 @@ class Worker:
         self.pool = BufferPool()
         self.profile: dict[str, float] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="hyperlane-compute")
+        self._gpu: GpuStepper | None = None  # created on the compute thread for a CUDA engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._pongs: dict[int, asyncio.Future[float]] = {}
@@ -151,6 +153,8 @@ class Worker:
             if conn is not None and conn.transport is not None:
                 conn.transport.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
+        if self._gpu is not None:
+            self._gpu.close()
 
     def changed(self) -> None:
         for cb in self.on_change:
@@ -164,7 +168,11 @@ class Worker:
         total, free = device_memory(device or self.device)
         limit = self.config.memory_limit
         if limit:
-            used = self.engine.weights.nbytes() if self.engine is not None and hasattr(self.engine, "weights") else 0
+            used = (
+                self.engine.weights.nbytes()
+                if self.engine is not None and hasattr(self.engine, "weights")
+                else 0
+            )
             total, free = min(total, limit), max(0, min(free, limit - used))
         return total, free
 
@@ -308,6 +316,13 @@ class Worker:
 
     def _run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
         h, eng = frame.header, self.engine
+        if uses_gpu_path(eng):  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
+            if self._gpu is None or self._gpu.device != eng.device:
+                if self._gpu is not None:
+                    self._gpu.close()
+                self._gpu = GpuStepper(self, eng.device)
+            self._gpu.run_step(frame, x, positions, queued_at)
+            return
         sid, step = h.session, h.step
         sess = self.sessions.get(sid)
         t0 = time.perf_counter()

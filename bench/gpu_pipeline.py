@@ -1,0 +1,486 @@
+"""GPU speed of the torch engine, in process and split over worker processes (one per GPU).
+
+Parts (``--parts``, comma-separated):
+  1gpu    Llama-2-7B shape, random fp16, batch 1, in process: decode tok/s (eager / CUDA graph /
+          graph + torch.compile), device-only step time, prefill 512 and 2048 tok/s, the weight-read
+          roofline (bytes a decode step must read / device-to-device copy bandwidth, both measured
+          here), per-linear GEMV bandwidth, and a kernel-time profile of one decode step.
+  hf      transformers: random-init ``LlamaForCausalLM`` (fp16, same GPU): eager ``generate`` and a
+          forward loop (decode), and prefill forwards.
+  split2, split4
+          the same model over 2 / 4 worker processes (LocalCluster, TCP over loopback): batch-1
+          decode, prefill 512/2048, throughput with m = 1, 2, 4, 8, 16 sequences in flight
+          (concurrent generate calls), per-hop overhead vs a raw-socket round trip of the same
+          payload, bubble % from the traces vs (p-1)/(m+p-1), simulator predictions.
+  70b     Llama-2-70B shape over 4 worker processes, with its split roofline.
+On CPU (or ``--model bundled``) the same code runs on the bundled tiny model's shape (smoke test).
+
+Writes JSON to ``--out`` (default ``$OUT/gpu_pipeline.json`` or ``bench/out/gpu_pipeline.json``);
+parts already in that file are kept. Prints a markdown table last (``--table FILE ...`` prints the
+table of saved results only). Usage:
+  PYTHONPATH=$PWD python3 bench/gpu_pipeline.py --parts 1gpu,hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_pipeline_parts as parts  # bench/gpu_pipeline_parts.py: the hf, split and 70b parts
+
+from hyperlane_lab.generation.pipeline import InProcessPipeline
+from hyperlane_lab.models import PRESETS, ModelSpec, TorchStage, bundled_model_path
+from hyperlane_lab.types import LayerSpan
+
+CUDA = torch.cuda.is_available()
+med = statistics.median
+SAVE: list[Any] = []  # main() puts a function here that writes the results so far
+
+
+# ---------------------------------------------------------------------- shared measurements
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str = "cuda:0", nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (median of ``reps``)."""
+    if not CUDA:
+        return 0.0
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / med(times)
+
+
+def spec_for(name: str) -> ModelSpec:
+    return ModelSpec.from_pretrained(bundled_model_path()) if name == "bundled" else PRESETS[name]
+
+
+def stage_read_bytes(spec: ModelSpec, span: LayerSpan, itemsize: int = 2) -> int:
+    """Bytes of weights one decode step must read: the span's layers, plus the final norm and LM head
+    on the last stage (the embedding table is not read: one row per token)."""
+    h, d, f = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    per_layer = (spec.n_heads + 2 * spec.n_kv_heads) * d * h + h * spec.n_heads * d + 3 * h * f + 2 * h
+    if spec.qkv_bias:
+        per_layer += (spec.n_heads + 2 * spec.n_kv_heads) * d
+    n = per_layer * len(span)
+    if span.end == spec.n_layers:
+        n += spec.vocab_size * h + h
+    return n * itemsize
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def gen_decode(model: Any, prompt: list[int], n: int, reps: int) -> dict[str, Any]:
+    model.generate(prompt, max_tokens=n)  # warm-up (captures graphs, fills pools)
+    rates = [model.generate(prompt, max_tokens=n).timings.decode_tokens_per_s for _ in range(reps)]
+    return {"tok_s": med(rates), "runs": rates, "prompt": len(prompt), "new_tokens": n}
+
+
+def gen_prefill(model: Any, length: int, vocab: int, reps: int) -> dict[str, Any]:
+    ids = prompt_ids(length, vocab, seed=length)
+    model.generate(ids, max_tokens=1)
+    times = [model.generate(ids, max_tokens=1).timings.prefill_s for _ in range(reps)]
+    return {"tok_s": length / med(times), "prefill_s": med(times), "runs_s": times}
+
+
+# ---------------------------------------------------------------------- 1 GPU, in process
+
+
+def device_step_s(stage: TorchStage, steps: int = 50) -> float:
+    """Per decode step with the host free to run ahead (no token read back): device time when the
+    host enqueues faster than the GPU computes."""
+    sid = uuid.uuid4().hex
+    stage.open_session(sid, 1, 40 + steps + 8)
+    stage.forward(sid, torch.tensor([prompt_ids(32, stage.spec.vocab_size)]), torch.arange(32)[None])
+    x = torch.tensor([[7]])
+    for k in range(5):
+        stage.forward(sid, x, torch.tensor([[32 + k]]))
+    sync()
+    t0 = time.perf_counter()
+    for k in range(steps):
+        stage.forward(sid, x, torch.tensor([[37 + k]]))
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    stage.close_session(sid)
+    return dt
+
+
+def matmul_flops(n: int = 8192, reps: int = 10) -> float:
+    """fp16 n x n x n matrix product rate on random data (the compute ceiling for prefill)."""
+    a = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    for _ in range(3):
+        a @ b
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        a @ b
+    e1.record()
+    e1.synchronize()
+    return 2 * n**3 * reps / (e0.elapsed_time(e1) / 1e3)
+
+
+def prefill_device_s(stage: TorchStage, length: int, reps: int = 5) -> float:
+    """Seconds per prefill of ``length`` tokens, back to back without reading results (GPU time when
+    the host enqueues faster than the GPU runs)."""
+    ids = torch.tensor([prompt_ids(length, stage.spec.vocab_size, seed=length)])
+    pos = torch.arange(length)[None]
+    sids = [uuid.uuid4().hex for _ in range(reps + 1)]
+    for sid in sids:
+        stage.open_session(sid, 1, length + 1)
+    stage.forward(sids[0], ids, pos)
+    sync()
+    t0 = time.perf_counter()
+    for sid in sids[1:]:
+        stage.forward(sid, ids, pos)
+    sync()
+    dt = (time.perf_counter() - t0) / reps
+    for sid in sids:
+        stage.close_session(sid)
+    return dt
+
+
+def _is_kernel(e: Any) -> bool:
+    """A device-side event (a kernel or copy), not an operator that launched it."""
+    kind = getattr(e, "device_type", None)
+    return kind is None or kind == torch.autograd.DeviceType.CUDA
+
+
+def prefill_profile(stage: TorchStage, length: int) -> dict[str, Any]:
+    """One prefill under torch.profiler: wall time vs summed kernel time (host- or GPU-bound?)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.tensor([prompt_ids(length, stage.spec.vocab_size, seed=length)])
+    pos = torch.arange(length)[None]
+    sid = uuid.uuid4().hex
+    stage.open_session(sid, 1, length + 1)
+    stage.forward(sid, ids, pos)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        stage.forward(sid, ids, pos)
+        sync()
+        wall = time.perf_counter() - t0
+    stage.close_session(sid)
+    kern, cpu = [], []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count and _is_kernel(e):
+            kern.append((e.key[:80], round(t, 1), e.count))
+        if e.self_cpu_time_total > 0:
+            cpu.append((e.key[:60], round(e.self_cpu_time_total, 1), e.count))
+    kern.sort(key=lambda r: -r[1])
+    cpu.sort(key=lambda r: -r[1])
+    kernel_us = sum(k[1] for k in kern)
+    return {
+        "wall_us": wall * 1e6,
+        "kernel_us_lower_bound": kernel_us,
+        "top_kernels": kern[:10],
+        "top_cpu": cpu[:10],
+    }
+
+
+def gemv_bandwidth(spec: ModelSpec, bw: float) -> dict[str, Any]:
+    """cuBLAS bandwidth of each decode linear (x [1,1,K] @ W[N,K]^T), rotating weight copies."""
+    h, d, f = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    shapes = {
+        "wqkv": ((spec.n_heads + 2 * spec.n_kv_heads) * d, h),
+        "wo": (h, spec.n_heads * d),
+        "w_gate_up": (2 * f, h),
+        "w_down": (h, f),
+        "lm_head": (spec.vocab_size, h),
+    }
+    out = {}
+    for name, (n, k) in shapes.items():
+        copies = max(2, -(-(512 << 20) // (n * k * 2)))  # > 10x the L2
+        ws = [torch.empty(n, k, dtype=torch.float16, device="cuda").normal_(0, 0.02) for _ in range(copies)]
+        x = torch.randn(1, 1, k, dtype=torch.float16, device="cuda")
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 4 * copies
+        a.record()
+        for i in range(reps):
+            torch.nn.functional.linear(x, ws[i % copies])
+        b.record()
+        b.synchronize()
+        t = a.elapsed_time(b) / 1e3 / reps
+        out[name] = {
+            "shape": [n, k],
+            "us": t * 1e6,
+            "bytes_per_s": n * k * 2 / t,
+            "of_copy_bw": n * k * 2 / t / bw,
+        }
+        del ws
+    torch.cuda.empty_cache()
+    return out
+
+
+def kernel_profile(stage: TorchStage, steps: int = 5) -> dict[str, Any]:
+    """Kernel time per decode step by kernel (torch.profiler), for the stage's current mode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sid = uuid.uuid4().hex
+    stage.open_session(sid, 1, 64)
+    stage.forward(sid, torch.tensor([prompt_ids(16, stage.spec.vocab_size)]), torch.arange(16)[None])
+    x = torch.tensor([[7]])
+    for k in range(3):
+        stage.forward(sid, x, torch.tensor([[16 + k]]))
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            stage.forward(sid, x, torch.tensor([[19 + k]]))
+        sync()
+    stage.close_session(sid)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count > 0 and _is_kernel(e):
+            rows.append((e.key, t / steps, e.count // steps))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    gemm = sum(
+        r[1]
+        for r in rows
+        if any(s in r[0].lower() for s in ("gemm", "gemv", "xmma", "cutlass", "splitk", "nvjet"))
+    )
+    return {
+        "kernel_us_per_step": total,
+        "gemm_us_per_step": gemm,
+        "kernels_per_step": sum(r[2] for r in rows),
+        "top": [{"kernel": k[:90], "us_per_step": round(t, 1), "calls_per_step": c} for k, t, c in rows[:12]],
+    }
+
+
+def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    spec = spec_for(args.model)
+    dev = "cuda:0" if CUDA else "cpu"
+    dtype = torch.float16 if CUDA else torch.float32
+    t0 = time.perf_counter()
+    stage = TorchStage.random(spec, LayerSpan(0, spec.n_layers), seed=0, dtype=dtype, device=dev)
+    sync()
+    out: dict[str, Any] = {"model": args.model, "build_s": time.perf_counter() - t0}
+    out["weight_bytes"] = stage.weights.nbytes()
+    out["read_bytes_per_step"] = stage_read_bytes(spec, LayerSpan(0, spec.n_layers), dtype.itemsize)
+    bw = copy_bandwidth() if CUDA else 0.0
+    out["copy_bw"] = bw
+    if bw:
+        out["roofline_tok_s"] = bw / out["read_bytes_per_step"]
+        out["roofline_all_weights_tok_s"] = bw / out["weight_bytes"]
+    pipe = InProcessPipeline([stage], None, spec)
+    prompt = prompt_ids(32, spec.vocab_size)
+    n = args.decode_tokens
+    known = {"eager": (False, False), "graph": (True, False), "graph_compile": (True, True)}
+    names = args.variants.split(",") if CUDA else ["eager"]
+    variants = {k: known[k] for k in names}
+    out["decode"] = {}
+    for name, (graphs, comp) in variants.items():
+        stage.cuda_graphs = graphs
+        if graphs:
+            stage.graph_decoder().configure(comp)
+        try:
+            t1 = time.perf_counter()
+            d = gen_decode(pipe, prompt, n, args.reps)
+            d["first_call_s"] = time.perf_counter() - t1
+            d["device_step_s"] = device_step_s(stage)
+            if CUDA and args.profile:
+                d["profile"] = kernel_profile(stage)
+            if graphs and stage.graph_decoder()._broken:
+                d["note"] = "graph capture failed; ran eagerly"
+        except Exception as e:  # keep the other variants
+            d = {"error": f"{type(e).__name__}: {e}"}
+        out["decode"][name] = d
+        print(f"  decode {name}: {d.get('tok_s', d.get('error'))}", flush=True)
+        res["1gpu"] = out
+        for f in SAVE:
+            f()
+    ok = {k: v for k, v in out["decode"].items() if "tok_s" in v}
+    best = max(ok, key=lambda k: ok[k]["tok_s"])
+    out["best_decode"] = best
+    graphs, comp = variants[best]
+    stage.cuda_graphs = graphs
+    if graphs:
+        stage.graph_decoder().configure(comp)
+    out["prefill"] = {str(s): gen_prefill(pipe, s, spec.vocab_size, args.reps) for s in args.prefill}
+    if CUDA:
+        for s in args.prefill:
+            out["prefill"][str(s)]["device_s"] = prefill_device_s(stage, s)
+        out["matmul_flops"] = matmul_flops()
+        if args.profile:
+            try:
+                out["prefill_profile_512"] = prefill_profile(stage, 512)
+            except Exception as e:
+                out["prefill_profile_512"] = {"error": str(e)}
+        if args.gemv:
+            out["gemv"] = gemv_bandwidth(spec, bw)
+    del pipe, stage
+    import gc
+
+    gc.collect()  # the stage and its graph decoder reference each other
+    if CUDA:
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------------- table
+
+
+def table(res: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+    card = res.get("meta", {}).get("gpus", ["cpu"])
+    g1, hf = res.get("1gpu"), res.get("hf")
+    if g1:
+        best = g1["decode"].get(g1["best_decode"], {})
+        for k, v in g1["decode"].items():
+            if "tok_s" in v:
+                rows.append(
+                    (
+                        f"1 GPU decode ({k})",
+                        f"{v['tok_s']:.1f} tok/s",
+                        f"device step {v['device_step_s'] * 1e3:.2f} ms",
+                        "",
+                    )
+                )
+        if "roofline_tok_s" in g1:
+            r = best["tok_s"] / g1["roofline_tok_s"]
+            rows.append(
+                (
+                    "  vs weight-read roofline",
+                    f"{r:.1%}",
+                    f"roofline {g1['roofline_tok_s']:.0f} tok/s @ {g1['copy_bw'] / 1e12:.2f} TB/s",
+                    "PASS" if r >= 0.81 else "MISS (goal 81%)",
+                )
+            )
+        for s, v in g1["prefill"].items():
+            goal = ("PASS" if v["tok_s"] >= 20100 else "MISS (goal 20,100)") if s == "512" else ""
+            dev = f"device-only {int(s) / v['device_s']:.0f} tok/s" if v.get("device_s") else ""
+            rows.append((f"1 GPU prefill {s}", f"{v['tok_s']:.0f} tok/s", dev, goal))
+        if hf:
+            for key, ours in (
+                ("decode_generate", best.get("tok_s")),
+                ("prefill_512", g1["prefill"].get("512", {}).get("tok_s")),
+            ):
+                ref = hf.get(key, {}).get("tok_s")
+                if ref and ours:
+                    rows.append(
+                        (
+                            f"  vs transformers {key}",
+                            f"{ours / ref:.1f}x",
+                            f"hf {ref:.1f} tok/s",
+                            "PASS" if ours / ref >= 10 else "MISS (goal 10x)",
+                        )
+                    )
+    for key in ("split2", "split4", "70b"):
+        rows += parts.table_rows(key, res.get(key), g1)
+    lines = [f"GPU: {', '.join(card)}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="1gpu,hf" if CUDA else "1gpu,split2")
+    ap.add_argument("--model", default="llama-2-7b" if CUDA else "bundled")
+    ap.add_argument("--decode-tokens", type=int, default=128 if CUDA else 16)
+    ap.add_argument(
+        "--prefill", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048] if CUDA else [64]
+    )
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ms", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    ap.add_argument("--compile", choices=["0", "1"], default=os.environ.get("HYPERLANE_COMPILE", "1"))
+    ap.add_argument("--profile", type=int, default=1)
+    ap.add_argument("--gemv", type=int, default=1)
+    ap.add_argument("--variants", default="eager,graph,graph_compile", help="1gpu decode variants")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--table", nargs="*", help="print the table of saved JSON files and exit")
+    args = ap.parse_args()
+    if args.table is not None:
+        merged: dict[str, Any] = {}
+        for f in args.table:
+            merged.update(json.loads(Path(f).read_text()))
+        print(table(merged))
+        return 0
+    os.environ["HYPERLANE_COMPILE"] = args.compile  # worker processes inherit it
+    out_dir = os.environ.get("OUT")
+    path = Path(
+        args.out
+        or (
+            Path(out_dir) / "gpu_pipeline.json"
+            if out_dir
+            else Path(__file__).parent / "out" / "gpu_pipeline.json"
+        )
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    res["meta"] = {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if CUDA
+        else ["cpu"],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "compile_in_workers": args.compile,
+        "command": " ".join(sys.argv),
+    }
+
+    def save() -> None:
+        path.write_text(json.dumps(res, indent=1, default=str))
+
+    SAVE.append(save)
+    funcs = {
+        "1gpu": part_1gpu,
+        "hf": parts.part_hf,
+        "split2": parts.part_split,
+        "split4": parts.part_split,
+        "70b": parts.part_70b,
+    }
+    for name in args.parts.split(","):
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            res[name] = (
+                funcs[name](args, res)
+                if name not in ("split2", "split4")
+                else parts.part_split(args, res, int(name[-1]))
+            )
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            res[name] = {**(res.get(name) or {}), "error": f"{type(e).__name__}: {e}"}
+        res[name]["part_s"] = time.perf_counter() - t0
+        save()  # partial results survive a timeout
+    print(f"wrote {path}")
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,491 @@
+"""Parts of bench/gpu_pipeline.py: transformers baselines, split runs over worker processes, 70B.
+
+Trace times: workers on one host share CLOCK_MONOTONIC (``time.perf_counter``), so the raw worker
+times are read straight from GetTrace (no clock-offset estimate, whose error would be larger than
+the hop times being measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from hyperlane_lab.types import EventKind, TraceEvent
+
+med = statistics.median
+CUDA = torch.cuda.is_available()
+
+
+def _main() -> Any:
+    return sys.modules.get("__main__")
+
+
+def _save() -> None:
+    for f in getattr(_main(), "SAVE", []):
+        f()
+
+
+# ---------------------------------------------------------------------- transformers baseline
+
+
+def part_hf(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = _main()
+    spec = m.spec_for(args.model)
+    cfg = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads,
+        num_key_value_heads=spec.n_kv_heads,
+        head_dim=spec.head_dim,
+        rms_norm_eps=spec.rms_eps,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    dev = "cuda:0" if CUDA else "cpu"
+    dtype = torch.float16 if CUDA else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    out: dict[str, Any] = {
+        "attn_implementation": str(getattr(model.config, "_attn_implementation", "?")),
+        "transformers": __import__("transformers").__version__,
+    }
+    ids = torch.tensor([m.prompt_ids(32, spec.vocab_size)], device=dev)
+    n = min(args.decode_tokens, 64)
+
+    def gen(k: int) -> float:
+        m.sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        m.sync()
+        return time.perf_counter() - t0
+
+    gen(n)
+    t1 = med([gen(1) for _ in range(args.reps)])
+    tn = med([gen(n) for _ in range(args.reps)])
+    out["decode_generate"] = {"tok_s": (n - 1) / (tn - t1), "new_tokens": n, "t1_s": t1, "tn_s": tn}
+
+    def loop(k: int) -> float:
+        with torch.no_grad():
+            o = model(ids, use_cache=True)
+            past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            m.sync()
+            t0 = time.perf_counter()
+            for _ in range(k):
+                o = model(tok, past_key_values=past, use_cache=True)
+                past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                int(tok)  # the token leaves the GPU every step, as in a generation loop
+            return (time.perf_counter() - t0) / k
+
+    loop(4)
+    out["decode_forward_loop"] = {"tok_s": 1 / med([loop(n) for _ in range(args.reps)])}
+    for s in args.prefill:
+        x = torch.tensor([m.prompt_ids(s, spec.vocab_size, seed=s)], device=dev)
+
+        def fwd(x: torch.Tensor = x) -> float:
+            m.sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                try:
+                    model(x, use_cache=True, logits_to_keep=1)
+                except TypeError:
+                    model(x, use_cache=True)
+            m.sync()
+            return time.perf_counter() - t0
+
+        fwd()
+        out[f"prefill_{s}"] = {"tok_s": s / med([fwd() for _ in range(args.reps)])}
+        print(f"  hf prefill {s}: {out[f'prefill_{s}']['tok_s']:.0f}", flush=True)
+    print(
+        f"  hf decode: generate {out['decode_generate']['tok_s']:.1f}, loop {out['decode_forward_loop']['tok_s']:.1f}"
+    )
+    model = None  # free it before the next part
+    if CUDA:
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------------- traces
+
+
+def fetch_events(model: Any) -> list[TraceEvent]:
+    """Every stage's events since the last fetch (cleared on the workers), raw worker times."""
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    events = []
+    for i, c in enumerate(model.clients):
+        reply = c.call("GetTrace", pb.GetTraceRequest(since_seq=0, clear=True))
+        for r in reply.events:
+            events.append(
+                TraceEvent(
+                    stage=i,
+                    kind=EventKind(r.kind),
+                    start=r.start,
+                    end=r.end,
+                    session=r.session,
+                    step=r.step,
+                    nbytes=r.nbytes,
+                    tokens=r.tokens,
+                )
+            )
+    return events
+
+
+def per_stage_compute(events: list[TraceEvent], p: int, decode: bool = True) -> list[float]:
+    """Median compute time per stage for decode (step >= 1) or prefill (step 0) steps."""
+    out = []
+    for i in range(p):
+        ts = [
+            e.end - e.start
+            for e in events
+            if e.kind == EventKind.COMPUTE and e.stage == i and (e.step >= 1) == decode
+        ]
+        out.append(med(ts) if ts else 0.0)
+    return out
+
+
+def stage_gaps(events: list[TraceEvent], p: int) -> list[float]:
+    """Median time from stage i's compute end to stage i+1's compute start, same (session, step)."""
+    comp = {(e.stage, e.session, e.step): e for e in events if e.kind == EventKind.COMPUTE and e.step >= 1}
+    gaps = []
+    for i in range(p - 1):
+        g = [
+            comp[(i + 1, s, k)].start - e.end
+            for (st, s, k), e in comp.items()
+            if st == i and (i + 1, s, k) in comp
+        ]
+        gaps.append(med(g) if g else 0.0)
+    return gaps
+
+
+def window_stats(events: list[TraceEvent], p: int) -> dict[str, Any]:
+    """Decode throughput and per-stage busy share while every session is decoding."""
+    comp = [e for e in events if e.kind == EventKind.COMPUTE and e.step >= 1]
+    sess = {e.session for e in comp}
+    if not comp:
+        return {}
+    first = {s: min(e.start for e in comp if e.session == s and e.stage == 0) for s in sess}
+    last = {s: max(e.end for e in comp if e.session == s and e.stage == p - 1) for s in sess}
+    t0, t1 = max(first.values()), min(last.values())
+    overlapped = t1 - t0 > 0.3 * (max(last.values()) - min(first.values()))
+    if not overlapped:
+        t0, t1 = min(first.values()), max(last.values())
+    n = sum(1 for e in comp if e.stage == p - 1 and t0 <= e.end <= t1)
+    busy = [
+        sum(max(0.0, min(e.end, t1) - max(e.start, t0)) for e in comp if e.stage == i) / (t1 - t0)
+        for i in range(p)
+    ]
+    return {
+        "tok_s": n / (t1 - t0),
+        "window_s": t1 - t0,
+        "tokens": n,
+        "all_overlapped": overlapped,
+        "busy": busy,
+        "bubble": [1 - b for b in busy],
+    }
+
+
+def simulate(
+    decode_s: list[float], prefill_s: list[float], hop_s: float, m: int, steps: int
+) -> dict[str, Any]:
+    """The planning simulator with the measured m=1 stage times and hop time (analytic if absent)."""
+    p = len(decode_s)
+    try:
+        from hyperlane_lab.planning.simulator import PipelineTimes
+        from hyperlane_lab.planning.simulator import simulate as sim
+    except ImportError:
+        cycle = sum(decode_s) + (p + 1) * hop_s
+        tput = min(m / cycle, 1 / max(decode_s))
+        return {"tok_s": tput, "bubble": [1 - tput * d for d in decode_s], "source": "analytic"}
+    z = (0.0,) * (p + 1)
+    times = PipelineTimes(tuple(prefill_s), tuple(decode_s), (hop_s,) * (p + 1), z, z)
+    r = sim(times, m, steps)
+    w = window_stats(list(r.events), p)
+    return {
+        "tok_s": w.get("tok_s", r.summary.decode_tokens_per_s),
+        "bubble": w.get("bubble"),
+        "latency_per_token_s": r.summary.latency_per_token_s,
+        "source": "planning.simulator",
+    }
+
+
+# ---------------------------------------------------------------------- raw socket baseline
+
+_ECHO = r"""
+import socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+n = int(sys.argv[1]); buf = bytearray(n); view = memoryview(buf)
+while True:
+    got = 0
+    while got < n:
+        r = c.recv_into(view[got:])
+        if not r:
+            sys.exit(0)
+        got += r
+    c.sendall(view)
+"""
+
+
+def raw_socket_rtt(nbytes: int, reps: int = 2000) -> float:
+    """Median round trip of ``nbytes`` over loopback TCP between two processes (plain sockets)."""
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO, str(nbytes)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload, buf = bytes(nbytes), bytearray(nbytes)
+        view, times = memoryview(buf), []
+        for i in range(reps + 100):
+            t0 = time.perf_counter()
+            s.sendall(payload)
+            got = 0
+            while got < nbytes:
+                got += s.recv_into(view[got:])
+            if i >= 100:
+                times.append(time.perf_counter() - t0)
+        s.close()
+        return med(times)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------- split runs
+
+
+def _concurrent(model: Any, m: int, k: int, vocab: int) -> list[Any]:
+    mm = _main()
+    prompts = [mm.prompt_ids(32, vocab, seed=100 + i) for i in range(m)]
+    barrier = threading.Barrier(m)
+
+    def one(i: int) -> Any:
+        barrier.wait()
+        return model.generate(prompts[i], max_tokens=k)
+
+    with ThreadPoolExecutor(m) as ex:
+        return list(ex.map(one, range(m)))
+
+
+def run_split(
+    args: argparse.Namespace,
+    model_name: str,
+    p: int,
+    ms: list[int],
+    n_decode: int,
+    prefill: list[int],
+    bw: float,
+    out: dict[str, Any],
+) -> dict[str, Any]:
+    """Fills ``out`` as it goes, so partial results survive a failure."""
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+
+    mm = _main()
+    spec = mm.spec_for(model_name)
+    ngpu = torch.cuda.device_count() if CUDA else 0
+    devices = [f"cuda:{i % ngpu}" for i in range(p)] if ngpu else ["cpu"] * p
+    out.update({"model": model_name, "stages": p, "devices": devices})
+    t0 = time.perf_counter()
+    with LocalCluster(p, devices=devices, startup_timeout=180) as cl:
+        source = None if model_name == "bundled" else model_name
+        with AutoDistributedModel.from_pretrained(
+            source,
+            workers=cl.addresses,
+            random_weights=True,
+            dtype="fp16" if CUDA else "fp32",
+            progress=False,
+        ) as model:
+            out["load_s"] = time.perf_counter() - t0
+            spans = [st.span for st in model.plan.stages]
+            out["spans"] = [[s.start, s.end] for s in spans]
+            itemsize = 2 if CUDA else 4
+            read = [mm.stage_read_bytes(spec, s, itemsize) for s in spans]
+            out["read_bytes_per_stage"] = read
+            if bw:
+                out["copy_bw"] = bw
+                out["roofline_tok_s"] = bw / sum(read)  # batch 1: the stages run one after another
+                out["roofline_throughput_tok_s"] = bw / max(read)  # every stage busy
+            prompt = mm.prompt_ids(32, spec.vocab_size)
+            fetch_events(model)
+            out["decode"] = mm.gen_decode(model, prompt, n_decode, args.reps)
+            ev = fetch_events(model)
+            dec, pre = per_stage_compute(ev, p), per_stage_compute(ev, p, decode=False)
+            step = 1 / out["decode"]["tok_s"]
+            hop = max(0.0, (step - sum(dec)) / (p + 1))
+            hidden_bytes = spec.hidden_size * itemsize
+            rtt = raw_socket_rtt(64 + 8 + hidden_bytes)
+            out["stage_decode_s"], out["stage_prefill32_s"] = dec, pre
+            out["hops"] = {
+                "per_hop_s": hop,
+                "stage_to_stage_gap_s": stage_gaps(ev, p),
+                "raw_rtt_s": rtt,
+                "raw_one_way_s": rtt / 2,
+                "excess_over_rtt_s": hop - rtt,
+                "excess_over_one_way_s": hop - rtt / 2,
+                "payload_bytes": 64 + 8 + hidden_bytes,
+            }
+            print(
+                f"  p={p} decode {out['decode']['tok_s']:.1f} tok/s, stages {[round(d * 1e3, 3) for d in dec]} ms, "
+                f"hop {hop * 1e6:.0f} us, raw rtt {rtt * 1e6:.0f} us",
+                flush=True,
+            )
+            out["sim_batch1"] = simulate(dec, pre, hop, 1, n_decode)
+            _save()
+            out["prefill"] = {str(s): mm.gen_prefill(model, s, spec.vocab_size, args.reps) for s in prefill}
+            fetch_events(model)
+            k = max(16, n_decode // 2)
+            if ms:
+                _concurrent(model, max(ms), 8, spec.vocab_size)  # capture a graph per session once (pooled)
+            out["concurrency"] = {}
+            for m in ms:
+                fetch_events(model)
+                t1 = time.perf_counter()
+                try:
+                    results = _concurrent(model, m, k, spec.vocab_size)
+                except Exception as e:
+                    out["concurrency"][str(m)] = {"error": f"{type(e).__name__}: {e}"[:400]}
+                    print(f"  m={m}: {e}", flush=True)
+                    continue
+                wall = time.perf_counter() - t1
+                ev = fetch_events(model)
+                w = window_stats(ev, p)
+                w["wall_tok_s"] = sum(len(r.token_ids) for r in results) / wall
+                w["gpipe_bubble"] = (p - 1) / (m + p - 1)
+                w["target_tok_s"] = 1 / max(dec)
+                w["sim"] = simulate(dec, pre, hop, m, k)
+                out["concurrency"][str(m)] = w
+                _save()
+                print(
+                    f"  m={m}: {w.get('tok_s', 0):.1f} tok/s (target {w['target_tok_s']:.1f}), "
+                    f"bubble {[round(b, 3) for b in w.get('bubble', [])]}",
+                    flush=True,
+                )
+    return out
+
+
+def part_split(args: argparse.Namespace, res: dict[str, Any], p: int) -> dict[str, Any]:
+    mm = _main()
+    # the copy bandwidth of this run's 1gpu part (measured on an idle GPU) when there is one
+    bw = (res.get("1gpu") or {}).get("copy_bw") or res.get("meta", {}).get("copy_bw")
+    bw = bw or (mm.copy_bandwidth() if CUDA else 0.0)
+    res.setdefault("meta", {})["copy_bw"] = bw
+    out: dict[str, Any] = {}
+    res[f"split{p}"] = out
+    return run_split(args, args.model, p, args.ms, args.decode_tokens, args.prefill, bw, out)
+
+
+def part_70b(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    mm = _main()
+    # the copy bandwidth of this run's 1gpu part (measured on an idle GPU) when there is one
+    bw = (res.get("1gpu") or {}).get("copy_bw") or res.get("meta", {}).get("copy_bw")
+    bw = bw or (mm.copy_bandwidth() if CUDA else 0.0)
+    res.setdefault("meta", {})["copy_bw"] = bw
+    name = "llama-2-70b" if CUDA and args.model != "bundled" else "bundled"
+    out: dict[str, Any] = {}
+    res["70b"] = out
+    return run_split(
+        args, name, 4, [4, 8, 16], min(args.decode_tokens, 32), [512] if CUDA else args.prefill, bw, out
+    )
+
+
+# ---------------------------------------------------------------------- table rows
+
+
+def table_rows(
+    key: str, r: dict[str, Any] | None, g1: dict[str, Any] | None
+) -> list[tuple[str, str, str, str]]:
+    if not r:
+        return []
+    if "error" in r:
+        return [(key, "error", r["error"][:80], "")]
+    rows = []
+    dec = r["decode"]["tok_s"]
+    if key == "70b":
+        roof = r.get("roofline_tok_s")
+        if roof:
+            rows.append(
+                (
+                    "70B over 4 GPUs decode",
+                    f"{dec:.1f} tok/s",
+                    f"{dec / roof:.1%} of split roofline {roof:.1f}",
+                    "PASS" if dec / roof >= 0.5 else "MISS (goal 50%)",
+                )
+            )
+    else:
+        ref = g1["decode"][g1["best_decode"]]["tok_s"] if g1 else None
+        rows.append(
+            (
+                f"{key} decode",
+                f"{dec:.1f} tok/s",
+                f"{dec / ref:.1%} of 1 GPU" if ref else "",
+                ("PASS" if dec / ref >= 0.95 else "MISS (goal 95%)") if ref else "",
+            )
+        )
+        for s, v in r.get("prefill", {}).items():
+            ref_p = g1["prefill"].get(s, {}).get("tok_s") if g1 else None
+            rows.append(
+                (
+                    f"{key} prefill {s}",
+                    f"{v['tok_s']:.0f} tok/s",
+                    f"{v['tok_s'] / ref_p:.1%} of 1 GPU" if ref_p else "",
+                    ("PASS" if v["tok_s"] / ref_p >= 0.9 else "MISS (goal 90%)") if ref_p else "",
+                )
+            )
+    h = r.get("hops", {})
+    if h:
+        rows.append(
+            (
+                f"{key} per-hop time",
+                f"{h['per_hop_s'] * 1e6:.0f} us",
+                f"raw RTT {h['raw_rtt_s'] * 1e6:.0f} us; stage gaps {[round(g * 1e6) for g in h['stage_to_stage_gap_s']]} us",
+                "PASS" if h["excess_over_rtt_s"] <= 100e-6 else "MISS (goal <= RTT + 100 us)",
+            )
+        )
+    for m, w in r.get("concurrency", {}).items():
+        if "tok_s" not in w:
+            continue
+        p = r["stages"]
+        ratio = w["tok_s"] / w["target_tok_s"]
+        goal = ("PASS" if ratio >= 0.95 else "MISS (goal 95%)") if int(m) >= 4 * p else ""
+        rows.append(
+            (
+                f"{key} m={m}",
+                f"{w['tok_s']:.1f} tok/s",
+                f"{ratio:.1%} of 1/slowest ({w['target_tok_s']:.1f}); sim {w['sim']['tok_s']:.1f}; "
+                f"bubble {max(w['bubble']):.1%} (sim {max(w['sim']['bubble'] or [0]):.1%}, (p-1)/(m+p-1) {w['gpipe_bubble']:.1%})",
+                goal,
+            )
+        )
+    return rows

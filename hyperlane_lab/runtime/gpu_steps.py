@@ -1,0 +1,223 @@
+"""The worker's step path on CUDA: the compute thread only *enqueues*, a completion thread ships.
+
+On the CPU a step is forward -> encode -> send, all on the compute thread. On a GPU that would
+leave the device idle while the host waits for each step's result and prepares the next, so:
+
+    compute thread:    H2D (pinned staging, copy stream) -> forward (graph replay or eager kernels
+                       on the compute stream) -> [last stage, greedy: argmax + finite flag on device]
+                       -> D2H into pinned memory on the copy stream -> hand the step over; take the
+                       next queued step at once (no host sync).
+    completion thread: wait for each step's copy event (in order), record its GPU time in the
+                       trace, build the frame and pass it to the event loop, which sends it.
+
+With several sessions in flight the GPU always has the next session's step queued behind the
+current one, while copies and socket sends of finished steps proceed in parallel. Sampled
+(non-greedy) generation and non-raw codecs run on the completion thread on a side stream, with the
+same code as the CPU path, so their results are the same as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.wire import CudaStager, encode_tensor, tensor_bytes
+
+if TYPE_CHECKING:
+    from hyperlane_lab.runtime.dataplane import Frame
+    from hyperlane_lab.runtime.worker import Worker
+
+__all__ = ["GpuStepper", "uses_gpu_path"]
+
+log = logging.getLogger(__name__)
+
+NON_FINITE = "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
+
+
+def uses_gpu_path(engine: Any) -> bool:
+    """The torch engine on a CUDA device (other engines keep the synchronous path)."""
+    dev = getattr(engine, "device", None)
+    return (
+        getattr(engine, "engine_name", "") == "torch" and isinstance(dev, torch.device) and dev.type == "cuda"
+    )
+
+
+@dataclass
+class _Pending:
+    sid: str
+    step: int
+    batch: int
+    seq: int
+    queued_at: float
+    tokens: int
+    pos_bytes: bytes
+    out: torch.Tensor  # device result (kept alive until shipped)
+    start: torch.cuda.Event  # compute stream, before forward
+    end: torch.cuda.Event  # compute stream, after forward (+ argmax)
+    host: torch.Tensor | None  # pinned copy of the payload (raw / greedy), filled by `done`
+    done: torch.cuda.Event | None
+    mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec"
+
+
+class GpuStepper:
+    """One per worker and device; ``run_step`` is called on the worker's compute thread."""
+
+    def __init__(self, worker: Worker, device: torch.device) -> None:
+        self.w = worker
+        self.device = device
+        self.stager = CudaStager(device)
+        self.side_stream = torch.cuda.Stream(device)  # completion-thread GPU work (sampling, codecs)
+        self._q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._complete_loop, name="hyperlane-complete", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    # ------------------------------------------------------------------ compute thread
+
+    def run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
+        w, h = self.w, frame.header
+        eng, sid, step = w.engine, h.session, h.step
+        sess = w.sessions.get(sid)
+        released = False
+        try:
+            if sess is None or eng is None:
+                raise ValueError(f"session {sid} was closed")
+            eng.input_shape_ok(x, positions)  # CPU tensors: id range checked here, no device sync
+            pos_np = positions.numpy().copy()  # numpy: the host is slow at tiny torch ops
+            positions = torch.from_numpy(pos_np)  # our copy: the frame buffer goes back to the pool
+            pos_bytes = pos_np.tobytes()
+            n_tok = int((pos_np >= 0).sum())
+            # a decode step replays a CUDA graph, which stages its small inputs itself (pinned
+            # buffer, one copy); larger inputs go through the upload stream
+            graphs = eng.graph_decoder() if hasattr(eng, "graph_decoder") else None
+            with torch.cuda.device(self.device):
+                x_in = x if graphs is not None and h.seq == 1 else self.stager.to_device(x)
+                compute = torch.cuda.current_stream(self.device)
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(compute)
+                out = eng.forward(sid, x_in, positions)
+                frame.body.release()  # x has been copied out (staged) by now
+                released = True
+                host = done = None
+                if eng.is_last:
+                    assert sess.sampler is not None
+                    if sess.sampler.params.greedy:
+                        # the Sampler's greedy choice and finiteness check, kept on the device
+                        bad = (~torch.isfinite(out).all()).to(torch.int64)
+                        out = torch.cat([out.argmax(dim=-1).to(torch.int64), bad[None]])
+                        mode = "greedy"
+                    else:
+                        mode = "sample"
+                else:
+                    mode = "hidden" if w.out.codec in ("raw", "none") else "codec"
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(compute)
+                if mode in ("hidden", "greedy"):
+                    host, done = self.stager.to_host(out, end)
+        except Exception as e:
+            if not released:
+                frame.body.release()
+            log.warning("stage %d: step %d of session %s failed: %s", w.stage_index, step, sid, e)
+            w._call_soon(w._forward_error, sid, step, f"stage {w.stage_index}: {e}")
+            return
+        sess.steps += 1
+        self._q.put(
+            _Pending(
+                sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, start, end, host, done, mode
+            )
+        )
+
+    # ------------------------------------------------------------------ completion thread
+
+    def _complete_loop(self) -> None:
+        while True:
+            p = self._q.get()
+            if p is None:
+                return
+            try:
+                self._complete(p)
+            except Exception as e:
+                log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
+                self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
+
+    def _complete(self, p: _Pending) -> None:
+        w = self.w
+        last = p.done if p.done is not None else p.end
+        last.synchronize()  # releases the GIL while it waits
+        t_done = time.perf_counter()
+        # place the GPU interval on the host clock: it ended when its copy (if any) began
+        tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
+        t_end = t_done - tail
+        t_start = t_end - p.start.elapsed_time(p.end) / 1e3
+        w.trace.add("queue", p.queued_at, max(p.queued_at, t_start), p.sid, p.step)
+        w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
+        if p.mode in ("greedy", "sample"):
+            sess = w.sessions.get(p.sid)
+            if p.mode == "greedy":
+                assert p.host is not None
+                if int(p.host[-1]):
+                    raise ValueError(NON_FINITE)
+                ids = p.host[:-1]
+            else:
+                if sess is None or sess.sampler is None:
+                    return  # closed meanwhile
+                with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
+                    p.out.record_stream(self.side_stream)
+                    ids = sess.sampler(p.out).to(torch.int64).contiguous()
+            t2 = time.perf_counter()
+            w.trace.add("sample", t_end, t2, p.sid, p.step)
+            if sess is None:
+                return
+            payload = [tensor_bytes(ids)]
+            header = FrameHeader(
+                FrameKind.TOKENS,
+                p.sid,
+                p.step,
+                p.batch,
+                0,
+                torch.int64,
+                0,
+                0,
+                tuple(ids.shape),
+                payload[0].nbytes,
+            )
+            w._call_soon(w._send, sess.reply_to, header, [p.pos_bytes[:0], *payload], p.sid, p.step)
+            return
+        if p.mode == "hidden":
+            assert p.host is not None
+            parts, dtype, codec, group, shape = (
+                [tensor_bytes(p.host)],
+                p.host.dtype,
+                0,
+                0,
+                tuple(p.host.shape),
+            )
+        else:  # a codec: the same encode as the CPU path, on the side stream
+            t1 = time.perf_counter()
+            with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
+                p.out.record_stream(self.side_stream)
+                enc = encode_tensor(p.out, w.out.codec, w.out.group_size)
+            w.trace.add("quantize", t1, time.perf_counter(), p.sid, p.step)
+            parts, dtype, codec, group, shape = enc.parts, enc.dtype, enc.codec, enc.group_size, enc.shape
+        header = FrameHeader(
+            FrameKind.TENSOR,
+            p.sid,
+            p.step,
+            p.batch,
+            p.seq,
+            dtype,
+            codec,
+            group,
+            shape,
+            sum(x.nbytes for x in parts),
+        )
+        w._call_soon(w._send, "", header, [p.pos_bytes, *parts], p.sid, p.step)

@@ -1,0 +1,288 @@
+"""The CUDA decode engine and the worker's GPU step path.
+
+CPU tests check the static decode step (the function the CUDA graphs capture) and the causal
+prefill shortcut against the eager float64 path. ``gpu`` tests (skipped without CUDA) check graph
+replay against eager and float64 references, pooling, random weights drawn on the device, and
+the overlapped worker path against the in-process pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import uuid
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from hyperlane_lab.models import ModelSpec, TorchStage
+from hyperlane_lab.models.cuda_decode import GraphDecoder
+from hyperlane_lab.models.layers import LayerWeights, attention_mask, decoder_layer, rope_tables
+from hyperlane_lab.models.loading import random_stage_weights
+from hyperlane_lab.models.stage import StageWeights
+from hyperlane_lab.types import LayerSpan
+
+# GQA (4 query heads over 2 KV heads), qkv bias, and a sliding window on all but layer 0
+SPEC = ModelSpec(
+    "qwen2", 3, 64, 4, 2, 16, 128, 97, 1e-6, sliding_window=6, full_attention_layers=(0,), qkv_bias=True
+)
+
+
+def _stages(
+    spec: ModelSpec, cuts: Sequence[int], dtype: torch.dtype, device: str, seed: int = 3
+) -> list[TorchStage]:
+    bounds = [0, *cuts, spec.n_layers]
+    return [
+        TorchStage.random(spec, LayerSpan(a, b), seed=seed, dtype=dtype, device=device, std=0.2)
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def _cpu64(stages: list[TorchStage]) -> list[TorchStage]:
+    """float64 CPU copies of ``stages`` (same weights: on CUDA random weights are drawn on the device)."""
+
+    def cp(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to("cpu", torch.float64)
+
+    out = []
+    for st in stages:
+        w = st.weights
+        layers = [LayerWeights(*(cp(getattr(lw, f.name)) for f in dataclasses.fields(lw))) for lw in w.layers]
+        sw = StageWeights(layers, cp(w.embed), cp(w.norm), cp(w.lm_head))
+        out.append(TorchStage(st.spec, st.span, sw, torch.float64, "cpu"))
+    return out
+
+
+def _prompt(batch_lens: Sequence[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(batch_lens)
+    ids = torch.randint(0, vocab, (len(batch_lens), width), generator=g)
+    pos = torch.full((len(batch_lens), width), -1, dtype=torch.int64)
+    for b, n in enumerate(batch_lens):
+        pos[b, :n] = torch.arange(n)
+    return ids, pos
+
+
+def _run(
+    stages: list[TorchStage], sid: str, x: torch.Tensor, pos: torch.Tensor, static: bool
+) -> torch.Tensor:
+    for st in stages:
+        if static and pos.shape[1] == 1:
+            x = (
+                GraphDecoder(st).eager_step(st.session(sid), x, pos)
+                if st.device.type == "cpu"
+                else st.forward(sid, x, pos)
+            )
+        else:
+            x = st.forward(sid, x, pos)
+    return x
+
+
+def _decode(
+    stages: list[TorchStage], lens: Sequence[int], steps: int, static: bool, max_len: int = 24
+) -> list[torch.Tensor]:
+    """Prefill then greedy decode; rows become padding (-1) after their 3rd token to cover that path."""
+    sid = uuid.uuid4().hex
+    for st in stages:
+        st.open_session(sid, len(lens), max_len)
+    ids, pos = _prompt(lens, stages[0].spec.vocab_size)
+    out = [_run(stages, sid, ids, pos, static).double().cpu()]
+    cur = torch.tensor(lens)
+    for t in range(steps):
+        nxt = out[-1].argmax(-1)[:, None]
+        p = cur[:, None].clone()
+        if t >= 3 and len(lens) > 1:
+            p[0] = -1  # row 0 finished: padding from now on
+        out.append(_run(stages, sid, nxt, p, static).double().cpu())
+        cur += 1
+    for st in stages:
+        st.close_session(sid)
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------- CPU
+
+
+def test_static_decode_step_equals_eager_float64():
+    eager = _stages(SPEC, [2], torch.float64, "cpu")
+    ref = _decode(eager, [5, 3], steps=8, static=False)
+    got = _decode(eager, [5, 3], steps=8, static=True)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        rows = slice(1, None) if i >= 4 else slice(None)  # row 0 is padding from output 4 on
+        assert _rel(a[rows], b[rows]) < 1e-12, f"step {i}"
+
+
+def test_causal_prefill_equals_masked_float64():
+    spec = SPEC
+    lw = random_stage_weights(spec, LayerSpan(0, 1), seed=1, dtype=torch.float64, std=0.2).layers[0]
+    bsz, seq, max_len = 2, 7, 10
+    pos = torch.arange(seq).expand(bsz, seq)
+    cos_t, sin_t = rope_tables(spec, max_len, "cpu")
+    cos, sin = cos_t[pos].double()[:, None], sin_t[pos].double()[:, None]
+    x = torch.randn(
+        bsz, seq, spec.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    outs, caches = [], []
+    for causal in (False, True):
+        k = torch.zeros(bsz, spec.n_kv_heads, max_len + 1, spec.head_dim, dtype=torch.float64)
+        v = torch.zeros_like(k)
+        mask = None if causal else attention_mask(pos, seq, None)
+        outs.append(decoder_layer(x, lw, spec, cos, sin, k, v, pos, mask, causal))
+        caches.append((k, v))
+    assert _rel(outs[1], outs[0]) < 1e-12
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+def test_fresh_prompt_detection():
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    assert st._fresh_prompt(torch.arange(5)[None])
+    assert not st._fresh_prompt(torch.arange(7)[None])  # the window (6) of layers 1, 2 cuts in
+    assert not st._fresh_prompt(torch.tensor([[0, 1, 2, -1]]))  # padding
+    assert not st._fresh_prompt(torch.tensor([[3, 4, 5]]))  # continues a cache
+
+
+def test_graph_decoder_pools_caches_on_cpu():
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    gd = GraphDecoder(st, pool_size=1)
+    a = gd.new_cache(2, 8)
+    a.k[0].fill_(1.0)
+    gd.release(a)
+    b = gd.new_cache(2, 8)
+    assert b is a and all(int(t.count_nonzero()) == 0 for t in b.k + b.v)  # reused, zeroed
+    c = gd.new_cache(2, 9)
+    assert c is not a
+    gd.release(a)
+    gd.release(c)  # pool_size 1: the older one (a) is dropped
+    assert gd.new_cache(2, 8) is not a
+
+
+# ---------------------------------------------------------------------- CUDA
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_graph_decode_matches_eager_and_float64(dtype):
+    fast = _stages(SPEC, [1], dtype, "cuda")
+    slow = _stages(SPEC, [1], dtype, "cuda")
+    ref = _decode(_cpu64(fast), [6, 4], steps=10, static=False)
+    for st in slow:
+        st.cuda_graphs = False
+    got = _decode(fast, [6, 4], steps=10, static=True)
+    eager = _decode(slow, [6, 4], steps=10, static=False)
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    for i, (a, b, r) in enumerate(zip(got, eager, ref)):
+        rows = slice(1, None) if i >= 4 else slice(None)
+        assert torch.isfinite(a).all()
+        assert _rel(a[rows], r[rows]) < tol, f"step {i} vs float64"
+        assert _rel(a[rows], b[rows]) < tol, f"step {i} vs eager"
+    assert all(st.graph_decoder().captures == 1 for st in fast)
+    assert all(st.graph_decoder().replays == 10 for st in fast)
+
+
+@gpu
+def test_graph_pool_reuses_graphs_and_interleaves_sessions():
+    stages = _stages(SPEC, [2], torch.float16, "cuda")
+    first = _decode(stages, [5], steps=6, static=True)
+    again = _decode(stages, [5], steps=6, static=True)  # same shape: pooled cache + graph
+    assert all(st.graph_decoder().captures == 1 for st in stages)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # two sessions stepped alternately give what each gives alone
+    sids = [uuid.uuid4().hex, uuid.uuid4().hex]
+    prompts = [_prompt([5], SPEC.vocab_size, seed=s) for s in (0, 7)]
+    alone = [_decode(stages, [5], steps=0, static=True)[0]]
+    for sid in sids:
+        for st in stages:
+            st.open_session(sid, 1, 24)
+    outs = {sid: [_run(stages, sid, *prompts[i], True).double().cpu()] for i, sid in enumerate(sids)}
+    for t in range(6):
+        for sid in sids:
+            nxt = outs[sid][-1].argmax(-1)[:, None]
+            outs[sid].append(_run(stages, sid, nxt, torch.tensor([[5 + t]]), True).double().cpu())
+    for sid in sids:
+        for st in stages:
+            st.close_session(sid)
+    assert torch.equal(outs[sids[0]][0], alone[0])
+    for a, b in zip(outs[sids[0]], first):
+        assert torch.equal(a, b)
+
+
+@gpu
+def test_bundled_model_graph_decode_matches_transformers(hf_model, tokenizer):
+    from hyperlane_lab.generation.pipeline import InProcessPipeline
+
+    pipe = InProcessPipeline.from_pretrained(None, n_stages=2, dtype="fp16", device="cuda")
+    eager = InProcessPipeline.from_pretrained(None, n_stages=2, dtype="fp16", device="cuda")
+    for st in eager.stages:
+        st.cuda_graphs = False
+    prompt = "Once upon a time"
+    res = pipe.generate(prompt, max_tokens=40)
+    assert res.token_ids == eager.generate(prompt, max_tokens=40).token_ids
+    assert sum(st.graph_decoder().replays for st in pipe.stages) >= 2 * 39
+    # teacher-forced logits of transformers (fp32, CPU) at every generated position
+    ids = torch.tensor([res.prompt_token_ids + res.token_ids])
+    with torch.no_grad():
+        ref = hf_model(ids).logits[0].double()
+    sid = uuid.uuid4().hex
+    for st in pipe.stages:
+        st.open_session(sid, 1, ids.shape[1] + 1)
+    n0 = len(res.prompt_token_ids)
+    x = _run(pipe.stages, sid, ids[:, :n0], torch.arange(n0)[None], True)
+    assert _rel(x.double().cpu()[0], ref[n0 - 1]) < 2e-2
+    for t in range(n0, ids.shape[1]):
+        x = _run(pipe.stages, sid, ids[:, t : t + 1], torch.tensor([[t]]), True)
+        assert _rel(x.double().cpu()[0], ref[t]) < 2e-2, f"position {t}"
+
+
+@gpu
+def test_random_weights_are_drawn_on_the_device():
+    spec = ModelSpec("llama", 4, 64, 4, 4, 16, 96, 50)
+    a = random_stage_weights(spec, LayerSpan(0, 4), seed=9, dtype=torch.float16, device="cuda")
+    b = random_stage_weights(spec, LayerSpan(2, 4), seed=9, dtype=torch.float16, device="cuda")
+    c = random_stage_weights(spec, LayerSpan(0, 4), seed=10, dtype=torch.float16, device="cuda")
+    assert a.layers[0].wqkv.device.type == "cuda" and a.layers[0].wqkv.dtype == torch.float16
+    assert torch.equal(a.layers[2].w_down, b.layers[0].w_down)  # layer 2 does not depend on the span
+    assert not torch.equal(a.layers[2].w_down, c.layers[2].w_down)
+    std = float(a.layers[1].w_gate_up.float().std())
+    assert 0.015 < std < 0.025
+
+
+@gpu
+@pytest.mark.multiprocess
+def test_worker_gpu_path_matches_inprocess(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hyperlane_lab.generation.pipeline import InProcessPipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+
+    local = InProcessPipeline.from_pretrained(None, n_stages=2, dtype="fp16", device="cuda")
+    prompts = ["Once upon a time", "The cat sat on the mat", "Lily and Ben went to the park. They saw"]
+    with (
+        LocalCluster(2, devices=["cuda:0", "cuda:0"], cache_dir=tmp_path) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", progress=False
+        ) as m,
+    ):
+        for p in prompts:
+            assert m.generate(p, max_tokens=32).token_ids == local.generate(p, max_tokens=32).token_ids
+        kw = dict(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+        assert m.generate(prompts[0], **kw).token_ids == local.generate(prompts[0], **kw).token_ids
+        batch = m.generate(prompts, max_tokens=12)
+        assert [r.token_ids for r in batch] == [r.token_ids for r in local.generate(prompts, max_tokens=12)]
+        seq = [m.generate(p, max_tokens=24).token_ids for p in prompts * 2]
+        with ThreadPoolExecutor(6) as ex:
+            conc = list(ex.map(lambda p: m.generate(p, max_tokens=24).token_ids, prompts * 2))
+        assert conc == seq
+        events = m.trace_events()
+        comp = [e for e in events if e.kind.value == "compute"]
+        assert {e.stage for e in comp} == {0, 1}
+        assert all(e.end >= e.start for e in comp)
+        durations = sorted(e.end - e.start for e in comp if e.step > 0)
+        assert 0 < durations[len(durations) // 2] < 0.05  # GPU time of a decode step, not wall time
