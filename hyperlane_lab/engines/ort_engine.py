@@ -13,6 +13,7 @@ finished inputs and cache writes) and relies on ORT's end-of-run synchronisation
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -49,7 +50,20 @@ def _import_ort() -> Any:
             "the onnxruntime engine needs onnxruntime: `pip install onnxruntime` (CPU) or "
             "`pip install hyperlane-lab[gpu]` (onnxruntime-gpu)"
         ) from e
+    global _PRELOADED
+    if (
+        not _PRELOADED
+        and hasattr(ort, "preload_dlls")
+        and "CUDAExecutionProvider" in ort.get_available_providers()
+    ):
+        # onnxruntime-gpu finds the CUDA/cuDNN libraries that torch already ships this way
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
+    _PRELOADED = True
     return ort
+
+
+_PRELOADED = False
 
 
 def ort_available_providers() -> list[str]:
