@@ -36,7 +36,13 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     if not rows:
         return "(none)"
     cols = list(columns or rows[0].keys())
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+
+    def cell(col: str, value: Any) -> str:
+        if col in ("span", "layers") and isinstance(value, (list, tuple)) and len(value) == 2:
+            return f"[{value[0]}, {value[1]})"  # layer spans are half-open
+        return str(value)
+
+    cells = [[cell(c, r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
     out = [line, "  ".join("-" * w for w in widths)]
