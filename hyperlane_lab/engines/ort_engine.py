@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from hyperlane_lab.errors import ModelLoadError
 from hyperlane_lab.models.config import ModelSpec
 from hyperlane_lab.models.loading import parse_dtype
-from hyperlane_lab.models.stage import SessionCache
+from hyperlane_lab.models.sessions import StageSessions
 from hyperlane_lab.types import LayerSpan
 
 __all__ = ["OrtStage", "load_ort_stage", "ort_available_providers"]
@@ -70,7 +69,7 @@ def ort_available_providers() -> list[str]:
     return list(_import_ort().get_available_providers())
 
 
-class OrtStage:
+class OrtStage(StageSessions):
     """One pipeline stage run by ONNX Runtime (the ``onnxruntime`` engine)."""
 
     engine_name = "onnxruntime"
@@ -141,68 +140,10 @@ class OrtStage:
         self.providers: list[str] = list(self._ort.get_providers())
         self._device_type = "cuda" if self.device.type == "cuda" else "cpu"
         self._device_id = self.device.index or 0
-        self._sessions: dict[str, SessionCache] = {}
-        self._lock = threading.Lock()
+        self._init_sessions()
         log.info("onnxruntime stage %s from %s on %s (%s)", self.span, path, self.device, self.providers[0])
 
-    # ------------------------------------------------------------------ sessions
-
-    def open_session(self, session_id: str, batch: int, max_len: int) -> None:
-        if batch < 1 or max_len < 1:
-            raise ValueError(
-                f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}"
-            )
-        if session_id in self._sessions:
-            raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
-        s = self.spec
-        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)  # slot max_len = trash for padding
-        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-        with self._lock:
-            self._sessions[session_id] = SessionCache(batch, max_len, k, v)
-
-    def close_session(self, session_id: str) -> None:
-        with self._lock:
-            self._sessions.pop(session_id, None)
-
-    def has_session(self, session_id: str) -> bool:
-        return session_id in self._sessions
-
-    def session(self, session_id: str) -> SessionCache:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise KeyError(f"unknown session {session_id!r} on stage {self.span}; open it first") from None
-
-    @property
-    def sessions(self) -> list[str]:
-        return list(self._sessions)
-
-    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
-        s = self.spec
-        return 2 * len(self.span) * batch * s.n_kv_heads * (max_len + 1) * s.head_dim * self.dtype.itemsize
-
     # ------------------------------------------------------------------ compute
-
-    def input_shape_ok(self, x: torch.Tensor, positions: torch.Tensor) -> None:
-        """Raise ValueError when x/positions don't fit this stage (same rules as TorchStage)."""
-        if positions.dim() != 2 or positions.dtype != torch.int64:
-            raise ValueError(
-                f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}"
-            )
-        if self.is_first:
-            if x.dim() != 2 or x.dtype != torch.int64:
-                raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.spec.vocab_size):
-                raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
-        elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
-            raise ValueError(
-                f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
-            )
-        if tuple(x.shape[:2]) != tuple(positions.shape):
-            raise ValueError(f"x {tuple(x.shape)} and positions {tuple(positions.shape)} disagree on [B, S]")
-        if positions.shape[1] == 0:
-            raise ValueError("forward needs at least one token per row (S >= 1)")
 
     def _bind_in(self, io: Any, name: str, t: torch.Tensor) -> None:
         io.bind_input(name, self._device_type, self._device_id, _ELEM[t.dtype], tuple(t.shape), t.data_ptr())

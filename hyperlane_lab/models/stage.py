@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,9 +24,10 @@ import torch.nn.functional as F
 
 from hyperlane_lab.models.config import ModelSpec
 from hyperlane_lab.models.layers import LayerWeights, attention_mask, decoder_layer, rms_norm, rope_tables
+from hyperlane_lab.models.sessions import SessionCache, StageSessions
 from hyperlane_lab.types import LayerSpan
 
-__all__ = ["SessionCache", "StageWeights", "TorchStage"]
+__all__ = ["SessionCache", "StageWeights", "TorchStage"]  # SessionCache re-exported from sessions
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +52,7 @@ class StageWeights:
         return total
 
 
-@dataclass
-class SessionCache:
-    batch: int
-    max_len: int
-    k: list[torch.Tensor]  # per layer [B, Hkv, max_len + 1, D]
-    v: list[torch.Tensor]
-    graph: Any = field(default=None, repr=False)  # CUDA decode graph bound to these tensors (cuda_decode)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-class TorchStage:
+class TorchStage(StageSessions):
     """One pipeline stage executed with PyTorch (the ``torch`` engine)."""
 
     engine_name = "torch"
@@ -88,39 +76,22 @@ class TorchStage:
             raise ValueError("the first stage needs the embedding table")
         if self.is_last and (weights.norm is None or weights.lm_head is None):
             raise ValueError("the last stage needs the final norm and LM head")
-        self._sessions: dict[str, SessionCache] = {}
+        self._init_sessions()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._lock = threading.Lock()
         # CUDA only: decode steps (S == 1) replay a CUDA graph (models/cuda_decode.py)
         self.cuda_graphs = os.environ.get("HYPERLANE_CUDA_GRAPHS", "1") != "0"
         self._graphs: Any = None
 
     # ------------------------------------------------------------------ sessions
 
-    def open_session(self, session_id: str, batch: int, max_len: int) -> None:
-        if batch < 1 or max_len < 1:
-            raise ValueError(
-                f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}"
-            )
-        if session_id in self._sessions:
-            raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
+    def _new_cache(self, batch: int, max_len: int) -> SessionCache:
         graphs = self.graph_decoder()
         if graphs is not None:  # a parked cache of this shape (with its graph) when there is one
-            cache = graphs.new_cache(batch, max_len)
-        else:
-            s = self.spec
-            shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
-            k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-            v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-            cache = SessionCache(batch, max_len, k, v)
-        with self._lock:
-            self._sessions[session_id] = cache
-        log.debug("stage %s: opened session %s (batch %d, max_len %d)", self.span, session_id, batch, max_len)
+            return graphs.new_cache(batch, max_len)  # type: ignore[no-any-return]
+        return super()._new_cache(batch, max_len)
 
-    def close_session(self, session_id: str) -> None:
-        with self._lock:
-            cache = self._sessions.pop(session_id, None)
-        if cache is not None and self._graphs is not None:
+    def _release(self, cache: SessionCache) -> None:
+        if self._graphs is not None:
             self._graphs.release(cache)
 
     def graph_decoder(self) -> Any:
@@ -133,23 +104,6 @@ class TorchStage:
             self._graphs = GraphDecoder(self)
         return self._graphs
 
-    def has_session(self, session_id: str) -> bool:
-        return session_id in self._sessions
-
-    def session(self, session_id: str) -> SessionCache:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise KeyError(f"unknown session {session_id!r} on stage {self.span}; open it first") from None
-
-    @property
-    def sessions(self) -> list[str]:
-        return list(self._sessions)
-
-    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
-        s = self.spec
-        return 2 * len(self.span) * batch * s.n_kv_heads * (max_len + 1) * s.head_dim * self.dtype.itemsize
-
     # ------------------------------------------------------------------ compute
 
     def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,30 +111,6 @@ class TorchStage:
             n = max(length, self.spec.max_position)
             self._rope = rope_tables(self.spec, n, self.device)
         return self._rope
-
-    def input_shape_ok(self, x: torch.Tensor, positions: torch.Tensor) -> None:
-        """Raise ValueError when x/positions don't fit this stage (checked before touching the cache)."""
-        if positions.dim() != 2 or positions.dtype != torch.int64:
-            raise ValueError(
-                f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}"
-            )
-        if self.is_first:
-            if x.dim() != 2 or x.dtype != torch.int64:
-                raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
-            # range check on host copies only (a device check would sync); the worker and the
-            # generation driver check the CPU ids before they reach the GPU
-            xn = x.numpy() if x.numel() and x.device.type == "cpu" else None  # numpy: µs, not tens of µs
-            if xn is not None and (int(xn.min()) < 0 or int(xn.max()) >= self.spec.vocab_size):
-                raise ValueError(
-                    f"token ids must be in [0, {self.spec.vocab_size}), got ids in [{int(x.min())}, {int(x.max())}]; "
-                    "encode prompts with this model's tokenizer"
-                )
-        elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
-            raise ValueError(
-                f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
-            )
-        if tuple(x.shape[:2]) != tuple(positions.shape):
-            raise ValueError(f"x {tuple(x.shape)} and positions {tuple(positions.shape)} disagree on [B, S]")
 
     @torch.inference_mode()
     def forward(

@@ -1,0 +1,111 @@
+"""Per-session KV caches and input checks shared by every stage engine (torch, onnxruntime)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hyperlane_lab.models.config import ModelSpec
+from hyperlane_lab.types import LayerSpan
+
+__all__ = ["SessionCache", "StageSessions"]
+
+
+@dataclass
+class SessionCache:
+    batch: int
+    max_len: int
+    k: list[torch.Tensor]  # per layer [B, Hkv, max_len + 1, D]; slot max_len is the trash slot
+    v: list[torch.Tensor]
+    graph: Any = field(default=None, repr=False)  # CUDA decode graph bound to these tensors (cuda_decode)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class StageSessions:
+    """Session bookkeeping of one stage. Engines set ``spec``, ``span``, ``dtype``, ``device``,
+    ``is_first`` and call ``_init_sessions()``; they may override ``_new_cache`` / ``_release``."""
+
+    spec: ModelSpec
+    span: LayerSpan
+    dtype: torch.dtype
+    device: torch.device
+    is_first: bool
+
+    def _init_sessions(self) -> None:
+        self._sessions: dict[str, SessionCache] = {}
+        self._lock = threading.Lock()
+
+    def _new_cache(self, batch: int, max_len: int) -> SessionCache:
+        s = self.spec
+        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
+        return SessionCache(batch, max_len, k, v)
+
+    def _release(self, cache: SessionCache) -> None:
+        """Called with the cache of a closed session (engines may park it for reuse)."""
+
+    def open_session(self, session_id: str, batch: int, max_len: int) -> None:
+        if batch < 1 or max_len < 1:
+            raise ValueError(
+                f"session needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}"
+            )
+        if session_id in self._sessions:
+            raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
+        cache = self._new_cache(batch, max_len)
+        with self._lock:
+            self._sessions[session_id] = cache
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            cache = self._sessions.pop(session_id, None)
+        if cache is not None:
+            self._release(cache)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def session(self, session_id: str) -> SessionCache:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise KeyError(f"unknown session {session_id!r} on stage {self.span}; open it first") from None
+
+    @property
+    def sessions(self) -> list[str]:
+        return list(self._sessions)
+
+    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
+        s = self.spec
+        return 2 * len(self.span) * batch * s.n_kv_heads * (max_len + 1) * s.head_dim * self.dtype.itemsize
+
+    def input_shape_ok(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Raise ValueError when x/positions don't fit this stage (checked before touching the cache)."""
+        if positions.dim() != 2 or positions.dtype != torch.int64:
+            raise ValueError(
+                f"positions must be int64 [B, S], got {positions.dtype} {tuple(positions.shape)}"
+            )
+        if positions.shape[1] == 0:
+            raise ValueError("forward needs at least one token per row (S >= 1)")
+        if self.is_first:
+            if x.dim() != 2 or x.dtype != torch.int64:
+                raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
+            # range check on host copies only (a device check would sync); the worker and the
+            # generation driver check the CPU ids before they reach the GPU
+            xn = x.numpy() if x.numel() and x.device.type == "cpu" else None  # numpy: µs, not tens of µs
+            if xn is not None and (int(xn.min()) < 0 or int(xn.max()) >= self.spec.vocab_size):
+                raise ValueError(
+                    f"token ids must be in [0, {self.spec.vocab_size}), got ids in [{int(x.min())}, {int(x.max())}]; "
+                    "encode prompts with this model's tokenizer"
+                )
+        elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
+            raise ValueError(
+                f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
+            )
+        if tuple(x.shape[:2]) != tuple(positions.shape):
+            raise ValueError(f"x {tuple(x.shape)} and positions {tuple(positions.shape)} disagree on [B, S]")
