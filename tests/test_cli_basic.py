@@ -59,4 +59,6 @@ def test_demo_in_process_prints_the_story(capsys: pytest.CaptureFixture[str]) ->
     _, full = _expected("Once upon a time", 20)
     assert full.startswith("Once upon a time, there was a little girl named Lily")
     assert full in out
-    assert all(s in out for s in ("[0, 2)", "[2, 4)", "[4, 5)"))  # the stage table lists the 3 half-open spans
+    assert all(
+        s in out for s in ("[0, 2)", "[2, 4)", "[4, 5)")
+    )  # the stage table lists the 3 half-open spans
