@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 import struct
@@ -298,13 +299,20 @@ def test_async_tasks_run_concurrently(model3):
 
 def test_profiled_partitioner_plans_real_workers(cluster3, hf_greedy):
     with AutoDistributedModel.from_pretrained(
-        None, workers=cluster3.addresses, partitioner="dp", objective="throughput", concurrency=3, progress=False
+        None,
+        workers=cluster3.addresses,
+        partitioner="dp",
+        objective="throughput",
+        concurrency=3,
+        progress=False,
     ) as m:
         assert m.plan.partitioner == "dp"
         spans = [s.span for s in m.plan.stages]
         assert spans[0].start == 0 and spans[-1].end == 5
-        assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
+        assert all(a.end == b.start for a, b in itertools.pairwise(spans))
         assert all(s.predicted_s > 0 for s in m.plan.stages) and m.plan.predicted_tokens_per_s > 0
         assert m.generate(PROMPTS[0], max_tokens=16).token_ids == hf_greedy(PROMPTS[0], 16)
     with pytest.raises(ValueError, match="valid names"):
-        AutoDistributedModel.from_pretrained(None, workers=cluster3.addresses, partitioner="magic", progress=False)
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster3.addresses, partitioner="magic", progress=False
+        )
