@@ -7,12 +7,13 @@ Parts (``--parts``, comma-separated):
           here), per-linear GEMV bandwidth, and a kernel-time profile of one decode step.
   hf      transformers: random-init ``LlamaForCausalLM`` (fp16, same GPU): eager ``generate`` and a
           forward loop (decode), and prefill forwards.
-  split2, split4
-          the same model over 2 / 4 worker processes (LocalCluster, TCP over loopback): batch-1
+  splitN  (split2, split4, split8, ...)
+          the same model over N worker processes (LocalCluster, TCP over loopback): batch-1
           decode, prefill 512/2048, throughput with m = 1, 2, 4, 8, 16 sequences in flight
           (concurrent generate calls), per-hop overhead vs a raw-socket round trip of the same
           payload, bubble % from the traces vs (p-1)/(m+p-1), simulator predictions.
-  70b     Llama-2-70B shape over 4 worker processes, with its split roofline.
+  70b     Llama-2-70B shape over 4 worker processes, with its split roofline; ``70bN`` over N
+          (e.g. 70b8: 8 stages, m = 8, 16, 32 in flight).
 On CPU (or ``--model bundled``) the same code runs on the bundled tiny model's shape (smoke test).
 
 Writes JSON to ``--out`` (default ``$OUT/gpu_pipeline.json`` or ``bench/out/gpu_pipeline.json``);
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -398,7 +400,7 @@ def table(res: dict[str, Any]) -> str:
                             "PASS" if ours / ref >= 10 else "MISS (goal 10x)",
                         )
                     )
-    for key in ("split2", "split4", "70b"):
+    for key in sorted(k for k in res if re.fullmatch(r"split\d+|70b\d*", k)):
         rows += parts.table_rows(key, res.get(key), g1)
     lines = [f"GPU: {', '.join(card)}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -454,22 +456,26 @@ def main() -> int:
         path.write_text(json.dumps(res, indent=1, default=str))
 
     SAVE.append(save)
-    funcs = {
-        "1gpu": part_1gpu,
-        "hf": parts.part_hf,
-        "split2": parts.part_split,
-        "split4": parts.part_split,
-        "70b": parts.part_70b,
-    }
+
+    def run_part(name: str) -> dict[str, Any]:
+        # 1gpu | hf | splitN (N worker processes, one per GPU) | 70b (4 stages) | 70bN (N stages)
+        if name == "1gpu":
+            return part_1gpu(args, res)
+        if name == "hf":
+            return parts.part_hf(args, res)
+        if m := re.fullmatch(r"split(\d+)", name):
+            return parts.part_split(args, res, int(m.group(1)))
+        if m := re.fullmatch(r"70b(\d*)", name):
+            return parts.part_70b(args, res, int(m.group(1) or 4))
+        raise ValueError(
+            f"unknown part {name!r}; valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8)"
+        )
+
     for name in args.parts.split(","):
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            res[name] = (
-                funcs[name](args, res)
-                if name not in ("split2", "split4")
-                else parts.part_split(args, res, int(name[-1]))
-            )
+            res[name] = run_part(name)
         except Exception as e:
             import traceback
 

@@ -406,7 +406,7 @@ def part_split(args: argparse.Namespace, res: dict[str, Any], p: int) -> dict[st
     return run_split(args, args.model, p, args.ms, args.decode_tokens, args.prefill, bw, out)
 
 
-def part_70b(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+def part_70b(args: argparse.Namespace, res: dict[str, Any], p: int = 4) -> dict[str, Any]:
     mm = _main()
     # the copy bandwidth of this run's 1gpu part (measured on an idle GPU) when there is one
     bw = (res.get("1gpu") or {}).get("copy_bw") or res.get("meta", {}).get("copy_bw")
@@ -414,10 +414,9 @@ def part_70b(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     res.setdefault("meta", {})["copy_bw"] = bw
     name = "llama-2-70b" if CUDA and args.model != "bundled" else "bundled"
     out: dict[str, Any] = {}
-    res["70b"] = out
-    return run_split(
-        args, name, 4, [4, 8, 16], min(args.decode_tokens, 32), [512] if CUDA else args.prefill, bw, out
-    )
+    res["70b" if p == 4 else f"70b{p}"] = out
+    ms = [p, 2 * p, 4 * p] if p > 4 else [4, 8, 16]
+    return run_split(args, name, p, ms, min(args.decode_tokens, 32), [512] if CUDA else args.prefill, bw, out)
 
 
 # ---------------------------------------------------------------------- table rows
