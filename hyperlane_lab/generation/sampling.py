@@ -29,17 +29,22 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class Sampler:
-    """Stateful per session: owns the seeded generator so successive steps continue one stream."""
+    """Stateful per session: one seeded generator per batch row, so a row's tokens depend only on
+    (seed, row index) and its own logits, and successive steps continue each row's stream."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self._gen: torch.Generator | None = None
-        if not params.greedy:
-            self._gen = torch.Generator()
-            if params.seed is None:
-                self._gen.seed()
+        self._gens: list[torch.Generator] = []
+
+    def _generators(self, rows: int) -> list[torch.Generator]:
+        while len(self._gens) < rows:
+            g = torch.Generator()
+            if self.params.seed is None:
+                g.seed()
             else:
-                self._gen.manual_seed(params.seed)
+                g.manual_seed(self.params.seed + 1_000_003 * len(self._gens))
+            self._gens.append(g)
+        return self._gens
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> token ids [B] int64 (on CPU)."""
@@ -50,4 +55,7 @@ class Sampler:
         if self.params.greedy:
             return logits.argmax(dim=-1).cpu()
         probs = filter_logits(logits, self.params).softmax(-1).cpu()
-        return torch.multinomial(probs, 1, generator=self._gen)[:, 0]
+        gens = self._generators(probs.shape[0])
+        return torch.cat(
+            [torch.multinomial(probs[b : b + 1], 1, generator=gens[b])[0] for b in range(probs.shape[0])]
+        )

@@ -43,8 +43,12 @@ class SequenceState:
         if self._prefix is None:
             self._prefix = self.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
         full = self.tokenizer.decode(self.prompt_ids + self.token_ids, skip_special_tokens=True)
-        # decode with the prompt so word-initial spaces come out right, then drop the prompt's text
-        self.text = full[len(self._prefix) :] if full.startswith(self._prefix) else full
+        # drop the prompt's text; a prompt ending inside a multi-byte character decodes to U+FFFD
+        # alone but to the real character together with the next token: cut at the common prefix
+        cut = len(self._prefix)
+        if not full.startswith(self._prefix):
+            cut = next((i for i, (a, b) in enumerate(zip(self._prefix, full)) if a != b), cut)
+        self.text = full[cut:]
         cuts = [c for c in (self.text.find(s) for s in self.stop) if c >= 0]
         if cuts:  # cut at the earliest stop string, whichever of them it is
             self.text = self.text[: min(cuts)]

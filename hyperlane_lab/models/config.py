@@ -108,6 +108,11 @@ class ModelSpec:
             "eos_token_id": list(self.eos_token_ids),
             "sliding_window": self.sliding_window,
             "use_sliding_window": self.sliding_window is not None,
+            "max_window_layers": 0,
+            "layer_types": [
+                "full_attention" if self.layer_window(i) is None else "sliding_attention"
+                for i in range(self.n_layers)
+            ],
         }
         if self.rope_scaling:
             d["rope_scaling"] = dict(self.rope_scaling)

@@ -91,7 +91,7 @@ def resolve_source(source: str | os.PathLike[str], need_weights: bool = False) -
     """Where a model lives. A missing path that looks like ``org/name`` is taken as a hub id."""
     path = Path(os.path.expanduser(str(source)))
     if path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass an HF folder or a .gguf file")
         return Source("gguf", path.parent, path.name)
     if path.is_dir():
@@ -222,6 +222,17 @@ class _GGUFReader:
         self.path, self.spec = path, spec
         self._reader = gguf.GGUFReader(str(path))  # memory-mapped: tensors are read only when touched
         self._tensors = {t.name: t for t in self._reader.tensors}
+        arch = self._reader.fields.get("general.architecture")
+        self.arch = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else spec.model_type
+        # llama.cpp permutes q/k rows for its RoPE only in llama-family conversions (not qwen2)
+        self._unpermute = self.arch in ("llama", "mistral")
+        if "rope_freqs.weight" in self._tensors or any(
+            k.endswith(".rope.scaling.type") for k in self._reader.fields
+        ):
+            raise ModelLoadError(
+                f"{path} uses scaled RoPE (rope_freqs / rope.scaling), which the GGUF route does not read; "
+                "load the model's HF folder instead"
+            )
 
     def read(self, names: list[str], stats: LoadStats) -> dict[str, torch.Tensor]:
         import gguf
@@ -240,9 +251,9 @@ class _GGUFReader:
             if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 data = gguf.quants.dequantize(data, t.tensor_type)
             arr = torch.from_numpy(np.array(data, copy=True))
-            if n.endswith("q_proj.weight") or n.endswith("q_proj.bias"):
+            if self._unpermute and (n.endswith("q_proj.weight") or n.endswith("q_proj.bias")):
                 arr = _unpermute_rope(arr, self.spec.n_heads)
-            elif n.endswith("k_proj.weight") or n.endswith("k_proj.bias"):
+            elif self._unpermute and (n.endswith("k_proj.weight") or n.endswith("k_proj.bias")):
                 arr = _unpermute_rope(arr, self.spec.n_kv_heads)
             out[n] = arr
             stats.tensors.append(n)

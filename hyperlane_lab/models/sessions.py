@@ -58,8 +58,13 @@ class StageSessions:
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
         cache = self._new_cache(batch, max_len)
-        with self._lock:
-            self._sessions[session_id] = cache
+        with self._lock:  # check and insert together: two racing opens of one id can't both win
+            taken = session_id in self._sessions
+            if not taken:
+                self._sessions[session_id] = cache
+        if taken:
+            self._release(cache)
+            raise ValueError(f"session {session_id!r} is already open on stage {self.span}")
 
     def close_session(self, session_id: str) -> None:
         with self._lock:

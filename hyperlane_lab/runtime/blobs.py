@@ -22,7 +22,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 
 
 def check_digest(digest: str) -> str:
-    if not _HEX64.match(digest or ""):
+    if not _HEX64.fullmatch(digest or ""):
         raise ValueError(f"bad sha256 {digest!r}: expected 64 lowercase hex characters")
     return digest
 
@@ -72,6 +72,8 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike[str], max_blob: int = 1 << 40) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".upload-*"):  # left by a worker that died mid-upload
+            stale.unlink(missing_ok=True)
         self.max_blob = max_blob
 
     def path(self, digest: str) -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.runtime.dataplane import (
     BufferPool,
     Frame,
@@ -53,6 +54,7 @@ class ClientDataPlane:
         self._server: asyncio.Server | None = None
         self.reply_address = ""
         self.pongs: dict[int, asyncio.Future[float]] = {}
+        self._token_conns: set[FrameConnection] = set()  # inbound connections that carry our tokens
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -61,13 +63,22 @@ class ClientDataPlane:
         self.run(self._start())
 
     async def _start(self) -> None:
-        self._server = await start_server(self.listen_host, 0, self._on_frame, self.pool)
+        self._server = await start_server(
+            self.listen_host,
+            0,
+            self._on_frame,
+            self.pool,
+            on_header=self._check_header,
+            on_close=self._closed,
+        )
         port = self._server.sockets[0].getsockname()[1]
         host = self.listen_host
         if host in ("0.0.0.0", ""):
             host = local_address_towards(parse_address(self.first_stage)[0])
         self.reply_address = f"{host}:{port}"
-        self._conn = await open_connection(self.first_stage, self._on_frame, self.pool)
+        self._conn = await open_connection(
+            self.first_stage, self._on_frame, self.pool, on_header=self._check_header, on_close=self._closed
+        )
 
     def run(self, coro: Any, timeout: float | None = 60.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -155,10 +166,32 @@ class ClientDataPlane:
             if not f.done():
                 f.set_exception(exc)
 
+    @staticmethod
+    def _check_header(conn: FrameConnection, h: FrameHeader) -> bool:
+        limit = {FrameKind.TOKENS: 1 << 20, FrameKind.ERROR: 64 << 10, FrameKind.PONG: 64 << 20}.get(h.kind)
+        if limit is None:
+            raise ProtocolError(f"the client does not accept frames of kind {h.kind}")
+        if h.payload_len > limit:
+            raise ProtocolError(f"frame of kind {h.kind} with {h.payload_len} bytes exceeds {limit}")
+        return True
+
+    def _closed(self, conn: FrameConnection) -> None:
+        """The pipeline lost a data connection: pending steps will never be answered."""
+        if conn is self._conn or conn in self._token_conns:
+            self._token_conns.discard(conn)
+            with self._lock:
+                futs = list(self._pending.values())
+                self._pending.clear()
+            err = ConnectionError(f"a data connection of the pipeline closed ({conn.peer or conn.name})")
+            for f in futs:
+                if not f.done():
+                    f.set_exception(err)
+
     def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         h = frame.header
         try:
             if h.kind == FrameKind.TOKENS:
+                self._token_conns.add(conn)
                 ids = decode_payload(h, frame.payload_view).clone()
                 with self._lock:
                     fut = self._pending.pop((h.session, h.step), None)

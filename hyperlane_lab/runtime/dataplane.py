@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.runtime.frame import HEADER, MAX_PAYLOAD, FrameHeader, pack_header, unpack_header
@@ -62,6 +63,7 @@ class BufferPool:
         self._free: list[bytearray] = []
         self._max_free = max_free
         self.allocations = 0  # buffers created (tests check reuse)
+        self.keep_max = 256 << 20  # larger buffers are freed after use, not pooled
 
     def acquire(self, size: int) -> PooledBuffer:
         best = None
@@ -76,7 +78,7 @@ class BufferPool:
         return PooledBuffer(self, buf, size)
 
     def _give_back(self, buf: bytearray) -> None:
-        if len(self._free) < self._max_free:
+        if len(self._free) < self._max_free and len(buf) <= self.keep_max:
             self._free.append(buf)
 
 
@@ -97,6 +99,10 @@ class Frame:
 
 
 FrameHandler = Callable[["FrameConnection", Frame], None]
+# Called with each header before any body memory is taken: return True to receive the body, False
+# to read and discard it (e.g. a late frame of a closed session); raise ProtocolError to close.
+HeaderCheck = Callable[["FrameConnection", FrameHeader], bool]
+_SCRATCH = 1 << 16
 
 
 class FrameConnection(asyncio.BufferedProtocol):
@@ -107,8 +113,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         max_payload: int = MAX_PAYLOAD,
         on_close: Callable[[FrameConnection], None] | None = None,
         name: str = "",
+        on_header: HeaderCheck | None = None,
     ) -> None:
         self._on_frame, self._pool, self._max_payload, self._on_close = on_frame, pool, max_payload, on_close
+        self._on_header = on_header
+        self._skip = 0  # body bytes still to discard
+        self._scratch = bytearray(_SCRATCH)
         self.name = name
         self.transport: asyncio.Transport | None = None
         self._hdr = bytearray(HEADER.size)
@@ -135,12 +145,17 @@ class FrameConnection(asyncio.BufferedProtocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._skip:
+            return memoryview(self._scratch)[: min(self._skip, _SCRATCH)]
         if self._header is None:
             return memoryview(self._hdr)[self._hdr_got :]
         assert self._body is not None
         return self._body.view[self._body_got :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._skip:
+            self._skip -= nbytes
+            return
         if self._header is None:
             if self._hdr_got == 0:
                 self._t_first = time.perf_counter()
@@ -148,11 +163,16 @@ class FrameConnection(asyncio.BufferedProtocol):
             if self._hdr_got < HEADER.size:
                 return
             try:
-                self._header = unpack_header(self._hdr, self._max_payload)
+                header = unpack_header(self._hdr, self._max_payload)
+                accept = self._on_header(self, header) if self._on_header is not None else True
             except ProtocolError as e:
                 self.abort(str(e))
                 return
             self._hdr_got = 0
+            if not accept:
+                self._skip = header.body_len
+                return
+            self._header = header
             self._body = self._pool.acquire(self._header.body_len)
             self._body_got = 0
         else:
@@ -221,13 +241,15 @@ async def start_server(
 
 
 async def open_connection(
-    address: str, on_frame: FrameHandler, pool: BufferPool, timeout: float = 10.0
+    address: str, on_frame: FrameHandler, pool: BufferPool, timeout: float = 10.0, **kw: Any
 ) -> FrameConnection:
+    """Connect to a data port; ``kw`` go to FrameConnection (max_payload, on_close, on_header)."""
     host, port = parse_address(address)
     loop = asyncio.get_running_loop()
     try:
         _, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: FrameConnection(on_frame, pool, name=address), host, port), timeout
+            loop.create_connection(lambda: FrameConnection(on_frame, pool, name=address, **kw), host, port),
+            timeout,
         )
     except (OSError, asyncio.TimeoutError) as e:
         raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e

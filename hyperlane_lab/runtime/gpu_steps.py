@@ -192,6 +192,8 @@ class GpuStepper:
             )
             w._call_soon(w._send, sess.reply_to, header, [p.pos_bytes[:0], *payload], p.sid, p.step)
             return
+        if p.sid not in w.sessions:  # closed while the step was in flight: nothing to ship
+            return
         if p.mode == "hidden":
             assert p.host is not None
             parts, dtype, codec, group, shape = (

@@ -55,7 +55,10 @@ async def probe_connection(
             fut: asyncio.Future[float] = loop.create_future()
             pongs[ident] = fut
             t0 = time.perf_counter()
-            conn.send(FrameHeader(FrameKind.PING, "", ident, 0, 0, torch.uint8, 0, 0, (), size), payload)
-            t1 = await asyncio.wait_for(fut, timeout)
+            try:
+                conn.send(FrameHeader(FrameKind.PING, "", ident, 0, 0, torch.uint8, 0, 0, (), size), payload)
+                t1 = await asyncio.wait_for(fut, timeout)
+            finally:
+                pongs.pop(ident, None)
             samples.append((size, t1 - t0))
     return fit_link(samples)

@@ -50,13 +50,19 @@ def _guard(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ConnectionError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except TimeoutError as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except torch.OutOfMemoryError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of device memory: {e}")
+        except OSError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker file system: {e}")
         raise AssertionError("unreachable")  # context.abort raises
 
     return wrapper
 
 
 def _check_sid(sid: str) -> str:
-    if not _SID.match(sid):
+    if not _SID.fullmatch(sid):
         raise ValueError(f"session_id {sid!r} must be 32 lowercase hex characters (uuid4().hex)")
     return sid
 
@@ -151,6 +157,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             if upload is not None:
                 upload.abort()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        except BaseException:  # client gone, disk full: never leave a half-written temp file
+            if upload is not None:
+                upload.abort()
             raise
 
     def _materialize(self, req: pb.LoadShardRequest) -> tuple[str, dict[str, Any]]:
@@ -290,6 +300,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         cfg = json.loads(request.model_config_json) if request.model_config_json else None
         if cfg is not None and not isinstance(cfg, dict):
             raise ValueError("model_config_json must be a JSON object (a transformers config.json)")
+        if request.context > 32768:
+            raise ValueError(f"profile context {request.context} is too long; use <= 32768 tokens")
+        for key in ("hidden_size", "intermediate_size", "vocab_size"):
+            if cfg is not None and int(cfg.get(key, 0) or 0) > 1 << 20:
+                raise ValueError(f"model_config_json {key}={cfg[key]} is implausibly large")
         res = await asyncio.to_thread(
             profile_device, self.w.device, cfg, request.dtype or "fp16", request.context or 512
         )
@@ -300,8 +315,8 @@ class WorkerService(pb_grpc.WorkerServicer):
     @_guard
     async def ProbeLink(self, request: pb.ProbeLinkRequest, context: Any) -> pb.ProbeLinkReply:
         sizes = [int(s) for s in request.sizes] or [64, 65536, 1 << 20]
-        if any(s > 1 << 28 for s in sizes):
-            raise ValueError("probe sizes must be <= 256 MiB")
+        if len(sizes) > 16 or any(s > 64 << 20 for s in sizes) or request.repeats > 100:
+            raise ValueError("a link probe takes at most 16 sizes of <= 64 MiB and <= 100 repeats")
         lat, bw = await self.w.probe_link(request.target_address, sizes, int(request.repeats) or 3)
         return pb.ProbeLinkReply(latency_s=lat, bandwidth=bw)
 

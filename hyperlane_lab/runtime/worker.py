@@ -25,7 +25,7 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import Sampler
 from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
-from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind, raw_nbytes
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
@@ -34,6 +34,8 @@ from hyperlane_lab.types import SamplingParams
 __all__ = ["Worker", "WorkerConfig", "device_memory"]
 
 log = logging.getLogger(__name__)
+MAX_PROBE = 64 << 20  # link-probe payloads
+MAX_ERROR = 64 << 10  # error messages
 
 
 @dataclass
@@ -141,7 +143,12 @@ class Worker:
         if port is None:
             port = self.grpc_port + 1 if self.grpc_port else 0
         self._server = await start_server(
-            self.config.host, port, self._on_frame, self.pool, max_payload=self.config.max_payload
+            self.config.host,
+            port,
+            self._on_frame,
+            self.pool,
+            max_payload=self.config.max_payload,
+            on_header=self._check_header,
         )
         self.data_port = self._server.sockets[0].getsockname()[1]
         return self.data_port
@@ -234,21 +241,23 @@ class Worker:
         if address:
             if self.out.conn is not None and self.out.address == address and self.out.conn.is_open:
                 return 0.0
-            self.out.conn = await open_connection(address, self._on_frame, self.pool)
+            self.out.conn = await open_connection(
+                address, self._on_frame, self.pool, on_header=self._check_header
+            )
             self.out.address = address
         return time.perf_counter() - t0
 
     async def _connection_to(self, address: str) -> FrameConnection:
         conn = self.out.extra.get(address)
         if conn is None or not conn.is_open:
-            conn = await open_connection(address, self._on_frame, self.pool)
+            conn = await open_connection(address, self._on_frame, self.pool, on_header=self._check_header)
             self.out.extra[address] = conn
         return conn
 
     async def probe_link(self, address: str, sizes: list[int], repeats: int) -> tuple[float, float]:
         from hyperlane_lab.runtime.linkprobe import probe_connection
 
-        conn = await open_connection(address, self._on_frame, self.pool)
+        conn = await open_connection(address, self._on_frame, self.pool, on_header=self._check_header)
         try:
             return await probe_connection(conn, self._pongs, sizes, repeats)
         finally:
@@ -281,28 +290,48 @@ class Worker:
             raise ProtocolError(f"a worker does not accept frames of kind {h.kind}")
         self._accept_tensor(frame)
 
-    def _accept_tensor(self, frame: Frame) -> None:
-        h, eng = frame.header, self.engine
-        if eng is None:
-            raise ProtocolError("tensor frame but no shard is loaded")
-        sess = self.sessions.get(h.session)
-        if sess is None:
-            raise ProtocolError(f"unknown session {h.session}")
-        if h.batch != sess.batch or h.seq < 1:
+    def _check_header(self, conn: FrameConnection, h: FrameHeader) -> bool:
+        """Vet a header before any body memory is taken (see dataplane.HeaderCheck)."""
+        if h.kind in (FrameKind.PING, FrameKind.PONG):
+            if h.payload_len > MAX_PROBE:
+                raise ProtocolError(f"probe frame of {h.payload_len} bytes exceeds {MAX_PROBE}")
+            return True
+        if h.kind == FrameKind.ERROR:
+            if h.payload_len > MAX_ERROR:
+                raise ProtocolError(f"error frame of {h.payload_len} bytes exceeds {MAX_ERROR}")
+            return True
+        if h.kind != FrameKind.TENSOR:
+            raise ProtocolError(f"a worker does not accept frames of kind {h.kind}")
+        eng, sess = self.engine, self.sessions.get(h.session)
+        if eng is None or sess is None:  # e.g. a step still in flight when its session closed
+            log.info("dropping a frame of unknown or closed session %s (step %d)", h.session[:8], h.step)
+            return False
+        if h.batch != sess.batch or not 1 <= h.seq <= sess.max_len:
             raise ProtocolError(
-                f"frame has batch {h.batch}x{h.seq}, session {h.session} has batch {sess.batch}"
+                f"frame has batch {h.batch}x{h.seq}, session {h.session} has batch {sess.batch}, "
+                f"max length {sess.max_len}"
             )
-        expect_first = eng.is_first
-        if expect_first and (h.dtype != torch.int64 or h.shape != (h.batch, h.seq)):
+        if eng.is_first and (h.dtype != torch.int64 or h.shape != (h.batch, h.seq)):
             raise ProtocolError(
                 f"first stage expects int64 ids [{h.batch}, {h.seq}], got {h.dtype} {h.shape}"
             )
-        if not expect_first and (
+        if not eng.is_first and (
             h.shape != (h.batch, h.seq, eng.spec.hidden_size) or not h.dtype.is_floating_point
         ):
             raise ProtocolError(
                 f"stage expects hidden [{h.batch}, {h.seq}, {eng.spec.hidden_size}] float, got {h.dtype} {h.shape}"
             )
+        if h.payload_len > raw_nbytes(h.shape, h.dtype):  # no codec makes a tensor bigger than raw
+            raise ProtocolError(
+                f"payload of {h.payload_len} bytes is larger than shape {h.shape} of {h.dtype}"
+            )
+        return True
+
+    def _accept_tensor(self, frame: Frame) -> None:
+        h = frame.header
+        if self.engine is None or h.session not in self.sessions:  # closed since its header arrived
+            frame.body.release()
+            return
         t0 = time.perf_counter()
         x = decode_payload(h, frame.payload_view)  # validates payload length (ProtocolError)
         t1 = time.perf_counter()

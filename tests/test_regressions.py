@@ -1,0 +1,155 @@
+"""Regressions found in review: GGUF Qwen2 layout, prompt text leaking into output, per-row
+sampling streams, and the data plane vetting headers before it allocates anything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from hyperlane_lab.generation.sampling import Sampler
+from hyperlane_lab.generation.text import SequenceState
+from hyperlane_lab.runtime.dataplane import BufferPool, FrameConnection
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind, pack_header, unpack_header
+from hyperlane_lab.types import SamplingParams
+from tests.helpers_models import (
+    _GGUF_LAYER_NAMES,
+    load_stages,
+    make_checkpoint,
+    open_all,
+    run_stages,
+    tiny_config,
+)
+
+
+def test_gguf_qwen2_is_not_unpermuted(tmp_path):
+    """llama.cpp permutes q/k rows only for llama; a qwen2 GGUF keeps HF's layout."""
+    gguf = pytest.importorskip("gguf")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    make_checkpoint(tmp_path, tiny_config("qwen2"))
+    c = json.loads((tmp_path / "config.json").read_text())
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(c["vocab_size"])
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for k, t in sd.items():
+        p = k.split(".")
+        name = fixed.get(k) or f"blk.{p[2]}.{_GGUF_LAYER_NAMES['.'.join(p[3:-1])]}.{p[-1]}"
+        w.add_tensor(name, np.ascontiguousarray(t.float().numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12)[None]
+    n = c["num_hidden_layers"]
+    out = []
+    for src in (tmp_path, tmp_path / "q.gguf"):
+        st = load_stages(src, [(0, n)])
+        with open_all(st, 1, 16) as sid:
+            out.append(run_stages(st, sid, ids, pos, all_logits=True)[0])
+    assert (out[0] - out[1]).abs().max().item() < 1e-5
+
+
+def test_prompt_ending_mid_character_does_not_leak(tokenizer):
+    ids = tokenizer("Once upon a time \U0001f600")["input_ids"]
+    s = SequenceState(ids[:-2], tokenizer, 10, frozenset({2}))
+    streamed = "".join(s.push(t) for t in ids[-2:]) + s.push(2)
+    assert s.text == streamed == "\U0001f600"
+
+
+def test_seeded_rows_are_independent_of_other_rows():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0, seed=7)
+    a, b = Sampler(params), Sampler(params)
+    other = logits.clone()
+    other[1] = torch.randn(50)  # row 1 differs; row 0 and 2 must not notice
+    ra = [a(logits) for _ in range(6)]
+    rb = [b(other) for _ in range(6)]
+    assert [int(x[0]) for x in ra] == [int(x[0]) for x in rb]
+    assert [int(x[2]) for x in ra] == [int(x[2]) for x in rb]
+
+
+class _FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def get_extra_info(self, key, default=None):
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _feed(conn: FrameConnection, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buf = conn.get_buffer(-1)
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        conn.buffer_updated(n)
+        view = view[n:]
+
+
+def test_headers_are_vetted_before_any_allocation():
+    pool = BufferPool()
+    seen: list[FrameHeader] = []
+    frames = []
+    conn = FrameConnection(
+        lambda c, f: frames.append(f), pool, on_header=lambda c, h: seen.append(h) or False
+    )
+    conn.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    big = FrameHeader(FrameKind.TENSOR, uuid.uuid4().hex, 0, 1, 1, torch.float32, 0, 0, (1, 1, 64), 1 << 30)
+    _feed(conn, pack_header(big))
+    assert pool.allocations == 0 and len(seen) == 1  # 1 GiB declared, nothing allocated
+    _feed(conn, bytes(8 + (1 << 20)))  # the body is read through a small scratch buffer...
+    assert pool.allocations == 0 and not frames and not conn.transport.closed
+    conn2 = FrameConnection(lambda c, f: frames.append(f), pool, on_header=lambda c, h: True)
+    conn2.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    ping = FrameHeader(FrameKind.PING, "", 3, 0, 0, torch.uint8, 0, 0, (), 5)
+    _feed(conn2, pack_header(ping) + b"hello")
+    assert len(frames) == 1 and bytes(frames[0].payload_view) == b"hello"
+    assert unpack_header(pack_header(ping)).step == 3
+
+
+@pytest.mark.multiprocess
+def test_unknown_session_frame_keeps_the_connection(cluster3):
+    """A late frame of a closed session is skipped; the same connection keeps working."""
+    port = cluster3.data_ports[1]
+    junk = FrameHeader(FrameKind.TENSOR, uuid.uuid4().hex, 0, 1, 1, torch.float32, 0, 0, (1, 1, 64), 256)
+    ping = FrameHeader(FrameKind.PING, "", 42, 0, 0, torch.uint8, 0, 0, (), 4)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(pack_header(junk) + bytes(8 + 256) + pack_header(ping) + b"ping")
+        got = b""
+        deadline = time.monotonic() + 10
+        while len(got) < 68 and time.monotonic() < deadline:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    h = unpack_header(got[:64])
+    assert h.kind == FrameKind.PONG and h.step == 42 and got[64:68] == b"ping"
