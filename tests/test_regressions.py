@@ -153,3 +153,28 @@ def test_unknown_session_frame_keeps_the_connection(cluster3):
             got += chunk
     h = unpack_header(got[:64])
     assert h.kind == FrameKind.PONG and h.step == 42 and got[64:68] == b"ping"
+
+
+@pytest.mark.multiprocess
+def test_idle_sessions_are_reaped(tmp_path, bundled_path):
+    """A client that dies without CloseSession does not leave its KV cache behind forever."""
+    from hyperlane_lab.runtime import LocalCluster, WorkerClient
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    listener = socket.socket()  # stands in for the client's data port
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    reply_to = f"127.0.0.1:{listener.getsockname()[1]}"
+    with listener, LocalCluster(1, cache_dir=tmp_path / "c", extra_args=["--session-ttl", "1"]) as cluster:
+        c = WorkerClient(cluster.addresses[0])
+        c.call("LoadShard", pb.LoadShardRequest(start=0, end=5, model_path=bundled_path), timeout=60)
+        c.call(
+            "OpenSession",
+            pb.OpenSessionRequest(session_id=uuid.uuid4().hex, batch=1, max_len=16, reply_to=reply_to),
+        )
+        assert c.info().sessions == 1
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and c.info().sessions:
+            time.sleep(0.2)
+        assert c.info().sessions == 0
+        c.close()

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--memory-limit-gib", type=float, default=0.0, help="memory this worker may use (0 = all free)"
     )
+    p.add_argument(
+        "--session-ttl", type=float, default=600.0, help="close sessions idle this many seconds (0 = never)"
+    )
     p.set_defaults(func=run)
 
 
@@ -47,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
         advertise_address=args.advertise_address,
         interfaces=args.interfaces,
         memory_limit=int(args.memory_limit_gib * 2**30),
+        session_ttl_s=args.session_ttl,
     )
     return run_worker(cfg)

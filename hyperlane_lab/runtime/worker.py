@@ -51,6 +51,7 @@ class WorkerConfig:
     interfaces: str = "all"  # zeroconf interfaces: all | default | comma-separated IPs
     max_payload: int = 1 << 31
     memory_limit: int = 0  # bytes this worker may use (0 = the device's free memory)
+    session_ttl_s: float = 600.0  # close sessions idle this long (a client died without closing)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,6 +100,7 @@ class _Session:
     reply_to: str
     steps: int = 0
     error: str = ""
+    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Worker:
         self._gpu: GpuStepper | None = None  # created on the compute thread for a CUDA engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._lock = threading.Lock()
         self.grpc_port = config.grpc_port
@@ -151,9 +154,27 @@ class Worker:
             on_header=self._check_header,
         )
         self.data_port = self._server.sockets[0].getsockname()[1]
+        if self.config.session_ttl_s > 0:
+            self._reaper = asyncio.create_task(self._reap_idle_sessions())
         return self.data_port
 
+    async def _reap_idle_sessions(self) -> None:
+        ttl = self.config.session_ttl_s
+        while True:
+            await asyncio.sleep(min(30.0, ttl / 2))
+            now = time.monotonic()
+            for sid, sess in list(self.sessions.items()):
+                if now - sess.last_used > ttl:
+                    log.warning(
+                        "closing session %s: idle for %.0f s (its client is gone?)",
+                        sid[:8],
+                        now - sess.last_used,
+                    )
+                    await self.close_session(sid)
+
     async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self._server is not None:
             self._server.close()
         for conn in [self.out.conn, *self.out.extra.values()]:
@@ -329,9 +350,11 @@ class Worker:
 
     def _accept_tensor(self, frame: Frame) -> None:
         h = frame.header
-        if self.engine is None or h.session not in self.sessions:  # closed since its header arrived
+        sess = self.sessions.get(h.session)
+        if self.engine is None or sess is None:  # closed since its header arrived
             frame.body.release()
             return
+        sess.last_used = time.monotonic()
         t0 = time.perf_counter()
         x = decode_payload(h, frame.payload_view)  # validates payload length (ProtocolError)
         t1 = time.perf_counter()
