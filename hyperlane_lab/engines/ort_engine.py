@@ -155,18 +155,9 @@ class OrtStage(StageSessions):
     def forward(
         self, session_id: str, x: torch.Tensor, positions: torch.Tensor, all_logits: bool = False
     ) -> torch.Tensor:
-        cache = self.session(session_id)
-        self.input_shape_ok(x, positions)
+        cache, _ = self._begin_step(session_id, x, positions)
         bsz, seq = positions.shape
-        if bsz != cache.batch:
-            raise ValueError(f"session {session_id!r} was opened with batch {cache.batch}, got batch {bsz}")
         positions = positions.to(self.device).contiguous()
-        max_pos = int(positions.max())
-        if max_pos >= cache.max_len:
-            raise ValueError(
-                f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
-                "open the session with a larger max_len"
-            )
         dev, s = self.device, self.spec
         x = (x.to(dev) if self.is_first else x.to(device=dev, dtype=self.dtype)).contiguous()
         io = self._ort.io_binding()

@@ -114,3 +114,24 @@ class StageSessions:
             )
         if tuple(x.shape[:2]) != tuple(positions.shape):
             raise ValueError(f"x {tuple(x.shape)} and positions {tuple(positions.shape)} disagree on [B, S]")
+
+    def _begin_step(
+        self, session_id: str, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[SessionCache, int]:
+        """Checks every engine's ``forward`` makes first: (the session's cache, the largest position)."""
+        cache = self.session(session_id)
+        self.input_shape_ok(x, positions)
+        if positions.shape[0] != cache.batch:
+            raise ValueError(
+                f"session {session_id!r} was opened with batch {cache.batch}, got batch {positions.shape[0]}"
+            )
+        if positions.device.type == "cpu":  # the caller's host copy: no device sync
+            max_pos = int(positions.numpy().max())
+        else:
+            max_pos = int(positions.max())
+        if max_pos >= cache.max_len:
+            raise ValueError(
+                f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
+                "open the session with a larger max_len"
+            )
+        return cache, max_pos

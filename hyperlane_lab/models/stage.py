@@ -116,22 +116,8 @@ class TorchStage(StageSessions):
     def forward(
         self, session_id: str, x: torch.Tensor, positions: torch.Tensor, all_logits: bool = False
     ) -> torch.Tensor:
-        cache = self.session(session_id)
-        self.input_shape_ok(x, positions)
+        cache, max_pos = self._begin_step(session_id, x, positions)
         bsz, seq = positions.shape
-        if bsz != cache.batch:
-            raise ValueError(f"session {session_id!r} was opened with batch {cache.batch}, got batch {bsz}")
-        if not positions.numel():
-            max_pos = -1
-        elif positions.device.type == "cpu":  # the caller's host copy: no device sync
-            max_pos = int(positions.numpy().max())
-        else:
-            max_pos = int(positions.max())
-        if max_pos >= cache.max_len:
-            raise ValueError(
-                f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
-                "open the session with a larger max_len"
-            )
         graphs = self.graph_decoder()
         if graphs is not None and seq == 1 and not all_logits:
             return graphs.step(cache, x, positions)  # type: ignore[no-any-return]

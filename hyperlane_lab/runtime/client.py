@@ -22,7 +22,7 @@ from hyperlane_lab.models import PRESETS, ModelSpec, load_tokenizer, resolve_mod
 from hyperlane_lab.runtime.client_dataplane import ClientDataPlane, local_address_towards
 from hyperlane_lab.runtime.control import WorkerClient
 from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
-from hyperlane_lab.types import EventKind, Plan, SamplingParams, StagePlan, TraceEvent, WorkerInfo
+from hyperlane_lab.types import EventKind, Plan, SamplingParams, TraceEvent, WorkerInfo
 
 __all__ = ["AutoDistributedModel"]
 
@@ -318,12 +318,3 @@ def _codec_list(compression: str | Sequence[str], n: int) -> list[str]:
     if len(codecs) != n:
         raise ValueError(f"compression lists {len(codecs)} codecs but the plan has {n} stages")
     return codecs
-
-
-def _stage_plan(
-    spans: Sequence[Any], clients: Sequence[WorkerClient], codecs: Sequence[str]
-) -> tuple[StagePlan, ...]:
-    return tuple(
-        StagePlan(device=c.address, span=s, codec=k, address=c.address)
-        for s, c, k in zip(spans, clients, codecs)
-    )
