@@ -225,23 +225,35 @@ def gemv_bandwidth(spec: ModelSpec, bw: float) -> dict[str, Any]:
         copies = max(2, -(-(512 << 20) // (n * k * 2)))  # > 10x the L2
         ws = [torch.empty(n, k, dtype=torch.float16, device="cuda").normal_(0, 0.02) for _ in range(copies)]
         x = torch.randn(1, 1, k, dtype=torch.float16, device="cuda")
-        for w in ws:
-            torch.nn.functional.linear(x, w)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         reps = 4 * copies
-        a.record()
-        for i in range(reps):
-            torch.nn.functional.linear(x, ws[i % copies])
-        b.record()
-        b.synchronize()
-        t = a.elapsed_time(b) / 1e3 / reps
+
+        def timed(
+            fn: Any, mats: list[torch.Tensor], x: torch.Tensor = x, reps: int = reps, copies: int = copies
+        ) -> float:
+            for w in mats:
+                fn(x, w)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for i in range(reps):
+                fn(x, mats[i % copies])
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3 / reps
+
+        t = timed(torch.nn.functional.linear, ws)
         out[name] = {
             "shape": [n, k],
             "us": t * 1e6,
             "bytes_per_s": n * k * 2 / t,
             "of_copy_bw": n * k * 2 / t / bw,
         }
+        # the same product with the weight stored transposed ([K, N], x @ W^T): another cuBLAS kernel
+        wts = [w.t().contiguous() for w in ws]
         del ws
+        tt = timed(torch.matmul, wts)
+        out[name]["transposed_us"] = tt * 1e6
+        out[name]["transposed_of_copy_bw"] = n * k * 2 / tt / bw
+        del wts
     torch.cuda.empty_cache()
     return out
 
@@ -300,14 +312,29 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     pipe = InProcessPipeline([stage], None, spec)
     prompt = prompt_ids(32, spec.vocab_size)
     n = args.decode_tokens
-    known = {"eager": (False, False), "graph": (True, False), "graph_compile": (True, True)}
+    # (CUDA graphs, torch.compile, run-ahead loop, Triton GEMV where it wins); "_sync" = the loop
+    # reads each token before enqueueing the next step (the run-ahead loop is generate()'s default
+    # for greedy on CUDA); "_cublas" = every product on cuBLAS
+    known = {
+        "eager": (False, False, True, False),
+        "graph": (True, False, True, True),
+        "graph_compile": (True, True, True, True),
+        "graph_compile_sync": (True, True, False, True),
+        "graph_compile_cublas": (True, True, True, False),
+    }
     names = args.variants.split(",") if CUDA else ["eager"]
     variants = {k: known[k] for k in names}
     out["decode"] = {}
-    for name, (graphs, comp) in variants.items():
+    from hyperlane_lab.generation import pipeline as pl
+
+    run_ahead = pl._LocalSession.can_run_ahead
+    for name, (graphs, comp, ahead, triton_gemv) in variants.items():
         stage.cuda_graphs = graphs
         if graphs:
-            stage.graph_decoder().configure(comp)
+            gd = stage.graph_decoder()
+            gd._lin = None if triton_gemv else torch.nn.functional.linear  # None: choose per shape
+            gd.configure(comp)
+        pl._LocalSession.can_run_ahead = run_ahead if ahead else (lambda self: False)  # type: ignore[method-assign]
         try:
             t1 = time.perf_counter()
             d = gen_decode(pipe, prompt, n, args.reps)
@@ -317,6 +344,8 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
                 d["profile"] = kernel_profile(stage)
             if graphs and stage.graph_decoder()._broken:
                 d["note"] = "graph capture failed; ran eagerly"
+            if graphs and triton_gemv:
+                d["gemv_choice"] = stage.graph_decoder().gemv_choice
         except Exception as e:  # keep the other variants
             d = {"error": f"{type(e).__name__}: {e}"}
         out["decode"][name] = d
@@ -324,13 +353,16 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         res["1gpu"] = out
         for f in SAVE:
             f()
+    pl._LocalSession.can_run_ahead = run_ahead  # type: ignore[method-assign]
     ok = {k: v for k, v in out["decode"].items() if "tok_s" in v}
     best = max(ok, key=lambda k: ok[k]["tok_s"])
     out["best_decode"] = best
-    graphs, comp = variants[best]
+    graphs, comp, _, triton_gemv = variants[best]
     stage.cuda_graphs = graphs
     if graphs:
-        stage.graph_decoder().configure(comp)
+        gd = stage.graph_decoder()
+        gd._lin = None if triton_gemv else torch.nn.functional.linear
+        gd.configure(comp)
     out["prefill"] = {str(s): gen_prefill(pipe, s, spec.vocab_size, args.reps) for s in args.prefill}
     if CUDA:
         for s in args.prefill:
@@ -421,6 +453,9 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=1)
     ap.add_argument("--gemv", type=int, default=1)
     ap.add_argument("--variants", default="eager,graph,graph_compile", help="1gpu decode variants")
+    ap.add_argument(
+        "--cpu-latency-us", type=int, default=None, help="split parts: workers hold this PM QoS CPU latency"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", help="print the table of saved JSON files and exit")
     args = ap.parse_args()

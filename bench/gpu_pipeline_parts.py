@@ -8,6 +8,7 @@ the hop times being measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import statistics
 import subprocess
@@ -188,6 +189,52 @@ def stage_gaps(events: list[TraceEvent], p: int) -> list[float]:
     return gaps
 
 
+def hop_breakdown(events: list[TraceEvent], p: int, token_s: float) -> dict[str, Any]:
+    """Where a decode token's time goes, per segment (medians over decode steps, seconds).
+
+    Per stage i: ``dispatch`` = frame fully received -> GPU starts the step (hand-off, checks,
+    staging, launch), ``compute`` = GPU time, ``complete`` = GPU done -> send begins (D2H,
+    completion wake-up, argmax read, header), ``send`` = socket write. Between stages, ``wire`` =
+    send done -> next stage has the whole frame. ``client`` = what is left of a token's time:
+    the last stage's tokens reaching the client, the client's loop and its send to stage 0.
+    All stage clocks are this host's monotonic clock (one host), so differences are exact."""
+    by: dict[tuple[str, int, int, str], TraceEvent] = {}
+    for e in events:
+        if e.step >= 1:
+            by[(e.kind.value, e.stage, hash(e.session), e.step)] = e
+    keys = {(k[1], k[2], k[3]) for k in by if k[0] == "compute"}
+
+    def seg(name: str, fn: Any) -> None:
+        vals = []
+        for st, s, k in keys:
+            with contextlib.suppress(KeyError):
+                vals.append(fn(st, s, k))
+        if vals:
+            out[name] = med(vals)
+
+    out: dict[str, Any] = {}
+    for i in range(p):
+        seg(
+            f"s{i}_dispatch",
+            lambda st, s, k, i=i: by[("compute", i, s, k)].start - by[("receive", i, s, k)].end,
+        )
+        seg(
+            f"s{i}_compute",
+            lambda st, s, k, i=i: by[("compute", i, s, k)].end - by[("compute", i, s, k)].start,
+        )
+        seg(
+            f"s{i}_complete", lambda st, s, k, i=i: by[("send", i, s, k)].start - by[("compute", i, s, k)].end
+        )
+        seg(f"s{i}_send", lambda st, s, k, i=i: by[("send", i, s, k)].end - by[("send", i, s, k)].start)
+        if i + 1 < p:
+            seg(
+                f"wire_{i}_{i + 1}",
+                lambda st, s, k, i=i: by[("receive", i + 1, s, k)].end - by[("send", i, s, k)].end,
+            )
+    out["client"] = token_s - sum(v for v in out.values())
+    return out
+
+
 def window_stats(events: list[TraceEvent], p: int) -> dict[str, Any]:
     """Decode throughput and per-stage busy share while every session is decoding."""
     comp = [e for e in events if e.kind == EventKind.COMPUTE and e.step >= 1]
@@ -318,7 +365,9 @@ def run_split(
     devices = [f"cuda:{i % ngpu}" for i in range(p)] if ngpu else ["cpu"] * p
     out.update({"model": model_name, "stages": p, "devices": devices})
     t0 = time.perf_counter()
-    with LocalCluster(p, devices=devices, startup_timeout=180) as cl:
+    extra = ["--cpu-latency-us", str(args.cpu_latency_us)] if args.cpu_latency_us is not None else []
+    out["cpu_latency_us"] = args.cpu_latency_us
+    with LocalCluster(p, devices=devices, startup_timeout=180, extra_args=extra) as cl:
         source = None if model_name == "bundled" else model_name
         with AutoDistributedModel.from_pretrained(
             source,
@@ -361,6 +410,19 @@ def run_split(
                 f"hop {hop * 1e6:.0f} us, raw rtt {rtt * 1e6:.0f} us",
                 flush=True,
             )
+            out["hops"]["breakdown_s"] = hop_breakdown(ev, p, step)
+            print(
+                "  where a token goes (us):",
+                {k: round(v * 1e6) for k, v in out["hops"]["breakdown_s"].items()},
+            )
+            try:
+                from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+                out["fast_path_steps"] = [
+                    int(c.call("Health", pb.HealthRequest()).fast_path_steps) for c in model.clients
+                ]
+            except Exception as e:  # an older worker build
+                out["fast_path_steps"] = str(e)[:200]
             out["sim_batch1"] = simulate(dec, pre, hop, 1, n_decode)
             _save()
             out["prefill"] = {str(s): mm.gen_prefill(model, s, spec.vocab_size, args.reps) for s in prefill}

@@ -1,18 +1,29 @@
-"""Shared pieces of the quantization kernels: ``@triton.jit`` helpers (group scales, rounding, output clamp)
-and launcher checks. Imports Triton at module import: import this module lazily (the codecs do).
+"""Shared pieces of the quantization kernels: ``@triton.jit`` helpers (group loads, scales, rounding, output
+clamp), launch configuration and launcher checks. Imports Triton at module import: import this module lazily
+(the codecs do).
 
-Every helper mirrors a step of the torch reference ``hyperlane_lab.codecs.reference`` with the same fp32
-operations in the same order, so results are bitwise equal:
+Every helper reproduces a step of the torch reference ``hyperlane_lab.codecs.reference`` bit for bit:
 
-- divisions use ``tl.math.div_rn`` (IEEE round-to-nearest; Triton's plain ``/`` may be approximate);
-- round-half-to-even is ``(v + 1.5 * 2**23) - 1.5 * 2**23`` in fp32, exact for ``|v| < 2**22``
-  (libdevice ``rint`` does not run under ``TRITON_INTERPRET=1``);
-- clamps are written with ``tl.where`` so that NaN passes through as in ``torch.where``;
+- the per-group scale uses the reference's fp32 operations in the same order; its division uses
+  ``tl.math.div_rn`` (IEEE round-to-nearest; Triton's plain ``/`` may be approximate);
+- the per-value quotient ``v / s`` is ``q0 = v * r``, ``q = fma(v - q0 * s, r, q0)`` with ``r = 1 / s``
+  rounded (one correctly rounded division per group instead of one per value). This equals the IEEE quotient
+  whenever it is a normal fp32 number: ``s`` has an 11-bit significand, so ``v / s`` lies at least 2**-12 ulp
+  away from any rounding midpoint, while the correction step leaves an error below 2**-23 ulp (``q0`` is
+  within 1.5 ulp, so ``v - q0 * s`` is exact in the fma). Smaller quotients round to 0 either way.
+  ``tests/test_quant_math.py`` checks the identity over every fp16 value and near-tie fp32 values;
+- round-half-to-even adds ``1.5 * 2**23 (+ bias)`` in fp32: the sum's bits then hold ``0x4B400000 + bias +
+  round(v)`` for ``|v| < 2**22``; the int8 / nibble extraction works on those integer bits (no float -> int
+  conversions). The reference's clamp to [-qmax, qmax] never changes a good group (``quantize_biased``);
+- the group's max |v| is an integer max of the fp32 bits with the sign cleared: for non-negative floats the
+  bit order is the value order, and NaN/Inf sort above every finite value, which flags the group as bad;
+- clamps of output values are written with ``tl.where`` so that NaN passes through as in ``torch.where``;
 - fp32 -> bf16 output rounding is done with integer ops (``bf16_bits``): the interpreter's cast truncates.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,14 +35,16 @@ __all__ = [
     "INTERPRET",
     "OUT_MAX",
     "TILE_ELEMS",
+    "abs_max_bits",
     "bf16_bits",
     "check_launch",
     "clamp_where",
     "group_scales",
+    "launch_config",
     "launch_shape",
+    "load_groups",
     "output_view",
-    "quantize_values",
-    "round_half_even",
+    "quantize_biased",
     "store_output",
 ]
 
@@ -50,13 +63,18 @@ INTERPRET: bool = _interpret_mode()
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_MAX = {dt: float(torch.finfo(dt).max) for dt in ACT_DTYPES}
-TILE_ELEMS = 2048  # values handled by one program (groups_per_program * padded group size)
 
-
-@triton.jit
-def round_half_even(v):
-    """fp32 round-half-to-even for |v| < 2**22 (torch.round)."""
-    return (v + 12582912.0) - 12582912.0
+# Launch configuration (``bench/codec_tune.py`` times the alternatives). The decoders keep 2048 values per
+# program. Encoders, large inputs: 4096 values per program with 4 warps, i.e. 32 per thread, 4 x 16-byte
+# loads in flight per thread and ~8 programs per SM (57 registers): enough bytes in flight for HBM, and the
+# per-program and per-group work (addresses, two divisions per group) is spread over more values. Small
+# inputs (decode steps): 512-value programs of 2 warps, so a 1 x 4096 row runs as 8 programs whose threads
+# have short dependency chains (latency, not bandwidth, is what counts there).
+TILE_ELEMS = 2048  # decoders: values per program (groups_per_program * padded group size)
+ENC_TILE, ENC_WARPS = 4096, 4
+ENC_SMALL_TILE, ENC_SMALL_WARPS = 512, 2
+ENC_SMALL_ELEMS = 1 << 20  # inputs of at most this many (padded) values use the small config
+_WARPS_OK = (1, 2, 4, 8, 16)
 
 
 @triton.jit
@@ -87,38 +105,93 @@ def store_output(ptr, v, mask, OUT_MAX: tl.constexpr, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
-def group_scales(v, QMAX: tl.constexpr):
-    """``v [GP, B]`` fp32 (masked lanes hold 0) -> (scale bits int16 [GP], divisor fp32 [GP], bad [GP]).
+def load_groups(
+    x_ptr, g, j, n_groups, cols, groups_per_row, GS: tl.constexpr, DENSE: tl.constexpr, EVEN: tl.constexpr
+):
+    """fp32 ``[GP, J]``: value ``j`` of group ``g`` of ``x [R, H]``, 0 outside the group or the tensor.
 
-    Reference: ``hyperlane_lab.codecs.reference.group_scales``.
+    DENSE (H % GS == 0): group g starts at g * GS, no row/column split (that needs a 64-bit division per
+    group). EVEN (DENSE, every (g, j) in range): no masks at all, so loads are plain 16-byte vectors.
     """
-    absv = tl.abs(v)
-    finite = absv <= 3.4028234663852886e38  # False for NaN and +-Inf
-    nonfinite = tl.max(tl.where(finite, 0, 1), axis=1)
-    absmax = tl.max(tl.where(finite, absv, 0.0), axis=1)
+    if EVEN:
+        v = tl.load(x_ptr + g[:, None] * GS + j[None, :])
+    elif DENSE:
+        m = (g < n_groups)[:, None] & (j < GS)[None, :]
+        v = tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=m, other=0.0)
+    else:
+        row = g // groups_per_row
+        col = (g % groups_per_row)[:, None] * GS + j[None, :]
+        m = (g < n_groups)[:, None] & (j < GS)[None, :] & (col < cols)
+        v = tl.load(x_ptr + row[:, None] * cols + col, mask=m, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def abs_max_bits(v):
+    """``v [GP, B]`` fp32 -> int32 [GP]: bits of max |v| per row; >= 0x7F800000 when the row has NaN/Inf."""
+    return tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+
+
+@triton.jit
+def group_scales(absbits, QMAX: tl.constexpr):
+    """``abs_max_bits`` of each group -> (scale bits int16, divisor fp32, 1 / divisor fp32, bad), all [GP].
+
+    Reference: ``hyperlane_lab.codecs.reference.group_scales`` (its ``absmax`` over the finite values only
+    matters for good groups, where it is the max of all values).
+    """
+    absmax = absbits.to(tl.float32, bitcast=True)
     s32 = tl.math.div_rn(absmax, tl.zeros_like(absmax) + QMAX)
     s16 = s32.to(tl.float16)
     bits = s16.to(tl.int16, bitcast=True)
     bits = tl.where(s16.to(tl.float32) < s32, bits + 1, bits).to(tl.int16)  # smallest fp16 >= s32
-    bad = (nonfinite > 0) | (bits >= 0x7C00)
+    bad = (absbits >= 0x7F800000) | (bits >= 0x7C00)
     bits = tl.where(bad, 0x7E00, bits).to(tl.int16)  # fp16 NaN marks a bad group
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     divisor = tl.where(bad | (bits == 0), 1.0, scale)
-    return bits, divisor, bad
+    recip = tl.math.div_rn(tl.zeros_like(divisor) + 1.0, divisor)
+    return bits, divisor, recip, bad
 
 
 @triton.jit
-def quantize_values(v, divisor, bad, QMAX: tl.constexpr):
-    """``round_half_even(v / divisor)`` clamped to [-QMAX, QMAX]; 0 in bad groups. fp32 [GP, B]."""
-    q = round_half_even(tl.math.div_rn(v, divisor[:, None]))
-    q = clamp_where(q, QMAX * 1.0)
-    return tl.where(bad[:, None], 0.0, q)
+def quantize_biased(v, divisor, recip, bad, BIAS: tl.constexpr):
+    """int32 ``0x4B400000 + BIAS + round(v / divisor)`` (half to even); ``0x4B400000 + BIAS`` in bad groups.
+
+    Its low byte is the int8 value (BIAS 0), its low nibble the int4 nibble ``q + 8`` (BIAS 8): the magic
+    constant's low byte is 0. No clamp to [-qmax, qmax] is needed: in a good group the scale is >= the fp32
+    ``absmax / qmax``, so ``|v / scale| <= qmax * (1 + 2**-23)``, which rounds to at most qmax.
+    """
+    r = recip[:, None]
+    q0 = v * r
+    # fma(q0, -d, v): the negation stays per group ("-q0" would cost one more op per value)
+    q = tl.fma(tl.fma(q0, (0.0 - divisor)[:, None], v), r, q0)  # == IEEE v / d, see the module docstring
+    b = (q + (12582912.0 + BIAS)).to(tl.int32, bitcast=True)
+    return tl.where(bad[:, None], 0x4B400000 + BIAS, b)
 
 
 def launch_shape(group_size: int) -> tuple[int, int]:
-    """(padded group size BLOCK, groups per program GP); both powers of two."""
+    """Decoders: (padded group size BLOCK, groups per program GP); both powers of two."""
     block = triton.next_power_of_2(group_size)
     return block, max(1, TILE_ELEMS // block)
+
+
+def launch_config(
+    group_size: int, n_groups: int, tile: int | None = None, num_warps: int | None = None
+) -> tuple[int, int, int]:
+    """Encoders: (BLOCK, groups per program GP, num_warps); ``tile`` / ``num_warps`` override the defaults."""
+    return _config(group_size, n_groups * group_size <= ENC_SMALL_ELEMS, tile, num_warps)
+
+
+@functools.cache
+def _config(group_size: int, small: bool, tile: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    if tile is not None and (not isinstance(tile, int) or tile < 1 or tile & (tile - 1)):
+        raise ValueError(f"tile must be a power of two (values per program), got {tile!r}")
+    if num_warps is not None and num_warps not in _WARPS_OK:
+        raise ValueError(f"num_warps must be one of {_WARPS_OK}, got {num_warps!r}")
+    block = triton.next_power_of_2(group_size)
+    tile = tile or (ENC_SMALL_TILE if small else ENC_TILE)
+    if num_warps is None:  # at least one warp per 1024 values of a (large) group: <= 32 values per thread
+        num_warps = max(ENC_SMALL_WARPS if small else ENC_WARPS, min(8, block // 1024))
+    return block, max(1, tile // block), num_warps
 
 
 def output_view(out: torch.Tensor) -> tuple[torch.Tensor, dict[str, object]]:

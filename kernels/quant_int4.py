@@ -8,6 +8,8 @@ Packing: nibble = q + 8; byte k of a group = element 2k (low nibble) | element 2
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -16,11 +18,14 @@ from hyperlane_lab.codecs.reference import inv_sqrt_f32
 from hyperlane_lab.kernels.hadamard import wht_groups
 from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
+    abs_max_bits,
     check_launch,
     group_scales,
+    launch_config,
     launch_shape,
+    load_groups,
     output_view,
-    quantize_values,
+    quantize_biased,
     store_output,
 )
 
@@ -28,10 +33,29 @@ __all__ = ["dequantize", "quantize"]
 
 _QMAX = tl.constexpr(7)
 
+# How the encoder gets elements 2k and 2k+1 of a group into one thread to pack them into a byte:
+PACK_SPLIT = 0  # load the [GP, BLOCK] tile, tl.reshape to [GP, BLOCK/2, 2], tl.split (any dtype, Hadamard)
+PACK_STRIDED = 1  # two stride-2 loads, x[2k] and x[2k+1] (L1 serves the second from the first's lines)
+PACK_WORDS = 2  # fp16/bf16 read as int32 words (16-byte vector loads), halves taken apart with bit ops
+PACK_MODES = {"split": PACK_SPLIT, "strided": PACK_STRIDED, "words": PACK_WORDS}
+# Default: "words" where it applies (16-bit input, H % group_size == 0, no Hadamard), else "split".
+# bench/codec_tune.py times all three.
+DEFAULT_PACK = "words"
+
+
+@triton.jit
+def _halves_to_f32(w, BF16: tl.constexpr):
+    """int32 words of two fp16/bf16 values -> (fp32 of the low half, fp32 of the high half)."""
+    if BF16:  # a bf16 is the high half of the fp32 with the same value
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # int32 -> int16 keeps the low half
+    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
 
 @triton.jit
 def _quant_int4_kernel(
-    x_ptr,  # [R, H] fp16/bf16/fp32
+    x_ptr,  # [R, H] fp16/bf16/fp32 (PACK_WORDS: read as int32 words [R, H / 2])
     scale_ptr,  # [N] int16 (fp16 bits)
     p_ptr,  # [N * GS / 2] uint8 packed
     flag_ptr,  # [1] int32: += number of bad groups (when CHECK)
@@ -45,26 +69,45 @@ def _quant_int4_kernel(
     HADAMARD: tl.constexpr,
     LOG2_GS: tl.constexpr,
     INV_SQRT: tl.constexpr,
+    DENSE: tl.constexpr,  # H % GS == 0
+    EVEN: tl.constexpr,  # DENSE, BLOCK == GS and N % GP == 0: no masks
+    PACK: tl.constexpr,  # PACK_* (PACK_SPLIT with HADAMARD; PACK_WORDS needs DENSE and a 16-bit input)
+    BF16: tl.constexpr,  # PACK_WORDS: the words hold bf16 (else fp16) values
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)  # [GP] group ids
-    gvalid = g < n_groups
-    row = g // groups_per_row
-    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]  # [GP, BLOCK]
-    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
-    v = tl.load(x_ptr + row[:, None] * cols + col, mask=in_group & (col < cols), other=0.0).to(tl.float32)
-    if HADAMARD:  # BLOCK == GS here (power of two)
-        v = wht_groups(v, GP, BLOCK, LOG2_GS, INV_SQRT)
-    bits, divisor, bad = group_scales(v, _QMAX)
-    nib = (quantize_values(v, divisor, bad, _QMAX) + 8.0).to(tl.int32)  # 1..15 (8 = zero)
-    lo, hi = tl.split(tl.reshape(nib, [GP, BLOCK // 2, 2]))  # elements 2k, 2k+1
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    k = tl.arange(0, BLOCK // 2)
-    tl.store(scale_ptr + g, bits, mask=gvalid)
-    tl.store(
-        p_ptr + g[:, None] * (GS // 2) + k[None, :], packed, mask=gvalid[:, None] & (k < GS // 2)[None, :]
-    )
+    k = tl.arange(0, BLOCK // 2)  # byte k of a group packs elements 2k, 2k+1
+    if PACK == 0:
+        v = load_groups(x_ptr, g, tl.arange(0, BLOCK), n_groups, cols, groups_per_row, GS, DENSE, EVEN)
+        if HADAMARD:  # BLOCK == GS here (power of two)
+            v = wht_groups(v, GP, BLOCK, LOG2_GS, INV_SQRT)
+        bits, divisor, recip, bad = group_scales(abs_max_bits(v), _QMAX)
+        lo, hi = tl.split(tl.reshape(quantize_biased(v, divisor, recip, bad, 8), [GP, BLOCK // 2, 2]))
+    else:
+        if PACK == 2:
+            w_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + g[:, None] * (GS // 2) + k[None, :]
+            if EVEN:
+                w = tl.load(w_ptr)
+            else:
+                w = tl.load(w_ptr, mask=(g < n_groups)[:, None] & (k < GS // 2)[None, :], other=0)
+            ve, vo = _halves_to_f32(w, BF16)
+        else:
+            ve = load_groups(x_ptr, g, 2 * k, n_groups, cols, groups_per_row, GS, DENSE, EVEN)
+            vo = load_groups(x_ptr, g, 2 * k + 1, n_groups, cols, groups_per_row, GS, DENSE, EVEN)
+        bits, divisor, recip, bad = group_scales(tl.maximum(abs_max_bits(ve), abs_max_bits(vo)), _QMAX)
+        lo = quantize_biased(ve, divisor, recip, bad, 8)
+        hi = quantize_biased(vo, divisor, recip, bad, 8)
+    # the low nibble of the biased bits is q + 8 and bits 4..7 are 0, so one shift-add packs a byte
+    packed = (lo + (hi << 4)).to(tl.uint8)
+    p_offs = g[:, None] * (GS // 2) + k[None, :]
+    if EVEN:
+        tl.store(scale_ptr + g, bits)
+        tl.store(p_ptr + p_offs, packed)
+    else:
+        gvalid = g < n_groups
+        tl.store(scale_ptr + g, bits, mask=gvalid)
+        tl.store(p_ptr + p_offs, packed, mask=gvalid[:, None] & (k < GS // 2)[None, :])
     if CHECK:
-        nbad = tl.sum((bad & gvalid).to(tl.int32), axis=0)
+        nbad = tl.sum((bad & (g < n_groups)).to(tl.int32), axis=0)
         if nbad > 0:
             tl.atomic_add(flag_ptr, nbad)
 
@@ -112,12 +155,22 @@ def _check_group_size(group_size: int, hadamard: bool) -> None:
         raise ValueError(f"int4_hadamard needs a power-of-two group_size, got {group_size}")
 
 
+@functools.cache
 def _meta(group_size: int, hadamard: bool) -> dict[str, object]:
+    """Decoder constexprs (cached: ``inv_sqrt_f32`` builds a tensor)."""
     block, gp = launch_shape(group_size)
     return dict(
         GS=group_size, BLOCK=block, GP=gp, HADAMARD=hadamard,
         LOG2_GS=block.bit_length() - 1, INV_SQRT=inv_sqrt_f32(block),
     )  # fmt: skip
+
+
+@functools.cache
+def _quant_meta(group_size: int, hadamard: bool) -> dict[str, object]:
+    block = triton.next_power_of_2(group_size)
+    return dict(
+        GS=group_size, HADAMARD=hadamard, LOG2_GS=block.bit_length() - 1, INV_SQRT=inv_sqrt_f32(block)
+    )
 
 
 def quantize(
@@ -127,29 +180,47 @@ def quantize(
     group_size: int,
     hadamard: bool = False,
     flag: torch.Tensor | None = None,
+    *,
+    tile: int | None = None,
+    num_warps: int | None = None,
+    pack: str | None = None,
 ) -> None:
     """Fill ``scales`` (int16 [N]) and ``packed`` (uint8 [N * gs / 2]) from ``x [R, H]``.
 
     ``flag`` (int32 [1], zeroed by the caller) receives the number of groups holding NaN/Inf.
+    ``tile`` (values per program, a power of two), ``num_warps`` and ``pack`` (a key of ``PACK_MODES``; where
+    "words" does not apply, "split" runs instead) override the tuned defaults.
     Torch reference: ``hyperlane_lab.codecs.reference.quantize_int4``.
     """
     check_launch(x, "quantize_int4 input", ACT_DTYPES)
     _check_group_size(group_size, hadamard)
     if x.dim() != 2:
         raise ValueError(f"quantize_int4 takes x [R, H], got shape {tuple(x.shape)}")
-    gpr = -(-x.shape[1] // group_size)
-    n_groups = x.shape[0] * gpr
+    mode = PACK_MODES.get(pack or DEFAULT_PACK)
+    if mode is None:
+        raise ValueError(f"pack must be one of {sorted(PACK_MODES)}, got {pack!r}")
+    rows, cols = x.shape
+    gpr = -(-cols // group_size)
+    n_groups = rows * gpr
     check_launch(scales, "scales", (torch.int16,), n_groups)
     check_launch(packed, "packed", (torch.uint8,), n_groups * group_size // 2)
     if flag is not None:
         check_launch(flag, "flag", (torch.int32,), 1)
     if n_groups == 0:
         return
-    meta = _meta(group_size, hadamard)
-    grid = (triton.cdiv(n_groups, int(meta["GP"])),)  # type: ignore[call-overload]
-    _quant_int4_kernel[grid](
-        x, scales, packed, scales if flag is None else flag, n_groups, x.shape[1], gpr,
-        CHECK=flag is not None, enable_fp_fusion=False, **meta,
+    block, gp, warps = launch_config(group_size, n_groups, tile, num_warps)
+    dense = gpr * group_size == cols
+    bf16 = x.dtype == torch.bfloat16
+    if hadamard:
+        mode = PACK_SPLIT
+    elif mode == PACK_WORDS and not (dense and x.element_size() == 2 and x.data_ptr() % 4 == 0):
+        mode = PACK_SPLIT  # int32 words need 16-bit values, whole groups per row and a 4-byte aligned start
+    _quant_int4_kernel[(-(-n_groups // gp),)](
+        x, scales, packed, scales if flag is None else flag, n_groups, cols, gpr,
+        BLOCK=block, GP=gp, CHECK=flag is not None, DENSE=dense,
+        EVEN=dense and block == group_size and n_groups % gp == 0, PACK=mode,
+        BF16=bf16, num_warps=warps, enable_fp_fusion=False,
+        **_quant_meta(group_size, hadamard),
     )  # fmt: skip
 
 

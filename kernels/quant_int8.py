@@ -12,11 +12,14 @@ import triton.language as tl
 
 from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
+    abs_max_bits,
     check_launch,
     group_scales,
+    launch_config,
     launch_shape,
+    load_groups,
     output_view,
-    quantize_values,
+    quantize_biased,
     store_output,
 )
 
@@ -38,19 +41,24 @@ def _quant_int8_kernel(
     BLOCK: tl.constexpr,
     GP: tl.constexpr,
     CHECK: tl.constexpr,
+    DENSE: tl.constexpr,  # H % GS == 0
+    EVEN: tl.constexpr,  # DENSE, BLOCK == GS and N % GP == 0: no masks
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)  # [GP] group ids
-    gvalid = g < n_groups
-    row = g // groups_per_row
-    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]  # [GP, BLOCK]
-    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
-    x = tl.load(x_ptr + row[:, None] * cols + col, mask=in_group & (col < cols), other=0.0).to(tl.float32)
-    bits, divisor, bad = group_scales(x, _QMAX)
-    q = quantize_values(x, divisor, bad, _QMAX)
-    tl.store(scale_ptr + g, bits, mask=gvalid)
-    tl.store(q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :], q.to(tl.int8), mask=in_group)
+    j = tl.arange(0, BLOCK)
+    v = load_groups(x_ptr, g, j, n_groups, cols, groups_per_row, GS, DENSE, EVEN)
+    bits, divisor, recip, bad = group_scales(abs_max_bits(v), _QMAX)
+    q = quantize_biased(v, divisor, recip, bad, 0).to(tl.int8)  # low byte of the biased bits = q
+    q_offs = g[:, None] * GS + j[None, :]
+    if EVEN:
+        tl.store(scale_ptr + g, bits)
+        tl.store(q_ptr + q_offs, q)
+    else:
+        gvalid = g < n_groups
+        tl.store(scale_ptr + g, bits, mask=gvalid)
+        tl.store(q_ptr + q_offs, q, mask=gvalid[:, None] & (j < GS)[None, :])
     if CHECK:
-        nbad = tl.sum((bad & gvalid).to(tl.int32), axis=0)
+        nbad = tl.sum((bad & (g < n_groups)).to(tl.int32), axis=0)
         if nbad > 0:
             tl.atomic_add(flag_ptr, nbad)
 
@@ -92,29 +100,36 @@ def quantize(
     q: torch.Tensor,
     group_size: int,
     flag: torch.Tensor | None = None,
+    *,
+    tile: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Fill ``scales`` (int16 [N], fp16 bits) and ``q`` (int8 [N * gs]) from ``x [R, H]``.
 
     ``flag`` (int32 [1], zeroed by the caller) receives the number of groups holding NaN/Inf.
-    Torch reference: ``hyperlane_lab.codecs.reference.quantize_int8``.
+    ``tile`` (values per program, a power of two) and ``num_warps`` override the tuned launch defaults
+    (``quant_common.launch_config``). Torch reference: ``hyperlane_lab.codecs.reference.quantize_int8``.
     """
     check_launch(x, "quantize_int8 input", ACT_DTYPES)
     if x.dim() != 2 or group_size < 1:
         raise ValueError(
             f"quantize_int8 takes x [R, H] and group_size >= 1, got {tuple(x.shape)}, {group_size}"
         )
-    n_groups, gpr = _groups(x.shape[0], x.shape[1], group_size)
+    rows, cols = x.shape
+    gpr = -(-cols // group_size)
+    n_groups = rows * gpr
     check_launch(scales, "scales", (torch.int16,), n_groups)
     check_launch(q, "q", (torch.int8,), n_groups * group_size)
     if flag is not None:
         check_launch(flag, "flag", (torch.int32,), 1)
     if n_groups == 0:
         return
-    block, gp = launch_shape(group_size)
-    grid = (triton.cdiv(n_groups, gp),)
-    _quant_int8_kernel[grid](
-        x, scales, q, scales if flag is None else flag, n_groups, x.shape[1], gpr,
-        GS=group_size, BLOCK=block, GP=gp, CHECK=flag is not None, enable_fp_fusion=False,
+    block, gp, warps = launch_config(group_size, n_groups, tile, num_warps)
+    dense = gpr * group_size == cols
+    _quant_int8_kernel[(-(-n_groups // gp),)](
+        x, scales, q, scales if flag is None else flag, n_groups, cols, gpr,
+        GS=group_size, BLOCK=block, GP=gp, CHECK=flag is not None, DENSE=dense,
+        EVEN=dense and block == group_size and n_groups % gp == 0, num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 

@@ -275,3 +275,41 @@ def test_generate_argument_errors(pipe: InProcessPipeline) -> None:
         pipe.generate(PROMPT, max_tokens=4, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="stop strings must be non-empty"):
         pipe.generate(PROMPT, max_tokens=4, stop=[""])
+
+
+def test_run_ahead_loop_equals_the_plain_loop(
+    pipe: InProcessPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run-ahead loop (greedy, next step fed by the device-side token; CUDA in production) gives
+    exactly the plain loop's tokens, texts and finish reasons, with rows finishing at different
+    steps (stop string, EOS-free length, batch padding), and wastes at most one step."""
+    from hyperlane_lab.generation import pipeline as pl
+
+    prompts = ["Once upon a time", "The cat", "Lily and Ben went to the park. They saw"]
+    cases: list[dict[str, Any]] = [
+        dict(prompt=prompts, max_tokens=20),
+        dict(prompt=prompts, max_tokens=24, stop=[" the "]),
+        dict(prompt=PROMPT, max_tokens=1),
+        dict(prompt=PROMPT, max_tokens=17),
+    ]
+    monkeypatch.setattr(pl._LocalSession, "can_run_ahead", lambda self: False)
+    calls0 = pipe.stage_stats[0].calls
+    plain = [pipe.generate(**c) for c in cases]
+    plain_calls = pipe.stage_stats[0].calls - calls0
+    monkeypatch.setattr(pl._LocalSession, "can_run_ahead", lambda self: self.sampler.params.greedy)
+    calls0 = pipe.stage_stats[0].calls
+    ahead = [pipe.generate(**c) for c in cases]
+    ahead_calls = pipe.stage_stats[0].calls - calls0
+    for p_res, a_res in zip(plain, ahead):
+        p_list = p_res if isinstance(p_res, list) else [p_res]
+        a_list = a_res if isinstance(a_res, list) else [a_res]
+        assert [r.token_ids for r in a_list] == [r.token_ids for r in p_list]
+        assert [r.text for r in a_list] == [r.text for r in p_list]
+        assert [r.finish_reason for r in a_list] == [r.finish_reason for r in p_list]
+        assert a_list[0].timings.decode_steps == p_list[0].timings.decode_steps
+    assert plain_calls <= ahead_calls <= plain_calls + len(cases)  # at most one wasted step per call
+    assert {r.finish_reason for r in ahead[1]} >= {"stop"}  # the stop case really stopped a row early
+    new, _ = _hf_continuation(17)
+    assert ahead[3].token_ids == new  # and it is still transformers' greedy continuation
+    # streaming goes through the same loop
+    assert "".join(pipe.generate(PROMPT, max_tokens=17, stream=True)) == ahead[3].text

@@ -286,3 +286,56 @@ def test_worker_gpu_path_matches_inprocess(tmp_path):
         assert all(e.end >= e.start for e in comp)
         durations = sorted(e.end - e.start for e in comp if e.step > 0)
         assert 0 < durations[len(durations) // 2] < 0.05  # GPU time of a decode step, not wall time
+        from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+        # most decode steps took the latency path (enqueued on the worker's I/O loop)
+        fast = [c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients]
+        decode_steps = sum(1 for e in comp if e.step > 0)
+        assert sum(fast) > decode_steps // 4, (fast, decode_steps)
+
+
+@gpu
+def test_run_ahead_decode_on_gpu_equals_the_plain_loop(monkeypatch):
+    """CUDA graphs fed by the previous step's device-side token give the plain loop's tokens."""
+    from hyperlane_lab.generation import pipeline as pl
+    from hyperlane_lab.generation.pipeline import InProcessPipeline
+
+    pipe = InProcessPipeline.from_pretrained(None, n_stages=2, dtype="fp16", device="cuda")
+    prompts = ["Once upon a time", "The cat", "Lily and Ben went to the park. They saw"]
+    with pipe.runner.open_session(1, 8, pl.SamplingParams()) as s:
+        assert s.can_run_ahead()
+    ahead = pipe.generate(prompts, max_tokens=30, stop=[" the "])
+    replays = sum(st.graph_decoder().replays for st in pipe.stages)
+    monkeypatch.setattr(pl._LocalSession, "can_run_ahead", lambda self: False)
+    plain = pipe.generate(prompts, max_tokens=30, stop=[" the "])
+    assert [r.token_ids for r in ahead] == [r.token_ids for r in plain]
+    assert [r.finish_reason for r in ahead] == [r.finish_reason for r in plain]
+    assert replays >= 2 * 20
+
+
+@gpu
+@pytest.mark.parametrize("batch_lens", [[6], [6, 4]])
+def test_graph_decode_with_triton_gemv_matches_float64(batch_lens):
+    """The Triton GEMV forced for every product (compiled layers, captured graphs; batch 1 uses
+    it, batch 2 falls back to cuBLAS) decodes like float64 and like the cuBLAS graphs."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+
+    CONFIGS = kernel_module("gemv").CONFIGS
+    from hyperlane_lab.models.cuda_decode import make_linear
+
+    fast = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in fast:
+        w = st.weights
+        mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+        mats += [w.lm_head] if w.lm_head is not None else []
+        gd = st.graph_decoder()
+        gd._lin = make_linear({(t.shape[0], t.shape[1]): CONFIGS[1] for t in mats})
+        gd.configure(True)
+    ref = _decode(_cpu64(fast), batch_lens, steps=8, static=False)
+    got = _decode(fast, batch_lens, steps=8, static=True)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        rows = slice(1, None) if i >= 4 and len(batch_lens) > 1 else slice(None)
+        assert _rel(a[rows], r[rows]) < 2e-2, f"step {i}"
+    for st in fast:
+        gd = st.graph_decoder()
+        assert gd.captures == 1 and not gd._broken and "error" not in gd.gemv_choice

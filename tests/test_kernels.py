@@ -134,6 +134,57 @@ def test_flag_counts_bad_groups(bits: int) -> None:
     assert int((scales == ref.NAN16_BITS).sum()) == expected
 
 
+CONFIG_SHAPES = [  # (rows, cols, group size): dense + every group in range, dense with a partial last
+    (8, 256, 64),  # program, rows not a multiple of the group, group size not a power of two
+    (5, 192, 64),
+    (3, 100, 32),
+    (4, 90, 30),
+]
+CONFIGS = [(None, None), (64, 1), (256, 2), (2048, 4), (8192, 8)]  # (tile, num_warps)
+
+
+def _launch(bits: int, x: torch.Tensor, gs: int, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0] * -(-x.shape[1] // gs)
+    scales = torch.empty(n, dtype=torch.int16, device=DEVICE)
+    if bits == 8:
+        q = torch.empty(n * gs, dtype=torch.int8, device=DEVICE)
+        kernel_module("quant_int8").quantize(x, scales, q, gs, **kw)
+    else:
+        q = torch.empty(n * gs // 2, dtype=torch.uint8, device=DEVICE)
+        kernel_module("quant_int4").quantize(x, scales, q, gs, **kw)
+    return scales, q
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("rows", "cols", "gs"), CONFIG_SHAPES)
+def test_launch_configs_match_reference(rows: int, cols: int, gs: int, dtype: torch.dtype) -> None:
+    """Every tile / num_warps / int4 packing choice (bench/codec_tune.py) gives the reference's bytes."""
+    x = _rand((rows, cols), dtype, seed=rows * cols + gs)
+    x[1, 3:5] = 0.0
+    bits8, q8 = ref.quantize_int8(x.cpu(), gs)
+    bits4, q4 = ref.quantize_int4(x.cpu(), gs)
+    for tile, warps in CONFIGS:
+        scales, q = _launch(8, x, gs, tile=tile, num_warps=warps)
+        assert torch.equal(scales.cpu(), bits8) and torch.equal(q.cpu(), q8), (tile, warps)
+        for pack in kernel_module("quant_int4").PACK_MODES:
+            scales, q = _launch(4, x, gs, tile=tile, num_warps=warps, pack=pack)
+            assert torch.equal(scales.cpu(), bits4) and torch.equal(q.cpu(), q4), (tile, warps, pack)
+        if gs & (gs - 1) == 0:
+            scales, q = _launch(4, x, gs, hadamard=True, tile=tile, num_warps=warps)
+            bits_h, q_h = ref.quantize_int4(x.cpu(), gs, hadamard=True)
+            assert torch.equal(scales.cpu(), bits_h) and torch.equal(q.cpu(), q_h), (tile, warps, "hadamard")
+
+
+def test_launch_config_errors() -> None:
+    x = _rand((2, 64), torch.float16, seed=5)
+    with pytest.raises(ValueError, match="tile must be a power of two"):
+        _launch(8, x, 64, tile=3000)
+    with pytest.raises(ValueError, match="num_warps must be one of"):
+        _launch(4, x, 64, num_warps=3)
+    with pytest.raises(ValueError, match="pack must be one of"):
+        _launch(4, x, 64, pack="nibbles")
+
+
 @pytest.mark.parametrize("gs", [2, 4, 32, 128])
 def test_hadamard_rotate_matches_reference(gs: int) -> None:
     v = _rand((9, gs), torch.float32, seed=gs)
@@ -183,3 +234,82 @@ def test_decode_moves_host_bytes_to_device() -> None:
     err = (y.double().cpu() - x.double().cpu()).abs().max()
     top = float(x.double().abs().max()) * (1 + 2**-9)  # bounds every group's absmax and |y|
     assert err <= top / 7 * (0.5 + 1e-5) + top * 2**-8  # half step + half a bf16 ulp
+
+
+# ------------------------------------------------------------------ decode GEMV (kernels/gemv.py)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("lead", "n", "k", "bias"),
+    [
+        ((1,), 64, 256, False),
+        ((1, 1), 100, 300, True),
+        ((3,), 37, 1030, False),
+        ((1, 1), 48, 64, True),
+        ((1,), 32, 2048, True),  # every split-K config splits evenly here
+    ],
+)
+def test_gemv_matches_float64(dtype: torch.dtype, lead: tuple[int, ...], n: int, k: int, bias: bool) -> None:
+    """Every config (masked and mask-free tiles, rows not a multiple of the block) against a float64
+    product, within fp32 accumulation of values rounded to ``dtype`` at the end."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+
+    CONFIGS, gemv = kernel_module("gemv").CONFIGS, kernel_module("gemv").gemv
+
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn((*lead, k), generator=g).to(dtype)
+    w = (torch.randn((n, k), generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    want = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    for cfg in CONFIGS:
+        got = gemv(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), cfg)
+        assert got.shape == (*lead, n) and got.dtype == dtype
+        err = (got.double().cpu() - want).abs().max().item()
+        assert err <= tol * (1 + want.abs().max().item()), (cfg, err)
+
+
+def test_gemv_rejects_bad_inputs() -> None:
+    from hyperlane_lab.codecs._kernels import kernel_module
+
+    gemv = kernel_module("gemv").gemv
+
+    w = torch.zeros(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(torch.zeros(1, 15, device=DEVICE), w)
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        gemv(torch.zeros(1, 8, device=DEVICE), w.T)
+    with pytest.raises(ValueError, match="bias"):
+        gemv(torch.zeros(1, 16, device=DEVICE), w, torch.zeros(7, device=DEVICE))
+
+
+def test_decode_layer_with_the_triton_linear_matches_cublas() -> None:
+    """The decode layer routed through ``make_linear`` (Triton GEMV for one row, F.linear for a
+    batch) gives F.linear's result within accumulation-order rounding."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+
+    CONFIGS = kernel_module("gemv").CONFIGS
+    from hyperlane_lab.models.config import ModelSpec
+    from hyperlane_lab.models.cuda_decode import decode_layer_static, make_linear
+    from hyperlane_lab.models.stage import TorchStage
+    from hyperlane_lab.types import LayerSpan
+
+    spec = ModelSpec(
+        model_type="llama", n_layers=1, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=64, max_position=32,
+    )  # fmt: skip
+    st = TorchStage.random(spec, LayerSpan(0, 1), seed=1, dtype=torch.float32, device=DEVICE)
+    lw = st.weights.layers[0]
+    table = {(t.shape[0], t.shape[1]): CONFIGS[1] for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)}
+    lin = make_linear(table)
+    for b in (1, 2):
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, 1, 64, generator=g).to(DEVICE)
+        cos, sin = torch.ones(b, 1, 1, 16, device=DEVICE), torch.zeros(b, 1, 1, 16, device=DEVICE)
+        kc = torch.zeros(b, 2, 9, 16, device=DEVICE)
+        slot = torch.full((b, 1, 1, 1), 3, dtype=torch.int64, device=DEVICE)
+        mask = (torch.arange(9, device=DEVICE) <= 3)[None, None, None, :].expand(b, 1, 1, 9)
+        ref_out = decode_layer_static(x, lw, spec, cos, sin, kc.clone(), kc.clone(), slot, mask)
+        got = decode_layer_static(x, lw, spec, cos, sin, kc.clone(), kc.clone(), slot, mask, lin=lin)
+        assert torch.allclose(got, ref_out, rtol=1e-4, atol=1e-5)

@@ -316,3 +316,139 @@ def test_profiled_partitioner_plans_real_workers(cluster3, hf_greedy):
         AutoDistributedModel.from_pretrained(
             None, workers=cluster3.addresses, partitioner="magic", progress=False
         )
+
+
+def test_server_side_token_loop_equals_client_loop(model3, local_pipe, monkeypatch):
+    """The workers' token loop (last stage feeds the first) gives the client loop's tokens for a
+    padded batch whose rows stop at different steps: EOS (retired on the ring), a stop string
+    (ignored on the ring, cut here), length; greedy and seeded sampling. The client sends only the
+    prompt step; a later session is unaffected by the previous one's leftover steps."""
+    import dataclasses
+
+    from hyperlane_lab.runtime import client as client_mod
+
+    probe = local_pipe.generate(PROMPTS[1], max_tokens=12).token_ids
+    eos = probe[7]  # a token row 1 samples at step 7: EOS for this test
+    spec = dataclasses.replace(model3.spec, eos_token_ids=(eos,))
+    monkeypatch.setattr(model3, "spec", spec)
+    monkeypatch.setattr(local_pipe, "spec", spec)
+    sent: list[int] = []
+    real_step = client_mod._RemoteSession.step
+
+    def counting_step(self, ids, positions):
+        sent.append(self.step_no)
+        return real_step(self, ids, positions)
+
+    monkeypatch.setattr(client_mod._RemoteSession, "step", counting_step)
+    cases = [
+        dict(prompt=PROMPTS, max_tokens=20),
+        dict(prompt=PROMPTS, max_tokens=20, stop=[" the "]),
+        dict(prompt=PROMPTS[0], max_tokens=20, temperature=0.9, top_k=40, top_p=0.95, seed=7),
+        dict(prompt=PROMPTS[2], max_tokens=1),
+    ]
+    for c in cases:
+        sent.clear()
+        assert model3.server_loop
+        ring = model3.generate(**c)
+        assert sent == [0]  # only the prompt step went out from the client
+        model3.server_loop = False
+        try:
+            relay = model3.generate(**c)
+        finally:
+            model3.server_loop = True
+        local = local_pipe.generate(**c)
+
+        def as_list(r):
+            return r if isinstance(r, list) else [r]
+
+        for got in (as_list(ring), as_list(relay)):
+            assert [r.token_ids for r in got] == [r.token_ids for r in as_list(local)]
+            assert [r.finish_reason for r in got] == [r.finish_reason for r in as_list(local)]
+    reasons = {r.finish_reason for r in model3.generate(PROMPTS, max_tokens=20)}
+    assert "eos" in reasons and "length" in reasons
+
+
+def test_ring_stops_on_eos_by_itself(model3, local_pipe, monkeypatch):
+    """With every row retired by EOS the last stage stops feeding the first: no step after the
+    EOS step is computed anywhere (the ring frame would go out before the client even saw EOS)."""
+    import dataclasses
+
+    ids = local_pipe.generate(PROMPTS[0], max_tokens=12).token_ids
+    eos = ids[4]  # sampled at step 4 (the prompt step is step 0)
+    assert eos not in ids[:4]
+    monkeypatch.setattr(model3, "spec", dataclasses.replace(model3.spec, eos_token_ids=(eos,)))
+    model3.trace_events()  # drain
+    res = model3.generate(PROMPTS[0], max_tokens=12)
+    assert res.finish_reason == "eos" and res.token_ids == ids[:4]
+    time.sleep(0.3)  # let any stray step land in the traces
+    steps = {e.step for e in model3.trace_events() if e.kind.value == "compute"}
+    assert max(steps) == 4, steps
+
+
+def test_ring_request_validation(cluster3, model3):
+    first = WorkerClient(cluster3.addresses[0])  # stage 0 of model3's pipeline
+    last = WorkerClient(cluster3.addresses[-1])
+    base = dict(batch=1, max_len=8, reply_to=model3._data.reply_address)
+    with pytest.raises(Exception, match="max_new_tokens"):
+        last.call("OpenSession", pb.OpenSessionRequest(session_id="ab" * 16, ring_to="127.0.0.1:2", **base))
+    with pytest.raises(Exception, match="max_new_tokens <= max_len"):
+        last.call(
+            "OpenSession",
+            pb.OpenSessionRequest(session_id="ab" * 16, ring_to="127.0.0.1:2", max_new_tokens=9, **base),
+        )
+    with pytest.raises(Exception, match="host:port"):
+        last.call(
+            "OpenSession",
+            pb.OpenSessionRequest(session_id="cd" * 16, ring_to="nowhere", max_new_tokens=4, **base),
+        )
+    with pytest.raises(Exception, match="only the last stage"):
+        first.call(
+            "OpenSession",
+            pb.OpenSessionRequest(session_id="ef" * 16, ring_to="127.0.0.1:2", max_new_tokens=4, **base),
+        )
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()  # nothing listens there
+    with pytest.raises(Exception, match="cannot open a data connection"):
+        last.call(
+            "OpenSession",
+            pb.OpenSessionRequest(
+                session_id="12" * 16, ring_to=f"127.0.0.1:{port}", max_new_tokens=4, **base
+            ),
+        )
+    assert model3.generate(PROMPTS[0], max_tokens=4).token_ids  # the workers still serve
+
+
+def test_ring_client_raises_a_failure_that_came_while_nobody_waited():
+    from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
+
+    dp = ClientDataPlane("127.0.0.1:1", "127.0.0.1")  # not started: only its bookkeeping is used
+    dp.open_ring("s1")
+    dp.fail_session("s1", RuntimeError("pipeline error: stage 1: boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        dp.expect("s1", 3, timeout=5)
+    dp.end_session("s1")
+    with pytest.raises(TimeoutError):  # forgotten after the close: an unknown session just waits
+        dp.expect("s1", 3, timeout=0.05)
+
+
+def test_socket_sender_notices_a_closed_peer():
+    from hyperlane_lab.runtime.sender import SocketSender
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    sender = SocketSender(f"127.0.0.1:{ls.getsockname()[1]}")
+    peer, _ = ls.accept()
+    header = FrameHeader(FrameKind.PING, "ab" * 16, 0, 0, 0, torch.uint8, 0, 0, (), 3)
+    assert sender.is_open and sender.send(header, b"abc") > 3
+    peer.close()
+    ls.close()
+    deadline = time.monotonic() + 5
+    while sender.is_open and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not sender.is_open
+    sender.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        sender.send(header, b"abc")

@@ -126,29 +126,34 @@ class IntCodec(Codec):
 
     def _encode_sections(
         self, x: torch.Tensor, check_finite: CheckFinite, backend: str | None, extra_bytes: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, str]:
-        """Quantize ``x`` into a fresh buffer ``[scales][extra_bytes][values]``.
+    ) -> tuple[torch.Tensor, Any, int]:
+        """Quantize ``x`` into a fresh buffer ``[scales][extra_bytes][values]`` (the extra section is left for
+        the caller to fill).
 
-        Returns (buffer, extra section view, device count of bad groups or None, backend used).
+        Returns (buffer, device count of bad groups or None, number of groups N). Kept lean: at decode size
+        (1 x 4096) every view and allocation here is a visible share of the call.
         """
         rows, cols = rows_of(tuple(x.shape))
-        layout = GroupLayout(rows, cols, self.group_size)
-        n = layout.n_groups
+        n = rows * -(-cols // self.group_size)  # GroupLayout(rows, cols, gs).n_groups
         be = resolve_backend(backend or self.backend, x)
         data = torch.empty(2 * n + extra_bytes + self._value_bytes(n), dtype=torch.uint8, device=x.device)
-        scales = data[: 2 * n].view(torch.int16)
-        extra = data[2 * n : 2 * n + extra_bytes]
-        body = data[2 * n + extra_bytes :]
-        x2d = x.detach().reshape(rows, cols).contiguous()
+        x2d = x.detach() if x.requires_grad else x
+        if x2d.dim() != 2:
+            x2d = x2d.reshape(rows, cols)
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        # the kernel accumulates into the flag, so it must start at 0
         flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else None
-        count = self._quantize_into(x2d, scales, body, be, flag)
-        return data, extra, count, be
+        count = self._quantize_into(
+            x2d, data[: 2 * n].view(torch.int16), data[2 * n + extra_bytes :], be, flag
+        )
+        return data, count, n
 
     def encode(
         self, x: torch.Tensor, *, check_finite: CheckFinite = True, backend: str | None = None
     ) -> EncodedTensor:
         dname = self._check_input(x)
-        data, _, count, _ = self._encode_sections(x, check_finite, backend)
+        data, count, _ = self._encode_sections(x, check_finite, backend)
         if check_finite is True and int(count.item()) > 0:
             raise range_error(self, x, self.qmax, self.hadamard)
         return EncodedTensor(

@@ -152,7 +152,19 @@ class TextGenerator:
             ids[b, : lens[b]] = torch.tensor(s.prompt_ids)
             positions[b, : lens[b]] = torch.arange(lens[b])
         cur = torch.tensor(lens, dtype=torch.int64)  # next position of each row
-        with self.runner.open_session(bsz, max_len, params) as session:
+        if getattr(self.runner, "server_loop", False):  # the workers may run the token loop
+            opened = self.runner.open_session(  # type: ignore[call-arg]
+                bsz, max_len, params, max_new_tokens=max(s.max_tokens for s in states)
+            )
+        else:
+            opened = self.runner.open_session(bsz, max_len, params)
+        with opened as session:
+            if getattr(session, "ring", False):
+                yield from self._loop_ring(session, states, ids, positions, timings)
+                return
+            if getattr(session, "can_run_ahead", lambda: False)():
+                yield from self._loop_ahead(session, states, ids, positions, cur, timings)
+                return
             t0 = time.perf_counter()
             nxt = session.step(ids, positions)
             timings.prefill_s = time.perf_counter() - t0
@@ -172,3 +184,81 @@ class TextGenerator:
                 nxt = session.step(nxt.to(torch.int64)[:, None], pos)
                 timings.decode_s += time.perf_counter() - t0
                 timings.decode_steps += 1
+
+    @staticmethod
+    def _loop_ahead(
+        session: Any,
+        states: list[SequenceState],
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cur: torch.Tensor,
+        timings: GenerationTimings,
+    ) -> Iterator[tuple[int, str]]:
+        """``_loop`` for greedy sessions whose tokens can stay on the device (``session.submit``).
+
+        Step t+1 is enqueued, fed by step t's device-side token, *before* the host reads step t's
+        token: the host's work per token (stop checks, detokenizing, streaming) overlaps the GPU's
+        next step instead of leaving the GPU idle. Positions are those ``_loop`` would use, except
+        that a row which finishes at step t still takes a real position in the step already queued
+        behind it; that step's output for the row is ignored and the row's cache is never read
+        again, so the tokens are exactly ``_loop``'s. The step queued after the last token is
+        wasted GPU work (one step), never returned.
+        """
+        t0 = time.perf_counter()
+        pending = session.submit(ids, positions)
+        t_dec, first = 0.0, True
+        while True:
+            ahead = None
+            if any(not s.done and len(s.token_ids) + 1 < s.max_tokens for s in states):
+                done = torch.tensor([s.done for s in states])
+                pos = torch.where(done, torch.full_like(cur, -1), cur)[:, None]
+                cur += 1
+                ahead = session.submit(pending.device_ids, pos)
+            nxt = pending.result()
+            now = time.perf_counter()
+            if first:
+                timings.prefill_s, t_dec, first = now - t0, now, False
+            else:
+                timings.decode_steps += 1
+                timings.decode_s = now - t_dec
+            for b, s in enumerate(states):
+                if not s.done:
+                    delta = s.push(int(nxt[b]))
+                    timings.generated_tokens += 1
+                    if delta:
+                        yield b, delta
+            if all(s.done for s in states):
+                return
+            if ahead is None:  # unreachable: a row left unfinished had a token budget for this step
+                raise RuntimeError("run-ahead decode lost a step")
+            pending = ahead
+
+    @staticmethod
+    def _loop_ring(
+        session: Any,
+        states: list[SequenceState],
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        timings: GenerationTimings,
+    ) -> Iterator[tuple[int, str]]:
+        """``_loop`` when the workers run the token loop: the client sends the prompt step, then
+        only reads each step's ids (``session.next_step``). The last stage advances positions and
+        retires rows that sampled EOS exactly as ``_loop`` does; rows this side finishes for other
+        reasons (stop strings) keep being computed there, and their ids are ignored here, which
+        leaves every other row's tokens unchanged (rows never interact)."""
+        t0 = time.perf_counter()
+        nxt = session.step(ids, positions)
+        timings.prefill_s = time.perf_counter() - t0
+        t_dec = time.perf_counter()
+        while True:
+            for b, s in enumerate(states):
+                if not s.done:
+                    delta = s.push(int(nxt[b]))
+                    timings.generated_tokens += 1
+                    if delta:
+                        yield b, delta
+            if all(s.done for s in states):
+                return
+            nxt = session.next_step()
+            timings.decode_steps += 1
+            timings.decode_s = time.perf_counter() - t_dec

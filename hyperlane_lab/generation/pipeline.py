@@ -45,6 +45,62 @@ class _LocalSession:
             stat.tokens += int((positions >= 0).sum())
         return self.sampler(x)
 
+    # -------------------------------------------------------------- run-ahead decode (greedy, CUDA)
+
+    def can_run_ahead(self) -> bool:
+        """Greedy decoding with torch stages on CUDA: the next token can stay on the device."""
+        return self.sampler.params.greedy and all(
+            hasattr(st, "graph_decoder")
+            and getattr(st, "device", None) is not None
+            and st.device.type == "cuda"
+            for st in self.stages
+        )
+
+    def submit(self, ids: torch.Tensor, positions: torch.Tensor) -> _PendingIds:
+        """Enqueue a step whose greedy token stays on the device; returns at once (no host sync).
+
+        ``ids`` are host ids [B, S] or the device ids of the previous ``_PendingIds`` (``.device_ids``):
+        the driver can enqueue step t+1 before it has read step t's token, so the GPU never waits
+        for the host's loop (stop checks, detokenizing, streaming)."""
+        x: torch.Tensor = ids
+        for st, stat in zip(self.stages, self.stats):
+            t0 = time.perf_counter()
+            x = st.forward(self.sid, x, positions)
+            stat.compute_s += time.perf_counter() - t0  # host time to enqueue (the GPU runs on)
+            stat.calls += 1
+            stat.tokens += int((positions >= 0).sum())
+        # the Sampler's greedy choice and its finiteness check, on the device (inside the decode
+        # graph when there is one): one small copy back
+        from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
+
+        last = self.stages[-1]
+        packed = graph_greedy(last.session(self.sid), x) if hasattr(last, "session") else None
+        if packed is None:
+            packed = greedy_pack(x)
+        if packed.device.type != "cuda":  # CPU (the tests drive this path there too): already done
+            return _PendingIds(packed[:-1].view(-1, 1), packed, None)
+        host = torch.empty(packed.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _PendingIds(packed[:-1].view(-1, 1), host, ready)
+
+
+@dataclass
+class _PendingIds:
+    device_ids: torch.Tensor  # [B, 1] int64 on the device
+    host: torch.Tensor  # pinned [B + 1]: ids, then 1 if the logits held NaN/Inf
+    ready: Any  # torch.cuda.Event after the copy into ``host`` (None: nothing to wait for)
+
+    def result(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        if int(self.host[-1]):
+            raise ValueError(
+                "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
+            )
+        return self.host[:-1].clone()
+
 
 class _LocalRunner:
     def __init__(self, stages: Sequence[Any]) -> None:

@@ -32,12 +32,21 @@ import torch
 import torch.nn.functional as F
 
 from hyperlane_lab.models.config import ModelSpec
+from hyperlane_lab.models.decode_linear import LinearFn, choose_linears, make_linear
 from hyperlane_lab.models.layers import LayerWeights, _apply_rope, decoder_layer, rms_norm
 
 if TYPE_CHECKING:
     from hyperlane_lab.models.stage import SessionCache, TorchStage
 
-__all__ = ["GraphDecoder", "decode_attention", "decode_layer_static", "static_decode_step"]
+__all__ = [
+    "GraphDecoder",
+    "decode_attention",
+    "decode_layer_static",
+    "graph_greedy",
+    "greedy_pack",
+    "make_linear",
+    "static_decode_step",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +84,13 @@ def decode_layer_static(
     v_cache: torch.Tensor,
     slot: torch.Tensor,  # [B, 1, 1, 1] int64 cache slot of the new token (L = trash for padding)
     mask: torch.Tensor,  # [B, 1, 1, L+1]
+    lin: LinearFn = F.linear,
 ) -> torch.Tensor:
     """``layers.decoder_layer`` for S == 1 with static shapes (no host values, graph-capturable)."""
     b = x.shape[0]
     hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
     h = rms_norm(x, w.ln_attn, spec.rms_eps)
-    qkv = F.linear(h, w.wqkv, w.bqkv)  # [B, 1, (Hq+2Hkv) D]
+    qkv = lin(h, w.wqkv, w.bqkv)  # [B, 1, (Hq+2Hkv) D]
     q, k, v = torch.split(qkv, [hq * d, hkv * d, hkv * d], dim=-1)
     q = _apply_rope(q.view(b, 1, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, 1, D]
     k = _apply_rope(k.view(b, 1, hkv, d).transpose(1, 2), cos, sin)  # [B, Hkv, 1, D]
@@ -89,10 +99,10 @@ def decode_layer_static(
     k_cache.scatter_(2, idx, k)  # the new key/value into its slot, in place
     v_cache.scatter_(2, idx, v)
     attn = decode_attention(q, k_cache, v_cache, mask)
-    x = x + F.linear(attn.reshape(b, 1, hq * d), w.wo)
+    x = x + lin(attn.reshape(b, 1, hq * d), w.wo)
     h = rms_norm(x, w.ln_mlp, spec.rms_eps)
-    gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.w_down)
+    gate, up = lin(h, w.w_gate_up).chunk(2, dim=-1)
+    return x + lin(F.silu(gate) * up, w.w_down)
 
 
 def static_decode_step(
@@ -105,6 +115,7 @@ def static_decode_step(
     keys: torch.Tensor,  # [L + 1] int64 arange (slot index of every cache entry)
     layer_fn: LayerFn = decode_layer_static,
     dynamic_len: bool = False,  # mark the masks' key dim dynamic for torch.compile
+    lin: LinearFn = F.linear,  # the LM head's product (the layers' are bound into layer_fn)
 ) -> torch.Tensor:
     """One decode step of ``stage`` with only device-side values: hidden [B,1,H] or logits [B,V]."""
     spec, w = stage.spec, stage.weights
@@ -133,7 +144,7 @@ def static_decode_step(
         return h
     assert w.norm is not None and w.lm_head is not None  # the last stage has them
     h = rms_norm(h, w.norm, spec.rms_eps)
-    return F.linear(h, w.lm_head).float()[:, 0]
+    return lin(h, w.lm_head).float()[:, 0]
 
 
 @dataclass
@@ -146,6 +157,22 @@ class _Graph:
     out: torch.Tensor  # static output
     keep: tuple[torch.Tensor, ...]  # every other tensor the graph reads (RoPE tables, slot arange)
     staged: Any = None  # event after the last host->device input copy (the staging is free after it)
+    # last stage: [B + 1] int64 = greedy ids of ``out``, then 1 if ``out`` holds NaN/Inf (the
+    # Sampler's greedy choice and check, computed inside the graph: no extra launches per step)
+    greedy: torch.Tensor | None = None
+
+
+def graph_greedy(cache: SessionCache, out: torch.Tensor) -> torch.Tensor | None:
+    """The in-graph greedy ids + non-finite flag for ``out`` when ``out`` came from this cache's
+    decode graph (None otherwise: compute them from ``out``)."""
+    g = cache.graph
+    return g.greedy if g is not None and out is g.out else None
+
+
+def greedy_pack(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits -> [B + 1] int64: argmax ids, then 1 if any logit is NaN/Inf (else 0)."""
+    bad = (~torch.isfinite(logits).all()).to(torch.int64)
+    return torch.cat([logits.argmax(dim=-1).to(torch.int64), bad[None]])
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -173,6 +200,8 @@ class GraphDecoder:
         self.replays = 0
         self._pool: OrderedDict[int, SessionCache] = OrderedDict()  # parked caches, oldest first
         self._layer_fn: LayerFn | None = None
+        self._lin: LinearFn | None = None
+        self.gemv_choice: dict[str, Any] = {}  # per weight shape: chosen kernel and timings (µs)
         self._prefill_fn: LayerFn | None = None
         self._broken = False  # capture failed once: stay eager
         # one capture stream, from the high-priority pool: a fresh pooled stream per capture would
@@ -199,6 +228,7 @@ class GraphDecoder:
 
     def release(self, cache: SessionCache) -> None:
         """Park a closed session's cache (and graph) for reuse; the oldest beyond pool_size is freed."""
+        cache.step_io = None  # the closed session's steps may still hold them (gpu_steps)
         self._pool[id(cache)] = cache
         while len(self._pool) > self.pool_size:
             self._pool.popitem(last=False)
@@ -214,16 +244,29 @@ class GraphDecoder:
             None,
             None,
             False,
-        )
+        )  # the GEMV choice (self._lin) stays: it does not depend on compiling
         self._pool.clear()
 
     # ------------------------------------------------------------------ stepping
 
+    def linear(self) -> LinearFn:
+        """The decode products' function: cuBLAS, or the Triton GEMV for the weight shapes where
+        it measured faster on this card (``HYPERLANE_TRITON_GEMV=0``: cuBLAS only)."""
+        if self._lin is None:
+            table, self.gemv_choice = choose_linears(self.stage)
+            self._lin = make_linear(table)
+        return self._lin
+
     def layer_fn(self) -> LayerFn:
         if self._layer_fn is None:
-            self._layer_fn = decode_layer_static
+            lin = self.linear()
+
+            def layer(*args: Any) -> torch.Tensor:
+                return decode_layer_static(*args, lin=lin)  # type: ignore[misc]
+
+            self._layer_fn = layer
             if self.compile_layers:
-                self._layer_fn = torch.compile(decode_layer_static)  # max_len becomes dynamic on 2nd shape
+                self._layer_fn = torch.compile(layer)  # max_len becomes dynamic on 2nd shape
         return self._layer_fn
 
     def prefill_layer(self) -> LayerFn:
@@ -291,12 +334,16 @@ class GraphDecoder:
 
     def _stage_in(self, g: _Graph, x: torch.Tensor, pos: torch.Tensor) -> None:
         first = self.stage.is_first
-        if pos.device.type == "cpu" and (not first or x.device.type == "cpu"):
+        if pos.device.type == "cpu":
             host = g.io_host.numpy()  # numpy writes: cheaper than torch ops on the host
-            if first:
-                host[0] = x.numpy().reshape(-1)
             host[1] = pos.numpy().reshape(-1)
-            g.io.copy_(g.io_host, non_blocking=True)  # ids and positions in one copy
+            if first and x.device.type == "cpu":
+                host[0] = x.numpy().reshape(-1)
+                g.io.copy_(g.io_host, non_blocking=True)  # ids and positions in one copy
+            else:
+                g.io[1].copy_(g.io_host[1], non_blocking=True)
+                if first:  # ids already on the device (the previous step's argmax: run-ahead decode)
+                    g.io[0].copy_(x.reshape(-1), non_blocking=True)
         else:
             if first:
                 g.io[0].copy_(x.reshape(-1), non_blocking=True)
@@ -330,8 +377,12 @@ class GraphDecoder:
             for t in (*cache.k, *cache.v):
                 torch._dynamo.maybe_mark_dynamic(t, 2)
 
+        lin = self.linear()
+
         def run() -> torch.Tensor:
-            return static_decode_step(st, cache, x_in, pos_in, cos_t, sin_t, keys, fn, self.compile_layers)
+            return static_decode_step(
+                st, cache, x_in, pos_in, cos_t, sin_t, keys, fn, self.compile_layers, lin
+            )
 
         with torch.cuda.device(dev):
             if self._capture_stream is None:
@@ -340,22 +391,44 @@ class GraphDecoder:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 try:
-                    run()  # warm-up: lazy init (cuBLAS, compile) outside the capture
-                except Exception:
-                    if fn is decode_layer_static:
+                    warm = run()  # warm-up: lazy init (cuBLAS, compile) outside the capture
+                except Exception as e:
+                    if not self.compile_layers or self._layer_fn is not fn:
                         raise
-                    log.warning("stage %s: torch.compile failed; capturing the eager layers", st.span)
-                    self._layer_fn = fn = decode_layer_static
-                    run()
+                    # fall back step by step: compiled with cuBLAS only, then the eager layers
+                    log.warning("stage %s: compiled decode layer failed (%s)", st.span, e)
+                    if lin is not F.linear:
+                        self.gemv_choice["error"] = f"{type(e).__name__}: {e}"[:300]
+                        self._lin, self._layer_fn = F.linear, None
+                        lin, fn = F.linear, self.layer_fn()
+                        try:
+                            warm = run()
+                        except Exception as e2:
+                            log.warning("stage %s: compiled decode layer failed again (%s)", st.span, e2)
+                            warm = None
+                    else:
+                        warm = None
+                    if warm is None:
+                        log.warning("stage %s: capturing the eager decode layers", st.span)
+
+                        def fn(*args: Any) -> torch.Tensor:
+                            return decode_layer_static(*args, lin=lin)  # type: ignore[misc]
+
+                        self._layer_fn = fn
+                        warm = run()
+                if st.is_last:
+                    assert warm is not None
+                    greedy_pack(warm)
                 graph = torch.cuda.CUDAGraph()
                 # own memory pool per graph: a decode step's intermediates are small, and a shared
                 # pool handle dies with the last graph that used it (a later capture on it asserts)
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     out = run()
+                    greedy = greedy_pack(out) if st.is_last else None
                 finally:
                     graph.capture_end()
             torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
         log.debug("stage %s: captured decode graph for batch %d, max_len %d", st.span, b, cache.max_len)
-        return _Graph(graph, io, io_host, x_in, x_host, out, (cos_t, sin_t, keys))
+        return _Graph(graph, io, io_host, x_in, x_host, out, (cos_t, sin_t, keys), greedy=greedy)

@@ -21,6 +21,9 @@ class SessionCache:
     k: list[torch.Tensor]  # per layer [B, Hkv, max_len + 1, D]; slot max_len is the trash slot
     v: list[torch.Tensor]
     graph: Any = field(default=None, repr=False)  # CUDA decode graph bound to these tensors (cuda_decode)
+    step_io: Any = field(
+        default=None, repr=False
+    )  # the worker's reusable per-step events/buffers (gpu_steps)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

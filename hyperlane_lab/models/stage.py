@@ -104,6 +104,13 @@ class TorchStage(StageSessions):
             self._graphs = GraphDecoder(self)
         return self._graphs
 
+    def decode_graph_ready(self, session_id: str) -> bool:
+        """True when this session's decode steps replay an already captured CUDA graph: such a
+        step only enqueues work (no compile, no capture), so a caller may run it on a latency-
+        critical thread (the worker's event loop does)."""
+        cache = self._sessions.get(session_id)
+        return cache is not None and cache.graph is not None and self.graph_decoder() is not None
+
     # ------------------------------------------------------------------ compute
 
     def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,9 +34,16 @@ class _RemoteSession:
     model: AutoDistributedModel
     sid: str
     step_no: int = 0
+    ring: bool = False  # the workers run the token loop: ``next_step`` after the prompt step
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model._data.step(self.sid, self.step_no, ids, positions, self.model.step_timeout)
+        self.step_no += 1
+        return out
+
+    def next_step(self) -> torch.Tensor:
+        """The next step's ids, produced by the workers' loop (no request from here)."""
+        out = self.model._data.expect(self.sid, self.step_no, self.model.step_timeout)
         self.step_no += 1
         return out
 
@@ -45,10 +52,19 @@ class _RemoteRunner:
     def __init__(self, model: AutoDistributedModel) -> None:
         self.model = model
 
+    @property
+    def server_loop(self) -> bool:
+        return self.model.server_loop
+
     @contextmanager
-    def open_session(self, batch: int, max_len: int, params: SamplingParams) -> Iterator[_RemoteSession]:
+    def open_session(
+        self, batch: int, max_len: int, params: SamplingParams, max_new_tokens: int = 0
+    ) -> Iterator[_RemoteSession]:
+        """``max_new_tokens`` > 0 with ``server_loop`` on: the last stage feeds each token back to
+        the first (the client only reads tokens, it no longer relays them)."""
         m = self.model
         sid = uuid.uuid4().hex
+        ring = m.server_loop and max_new_tokens > 0
         opened: list[WorkerClient] = []
         try:
             for i, w in enumerate(m.clients):
@@ -64,11 +80,19 @@ class _RemoteRunner:
                     seed=params.seed or 0,
                     reply_to=m._data.reply_address if last else "",
                 )
-                w.call("OpenSession", req)
+                if last and ring:
+                    req.ring_to = m._data.first_stage
+                    req.max_new_tokens = max_new_tokens
+                    req.eos_token_ids.extend(m.spec.eos_token_ids)
+                reply = w.call("OpenSession", req)
                 opened.append(w)
-            yield _RemoteSession(m, sid)
+                if last and ring and not reply.ring:  # a worker without the server-side loop
+                    ring = False
+            if ring:
+                m._data.open_ring(sid)
+            yield _RemoteSession(m, sid, ring=ring)
         finally:
-            m._data.fail_session(sid, RuntimeError("session closed"))
+            m._data.end_session(sid)
             for w in opened:
                 try:
                     w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
@@ -92,6 +116,9 @@ class AutoDistributedModel(TextGenerator):
         self._data = data
         self.runner = _RemoteRunner(self)
         self.step_timeout = step_timeout
+        # the workers run the token loop (the last stage feeds tokens to the first; see
+        # Worker.ring_next); False: every token goes through this client (one more hop per token)
+        self.server_loop = True
         self._closed = False
         self._trace_cursor = [0] * len(clients)
         self._trace_lock = threading.Lock()

@@ -1,5 +1,9 @@
 """The client's data plane: sends token ids to the first stage and receives sampled ids from the
-last, on an asyncio loop in a background thread so any number of user threads can wait at once."""
+last, on an asyncio loop in a background thread so any number of user threads can wait at once.
+
+Steps are written by the user's thread itself (``SocketSender``: no wake-up of the I/O thread
+per token); a second, asyncio connection to the first stage carries link probes and tells the
+client at once when that worker goes away."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from hyperlane_lab.runtime.dataplane import (
     start_server,
 )
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.sender import SocketSender
 from hyperlane_lab.runtime.wire import decode_payload, tensor_bytes
 
 __all__ = ["ClientDataPlane", "local_address_towards"]
@@ -50,17 +55,23 @@ class ClientDataPlane:
         )
         self._pending: dict[tuple[str, int], concurrent.futures.Future[torch.Tensor]] = {}
         self._lock = threading.Lock()
-        self._conn: FrameConnection | None = None
+        self._conn: FrameConnection | None = None  # probes + liveness of the first stage
+        self._sender: SocketSender | None = None  # steps to the first stage
         self._server: asyncio.Server | None = None
         self.reply_address = ""
         self.pongs: dict[int, asyncio.Future[float]] = {}
         self._token_conns: set[FrameConnection] = set()  # inbound connections that carry our tokens
+        # server-side token loops: their steps' tokens arrive unasked; kept until ``expect`` takes them
+        self._ring_sessions: set[str] = set()
+        self._arrived: dict[tuple[str, int], torch.Tensor] = {}
+        self._failed: dict[str, Exception] = {}  # ring sessions' errors, for steps not yet awaited
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         self._thread.start()
         self.run(self._start())
+        self._sender = SocketSender(self.first_stage)
 
     async def _start(self) -> None:
         self._server = await start_server(
@@ -93,6 +104,8 @@ class ClientDataPlane:
             if self._server is not None:
                 self._server.close()
 
+        if self._sender is not None:
+            self._sender.close()
         try:
             self.run(_stop(), timeout=5)
         finally:
@@ -126,22 +139,41 @@ class ClientDataPlane:
             tuple(ids.shape),
             payload.nbytes,
         )
-        parts = [bytes(tensor_bytes(pos)), bytes(payload)]
-        self._loop.call_soon_threadsafe(self._send, header, parts, sid, step)
-        return fut
-
-    def _send(self, header: FrameHeader, parts: list[bytes], sid: str, step: int) -> None:
         try:
-            if self._conn is None or not self._conn.is_open:
+            if self._sender is None or self._conn is None or not self._conn.is_open:
                 raise ConnectionError(f"the data connection to the first stage {self.first_stage} is closed")
-            self._conn.send(header, *parts)
+            self._sender.send(header, tensor_bytes(pos), payload)
         except ConnectionError as e:
             self._fail(sid, step, e)
+        return fut
+
+    def open_ring(self, sid: str) -> None:
+        """Accept tokens of ``sid`` that no ``submit`` asked for (the workers run its token loop)."""
+        with self._lock:
+            self._ring_sessions.add(sid)
+
+    def expect(self, sid: str, step: int, timeout: float) -> torch.Tensor:
+        """The ids of step ``step`` of a server-side loop session (waits for them)."""
+        fut: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
+        with self._lock:
+            ids = self._arrived.pop((sid, step), None)
+            err = self._failed.get(sid) if ids is None else None
+            if ids is None and err is None:
+                self._pending[(sid, step)] = fut
+        if ids is not None:
+            return ids
+        if err is not None:  # the session failed while nobody was waiting
+            raise err
+        return self._wait(fut, sid, step, timeout)
 
     def step(
         self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor, timeout: float
     ) -> torch.Tensor:
-        fut = self.submit(sid, step, ids, positions)
+        return self._wait(self.submit(sid, step, ids, positions), sid, step, timeout)
+
+    def _wait(
+        self, fut: concurrent.futures.Future[torch.Tensor], sid: str, step: int, timeout: float
+    ) -> torch.Tensor:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -159,7 +191,25 @@ class ClientDataPlane:
             fut.set_exception(exc)
 
     def fail_session(self, sid: str, exc: Exception) -> None:
+        """Fail ``sid``'s waiting steps with ``exc``; a server-side loop session also remembers it,
+        so that a later ``expect`` raises it instead of waiting for tokens that will never come."""
         with self._lock:
+            if sid in self._ring_sessions:
+                self._failed.setdefault(sid, exc)
+            keys = [k for k in self._pending if k[0] == sid]
+            futs = [self._pending.pop(k) for k in keys]
+        for f in futs:
+            if not f.done():
+                f.set_exception(exc)
+
+    def end_session(self, sid: str) -> None:
+        """The session is closed: fail anything still waiting and forget its state."""
+        exc = RuntimeError("session closed")
+        with self._lock:
+            self._ring_sessions.discard(sid)
+            self._failed.pop(sid, None)
+            for k in [k for k in self._arrived if k[0] == sid]:
+                del self._arrived[k]
             keys = [k for k in self._pending if k[0] == sid]
             futs = [self._pending.pop(k) for k in keys]
         for f in futs:
@@ -179,10 +229,12 @@ class ClientDataPlane:
         """The pipeline lost a data connection: pending steps will never be answered."""
         if conn is self._conn or conn in self._token_conns:
             self._token_conns.discard(conn)
+            err = ConnectionError(f"a data connection of the pipeline closed ({conn.peer or conn.name})")
             with self._lock:
                 futs = list(self._pending.values())
                 self._pending.clear()
-            err = ConnectionError(f"a data connection of the pipeline closed ({conn.peer or conn.name})")
+                for sid in self._ring_sessions:  # their next ``expect`` raises instead of waiting
+                    self._failed.setdefault(sid, err)
             for f in futs:
                 if not f.done():
                     f.set_exception(err)
@@ -195,6 +247,8 @@ class ClientDataPlane:
                 ids = decode_payload(h, frame.payload_view).clone()
                 with self._lock:
                     fut = self._pending.pop((h.session, h.step), None)
+                    if fut is None and h.session in self._ring_sessions:
+                        self._arrived[(h.session, h.step)] = ids  # before its ``expect``
                 if fut is not None and not fut.done():
                     fut.set_result(ids)
             elif h.kind == FrameKind.ERROR:

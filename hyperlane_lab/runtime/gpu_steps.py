@@ -8,7 +8,10 @@ leave the device idle while the host waits for each step's result and prepares t
                        -> D2H into pinned memory on the copy stream -> hand the step over; take the
                        next queued step at once (no host sync).
     completion thread: wait for each step's copy event (in order), record its GPU time in the
-                       trace, build the frame and pass it to the event loop, which sends it.
+                       trace, build the frame and write it to the socket (``SocketSender``).
+
+``run_step`` runs on the compute thread, or on the worker's event loop for decode steps whose
+CUDA graph is captured (it only enqueues then; see ``Worker._accept_tensor``).
 
 With several sessions in flight the GPU always has the next session's step queued behind the
 current one, while copies and socket sends of finished steps proceed in parallel. Sampled
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
 from hyperlane_lab.runtime.wire import CudaStager, encode_tensor, tensor_bytes
 
@@ -66,6 +70,24 @@ class _Pending:
     mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec"
 
 
+@dataclass
+class _StepIO:
+    """Per session cache (so per decode graph): timing events and pinned result buffers."""
+
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+    done: torch.cuda.Event
+    host: dict[str, torch.Tensor]
+
+
+def _step_io(cache: Any) -> _StepIO:
+    io = cache.step_io
+    if io is None:
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        io = cache.step_io = _StepIO(ev[0], ev[1], ev[2], {})
+    return io  # type: ignore[no-any-return]
+
+
 class GpuStepper:
     """One per worker and device; ``run_step`` is called on the worker's compute thread."""
 
@@ -99,10 +121,12 @@ class GpuStepper:
             # a decode step replays a CUDA graph, which stages its small inputs itself (pinned
             # buffer, one copy); larger inputs go through the upload stream
             graphs = eng.graph_decoder() if hasattr(eng, "graph_decoder") else None
+            cache = eng.session(sid) if graphs is not None and h.seq == 1 else None
+            io = _step_io(cache) if cache is not None else None  # reused events and pinned buffers
             with torch.cuda.device(self.device):
-                x_in = x if graphs is not None and h.seq == 1 else self.stager.to_device(x)
+                x_in = x if cache is not None else self.stager.to_device(x)
                 compute = torch.cuda.current_stream(self.device)
-                start = torch.cuda.Event(enable_timing=True)
+                start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
                 start.record(compute)
                 out = eng.forward(sid, x_in, positions)
                 frame.body.release()  # x has been copied out (staged) by now
@@ -112,17 +136,21 @@ class GpuStepper:
                     assert sess.sampler is not None
                     if sess.sampler.params.greedy:
                         # the Sampler's greedy choice and finiteness check, kept on the device
-                        bad = (~torch.isfinite(out).all()).to(torch.int64)
-                        out = torch.cat([out.argmax(dim=-1).to(torch.int64), bad[None]])
+                        # (computed inside the decode graph when the step replayed one)
+                        packed = graph_greedy(cache, out) if cache is not None else None
+                        out = packed if packed is not None else greedy_pack(out)
                         mode = "greedy"
                     else:
                         mode = "sample"
                 else:
                     mode = "hidden" if w.out.codec in ("raw", "none") else "codec"
-                end = torch.cuda.Event(enable_timing=True)
+                end = io.end if io is not None else torch.cuda.Event(enable_timing=True)
                 end.record(compute)
                 if mode in ("hidden", "greedy"):
-                    host, done = self.stager.to_host(out, end)
+                    if io is not None:
+                        host, done = self._to_host_reused(io, mode, out, end)
+                    else:
+                        host, done = self.stager.to_host(out, end)
         except Exception as e:
             if not released:
                 frame.body.release()
@@ -135,6 +163,22 @@ class GpuStepper:
                 sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, start, end, host, done, mode
             )
         )
+
+    def _to_host_reused(
+        self, io: _StepIO, mode: str, out: torch.Tensor, end: torch.cuda.Event
+    ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """``CudaStager.to_host`` into the session cache's own pinned buffer (no allocation per
+        step). Safe to reuse: a session has one step in flight per stage, and its next step
+        reaches this stage only after this one's frame was sent (the send is synchronous)."""
+        buf = io.host.get(mode)
+        if buf is None or buf.shape != out.shape or buf.dtype != out.dtype:
+            buf = io.host[mode] = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        cs = self.stager.copy_stream
+        with torch.cuda.stream(cs):
+            cs.wait_event(end)
+            buf.copy_(out, non_blocking=True)  # ``out`` is a graph's static buffer: no record_stream
+            io.done.record(cs)
+        return buf, io.done
 
     # ------------------------------------------------------------------ completion thread
 
@@ -154,29 +198,39 @@ class GpuStepper:
         last = p.done if p.done is not None else p.end
         last.synchronize()  # releases the GIL while it waits
         t_done = time.perf_counter()
-        # place the GPU interval on the host clock: it ended when its copy (if any) began
+        # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
+        # events now: once this step's frame is out, the session's next step may re-record them.
         tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
         t_end = t_done - tail
         t_start = t_end - p.start.elapsed_time(p.end) / 1e3
-        w.trace.add("queue", p.queued_at, max(p.queued_at, t_start), p.sid, p.step)
-        w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
+        try:
+            self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
+        finally:
+            w.trace.add("queue", p.queued_at, max(p.queued_at, t_start), p.sid, p.step)
+            w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
+
+    def _ship(self, p: _Pending, t_end: float) -> None:
+        w = self.w
         if p.mode in ("greedy", "sample"):
             sess = w.sessions.get(p.sid)
             if p.mode == "greedy":
                 assert p.host is not None
-                if int(p.host[-1]):
+                host = p.host.numpy()
+                if int(host[-1]):
                     raise ValueError(NON_FINITE)
-                ids = p.host[:-1]
+                # a copy: the pinned buffer is reused by the session's next step, which the ring
+                # frame below may start before the client's frame is out (one-stage pipelines)
+                ids = torch.from_numpy(host[:-1].copy())
             else:
                 if sess is None or sess.sampler is None:
                     return  # closed meanwhile
                 with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
                     p.out.record_stream(self.side_stream)
                     ids = sess.sampler(p.out).to(torch.int64).contiguous()
-            t2 = time.perf_counter()
-            w.trace.add("sample", t_end, t2, p.sid, p.step)
             if sess is None:
                 return
+            t2 = time.perf_counter()
+            w.ring_next(sess, p.sid, p.step, ids, p.pos_bytes)  # the next step first: critical path
             payload = [tensor_bytes(ids)]
             header = FrameHeader(
                 FrameKind.TOKENS,
@@ -190,7 +244,8 @@ class GpuStepper:
                 tuple(ids.shape),
                 payload[0].nbytes,
             )
-            w._call_soon(w._send, sess.reply_to, header, [p.pos_bytes[:0], *payload], p.sid, p.step)
+            w._send(sess.reply_to, header, [p.pos_bytes[:0], *payload], p.sid, p.step)
+            w.trace.add("sample", t_end, t2, p.sid, p.step)
             return
         if p.sid not in w.sessions:  # closed while the step was in flight: nothing to ship
             return
@@ -222,4 +277,4 @@ class GpuStepper:
             shape,
             sum(x.nbytes for x in parts),
         )
-        w._call_soon(w._send, "", header, [p.pos_bytes, *parts], p.sid, p.step)
+        w._send("", header, [p.pos_bytes, *parts], p.sid, p.step)

@@ -67,6 +67,15 @@ def _start_advertiser(worker: Worker, service: WorkerService, config: WorkerConf
 
 async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announce: bool = True) -> None:
     worker = Worker(config)
+    qos = None
+    if config.cpu_latency_us is not None:
+        from hyperlane_lab.runtime.worker import hold_cpu_latency
+
+        try:
+            qos = hold_cpu_latency(config.cpu_latency_us)
+            log.info("holding a CPU wake-up latency limit of %d µs", config.cpu_latency_us)
+        except (OSError, ValueError) as e:
+            log.warning("%s", e)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     host = _advertised_host(config)
     service = WorkerService(worker, host)
@@ -111,6 +120,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announc
         await asyncio.to_thread(advertiser.stop)
     await server.stop(grace=1.0)
     await worker.stop()
+    if qos is not None:
+        qos.close()
 
 
 def run_worker(config: WorkerConfig) -> int:

@@ -131,7 +131,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     @_guard
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
-        return pb.HealthReply(ok=True, worker_time_s=time.perf_counter())
+        return pb.HealthReply(ok=True, worker_time_s=time.perf_counter(), fast_path_steps=self.w.fast_steps)
 
     # ------------------------------------------------------------------ blobs and shards
 
@@ -273,10 +273,21 @@ class WorkerService(pb_grpc.WorkerServicer):
             float(top_p),
             int(request.seed) if request.has_seed else None,
         )
+        ring = None
+        if request.ring_to:
+            from hyperlane_lab.runtime.dataplane import parse_address
+
+            parse_address(request.ring_to)  # ValueError naming the expected form
+            if not 1 <= request.max_new_tokens <= request.max_len:
+                raise ValueError(
+                    f"a server-side token loop (ring_to) needs 1 <= max_new_tokens <= max_len "
+                    f"({request.max_len}), got {request.max_new_tokens}"
+                )
+            ring = (request.ring_to, int(request.max_new_tokens), frozenset(request.eos_token_ids))
         need = await self.w.open_session(
-            sid, int(request.batch), int(request.max_len), params, request.reply_to
+            sid, int(request.batch), int(request.max_len), params, request.reply_to, ring
         )
-        return pb.OpenSessionReply(kv_cache_bytes=need)
+        return pb.OpenSessionReply(kv_cache_bytes=need, ring=ring is not None)
 
     @_guard
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionReply:

@@ -1,8 +1,17 @@
 """The worker: one stage engine, its sessions, and the data-plane handling around it.
 
-Threads: the asyncio loop owns sockets and gRPC; one compute thread runs ``forward`` (FIFO, so
-a session's steps stay in order) plus codec work and sampling. Frames for stage i+1 leave as
-soon as stage i's compute ends, so with several sessions in flight every stage can be busy.
+Threads: the asyncio loop owns the listening sockets and gRPC and receives frames; one compute
+thread runs ``forward`` (FIFO, so a session's steps stay in order) plus codec work and sampling.
+Frames for stage i+1 leave as soon as stage i's compute ends, so with several sessions in flight
+every stage can be busy. Outgoing frames are written by the thread that has them (compute or GPU
+completion thread) through a blocking ``SocketSender``: no hand-off to the loop per frame
+(``outbox.py``: connections, the server-side token loop, error relaying; ``worker_config.py``:
+configuration and device facts).
+
+Latency path on CUDA: a decode step whose graph is already captured only *enqueues* GPU work, so
+when the compute thread is idle the loop thread enqueues it itself as soon as the frame is in,
+saving a thread hand-off per hop; anything else (prefill, first step, CPU) goes to the compute
+thread.
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,69 +35,17 @@ from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind, raw_nbytes
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
+from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
+from hyperlane_lab.runtime.worker_config import WorkerConfig, device_memory, hold_cpu_latency, resolve_device
 from hyperlane_lab.types import SamplingParams
 
-__all__ = ["Worker", "WorkerConfig", "device_memory"]
+__all__ = ["Worker", "WorkerConfig", "device_memory", "hold_cpu_latency", "resolve_device"]
 
 log = logging.getLogger(__name__)
 MAX_PROBE = 64 << 20  # link-probe payloads
 MAX_ERROR = 64 << 10  # error messages
-
-
-@dataclass
-class WorkerConfig:
-    host: str = "0.0.0.0"  # where gRPC and the data plane listen
-    grpc_port: int = 50051  # 0 = any free port
-    data_port: int | None = None  # None = grpc_port + 1 (or any free port when grpc_port is 0)
-    device: str = "auto"  # auto | cpu | cuda:N
-    worker_id: str = ""
-    cache_dir: str = ""  # blob cache; default ~/.cache/hyperlane_lab/blobs
-    advertise: bool = True  # register on mDNS (zeroconf)
-    advertise_address: str | None = None  # address put in the mDNS record (multi-homed hosts)
-    interfaces: str = "all"  # zeroconf interfaces: all | default | comma-separated IPs
-    max_payload: int = 1 << 31
-    memory_limit: int = 0  # bytes this worker may use (0 = the device's free memory)
-    session_ttl_s: float = 600.0  # close sessions idle this long (a client died without closing)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device} asked for, but this machine has no CUDA; use --device cpu")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPUs"
-            )
-    elif d.type != "cpu":
-        raise ValueError(f"unsupported device {device!r}; use cpu or cuda:N")
-    return d
-
-
-def _meminfo() -> tuple[int, int]:
-    total = avail = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key == "MemTotal":
-                total = int(rest.split()[0]) * 1024
-            elif key == "MemAvailable":
-                avail = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return total, avail
-
-
-def device_memory(device: torch.device) -> tuple[int, int]:
-    """(total, free) bytes of the device; host RAM for the CPU."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return int(total), int(free)
-    return _meminfo()
 
 
 @dataclass
@@ -101,18 +57,11 @@ class _Session:
     steps: int = 0
     error: str = ""
     last_used: float = field(default_factory=time.monotonic)
+    # server-side token loop (last stage): (first stage's data address, steps, EOS ids) or None
+    ring: tuple[str, int, frozenset[int]] | None = None
 
 
-@dataclass
-class _Outgoing:
-    codec: str = "raw"
-    group_size: int = 0
-    address: str = ""
-    conn: FrameConnection | None = None
-    extra: dict[str, FrameConnection] = field(default_factory=dict)
-
-
-class Worker:
+class Worker(WorkerOutbox):
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
@@ -128,6 +77,11 @@ class Worker:
         self.pool = BufferPool()
         self.profile: dict[str, float] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="hyperlane-compute")
+        # tasks given to / finished by the compute thread; each counter has one writer (the loop
+        # thread / the compute thread), so "idle" = equal needs no lock
+        self._submitted = 0
+        self._finished = 0
+        self.fast_steps = 0  # decode steps enqueued on the loop thread (the latency path)
         self._gpu: GpuStepper | None = None  # created on the compute thread for a CUDA engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -178,8 +132,8 @@ class Worker:
         if self._server is not None:
             self._server.close()
         for conn in [self.out.conn, *self.out.extra.values()]:
-            if conn is not None and conn.transport is not None:
-                conn.transport.close()
+            if conn is not None:
+                conn.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
         if self._gpu is not None:
             self._gpu.close()
@@ -224,17 +178,27 @@ class Worker:
         return was
 
     async def open_session(
-        self, sid: str, batch: int, max_len: int, params: SamplingParams, reply_to: str
+        self,
+        sid: str,
+        batch: int,
+        max_len: int,
+        params: SamplingParams,
+        reply_to: str,
+        ring: tuple[str, int, frozenset[int]] | None = None,
     ) -> int:
         eng = self.engine
         if eng is None:
             raise ValueError("no shard is loaded on this worker; call LoadShard first")
         if sid in self.sessions:
             raise ValueError(f"session {sid} is already open")
+        if ring is not None and not eng.is_last:
+            raise ValueError("only the last stage runs a server-side token loop (ring_to)")
         if eng.is_last:
             if not reply_to:
                 raise ValueError("the last stage needs reply_to (the client's data address)")
             await self._connection_to(reply_to)
+            if ring is not None:
+                await self._connection_to(ring[0])
         need = eng.kv_cache_bytes(batch, max_len) if hasattr(eng, "kv_cache_bytes") else 0
         _, free = self.memory()
         if need and free and need > free:
@@ -242,38 +206,33 @@ class Worker:
                 f"KV cache for batch {batch} x {max_len} tokens needs {need / 2**30:.2f} GiB, "
                 f"worker {self.worker_id} has {free / 2**30:.2f} GiB free; use a shorter max length or smaller batch"
             )
-        await asyncio.get_running_loop().run_in_executor(self._compute, eng.open_session, sid, batch, max_len)
-        self.sessions[sid] = _Session(batch, max_len, Sampler(params) if eng.is_last else None, reply_to)
+        await self._on_compute(eng.open_session, sid, batch, max_len)
+        self.sessions[sid] = _Session(
+            batch, max_len, Sampler(params) if eng.is_last else None, reply_to, ring=ring
+        )
         return need
 
     async def close_session(self, sid: str) -> bool:
         s = self.sessions.pop(sid, None)
+        self._prune_senders()
         if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(self._compute, self.engine.close_session, sid)
+            await self._on_compute(self.engine.close_session, sid)
         return s is not None
 
-    async def connect_next(self, address: str, codec: str, group_size: int) -> float:
-        t0 = time.perf_counter()
-        if codec not in ("raw", "none"):
-            from hyperlane_lab import codecs
+    def _submit(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending."""
+        self._submitted += 1
 
-            codecs.get(codec, group_size=group_size or 64)  # ValueError listing valid codecs
-        self.out.codec, self.out.group_size = codec or "raw", group_size
-        if address:
-            if self.out.conn is not None and self.out.address == address and self.out.conn.is_open:
-                return 0.0
-            self.out.conn = await open_connection(
-                address, self._on_frame, self.pool, on_header=self._check_header
-            )
-            self.out.address = address
-        return time.perf_counter() - t0
+        def task() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                self._finished += 1
 
-    async def _connection_to(self, address: str) -> FrameConnection:
-        conn = self.out.extra.get(address)
-        if conn is None or not conn.is_open:
-            conn = await open_connection(address, self._on_frame, self.pool, on_header=self._check_header)
-            self.out.extra[address] = conn
-        return conn
+        return self._compute.submit(task)
+
+    async def _on_compute(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.wrap_future(self._submit(fn, *args))
 
     async def probe_link(self, address: str, sizes: list[int], repeats: int) -> tuple[float, float]:
         from hyperlane_lab.runtime.linkprobe import probe_connection
@@ -362,7 +321,20 @@ class Worker:
         self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
         if h.codec:
             self.trace.add("decode", t0, t1, h.session, h.step)
-        self._compute.submit(self._run_step, frame, x, positions, time.perf_counter())
+        gpu, eng = self._gpu, self.engine
+        ready = getattr(eng, "decode_graph_ready", None)  # torch engines only
+        if (
+            h.seq == 1
+            and gpu is not None
+            and ready is not None
+            and self._submitted == self._finished  # the compute thread is idle: nothing to overtake
+            and gpu.device == getattr(eng, "device", None)
+            and ready(h.session)
+        ):
+            self.fast_steps += 1
+            gpu.run_step(frame, x, positions, t1)  # enqueue only (graph replay), then back to the loop
+            return
+        self._submit(self._run_step, frame, x, positions, time.perf_counter())
 
     # ------------------------------------------------------------------ compute (compute thread)
 
@@ -416,7 +388,8 @@ class Worker:
                     tuple(ids.shape),
                     payload.nbytes,
                 )
-                self._call_soon(self._send, sess.reply_to, header, [pos_bytes[:0], *payload.parts], sid, step)
+                self.ring_next(sess, sid, step, ids, pos_bytes)  # the next step first: critical path
+                self._send(sess.reply_to, header, [pos_bytes[:0], *payload.parts], sid, step)
             else:
                 payload = encode_tensor(out, self.out.codec, self.out.group_size)
                 t2 = time.perf_counter()
@@ -434,41 +407,9 @@ class Worker:
                     payload.shape,
                     payload.nbytes,
                 )
-                self._call_soon(self._send, "", header, [pos_bytes, *payload.parts], sid, step)
+                self._send("", header, [pos_bytes, *payload.parts], sid, step)
         except Exception as e:
             log.exception("stage %d: could not emit step %d of %s", self.stage_index, step, sid)
             self._call_soon(self._forward_error, sid, step, f"stage {self.stage_index}: {e}")
 
-    def _call_soon(self, fn: Any, *args: Any) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(fn, *args)
-
-    # ------------------------------------------------------------------ sending (loop thread)
-
-    def _send(self, reply_to: str, header: FrameHeader, parts: list[Any], sid: str, step: int) -> None:
-        conn = self.out.extra.get(reply_to) if reply_to else self.out.conn
-        t0 = time.perf_counter()
-        try:
-            if conn is None:
-                raise ConnectionError("this stage is not connected to a next stage (call Connect)")
-            n = conn.send(header, *parts)
-        except ConnectionError as e:
-            log.error("stage %d: cannot send step %d of %s: %s", self.stage_index, step, sid, e)
-            return
-        self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
-
-    def _forward_error(self, sid: str, step: int, message: str) -> None:
-        sess = self.sessions.get(sid)
-        if sess is None:  # errors are only relayed for sessions this worker knows
-            return
-        sess.error = message
-        if self.engine is not None and self.engine.is_last:
-            conn = self.out.extra.get(sess.reply_to)
-        else:
-            conn = self.out.conn
-        if conn is None or not conn.is_open:
-            return
-        data = message.encode()[:65536]
-        conn.send(
-            FrameHeader(FrameKind.ERROR, sid, step, 0, 0, torch.uint8, 0, 0, (len(data),), len(data)), data
-        )
+    # ------------------------------------------------------------------ sending (any thread but the loop)

@@ -1,0 +1,80 @@
+"""The products of a decode step: cuBLAS, or the Triton GEMV (``kernels/gemv.py``) for the weight
+shapes where it times faster on the card at hand.
+
+Why per shape and per card: cuBLAS picks a kernel per shape, and some of its batch-1 choices
+stream the weight well below the copy bandwidth (on an H200, 37-44% for a 4096 x 4096 ``wo``)
+while others reach 95%; the Triton kernel wins on some shapes and loses on others, differently
+on each GPU. ``choose_linears`` times both on the stage's own weights at its first decode capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hyperlane_lab.models.stage import TorchStage
+
+__all__ = ["LinearFn", "choose_linears", "make_linear"]
+
+log = logging.getLogger("hyperlane_lab.models.cuda_decode")
+
+LinearFn = Callable[..., torch.Tensor]  # F.linear(x, w, bias=None)
+
+
+def make_linear(table: dict[tuple[int, int], Any]) -> LinearFn:
+    """``F.linear`` that sends one-row products with a weight shape in ``table`` (value: a
+    ``kernels.gemv.GemvConfig``, or None for cuBLAS) to the Triton GEMV kernel."""
+    if not any(table.values()):
+        return F.linear
+    from hyperlane_lab.codecs._kernels import kernel_module  # source checkouts too
+
+    gemv = kernel_module("gemv").gemv
+
+    def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = table.get((w.shape[0], w.shape[1]))
+        if cfg is None or x.numel() != w.shape[1]:  # batch > 1 (or a shape cuBLAS does better)
+            return F.linear(x, w, b)
+        return gemv(x, w, b, cfg)
+
+    return lin
+
+
+def choose_linears(st: TorchStage) -> tuple[dict[tuple[int, int], Any], dict[str, Any]]:
+    """(weight shape -> ``GemvConfig`` or None for cuBLAS, per-shape timings in µs) for a CUDA
+    stage; empty on CPU or with ``HYPERLANE_TRITON_GEMV=0``. Failures keep cuBLAS."""
+    table: dict[tuple[int, int], Any] = {}
+    choice: dict[str, Any] = {}
+    flag = os.environ.get("HYPERLANE_TRITON_GEMV", "1").strip().lower()
+    if st.device.type != "cuda" or flag in ("0", "false", "no", "off", ""):
+        return table, choice
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    mats = [t for lw in st.weights.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+    if st.weights.lm_head is not None:
+        mats.append(st.weights.lm_head)
+    for t in mats:
+        groups.setdefault((t.shape[0], t.shape[1]), []).append(t)
+    try:
+        from hyperlane_lab.codecs._kernels import kernel_module
+
+        choose_config = kernel_module("gemv").choose_config
+    except Exception as e:  # no Triton here: cuBLAS
+        log.warning("stage %s: Triton GEMV not available (%s)", st.span, e)
+        groups = {}
+    with torch.cuda.device(st.device):
+        for (n, k), ws in sorted(groups.items()):
+            try:  # timed on the stage's own weights: no extra memory
+                cfg, times = choose_config(ws)
+            except Exception as e:  # e.g. out of memory: this shape stays on cuBLAS
+                log.warning("stage %s: GEMV timing for %dx%d failed (%s)", st.span, n, k, e)
+                cfg, times = None, {}
+            table[(n, k)] = cfg
+            choice[f"{n}x{k}"] = {"triton": cfg is not None, "us": times}
+    if groups:
+        log.info("stage %s: decode GEMV choice %s", st.span, choice)
+    return table, choice

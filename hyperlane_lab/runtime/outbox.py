@@ -1,0 +1,163 @@
+"""A worker's outgoing frames: connections to the next stage, to clients, and (last stage) back to
+the first stage for the server-side token loop; error relaying.
+
+Frames are written by the thread that has them (compute or GPU completion thread) through blocking
+``SocketSender``s, never by the event loop (see ``sender.py`` for why); error frames, raised on the
+loop, are written from its default executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.sender import SocketSender
+
+if TYPE_CHECKING:
+    from hyperlane_lab.runtime.trace_recorder import TraceRecorder
+    from hyperlane_lab.runtime.worker import _Session
+
+__all__ = ["WorkerOutbox"]
+
+log = logging.getLogger("hyperlane_lab.runtime.worker")
+
+
+@dataclass
+class _Outgoing:
+    codec: str = "raw"
+    group_size: int = 0
+    address: str = ""
+    conn: SocketSender | None = None  # to the next stage
+    extra: dict[str, SocketSender] = field(default_factory=dict)  # to clients (the last stage's tokens)
+
+
+class WorkerOutbox:
+    """Mixed into ``Worker``: everything that leaves the worker on the data plane."""
+
+    out: _Outgoing
+    sessions: dict[str, _Session]
+    trace: TraceRecorder
+    engine: Any
+    stage_index: int
+    _loop: asyncio.AbstractEventLoop | None
+
+    async def connect_next(self, address: str, codec: str, group_size: int) -> float:
+        t0 = time.perf_counter()
+        if codec not in ("raw", "none"):
+            from hyperlane_lab import codecs
+
+            codecs.get(codec, group_size=group_size or 64)  # ValueError listing valid codecs
+        self.out.codec, self.out.group_size = codec or "raw", group_size
+        if address:
+            if self.out.conn is not None and self.out.address == address and self.out.conn.is_open:
+                return 0.0
+            old, self.out.conn = self.out.conn, await asyncio.to_thread(SocketSender, address)
+            self.out.address = address
+            if old is not None:
+                old.close()
+        return time.perf_counter() - t0
+
+    def _prune_senders(self) -> None:
+        """Close connections to clients / first stages that no open session uses and whose peer
+        has gone (a client that exited), so they do not pile up."""
+        in_use = {s.reply_to for s in self.sessions.values()}
+        in_use |= {s.ring[0] for s in self.sessions.values() if s.ring is not None}
+        for address, conn in list(self.out.extra.items()):
+            if address not in in_use and not conn.is_open:
+                del self.out.extra[address]
+                conn.close()
+
+    async def _connection_to(self, address: str) -> SocketSender:
+        conn = self.out.extra.get(address)
+        if conn is None or not conn.is_open:
+            conn = await asyncio.to_thread(SocketSender, address)
+            self.out.extra[address] = conn
+        return conn
+
+    def _call_soon(self, fn: Any, *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _send(self, reply_to: str, header: FrameHeader, parts: list[Any], sid: str, step: int) -> None:
+        """Write a step's frame to the next stage (or, with ``reply_to``, to that client). Blocks
+        until the kernel has taken it: call from the compute or completion thread, never the loop."""
+        conn = self.out.extra.get(reply_to) if reply_to else self.out.conn
+        t0 = time.perf_counter()
+        try:
+            if conn is None:
+                raise ConnectionError("this stage is not connected to a next stage (call Connect)")
+            n = conn.send(header, *parts)
+        except ConnectionError as e:
+            log.error("stage %d: cannot send step %d of %s: %s", self.stage_index, step, sid, e)
+            return
+        self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
+
+    def ring_next(self, sess: _Session, sid: str, step: int, ids: torch.Tensor, pos_bytes: bytes) -> None:
+        """Server-side token loop: feed step ``step``'s sampled ``ids`` [B] to the first stage as
+        step ``step + 1`` (call after the TOKENS frame went to the client). Each row's next position
+        is its last position + 1; a row that sampled an EOS id, or was padding, becomes padding
+        (-1). Stops after the session's token budget or when every row is padding."""
+        if sess.ring is None:
+            return
+        address, budget, eos = sess.ring
+        if step + 1 >= budget:
+            return
+        batch = sess.batch
+        ids_np = ids.numpy().reshape(batch)
+        last = np.frombuffer(pos_bytes, dtype=np.int64).reshape(batch, -1).max(axis=1)
+        nxt = np.where(last >= 0, last + 1, -1)
+        if eos:
+            nxt[np.isin(ids_np, np.fromiter(eos, dtype=np.int64))] = -1
+        if (nxt < 0).all():  # every row sampled EOS (or was padding): the client knows it is done
+            return
+        fail = ""
+        if int(nxt.max()) >= sess.max_len:  # the budget should have stopped first: tell the client
+            fail = f"position {int(nxt.max())} is beyond the session's max length {sess.max_len}"
+        else:
+            header = FrameHeader(
+                FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch
+            )
+            conn = self.out.extra.get(address)
+            t0 = time.perf_counter()
+            try:
+                if conn is None:
+                    raise ConnectionError("no connection")
+                n = conn.send(header, nxt.tobytes(), ids_np.astype(np.int64).tobytes())
+            except ConnectionError as e:
+                fail = f"the token loop cannot reach the first stage at {address}: {e}"
+            else:
+                self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
+        if fail:  # the client waits for the next step: an error frame instead, never silence
+            log.error("stage %d: session %s step %d: %s", self.stage_index, sid[:8], step, fail)
+            self._call_soon(self._forward_error, sid, step + 1, f"stage {self.stage_index}: {fail}")
+
+    def _forward_error(self, sid: str, step: int, message: str) -> None:
+        sess = self.sessions.get(sid)
+        if sess is None:  # errors are only relayed for sessions this worker knows
+            return
+        sess.error = message
+        if self.engine is not None and self.engine.is_last:
+            conn = self.out.extra.get(sess.reply_to)
+        else:
+            conn = self.out.conn
+        if conn is None or not conn.is_open:
+            return
+        data = message.encode()[:65536]
+        header = FrameHeader(FrameKind.ERROR, sid, step, 0, 0, torch.uint8, 0, 0, (len(data),), len(data))
+
+        def send() -> None:
+            try:
+                conn.send(header, data)
+            except ConnectionError as e:
+                log.error("stage %d: cannot relay the error of %s: %s", self.stage_index, sid, e)
+
+        # a blocking send must not stall the loop (another thread may hold the socket mid-frame)
+        assert self._loop is not None
+        self._loop.run_in_executor(None, send)

@@ -1,0 +1,87 @@
+"""A worker's configuration and what it needs to know about its machine (device, memory, the
+CPU wake-up latency request)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["WorkerConfig", "device_memory", "hold_cpu_latency", "resolve_device"]
+
+
+@dataclass
+class WorkerConfig:
+    host: str = "0.0.0.0"  # where gRPC and the data plane listen
+    grpc_port: int = 50051  # 0 = any free port
+    data_port: int | None = None  # None = grpc_port + 1 (or any free port when grpc_port is 0)
+    device: str = "auto"  # auto | cpu | cuda:N
+    worker_id: str = ""
+    cache_dir: str = ""  # blob cache; default ~/.cache/hyperlane_lab/blobs
+    advertise: bool = True  # register on mDNS (zeroconf)
+    advertise_address: str | None = None  # address put in the mDNS record (multi-homed hosts)
+    interfaces: str = "all"  # zeroconf interfaces: all | default | comma-separated IPs
+    max_payload: int = 1 << 31
+    memory_limit: int = 0  # bytes this worker may use (0 = the device's free memory)
+    session_ttl_s: float = 600.0  # close sessions idle this long (a client died without closing)
+    # ask the OS to keep CPU wake-up latency under this many µs while the worker runs (Linux PM QoS,
+    # /dev/cpu_dma_latency; needs root): an idle core waking from a deep C-state can add 100+ µs to
+    # every hop. None = leave the system's power management alone.
+    cpu_latency_us: int | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but this machine has no CUDA; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPUs"
+            )
+    elif d.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda:N")
+    return d
+
+
+def _meminfo() -> tuple[int, int]:
+    total = avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemTotal":
+                total = int(rest.split()[0]) * 1024
+            elif key == "MemAvailable":
+                avail = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return total, avail
+
+
+def hold_cpu_latency(us: int) -> Any:
+    """Keep a Linux PM QoS CPU-latency request of ``us`` µs for as long as the returned file stays
+    open (closing it, or the process ending, withdraws it). Raises PermissionError/OSError with a
+    hint when the system does not allow it."""
+    if us < 0:
+        raise ValueError(f"cpu latency must be >= 0 µs, got {us}")
+    try:
+        f = open("/dev/cpu_dma_latency", "wb", buffering=0)  # noqa: SIM115 (held open on purpose)
+    except OSError as e:
+        raise type(e)(
+            f"cannot set a CPU wake-up latency limit ({e}); it needs Linux and write access to "
+            "/dev/cpu_dma_latency (root), or drop --cpu-latency-us"
+        ) from e
+    f.write(int(us).to_bytes(4, "little", signed=True))
+    return f
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(total, free) bytes of the device; host RAM for the CPU."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(free)
+    return _meminfo()

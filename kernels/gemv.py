@@ -1,0 +1,236 @@
+"""Batch-1 decode GEMV, ``y = x @ W^T (+ b)`` for ``x [1, K]`` and a row-major weight ``W [N, K]``.
+
+Why: a batch-1 decode step is a chain of matrix-vector products that only have to *read* the
+weights once, so their speed is memory bandwidth. cuBLAS picks a split-K kernel for some decode
+shapes that reaches well under the copy bandwidth (on an H200, 37% for Llama-2-7B's 4096 x 4096
+``wo``, 77% for ``down``, see bench/RESULTS.md), while the same card streams other shapes at 95%.
+This kernel streams ``W`` in [BLOCK_N, BLOCK_K] tiles (each row contiguous, so coalesced) with
+fp32 accumulation; ``choose_config`` times it against cuBLAS per shape on the card at hand and a
+stage uses it only where it wins.
+
+Layout: ``_gemv_kernel`` (``@triton.jit``) -> ``gemv`` (launcher: checks, grid) -> torch reference
+``torch.nn.functional.linear`` (same math; fp32 accumulation, summation order differs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["CONFIGS", "GemvConfig", "choose_config", "gemv"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # output rows per program
+    block_k: int  # reduction chunk per loop iteration
+    num_warps: int
+    num_stages: int
+    split_k: int = 1  # > 1: K split over this many programs per row block, fp32 partials summed after
+
+
+# A small grid (each candidate is compiled once per shape, then cached by Triton on disk). Split-K
+# is for short outputs (N = 4096): without it too few programs stream the weight at once.
+CONFIGS = (
+    GemvConfig(8, 512, 4, 3),
+    GemvConfig(16, 256, 4, 4),
+    GemvConfig(16, 512, 8, 3),
+    GemvConfig(32, 256, 8, 3),
+    GemvConfig(4, 1024, 4, 3),
+    GemvConfig(16, 256, 4, 4, split_k=4),
+    GemvConfig(32, 256, 8, 3, split_k=4),
+    GemvConfig(16, 512, 4, 3, split_k=2),
+    GemvConfig(8, 256, 4, 4, split_k=8),
+)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] (row stride stride_xm, unit column stride)
+    w_ptr,  # [N, K] contiguous
+    b_ptr,  # [N] or a dummy when not HAS_BIAS
+    y_ptr,  # [M, N] contiguous
+    N,
+    K,
+    stride_xm,
+    HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+    x_ptrs = x_ptr + m * stride_xm + rk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            xv = tl.load(x_ptrs)
+        else:
+            kmask = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
+            xv = tl.load(x_ptrs, mask=kmask, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _gemv_splitk_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] contiguous
+    part_ptr,  # [SPLIT, M, N] fp32 partial sums
+    M,
+    N,
+    K,
+    K_PER,  # K range of one split (a multiple of BLOCK_K)
+    stride_xm,
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % K_PER == 0
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    m = tl.program_id(2).to(tl.int64)
+    k_lo = split * K_PER
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + k_lo + rk[None, :]
+    x_ptrs = x_ptr + m * stride_xm + k_lo + rk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K_PER, BLOCK_K):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            xv = tl.load(x_ptrs)
+        else:
+            kmask = (k_lo + k0 + rk) < K
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
+            xv = tl.load(x_ptrs, mask=kmask, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    tl.store(part_ptr + (split * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+
+
+@triton.jit
+def _splitk_sum_kernel(
+    part_ptr, b_ptr, y_ptr, N, MN, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):  # fixed order: deterministic
+        acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig = CONFIGS[0]
+) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for ``x [..., K]`` (any leading shape; meant for one row) with this
+    kernel; returns ``[..., N]`` in ``x``'s dtype. Raises ValueError on mismatched inputs."""
+    if w.dim() != 2 or not w.is_contiguous():
+        raise ValueError(f"gemv needs a contiguous 2-D weight [N, K], got {tuple(w.shape)}")
+    n, k = w.shape
+    if x.shape[-1] != k or x.dtype != w.dtype or x.device != w.device:
+        raise ValueError(
+            f"gemv: x {tuple(x.shape)} {x.dtype} on {x.device} does not fit weight {tuple(w.shape)} "
+            f"{w.dtype} on {w.device}"
+        )
+    if bias is not None and (bias.shape != (n,) or bias.dtype != w.dtype or not bias.is_contiguous()):
+        raise ValueError(f"gemv: bias must be a contiguous [{n}] {w.dtype} tensor, got {tuple(bias.shape)}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    c = config
+    k_per = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
+    splits = triton.cdiv(k, k_per)
+    if splits > 1:
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        even = n % c.block_n == 0 and k % k_per == 0
+        _gemv_splitk_kernel[(triton.cdiv(n, c.block_n), splits, m)](
+            x2, w, part, m, n, k, k_per, x2.stride(0),
+            EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
+            part, bias if bias is not None else w, y, n, m * n,
+            SPLIT=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], n)
+    even = n % c.block_n == 0 and k % c.block_k == 0
+    grid = (triton.cdiv(n, c.block_n), m)
+    _gemv_kernel[grid](
+        x2, w, bias if bias is not None else w, y, n, k, x2.stride(0),
+        HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _time_us(fn: object, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()  # type: ignore[operator]
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def choose_config(
+    weights: Sequence[torch.Tensor], margin: float = 0.97
+) -> tuple[GemvConfig | None, dict[str, float]]:
+    """Time cuBLAS (``F.linear``) and every ``CONFIGS`` entry on one-row products with ``weights``
+    (same shape: e.g. one projection of every layer of a stage, so that, as in a decode step, each
+    call reads its weight from memory rather than L2; no extra memory is taken). Returns the
+    fastest config if it beats cuBLAS by more than ``1 - margin`` (else None: keep cuBLAS) and the
+    timings in µs. Calls are timed back to back from Python, which charges each Triton launch its
+    host cost (tens of µs on slow hosts): a conservative choice for small shapes."""
+    n, k = weights[0].shape
+    x = torch.randn(1, k, dtype=weights[0].dtype, device=weights[0].device)
+    copies = len(weights)
+    it = iter(range(1 << 62))
+
+    def rotate(f: object) -> object:
+        return lambda: f(x, weights[next(it) % copies])  # type: ignore[operator]
+
+    reps = max(16, 4 * copies)
+    cublas = rotate(torch.nn.functional.linear)
+    cublas()  # type: ignore[operator]
+    times = {"cublas": _time_us(cublas, reps)}
+    best: GemvConfig | None = None
+    for c in CONFIGS:
+        try:
+            fn = rotate(lambda a, b, c=c: gemv(a, b, None, c))
+            fn()  # type: ignore[operator]  # compile
+            times[_name(c)] = t = _time_us(fn, reps)
+        except Exception as e:  # a config a card cannot run (registers, shared memory)
+            log.debug("gemv config %s failed on %dx%d: %s", c, n, k, e)
+            continue
+        if t < margin * times["cublas"] and (best is None or t < times[_name(best)]):
+            best = c
+    return best, times
+
+
+def _name(c: GemvConfig) -> str:
+    return f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}" + (
+        f"k{c.split_k}" if c.split_k > 1 else ""
+    )
