@@ -68,6 +68,18 @@ class GenerationResult:
         return self.text
 
 
+def _push(
+    states: list[SequenceState], nxt: torch.Tensor, timings: GenerationTimings
+) -> Iterator[tuple[int, str]]:
+    """Give each unfinished row its new token; yield (row, text) for rows with new text."""
+    for b, s in enumerate(states):
+        if not s.done:
+            delta = s.push(int(nxt[b]))
+            timings.generated_tokens += 1
+            if delta:
+                yield b, delta
+
+
 class TextGenerator:
     """``generate`` for anything that has ``tokenizer``, ``spec`` and a ``runner``."""
 
@@ -169,12 +181,7 @@ class TextGenerator:
             nxt = session.step(ids, positions)
             timings.prefill_s = time.perf_counter() - t0
             while True:
-                for b, s in enumerate(states):
-                    if not s.done:
-                        delta = s.push(int(nxt[b]))
-                        timings.generated_tokens += 1
-                        if delta:
-                            yield b, delta
+                yield from _push(states, nxt, timings)
                 if all(s.done for s in states):
                     return
                 done = torch.tensor([s.done for s in states])
@@ -221,12 +228,7 @@ class TextGenerator:
             else:
                 timings.decode_steps += 1
                 timings.decode_s = now - t_dec
-            for b, s in enumerate(states):
-                if not s.done:
-                    delta = s.push(int(nxt[b]))
-                    timings.generated_tokens += 1
-                    if delta:
-                        yield b, delta
+            yield from _push(states, nxt, timings)
             if all(s.done for s in states):
                 return
             if ahead is None:  # unreachable: a row left unfinished had a token budget for this step
@@ -251,12 +253,7 @@ class TextGenerator:
         timings.prefill_s = time.perf_counter() - t0
         t_dec = time.perf_counter()
         while True:
-            for b, s in enumerate(states):
-                if not s.done:
-                    delta = s.push(int(nxt[b]))
-                    timings.generated_tokens += 1
-                    if delta:
-                        yield b, delta
+            yield from _push(states, nxt, timings)
             if all(s.done for s in states):
                 return
             nxt = session.next_step()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hyperlane_lab.generation.driver import TextGenerator
-from hyperlane_lab.generation.sampling import Sampler
+from hyperlane_lab.generation.sampling import NON_FINITE, Sampler
 from hyperlane_lab.models import ModelSpec, load_stage, load_tokenizer, resolve_model
 from hyperlane_lab.types import LayerSpan, SamplingParams
 
@@ -35,15 +35,18 @@ class _LocalSession:
     sampler: Sampler
     stats: list[StageStats] = field(default_factory=list)
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = ids
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Every stage in turn; on CUDA the time recorded is the host's (enqueueing)."""
         for st, stat in zip(self.stages, self.stats):
             t0 = time.perf_counter()
             x = st.forward(self.sid, x, positions)
             stat.compute_s += time.perf_counter() - t0
             stat.calls += 1
             stat.tokens += int((positions >= 0).sum())
-        return self.sampler(x)
+        return x
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.sampler(self._forward(ids, positions))
 
     # -------------------------------------------------------------- run-ahead decode (greedy, CUDA)
 
@@ -62,13 +65,7 @@ class _LocalSession:
         ``ids`` are host ids [B, S] or the device ids of the previous ``_PendingIds`` (``.device_ids``):
         the driver can enqueue step t+1 before it has read step t's token, so the GPU never waits
         for the host's loop (stop checks, detokenizing, streaming)."""
-        x: torch.Tensor = ids
-        for st, stat in zip(self.stages, self.stats):
-            t0 = time.perf_counter()
-            x = st.forward(self.sid, x, positions)
-            stat.compute_s += time.perf_counter() - t0  # host time to enqueue (the GPU runs on)
-            stat.calls += 1
-            stat.tokens += int((positions >= 0).sum())
+        x = self._forward(ids, positions)
         # the Sampler's greedy choice and its finiteness check, on the device (inside the decode
         # graph when there is one): one small copy back
         from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
@@ -96,9 +93,7 @@ class _PendingIds:
         if self.ready is not None:
             self.ready.synchronize()
         if int(self.host[-1]):
-            raise ValueError(
-                "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
-            )
+            raise ValueError(NON_FINITE)
         return self.host[:-1].clone()
 
 

@@ -28,6 +28,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+NON_FINITE = "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
+
+
 class Sampler:
     """Stateful per session: one seeded generator per batch row, so a row's tokens depend only on
     (seed, row index) and its own logits, and successive steps continue each row's stream."""
@@ -49,9 +52,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> token ids [B] int64 (on CPU)."""
         if not torch.isfinite(logits).all():
-            raise ValueError(
-                "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
-            )
+            raise ValueError(NON_FINITE)
         if self.params.greedy:
             return logits.argmax(dim=-1).cpu()
         probs = filter_logits(logits, self.params).softmax(-1).cpu()

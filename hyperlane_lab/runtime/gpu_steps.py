@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
 from hyperlane_lab.runtime.wire import CudaStager, encode_tensor, tensor_bytes
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["GpuStepper", "uses_gpu_path"]
 
 log = logging.getLogger(__name__)
-
-NON_FINITE = "logits contain NaN or Inf: the model produced non-finite values (check dtype/weights)"
 
 
 def uses_gpu_path(engine: Any) -> bool:
