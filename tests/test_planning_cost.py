@@ -135,3 +135,18 @@ def test_links_override_serves_both_directions_unless_reverse_given() -> None:
     assert links.between("c", "a") is slow and links.between("a", "c") is fast
     assert links.between("b", "c") is d
     assert math.isfinite(link_s(links.between("x", "y"), 10))
+
+
+def test_planning_and_model_presets_import_without_torch() -> None:
+    """Planning (and the presets it shares with the model core) stays light: no torch import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hyperlane_lab.planning as p, hyperlane_lab.models.config as c; "
+        "assert set(p.PRESET_SHAPES) == set(c.PRESETS); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

@@ -85,18 +85,31 @@ class ShapeSpec:
                 raise ValueError(f"model {self.name!r}: {field} must be a positive int, got {value!r}")
 
 
-# Published shapes (model cards / config.json of the official checkpoints).
-PRESET_SHAPES: Mapping[str, ShapeSpec] = MappingProxyType(
-    {
-        "llama-2-7b": ShapeSpec("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000),
-        "llama-2-13b": ShapeSpec("llama-2-13b", 40, 5120, 40, 40, 128, 13824, 32000),
-        "llama-2-70b": ShapeSpec("llama-2-70b", 80, 8192, 64, 8, 128, 28672, 32000),
-        "llama-3-8b": ShapeSpec("llama-3-8b", 32, 4096, 32, 8, 128, 14336, 128256),
-        "llama-3-70b": ShapeSpec("llama-3-70b", 80, 8192, 64, 8, 128, 28672, 128256),
-        "mistral-7b": ShapeSpec("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32000),
-        "qwen2-7b": ShapeSpec("qwen2-7b", 28, 3584, 28, 4, 128, 18944, 152064, qkv_bias=True),
-    }
-)
+# Published shapes (model cards / config.json of the official checkpoints): one list, the model
+# core's presets (``models/config.py`` imports no torch), viewed here as planning shapes.
+def _preset_shapes() -> Mapping[str, ShapeSpec]:
+    from hyperlane_lab.models.config import PRESETS
+
+    return MappingProxyType(
+        {
+            name: ShapeSpec(
+                name,
+                s.n_layers,
+                s.hidden_size,
+                s.n_heads,
+                s.n_kv_heads,
+                s.head_dim,
+                s.intermediate_size,
+                s.vocab_size,
+                tie_embeddings=s.tie_embeddings,
+                qkv_bias=s.qkv_bias,
+            )
+            for name, s in PRESETS.items()
+        }
+    )
+
+
+PRESET_SHAPES: Mapping[str, ShapeSpec] = _preset_shapes()
 
 
 def preset_names() -> list[str]:
