@@ -178,3 +178,45 @@ def test_idle_sessions_are_reaped(tmp_path, bundled_path):
             time.sleep(0.2)
         assert c.info().sessions == 0
         c.close()
+
+
+def test_a_stalled_partial_frame_is_cut_off_but_an_idle_connection_is_not():
+    """A peer that starts a frame and stops sending loses the connection after the read timeout
+    (its pooled buffer is released); a peer that is merely idle between frames keeps it."""
+    from hyperlane_lab.runtime.dataplane import start_server
+
+    got: list[int] = []
+    pool = BufferPool()
+    header = FrameHeader(FrameKind.PING, uuid.uuid4().hex, 1, 0, 0, torch.uint8, 0, 0, (), 1000)
+
+    def on_frame(conn, frame):
+        got.append(frame.header.step)
+        frame.body.release()
+
+    async def main() -> tuple[bool, bool]:
+        server = await start_server("127.0.0.1", 0, on_frame, pool, read_timeout=0.4)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+
+        def client(partial: bool) -> bool:
+            """True if the server closed the connection within 2.5 s."""
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(2.5)
+            s.sendall(pack_header(header) + bytes(1000))  # one whole frame first
+            s.sendall(pack_header(header) + bytes(300 if partial else 1000))
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False
+            finally:
+                s.close()
+
+        stalled = await loop.run_in_executor(None, client, True)
+        idle = await loop.run_in_executor(None, client, False)
+        server.close()
+        return stalled, idle
+
+    stalled, idle = asyncio.run(main())
+    assert stalled, "a frame stuck half-way must cost the peer its connection"
+    assert not idle, "a connection idle between whole frames must stay open"
+    assert got == [1, 1, 1]  # whole frames arrived: 1 before the stall, 2 on the idle connection

@@ -103,6 +103,7 @@ FrameHandler = Callable[["FrameConnection", Frame], None]
 # to read and discard it (e.g. a late frame of a closed session); raise ProtocolError to close.
 HeaderCheck = Callable[["FrameConnection", FrameHeader], bool]
 _SCRATCH = 1 << 16
+READ_TIMEOUT_S = 60.0  # a frame that has begun must complete within this (a stalled peer is cut off)
 
 
 class FrameConnection(asyncio.BufferedProtocol):
@@ -114,9 +115,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         on_close: Callable[[FrameConnection], None] | None = None,
         name: str = "",
         on_header: HeaderCheck | None = None,
+        read_timeout: float = READ_TIMEOUT_S,
     ) -> None:
         self._on_frame, self._pool, self._max_payload, self._on_close = on_frame, pool, max_payload, on_close
         self._on_header = on_header
+        self._read_timeout = read_timeout
+        self._watchdog: asyncio.TimerHandle | None = None
         self._skip = 0  # body bytes still to discard
         self._scratch = bytearray(_SCRATCH)
         self.name = name
@@ -143,6 +147,24 @@ class FrameConnection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._watch()
+
+    def _mid_frame(self) -> bool:
+        return self._hdr_got > 0 or self._header is not None or self._skip > 0
+
+    def _watch(self) -> None:
+        """Every read_timeout / 4: abort if a frame began more than read_timeout ago and is still
+        incomplete (its pooled buffer would otherwise be held for ever). No cost per frame."""
+        if self._read_timeout <= 0 or self.transport is None or self.transport.is_closing():
+            return
+        if self._mid_frame() and time.perf_counter() - self._t_first > self._read_timeout:
+            self.abort(f"a frame stayed incomplete for over {self._read_timeout:g} s")
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven by hand, outside an event loop: nothing to watch with
+            return
+        self._watchdog = loop.call_later(self._read_timeout / 4, self._watch)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._skip:
@@ -195,6 +217,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         return None  # close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._body is not None:
             self._body.release()
             self._body = None
