@@ -141,3 +141,14 @@ def test_cuda_provider_matches_torch_on_gpu(cache: Path, reference: list[list[in
     assert stages[0].providers[0] == "CUDAExecutionProvider" and stages[0].device.type == "cuda"
     out = _pipeline(stages).generate(PROMPTS, max_tokens=40)
     assert [r.token_ids for r in out] == reference
+
+
+def test_cuda_provider_options_turn_tf32_off_for_fp32_only() -> None:
+    """ORT's CUDA EP runs fp32 GEMMs in TF32 unless told not to; torch (the reference) does not."""
+    from hyperlane_lab.engines.ort_engine import cuda_provider_options
+
+    assert cuda_provider_options(torch.device("cuda", 1), torch.float32) == {
+        "device_id": "1",
+        "use_tf32": "0",
+    }
+    assert cuda_provider_options(torch.device("cuda"), torch.float16) == {"device_id": "0"}

@@ -28,7 +28,7 @@ from hyperlane_lab.models.loading import parse_dtype
 from hyperlane_lab.models.sessions import StageSessions
 from hyperlane_lab.types import LayerSpan
 
-__all__ = ["OrtStage", "load_ort_stage", "ort_available_providers"]
+__all__ = ["OrtStage", "cuda_provider_options", "load_ort_stage", "ort_available_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,16 @@ def _import_ort() -> Any:
 
 
 _PRELOADED = False
+
+
+def cuda_provider_options(dev: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """CUDA execution provider options for a stage. fp32 stages turn TF32 off (``use_tf32``): ORT
+    enables TF32 for fp32 GEMMs by default, which rounds their inputs to 10 mantissa bits, while the
+    torch engine (and the CPU reference) multiply in full fp32, so fp32 shards would drift from them."""
+    opts = {"device_id": str(dev.index or 0)}
+    if dtype == torch.float32:
+        opts["use_tf32"] = "0"
+    return opts
 
 
 def ort_available_providers() -> list[str]:
@@ -112,7 +122,10 @@ class OrtStage(StageSessions):
                 )
                 dev = torch.device("cpu")
             if dev.type == "cuda":
-                providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+                providers = [
+                    ("CUDAExecutionProvider", cuda_provider_options(dev, self.dtype)),
+                    "CPUExecutionProvider",
+                ]
             elif dev.type == "cpu":
                 providers = ["CPUExecutionProvider"]
             else:
