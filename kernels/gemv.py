@@ -55,51 +55,16 @@ CONFIGS = (
 def _gemv_kernel(
     x_ptr,  # [M, K] (row stride stride_xm, unit column stride)
     w_ptr,  # [N, K] contiguous
-    b_ptr,  # [N] or a dummy when not HAS_BIAS
-    y_ptr,  # [M, N] contiguous
-    N,
-    K,
-    stride_xm,
-    HAS_BIAS: tl.constexpr,
-    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-    x_ptrs = x_ptr + m * stride_xm + rk
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN:
-            w = tl.load(w_ptrs)
-            xv = tl.load(x_ptrs)
-        else:
-            kmask = (k0 + rk) < K
-            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
-            xv = tl.load(x_ptrs, mask=kmask, other=0.0)
-        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-
-
-@triton.jit
-def _gemv_splitk_kernel(
-    x_ptr,  # [M, K]
-    w_ptr,  # [N, K] contiguous
-    part_ptr,  # [SPLIT, M, N] fp32 partial sums
+    b_ptr,  # [N] or a dummy when not HAS_BIAS (used only when not PARTIAL)
+    y_ptr,  # PARTIAL: [SPLIT, M, N] fp32 partial sums; else [M, N] in the output dtype
     M,
     N,
     K,
-    K_PER,  # K range of one split (a multiple of BLOCK_K)
+    K_PER,  # K range of one split (a multiple of BLOCK_K); >= K without split-K
     stride_xm,
-    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % K_PER == 0
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,  # split-K: store fp32 partials, ``_splitk_sum_kernel`` finishes
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % K_PER == 0: no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -111,7 +76,7 @@ def _gemv_splitk_kernel(
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + k_lo + rk[None, :]
     x_ptrs = x_ptr + m * stride_xm + k_lo + rk
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
     for k0 in range(0, K_PER, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs)
@@ -123,7 +88,13 @@ def _gemv_splitk_kernel(
         acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    tl.store(part_ptr + (split * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+    y = tl.sum(acc, axis=1)
+    if PARTIAL:
+        tl.store(y_ptr + (split * M + m) * N + rn, y, mask=rn < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -163,25 +134,18 @@ def gemv(
     c = config
     k_per = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
     splits = triton.cdiv(k, k_per)
-    if splits > 1:
-        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        even = n % c.block_n == 0 and k % k_per == 0
-        _gemv_splitk_kernel[(triton.cdiv(n, c.block_n), splits, m)](
-            x2, w, part, m, n, k, k_per, x2.stride(0),
-            EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
-        )  # fmt: skip
-        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
-            part, bias if bias is not None else w, y, n, m * n,
-            SPLIT=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4,
-        )  # fmt: skip
-        return y.reshape(*x.shape[:-1], n)
-    even = n % c.block_n == 0 and k % c.block_k == 0
-    grid = (triton.cdiv(n, c.block_n), m)
-    _gemv_kernel[grid](
-        x2, w, bias if bias is not None else w, y, n, k, x2.stride(0),
-        HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+    partial = splits > 1
+    out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if partial else y
+    b = bias if bias is not None else w
+    _gemv_kernel[(triton.cdiv(n, c.block_n), splits, m)](
+        x2, w, b, out, m, n, k, k_per, x2.stride(0),
+        HAS_BIAS=bias is not None, PARTIAL=partial, EVEN=n % c.block_n == 0 and k % k_per == 0,
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
+    if partial:
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
+            out, b, y, n, m * n, SPLIT=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4
+        )
     return y.reshape(*x.shape[:-1], n)
 
 

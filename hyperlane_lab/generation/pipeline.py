@@ -53,9 +53,7 @@ class _LocalSession:
     def can_run_ahead(self) -> bool:
         """Greedy decoding with torch stages on CUDA: the next token can stay on the device."""
         return self.sampler.params.greedy and all(
-            hasattr(st, "graph_decoder")
-            and getattr(st, "device", None) is not None
-            and st.device.type == "cuda"
+            hasattr(st, "graph_decoder") and getattr(getattr(st, "device", None), "type", "") == "cuda"
             for st in self.stages
         )
 

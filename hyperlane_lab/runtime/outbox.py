@@ -85,19 +85,25 @@ class WorkerOutbox:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def _send(self, reply_to: str, header: FrameHeader, parts: list[Any], sid: str, step: int) -> None:
-        """Write a step's frame to the next stage (or, with ``reply_to``, to that client). Blocks
-        until the kernel has taken it: call from the compute or completion thread, never the loop."""
+    def _send(self, reply_to: str, header: FrameHeader, parts: list[Any], sid: str, step: int) -> str:
+        """Write a step's frame to the next stage (or, with ``reply_to``, to that address). Blocks
+        until the kernel has taken it: call from the compute or completion thread, never the loop.
+        Returns "" when sent, else why not (already logged)."""
         conn = self.out.extra.get(reply_to) if reply_to else self.out.conn
         t0 = time.perf_counter()
         try:
             if conn is None:
-                raise ConnectionError("this stage is not connected to a next stage (call Connect)")
+                raise ConnectionError(
+                    f"no data connection to {reply_to}"
+                    if reply_to
+                    else "this stage is not connected to a next stage (call Connect)"
+                )
             n = conn.send(header, *parts)
         except ConnectionError as e:
             log.error("stage %d: cannot send step %d of %s: %s", self.stage_index, step, sid, e)
-            return
+            return str(e)
         self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
+        return ""
 
     def ring_next(self, sess: _Session, sid: str, step: int, ids: torch.Tensor, pos_bytes: bytes) -> None:
         """Server-side token loop: feed step ``step``'s sampled ``ids`` [B] to the first stage as
@@ -124,16 +130,9 @@ class WorkerOutbox:
             header = FrameHeader(
                 FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch
             )
-            conn = self.out.extra.get(address)
-            t0 = time.perf_counter()
-            try:
-                if conn is None:
-                    raise ConnectionError("no connection")
-                n = conn.send(header, nxt.tobytes(), ids_np.astype(np.int64).tobytes())
-            except ConnectionError as e:
-                fail = f"the token loop cannot reach the first stage at {address}: {e}"
-            else:
-                self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
+            err = self._send(address, header, [nxt.tobytes(), ids_np.astype(np.int64).tobytes()], sid, step)
+            if err:
+                fail = f"the token loop cannot reach the first stage at {address}: {err}"
         if fail:  # the client waits for the next step: an error frame instead, never silence
             log.error("stage %d: session %s step %d: %s", self.stage_index, sid[:8], step, fail)
             self._call_soon(self._forward_error, sid, step + 1, f"stage {self.stage_index}: {fail}")

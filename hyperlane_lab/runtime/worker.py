@@ -328,7 +328,7 @@ class Worker(WorkerOutbox):
             and gpu is not None
             and ready is not None
             and self._submitted == self._finished  # the compute thread is idle: nothing to overtake
-            and gpu.device == getattr(eng, "device", None)
+            and gpu.device == eng.device
             and ready(h.session)
         ):
             self.fast_steps += 1
