@@ -210,8 +210,28 @@ def prefill_profile(stage: TorchStage, length: int) -> dict[str, Any]:
     }
 
 
+def _graph_matmul_us(gk: Any, mats: list[torch.Tensor]) -> float:
+    """µs per ``x @ W`` (W [K, N]) replayed from a CUDA graph, rotating over ``mats``."""
+    x = torch.randn(1, 1, mats[0].shape[0], dtype=mats[0].dtype, device=mats[0].device)
+    it = iter(range(1 << 62))
+    return float(gk.graph_time_us(lambda: torch.matmul(x, mats[next(it) % len(mats)]), 4 * len(mats)))
+
+
+def _configure(gd: Any, comp: bool, triton_gemv: bool, fused: bool, layer: bool) -> None:
+    """Set a GraphDecoder to one bench variant (``None`` = decide on the card, as by default)."""
+    gd._lin = None if triton_gemv else torch.nn.functional.linear  # None: choose per shape
+    gd._attn = None if fused else False
+    gd.configure(comp)
+    gd.triton_layer_enabled = layer
+
+
 def gemv_bandwidth(spec: ModelSpec, bw: float) -> dict[str, Any]:
-    """cuBLAS bandwidth of each decode linear (x [1,1,K] @ W[N,K]^T), rotating weight copies."""
+    """Bandwidth of each decode linear (x [1,1,K] @ W[N,K]^T), rotating weight copies, timed from a
+    CUDA graph as the decode step runs them: cuBLAS, the weight stored transposed (another cuBLAS
+    kernel), and every Triton GEMV candidate (``kernels/gemv.py``; best one reported)."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+
+    gk = kernel_module("gemv")
     h, d, f = spec.hidden_size, spec.head_dim, spec.intermediate_size
     shapes = {
         "wqkv": ((spec.n_heads + 2 * spec.n_kv_heads) * d, h),
@@ -220,37 +240,26 @@ def gemv_bandwidth(spec: ModelSpec, bw: float) -> dict[str, Any]:
         "w_down": (h, f),
         "lm_head": (spec.vocab_size, h),
     }
-    out = {}
+    out: dict[str, Any] = {}
     for name, (n, k) in shapes.items():
         copies = max(2, -(-(512 << 20) // (n * k * 2)))  # > 10x the L2
         ws = [torch.empty(n, k, dtype=torch.float16, device="cuda").normal_(0, 0.02) for _ in range(copies)]
-        x = torch.randn(1, 1, k, dtype=torch.float16, device="cuda")
-        reps = 4 * copies
-
-        def timed(
-            fn: Any, mats: list[torch.Tensor], x: torch.Tensor = x, reps: int = reps, copies: int = copies
-        ) -> float:
-            for w in mats:
-                fn(x, w)
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for i in range(reps):
-                fn(x, mats[i % copies])
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b) / 1e3 / reps
-
-        t = timed(torch.nn.functional.linear, ws)
+        cfg, times = gk.choose_config(ws, timer="graph")
+        t = times["cublas"] / 1e6
         out[name] = {
             "shape": [n, k],
             "us": t * 1e6,
             "bytes_per_s": n * k * 2 / t,
             "of_copy_bw": n * k * 2 / t / bw,
+            "triton_us": times,
+            "triton_choice": None if cfg is None else gk._name(cfg),
         }
+        tri = min(v for key, v in times.items() if key != "cublas") / 1e6
+        out[name]["triton_best_of_copy_bw"] = n * k * 2 / tri / bw
         # the same product with the weight stored transposed ([K, N], x @ W^T): another cuBLAS kernel
         wts = [w.t().contiguous() for w in ws]
         del ws
-        tt = timed(torch.matmul, wts)
+        tt = _graph_matmul_us(gk, wts) / 1e6
         out[name]["transposed_us"] = tt * 1e6
         out[name]["transposed_of_copy_bw"] = n * k * 2 / tt / bw
         del wts
@@ -312,15 +321,20 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     pipe = InProcessPipeline([stage], None, spec)
     prompt = prompt_ids(32, spec.vocab_size)
     n = args.decode_tokens
-    # (CUDA graphs, torch.compile, run-ahead loop, Triton GEMV where it wins); "_sync" = the loop
-    # reads each token before enqueueing the next step (the run-ahead loop is generate()'s default
-    # for greedy on CUDA); "_cublas" = every product on cuBLAS
+    # (CUDA graphs, torch.compile, run-ahead loop, Triton GEMV where it wins, one-kernel
+    # attention, all-Triton batch-1 layer where the timings favour it); "_sync" = the loop reads
+    # each token before enqueueing the next step (the run-ahead loop is generate()'s default for
+    # greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the opt-in five-launch
+    # Triton layer (HYPERLANE_TRITON_LAYER=1); "_unfused" = the plain attention ops (RoPE, cache
+    # writes, scores, softmax: ~9 kernels a layer)
     known = {
-        "eager": (False, False, True, False),
-        "graph": (True, False, True, True),
-        "graph_compile": (True, True, True, True),
-        "graph_compile_sync": (True, True, False, True),
-        "graph_compile_cublas": (True, True, True, False),
+        "eager": (False, False, True, False, False, False),
+        "graph": (True, False, True, True, True, False),
+        "graph_compile": (True, True, True, True, True, False),
+        "graph_compile_sync": (True, True, False, True, True, False),
+        "graph_compile_cublas": (True, True, True, False, True, False),
+        "graph_compile_layer": (True, True, True, True, True, True),
+        "graph_compile_unfused": (True, True, True, True, False, False),
     }
     names = args.variants.split(",") if CUDA else ["eager"]
     variants = {k: known[k] for k in names}
@@ -328,12 +342,11 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     from hyperlane_lab.generation import pipeline as pl
 
     run_ahead = pl._LocalSession.can_run_ahead
-    for name, (graphs, comp, ahead, triton_gemv) in variants.items():
+    for name, flags in variants.items():
+        graphs, _, ahead = flags[:3]
         stage.cuda_graphs = graphs
         if graphs:
-            gd = stage.graph_decoder()
-            gd._lin = None if triton_gemv else torch.nn.functional.linear  # None: choose per shape
-            gd.configure(comp)
+            _configure(stage.graph_decoder(), *flags[1:2], *flags[3:])
         pl._LocalSession.can_run_ahead = run_ahead if ahead else (lambda self: False)  # type: ignore[method-assign]
         try:
             t1 = time.perf_counter()
@@ -344,8 +357,10 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
                 d["profile"] = kernel_profile(stage)
             if graphs and stage.graph_decoder()._broken:
                 d["note"] = "graph capture failed; ran eagerly"
-            if graphs and triton_gemv:
+            if graphs and flags[3]:
                 d["gemv_choice"] = stage.graph_decoder().gemv_choice
+            if graphs:
+                d["fallbacks"] = list(stage.graph_decoder().fallbacks)
         except Exception as e:  # keep the other variants
             d = {"error": f"{type(e).__name__}: {e}"}
         out["decode"][name] = d
@@ -357,12 +372,10 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     ok = {k: v for k, v in out["decode"].items() if "tok_s" in v}
     best = max(ok, key=lambda k: ok[k]["tok_s"])
     out["best_decode"] = best
-    graphs, comp, _, triton_gemv = variants[best]
-    stage.cuda_graphs = graphs
-    if graphs:
-        gd = stage.graph_decoder()
-        gd._lin = None if triton_gemv else torch.nn.functional.linear
-        gd.configure(comp)
+    flags = variants[best]
+    stage.cuda_graphs = flags[0]
+    if flags[0]:
+        _configure(stage.graph_decoder(), *flags[1:2], *flags[3:])
     out["prefill"] = {str(s): gen_prefill(pipe, s, spec.vocab_size, args.reps) for s in args.prefill}
     if CUDA:
         for s in args.prefill:

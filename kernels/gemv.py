@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "GemvConfig", "choose_config", "gemv"]
+__all__ = ["CONFIGS", "GemvConfig", "candidates", "choose_config", "gemv", "graph_time_us"]
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +48,31 @@ CONFIGS = (
     GemvConfig(32, 256, 8, 3, split_k=4),
     GemvConfig(16, 512, 4, 3, split_k=2),
     GemvConfig(8, 256, 4, 4, split_k=8),
+    GemvConfig(8, 512, 4, 3, split_k=2),
+    GemvConfig(16, 256, 4, 4, split_k=2),
 )
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # [M, K] (row stride stride_xm, unit column stride)
+    x_ptr,  # [M, K] (GATED: [M, 2K], gate then up) (row stride stride_xm, unit column stride)
     w_ptr,  # [N, K] contiguous
     b_ptr,  # [N] or a dummy when not HAS_BIAS (used only when not PARTIAL)
     y_ptr,  # PARTIAL: [SPLIT, M, N] fp32 partial sums; else [M, N] in the output dtype
+    g_ptr,  # NORM: the RMSNorm weight [K]; else a dummy
+    r_ptr,  # RESID: the residual [M, N] added to the product; else a dummy
     M,
     N,
     K,
     K_PER,  # K range of one split (a multiple of BLOCK_K); >= K without split-K
     stride_xm,
+    eps,  # NORM's epsilon
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,  # split-K: store fp32 partials, ``_splitk_sum_kernel`` finishes
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % K_PER == 0: no masks
+    NORM: tl.constexpr,  # x -> x * rsqrt(mean(x^2) + eps) * g (never with PARTIAL)
+    GATED: tl.constexpr,  # x -> silu(gate) * up
+    RESID: tl.constexpr,  # y -> y + residual (not PARTIAL: the sum kernel adds it)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -76,30 +84,56 @@ def _gemv_kernel(
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + k_lo + rk[None, :]
     x_ptrs = x_ptr + m * stride_xm + k_lo + rk
+    g_ptrs = g_ptr + k_lo + rk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: sum of squares of x
     for k0 in range(0, K_PER, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs)
-            xv = tl.load(x_ptrs)
+            xv = tl.load(x_ptrs).to(tl.float32)
+            if GATED:
+                xv = xv * tl.sigmoid(xv) * tl.load(x_ptrs + K).to(tl.float32)
+            if NORM:
+                ss += xv * xv
+                xv = xv * tl.load(g_ptrs).to(tl.float32)
         else:
             kmask = (k_lo + k0 + rk) < K
             w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
-            xv = tl.load(x_ptrs, mask=kmask, other=0.0)
-        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            xv = tl.load(x_ptrs, mask=kmask, other=0.0).to(tl.float32)
+            if GATED:
+                xv = xv * tl.sigmoid(xv) * tl.load(x_ptrs + K, mask=kmask, other=0.0).to(tl.float32)
+            if NORM:
+                ss += xv * xv
+                xv = xv * tl.load(g_ptrs, mask=kmask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xv[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if PARTIAL:
         tl.store(y_ptr + (split * M + m) * N + rn, y, mask=rn < N)
     else:
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        if RESID:
+            y += tl.load(r_ptr + m * N + rn, mask=rn < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
 def _splitk_sum_kernel(
-    part_ptr, b_ptr, y_ptr, N, MN, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+    part_ptr,
+    b_ptr,
+    r_ptr,
+    y_ptr,
+    N,
+    MN,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RESID: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < MN
@@ -108,48 +142,83 @@ def _splitk_sum_kernel(
         acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    if RESID:
+        acc += tl.load(r_ptr + i, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig = CONFIGS[0]
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig = CONFIGS[0],
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for ``x [..., K]`` (any leading shape; meant for one row) with this
-    kernel; returns ``[..., N]`` in ``x``'s dtype. Raises ValueError on mismatched inputs."""
+    kernel; returns ``[..., N]`` in ``x``'s dtype. Raises ValueError on mismatched inputs.
+
+    Fused extras, each saving a decode step one small kernel per use (math in fp32, rounded once):
+    ``norm_weight`` [K]: the input is RMS-normalised first (``rms_norm(x, norm_weight, eps)``; not
+    with split-K, whose programs see only part of the row); ``gated``: ``x`` is ``[..., 2K]`` and
+    the input is ``silu(x[..., :K]) * x[..., K:]`` (SwiGLU); ``residual`` [..., N]: added to the
+    result."""
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"gemv needs a contiguous 2-D weight [N, K], got {tuple(w.shape)}")
     n, k = w.shape
-    if x.shape[-1] != k or x.dtype != w.dtype or x.device != w.device:
+    kx = 2 * k if gated else k
+    if x.shape[-1] != kx or x.dtype != w.dtype or x.device != w.device:
         raise ValueError(
             f"gemv: x {tuple(x.shape)} {x.dtype} on {x.device} does not fit weight {tuple(w.shape)} "
-            f"{w.dtype} on {w.device}"
+            f"{w.dtype} on {w.device}" + (" (gated: x holds gate and up, 2K wide)" if gated else "")
         )
     if bias is not None and (bias.shape != (n,) or bias.dtype != w.dtype or not bias.is_contiguous()):
         raise ValueError(f"gemv: bias must be a contiguous [{n}] {w.dtype} tensor, got {tuple(bias.shape)}")
-    x2 = x.reshape(-1, k)
+    c = config
+    if norm_weight is not None:
+        if norm_weight.shape != (k,) or norm_weight.device != w.device or not norm_weight.is_contiguous():
+            raise ValueError(
+                f"gemv: norm_weight must be a contiguous [{k}] tensor, got {tuple(norm_weight.shape)}"
+            )
+        if c.split_k > 1:
+            raise ValueError("gemv: norm_weight needs the whole row per program; use a config with split_k=1")
+    x2 = x.reshape(-1, kx)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if residual is not None and (
+        residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype or residual.device != x.device
+    ):
+        raise ValueError(
+            f"gemv: residual must be {(*x.shape[:-1], n)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+        )
+    r = residual.reshape(m, n).contiguous() if residual is not None else w
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    c = config
     k_per = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
     splits = triton.cdiv(k, k_per)
     partial = splits > 1
     out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if partial else y
     b = bias if bias is not None else w
     _gemv_kernel[(triton.cdiv(n, c.block_n), splits, m)](
-        x2, w, b, out, m, n, k, k_per, x2.stride(0),
-        HAS_BIAS=bias is not None, PARTIAL=partial, EVEN=n % c.block_n == 0 and k % k_per == 0,
+        x2, w, b, out, norm_weight if norm_weight is not None else w, r, m, n, k, k_per, x2.stride(0),
+        float(eps), HAS_BIAS=bias is not None, PARTIAL=partial,
+        EVEN=n % c.block_n == 0 and k % k_per == 0, NORM=norm_weight is not None, GATED=gated,
+        RESID=residual is not None and not partial,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     if partial:
         _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
-            out, b, y, n, m * n, SPLIT=splits, HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4
-        )
+            out, b, r, y, n, m * n, SPLIT=splits, HAS_BIAS=bias is not None, RESID=residual is not None,
+            BLOCK=1024, num_warps=4,
+        )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
 
 def _time_us(fn: object, reps: int) -> float:
+    """µs per call of ``fn`` launched back to back from Python (charges each launch its host cost)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -159,15 +228,45 @@ def _time_us(fn: object, reps: int) -> float:
     return start.elapsed_time(end) * 1e3 / reps
 
 
+def graph_time_us(fn: object, reps: int, replays: int = 3) -> float:
+    """µs per call of ``fn`` replayed from a CUDA graph of ``reps`` calls: how a decode step's
+    captured graph runs it (no host launch cost; the kernels run back to back)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()  # type: ignore[operator]
+    graph.replay()  # first replay uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph
+    return start.elapsed_time(end) * 1e3 / (reps * replays)
+
+
+def candidates(n: int) -> tuple[GemvConfig, ...]:
+    """The ``CONFIGS`` worth timing for ``n`` output rows: split-K only where the plain kernel has
+    few programs (short outputs; wide ones already fill the card)."""
+    return tuple(c for c in CONFIGS if c.split_k == 1 or n < 8192)
+
+
 def choose_config(
-    weights: Sequence[torch.Tensor], margin: float = 0.97
+    weights: Sequence[torch.Tensor], margin: float = 0.97, timer: str = "graph"
 ) -> tuple[GemvConfig | None, dict[str, float]]:
-    """Time cuBLAS (``F.linear``) and every ``CONFIGS`` entry on one-row products with ``weights``
+    """Time cuBLAS (``F.linear``) and the ``candidates`` on one-row products with ``weights``
     (same shape: e.g. one projection of every layer of a stage, so that, as in a decode step, each
-    call reads its weight from memory rather than L2; no extra memory is taken). Returns the
-    fastest config if it beats cuBLAS by more than ``1 - margin`` (else None: keep cuBLAS) and the
-    timings in µs. Calls are timed back to back from Python, which charges each Triton launch its
-    host cost (tens of µs on slow hosts): a conservative choice for small shapes."""
+    call reads its weight from memory rather than L2; no extra memory is taken beyond outputs).
+    Returns the fastest config if it beats cuBLAS by more than ``1 - margin`` (else None: keep
+    cuBLAS) and the timings in µs.
+
+    ``timer="graph"`` (default) times the calls replayed from a CUDA graph, as the decode step runs
+    them; ``"eager"`` launches them from Python, which charges each Triton launch its host cost
+    (tens of µs on slow hosts, more than the kernel itself for a 4096 x 4096 weight). A graph
+    capture that fails falls back to eager timing for that call."""
+    if timer not in ("graph", "eager"):
+        raise ValueError(f"choose_config: timer must be 'graph' or 'eager', got {timer!r}")
     n, k = weights[0].shape
     x = torch.randn(1, k, dtype=weights[0].dtype, device=weights[0].device)
     copies = len(weights)
@@ -177,15 +276,22 @@ def choose_config(
         return lambda: f(x, weights[next(it) % copies])  # type: ignore[operator]
 
     reps = max(16, 4 * copies)
-    cublas = rotate(torch.nn.functional.linear)
-    cublas()  # type: ignore[operator]
-    times = {"cublas": _time_us(cublas, reps)}
+
+    def timed(fn: object) -> float:
+        fn()  # type: ignore[operator]  # compile / lazy init outside any capture
+        torch.cuda.synchronize()
+        if timer == "graph":
+            try:
+                return graph_time_us(fn, reps)
+            except Exception as e:  # capture refused (e.g. a stream already capturing): eager
+                log.debug("gemv graph timing failed on %dx%d (%s); timing eagerly", n, k, e)
+        return _time_us(fn, reps)
+
+    times = {"cublas": timed(rotate(torch.nn.functional.linear))}
     best: GemvConfig | None = None
-    for c in CONFIGS:
+    for c in candidates(n):
         try:
-            fn = rotate(lambda a, b, c=c: gemv(a, b, None, c))
-            fn()  # type: ignore[operator]  # compile
-            times[_name(c)] = t = _time_us(fn, reps)
+            times[_name(c)] = t = timed(rotate(lambda a, b, c=c: gemv(a, b, None, c)))
         except Exception as e:  # a config a card cannot run (registers, shared memory)
             log.debug("gemv config %s failed on %dx%d: %s", c, n, k, e)
             continue

@@ -167,10 +167,16 @@ gpu = pytest.mark.gpu
 
 
 @gpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_attention", "plain_attention"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_graph_decode_matches_eager_and_float64(dtype):
+def test_graph_decode_matches_eager_and_float64(dtype, fused):
+    """Captured decode (with the one-kernel attention of decode_fused.py, or the plain ops) vs the
+    eager static step and float64: GQA, a qkv bias, sliding windows (positions past the window),
+    and a padded row."""
     fast = _stages(SPEC, [1], dtype, "cuda")
     slow = _stages(SPEC, [1], dtype, "cuda")
+    for st in fast:
+        st.graph_decoder()._attn = None if fused else False  # None: the kernel where it applies
     ref = _decode(_cpu64(fast), [6, 4], steps=10, static=False)
     for st in slow:
         st.cuda_graphs = False
@@ -184,6 +190,8 @@ def test_graph_decode_matches_eager_and_float64(dtype):
         assert _rel(a[rows], b[rows]) < tol, f"step {i} vs eager"
     assert all(st.graph_decoder().captures == 1 for st in fast)
     assert all(st.graph_decoder().replays == 10 for st in fast)
+    assert all((st.graph_decoder().attention_kernel() is not None) == fused for st in fast)
+    assert all(st.graph_decoder().fallbacks == [] for st in fast)
 
 
 @gpu
@@ -314,13 +322,14 @@ def test_run_ahead_decode_on_gpu_equals_the_plain_loop(monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("batch_lens", [[6], [6, 4]])
-def test_graph_decode_with_triton_gemv_matches_float64(batch_lens):
+def test_graph_decode_with_triton_gemv_matches_float64(batch_lens, split_k):
     """The Triton GEMV forced for every product (compiled layers, captured graphs; batch 1 uses
-    it, batch 2 falls back to cuBLAS) decodes like float64 and like the cuBLAS graphs."""
+    it, batch 2 falls back to cuBLAS), plain or split-K, decodes like float64."""
     from hyperlane_lab.codecs._kernels import kernel_module
 
-    CONFIGS = kernel_module("gemv").CONFIGS
+    CONFIGS = [c for c in kernel_module("gemv").CONFIGS if c.split_k == split_k]
     from hyperlane_lab.models.cuda_decode import make_linear
 
     fast = _stages(SPEC, [1], torch.float16, "cuda")
@@ -329,7 +338,7 @@ def test_graph_decode_with_triton_gemv_matches_float64(batch_lens):
         mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
         mats += [w.lm_head] if w.lm_head is not None else []
         gd = st.graph_decoder()
-        gd._lin = make_linear({(t.shape[0], t.shape[1]): CONFIGS[1] for t in mats})
+        gd._lin = make_linear({(t.shape[0], t.shape[1]): CONFIGS[0] for t in mats})
         gd.configure(True)
     ref = _decode(_cpu64(fast), batch_lens, steps=8, static=False)
     got = _decode(fast, batch_lens, steps=8, static=True)
@@ -339,3 +348,64 @@ def test_graph_decode_with_triton_gemv_matches_float64(batch_lens):
     for st in fast:
         gd = st.graph_decoder()
         assert gd.captures == 1 and not gd._broken and "error" not in gd.gemv_choice
+        assert gd.fallbacks == []
+
+
+def test_gemv_candidates_and_timer_checked():
+    """Split-K candidates only for short outputs; an unknown timer is refused before any GPU work."""
+    gk = pytest.importorskip("hyperlane_lab.codecs._kernels").kernel_module("gemv")
+    assert {c.split_k for c in gk.candidates(4096)} > {1}
+    assert {c.split_k for c in gk.candidates(32000)} == {1}
+    with pytest.raises(ValueError, match="timer must be 'graph' or 'eager'"):
+        gk.choose_config([torch.zeros(8, 8)], timer="wall")
+
+
+@gpu
+@pytest.mark.parametrize("timer", ["graph", "eager"])
+def test_gemv_choice_times_every_candidate_and_picks_a_correct_one(timer):
+    """choose_config times cuBLAS and every candidate (from a CUDA graph by default); the choice,
+    if any, is among the candidates, faster than cuBLAS, and computes the product."""
+    gk = pytest.importorskip("hyperlane_lab.codecs._kernels").kernel_module("gemv")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(4096, 4096, device="cuda", dtype=torch.float16, generator=g) * 0.02 for _ in range(4)]
+    cfg, times = gk.choose_config(ws, timer=timer)
+    assert set(times) == {"cublas", *(gk._name(c) for c in gk.candidates(4096))}
+    assert all(0 < t < 1e4 for t in times.values())
+    if cfg is not None:
+        assert cfg in gk.candidates(4096) and times[gk._name(cfg)] < times["cublas"]
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=g)
+        ref = x.double() @ ws[0].double().T
+        assert _rel(gk.gemv(x, ws[0], None, cfg).double(), ref) < 2e-3
+
+
+@gpu
+def test_graph_decode_with_the_all_triton_layer_matches_float64():
+    """Batch-1 caches captured with the five-launch Triton layer (decode_fused.make_triton_layer;
+    plain configs for the normed products, split-K for wo/down) decode like float64; a batch-2
+    session on the same stages keeps the compiled layer."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+    from hyperlane_lab.models.cuda_decode import make_linear
+    from hyperlane_lab.models.decode_fused import make_triton_layer
+
+    gk = kernel_module("gemv")
+    plain = next(c for c in gk.CONFIGS if c.split_k == 1)
+    split = next(c for c in gk.CONFIGS if c.split_k > 1)
+    fast = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in fast:
+        gd = st.graph_decoder()
+        gd._lin = make_linear({})  # F.linear elsewhere; the layer below brings its own products
+        attn = gd.attention_kernel()
+        assert attn is not None
+        cfgs = {"wqkv": plain, "wo": split, "w_gate_up": plain, "w_down": split}
+        gd._tlayer = make_triton_layer(attn, cfgs)
+    ref = _decode(_cpu64(fast), [6], steps=10, static=False)
+    got = _decode(fast, [6], steps=10, static=True)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert _rel(a, r) < 2e-2, f"step {i}"
+    assert all(st.graph_decoder().fallbacks == [] for st in fast)
+    ref2 = _decode(_cpu64(fast), [6, 4], steps=6, static=False)
+    got2 = _decode(fast, [6, 4], steps=6, static=True)
+    for i, (a, r) in enumerate(zip(got2, ref2)):
+        rows = slice(1, None) if i >= 4 else slice(None)
+        assert _rel(a[rows], r[rows]) < 2e-2, f"batch 2 step {i}"
+    assert all(st.graph_decoder().captures == 2 for st in fast)

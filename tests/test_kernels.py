@@ -313,3 +313,265 @@ def test_decode_layer_with_the_triton_linear_matches_cublas() -> None:
         ref_out = decode_layer_static(x, lw, spec, cos, sin, kc.clone(), kc.clone(), slot, mask)
         got = decode_layer_static(x, lw, spec, cos, sin, kc.clone(), kc.clone(), slot, mask, lin=lin)
         assert torch.allclose(got, ref_out, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ decode attention (kernels/decode_attn.py)
+
+# Output tolerance, relative to max |V| (the output is a convex combination of V rows): q and the new k are
+# rounded to the cache dtype once (relative error 2**-11 fp16, 2**-8 bf16 ~ 4e-3), which moves a score of a
+# unit-variance dot product by ~1e-3 (fp16) / ~1e-2 (bf16) and p by that fraction; the output is rounded
+# once more. fp32 only sees fp32 rounding of the sums (~1e-7).
+ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+# The stored roped key: one rounding of an fp32 value to the dtype (half an ulp, with margin), rel. to max |k|.
+ROPE_TOL = {torch.float16: 2**-10, torch.bfloat16: 2**-8, torch.float32: 2**-21}
+
+
+def _attn_inputs(
+    dtype: torch.dtype, b: int, hq: int, hkv: int, d: int, n_slots: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    """qkv [B, 1, (Hq + 2 Hkv) D], caches [B, Hkv, n_slots, D] in ``dtype`` (CPU), RoPE tables of exactly
+    L = n_slots - 1 rows (the smallest the launcher takes), fp32, half-rotation layout."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    kc = torch.randn(b, hkv, n_slots, d, generator=g).to(dtype)
+    vc = torch.randn(b, hkv, n_slots, d, generator=g).to(dtype)
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(n_slots - 1, dtype=torch.float64)[:, None] * inv
+    emb = torch.cat((ang, ang), dim=-1)
+    return qkv, kc, vc, emb.cos().float(), emb.sin().float()
+
+
+def _check_decode_attn(
+    dtype: torch.dtype, hq: int, hkv: int, d: int, positions: list[int], n_slots: int,
+    window: int | None, splits: tuple[int | None, ...], block_l: int | None = None, seed: int = 0,
+) -> None:  # fmt: skip
+    """Output and both caches of ``decode_attention`` (for each split) against the float64 reference."""
+    mod = kernel_module("decode_attn")
+    qkv, kc, vc, cos_t, sin_t = _attn_inputs(dtype, len(positions), hq, hkv, d, n_slots, seed)
+    pos = torch.tensor(positions, dtype=torch.int64)[:, None]
+    k64, v64 = kc.double(), vc.double()
+    want = mod.decode_attention_ref(qkv.double(), pos, cos_t, sin_t, k64, v64, hq, hkv, window)
+    real = pos[:, 0] >= 0
+    slot = torch.where(real, pos[:, 0], n_slots - 1)
+    written = torch.zeros(kc.shape, dtype=torch.bool)
+    written[torch.arange(len(positions)), :, slot] = True
+    vmax = max(vc.abs().max().item(), qkv.abs().max().item())
+    outs = []
+    for split in splits:
+        kd, vd = kc.to(DEVICE), vc.to(DEVICE)
+        args = (qkv.to(DEVICE), pos.to(DEVICE), cos_t.to(DEVICE), sin_t.to(DEVICE), kd, vd)
+        got = mod.decode_attention(*args, hq, hkv, window, split, block_l=block_l).cpu()
+        kd, vd = kd.cpu(), vd.cpu()
+        assert got.shape == (len(positions), 1, hq * d) and got.dtype == dtype
+        assert torch.isfinite(got).all()  # padding rows included
+        err = (got.double() - want)[real].abs().max().item()
+        assert err <= ATTN_TOL[dtype] * vmax, (split, err)
+        assert torch.equal(kd[~written], kc[~written]) and torch.equal(vd[~written], vc[~written]), split
+        assert torch.equal(vd[written], v64[written].to(dtype)), split  # the new value, copied as is
+        kerr = (kd[written].double() - k64[written]).abs().max().item()
+        assert kerr <= ROPE_TOL[dtype] * k64[written].abs().max().item(), (split, kerr)
+        outs.append(got[real].double())
+    for o in outs[1:]:  # every split count: same result within the dtype's rounding
+        assert (o - outs[0]).abs().max().item() <= ATTN_TOL[dtype] * vmax
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d"), [(2, 2, 16), (4, 2, 24), (8, 2, 16)], ids=["mha", "g2_d24", "g4"]
+)
+def test_decode_attn_matches_float64(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    """Rows at position 0, mid-cache, the last valid position L - 1 and a padding row; one program per
+    (row, KV head) and a 3-way split (flash-decoding), with several partial key blocks per program."""
+    _check_decode_attn(dtype, hq, hkv, d, [0, 9, 23, -1], 25, None, (1, 3), block_l=8, seed=hq * d)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "window", "splits"),
+    [
+        (torch.float32, 1, (1, 2)),
+        (torch.float16, 4, (1, 3)),
+        (torch.bfloat16, 7, (2,)),
+        (torch.float32, 100, (4,)),
+    ],
+    ids=["w1", "w4", "w7", "w100"],
+)
+def test_decode_attn_sliding_window(dtype: torch.dtype, window: int, splits: tuple[int, ...]) -> None:
+    """Positions below and above the window (window 1: the new key alone; 100: wider than the cache)."""
+    _check_decode_attn(dtype, 4, 1, 16, [0, 3, 12, 19, -1], 21, window, splits, block_l=4, seed=window)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "hq", "hkv", "d"),
+    [(torch.float16, 8, 1, 128), (torch.bfloat16, 2, 1, 64)],
+    ids=["g8_d128", "g2_d64"],
+)
+def test_decode_attn_long_cache_default_split(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    """A 1100-slot cache: the launcher's own split (5) and key block."""
+    mod = kernel_module("decode_attn")
+    assert [mod.choose_split(n) for n in (2, 257, 258, 1100, 1 << 20)] == [1, 1, 2, 5, mod.MAX_SPLIT]
+    _check_decode_attn(dtype, hq, hkv, d, [1098, 517, -1], 1100, None, (None,), seed=d)
+
+
+def test_decode_attn_consecutive_steps() -> None:
+    """Two steps in a row read the key/value the first one stored; on CUDA both run from one captured
+    CUDA graph, replayed with new positions (the launcher reads no device values)."""
+    mod = kernel_module("decode_attn")
+    hq, hkv, d, n_slots, dtype = 4, 2, 16, 40, torch.float16
+    qkv, kc, vc, cos_t, sin_t = _attn_inputs(dtype, 2, hq, hkv, d, n_slots, seed=11)
+    qkv2 = _attn_inputs(dtype, 2, hq, hkv, d, n_slots, seed=12)[0]
+    k64, v64 = kc.double(), vc.double()
+    steps = [torch.tensor([[5], [30]]), torch.tensor([[6], [31]])]
+    want = [
+        mod.decode_attention_ref(x.double(), p, cos_t, sin_t, k64, v64, hq, hkv)
+        for x, p in zip((qkv, qkv2), steps)
+    ]
+    x_d, p_d = qkv.to(DEVICE), steps[0].to(DEVICE)
+    kd, vd, cos_d, sin_d = kc.to(DEVICE), vc.to(DEVICE), cos_t.to(DEVICE), sin_t.to(DEVICE)
+
+    def step() -> torch.Tensor:
+        return mod.decode_attention(x_d, p_d, cos_d, sin_d, kd, vd, hq, hkv, split=2)
+
+    got = []
+    if DEVICE == "cuda":
+        step()  # compile outside the capture
+        kd.copy_(kc.to(DEVICE))
+        vd.copy_(vc.to(DEVICE))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for x, p in zip((qkv, qkv2), steps):
+            x_d.copy_(x.to(DEVICE))
+            p_d.copy_(p.to(DEVICE))
+            graph.replay()
+            got.append(out.cpu())
+    else:
+        for x, p in zip((qkv, qkv2), steps):
+            x_d.copy_(x)
+            p_d.copy_(p)
+            got.append(step())
+    vmax = max(vc.abs().max().item(), qkv.abs().max().item(), qkv2.abs().max().item())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max().item() <= ATTN_TOL[dtype] * vmax
+    assert torch.equal(vd.cpu(), v64.to(dtype))
+
+
+def test_decode_attn_rejects_bad_inputs() -> None:
+    mod = kernel_module("decode_attn")
+    qkv, kc, vc, cos_t, sin_t = (t.to(DEVICE) for t in _attn_inputs(torch.float16, 2, 4, 2, 16, 9, seed=1))
+    pos = torch.zeros(2, 1, dtype=torch.int64, device=DEVICE)
+
+    def call(*args: object, **kw: object) -> None:
+        full = [qkv, pos, cos_t, sin_t, kc, vc, 4, 2]
+        full[: len(args)] = args
+        mod.decode_attention(*full, **kw)
+
+    with pytest.raises(ValueError, match=r"k_cache has dtype torch\.float32"):
+        call(qkv, pos, cos_t, sin_t, kc.float())
+    with pytest.raises(ValueError, match=r"pos has dtype torch\.int32"):
+        call(qkv, pos.int())
+    with pytest.raises(ValueError, match=r"pos must be \[2, 1\]"):
+        call(qkv, pos[:1])
+    with pytest.raises(ValueError, match="cos_t has dtype"):
+        call(qkv, pos, cos_t.half())
+    with pytest.raises(ValueError, match=r"cos_t/sin_t must be \[>= 8, 16\]"):
+        call(qkv, pos, cos_t[:7], sin_t[:7])
+    with pytest.raises(ValueError, match="does not fit"):
+        call(qkv[..., :-16].contiguous())
+    with pytest.raises(ValueError, match="contiguous"):
+        call(qkv, pos, cos_t, sin_t, kc.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="caches must both be"):
+        call(qkv, pos, cos_t, sin_t, kc, vc[:, :1].contiguous())
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        call(qkv, pos, cos_t, sin_t, kc, vc, 3, 2)
+    with pytest.raises(ValueError, match="window must be"):
+        call(window=-1)
+    with pytest.raises(ValueError, match="split must be"):
+        call(split=0)
+    with pytest.raises(ValueError, match="block_l must be a power of two"):
+        call(block_l=12)
+
+
+# ------------------------------------------------------------------ fused GEMV extras and the all-Triton layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 300), (32, 2048)])
+def test_gemv_fused_norm_gate_residual_match_float64(dtype: torch.dtype, n: int, k: int) -> None:
+    """RMSNorm folded into the product, SwiGLU's silu(gate) * up, and a residual add (split-K
+    configs too, where the sum kernel adds it) against float64 of the unfused math."""
+    gk = kernel_module("gemv")
+    g = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(1, 1, k, generator=g) * 3).to(dtype)
+    gu = torch.randn(1, 1, 2 * k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    res = torch.randn(1, 1, n, generator=g).to(dtype)
+    xd, wd = x.double(), w.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    gate, up = gu.double().chunk(2, dim=-1)
+    want_norm = normed @ wd.T
+    want_gated = (torch.nn.functional.silu(gate) * up) @ wd.T + res.double()
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    xs, gus, ws, nws, rs = (t.to(DEVICE) for t in (x, gu, w, nw, res))
+    for cfg in gk.CONFIGS:
+        got = gk.gemv(gus, ws, None, cfg, gated=True, residual=rs).double().cpu()
+        assert (got - want_gated).abs().max().item() <= tol * (1 + want_gated.abs().max().item()), cfg
+        if cfg.split_k > 1:
+            with pytest.raises(ValueError, match="split_k=1"):
+                gk.gemv(xs, ws, None, cfg, norm_weight=nws, eps=1e-5)
+            continue
+        got = gk.gemv(xs, ws, None, cfg, norm_weight=nws, eps=1e-5).double().cpu()
+        assert (got - want_norm).abs().max().item() <= tol * (1 + want_norm.abs().max().item()), cfg
+
+
+def test_gemv_fused_extras_reject_bad_inputs() -> None:
+    gemv = kernel_module("gemv").gemv
+    w = torch.zeros(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="gated: x holds gate and up"):
+        gemv(torch.zeros(1, 16, device=DEVICE), w, gated=True)
+    with pytest.raises(ValueError, match="norm_weight must be a contiguous"):
+        gemv(torch.zeros(1, 16, device=DEVICE), w, norm_weight=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must be"):
+        gemv(torch.zeros(1, 16, device=DEVICE), w, residual=torch.zeros(1, 7, device=DEVICE))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_triton_decode_layer_matches_the_static_layer(family: str) -> None:
+    """The five-launch batch-1 layer (decode_fused.make_triton_layer: norm+qkv, attention kernel,
+    wo+residual, norm+gate/up, SwiGLU+down+residual; split-K and plain configs) equals the static
+    torch layer in fp32, over several steps with GQA, a qkv bias (qwen2) and a sliding window,
+    caches included."""
+    from hyperlane_lab.models.config import ModelSpec
+    from hyperlane_lab.models.cuda_decode import decode_layer_static
+    from hyperlane_lab.models.decode_fused import make_triton_layer
+    from hyperlane_lab.models.layers import rope_tables
+    from hyperlane_lab.models.stage import TorchStage
+    from hyperlane_lab.types import LayerSpan
+
+    gk = kernel_module("gemv")
+    plain = next(c for c in gk.CONFIGS if c.split_k == 1)
+    split = next(c for c in gk.CONFIGS if c.split_k > 1)
+    spec = ModelSpec(
+        model_type=family, n_layers=1, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=64, max_position=32, qkv_bias=family == "qwen2",
+    )  # fmt: skip
+    st = TorchStage.random(spec, LayerSpan(0, 1), seed=2, dtype=torch.float32, device=DEVICE, std=0.2)
+    lw = st.weights.layers[0]
+    attn = kernel_module("decode_attn").decode_attention
+    layer = make_triton_layer(attn, {"wqkv": plain, "wo": split, "w_gate_up": plain, "w_down": split})
+    L, window = 12, 5
+    cos_t, sin_t = rope_tables(spec, L, DEVICE)
+    kc_a, vc_a = (torch.zeros(1, 2, L + 1, 16, device=DEVICE) for _ in range(2))
+    kc_b, vc_b = kc_a.clone(), vc_a.clone()
+    g = torch.Generator().manual_seed(5)
+    for p in range(8):
+        x = torch.randn(1, 1, 64, generator=g).to(DEVICE)
+        pos = torch.tensor([[p]], device=DEVICE)
+        got = layer(x, lw, spec, pos, cos_t, sin_t, kc_a, vc_a, window)
+        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+        keys = torch.arange(L + 1, device=DEVICE)
+        mask = ((keys <= p) & (keys > p - window))[None, None, None, :]
+        slot = pos[:, None, :, None]
+        want = decode_layer_static(x, lw, spec, cos, sin, kc_b, vc_b, slot, mask)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), p
+        assert torch.allclose(kc_a, kc_b, atol=1e-5) and torch.allclose(vc_a, vc_b, atol=1e-5), p

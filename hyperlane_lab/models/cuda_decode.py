@@ -32,6 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from hyperlane_lab.models.config import ModelSpec
+from hyperlane_lab.models.decode_fused import (
+    fused_attention_kernel,
+    make_fused_layer,
+    make_triton_layer,
+    triton_layer_configs,
+)
 from hyperlane_lab.models.decode_linear import LinearFn, choose_linears, make_linear
 from hyperlane_lab.models.layers import LayerWeights, _apply_rope, decoder_layer, rms_norm
 
@@ -116,9 +122,20 @@ def static_decode_step(
     layer_fn: LayerFn = decode_layer_static,
     dynamic_len: bool = False,  # mark the masks' key dim dynamic for torch.compile
     lin: LinearFn = F.linear,  # the LM head's product (the layers' are bound into layer_fn)
+    fused: bool = False,  # layer_fn is a ``decode_fused.make_fused_layer`` layer (takes positions)
 ) -> torch.Tensor:
     """One decode step of ``stage`` with only device-side values: hidden [B,1,H] or logits [B,V]."""
     spec, w = stage.spec, stage.weights
+    if stage.is_first:
+        assert w.embed is not None  # TorchStage checks the first stage has it
+        h = F.embedding(x, w.embed)
+    else:
+        h = x
+    if fused:  # the attention kernel builds slots, RoPE and masks from the positions itself
+        for i, layer in enumerate(stage.span.layers()):
+            window = spec.layer_window(layer)
+            h = layer_fn(h, w.layers[i], spec, pos, cos_t, sin_t, cache.k[i], cache.v[i], window)
+        return _head(stage, h, lin)
     big = torch.full_like(pos, cache.max_len)
     slot = torch.where(pos >= 0, pos, big)[:, None, :, None]  # [B, 1, 1, 1]
     g = pos.clamp(min=0)  # padding rows act as position 0 (their output is ignored)
@@ -128,11 +145,6 @@ def static_decode_step(
     kk = keys[None, None, None, :]  # [1, 1, 1, L+1]
     causal = kk <= qpos  # slot L (trash) is never <= a valid position
     masks: dict[int | None, torch.Tensor] = {}
-    if stage.is_first:
-        assert w.embed is not None  # TorchStage checks the first stage has it
-        h = F.embedding(x, w.embed)
-    else:
-        h = x
     for i, layer in enumerate(stage.span.layers()):
         window = spec.layer_window(layer)
         if window not in masks:
@@ -140,10 +152,16 @@ def static_decode_step(
             if dynamic_len:
                 torch._dynamo.maybe_mark_dynamic(masks[window], 3)
         h = layer_fn(h, w.layers[i], spec, cos, sin, cache.k[i], cache.v[i], slot, masks[window])
+    return _head(stage, h, lin)
+
+
+def _head(stage: TorchStage, h: torch.Tensor, lin: LinearFn) -> torch.Tensor:
+    """A stage's output: the hidden states, or on the last stage the fp32 logits [B, V]."""
     if not stage.is_last:
         return h
+    w = stage.weights
     assert w.norm is not None and w.lm_head is not None  # the last stage has them
-    h = rms_norm(h, w.norm, spec.rms_eps)
+    h = rms_norm(h, w.norm, stage.spec.rms_eps)
     return lin(h, w.lm_head).float()[:, 0]
 
 
@@ -204,6 +222,15 @@ class GraphDecoder:
         self.gemv_choice: dict[str, Any] = {}  # per weight shape: chosen kernel and timings (µs)
         self._prefill_fn: LayerFn | None = None
         self._broken = False  # capture failed once: stay eager
+        # the one-kernel attention (decode_fused.py): None = not decided yet, False = plain layer
+        self._attn: Callable[..., torch.Tensor] | bool | None = None
+        self._eager_layers = False  # compiling the decode layer failed: capture the eager ops
+        # batch 1: the all-Triton layer (decode_fused.make_triton_layer); None = not decided yet
+        self._tlayer: LayerFn | bool | None = None
+        # off by default: measured slower than the compiled layer with the attention kernel on an
+        # H200 (the prologues slow the GEMV more than the launches they save; bench/RESULTS.md)
+        self.triton_layer_enabled = _env_flag("HYPERLANE_TRITON_LAYER", False)
+        self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why
         # one capture stream, from the high-priority pool: a fresh pooled stream per capture would
         # wrap around the pool and alias a stream other threads use (the worker's copy stream)
         self._capture_stream: Any = None
@@ -245,6 +272,7 @@ class GraphDecoder:
             None,
             False,
         )  # the GEMV choice (self._lin) stays: it does not depend on compiling
+        self._eager_layers, self._tlayer = False, None
         self._pool.clear()
 
     # ------------------------------------------------------------------ stepping
@@ -257,17 +285,61 @@ class GraphDecoder:
             self._lin = make_linear(table)
         return self._lin
 
+    def attention_kernel(self) -> Callable[..., torch.Tensor] | None:
+        """The one-kernel decode attention (``decode_fused.py``), or None for the plain layer."""
+        if self._attn is None:
+            self._attn = fused_attention_kernel(self.stage.device) or False
+        return self._attn if callable(self._attn) else None
+
+    def triton_layer(self) -> LayerFn | None:
+        """The all-Triton decode layer for one-row caches, where the attention kernel applies and
+        the GEMV timings favour it; opt-in (``HYPERLANE_TRITON_LAYER=1``), see ``__init__``."""
+        if self._tlayer is None:
+            self._tlayer = False
+            attn, lin = self.attention_kernel(), self.linear()
+            if attn is not None and lin is not F.linear and self.triton_layer_enabled:
+                cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
+                if cfgs is not None:
+                    self._tlayer = make_triton_layer(attn, cfgs)
+                    self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
+        return self._tlayer if callable(self._tlayer) else None
+
     def layer_fn(self) -> LayerFn:
+        """The decode layer the graph captures: with the attention kernel when it applies
+        (``static_decode_step(..., fused=True)``), else ``decode_layer_static``; compiled unless
+        compiling is off or failed."""
         if self._layer_fn is None:
-            lin = self.linear()
+            lin, attn = self.linear(), self.attention_kernel()
+            compiled = self.compile_layers and not self._eager_layers
+            if attn is not None:
+                self._layer_fn = make_fused_layer(attn, lin, compiled)
+                return self._layer_fn
 
             def layer(*args: Any) -> torch.Tensor:
                 return decode_layer_static(*args, lin=lin)  # type: ignore[misc]
 
-            self._layer_fn = layer
-            if self.compile_layers:
-                self._layer_fn = torch.compile(layer)  # max_len becomes dynamic on 2nd shape
+            self._layer_fn = torch.compile(layer) if compiled else layer  # max_len dynamic on 2nd shape
         return self._layer_fn
+
+    def _degrade(self, err: Exception) -> bool:
+        """After a failed warm-up, turn off the next optional piece (fused attention, Triton GEMV,
+        compiling), in that order; False when nothing is left to turn off."""
+        why = f"{type(err).__name__}: {err}"[:300]
+        if callable(self._tlayer):
+            self._tlayer, what = False, "the all-Triton layer"
+        elif callable(self._attn):
+            self._attn, what = False, "fused attention"
+        elif self._lin is not None and self._lin is not F.linear:
+            self._lin, what = F.linear, "Triton GEMV"
+            self.gemv_choice["error"] = why
+        elif self.compile_layers and not self._eager_layers:
+            self._eager_layers, what = True, "torch.compile"
+        else:
+            return False
+        log.warning("stage %s: decode warm-up failed (%s); turning off %s", self.stage.span, why, what)
+        self.fallbacks.append(f"{what}: {why}")
+        self._layer_fn = None
+        return True
 
     def prefill_layer(self) -> LayerFn:
         """``layers.decoder_layer`` for prompt steps (S > 1), compiled with dynamic shapes when
@@ -372,17 +444,17 @@ class GraphDecoder:
             x_host = torch.empty(x_in.shape, dtype=x_in.dtype, pin_memory=True)
         cos_t, sin_t = st._rope_for(cache.max_len)
         keys = torch.arange(cache.max_len + 1, device=dev)
-        fn = self.layer_fn()
         if self.compile_layers:  # one compiled layer for every max_len (no recompiles per length)
             for t in (*cache.k, *cache.v):
                 torch._dynamo.maybe_mark_dynamic(t, 2)
 
-        lin = self.linear()
-
         def run() -> torch.Tensor:
+            layer = self.triton_layer() if b == 1 and st.weights.layers else None
+            fused = layer is not None or self.attention_kernel() is not None
             return static_decode_step(
-                st, cache, x_in, pos_in, cos_t, sin_t, keys, fn, self.compile_layers, lin
-            )
+                st, cache, x_in, pos_in, cos_t, sin_t, keys, layer or self.layer_fn(),
+                self.compile_layers, self.linear(), fused,
+            )  # fmt: skip
 
         with torch.cuda.device(dev):
             if self._capture_stream is None:
@@ -390,32 +462,13 @@ class GraphDecoder:
             side = self._capture_stream
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                try:
-                    warm = run()  # warm-up: lazy init (cuBLAS, compile) outside the capture
-                except Exception as e:
-                    if not self.compile_layers or self._layer_fn is not fn:
-                        raise
-                    # fall back step by step: compiled with cuBLAS only, then the eager layers
-                    log.warning("stage %s: compiled decode layer failed (%s)", st.span, e)
-                    if lin is not F.linear:
-                        self.gemv_choice["error"] = f"{type(e).__name__}: {e}"[:300]
-                        self._lin, self._layer_fn = F.linear, None
-                        lin, fn = F.linear, self.layer_fn()
-                        try:
-                            warm = run()
-                        except Exception as e2:
-                            log.warning("stage %s: compiled decode layer failed again (%s)", st.span, e2)
-                            warm = None
-                    else:
-                        warm = None
-                    if warm is None:
-                        log.warning("stage %s: capturing the eager decode layers", st.span)
-
-                        def fn(*args: Any) -> torch.Tensor:
-                            return decode_layer_static(*args, lin=lin)  # type: ignore[misc]
-
-                        self._layer_fn = fn
+                while True:  # warm-up: lazy init (cuBLAS, compile, Triton) outside the capture
+                    try:
                         warm = run()
+                        break
+                    except Exception as e:
+                        if not self._degrade(e):
+                            raise
                 if st.is_last:
                     assert warm is not None
                     greedy_pack(warm)

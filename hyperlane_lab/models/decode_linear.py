@@ -34,7 +34,10 @@ def make_linear(table: dict[tuple[int, int], Any]) -> LinearFn:
         return F.linear
     from hyperlane_lab.codecs._kernels import kernel_module  # source checkouts too
 
-    gemv = kernel_module("gemv").gemv
+    # Launched outside the torch.compile graph of a layer (a graph break, free once the step is a
+    # CUDA graph): dynamo may turn the config's ints symbolic on a recompile, which its Triton-kernel
+    # tracing cannot take (seen on an H200 with the split-K configs).
+    gemv = torch.compiler.disable(kernel_module("gemv").gemv)
 
     def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         cfg = table.get((w.shape[0], w.shape[1]))
