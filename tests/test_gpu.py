@@ -146,6 +146,40 @@ def test_fresh_prompt_detection():
     assert not st._fresh_prompt(torch.tensor([[3, 4, 5]]))  # continues a cache
 
 
+def test_fused_layer_split_equals_the_static_step_on_cpu():
+    """``decode_fused.make_fused_layer`` (norm + q/k/v, attention, the rest) driven through
+    ``static_decode_step(fused=True)`` equals the plain static step in float64, with the attention
+    kernel's torch reference standing in for the kernel (GQA, qkv bias, sliding windows, padding)."""
+    ref_attn = pytest.importorskip("hyperlane_lab.codecs._kernels").kernel_module("decode_attn")
+    from hyperlane_lab.models.decode_fused import make_fused_layer
+    from hyperlane_lab.models.decode_static import static_decode_step
+
+    layer = make_fused_layer(ref_attn.decode_attention_ref, torch.nn.functional.linear, False)
+    stages = _stages(SPEC, [1], torch.float64, "cpu")
+    for st in stages:
+        L = 12
+        st.open_session("a", 2, L)
+        st.open_session("b", 2, L)
+        a, b = st.session("a"), st.session("b")
+        cos_t, sin_t = st._rope_for(L)
+        keys = torch.arange(L + 1)
+        g = torch.Generator().manual_seed(1)
+        for p in range(9):
+            x = (
+                torch.randint(0, SPEC.vocab_size, (2, 1), generator=g)
+                if st.is_first
+                else torch.randn(2, 1, SPEC.hidden_size, generator=g, dtype=torch.float64)
+            )
+            pos = torch.tensor([[p], [p if p < 5 else -1]])  # row 1 turns into padding
+            want = static_decode_step(st, a, x, pos, cos_t, sin_t, keys)
+            got = static_decode_step(st, b, x, pos, cos_t, sin_t, keys, layer, fused=True)
+            assert torch.allclose(got[:1], want[:1], rtol=1e-9, atol=1e-9), p
+            if p < 5:
+                assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), p
+        for ka, kb in zip(a.k + a.v, b.k + b.v):
+            assert torch.allclose(ka[:, :, :L], kb[:, :, :L], atol=1e-12)
+
+
 def test_graph_decoder_pools_caches_on_cpu():
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
     gd = GraphDecoder(st, pool_size=1)

@@ -77,24 +77,15 @@ def fused_attention_kernel(device: torch.device) -> Callable[..., torch.Tensor] 
         return None
 
 
-def make_fused_layer(
-    attn: Callable[..., torch.Tensor], lin: LinearFn, compile_layers: bool
+def _around_attention(
+    attn: Callable[..., torch.Tensor], pre: Callable[..., torch.Tensor], post: Callable[..., torch.Tensor]
 ) -> Callable[..., torch.Tensor]:
-    """``layer(x, w, spec, pos, cos_t, sin_t, k_cache, v_cache, window) -> [B, 1, H]``: one decode
-    layer with the attention kernel ``attn`` between the (optionally compiled) pre and post parts.
+    """``layer(x, w, spec, pos, cos_t, sin_t, k_cache, v_cache, window) -> [B, 1, H]``: ``pre``
+    (x -> q/k/v), the attention kernel ``attn``, ``post`` (x, attention -> next hidden).
 
     x [B, 1, H]; pos [B, 1] int64 (-1 = padding row: its output is ignored, its new key/value go
     to the cache's trash slot); cos_t/sin_t fp32 [>= L, D]; caches [B, Hkv, L+1, D], written in
     place at each row's position; window: the layer's sliding window or None."""
-
-    def pre(x: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
-        return decode_pre(x, w, spec, lin)
-
-    def post(x: torch.Tensor, a: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
-        return decode_post(x, a, w, spec, lin)
-
-    pre_fn: Any = torch.compile(pre) if compile_layers else pre
-    post_fn: Any = torch.compile(post) if compile_layers else post
 
     def layer(
         x: torch.Tensor,
@@ -107,11 +98,28 @@ def make_fused_layer(
         v_cache: torch.Tensor,
         window: int | None,
     ) -> torch.Tensor:
-        qkv = pre_fn(x, w, spec)
+        qkv = pre(x, w, spec)
         a = attn(qkv, pos, cos_t, sin_t, k_cache, v_cache, spec.n_heads, spec.n_kv_heads, window)
-        return post_fn(x, a, w, spec)  # type: ignore[no-any-return]
+        return post(x, a, w, spec)
 
     return layer
+
+
+def make_fused_layer(
+    attn: Callable[..., torch.Tensor], lin: LinearFn, compile_layers: bool
+) -> Callable[..., torch.Tensor]:
+    """A decode layer (``_around_attention``'s signature) with the attention kernel ``attn``
+    between the (optionally compiled) ``decode_pre`` and ``decode_post``."""
+
+    def pre(x: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
+        return decode_pre(x, w, spec, lin)
+
+    def post(x: torch.Tensor, a: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
+        return decode_post(x, a, w, spec, lin)
+
+    if compile_layers:
+        return _around_attention(attn, torch.compile(pre), torch.compile(post))
+    return _around_attention(attn, pre, post)
 
 
 ROLES = ("wqkv", "wo", "w_gate_up", "w_down")
@@ -151,30 +159,20 @@ def triton_layer_configs(
 
 
 def make_triton_layer(attn: Callable[..., torch.Tensor], cfgs: dict[str, Any]) -> Callable[..., torch.Tensor]:
-    """``layer(x, w, spec, pos, cos_t, sin_t, k_cache, v_cache, window)`` (as ``make_fused_layer``)
-    in five Triton launches for one row: norm+qkv, attention, wo+residual, norm+gate/up,
-    SwiGLU+down+residual. ``cfgs``: a ``GemvConfig`` per role (``triton_layer_configs``)."""
+    """A decode layer (``_around_attention``'s signature) in five Triton launches for one row:
+    norm+qkv, attention, wo+residual, norm+gate/up, SwiGLU+down+residual. ``cfgs``: a
+    ``GemvConfig`` per role (``triton_layer_configs``)."""
     from hyperlane_lab.codecs._kernels import kernel_module
 
     gemv = kernel_module("gemv").gemv
     c_qkv, c_o, c_gu, c_down = (cfgs[r] for r in ROLES)
 
-    def layer(
-        x: torch.Tensor,
-        w: LayerWeights,
-        spec: ModelSpec,
-        pos: torch.Tensor,
-        cos_t: torch.Tensor,
-        sin_t: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        window: int | None,
-    ) -> torch.Tensor:
-        eps = spec.rms_eps
-        qkv = gemv(x, w.wqkv, w.bqkv, c_qkv, norm_weight=w.ln_attn, eps=eps)
-        a = attn(qkv, pos, cos_t, sin_t, k_cache, v_cache, spec.n_heads, spec.n_kv_heads, window)
+    def pre(x: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
+        return gemv(x, w.wqkv, w.bqkv, c_qkv, norm_weight=w.ln_attn, eps=spec.rms_eps)  # type: ignore[no-any-return]
+
+    def post(x: torch.Tensor, a: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
         x = gemv(a, w.wo, None, c_o, residual=x)
-        gu = gemv(x, w.w_gate_up, None, c_gu, norm_weight=w.ln_mlp, eps=eps)
+        gu = gemv(x, w.w_gate_up, None, c_gu, norm_weight=w.ln_mlp, eps=spec.rms_eps)
         return gemv(gu, w.w_down, None, c_down, gated=True, residual=x)  # type: ignore[no-any-return]
 
-    return layer
+    return _around_attention(attn, pre, post)
