@@ -223,6 +223,7 @@ def _configure(gd: Any, comp: bool, triton_gemv: bool, fused: bool, layer: bool)
     gd._attn = None if fused else False
     gd.configure(comp)
     gd.triton_layer_enabled = layer
+    gd.fallbacks.clear()  # configure() keeps them; each variant records only its own
 
 
 def gemv_bandwidth(spec: ModelSpec, bw: float) -> dict[str, Any]:

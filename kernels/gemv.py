@@ -230,9 +230,12 @@ def _time_us(fn: object, reps: int) -> float:
 
 def graph_time_us(fn: object, reps: int, replays: int = 3) -> float:
     """µs per call of ``fn`` replayed from a CUDA graph of ``reps`` calls: how a decode step's
-    captured graph runs it (no host launch cost; the kernels run back to back)."""
+    captured graph runs it (no host launch cost; the kernels run back to back). Captured in
+    thread-local mode, like the decode graphs: a global-mode capture would make other threads'
+    potentially unsafe CUDA calls (cudaMalloc, pinned allocations of a worker's completion
+    thread) fail meanwhile."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for _ in range(reps):
             fn()  # type: ignore[operator]
     graph.replay()  # first replay uploads the graph

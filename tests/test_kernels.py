@@ -358,7 +358,7 @@ def _check_decode_attn(
     vmax = max(vc.abs().max().item(), qkv.abs().max().item())
     outs = []
     for split in splits:
-        kd, vd = kc.to(DEVICE), vc.to(DEVICE)
+        kd, vd = kc.to(DEVICE, copy=True), vc.to(DEVICE, copy=True)  # kc, vc stay the originals on CPU too
         args = (qkv.to(DEVICE), pos.to(DEVICE), cos_t.to(DEVICE), sin_t.to(DEVICE), kd, vd)
         got = mod.decode_attention(*args, hq, hkv, window, split, block_l=block_l).cpu()
         kd, vd = kd.cpu(), vd.cpu()
