@@ -1,6 +1,6 @@
 """Attention of a batch-B, one-new-token decode step in one Triton launch (two with flash-decoding).
 
-Why: the torch path of ``models/cuda_decode.py`` (RoPE of q and k from the cos/sin tables, scatter of the
+Why: the torch path of ``models/decode_static.py`` (RoPE of q and k from the cos/sin tables, scatter of the
 new key/value into the static cache, GQA attention with a causal / sliding-window mask) is about five
 small kernels per layer, each a launch plus a round trip through memory for tiny tensors. Here one
 program per (row, KV head) ropes the new query heads and key in registers, stores the new key/value into
@@ -250,7 +250,8 @@ def decode_attention(
         raise ValueError(f"decode_attention: split must be None or an int >= 1, got {split!r}")
     group = n_heads // hkv
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(d)
-    if block_l is None:  # ~2048 fp32 values (16 a thread) in the [G, L, D] product; larger tiles spill
+    if block_l is None:  # aims at ~2048 fp32 values in the [G, L, D] product (at G = 1); the floor of 16
+        # keys gives 4-16k values for G = 2-8 at D = 128, which may spill (see bench/gpu_notes.md)
         block_l = max(16, min(64, 2048 // (block_g * block_d)))
     if block_l < 1 or block_l & (block_l - 1):
         raise ValueError(f"decode_attention: block_l must be a power of two, got {block_l!r}")
@@ -292,7 +293,7 @@ def decode_attention_ref(
     n_kv_heads: int,
     window: int | None = None,
 ) -> torch.Tensor:
-    """The torch path of ``models/cuda_decode.py`` (``static_decode_step`` + ``decode_layer_static``'s
+    """The torch path of ``models/decode_static.py`` (``static_decode_step`` + ``decode_layer_static``'s
     attention) in plain torch ops, in qkv's dtype (tests run it on float64 copies). Writes the caches in
     place like ``decode_attention``; padding rows act as position 0 (attend slot 0)."""
     b, hkv, n_slots, d = k_cache.shape

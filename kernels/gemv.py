@@ -15,7 +15,7 @@ Layout: ``_gemv_kernel`` (``@triton.jit``) -> ``gemv`` (launcher: checks, grid) 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -267,7 +267,7 @@ def choose_config(
     ``timer="graph"`` (default) times the calls replayed from a CUDA graph, as the decode step runs
     them; ``"eager"`` launches them from Python, which charges each Triton launch its host cost
     (tens of µs on slow hosts, more than the kernel itself for a 4096 x 4096 weight). A graph
-    capture that fails falls back to eager timing for that call."""
+    capture that fails makes every candidate be timed again, eagerly (times of one kind only)."""
     if timer not in ("graph", "eager"):
         raise ValueError(f"choose_config: timer must be 'graph' or 'eager', got {timer!r}")
     n, k = weights[0].shape
@@ -280,23 +280,43 @@ def choose_config(
 
     reps = max(16, 4 * copies)
 
+    mode = [timer]  # one timer for every candidate: graph and eager times do not compare
+
     def timed(fn: object) -> float:
         fn()  # type: ignore[operator]  # compile / lazy init outside any capture
         torch.cuda.synchronize()
-        if timer == "graph":
+        if mode[0] == "graph":
             try:
                 return graph_time_us(fn, reps)
-            except Exception as e:  # capture refused (e.g. a stream already capturing): eager
-                log.debug("gemv graph timing failed on %dx%d (%s); timing eagerly", n, k, e)
+            except Exception as e:  # capture refused (e.g. a stream already capturing)
+                log.debug("gemv graph timing failed on %dx%d (%s); timing all eagerly", n, k, e)
+                mode[0] = "eager"
+                raise _Retime from e
         return _time_us(fn, reps)
 
+    while True:
+        try:
+            return _time_all(n, timed, rotate, margin)
+        except _Retime:
+            continue  # mode is "eager" now: at most one retry
+
+
+class _Retime(Exception):
+    """A graph capture failed: ``choose_config`` times every candidate again, eagerly."""
+
+
+def _time_all(
+    n: int, timed: Callable[[object], float], rotate: Callable[[object], object], margin: float
+) -> tuple[GemvConfig | None, dict[str, float]]:
     times = {"cublas": timed(rotate(torch.nn.functional.linear))}
     best: GemvConfig | None = None
     for c in candidates(n):
         try:
             times[_name(c)] = t = timed(rotate(lambda a, b, c=c: gemv(a, b, None, c)))
+        except _Retime:
+            raise
         except Exception as e:  # a config a card cannot run (registers, shared memory)
-            log.debug("gemv config %s failed on %dx%d: %s", c, n, k, e)
+            log.debug("gemv config %s failed on %d rows: %s", c, n, e)
             continue
         if t < margin * times["cublas"] and (best is None or t < times[_name(best)]):
             best = c

@@ -146,11 +146,19 @@ def test_fresh_prompt_detection():
     assert not st._fresh_prompt(torch.tensor([[3, 4, 5]]))  # continues a cache
 
 
+def _kernels():
+    """``codecs._kernels`` once Triton is importable (it is a Linux-only dependency), else skip."""
+    pytest.importorskip("triton")
+    from hyperlane_lab.codecs import _kernels
+
+    return _kernels
+
+
 def test_fused_layer_split_equals_the_static_step_on_cpu():
     """``decode_fused.make_fused_layer`` (norm + q/k/v, attention, the rest) driven through
     ``static_decode_step(fused=True)`` equals the plain static step in float64, with the attention
     kernel's torch reference standing in for the kernel (GQA, qkv bias, sliding windows, padding)."""
-    ref_attn = pytest.importorskip("hyperlane_lab.codecs._kernels").kernel_module("decode_attn")
+    ref_attn = _kernels().kernel_module("decode_attn")
     from hyperlane_lab.models.decode_fused import make_fused_layer
     from hyperlane_lab.models.decode_static import static_decode_step
 
@@ -387,7 +395,7 @@ def test_graph_decode_with_triton_gemv_matches_float64(batch_lens, split_k):
 
 def test_gemv_candidates_and_timer_checked():
     """Split-K candidates only for short outputs; an unknown timer is refused before any GPU work."""
-    gk = pytest.importorskip("hyperlane_lab.codecs._kernels").kernel_module("gemv")
+    gk = _kernels().kernel_module("gemv")
     assert {c.split_k for c in gk.candidates(4096)} > {1}
     assert {c.split_k for c in gk.candidates(32000)} == {1}
     with pytest.raises(ValueError, match="timer must be 'graph' or 'eager'"):
@@ -399,7 +407,7 @@ def test_gemv_candidates_and_timer_checked():
 def test_gemv_choice_times_every_candidate_and_picks_a_correct_one(timer):
     """choose_config times cuBLAS and every candidate (from a CUDA graph by default); the choice,
     if any, is among the candidates, faster than cuBLAS, and computes the product."""
-    gk = pytest.importorskip("hyperlane_lab.codecs._kernels").kernel_module("gemv")
+    gk = _kernels().kernel_module("gemv")
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(4096, 4096, device="cuda", dtype=torch.float16, generator=g) * 0.02 for _ in range(4)]
     cfg, times = gk.choose_config(ws, timer=timer)
@@ -443,3 +451,27 @@ def test_graph_decode_with_the_all_triton_layer_matches_float64():
         rows = slice(1, None) if i >= 4 else slice(None)
         assert _rel(a[rows], r[rows]) < 2e-2, f"batch 2 step {i}"
     assert all(st.graph_decoder().captures == 2 for st in fast)
+
+
+def test_failed_warm_ups_turn_off_one_used_piece_at_a_time_on_cpu():
+    """GraphDecoder._degrade: the all-Triton layer only when the warm-up used it, then fused
+    attention, Triton GEMV, compiling, then nothing (the capture error is raised); configure()
+    decides the turned-off pieces again."""
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    gd = GraphDecoder(st)
+
+    def piece(*a):
+        return None
+
+    gd._tlayer, gd._attn, gd._lin, gd.compile_layers = piece, piece, piece, True
+    err = RuntimeError("boom")
+    assert gd._degrade(err, used_tlayer=False) and gd._tlayer is piece and gd._attn is False
+    assert gd._degrade(err, used_tlayer=True) and gd._tlayer is False
+    assert gd._degrade(err, used_tlayer=True) and gd._lin is torch.nn.functional.linear
+    assert gd._degrade(err, used_tlayer=True) and gd._eager_layers
+    assert not gd._degrade(err, used_tlayer=True)
+    assert [f.split(":")[0] for f in gd.fallbacks] == [
+        "fused attention", "the all-Triton layer", "Triton GEMV", "torch.compile"
+    ]  # fmt: skip
+    gd.configure(True)
+    assert gd._attn is None and gd._lin is None and gd._tlayer is None and not gd._eager_layers

@@ -377,7 +377,9 @@ def _check_decode_attn(
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    ("hq", "hkv", "d"), [(2, 2, 16), (4, 2, 24), (8, 2, 16)], ids=["mha", "g2_d24", "g4"]
+    ("hq", "hkv", "d"),
+    [(2, 2, 16), (4, 2, 24), (8, 2, 16), (6, 2, 24)],
+    ids=["mha", "g2_d24", "g4", "g3_d24"],
 )
 def test_decode_attn_matches_float64(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
     """Rows at position 0, mid-cache, the last valid position L - 1 and a padding row; one program per
@@ -410,6 +412,18 @@ def test_decode_attn_long_cache_default_split(dtype: torch.dtype, hq: int, hkv: 
     mod = kernel_module("decode_attn")
     assert [mod.choose_split(n) for n in (2, 257, 258, 1100, 1 << 20)] == [1, 1, 2, 5, mod.MAX_SPLIT]
     _check_decode_attn(dtype, hq, hkv, d, [1098, 517, -1], 1100, None, (None,), seed=d)
+
+
+def test_decode_attn_positions_past_the_cache_are_padding() -> None:
+    """Positions >= L write only the trash slot and give a finite output (never out of bounds)."""
+    mod = kernel_module("decode_attn")
+    qkv, kc, vc, cos_t, sin_t = _attn_inputs(torch.float32, 2, 4, 2, 16, 13, seed=3)
+    L = 12
+    kd, vd = kc.to(DEVICE, copy=True), vc.to(DEVICE, copy=True)
+    pos = torch.tensor([[L], [L + 5]], device=DEVICE)
+    got = mod.decode_attention(qkv.to(DEVICE), pos, cos_t.to(DEVICE), sin_t.to(DEVICE), kd, vd, 4, 2)
+    assert torch.isfinite(got).all()
+    assert torch.equal(kd.cpu()[:, :, :L], kc[:, :, :L]) and torch.equal(vd.cpu()[:, :, :L], vc[:, :, :L])
 
 
 def test_decode_attn_consecutive_steps() -> None:
@@ -497,8 +511,8 @@ def test_decode_attn_rejects_bad_inputs() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (37, 300), (32, 2048)])
 def test_gemv_fused_norm_gate_residual_match_float64(dtype: torch.dtype, n: int, k: int) -> None:
-    """RMSNorm folded into the product, SwiGLU's silu(gate) * up, and a residual add (split-K
-    configs too, where the sum kernel adds it) against float64 of the unfused math."""
+    """RMSNorm folded into the product, SwiGLU's silu(gate) * up, a bias and a residual add
+    (split-K configs too, where the sum kernel adds both) against float64 of the unfused math."""
     gk = kernel_module("gemv")
     g = torch.Generator().manual_seed(n + k)
     x = (torch.randn(1, 1, k, generator=g) * 3).to(dtype)
@@ -506,21 +520,22 @@ def test_gemv_fused_norm_gate_residual_match_float64(dtype: torch.dtype, n: int,
     w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
     nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
     res = torch.randn(1, 1, n, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
     xd, wd = x.double(), w.double()
     normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
     gate, up = gu.double().chunk(2, dim=-1)
-    want_norm = normed @ wd.T
-    want_gated = (torch.nn.functional.silu(gate) * up) @ wd.T + res.double()
+    want_norm = normed @ wd.T + bias.double() + res.double()
+    want_gated = (torch.nn.functional.silu(gate) * up) @ wd.T + bias.double() + res.double()
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
-    xs, gus, ws, nws, rs = (t.to(DEVICE) for t in (x, gu, w, nw, res))
-    for cfg in gk.CONFIGS:
-        got = gk.gemv(gus, ws, None, cfg, gated=True, residual=rs).double().cpu()
+    xs, gus, ws, nws, rs, bs = (t.to(DEVICE) for t in (x, gu, w, nw, res, bias))
+    for cfg in gk.CONFIGS:  # bias and residual together: once each, also through the split-K sum
+        got = gk.gemv(gus, ws, bs, cfg, gated=True, residual=rs).double().cpu()
         assert (got - want_gated).abs().max().item() <= tol * (1 + want_gated.abs().max().item()), cfg
         if cfg.split_k > 1:
             with pytest.raises(ValueError, match="split_k=1"):
                 gk.gemv(xs, ws, None, cfg, norm_weight=nws, eps=1e-5)
             continue
-        got = gk.gemv(xs, ws, None, cfg, norm_weight=nws, eps=1e-5).double().cpu()
+        got = gk.gemv(xs, ws, bs, cfg, norm_weight=nws, eps=1e-5, residual=rs).double().cpu()
         assert (got - want_norm).abs().max().item() <= tol * (1 + want_norm.abs().max().item()), cfg
 
 

@@ -25,7 +25,6 @@ off one of these optional pieces at a time (``GraphDecoder.fallbacks`` says whic
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from hyperlane_lab.models.decode_fused import (
     make_triton_layer,
     triton_layer_configs,
 )
-from hyperlane_lab.models.decode_linear import LinearFn, choose_linears, make_linear
+from hyperlane_lab.models.decode_linear import LinearFn, choose_linears, env_flag, make_linear
 from hyperlane_lab.models.decode_static import (
     LayerFn,
     decode_attention,
@@ -93,11 +92,6 @@ def greedy_pack(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits.argmax(dim=-1).to(torch.int64), bad[None]])
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
-
-
 class GraphDecoder:
     """Per-stage CUDA-graph decode: one graph per session cache, pooled caches, optional compile.
 
@@ -111,7 +105,7 @@ class GraphDecoder:
     def __init__(self, stage: TorchStage, compile_layers: bool | None = None, pool_size: int = 16) -> None:
         self.stage = stage
         self.compile_layers = (
-            _env_flag("HYPERLANE_COMPILE", True) if compile_layers is None else compile_layers
+            env_flag("HYPERLANE_COMPILE", True) if compile_layers is None else compile_layers
         )
         self.pool_size = pool_size
         self.captures = 0  # graphs captured (pooling keeps this flat across sessions of one shape)
@@ -129,8 +123,9 @@ class GraphDecoder:
         self._tlayer: LayerFn | bool | None = None
         # off by default: measured slower than the compiled layer with the attention kernel on an
         # H200 (the prologues slow the GEMV more than the launches they save; bench/RESULTS.md)
-        self.triton_layer_enabled = _env_flag("HYPERLANE_TRITON_LAYER", False)
-        self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why
+        self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", False)
+        self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
+        self._degraded: set[str] = set()  # pieces turned off since the last configure()
         # one capture stream, from the high-priority pool: a fresh pooled stream per capture would
         # wrap around the pool and alias a stream other threads use (the worker's copy stream)
         self._capture_stream: Any = None
@@ -171,8 +166,13 @@ class GraphDecoder:
             None,
             None,
             False,
-        )  # the GEMV choice (self._lin) stays: it does not depend on compiling
+        )  # the GEMV choice (self._lin) stays, unless a failed warm-up turned it off
         self._eager_layers, self._tlayer = False, None
+        if "Triton GEMV" in self._degraded:  # decided again (the failure may have been compile's)
+            self._lin = None
+        if "fused attention" in self._degraded:
+            self._attn = None
+        self._degraded.clear()
         self._pool.clear()
 
     # ------------------------------------------------------------------ stepping
@@ -221,12 +221,14 @@ class GraphDecoder:
             self._layer_fn = torch.compile(layer) if compiled else layer  # max_len dynamic on 2nd shape
         return self._layer_fn
 
-    def _degrade(self, err: Exception) -> bool:
-        """After a failed warm-up, turn off the next optional piece (fused attention, Triton GEMV,
-        compiling), in that order; False when nothing is left to turn off."""
+    def _degrade(self, err: Exception, used_tlayer: bool) -> bool:
+        """After a failed warm-up, turn off the next optional piece that the warm-up used (the
+        all-Triton layer, fused attention, Triton GEMV, compiling), in that order; False when
+        nothing is left to turn off. ``configure()`` decides the pieces again."""
         why = f"{type(err).__name__}: {err}"[:300]
-        if callable(self._tlayer):
+        if used_tlayer and callable(self._tlayer):
             self._tlayer, what = False, "the all-Triton layer"
+            self.gemv_choice.pop("triton_layer", None)
         elif callable(self._attn):
             self._attn, what = False, "fused attention"
         elif self._lin is not None and self._lin is not F.linear:
@@ -238,6 +240,7 @@ class GraphDecoder:
             return False
         log.warning("stage %s: decode warm-up failed (%s); turning off %s", self.stage.span, why, what)
         self.fallbacks.append(f"{what}: {why}")
+        self._degraded.add(what)
         self._layer_fn = None
         return True
 
@@ -367,7 +370,7 @@ class GraphDecoder:
                         warm = run()
                         break
                     except Exception as e:
-                        if not self._degrade(e):
+                        if not self._degrade(e, used_tlayer=b == 1):
                             raise
                 if st.is_last:
                     assert warm is not None

@@ -23,7 +23,6 @@ folded-in prologues slowed the products by more than the ~7 launches a layer the
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperlane_lab.models.config import ModelSpec
+from hyperlane_lab.models.decode_linear import LinearFn, env_flag
 from hyperlane_lab.models.layers import LayerWeights, rms_norm
 
 __all__ = [
@@ -42,9 +42,7 @@ __all__ = [
     "triton_layer_configs",
 ]
 
-log = logging.getLogger("hyperlane_lab.models.cuda_decode")
-
-LinearFn = Callable[..., torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def decode_pre(x: torch.Tensor, w: LayerWeights, spec: ModelSpec, lin: LinearFn = F.linear) -> torch.Tensor:
@@ -65,8 +63,7 @@ def decode_post(
 def fused_attention_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
     """The kernel's launcher, or None where it does not apply: not CUDA, no Triton, or
     ``HYPERLANE_FUSED_ATTENTION=0``."""
-    flag = os.environ.get("HYPERLANE_FUSED_ATTENTION", "1").strip().lower()
-    if device.type != "cuda" or flag in ("0", "false", "no", "off", ""):
+    if device.type != "cuda" or not env_flag("HYPERLANE_FUSED_ATTENTION", True):
         return None
     try:
         from hyperlane_lab.codecs._kernels import kernel_module  # source checkouts too
@@ -122,8 +119,8 @@ def make_fused_layer(
     return _around_attention(attn, pre, post)
 
 
-ROLES = ("wqkv", "wo", "w_gate_up", "w_down")
-NORMED = ("wqkv", "w_gate_up")  # RMSNorm folded in: the whole row per program (no split-K)
+_ROLES = ("wqkv", "wo", "w_gate_up", "w_down")
+_NORMED = ("wqkv", "w_gate_up")  # RMSNorm folded in: the whole row per program (no split-K)
 
 
 def triton_layer_configs(
@@ -141,13 +138,13 @@ def triton_layer_configs(
         return None
     by_name = {gk._name(c): c for c in gk.CONFIGS}
     out: dict[str, Any] = {}
-    for role in ROLES:
+    for role in _ROLES:
         n, k = getattr(w, role).shape
         times = choice.get(f"{n}x{k}", {}).get("us", {})
         ok = {
             name: t
             for name, t in times.items()
-            if name in by_name and (role not in NORMED or by_name[name].split_k == 1)
+            if name in by_name and (role not in _NORMED or by_name[name].split_k == 1)
         }
         if "cublas" not in times or not ok:
             return None
@@ -165,7 +162,7 @@ def make_triton_layer(attn: Callable[..., torch.Tensor], cfgs: dict[str, Any]) -
     from hyperlane_lab.codecs._kernels import kernel_module
 
     gemv = kernel_module("gemv").gemv
-    c_qkv, c_o, c_gu, c_down = (cfgs[r] for r in ROLES)
+    c_qkv, c_o, c_gu, c_down = (cfgs[r] for r in _ROLES)
 
     def pre(x: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
         return gemv(x, w.wqkv, w.bqkv, c_qkv, norm_weight=w.ln_attn, eps=spec.rms_eps)  # type: ignore[no-any-return]

@@ -20,11 +20,17 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from hyperlane_lab.models.stage import TorchStage
 
-__all__ = ["LinearFn", "choose_linears", "make_linear"]
+__all__ = ["LinearFn", "choose_linears", "env_flag", "make_linear"]
 
 log = logging.getLogger("hyperlane_lab.models.cuda_decode")
 
 LinearFn = Callable[..., torch.Tensor]  # F.linear(x, w, bias=None)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A switch from the environment: unset -> ``default``; "0", "false", "no", "off", "" -> off."""
+    v = os.environ.get(name)
+    return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 def make_linear(table: dict[tuple[int, int], Any]) -> LinearFn:
@@ -53,8 +59,7 @@ def choose_linears(st: TorchStage) -> tuple[dict[tuple[int, int], Any], dict[str
     stage; empty on CPU or with ``HYPERLANE_TRITON_GEMV=0``. Failures keep cuBLAS."""
     table: dict[tuple[int, int], Any] = {}
     choice: dict[str, Any] = {}
-    flag = os.environ.get("HYPERLANE_TRITON_GEMV", "1").strip().lower()
-    if st.device.type != "cuda" or flag in ("0", "false", "no", "off", ""):
+    if st.device.type != "cuda" or not env_flag("HYPERLANE_TRITON_GEMV", True):
         return table, choice
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     mats = [t for lw in st.weights.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
