@@ -253,7 +253,7 @@ def gemv_bandwidth(spec: ModelSpec, bw: float) -> dict[str, Any]:
             "bytes_per_s": n * k * 2 / t,
             "of_copy_bw": n * k * 2 / t / bw,
             "triton_us": times,
-            "triton_choice": None if cfg is None else gk._name(cfg),
+            "triton_choice": None if cfg is None else gk.config_name(cfg),
         }
         tri = min(v for key, v in times.items() if key != "cublas") / 1e6
         out[name]["triton_best_of_copy_bw"] = n * k * 2 / tri / bw

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "GemvConfig", "candidates", "choose_config", "gemv", "graph_time_us"]
+__all__ = ["CONFIGS", "GemvConfig", "candidates", "choose_config", "config_name", "gemv", "graph_time_us"]
 
 log = logging.getLogger(__name__)
 
@@ -312,18 +312,19 @@ def _time_all(
     best: GemvConfig | None = None
     for c in candidates(n):
         try:
-            times[_name(c)] = t = timed(rotate(lambda a, b, c=c: gemv(a, b, None, c)))
+            times[config_name(c)] = t = timed(rotate(lambda a, b, c=c: gemv(a, b, None, c)))
         except _Retime:
             raise
         except Exception as e:  # a config a card cannot run (registers, shared memory)
             log.debug("gemv config %s failed on %d rows: %s", c, n, e)
             continue
-        if t < margin * times["cublas"] and (best is None or t < times[_name(best)]):
+        if t < margin * times["cublas"] and (best is None or t < times[config_name(best)]):
             best = c
     return best, times
 
 
-def _name(c: GemvConfig) -> str:
+def config_name(c: GemvConfig) -> str:
+    """The short name of a config in timing tables: ``16x256w4s4`` (+ ``k4`` for split-K)."""
     return f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}" + (
         f"k{c.split_k}" if c.split_k > 1 else ""
     )

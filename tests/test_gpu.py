@@ -411,10 +411,10 @@ def test_gemv_choice_times_every_candidate_and_picks_a_correct_one(timer):
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(4096, 4096, device="cuda", dtype=torch.float16, generator=g) * 0.02 for _ in range(4)]
     cfg, times = gk.choose_config(ws, timer=timer)
-    assert set(times) == {"cublas", *(gk._name(c) for c in gk.candidates(4096))}
+    assert set(times) == {"cublas", *(gk.config_name(c) for c in gk.candidates(4096))}
     assert all(0 < t < 1e4 for t in times.values())
     if cfg is not None:
-        assert cfg in gk.candidates(4096) and times[gk._name(cfg)] < times["cublas"]
+        assert cfg in gk.candidates(4096) and times[gk.config_name(cfg)] < times["cublas"]
         x = torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=g)
         ref = x.double() @ ws[0].double().T
         assert _rel(gk.gemv(x, ws[0], None, cfg).double(), ref) < 2e-3

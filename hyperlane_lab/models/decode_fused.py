@@ -136,7 +136,7 @@ def triton_layer_configs(
         gk = kernel_module("gemv")
     except Exception:  # no Triton
         return None
-    by_name = {gk._name(c): c for c in gk.CONFIGS}
+    by_name = {gk.config_name(c): c for c in gk.CONFIGS}
     out: dict[str, Any] = {}
     for role in _ROLES:
         n, k = getattr(w, role).shape
