@@ -462,6 +462,12 @@ def main() -> int:
         "--prefill", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048] if CUDA else [64]
     )
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--prefill-chunk",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="split parts: also measure prefill with the prompt sent in chunks of these many tokens",
+    )
     ap.add_argument("--ms", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     ap.add_argument("--compile", choices=["0", "1"], default=os.environ.get("HYPERLANE_COMPILE", "1"))
     ap.add_argument("--profile", type=int, default=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 
@@ -44,6 +45,7 @@ def test_roundtrip():
         (lambda b: b"XXXX" + b[4:], "bad magic"),
         (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
         (lambda b: b[:5] + bytes([77]) + b[6:], "unknown frame kind"),
+        (lambda b: b[:6] + struct.pack("<H", 4) + b[8:], "unknown frame flags"),
         (lambda b: b[:32] + bytes([99]) + b[33:], "dtype"),
         (lambda b: b[:56] + struct.pack("<Q", 1 << 40) + b[64:], "exceeds the limit"),
         (lambda b: b[:40], "truncated"),
@@ -84,3 +86,10 @@ def test_buffer_pool_reuses():
 def test_bad_address(bad):
     with pytest.raises(ValueError, match="host:port"):
         parse_address(bad)
+
+
+def test_the_more_flag_round_trips():
+    from hyperlane_lab.runtime.frame import FLAG_MORE
+
+    h = dataclasses.replace(_header(), flags=FLAG_MORE)
+    assert unpack_header(pack_header(h)).flags == FLAG_MORE

@@ -368,6 +368,49 @@ def test_server_side_token_loop_equals_client_loop(model3, local_pipe, monkeypat
     assert "eos" in reasons and "length" in reasons
 
 
+def test_chunked_prompt_equals_the_whole_prompt(model3, local_pipe, monkeypatch):
+    """``prefill_chunk``: the prompt goes down the pipeline in chunks (FLAG_MORE frames, no reply),
+    each row's last token in the last chunk; the tokens equal the in-process pipeline's, with the
+    workers' token loop and with the client relaying; no TOKENS frame answers a chunk."""
+    from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
+
+    sent: list[int] = []
+    real = ClientDataPlane.send_chunk
+
+    def counting(self, sid, step, ids, positions):
+        sent.append(ids.shape[1])
+        return real(self, sid, step, ids, positions)
+
+    monkeypatch.setattr(ClientDataPlane, "send_chunk", counting)
+    widest = max(len(local_pipe.encode(p)) for p in PROMPTS)
+    want = [r.token_ids for r in local_pipe.generate(PROMPTS, max_tokens=12)]
+    try:
+        for chunk, ring in ((1, True), (3, True), (3, False), (widest - 1, True)):
+            model3.prefill_chunk, model3.server_loop = chunk, ring
+            sent.clear()
+            got = model3.generate(PROMPTS, max_tokens=12)
+            assert [r.token_ids for r in got] == want, (chunk, ring)
+            assert sent == [chunk] * (-(-widest // chunk) - 1), (chunk, sent)
+            assert not model3._data._arrived  # nothing answered the chunks
+        model3.prefill_chunk = widest  # not longer than one chunk: one frame, as without chunking
+        sent.clear()
+        assert [r.token_ids for r in model3.generate(PROMPTS, max_tokens=12)] == want and sent == []
+    finally:
+        model3.prefill_chunk, model3.server_loop = None, True
+    with pytest.raises(ValueError, match="prefill_chunk must be None or a positive int"):
+        model3.prefill_chunk = 0
+
+
+def test_right_align_keeps_each_rows_tokens_in_order():
+    from hyperlane_lab.runtime.client import right_align
+
+    ids = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 9], [0, 0, 0, 0, 0]])
+    pos = torch.tensor([[0, 1, 2, -1, -1], [0, 1, 2, 3, 4], [-1, -1, -1, -1, -1]])
+    a, p = right_align(ids, pos)
+    assert a.tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 9], [0, 0, 0, 0, 0]]
+    assert p.tolist() == [[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4], [-1, -1, -1, -1, -1]]
+
+
 def test_ring_stops_on_eos_by_itself(model3, local_pipe, monkeypatch):
     """With every row retired by EOS the last stage stops feeding the first: no step after the
     EOS step is computed anywhere (the ring frame would go out before the client even saw EOS)."""

@@ -24,9 +24,18 @@ from hyperlane_lab.runtime.control import WorkerClient
 from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
 from hyperlane_lab.types import EventKind, Plan, SamplingParams, TraceEvent, WorkerInfo
 
-__all__ = ["AutoDistributedModel"]
+__all__ = ["AutoDistributedModel", "right_align"]
 
 log = logging.getLogger(__name__)
+
+
+def right_align(ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same prompt step with each row's tokens moved to the end of the row (padding, position
+    -1, first; token order kept): positions say where each token goes, so the step means the same,
+    and the last column holds every row's last token, so a step cut into column chunks ends, for
+    every row, in its last chunk (where the last stage takes each row's logits)."""
+    order = torch.argsort((positions >= 0).to(torch.int8), dim=1, stable=True)
+    return ids.gather(1, order), positions.gather(1, order)
 
 
 @dataclass
@@ -35,8 +44,20 @@ class _RemoteSession:
     sid: str
     step_no: int = 0
     ring: bool = False  # the workers run the token loop: ``next_step`` after the prompt step
+    chunks: bool = False  # every worker takes prompt chunks (``AutoDistributedModel.prefill_chunk``)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        chunk = self.model.prefill_chunk
+        if (
+            chunk is not None and self.chunks and ids.shape[1] > chunk
+        ):  # a long prompt: chunks flow down the pipeline
+            ids, positions = right_align(ids, positions)  # every row's last token in the last chunk
+            starts = range(0, ids.shape[1], chunk)
+            for a in starts[:-1]:  # no reply to these
+                self.model._data.send_chunk(
+                    self.sid, self.step_no, ids[:, a : a + chunk], positions[:, a : a + chunk]
+                )
+            ids, positions = ids[:, starts[-1] :], positions[:, starts[-1] :]
         out = self.model._data.step(self.sid, self.step_no, ids, positions, self.model.step_timeout)
         self.step_no += 1
         return out
@@ -65,6 +86,7 @@ class _RemoteRunner:
         m = self.model
         sid = uuid.uuid4().hex
         ring = m.server_loop and max_new_tokens > 0
+        chunks = True
         opened: list[WorkerClient] = []
         try:
             for i, w in enumerate(m.clients):
@@ -88,9 +110,10 @@ class _RemoteRunner:
                 opened.append(w)
                 if last and ring and not reply.ring:  # a worker without the server-side loop
                     ring = False
+                chunks = chunks and reply.prompt_chunks  # older workers: the prompt in one frame
             if ring:
                 m._data.open_ring(sid)
-            yield _RemoteSession(m, sid, ring=ring)
+            yield _RemoteSession(m, sid, ring=ring, chunks=chunks)
         finally:
             m._data.end_session(sid)
             for w in opened:
@@ -119,9 +142,25 @@ class AutoDistributedModel(TextGenerator):
         # the workers run the token loop (the last stage feeds tokens to the first; see
         # Worker.ring_next); False: every token goes through this client (one more hop per token)
         self.server_loop = True
+        self._prefill_chunk: int | None = None
         self._closed = False
         self._trace_cursor = [0] * len(clients)
         self._trace_lock = threading.Lock()
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens per data-plane frame (None: the whole prompt in one frame). With chunks,
+        stage k computes chunk i while stage k+1 computes chunk i-1 and the link carries the
+        hidden states in between, so a long prompt's transfers overlap compute."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(
+                f"prefill_chunk must be None or a positive int (tokens per chunk), got {value!r}"
+            )
+        self._prefill_chunk = value
 
     # ------------------------------------------------------------------ construction
 

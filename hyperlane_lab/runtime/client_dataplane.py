@@ -25,7 +25,7 @@ from hyperlane_lab.runtime.dataplane import (
     parse_address,
     start_server,
 )
-from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
 from hyperlane_lab.runtime.sender import SocketSender
 from hyperlane_lab.runtime.wire import decode_payload, tensor_bytes
 
@@ -124,6 +124,20 @@ class ClientDataPlane:
         fut: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
         with self._lock:
             self._pending[(sid, step)] = fut
+        try:
+            self._send_tensor(sid, step, ids, positions, 0)
+        except ConnectionError as e:
+            self._fail(sid, step, e)
+        return fut
+
+    def send_chunk(self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """A prompt chunk that more chunks of ``step`` follow (``FLAG_MORE``): the stages fill
+        their caches and the last stage answers nothing; the step's last chunk goes by ``submit``."""
+        self._send_tensor(sid, step, ids, positions, FLAG_MORE)
+
+    def _send_tensor(
+        self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor, flags: int
+    ) -> None:
         ids = ids.to(torch.int64).contiguous()
         pos = positions.to(torch.int64).contiguous()
         payload = tensor_bytes(ids)
@@ -138,14 +152,11 @@ class ClientDataPlane:
             0,
             tuple(ids.shape),
             payload.nbytes,
+            flags,
         )
-        try:
-            if self._sender is None or self._conn is None or not self._conn.is_open:
-                raise ConnectionError(f"the data connection to the first stage {self.first_stage} is closed")
-            self._sender.send(header, tensor_bytes(pos), payload)
-        except ConnectionError as e:
-            self._fail(sid, step, e)
-        return fut
+        if self._sender is None or self._conn is None or not self._conn.is_open:
+            raise ConnectionError(f"the data connection to the first stage {self.first_stage} is closed")
+        self._sender.send(header, tensor_bytes(pos), payload)
 
     def open_ring(self, sid: str) -> None:
         """Accept tokens of ``sid`` that no ``submit`` asked for (the workers run its token loop)."""

@@ -4,7 +4,9 @@
     0      4    magic            b"HLF1"
     4      1    version          1
     5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR
-    6      2    flags            bit 0: all_logits (reserved)
+    6      2    flags            bit 0: all_logits (reserved); bit 1: MORE (a prompt chunk: more
+                                 chunks of this step follow; stages fill their caches, the last
+                                 stage samples nothing)
     8      16   session          uuid bytes
     24     4    step             0 = prefill, k = k-th decode step
     28     2    batch  B
@@ -36,6 +38,7 @@ from hyperlane_lab.errors import ProtocolError
 
 __all__ = [
     "DTYPE_CODES",
+    "FLAG_MORE",
     "HEADER",
     "MAGIC",
     "MAX_PAYLOAD",
@@ -98,6 +101,11 @@ class FrameHeader:
         return self.positions_len + self.payload_len
 
 
+FLAG_ALL_LOGITS = 1  # reserved
+FLAG_MORE = 2  # chunked prefill: not the step's last chunk
+KNOWN_FLAGS = FLAG_ALL_LOGITS | FLAG_MORE
+
+
 def pack_header(h: FrameHeader) -> bytes:
     if len(h.shape) > 4:
         raise ValueError(f"frames carry tensors of at most 4 dims, got shape {h.shape}")
@@ -151,6 +159,8 @@ def unpack_header(buf: bytes | bytearray | memoryview, max_payload: int = MAX_PA
         raise ProtocolError(f"frame version {version} is not supported (this worker speaks {VERSION})")
     if kind not in FrameKind.ALL:
         raise ProtocolError(f"unknown frame kind {kind}")
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown frame flags {flags:#x} (this worker knows {KNOWN_FLAGS:#x})")
     if dcode not in CODE_DTYPES:
         raise ProtocolError(f"unknown dtype code {dcode}")
     if ndim > 4:

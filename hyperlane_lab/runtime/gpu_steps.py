@@ -32,7 +32,7 @@ import torch
 
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
-from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
 from hyperlane_lab.runtime.wire import CudaStager, encode_tensor, tensor_bytes
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ class _Pending:
     end: torch.cuda.Event  # compute stream, after forward (+ argmax)
     host: torch.Tensor | None  # pinned copy of the payload (raw / greedy), filled by `done`
     done: torch.cuda.Event | None
-    mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec"
+    mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec", "none" (a prompt chunk)
+    flags: int = 0  # the frame's flags, passed on to the next stage
 
 
 @dataclass
@@ -131,7 +132,9 @@ class GpuStepper:
                 frame.body.release()  # x has been copied out (staged) by now
                 released = True
                 host = done = None
-                if eng.is_last:
+                if eng.is_last and h.flags & FLAG_MORE:  # a prompt chunk: cache filled, no token yet
+                    mode = "none"
+                elif eng.is_last:
                     assert sess.sampler is not None
                     if sess.sampler.params.greedy:
                         # the Sampler's greedy choice and finiteness check, kept on the device
@@ -159,7 +162,20 @@ class GpuStepper:
         sess.steps += 1
         self._q.put(
             _Pending(
-                sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, start, end, host, done, mode
+                sid,
+                step,
+                h.batch,
+                h.seq,
+                queued_at,
+                n_tok,
+                pos_bytes,
+                out,
+                start,
+                end,
+                host,
+                done,
+                mode,
+                h.flags,
             )
         )
 
@@ -210,6 +226,8 @@ class GpuStepper:
 
     def _ship(self, p: _Pending, t_end: float) -> None:
         w = self.w
+        if p.mode == "none":
+            return
         if p.mode in ("greedy", "sample"):
             sess = w.sessions.get(p.sid)
             if p.mode == "greedy":
@@ -275,5 +293,6 @@ class GpuStepper:
             group,
             shape,
             sum(x.nbytes for x in parts),
+            p.flags,
         )
         w._send("", header, [p.pos_bytes, *parts], p.sid, p.step)

@@ -287,7 +287,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         need = await self.w.open_session(
             sid, int(request.batch), int(request.max_len), params, request.reply_to, ring
         )
-        return pb.OpenSessionReply(kv_cache_bytes=need, ring=ring is not None)
+        return pb.OpenSessionReply(kv_cache_bytes=need, ring=ring is not None, prompt_chunks=True)
 
     @_guard
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionReply:

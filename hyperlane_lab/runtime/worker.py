@@ -33,7 +33,7 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import Sampler
 from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
-from hyperlane_lab.runtime.frame import FrameHeader, FrameKind, raw_nbytes
+from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
 from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
@@ -370,6 +370,8 @@ class Worker(WorkerOutbox):
         frame.body.release()
         sess.steps += 1
         try:
+            if eng.is_last and h.flags & FLAG_MORE:  # a prompt chunk: its cache is filled, no token yet
+                return
             if eng.is_last:
                 assert sess.sampler is not None
                 ids = sess.sampler(out).to(torch.int64).contiguous()
@@ -406,6 +408,7 @@ class Worker(WorkerOutbox):
                     payload.group_size,
                     payload.shape,
                     payload.nbytes,
+                    h.flags,
                 )
                 self._send("", header, [pos_bytes, *payload.parts], sid, step)
         except Exception as e:
