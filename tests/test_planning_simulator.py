@@ -117,3 +117,40 @@ def test_simulated_plan_matches_plan_predictions() -> None:
         assert res.summary.decode_tokens_per_s == pytest.approx(plan.predicted_tokens_per_s, rel=0.02)
         if m == 1:
             assert res.summary.latency_per_token_s == pytest.approx(plan.predicted_latency_s, rel=1e-9)
+
+
+def _flow_shop_makespan(services: list[float], jobs: int) -> float:
+    """Brute force: ``jobs`` identical jobs through FIFO servers in series, all released at 0."""
+    free = [0.0] * len(services)
+    end = 0.0
+    for _ in range(jobs):
+        t = 0.0
+        for i, s in enumerate(services):
+            t = max(t, free[i]) + s
+            free[i] = t
+        end = t
+    return end
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_chunked_prefill_is_a_flow_shop_of_k_chunks(k):
+    """A prompt in k chunks: each chunk takes 1/k of every stage's prefill and of each inter-stage
+    hop's serialization; the time to first token equals the flow-shop makespan of k identical
+    chunks (brute force), plus the one hop of the token back to the client."""
+    pre, ser = (0.03, 0.05, 0.02), (0.004, 0.012, 0.006, 0.001)
+    times = PipelineTimes(pre, (0.001,) * 3, (0.0,) * 4, ser, (0.0,) * 4)
+    r = simulate(times, prefill_chunks=k)
+    chain = [ser[0] / k, pre[0] / k, ser[1] / k, pre[1] / k, ser[2] / k, pre[2] / k]
+    assert r.summary.ttft_s == pytest.approx(_flow_shop_makespan(chain, k) + ser[3])
+    if k > 1:  # chunks overlap the stages: faster than one frame
+        assert r.summary.ttft_s < simulate(times).summary.ttft_s
+    sends = [e for e in r.events if e.kind == EventKind.SEND and e.stage == 2]
+    assert len(sends) == 1  # only the last chunk's token goes back to the client
+    # equal stages, no hops: T/k * (k + p - 1)
+    eq = simulate(PipelineTimes.equal_stages(4, 0.08, 0.01), prefill_chunks=k, decode_steps=3)
+    assert eq.summary.ttft_s == pytest.approx(0.08 / k * (k + 3))
+
+
+def test_chunked_prefill_rejects_zero_chunks():
+    with pytest.raises(ValueError, match="prefill_chunks >= 1"):
+        simulate(PipelineTimes.equal_stages(2, 0.1, 0.01), prefill_chunks=0)

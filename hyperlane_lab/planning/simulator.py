@@ -93,50 +93,67 @@ class SimResult:
     summary: SimSummary
 
 
-def simulate(times: PipelineTimes, concurrency: int = 1, decode_steps: int = 0) -> SimResult:
-    """Run ``concurrency`` micro-batches through prefill and ``decode_steps`` decode steps each."""
-    if concurrency < 1 or decode_steps < 0:
-        raise ValueError(f"need concurrency >= 1 and decode_steps >= 0, got {concurrency}, {decode_steps}")
-    p = times.n_stages
+def simulate(
+    times: PipelineTimes, concurrency: int = 1, decode_steps: int = 0, prefill_chunks: int = 1
+) -> SimResult:
+    """Run ``concurrency`` micro-batches through prefill and ``decode_steps`` decode steps each.
+
+    ``prefill_chunks`` = k > 1: each prompt goes down the pipeline as k chunks (the runtime's
+    ``prefill_chunk``), each taking 1/k of every stage's prefill time and of each hop's prefill
+    serialization (the latency in full); only the last chunk's token goes back to the client. (Later
+    chunks attend to a longer prefix; at prefill sizes the products dominate, so 1/k each.)"""
+    if concurrency < 1 or decode_steps < 0 or prefill_chunks < 1:
+        raise ValueError(
+            "need concurrency >= 1, decode_steps >= 0 and prefill_chunks >= 1, got "
+            f"{concurrency}, {decode_steps}, {prefill_chunks}"
+        )
+    p, k = times.n_stages, prefill_chunks
     last_pos = 2 * p  # positions: 2i = hop i, 2i+1 = stage i, 2p = hop p (to the client)
     free = [0.0] * (2 * p + 1)
     events: list[TraceEvent] = []
     busy = [0.0] * p
     done: dict[tuple[int, int], float] = {}  # (seq, step) -> arrival of its token at the client
-    heap: list[tuple[float, int, int, int]] = [(0.0, s, 0, 0) for s in range(concurrency)]
+    # (time, seq, step, chunk, position); decode steps are chunk 0 of 1
+    heap = [(0.0, s, 0, c, 0) for s in range(concurrency) for c in range(k)]
     heapq.heapify(heap)
     while heap:
-        t, seq, step, pos = heapq.heappop(heap)
+        t, seq, step, chunk, pos = heapq.heappop(heap)
         session = f"seq{seq}"
         start = max(t, free[pos])
+        share = 1.0 / k if step == 0 else 1.0  # of the step's service and serialization times
         if pos % 2:  # a stage
             i = pos // 2
-            service = times.prefill_s[i] if step == 0 else times.decode_s[i]
+            service = (times.prefill_s[i] if step == 0 else times.decode_s[i]) * share
             end = start + service
             if start > t:
                 events.append(TraceEvent(i, EventKind.QUEUE, t, start, session, step, source="simulated"))
             tokens = times.batch * (times.prefill_tokens if step == 0 else 1)
             events.append(
-                TraceEvent(i, EventKind.COMPUTE, start, end, session, step, tokens=tokens, source="simulated")
-            )
+                TraceEvent(
+                    i, EventKind.COMPUTE, start, end, session, step, tokens=round(tokens * share),
+                    source="simulated",
+                )
+            )  # fmt: skip
             busy[i] += service
             free[pos] = end
-            heapq.heappush(heap, (end, seq, step, pos + 1))
+            if step > 0 or chunk == k - 1 or pos + 1 < last_pos:  # a chunk's hidden ends at the last stage
+                heapq.heappush(heap, (end, seq, step, chunk, pos + 1))
             continue
         h = pos // 2  # a hop
-        ser = times.hop_prefill_ser_s[h] if step == 0 else times.hop_decode_ser_s[h]
+        frac = share if h < p else 1.0  # the hop to the client carries one token per sequence
+        ser = (times.hop_prefill_ser_s[h] if step == 0 else times.hop_decode_ser_s[h]) * frac
         sizes = times.hop_prefill_bytes if step == 0 else times.hop_decode_bytes
         free[pos] = start + ser
         arrive = start + ser + times.hop_latency_s[h]
         kind, lane = (EventKind.RECEIVE, 0) if h == 0 else (EventKind.SEND, h - 1)
-        nbytes = sizes[h] if sizes else 0
+        nbytes = round(sizes[h] * frac) if sizes else 0
         events.append(TraceEvent(lane, kind, start, arrive, session, step, nbytes=nbytes, source="simulated"))
         if pos < last_pos:
-            heapq.heappush(heap, (arrive, seq, step, pos + 1))
+            heapq.heappush(heap, (arrive, seq, step, chunk, pos + 1))
         else:
             done[(seq, step)] = arrive
             if step < decode_steps:
-                heapq.heappush(heap, (arrive, seq, step + 1, 0))
+                heapq.heappush(heap, (arrive, seq, step + 1, 0, 0))
     return SimResult(tuple(events), _summarize(times, concurrency, decode_steps, done, busy))
 
 
@@ -220,8 +237,10 @@ def simulate_plan(
     options: PlanOptions | None = None,
     prompt_tokens: int = 128,
     decode_steps: int = 32,
+    prefill_chunks: int = 1,
 ) -> SimResult:
-    """Simulate ``plan`` at ``options.concurrency`` micro-batches in flight."""
+    """Simulate ``plan`` at ``options.concurrency`` micro-batches in flight (prompts in
+    ``prefill_chunks`` chunks, as ``AutoDistributedModel.prefill_chunk`` sends them)."""
     o = options or PlanOptions()
     times = pipeline_times(plan, model, devices, links, o, prompt_tokens)
-    return simulate(times, o.concurrency, decode_steps)
+    return simulate(times, o.concurrency, decode_steps, prefill_chunks)
