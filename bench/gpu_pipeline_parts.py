@@ -523,8 +523,7 @@ def table_rows(
                 ("PASS" if dec / ref >= 0.95 else "MISS (goal 95%)") if ref else "",
             )
         )
-        chunked = {k: v for k, v in r.get("prefill_chunked", {}).items()}
-        for s, v in [*r.get("prefill", {}).items(), *chunked.items()]:
+        for s, v in [*r.get("prefill", {}).items(), *r.get("prefill_chunked", {}).items()]:
             ref_p = g1["prefill"].get(s.split("/")[0], {}).get("tok_s") if g1 else None
             rows.append(
                 (

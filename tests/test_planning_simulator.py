@@ -154,3 +154,22 @@ def test_chunked_prefill_is_a_flow_shop_of_k_chunks(k):
 def test_chunked_prefill_rejects_zero_chunks():
     with pytest.raises(ValueError, match="prefill_chunks >= 1"):
         simulate(PipelineTimes.equal_stages(2, 0.1, 0.01), prefill_chunks=0)
+
+
+def test_simulated_plan_charges_each_chunk_its_own_weight_reads() -> None:
+    """simulate_plan: a chunk costs the cost model's time for its own tokens (each chunk reads the
+    weights again): chunking a short, memory-bound prompt delays its first token, chunking a long,
+    compute-bound one brings it forward."""
+    model = preset_profile("llama-2-13b")
+    devices = tuple(device_from_catalog(n, f"{n}-{i}") for i, n in enumerate(["rtx4090", "rtx3090", "a5000"]))
+    links = LinkProfile(2e-4, 1e9 / 8)
+    opts = PlanOptions(context=4096)
+    plan = PARTITIONERS.get("dp")(model, devices, links, opts)
+
+    def ttft(prompt: int, k: int) -> float:
+        return simulate_plan(plan, model, devices, links, opts, prompt, 0, prefill_chunks=k).summary.ttft_s
+
+    assert ttft(16, 8) > ttft(16, 1)
+    assert ttft(4096, 4) < ttft(4096, 1)
+    with pytest.raises(ValueError, match="prefill_chunks <= prompt_tokens"):
+        ttft(4, 8)

@@ -385,20 +385,64 @@ def test_chunked_prompt_equals_the_whole_prompt(model3, local_pipe, monkeypatch)
     widest = max(len(local_pipe.encode(p)) for p in PROMPTS)
     want = [r.token_ids for r in local_pipe.generate(PROMPTS, max_tokens=12)]
     try:
-        for chunk, ring in ((1, True), (3, True), (3, False), (widest - 1, True)):
+        for chunk, ring in ((2, True), (3, True), (3, False), (widest - 1, True)):
             model3.prefill_chunk, model3.server_loop = chunk, ring
             sent.clear()
+            model3.trace_events()  # drain
             got = model3.generate(PROMPTS, max_tokens=12)
             assert [r.token_ids for r in got] == want, (chunk, ring)
-            assert sent == [chunk] * (-(-widest // chunk) - 1), (chunk, sent)
-            assert not model3._data._arrived  # nothing answered the chunks
+            n_chunks = -(-widest // chunk)
+            assert sent == [chunk] * (n_chunks - 1), (chunk, sent)
+            # every chunk was computed on the last stage, and only the last one was sampled
+            last = [e for e in model3.trace_events() if e.stage == 2 and e.step == 0]
+            assert sum(e.kind.value == "compute" for e in last) == n_chunks, (chunk, ring)
+            assert sum(e.kind.value == "sample" for e in last) == 1, (chunk, ring)
         model3.prefill_chunk = widest  # not longer than one chunk: one frame, as without chunking
         sent.clear()
         assert [r.token_ids for r in model3.generate(PROMPTS, max_tokens=12)] == want and sent == []
     finally:
         model3.prefill_chunk, model3.server_loop = None, True
-    with pytest.raises(ValueError, match="prefill_chunk must be None or a positive int"):
-        model3.prefill_chunk = 0
+    with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 2"):
+        model3.prefill_chunk = 1
+
+
+def test_an_error_on_a_prompt_chunk_reaches_the_client(model3, monkeypatch):
+    """A chunk that a stage rejects fails the step at once (not after ``step_timeout``): a prompt
+    past the session's max length, and a bad early chunk whose error comes back while later chunks
+    are still being sent (the step's last chunk is fine, so only that error says anything)."""
+    from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
+    from hyperlane_lab.types import SamplingParams
+
+    real = ClientDataPlane.send_chunk
+
+    def slow(self, sid, step, ids, positions):
+        real(self, sid, step, ids, positions)
+        time.sleep(0.2)  # the first chunk's error frame arrives before the last chunk goes out
+
+    monkeypatch.setattr(ClientDataPlane, "send_chunk", slow)
+    monkeypatch.setattr(model3, "step_timeout", 30.0)
+    model3.prefill_chunk = 4
+    try:
+        for max_new in (0, 4):  # the client relays / the workers run the token loop
+            ids = torch.randint(0, 100, (2, 12))
+            positions = torch.arange(12).expand(2, 12).contiguous()
+            t0 = time.perf_counter()
+            with (
+                pytest.raises(RuntimeError, match=r"beyond session .* max length 8"),
+                model3.runner.open_session(2, 8, SamplingParams(), max_new_tokens=max_new) as s,
+            ):
+                s.step(ids, positions)
+            bad = ids.clone()
+            bad[0, 1] = model3.spec.vocab_size  # only the first chunk is bad
+            with (
+                pytest.raises(RuntimeError, match="token ids must be in"),
+                model3.runner.open_session(2, 16, SamplingParams(), max_new_tokens=max_new) as s,
+            ):
+                s.step(bad, positions)
+            assert time.perf_counter() - t0 < 20
+    finally:
+        model3.prefill_chunk = None
+    assert model3.generate(PROMPTS[0], max_tokens=4).token_ids  # the workers still serve
 
 
 def test_right_align_keeps_each_rows_tokens_in_order():

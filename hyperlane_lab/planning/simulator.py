@@ -8,7 +8,8 @@ Servers: each stage serves one micro-batch at a time, FIFO. Each hop is a FIFO s
 serialization time (payload / bandwidth) followed by a pure delay (latency) during which the link
 can already push the next payload. The client takes no time. All m micro-batches are submitted at
 t = 0 (seq0 first). Arrivals are processed in time order (ties: lower sequence, then step, then
-position), so a FIFO server starts a job at max(arrival, free) — exact and deterministic.
+prompt chunk, then position), so a FIFO server starts a job at max(arrival, free) — exact and
+deterministic.
 
 Decode steps all take the same time (the cost model's step at the plan's context); what varies
 is queueing. Trace lanes are stages: stage compute is COMPUTE (and QUEUE while waiting for the
@@ -18,6 +19,7 @@ stage 0 is RECEIVE on lane 0.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Sequence
@@ -101,7 +103,8 @@ def simulate(
     ``prefill_chunks`` = k > 1: each prompt goes down the pipeline as k chunks (the runtime's
     ``prefill_chunk``), each taking 1/k of every stage's prefill time and of each hop's prefill
     serialization (the latency in full); only the last chunk's token goes back to the client. (Later
-    chunks attend to a longer prefix; at prefill sizes the products dominate, so 1/k each.)"""
+    chunks attend to a longer prefix; at prefill sizes the products dominate, so 1/k each. Short
+    chunks are memory-bound instead: ``simulate_plan`` passes times that give each chunk its own.)"""
     if concurrency < 1 or decode_steps < 0 or prefill_chunks < 1:
         raise ValueError(
             "need concurrency >= 1, decode_steps >= 0 and prefill_chunks >= 1, got "
@@ -240,7 +243,22 @@ def simulate_plan(
     prefill_chunks: int = 1,
 ) -> SimResult:
     """Simulate ``plan`` at ``options.concurrency`` micro-batches in flight (prompts in
-    ``prefill_chunks`` chunks, as ``AutoDistributedModel.prefill_chunk`` sends them)."""
+    ``prefill_chunks`` chunks, as ``AutoDistributedModel.prefill_chunk`` sends them).
+
+    A chunk costs what the cost model says for its own ceil(prompt_tokens / k) tokens, not 1/k of
+    the whole prompt: every chunk reads the stage's weights again, so short chunks are
+    memory-bound and chunking a short prompt makes its first token later, not earlier."""
+    if not 1 <= prefill_chunks <= prompt_tokens:
+        raise ValueError(f"need 1 <= prefill_chunks <= prompt_tokens ({prompt_tokens}), got {prefill_chunks}")
     o = options or PlanOptions()
     times = pipeline_times(plan, model, devices, links, o, prompt_tokens)
+    if prefill_chunks > 1:  # ``simulate`` gives each chunk 1/k of these: k x one chunk's times
+        k = prefill_chunks
+        one = pipeline_times(plan, model, devices, links, o, -(-prompt_tokens // k))
+        times = dataclasses.replace(
+            times,
+            prefill_s=tuple(k * t for t in one.prefill_s),
+            # the hop back to the client carries one token per sequence, chunked or not
+            hop_prefill_ser_s=(*(k * t for t in one.hop_prefill_ser_s[:-1]), times.hop_prefill_ser_s[-1]),
+        )
     return simulate(times, o.concurrency, decode_steps, prefill_chunks)

@@ -48,17 +48,15 @@ class _RemoteSession:
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         chunk = self.model.prefill_chunk
+        more: list[tuple[torch.Tensor, torch.Tensor]] = []  # leading chunks: no reply to these
         if (
             chunk is not None and self.chunks and ids.shape[1] > chunk
         ):  # a long prompt: chunks flow down the pipeline
             ids, positions = right_align(ids, positions)  # every row's last token in the last chunk
             starts = range(0, ids.shape[1], chunk)
-            for a in starts[:-1]:  # no reply to these
-                self.model._data.send_chunk(
-                    self.sid, self.step_no, ids[:, a : a + chunk], positions[:, a : a + chunk]
-                )
+            more = [(ids[:, a : a + chunk], positions[:, a : a + chunk]) for a in starts[:-1]]
             ids, positions = ids[:, starts[-1] :], positions[:, starts[-1] :]
-        out = self.model._data.step(self.sid, self.step_no, ids, positions, self.model.step_timeout)
+        out = self.model._data.step(self.sid, self.step_no, ids, positions, self.model.step_timeout, more)
         self.step_no += 1
         return out
 
@@ -150,16 +148,16 @@ class AutoDistributedModel(TextGenerator):
     @property
     def prefill_chunk(self) -> int | None:
         """Prompt tokens per data-plane frame (None: the whole prompt in one frame). With chunks,
-        stage k computes chunk i while stage k+1 computes chunk i-1 and the link carries the
-        hidden states in between, so a long prompt's transfers overlap compute."""
+        stage k computes chunk i while stage k+1 computes chunk i-1; on CUDA workers, whose
+        completion thread sends while the GPU computes, the link carries the hidden states in
+        between too. At least 2: a one-token chunk would take the decode step's CUDA graph,
+        whose static output and reused host buffers assume one step of a session in flight."""
         return self._prefill_chunk
 
     @prefill_chunk.setter
     def prefill_chunk(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(
-                f"prefill_chunk must be None or a positive int (tokens per chunk), got {value!r}"
-            )
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            raise ValueError(f"prefill_chunk must be None or an int >= 2 (tokens per chunk), got {value!r}")
         self._prefill_chunk = value
 
     # ------------------------------------------------------------------ construction

@@ -12,6 +12,7 @@ import concurrent.futures
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -119,12 +120,22 @@ class ClientDataPlane:
     # ------------------------------------------------------------------ steps
 
     def submit(
-        self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor
+        self,
+        sid: str,
+        step: int,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        chunks: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> concurrent.futures.Future[torch.Tensor]:
+        """Send step ``step`` (``chunks``: its leading prompt chunks, sent first by ``send_chunk``;
+        ``ids``/``positions`` are its last chunk). The future is registered before anything goes
+        out, so an error frame for an early chunk fails it even while later chunks are being sent."""
         fut: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
         with self._lock:
             self._pending[(sid, step)] = fut
         try:
+            for chunk_ids, chunk_positions in chunks:
+                self.send_chunk(sid, step, chunk_ids, chunk_positions)
             self._send_tensor(sid, step, ids, positions, 0)
         except ConnectionError as e:
             self._fail(sid, step, e)
@@ -132,7 +143,7 @@ class ClientDataPlane:
 
     def send_chunk(self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """A prompt chunk that more chunks of ``step`` follow (``FLAG_MORE``): the stages fill
-        their caches and the last stage answers nothing; the step's last chunk goes by ``submit``."""
+        their caches and the last stage answers nothing (``submit`` sends a step's chunks)."""
         self._send_tensor(sid, step, ids, positions, FLAG_MORE)
 
     def _send_tensor(
@@ -178,9 +189,15 @@ class ClientDataPlane:
         return self._wait(fut, sid, step, timeout)
 
     def step(
-        self, sid: str, step: int, ids: torch.Tensor, positions: torch.Tensor, timeout: float
+        self,
+        sid: str,
+        step: int,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        timeout: float,
+        chunks: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> torch.Tensor:
-        return self._wait(self.submit(sid, step, ids, positions), sid, step, timeout)
+        return self._wait(self.submit(sid, step, ids, positions, chunks), sid, step, timeout)
 
     def _wait(
         self, fut: concurrent.futures.Future[torch.Tensor], sid: str, step: int, timeout: float

@@ -38,8 +38,10 @@ from hyperlane_lab.errors import ProtocolError
 
 __all__ = [
     "DTYPE_CODES",
+    "FLAG_ALL_LOGITS",
     "FLAG_MORE",
     "HEADER",
+    "KNOWN_FLAGS",
     "MAGIC",
     "MAX_PAYLOAD",
     "VERSION",
