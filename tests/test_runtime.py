@@ -434,12 +434,17 @@ def test_an_error_on_a_prompt_chunk_reaches_the_client(model3, monkeypatch):
                 s.step(ids, positions)
             bad = ids.clone()
             bad[0, 1] = model3.spec.vocab_size  # only the first chunk is bad
+            model3.trace_events()  # drain
             with (
                 pytest.raises(RuntimeError, match="token ids must be in"),
                 model3.runner.open_session(2, 16, SamplingParams(), max_new_tokens=max_new) as s,
             ):
+                sid = s.sid
                 s.step(bad, positions)
             assert time.perf_counter() - t0 < 20
+            # the failed session's later chunks were dropped by the first stage: nothing computed
+            ev = [e for e in model3.trace_events() if e.session == sid]
+            assert ev and not [e for e in ev if e.kind.value == "compute"], ev
     finally:
         model3.prefill_chunk = None
     assert model3.generate(PROMPTS[0], max_tokens=4).token_ids  # the workers still serve

@@ -157,7 +157,7 @@ class GpuStepper:
             if not released:
                 frame.body.release()
             log.warning("stage %d: step %d of session %s failed: %s", w.stage_index, step, sid, e)
-            w._call_soon(w._forward_error, sid, step, f"stage {w.stage_index}: {e}")
+            w.step_failed(sess, sid, step, f"stage {w.stage_index}: {e}")
             return
         sess.steps += 1
         self._q.put(

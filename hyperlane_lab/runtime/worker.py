@@ -313,6 +313,8 @@ class Worker(WorkerOutbox):
         if self.engine is None or sess is None:  # closed since its header arrived
             frame.body.release()
             return
+        if self._failed(frame):
+            return
         sess.last_used = time.monotonic()
         t0 = time.perf_counter()
         x = decode_payload(h, frame.payload_view)  # validates payload length (ProtocolError)
@@ -338,8 +340,27 @@ class Worker(WorkerOutbox):
 
     # ------------------------------------------------------------------ compute (compute thread)
 
+    def step_failed(self, sess: _Session | None, sid: str, step: int, message: str) -> None:
+        """A step failed here (any thread): the session is marked at once, so that frames of it
+        already queued behind (a prompt's later chunks) are dropped, and the error goes on."""
+        if sess is not None and not sess.error:
+            sess.error = message
+        self._call_soon(self._forward_error, sid, step, message)
+
+    def _failed(self, frame: Frame) -> bool:
+        """True (and the frame released) for a frame of a session that already failed."""
+        sess = self.sessions.get(frame.header.session)
+        if sess is None or not sess.error:
+            return False
+        frame.body.release()
+        log.debug("stage %d: dropping step %d of failed session %s", self.stage_index, frame.header.step,
+                  frame.header.session[:8])  # fmt: skip
+        return True
+
     def _run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
         h, eng = frame.header, self.engine
+        if self._failed(frame):
+            return
         if uses_gpu_path(eng):  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
             if self._gpu is None or self._gpu.device != eng.device:
                 if self._gpu is not None:
@@ -365,7 +386,7 @@ class Worker(WorkerOutbox):
         except Exception as e:
             frame.body.release()
             log.warning("stage %d: step %d of session %s failed: %s", self.stage_index, step, sid, e)
-            self._call_soon(self._forward_error, sid, step, f"stage {self.stage_index}: {e}")
+            self.step_failed(sess, sid, step, f"stage {self.stage_index}: {e}")
             return
         frame.body.release()
         sess.steps += 1
