@@ -344,10 +344,10 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
 
     run_ahead = pl._LocalSession.can_run_ahead
     for name, flags in variants.items():
-        graphs, _, ahead = flags[:3]
+        graphs, comp, ahead = flags[:3]
         stage.cuda_graphs = graphs
         if graphs:
-            _configure(stage.graph_decoder(), *flags[1:2], *flags[3:])
+            _configure(stage.graph_decoder(), comp, *flags[3:])
         pl._LocalSession.can_run_ahead = run_ahead if ahead else (lambda self: False)  # type: ignore[method-assign]
         try:
             t1 = time.perf_counter()
@@ -376,7 +376,7 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     flags = variants[best]
     stage.cuda_graphs = flags[0]
     if flags[0]:
-        _configure(stage.graph_decoder(), *flags[1:2], *flags[3:])
+        _configure(stage.graph_decoder(), flags[1], *flags[3:])
     out["prefill"] = {str(s): gen_prefill(pipe, s, spec.vocab_size, args.reps) for s in args.prefill}
     if CUDA:
         for s in args.prefill:

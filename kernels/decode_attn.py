@@ -8,7 +8,8 @@ the cache and streams the cached keys with an online (running-max) softmax in fp
 
 Layout: ``_decode_attn_kernel`` / ``_combine_kernel`` (``@triton.jit``) -> ``decode_attention`` (launcher:
 checks, split choice, grid; no device reads, so it can be captured in a CUDA graph and traced by
-torch.compile) -> ``decode_attention_ref`` (the torch path's math with plain torch ops, for tests).
+torch.compile) -> ``decode_attention_ref`` (the torch path itself, through its RoPE and attention
+functions, for tests).
 
 Differences from the torch path, all within rounding: q and k are roped in fp32 and rounded to the cache
 dtype once (torch ropes in the activation dtype); scores use fp32 ``q * D**-0.5``; p stays fp32 for p @ V.
@@ -277,11 +278,6 @@ def decode_attention(
     return out
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 def decode_attention_ref(
     qkv: torch.Tensor,
     pos: torch.Tensor,
@@ -294,17 +290,20 @@ def decode_attention_ref(
     window: int | None = None,
 ) -> torch.Tensor:
     """The torch path of ``models/decode_static.py`` (``static_decode_step`` + ``decode_layer_static``'s
-    attention) in plain torch ops, in qkv's dtype (tests run it on float64 copies). Writes the caches in
-    place like ``decode_attention``; padding rows act as position 0 (attend slot 0)."""
+    attention, calling its functions), in qkv's dtype (tests run it on float64 copies). Writes the
+    caches in place like ``decode_attention``; padding rows act as position 0 (attend slot 0)."""
     b, hkv, n_slots, d = k_cache.shape
+    from hyperlane_lab.models.decode_static import decode_attention as torch_attention
+    from hyperlane_lab.models.layers import _apply_rope
+
     hq, dtype = n_heads, qkv.dtype
     slot = torch.where(pos >= 0, pos, torch.full_like(pos, n_slots - 1))
     g = pos.clamp(min=0)
     cos = cos_t[g].to(dtype)[:, None]  # [B, 1, 1, D]
     sin = sin_t[g].to(dtype)[:, None]
     q, k, v = torch.split(qkv, [hq * d, hkv * d, hkv * d], dim=-1)
-    q = _rope(q.view(b, 1, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, 1, D]
-    k = _rope(k.view(b, 1, hkv, d).transpose(1, 2), cos, sin)
+    q = _apply_rope(q.view(b, 1, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, 1, D]
+    k = _apply_rope(k.view(b, 1, hkv, d).transpose(1, 2), cos, sin)
     v = v.view(b, 1, hkv, d).transpose(1, 2)
     idx = slot[:, None, :, None].expand(b, hkv, 1, d)
     k_cache.scatter_(2, idx, k)
@@ -314,8 +313,4 @@ def decode_attention_ref(
     mask = keys <= qpos
     if window:
         mask = mask & (keys > qpos - window)
-    qg = (q * d**-0.5).reshape(b, hkv, hq // hkv, d)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2))  # [B, Hkv, G, L + 1]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
-    p = scores.softmax(dim=-1).to(v_cache.dtype)
-    return torch.matmul(p, v_cache).reshape(b, hq, 1, d).transpose(1, 2).reshape(b, 1, hq * d)
+    return torch_attention(q, k_cache, v_cache, mask).reshape(b, 1, hq * d)  # [B, Hq, 1, D] -> [B, 1, Hq D]

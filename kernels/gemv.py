@@ -193,7 +193,8 @@ def gemv(
         residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype or residual.device != x.device
     ):
         raise ValueError(
-            f"gemv: residual must be {(*x.shape[:-1], n)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+            f"gemv: residual must be {(*x.shape[:-1], n)} {x.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype}"
         )
     r = residual.reshape(m, n).contiguous() if residual is not None else w
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -280,25 +281,22 @@ def choose_config(
 
     reps = max(16, 4 * copies)
 
-    mode = [timer]  # one timer for every candidate: graph and eager times do not compare
-
-    def timed(fn: object) -> float:
+    def timed(fn: object, graph: bool) -> float:
         fn()  # type: ignore[operator]  # compile / lazy init outside any capture
         torch.cuda.synchronize()
-        if mode[0] == "graph":
-            try:
-                return graph_time_us(fn, reps)
-            except Exception as e:  # capture refused (e.g. a stream already capturing)
-                log.debug("gemv graph timing failed on %dx%d (%s); timing all eagerly", n, k, e)
-                mode[0] = "eager"
-                raise _Retime from e
-        return _time_us(fn, reps)
-
-    while True:
+        if not graph:
+            return _time_us(fn, reps)
         try:
-            return _time_all(n, timed, rotate, margin)
-        except _Retime:
-            continue  # mode is "eager" now: at most one retry
+            return graph_time_us(fn, reps)
+        except Exception as e:  # capture refused (e.g. a stream already capturing)
+            raise _Retime from e
+
+    if timer == "graph":  # one timer for every candidate: graph and eager times do not compare
+        try:
+            return _time_all(n, lambda fn: timed(fn, True), rotate, margin)
+        except _Retime as e:
+            log.debug("gemv graph timing failed on %dx%d (%s); timing all eagerly", n, k, e.__cause__)
+    return _time_all(n, lambda fn: timed(fn, False), rotate, margin)
 
 
 class _Retime(Exception):
