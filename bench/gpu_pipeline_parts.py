@@ -199,9 +199,12 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float) -> dict[str,
     the last stage's tokens reaching the client, the client's loop and its send to stage 0.
     All stage clocks are this host's monotonic clock (one host), so differences are exact."""
     by: dict[tuple[str, int, int, str], TraceEvent] = {}
-    for e in events:
+    for e in sorted(events, key=lambda e: e.start):
         if e.step >= 1:
-            by[(e.kind.value, e.stage, hash(e.session), e.step)] = e
+            key = (e.kind.value, e.stage, hash(e.session), e.step)
+            if e.kind.value == "send" and key in by:  # the last stage: its ring frame went first
+                by[("ring", *key[1:])] = by[key]
+            by[key] = e
     keys = {(k[1], k[2], k[3]) for k in by if k[0] == "compute"}
 
     def seg(name: str, fn: Any) -> None:
@@ -226,12 +229,22 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float) -> dict[str,
             f"s{i}_complete", lambda st, s, k, i=i: by[("send", i, s, k)].start - by[("compute", i, s, k)].end
         )
         seg(f"s{i}_send", lambda st, s, k, i=i: by[("send", i, s, k)].end - by[("send", i, s, k)].start)
+        if i == p - 1:  # inside s{i}_complete: wake-up -> ring frame ready, and the ring frame's send
+            seg(
+                f"s{i}_sample",
+                lambda st, s, k, i=i: by[("sample", i, s, k)].end - by[("sample", i, s, k)].start,
+            )
+            seg(
+                f"s{i}_ring_send",
+                lambda st, s, k, i=i: by[("ring", i, s, k)].end - by[("ring", i, s, k)].start,
+            )
         if i + 1 < p:
             seg(
                 f"wire_{i}_{i + 1}",
                 lambda st, s, k, i=i: by[("receive", i + 1, s, k)].end - by[("send", i, s, k)].end,
             )
-    out["client"] = token_s - sum(v for v in out.values())
+    inside = {f"s{p - 1}_sample", f"s{p - 1}_ring_send"}  # already counted in s{p-1}_complete
+    out["client"] = token_s - sum(v for k, v in out.items() if k not in inside)
     return out
 
 
@@ -364,6 +377,7 @@ def run_split(
     ngpu = torch.cuda.device_count() if CUDA else 0
     devices = [f"cuda:{i % ngpu}" for i in range(p)] if ngpu else ["cpu"] * p
     out.update({"model": model_name, "stages": p, "devices": devices})
+    out["compression"] = getattr(args, "compression", "raw")
     t0 = time.perf_counter()
     extra = ["--cpu-latency-us", str(args.cpu_latency_us)] if args.cpu_latency_us is not None else []
     out["cpu_latency_us"] = args.cpu_latency_us
@@ -374,6 +388,7 @@ def run_split(
             workers=cl.addresses,
             random_weights=True,
             dtype="fp16" if CUDA else "fp32",
+            compression=getattr(args, "compression", "raw"),
             progress=False,
         ) as model:
             out["load_s"] = time.perf_counter() - t0
@@ -486,7 +501,7 @@ def part_70b(args: argparse.Namespace, res: dict[str, Any], p: int = 4) -> dict[
     name = "llama-2-70b" if CUDA and args.model != "bundled" else "bundled"
     out: dict[str, Any] = {}
     res["70b" if p == 4 else f"70b{p}"] = out
-    ms = [p, 2 * p, 4 * p] if p > 4 else [4, 8, 16]
+    ms = [m for m in args.ms if m >= p] or ([p, 2 * p, 4 * p] if p > 4 else [4, 8, 16])  # --ms, from p up
     return run_split(args, name, p, ms, min(args.decode_tokens, 32), [512] if CUDA else args.prefill, bw, out)
 
 

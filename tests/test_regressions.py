@@ -136,6 +136,31 @@ def test_headers_are_vetted_before_any_allocation():
     assert unpack_header(pack_header(ping)).step == 3
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 100, 9000, 1 << 20])
+def test_frames_split_or_packed_any_way_parse_the_same(chunk):
+    """Several frames in one read (a header and the body behind it arrive through the scratch
+    buffer), or one byte at a time: the same frames come out, a vetoed frame's body is skipped."""
+    pool, frames = BufferPool(), []
+    sid = uuid.uuid4().hex
+    conn = FrameConnection(lambda c, f: frames.append(f), pool, on_header=lambda c, h: h.step != 2)
+    conn.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    bodies = {1: bytes(range(256)) * 32, 2: b"x" * 300, 3: b"", 4: b"tail" * 3}
+    data = b""
+    for step, body in bodies.items():
+        h = FrameHeader(FrameKind.PING, sid, step, 0, 0, torch.uint8, 0, 0, (), len(body))
+        data += pack_header(h) + body
+    view = memoryview(data)
+    while view:  # hand the bytes over in pieces of at most `chunk`, as reads would
+        buf = conn.get_buffer(-1)
+        n = min(len(buf), len(view), chunk)
+        buf[:n] = view[:n]
+        conn.buffer_updated(n)
+        view = view[n:]
+    assert [f.header.step for f in frames] == [1, 3, 4]
+    assert [bytes(f.payload_view) for f in frames] == [bodies[1], bodies[3], bodies[4]]
+    assert not conn.transport.closed
+
+
 @pytest.mark.multiprocess
 def test_unknown_session_frame_keeps_the_connection(cluster3):
     """A late frame of a closed session is skipped; the same connection keeps working."""

@@ -46,6 +46,7 @@ from hyperlane_lab.models.decode_static import (
     decode_layer_static,
     static_decode_step,
 )
+from hyperlane_lab.models.decode_wire import WireIO, WireSpec, make_wire_io, wire_in, wire_out
 from hyperlane_lab.models.layers import decoder_layer
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class _Graph:
     # last stage: [B + 1] int64 = greedy ids of ``out``, then 1 if ``out`` holds NaN/Inf (the
     # Sampler's greedy choice and check, computed inside the graph: no extra launches per step)
     greedy: torch.Tensor | None = None
+    wire: WireIO | None = None  # wire mode: the graph copies its inputs in and its result out itself
+    io_np: Any = None  # numpy view of io_host
 
 
 def graph_greedy(cache: SessionCache, out: torch.Tensor) -> torch.Tensor | None:
@@ -129,6 +132,7 @@ class GraphDecoder:
         # one capture stream, from the high-priority pool: a fresh pooled stream per capture would
         # wrap around the pool and alias a stream other threads use (the worker's copy stream)
         self._capture_stream: Any = None
+        self.wire_broken = ""  # why a wire-mode capture failed (wire steps then take the staged path)
 
     # ------------------------------------------------------------------ caches
 
@@ -289,6 +293,8 @@ class GraphDecoder:
         if self._broken:
             return self.eager_step(cache, x, pos)
         g: _Graph | None = getattr(cache, "graph", None)
+        if g is not None and g.wire is not None:  # a wire-mode graph copies its own inputs: recapture
+            g = cache.graph = None
         if g is None:
             try:
                 g = self._capture(cache)
@@ -306,6 +312,44 @@ class GraphDecoder:
             g.graph.replay()
         self.replays += 1
         return g.out
+
+    def wire_ready(self, cache: SessionCache, spec: WireSpec) -> bool:
+        """True when ``cache`` has a captured wire-mode graph for ``spec`` (a step only enqueues)."""
+        g = cache.graph
+        return g is not None and g.wire is not None and g.wire.spec == spec
+
+    def step_wire(self, cache: SessionCache, spec: WireSpec, pos: Any, x: Any) -> _Graph | None:
+        """Wire-mode decode step (``decode_wire``): ``pos`` int64 numpy [B] positions, ``x`` the
+        frame's payload (first stage: int64 numpy ids [B]; else a bytes-like payload of
+        ``g.wire.in_nbytes`` bytes, checked by the caller). Captures the cache's wire graph on first
+        use (replacing a staged-mode graph). Returns the graph, whose ``wire.out_host`` holds the
+        result once the current stream passes an event recorded after this call; None when wire
+        capture failed here once (``wire_broken`` says why): use ``step``."""
+        if self._broken or self.wire_broken:
+            return None
+        g: _Graph | None = cache.graph
+        if g is None or g.wire is None or g.wire.spec != spec:
+            try:
+                g = self._capture(cache, spec)
+            except Exception as e:
+                self.wire_broken = f"{type(e).__name__}: {e}"[:300]
+                log.warning("stage %s: wire-mode capture failed (%s); staging copies outside the graph",
+                            self.stage.span, e)  # fmt: skip
+                cache.graph = None
+                return None
+            cache.graph = g
+        assert g.wire is not None and g.staged is not None
+        with torch.cuda.device(self.stage.device):
+            g.staged.synchronize()  # the previous replay has read the pinned inputs (normally long done)
+            g.io_np[1] = pos
+            if self.stage.is_first:
+                g.io_np[0] = x
+            else:
+                g.wire.put(x)
+            g.graph.replay()
+            g.staged.record()
+        self.replays += 1
+        return g
 
     def _stage_in(self, g: _Graph, x: torch.Tensor, pos: torch.Tensor) -> None:
         first = self.stage.is_first
@@ -332,7 +376,7 @@ class GraphDecoder:
         else:
             g.x_in.copy_(x, non_blocking=True)
 
-    def _capture(self, cache: SessionCache) -> _Graph:
+    def _capture(self, cache: SessionCache, wire: WireSpec | None = None) -> _Graph:
         st = self.stage
         dev = st.device
         b, h = cache.batch, st.spec.hidden_size
@@ -350,8 +394,12 @@ class GraphDecoder:
         if self.compile_layers:  # one compiled layer for every max_len (no recompiles per length)
             for t in (*cache.k, *cache.v):
                 torch._dynamo.maybe_mark_dynamic(t, 2)
+        wio: WireIO | None = None
 
         def run() -> torch.Tensor:
+            if wio is not None:  # wire mode: the inputs' host->device copies are part of the graph
+                io.copy_(io_host, non_blocking=True)
+                wire_in(wio, x_in)
             layer = self.triton_layer() if b == 1 and st.weights.layers else None
             fused = layer is not None or self.attention_kernel() is not None
             return static_decode_step(
@@ -375,6 +423,12 @@ class GraphDecoder:
                 if st.is_last:
                     assert warm is not None
                     greedy_pack(warm)
+                if wire is not None:
+                    gp = greedy_pack(warm) if st.is_last else None
+                    wio = make_wire_io(wire, st.is_first, st.is_last, x_in, warm, gp)
+                    io_host.zero_()
+                    io_host[1] = -1  # as the warm-up: padding positions (trash slot)
+                    wire_out(wio, greedy_pack(run()) if st.is_last else run())  # warm the codec kernels
                 graph = torch.cuda.CUDAGraph()
                 # own memory pool per graph: a decode step's intermediates are small, and a shared
                 # pool handle dies with the last graph that used it (a later capture on it asserts)
@@ -382,9 +436,14 @@ class GraphDecoder:
                 try:
                     out = run()
                     greedy = greedy_pack(out) if st.is_last else None
+                    if wio is not None:
+                        wire_out(wio, greedy if greedy is not None else out)
                 finally:
                     graph.capture_end()
             torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
-        log.debug("stage %s: captured decode graph for batch %d, max_len %d", st.span, b, cache.max_len)
-        return _Graph(graph, io, io_host, x_in, x_host, out, (cos_t, sin_t, keys), greedy=greedy)
+        log.debug("stage %s: captured decode graph for batch %d, max_len %d (wire %s)", st.span, b,
+                  cache.max_len, wire)  # fmt: skip
+        staged = torch.cuda.Event() if wio is not None else None
+        return _Graph(graph, io, io_host, x_in, x_host, out, (cos_t, sin_t, keys), staged, greedy, wio,
+                      io_host.numpy())  # fmt: skip

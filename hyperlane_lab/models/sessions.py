@@ -11,7 +11,26 @@ import torch
 from hyperlane_lab.models.config import ModelSpec
 from hyperlane_lab.types import LayerSpan
 
-__all__ = ["SessionCache", "StageSessions"]
+__all__ = ["SessionCache", "StageSessions", "check_positions", "check_token_ids"]
+
+
+def check_token_ids(ids: Any, vocab_size: int) -> None:
+    """ValueError unless every id of the (numpy) array is in [0, vocab_size)."""
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}), got ids in [{lo}, {hi}]; "
+            "encode prompts with this model's tokenizer"
+        )
+
+
+def check_positions(max_pos: int, session_id: str, max_len: int) -> None:
+    """ValueError when a step's largest position does not fit the session's cache."""
+    if max_pos >= max_len:
+        raise ValueError(
+            f"position {max_pos} is beyond session {session_id!r}'s max length {max_len}; "
+            "open the session with a larger max_len"
+        )
 
 
 @dataclass
@@ -105,12 +124,8 @@ class StageSessions:
                 raise ValueError(f"first stage takes token ids int64 [B, S], got {x.dtype} {tuple(x.shape)}")
             # range check on host copies only (a device check would sync); the worker and the
             # generation driver check the CPU ids before they reach the GPU
-            xn = x.numpy() if x.numel() and x.device.type == "cpu" else None  # numpy: µs, not tens of µs
-            if xn is not None and (int(xn.min()) < 0 or int(xn.max()) >= self.spec.vocab_size):
-                raise ValueError(
-                    f"token ids must be in [0, {self.spec.vocab_size}), got ids in [{int(x.min())}, {int(x.max())}]; "
-                    "encode prompts with this model's tokenizer"
-                )
+            if x.numel() and x.device.type == "cpu":
+                check_token_ids(x.numpy(), self.spec.vocab_size)  # numpy: µs, not tens of µs
         elif x.dim() != 3 or x.shape[-1] != self.spec.hidden_size:
             raise ValueError(
                 f"stage {self.span} takes hidden states [B, S, {self.spec.hidden_size}], got {tuple(x.shape)}"
@@ -132,9 +147,5 @@ class StageSessions:
             max_pos = int(positions.numpy().max())
         else:
             max_pos = int(positions.max())
-        if max_pos >= cache.max_len:
-            raise ValueError(
-                f"position {max_pos} is beyond session {session_id!r}'s max length {cache.max_len}; "
-                "open the session with a larger max_len"
-            )
+        check_positions(max_pos, session_id, cache.max_len)
         return cache, max_pos

@@ -109,7 +109,9 @@ class TorchStage(StageSessions):
         step only enqueues work (no compile, no capture), so a caller may run it on a latency-
         critical thread (the worker's event loop does)."""
         cache = self._sessions.get(session_id)
-        return cache is not None and cache.graph is not None and self.graph_decoder() is not None
+        g = cache.graph if cache is not None else None
+        # a wire-mode graph (decode_wire.py) serves wire steps only; a staged step would recapture
+        return g is not None and g.wire is None and self.graph_decoder() is not None
 
     # ------------------------------------------------------------------ compute
 

@@ -131,6 +131,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._body: PooledBuffer | None = None
         self._body_got = 0
         self._t_first = 0.0
+        self._into_body = False  # what get_buffer handed out: the body buffer, or the scratch
         self._can_write = asyncio.Event()
         self._can_write.set()
         self.closed = asyncio.Event()
@@ -167,51 +168,83 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._watchdog = loop.call_later(self._read_timeout / 4, self._watch)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # a body in progress is read straight into its pooled buffer; otherwise into the scratch
+        # buffer, so a header and the small body behind it (a decode step's 8 KB) arrive in one
+        # read instead of one event-loop pass each
+        self._into_body = self._body is not None
+        if self._body is not None:
+            return self._body.view[self._body_got :]
         if self._skip:
             return memoryview(self._scratch)[: min(self._skip, _SCRATCH)]
-        if self._header is None:
-            return memoryview(self._hdr)[self._hdr_got :]
-        assert self._body is not None
-        return self._body.view[self._body_got :]
+        return memoryview(self._scratch)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._skip:
-            self._skip -= nbytes
-            return
-        if self._header is None:
-            if self._hdr_got == 0:
-                self._t_first = time.perf_counter()
-            self._hdr_got += nbytes
-            if self._hdr_got < HEADER.size:
-                return
-            try:
-                header = unpack_header(self._hdr, self._max_payload)
-                accept = self._on_header(self, header) if self._on_header is not None else True
-            except ProtocolError as e:
-                self.abort(str(e))
-                return
-            self._hdr_got = 0
-            if not accept:
-                self._skip = header.body_len
-                return
-            self._header = header
-            self._body = self._pool.acquire(self._header.body_len)
-            self._body_got = 0
-        else:
+        if self._into_body:
+            assert self._header is not None
             self._body_got += nbytes
-        if self._body is not None and self._body_got >= self._header.body_len:
-            frame = Frame(self._header, self._body, self._t_first, time.perf_counter())
-            self._header, self._body = None, None
-            self.frames_in += 1
-            try:
-                self._on_frame(self, frame)
-            except ProtocolError as e:
-                frame.body.release()
-                self.abort(str(e))
-            except Exception as e:  # a handler bug must not kill the event loop
-                frame.body.release()
-                log.exception("frame handler failed on %s", self.peer)
-                self.abort(f"internal error: {e}")
+            if self._body_got >= self._header.body_len:
+                self._emit()
+            return
+        self._consume(memoryview(self._scratch)[:nbytes])
+
+    def _consume(self, data: memoryview) -> None:
+        """Parse bytes read into the scratch buffer: skipped bodies, header bytes, body bytes (copied
+        into the frame's pooled buffer), possibly several frames. Stops if the connection closed."""
+        while data:  # every pass consumes at least one byte
+            if self._skip:
+                k = min(self._skip, len(data))
+                self._skip -= k
+                data = data[k:]
+            elif self._body is not None:
+                assert self._header is not None
+                k = min(self._header.body_len - self._body_got, len(data))
+                self._body.view[self._body_got : self._body_got + k] = data[:k]
+                self._body_got += k
+                data = data[k:]
+                if self._body_got >= self._header.body_len and not self._emit():
+                    return
+            else:
+                if self._hdr_got == 0:
+                    self._t_first = time.perf_counter()
+                k = min(HEADER.size - self._hdr_got, len(data))
+                self._hdr[self._hdr_got : self._hdr_got + k] = data[:k]
+                self._hdr_got += k
+                data = data[k:]
+                if self._hdr_got == HEADER.size and not self._begin_frame():
+                    return
+
+    def _begin_frame(self) -> bool:
+        """A whole header is in: vet it, then take a body buffer (or skip the body). False if the
+        connection was closed."""
+        try:
+            header = unpack_header(self._hdr, self._max_payload)
+            accept = self._on_header(self, header) if self._on_header is not None else True
+        except ProtocolError as e:
+            self.abort(str(e))
+            return False
+        self._hdr_got = 0
+        if not accept:
+            self._skip = header.body_len
+            return True
+        self._header, self._body, self._body_got = header, self._pool.acquire(header.body_len), 0
+        return header.body_len > 0 or self._emit()
+
+    def _emit(self) -> bool:
+        """Hand a complete frame to the handler; False if the connection was closed."""
+        assert self._header is not None and self._body is not None
+        frame = Frame(self._header, self._body, self._t_first, time.perf_counter())
+        self._header, self._body = None, None
+        self.frames_in += 1
+        try:
+            self._on_frame(self, frame)
+        except ProtocolError as e:
+            frame.body.release()
+            self.abort(str(e))
+        except Exception as e:  # a handler bug must not kill the event loop
+            frame.body.release()
+            log.exception("frame handler failed on %s", self.peer)
+            self.abort(f"internal error: {e}")
+        return self.transport is None or not self.transport.is_closing()
 
     def eof_received(self) -> bool | None:
         return None  # close

@@ -28,12 +28,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
-from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
-from hyperlane_lab.runtime.wire import CudaStager, encode_tensor, tensor_bytes
+from hyperlane_lab.models.decode_linear import env_flag
+from hyperlane_lab.models.decode_wire import FP16, WIRE_CODECS, WireSpec, wire_codec
+from hyperlane_lab.models.sessions import check_positions, check_token_ids
+from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
+from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
@@ -66,8 +71,10 @@ class _Pending:
     end: torch.cuda.Event  # compute stream, after forward (+ argmax)
     host: torch.Tensor | None  # pinned copy of the payload (raw / greedy), filled by `done`
     done: torch.cuda.Event | None
-    mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec", "none" (a prompt chunk)
+    mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec", "none" (a prompt chunk),
+    # "wire" (a wire-mode graph's encoded payload, see models/decode_wire.py)
     flags: int = 0  # the frame's flags, passed on to the next stage
+    wire: Any = None  # the graph's WireIO (mode "wire")
 
 
 @dataclass
@@ -99,9 +106,125 @@ class GpuStepper:
         self._q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete_loop, name="hyperlane-complete", daemon=True)
         self._thread.start()
+        self._specs: dict[tuple[Any, ...], tuple[WireSpec, int]] = {}  # per frame kind: (spec, payload bytes)
+        self.wire_enabled = env_flag("HYPERLANE_WIRE", True)  # 0: every decode step takes the staged path
 
     def close(self) -> None:
         self._q.put(None)
+
+    # ------------------------------------------------------------------ wire-mode decode steps
+
+    def wire_spec(self, h: FrameHeader) -> WireSpec | None:
+        """The wire-mode graph spec for a decode frame, or None where wire mode does not apply (the
+        staged path takes the frame). Checks the payload length against the declared shape and codec
+        (ProtocolError), since the wire path sends the bytes to the GPU undecoded."""
+        w, eng = self.w, self.w.engine
+        graphs = eng.graph_decoder() if eng is not None and hasattr(eng, "graph_decoder") else None
+        if (
+            not self.wire_enabled
+            or h.seq != 1
+            or graphs is None
+            or graphs.wire_broken
+            or eng.device != self.device
+        ):
+            return None
+        key = (h.codec, h.group_size, h.dtype, h.batch, w.out.codec, w.out.group_size)
+        hit = self._specs.get(key)
+        if hit is None:
+            hit = self._specs[key] = self._new_spec(h, eng)  # type: ignore[assignment]
+        if hit is None:
+            return None
+        spec, want = hit
+        if h.payload_len != want:
+            raise ProtocolError(
+                f"payload is {h.payload_len} bytes but shape {h.shape} of {h.dtype} with codec id "
+                f"{h.codec} (group {h.group_size}) needs {want}"
+            )
+        return spec
+
+    def _new_spec(self, h: FrameHeader, eng: Any) -> tuple[WireSpec, int] | None:
+        out_codec = out_group = 0
+        if not eng.is_last and self.w.out.codec not in ("raw", "none"):
+            from hyperlane_lab import codecs
+
+            c = codecs.get(self.w.out.codec, group_size=self.w.out.group_size or 64)
+            if c.codec_id not in WIRE_CODECS or (c.codec_id == FP16 and eng.dtype.itemsize != 2):
+                return None
+            out_codec, out_group = c.codec_id, c.group_size
+        if eng.is_first:
+            return (
+                (WireSpec(0, 0, out_codec, out_group), raw_nbytes(h.shape, h.dtype)) if h.codec == 0 else None
+            )
+        if h.codec not in WIRE_CODECS or (h.codec in (0, FP16) and h.dtype != eng.dtype):
+            return None
+        if h.codec == FP16 and eng.dtype.itemsize != 2:  # fp16 frames into a 32-bit stage: staged path
+            return None
+        try:
+            c = wire_codec(h.codec, h.group_size)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+        want = raw_nbytes(h.shape, h.dtype) if c is None else c.encoded_nbytes(h.shape, h.dtype)
+        return WireSpec(h.codec, c.group_size if c is not None else 0, out_codec, out_group), want
+
+    def wire_ready(self, sid: str, spec: WireSpec) -> bool:
+        """True when the session's wire graph for ``spec`` is captured (the step only enqueues)."""
+        eng = self.w.engine
+        cache = eng._sessions.get(sid) if eng is not None else None
+        return cache is not None and eng.graph_decoder().wire_ready(cache, spec)  # type: ignore[union-attr]
+
+    def run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
+        """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
+        event; the completion thread sends the pinned result. Runs where ``run_step`` runs."""
+        w, h = self.w, frame.header
+        eng, sid, step = w.engine, h.session, h.step
+        sess = w.sessions.get(sid)
+        released = False
+        try:
+            if sess is None or eng is None:
+                raise ValueError(f"session {sid} was closed")
+            cache = eng.session(sid)
+            pos = np.frombuffer(frame.positions_view, dtype=np.int64)
+            check_positions(int(pos.max()), sid, cache.max_len)
+            x: Any = frame.payload_view
+            if eng.is_first:
+                x = np.frombuffer(x, dtype=np.int64)
+                check_token_ids(x, eng.spec.vocab_size)
+            io = _step_io(cache)
+            with torch.cuda.device(self.device):
+                compute = torch.cuda.current_stream(self.device)
+                io.start.record(compute)
+                g = eng.graph_decoder().step_wire(cache, spec, pos, x)
+                if g is None:  # wire capture failed on this GPU: the staged path from now on
+                    xt = decode_payload(h, frame.payload_view)
+                    positions = torch.from_numpy(pos.copy()).view(h.batch, h.seq)
+                    self.run_step(frame, xt, positions, queued_at)
+                    return
+                pos_bytes = pos.tobytes()  # a copy: the frame buffer goes back to the pool now
+                frame.body.release()
+                released = True
+                io.end.record(compute)
+            wio, out, host = g.wire, g.out, g.wire.out_host
+            if eng.is_last:
+                assert sess.sampler is not None
+                mode = "greedy" if sess.sampler.params.greedy else "sample"
+            else:
+                mode = "hidden" if spec.out_codec == 0 else "wire"
+        except Exception as e:
+            self._step_error(frame, released, sess, e)
+            return
+        sess.steps += 1
+        n_tok = int((pos >= 0).sum())
+        self._q.put(
+            _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
+                     None, mode, h.flags, wio)
+        )  # fmt: skip
+
+    def _step_error(self, frame: Frame, released: bool, sess: Any, e: Exception) -> None:
+        w, h = self.w, frame.header
+        if not released:
+            frame.body.release()
+        log.warning("stage %d: step %d of session %s failed: %s", w.stage_index, h.step, h.session, e)
+        w.step_failed(sess, h.session, h.step, f"stage {w.stage_index}: {e}")
 
     # ------------------------------------------------------------------ compute thread
 
@@ -154,10 +277,7 @@ class GpuStepper:
                     else:
                         host, done = self.stager.to_host(out, end)
         except Exception as e:
-            if not released:
-                frame.body.release()
-            log.warning("stage %d: step %d of session %s failed: %s", w.stage_index, step, sid, e)
-            w.step_failed(sess, sid, step, f"stage {w.stage_index}: {e}")
+            self._step_error(frame, released, sess, e)
             return
         sess.steps += 1
         self._q.put(
@@ -274,6 +394,23 @@ class GpuStepper:
                 0,
                 0,
                 tuple(p.host.shape),
+            )
+        elif p.mode == "wire":  # encoded inside the graph; the kernels counted NaN/Inf groups
+            wio = p.wire
+            bad = wio.bad_groups()
+            if bad:
+                c = wire_codec(wio.spec.out_codec, wio.spec.out_group)
+                name, what = ("fp16", "value(s)") if c is None else (c.name, "group(s)")
+                raise ValueError(
+                    f"the hidden state holds NaN/Inf in {bad} {what}; codec {name!r} cannot encode "
+                    "it (check the weights and dtype, or send raw)"
+                )
+            parts, dtype, codec, group, shape = (
+                [wio.payload()],
+                p.out.dtype,
+                wio.spec.out_codec,
+                wio.spec.out_group,
+                tuple(p.out.shape),
             )
         else:  # a codec: the same encode as the CPU path, on the side stream
             t1 = time.perf_counter()

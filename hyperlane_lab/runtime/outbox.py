@@ -120,7 +120,9 @@ class WorkerOutbox:
         last = np.frombuffer(pos_bytes, dtype=np.int64).reshape(batch, -1).max(axis=1)
         nxt = np.where(last >= 0, last + 1, -1)
         if eos:
-            nxt[np.isin(ids_np, np.fromiter(eos, dtype=np.int64))] = -1
+            for b, t in enumerate(ids_np.tolist()):  # a set lookup per row: np.isin costs ~15 µs
+                if t in eos:
+                    nxt[b] = -1
         if (nxt < 0).all():  # every row sampled EOS (or was padding): the client knows it is done
             return
         fail = ""

@@ -316,6 +316,17 @@ class Worker(WorkerOutbox):
         if self._failed(frame):
             return
         sess.last_used = time.monotonic()
+        gpu = self._gpu_for(self.engine)
+        spec = gpu.wire_spec(h) if gpu is not None else None  # checks the payload length (ProtocolError)
+        if gpu is not None and spec is not None:  # a decode step through a wire-mode graph
+            self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
+            t1 = time.perf_counter()
+            if self._submitted == self._finished and gpu.wire_ready(h.session, spec):
+                self.fast_steps += 1  # enqueue on the loop thread: nothing to overtake, nothing to capture
+                gpu.run_wire(frame, spec, t1)
+            else:
+                self._submit(self._run_wire, frame, spec, t1)
+            return
         t0 = time.perf_counter()
         x = decode_payload(h, frame.payload_view)  # validates payload length (ProtocolError)
         t1 = time.perf_counter()
@@ -357,16 +368,34 @@ class Worker(WorkerOutbox):
                   frame.header.session[:8])  # fmt: skip
         return True
 
+    def _gpu_for(self, eng: Any) -> GpuStepper | None:
+        """The CUDA step path for ``eng`` (None for other engines), made on first use."""
+        if not uses_gpu_path(eng):
+            return None
+        if self._gpu is None or self._gpu.device != eng.device:
+            if self._gpu is not None:
+                self._gpu.close()
+            self._gpu = GpuStepper(self, eng.device)
+        return self._gpu
+
+    def _run_wire(self, frame: Frame, spec: Any, queued_at: float) -> None:
+        if self._failed(frame):
+            return
+        gpu = self._gpu_for(self.engine)
+        if gpu is None:  # the engine changed while the frame waited
+            frame.body.release()
+            self.step_failed(self.sessions.get(frame.header.session), frame.header.session,
+                             frame.header.step, f"stage {self.stage_index}: the stage was reloaded")  # fmt: skip
+            return
+        gpu.run_wire(frame, spec, queued_at)
+
     def _run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
         h, eng = frame.header, self.engine
         if self._failed(frame):
             return
-        if uses_gpu_path(eng):  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
-            if self._gpu is None or self._gpu.device != eng.device:
-                if self._gpu is not None:
-                    self._gpu.close()
-                self._gpu = GpuStepper(self, eng.device)
-            self._gpu.run_step(frame, x, positions, queued_at)
+        gpu = self._gpu_for(eng)
+        if gpu is not None:  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
+            gpu.run_step(frame, x, positions, queued_at)
             return
         sid, step = h.session, h.step
         sess = self.sessions.get(sid)

@@ -1,0 +1,172 @@
+"""Wire-mode decode graphs: a frame's bytes in, the next frame's bytes out, inside one CUDA graph.
+
+A worker's decode step used to stage its inputs and fetch its result around the graph replay:
+~20 small torch calls (views, copies, events, stream switches) on the host per step, tens of µs
+each on a slow host, on the critical path of every pipeline hop. In wire mode the graph itself
+holds those copies, so a step on the host is: write the frame's positions (and ids or payload
+bytes) into pinned buffers with numpy, replay, record one event.
+
+    graph:  pinned in  --H2D-->  [dequantize, when the frame is int8/int4]  -> layers ->
+            [quantize, when the next hop is int8/int4] --D2H--> pinned out
+
+The pinned out buffer holds: the hidden state's bytes (raw), or the codec payload followed by a
+4-byte count of groups holding NaN/Inf (int8/int4: the Triton kernels' flag, zeroed inside the
+graph), or, on the last stage, the greedy ids and the non-finite flag (``cuda_decode.greedy_pack``).
+
+Which codecs: raw (id 0), ``fp16`` (id 1) between stages whose dtype is fp16 or bf16 (its payload is
+then the raw 16-bit values, plus the NaN/Inf check the codec makes), and the grouped integer codecs
+(``IntCodec``: int8, int4, int4_hadamard), whose Triton kernels write into buffers of fixed size.
+``int4_outlier`` frames keep the staged path (``GraphDecoder.step``). Payload layouts are the codecs' own (``codecs.intq``): the
+bytes this graph sends decode with ``codecs.decode_frame_payload`` and vice versa, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["WireIO", "WireSpec", "make_wire_io", "wire_codec", "wire_in", "wire_out"]
+
+WIRE_CODECS = (0, 1, 2, 3, 5)  # raw, fp16 (16-bit stages), int8, int4, int4_hadamard
+FP16 = 1
+
+
+@dataclass(frozen=True)
+class WireSpec:
+    """The codecs of a stage's decode frames: in (ignored on the first stage, which takes ids) and
+    out (ignored on the last stage, which sends greedy ids). Codec id 0 is raw."""
+
+    in_codec: int = 0
+    in_group: int = 0
+    out_codec: int = 0
+    out_group: int = 0
+
+
+def wire_codec(codec_id: int, group_size: int) -> Any:
+    """The ``IntCodec`` for a wire id (None for raw and fp16, whose payload is the raw 16-bit
+    values in wire mode); ValueError for codecs wire mode lacks."""
+    if codec_id in (0, FP16):
+        return None
+    if codec_id not in WIRE_CODECS:
+        raise ValueError(f"codec id {codec_id} has no wire-mode graph (raw, int8, int4, int4_hadamard do)")
+    from hyperlane_lab import codecs
+
+    return codecs.get_by_id(codec_id, group_size or 64, backend="triton")
+
+
+@dataclass
+class WireIO:
+    """Pinned and device buffers of one wire-mode graph (they live as long as the graph)."""
+
+    spec: WireSpec
+    in_host: torch.Tensor | None  # pinned uint8 payload (not on the first stage)
+    in_dev: torch.Tensor | None  # its device copy (codec frames; raw frames land in x_in directly)
+    in_nbytes: int
+    out_dev: torch.Tensor | None  # device uint8 [payload][int32 flag] (codec out)
+    out_host: torch.Tensor  # pinned result, see the module docstring
+    out_nbytes: int  # payload bytes at the start of out_host
+    flag_at: int = 0  # codec out: byte offset of the int32 flag (4-aligned, after the payload)
+    in_np: Any = None  # numpy views of the pinned buffers (host writes and reads are numpy)
+    out_np: Any = None
+
+    def payload(self) -> memoryview:
+        """The outgoing payload's bytes (valid once the step's event has fired)."""
+        return memoryview(self.out_np)[: self.out_nbytes]
+
+    def bad_groups(self) -> int:
+        """Codec out: groups (int8/int4) or values (fp16) that held NaN/Inf in this step's result
+        (always 0 for raw, which sends what it has)."""
+        if self.out_dev is None:
+            return 0
+        return int(self.out_np[self.flag_at : self.flag_at + 4].view(np.int32)[0])
+
+    def put(self, payload: memoryview) -> None:
+        """Copy a frame's payload into the pinned input (length checked by the caller)."""
+        np.copyto(self.in_np, np.frombuffer(payload, dtype=np.uint8))
+
+
+def make_wire_io(
+    spec: WireSpec,
+    first: bool,
+    last: bool,
+    x_in: torch.Tensor,
+    out: torch.Tensor,
+    greedy: torch.Tensor | None,
+) -> WireIO:
+    """Buffers for a graph whose static input is ``x_in`` ([B,1,H], unused on the first stage) and
+    whose result is ``out`` (hidden [B,1,H]) or, on the last stage, ``greedy`` ([B + 1] int64)."""
+    in_host = in_dev = None
+    in_nbytes = 0
+    if not first:
+        codec = wire_codec(spec.in_codec, spec.in_group)
+        shape, dtype = tuple(x_in.shape), x_in.dtype
+        in_nbytes = (
+            x_in.numel() * x_in.element_size() if codec is None else codec.encoded_nbytes(shape, dtype)
+        )
+        in_host = torch.empty(in_nbytes, dtype=torch.uint8, pin_memory=True)
+        if codec is not None:
+            in_dev = torch.empty(in_nbytes, dtype=torch.uint8, device=x_in.device)
+    out_dev, flag_at = None, 0
+    if last:
+        assert greedy is not None
+        out_host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
+        out_nbytes = greedy.numel() * greedy.element_size()
+    else:
+        codec = wire_codec(spec.out_codec, spec.out_group)
+        if codec is None and spec.out_codec != FP16:
+            out_host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            out_nbytes = out.numel() * out.element_size()
+        else:  # a payload and an int32 count of NaN/Inf (groups, or values for fp16)
+            raw = out.numel() * out.element_size()
+            out_nbytes = raw if codec is None else codec.encoded_nbytes(tuple(out.shape), out.dtype)
+            flag_at = -(-out_nbytes // 4) * 4
+            out_dev = torch.zeros(flag_at + 4, dtype=torch.uint8, device=out.device)
+            out_host = torch.empty(flag_at + 4, dtype=torch.uint8, pin_memory=True)
+    io = WireIO(spec, in_host, in_dev, in_nbytes, out_dev, out_host, out_nbytes, flag_at)
+    io.in_np = in_host.numpy() if in_host is not None else None
+    io.out_np = out_host.view(torch.uint8).reshape(-1).numpy()
+    return io
+
+
+def _sections(codec: Any, buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales as int16, values) views of an ``IntCodec`` payload ``[scales][values]``."""
+    n = rows * -(-cols // codec.group_size)
+    return buf[: 2 * n].view(torch.int16), buf[2 * n : codec.encoded_nbytes((rows, cols), torch.float16)]
+
+
+def wire_in(io: WireIO, x_in: torch.Tensor) -> None:
+    """Graph prologue (captured): the frame's payload -> ``x_in``."""
+    if io.in_host is None:
+        return
+    codec = wire_codec(io.spec.in_codec, io.spec.in_group)
+    if codec is None:
+        x_in.view(-1).view(torch.uint8).copy_(io.in_host, non_blocking=True)
+        return
+    assert io.in_dev is not None
+    io.in_dev.copy_(io.in_host, non_blocking=True)
+    cols = x_in.shape[-1]
+    rows = x_in.numel() // cols
+    scales, body = _sections(codec, io.in_dev, rows, cols)
+    codec._dequantize_into(scales, body, x_in.view(rows, cols), "triton")
+
+
+def wire_out(io: WireIO, result: torch.Tensor) -> None:
+    """Graph epilogue (captured): ``result`` (hidden, or the last stage's greedy pack) -> pinned out."""
+    if io.out_dev is None:
+        io.out_host.copy_(result, non_blocking=True)
+        return
+    flag = io.out_dev[io.flag_at :].view(torch.int32)
+    codec = wire_codec(io.spec.out_codec, io.spec.out_group)
+    if codec is None:  # fp16 from a 16-bit stage: the values as they are, and the count of NaN/Inf
+        io.out_dev[: io.out_nbytes].view(result.dtype).copy_(result.reshape(-1))
+        flag.copy_((~torch.isfinite(result)).sum().to(torch.int32).view(1))
+    else:
+        cols = result.shape[-1]
+        rows = result.numel() // cols
+        scales, body = _sections(codec, io.out_dev, rows, cols)
+        flag.zero_()  # the kernels add their bad-group counts to it
+        codec._quantize_into(result.reshape(rows, cols), scales, body, "triton", flag)
+    io.out_host.copy_(io.out_dev, non_blocking=True)

@@ -1,0 +1,160 @@
+"""Wire-mode decode graphs (models/decode_wire.py): the frame's bytes in, the next frame's bytes out.
+
+GPU only. The wire graph of a stage must give, bit for bit, what the staged graph gives for the
+same step followed by the codec's own encode (and, on the way in, the codec's own decode): two
+sessions with the same prompt are stepped side by side, one through each path. On real workers:
+int8 hand-offs encoded inside the decode graphs give the probe's greedy tokens, and a decode frame
+whose payload length does not match its header is refused.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from hyperlane_lab import codecs
+from hyperlane_lab.models.decode_wire import WireSpec
+from tests.test_gpu import SPEC, _prompt, _stages
+
+pytestmark = pytest.mark.gpu
+
+
+def _hop(c, h: torch.Tensor) -> torch.Tensor:
+    return h if c is None else c.decode(c.encode(h))
+
+
+def _wire_bytes(c, h: torch.Tensor) -> bytes:
+    """What a stage sends for hidden ``h``: its raw bytes, or the codec payload."""
+    if c is None:
+        return h.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+    return bytes(c.encode(h).buffer())
+
+
+@pytest.mark.parametrize("codec", ["raw", "fp16", "int8", "int4"])
+def test_wire_graph_equals_staged_graph_then_codec(codec):
+    stages = _stages(SPEC, [1, 2], torch.float16, "cuda")  # first, middle, last
+    c = None if codec == "raw" else codecs.get(codec, 16, backend="triton")  # 4 groups a row
+    cid, gs = (0, 0) if c is None else (c.codec_id, c.group_size)
+    specs = [WireSpec(0, 0, cid, gs), WireSpec(cid, gs, cid, gs), WireSpec(cid, gs, 0, 0)]
+    lens = [6, 4]
+    ids, pos = _prompt(lens, SPEC.vocab_size)
+    logits = {}
+    for sid in ("staged", "wire"):  # the same prompt, staged path, into both sessions' caches
+        x = ids
+        for i, st in enumerate(stages):
+            st.open_session(sid, len(lens), 24)
+            x = st.forward(sid, x, pos)
+            x = _hop(c, x) if i < 2 else x
+        logits[sid] = x
+    assert torch.equal(logits["staged"], logits["wire"])
+    cur = torch.tensor(lens)
+    last = logits["staged"]
+    for t in range(8):
+        nxt = last.argmax(-1)[:, None].cpu()
+        p = cur[:, None].clone()
+        if t >= 3:
+            p[0] = -1  # row 0 finished: padding
+        # staged: graph replays with copies around them, the codec applied between stages
+        h0 = stages[0].forward("staged", nxt, p)
+        h1 = stages[1].forward("staged", _hop(c, h0), p)
+        last = stages[2].forward("staged", _hop(c, h1), p)
+        # wire: bytes in, bytes out
+        pos_np = p.numpy().reshape(-1).copy()
+        payload: object = nxt.numpy().reshape(-1).copy()
+        outs = []
+        for i, st in enumerate(stages):
+            g = st.graph_decoder().step_wire(st.session("wire"), specs[i], pos_np, payload)
+            assert g is not None, st.graph_decoder().wire_broken
+            torch.cuda.synchronize()
+            outs.append(g)
+            payload = bytes(g.wire.payload())
+        assert bytes(outs[0].wire.payload()) == _wire_bytes(c, h0), f"step {t}: stage 0 payload"
+        assert bytes(outs[1].wire.payload()) == _wire_bytes(c, h1), f"step {t}: stage 1 payload"
+        assert outs[0].wire.bad_groups() == 0 and outs[1].wire.bad_groups() == 0
+        assert torch.equal(outs[2].out, last), f"step {t}: logits"
+        greedy = outs[2].wire.out_host
+        assert greedy.tolist() == [*last.argmax(-1).tolist(), 0]  # ids, then the non-finite flag
+        cur += 1
+    for st in stages:
+        gd = st.graph_decoder()
+        assert gd.captures == 2 and gd.wire_broken == "" and gd.fallbacks == []
+        assert not st.decode_graph_ready("wire") and st.decode_graph_ready("staged")
+        for sid in ("staged", "wire"):
+            st.close_session(sid)
+
+
+def test_wire_graph_counts_nonfinite_groups_and_recaptures_for_staged_steps():
+    st = _stages(SPEC, [1, 2], torch.float16, "cuda")[1]
+    c = codecs.get("int8", 16)
+    spec = WireSpec(0, 0, c.codec_id, c.group_size)
+    st.open_session("s", 1, 8)
+    gd, cache = st.graph_decoder(), st.session("s")
+    x = torch.randn(1, 1, SPEC.hidden_size, dtype=torch.float16)
+    for bad in (False, True):
+        if bad:  # at a padding position: its key/value go to the trash slot, the cache stays clean
+            x[0, 0, 5] = float("nan")
+        g = gd.step_wire(cache, spec, np.array([-1 if bad else 0]), x.numpy().tobytes())
+        torch.cuda.synchronize()
+        assert (g.wire.bad_groups() > 0) == bad
+    # a staged step on the same cache recaptures a staged graph (the wire graph copies its own input)
+    out = st.forward("s", x.nan_to_num().cuda(), torch.tensor([[1]]))
+    assert torch.isfinite(out).all() and cache.graph.wire is None and gd.captures == 2
+
+
+@pytest.mark.multiprocess
+def test_int8_wire_workers_match_the_probe_and_refuse_bad_decode_frames(tmp_path):
+    from hyperlane_lab.probes import greedy_sequences, load_pipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster, WorkerClient
+    from hyperlane_lab.runtime.dataplane import parse_address
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+    from tests.test_codec_wire import _frame, _reply_listener, _send_and_wait
+
+    prompts = ["Once upon a time", "Lily and Ben went to the park. They saw"]
+    pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
+    want = {name: greedy_sequences(pipe, prompts, [name, name], 64, 40) for name in ("fp16", "int8")}
+    with LocalCluster(3, devices=["cuda:0"] * 3, cache_dir=tmp_path) as cluster:
+        for name in ("fp16", "int8"):
+            with AutoDistributedModel.from_pretrained(
+                None, workers=cluster.addresses, dtype="fp16", compression=name, progress=False
+            ) as m:
+                assert [s.span for s in m.plan.stages] == [st.span for st in pipe.stages]
+                eos = m.spec.eos_token_ids[0]
+                for p, ref in zip(prompts, want[name]):
+                    r = m.generate(p, max_tokens=40)
+                    assert list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []) == ref, name
+                ev = m.trace_events()
+                # decode steps were encoded inside the graphs: quantize events only for prompts
+                q = [e for e in ev if e.kind.value == "quantize"]
+                assert q and all(e.step == 0 for e in q), name
+                fast = [c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients]
+                assert sum(fast) > 0
+        with AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", compression="int8", progress=False
+        ) as m:
+            stage1, stage2 = WorkerClient(m.plan.stages[1].address), WorkerClient(m.plan.stages[2].address)
+            srv, got, _th = _reply_listener()
+            sid = uuid.uuid4().hex
+            try:
+                stage2.call("OpenSession", pb.OpenSessionRequest(
+                    session_id=sid, batch=1, max_len=8, reply_to=f"127.0.0.1:{srv.getsockname()[1]}"))  # fmt: skip
+                stage1.call("OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=8))
+                target = parse_address(stage1.data_address)
+                x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+                for how in ("short", "long"):
+                    assert _send_and_wait(target, _frame(sid, "int8", x, how), 10) == "closed", how
+                assert "payload is" in cluster.log_path(1).read_text(errors="replace")
+                assert _send_and_wait(target, _frame(sid, "int8", x), 1.0) == "open"
+                deadline = time.monotonic() + 30
+                while not got and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert len(got) == 1  # the intact decode frame went through (stage 2 answered)
+            finally:
+                for w in (stage1, stage2):
+                    w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
+                    w.close()
+                srv.close()
+        assert all(cluster.alive)
