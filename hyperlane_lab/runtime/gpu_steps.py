@@ -114,6 +114,10 @@ class GpuStepper:
 
     # ------------------------------------------------------------------ wire-mode decode steps
 
+    def forget_specs(self) -> None:
+        """Drop the wire specs decided so far (a new stage was loaded: first/last and dtype change)."""
+        self._specs = {}
+
     def wire_spec(self, h: FrameHeader) -> WireSpec | None:
         """The wire-mode graph spec for a decode frame, or None where wire mode does not apply (the
         staged path takes the frame). Checks the payload length against the declared shape and codec
@@ -128,7 +132,15 @@ class GpuStepper:
             or eng.device != self.device
         ):
             return None
-        key = (h.codec, h.group_size, h.dtype, h.batch, w.out.codec, w.out.group_size)
+        key = (
+            id(eng),
+            h.codec,
+            h.group_size,
+            h.dtype,
+            h.batch,
+            w.out.codec,
+            w.out.group_size,
+        )  # a reload: new keys
         hit = self._specs.get(key)
         if hit is None:
             hit = self._specs[key] = self._new_spec(h, eng)  # type: ignore[assignment]

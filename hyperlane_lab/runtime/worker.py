@@ -82,7 +82,7 @@ class Worker(WorkerOutbox):
         self._submitted = 0
         self._finished = 0
         self.fast_steps = 0  # decode steps enqueued on the loop thread (the latency path)
-        self._gpu: GpuStepper | None = None  # created on the compute thread for a CUDA engine
+        self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -165,6 +165,8 @@ class Worker(WorkerOutbox):
             self.engine, self.engine_name, self.stage_index = engine, engine_name, stage_index
             self.sessions.clear()
             self.trace.stage = stage_index
+            if self._gpu is not None:
+                self._gpu.forget_specs()  # decided for the previous stage
         self.changed()
 
     def unload(self) -> bool:
