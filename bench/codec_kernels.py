@@ -27,7 +27,7 @@ from hyperlane_lab import codecs
 from hyperlane_lab.codecs.base import GroupLayout
 
 KB, MB = 1 << 10, 1 << 20
-CUDA_SIZES = [8 * KB, 64 * KB, 512 * KB, 4 * MB, 32 * MB, 64 * MB]
+CUDA_SIZES = [8 * KB, 64 * KB, 512 * KB, 4 * MB, 16 * MB, 32 * MB, 64 * MB]
 CPU_SIZES = [8 * KB, 64 * KB]
 QUANT = ["int8", "int4", "int4_hadamard", "int4_outlier"]
 
@@ -164,7 +164,31 @@ def bench_decode_size(device: str, gs: int, hidden: int) -> list[dict[str, Any]]
     return out
 
 
-def markdown(sizes: list[dict[str, Any]], small: list[dict[str, Any]]) -> str:
+def bench_decode_size_graph(gs: int, hidden: int, reps: int = 50) -> list[dict[str, Any]]:
+    """µs per kernel call at decode size (1 x hidden fp16) replayed from a CUDA graph: what a
+    worker's wire-mode decode graph pays per hand-off (``models/decode_wire.py`` captures the
+    quantize / dequantize kernels; no host launch cost). The input is hot in L2, as it is there
+    (the previous kernel just wrote it). A device-to-device copy of the same tensor, timed the same
+    way, is the baseline."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+
+    graph_time_us = kernel_module("gemv").graph_time_us
+
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(x)
+    out = [dict(op="copy", codec="-", graph_us=statistics.median(
+        graph_time_us(lambda: dst.copy_(x), reps) for _ in range(3)))]  # fmt: skip
+    for name in ("int8", "int4", "int4_hadamard"):
+        qfn, dfn, _ = _kernel_fns(name, x, gs)
+        for op, fn in (("encode", qfn), ("decode", dfn)):
+            us = statistics.median(graph_time_us(fn, reps) for _ in range(3))
+            out.append(dict(op=op, codec=name, graph_us=us))
+    return out
+
+
+def markdown(
+    sizes: list[dict[str, Any]], small: list[dict[str, Any]], graph: list[dict[str, Any]] | None = None
+) -> str:
     lines = [
         "| size | op | codec | impl | µs | GB/s (r+w) | % of copy | × vs torch |",
         "|---|---|---|---|---|---|---|---|",
@@ -182,6 +206,9 @@ def markdown(sizes: list[dict[str, Any]], small: list[dict[str, Any]]) -> str:
     ]
     for r in small:
         lines.append(f"| {r['op']} | {r['codec']} | {r['impl']} | {r['check_finite']} | {r['wall_us']:.1f} |")
+    if graph:
+        lines += ["", "| decode-size kernel in a CUDA graph | codec | µs/call |", "|---|---|---|"]
+        lines += [f"| {r['op']} | {r['codec']} | {r['graph_us']:.2f} |" for r in graph]
     return "\n".join(lines)
 
 
@@ -197,6 +224,7 @@ def main() -> int:
     sizes = CUDA_SIZES if device == "cuda" else CPU_SIZES
     size_rows = bench_sizes(device, args.group_size, args.hidden, sizes)
     small_rows = bench_decode_size(device, args.group_size, args.hidden)
+    graph_rows = bench_decode_size_graph(args.group_size, args.hidden) if device == "cuda" else []
     meta: dict[str, Any] = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, group_size=args.group_size, hidden=args.hidden,
@@ -207,9 +235,13 @@ def main() -> int:
 
         meta["triton"] = triton.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, sizes=size_rows, decode_size=small_rows), indent=1))
+    args.out.write_text(
+        json.dumps(
+            dict(meta=meta, sizes=size_rows, decode_size=small_rows, decode_size_graph=graph_rows), indent=1
+        )
+    )
     print(f"# codec kernels on {meta['device']} (group {args.group_size}, fp16 [rows, {args.hidden}])\n")
-    print(markdown(size_rows, small_rows))
+    print(markdown(size_rows, small_rows, graph_rows))
     print(f"\nwrote {args.out}")
     return 0
 
