@@ -363,3 +363,50 @@ def test_measure_error_orders_codecs() -> None:
     table = error_table(res.values())
     assert table.count("\n") == 6 and "int4_hadamard" in table
     assert np.isinf(res["fp16"].snr_db)
+
+
+# ------------------------------------------------------------------------------ wire-mode decode specs
+
+
+@pytest.mark.parametrize(
+    "case, args, want",
+    [
+        # first stage: ids, raw only; its own hand-off codec goes into the spec
+        ("ids", (0, 0, torch.int64, (2, 1), torch.float16, True, False, "int8", 32), ((0, 0, 2, 32), 16)),
+        ("ids with a codec", (2, 64, torch.int64, (2, 1), torch.float16, True, False), None),
+        ("raw hidden", (0, 0, torch.float16, (2, 1, 64), torch.float16, False, False), ((0, 0, 0, 0), 256)),
+        ("raw of another dtype", (0, 0, torch.float32, (2, 1, 64), torch.float16, False, False), None),
+        ("fp16 frames", (1, 0, torch.bfloat16, (1, 1, 64), torch.bfloat16, False, True), ((1, 0, 0, 0), 128)),
+        ("fp16 into a 32-bit stage", (1, 0, torch.float32, (1, 1, 64), torch.float32, False, True), None),
+        ("fp16 out of a 32-bit stage", (0, 0, torch.float32, (1, 1, 64), torch.float32, False, False, "fp16"),
+         None),
+        ("int8 in, int4 out", (2, 64, torch.float32, (1, 1, 64), torch.float16, False, False, "int4", 32),
+         ((2, 64, 3, 32), 2 + 64)),
+        ("int4_outlier in", (4, 64, torch.float16, (1, 1, 64), torch.float16, False, True), None),
+        ("int4_outlier out", (0, 0, torch.float16, (1, 1, 64), torch.float16, False, False, "int4_outlier"),
+         None),
+        ("last stage: its codec is not used", (0, 0, torch.float16, (1, 1, 64), torch.float16, False, True,
+                                               "int4_outlier"), ((0, 0, 0, 0), 128)),
+    ],
+)  # fmt: skip
+def test_frame_wire_spec_decides_which_decode_frames_take_the_wire_graph(case, args, want):
+    """The rule the GPU worker applies to each decode frame (models/decode_wire.frame_wire_spec):
+    the spec of the graph to replay and the payload length the frame must have (a frame of another
+    length is refused), or None for frames the staged path takes."""
+    from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
+
+    got = frame_wire_spec(*args)
+    if want is None:
+        assert got is None, case
+    else:
+        assert got == (WireSpec(*want[0]), want[1]), case
+        if args[0] >= 2:  # the codec's own payload length for that shape
+            c = codecs.get_by_id(args[0], args[1])
+            assert got[1] == c.encoded_nbytes(args[3], args[2])
+
+
+def test_frame_wire_spec_refuses_a_group_the_codec_refuses():
+    from hyperlane_lab.models.decode_wire import frame_wire_spec
+
+    with pytest.raises(ValueError, match="group_size must be even"):
+        frame_wire_spec(3, 33, torch.float16, (1, 1, 64), torch.float16, False, False)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["WireIO", "WireSpec", "make_wire_io", "wire_codec", "wire_in", "wire_out"]
+__all__ = ["WireIO", "WireSpec", "frame_wire_spec", "make_wire_io", "wire_codec", "wire_in", "wire_out"]
 
 WIRE_CODECS = (0, 1, 2, 3, 5)  # raw, fp16 (16-bit stages), int8, int4, int4_hadamard
 FP16 = 1
@@ -55,6 +55,42 @@ def wire_codec(codec_id: int, group_size: int) -> Any:
     from hyperlane_lab import codecs
 
     return codecs.get_by_id(codec_id, group_size or 64, backend="triton")
+
+
+def frame_wire_spec(
+    codec_id: int,
+    group_size: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    stage_dtype: torch.dtype,
+    first: bool,
+    last: bool,
+    out_codec: str = "raw",
+    out_group: int = 0,
+) -> tuple[WireSpec, int] | None:
+    """For a decode frame (its header's codec id, group size, dtype and shape) reaching a stage
+    (its dtype, first/last, the codec name and group of its own hand-off): the wire spec and the
+    payload length the frame must have, or None where wire mode does not apply (int4_outlier,
+    a raw or fp16 frame whose dtype is not the stage's, fp16 with a 32-bit stage, ids sent with a
+    codec). ValueError for a group size the codec refuses."""
+    out_id = out_g = 0
+    if not last and out_codec not in ("raw", "none"):
+        from hyperlane_lab import codecs
+
+        c = codecs.get(out_codec, group_size=out_group or 64)
+        if c.codec_id not in WIRE_CODECS or (c.codec_id == FP16 and stage_dtype.itemsize != 2):
+            return None
+        out_id, out_g = c.codec_id, c.group_size
+    raw = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if first:
+        return (WireSpec(0, 0, out_id, out_g), raw) if codec_id == 0 else None
+    if codec_id not in WIRE_CODECS or (codec_id in (0, FP16) and dtype != stage_dtype):
+        return None
+    if codec_id == FP16 and stage_dtype.itemsize != 2:
+        return None
+    c = wire_codec(codec_id, group_size)
+    want = raw if c is None else c.encoded_nbytes(shape, dtype)
+    return WireSpec(codec_id, c.group_size if c is not None else 0, out_id, out_g), want
 
 
 @dataclass

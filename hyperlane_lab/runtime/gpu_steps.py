@@ -35,9 +35,9 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
 from hyperlane_lab.models.decode_linear import env_flag
-from hyperlane_lab.models.decode_wire import FP16, WIRE_CODECS, WireSpec, wire_codec
+from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec, wire_codec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
-from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
+from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
 from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
 
 if TYPE_CHECKING:
@@ -106,7 +106,9 @@ class GpuStepper:
         self._q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete_loop, name="hyperlane-complete", daemon=True)
         self._thread.start()
-        self._specs: dict[tuple[Any, ...], tuple[WireSpec, int]] = {}  # per frame kind: (spec, payload bytes)
+        self._specs: dict[
+            tuple[Any, ...], tuple[WireSpec, int] | None
+        ] = {}  # per frame kind: (spec, payload bytes)
         self.wire_enabled = env_flag("HYPERLANE_WIRE", True)  # 0: every decode step takes the staged path
 
     def close(self) -> None:
@@ -132,18 +134,10 @@ class GpuStepper:
             or eng.device != self.device
         ):
             return None
-        key = (
-            id(eng),
-            h.codec,
-            h.group_size,
-            h.dtype,
-            h.batch,
-            w.out.codec,
-            w.out.group_size,
-        )  # a reload: new keys
-        hit = self._specs.get(key)
-        if hit is None:
-            hit = self._specs[key] = self._new_spec(h, eng)  # type: ignore[assignment]
+        key = (h.codec, h.group_size, h.dtype, h.batch, w.out.codec, w.out.group_size)
+        if key not in self._specs:  # None is cached too: the staged path for such frames
+            self._specs[key] = self._new_spec(h, eng)
+        hit = self._specs[key]
         if hit is None:
             return None
         spec, want = hit
@@ -155,28 +149,11 @@ class GpuStepper:
         return spec
 
     def _new_spec(self, h: FrameHeader, eng: Any) -> tuple[WireSpec, int] | None:
-        out_codec = out_group = 0
-        if not eng.is_last and self.w.out.codec not in ("raw", "none"):
-            from hyperlane_lab import codecs
-
-            c = codecs.get(self.w.out.codec, group_size=self.w.out.group_size or 64)
-            if c.codec_id not in WIRE_CODECS or (c.codec_id == FP16 and eng.dtype.itemsize != 2):
-                return None
-            out_codec, out_group = c.codec_id, c.group_size
-        if eng.is_first:
-            return (
-                (WireSpec(0, 0, out_codec, out_group), raw_nbytes(h.shape, h.dtype)) if h.codec == 0 else None
-            )
-        if h.codec not in WIRE_CODECS or (h.codec in (0, FP16) and h.dtype != eng.dtype):
-            return None
-        if h.codec == FP16 and eng.dtype.itemsize != 2:  # fp16 frames into a 32-bit stage: staged path
-            return None
         try:
-            c = wire_codec(h.codec, h.group_size)
-        except ValueError as e:
+            return frame_wire_spec(h.codec, h.group_size, h.dtype, h.shape, eng.dtype, eng.is_first,
+                                   eng.is_last, self.w.out.codec, self.w.out.group_size)  # fmt: skip
+        except ValueError as e:  # a group size the codec refuses
             raise ProtocolError(str(e)) from e
-        want = raw_nbytes(h.shape, h.dtype) if c is None else c.encoded_nbytes(h.shape, h.dtype)
-        return WireSpec(h.codec, c.group_size if c is not None else 0, out_codec, out_group), want
 
     def wire_ready(self, sid: str, spec: WireSpec) -> bool:
         """True when the session's wire graph for ``spec`` is captured (the step only enqueues)."""
