@@ -142,9 +142,11 @@ def make_wire_io(
         in_nbytes = (
             x_in.numel() * x_in.element_size() if codec is None else codec.encoded_nbytes(shape, dtype)
         )
-        in_host = torch.empty(in_nbytes, dtype=torch.uint8, pin_memory=True)
+        # zeros: the capture's warm-up replays read them (padding rows; garbage bytes could be
+        # NaN, and a plain attention's 0 * NaN on the trash slot would poison the session)
+        in_host = torch.zeros(in_nbytes, dtype=torch.uint8, pin_memory=True)
         if codec is not None:
-            in_dev = torch.empty(in_nbytes, dtype=torch.uint8, device=x_in.device)
+            in_dev = torch.zeros(in_nbytes, dtype=torch.uint8, device=x_in.device)
     out_dev, flag_at = None, 0
     if last:
         assert greedy is not None

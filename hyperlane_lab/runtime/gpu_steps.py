@@ -35,7 +35,7 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
 from hyperlane_lab.models.decode_linear import env_flag
-from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec, wire_codec
+from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
 from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
@@ -131,6 +131,8 @@ class GpuStepper:
             or h.seq != 1
             or graphs is None
             or graphs.wire_broken
+            or graphs._broken  # graphs failed here: the staged path decodes eagerly, off the loop
+            or h.flags & FLAG_MORE  # a one-token prompt chunk: the staged path sends nothing for it
             or eng.device != self.device
         ):
             return None
@@ -189,6 +191,7 @@ class GpuStepper:
                     self.run_step(frame, xt, positions, queued_at)
                     return
                 pos_bytes = pos.tobytes()  # a copy: the frame buffer goes back to the pool now
+                n_tok = int((pos >= 0).sum())
                 frame.body.release()
                 released = True
                 io.end.record(compute)
@@ -202,7 +205,6 @@ class GpuStepper:
             self._step_error(frame, released, sess, e)
             return
         sess.steps += 1
-        n_tok = int((pos >= 0).sum())
         self._q.put(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
                      None, mode, h.flags, wio)
@@ -387,12 +389,15 @@ class GpuStepper:
         elif p.mode == "wire":  # encoded inside the graph; the kernels counted NaN/Inf groups
             wio = p.wire
             bad = wio.bad_groups()
-            if bad:
-                c = wire_codec(wio.spec.out_codec, wio.spec.out_group)
-                name, what = ("fp16", "value(s)") if c is None else (c.name, "group(s)")
+            if bad:  # the codec's own check on the same tensor names the index and the fix
+                from hyperlane_lab import codecs
+
+                c = codecs.get_by_id(wio.spec.out_codec, wio.spec.out_group or 64)
+                with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
+                    p.out.record_stream(self.side_stream)
+                    c.encode(p.out)  # raises ValueError (NaN/Inf, or beyond the fp16 scale range)
                 raise ValueError(
-                    f"the hidden state holds NaN/Inf in {bad} {what}; codec {name!r} cannot encode "
-                    "it (check the weights and dtype, or send raw)"
+                    f"codec {c.name!r} flagged {bad} group(s) of the hidden state it cannot encode"
                 )
             parts, dtype, codec, group, shape = (
                 [wio.payload()],

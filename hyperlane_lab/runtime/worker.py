@@ -374,11 +374,15 @@ class Worker(WorkerOutbox):
         """The CUDA step path for ``eng`` (None for other engines), made on first use."""
         if not uses_gpu_path(eng):
             return None
-        if self._gpu is None or self._gpu.device != eng.device:
-            if self._gpu is not None:
-                self._gpu.close()
-            self._gpu = GpuStepper(self, eng.device)
-        return self._gpu
+        gpu = self._gpu
+        if gpu is not None and gpu.device == eng.device:
+            return gpu
+        with self._lock:  # the loop and the compute thread both get here
+            if self._gpu is None or self._gpu.device != eng.device:
+                if self._gpu is not None:
+                    self._gpu.close()
+                self._gpu = GpuStepper(self, eng.device)
+            return self._gpu
 
     def _run_wire(self, frame: Frame, spec: Any, queued_at: float) -> None:
         if self._failed(frame):
