@@ -313,11 +313,6 @@ class GraphDecoder:
         self.replays += 1
         return g.out
 
-    def wire_ready(self, cache: SessionCache, spec: WireSpec) -> bool:
-        """True when ``cache`` has a captured wire-mode graph for ``spec`` (a step only enqueues)."""
-        g = cache.graph
-        return g is not None and g.wire is not None and g.wire.spec == spec
-
     def step_wire(self, cache: SessionCache, spec: WireSpec, pos: Any, x: Any) -> _Graph | None:
         """Wire-mode decode step (``decode_wire``): ``pos`` int64 numpy [B] positions, ``x`` the
         frame's payload (first stage: int64 numpy ids [B]; else a bytes-like payload of
@@ -420,11 +415,8 @@ class GraphDecoder:
                     except Exception as e:
                         if not self._degrade(e, used_tlayer=b == 1):
                             raise
-                if st.is_last:
-                    assert warm is not None
-                    greedy_pack(warm)
+                gp = greedy_pack(warm) if st.is_last else None  # warms its kernels too
                 if wire is not None:
-                    gp = greedy_pack(warm) if st.is_last else None
                     wio = make_wire_io(wire, st.is_first, st.is_last, x_in, warm, gp)
                     io_host.zero_()
                     io_host[1] = -1  # as the warm-up: padding positions (trash slot)

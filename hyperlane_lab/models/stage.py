@@ -104,14 +104,16 @@ class TorchStage(StageSessions):
             self._graphs = GraphDecoder(self)
         return self._graphs
 
-    def decode_graph_ready(self, session_id: str) -> bool:
+    def decode_graph_ready(self, session_id: str, wire: Any = None) -> bool:
         """True when this session's decode steps replay an already captured CUDA graph: such a
         step only enqueues work (no compile, no capture), so a caller may run it on a latency-
-        critical thread (the worker's event loop does)."""
+        critical thread (the worker's event loop does). ``wire``: a ``decode_wire.WireSpec`` asks
+        about wire steps of that spec; None about staged steps (a wire graph would recapture)."""
         cache = self._sessions.get(session_id)
         g = cache.graph if cache is not None else None
-        # a wire-mode graph (decode_wire.py) serves wire steps only; a staged step would recapture
-        return g is not None and g.wire is None and self.graph_decoder() is not None
+        if g is None or self.graph_decoder() is None:
+            return False
+        return g.wire is None if wire is None else g.wire is not None and g.wire.spec == wire
 
     # ------------------------------------------------------------------ compute
 

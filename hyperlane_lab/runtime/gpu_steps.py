@@ -157,12 +157,6 @@ class GpuStepper:
         except ValueError as e:  # a group size the codec refuses
             raise ProtocolError(str(e)) from e
 
-    def wire_ready(self, sid: str, spec: WireSpec) -> bool:
-        """True when the session's wire graph for ``spec`` is captured (the step only enqueues)."""
-        eng = self.w.engine
-        cache = eng._sessions.get(sid) if eng is not None else None
-        return cache is not None and eng.graph_decoder().wire_ready(cache, spec)  # type: ignore[union-attr]
-
     def run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
         """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
         event; the completion thread sends the pinned result. Runs where ``run_step`` runs."""

@@ -323,7 +323,7 @@ class Worker(WorkerOutbox):
         if gpu is not None and spec is not None:  # a decode step through a wire-mode graph
             self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
             t1 = time.perf_counter()
-            if self._submitted == self._finished and gpu.wire_ready(h.session, spec):
+            if self._submitted == self._finished and self.engine.decode_graph_ready(h.session, spec):
                 self.fast_steps += 1  # enqueue on the loop thread: nothing to overtake, nothing to capture
                 gpu.run_wire(frame, spec, t1)
             else:
