@@ -446,7 +446,7 @@ def table(res: dict[str, Any]) -> str:
                             "PASS" if ours / ref >= 10 else "MISS (goal 10x)",
                         )
                     )
-    for key in sorted(k for k in res if re.fullmatch(r"split\d+|70b\d*", k)):
+    for key in sorted(k for k in res if re.fullmatch(r"(split\d+|70b\d*)(@\w+)?", k)):
         rows += parts.table_rows(key, res.get(key), g1)
     lines = [f"GPU: {', '.join(card)}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -476,6 +476,13 @@ def main() -> int:
     ap.add_argument("--variants", default="eager,graph,graph_compile", help="1gpu decode variants")
     ap.add_argument(
         "--cpu-latency-us", type=int, default=None, help="split parts: workers hold this PM QoS CPU latency"
+    )
+    ap.add_argument(
+        "--worker-variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help='extra worker flags for parts named PART@NAME, e.g. spin="--busy-poll-us 20000"',
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", help="print the table of saved JSON files and exit")
@@ -519,12 +526,14 @@ def main() -> int:
             return part_1gpu(args, res)
         if name == "hf":
             return parts.part_hf(args, res)
-        if m := re.fullmatch(r"split(\d+)", name):
-            return parts.part_split(args, res, int(m.group(1)))
-        if m := re.fullmatch(r"70b(\d*)", name):
-            return parts.part_70b(args, res, int(m.group(1) or 4))
+        if m := re.fullmatch(r"(split(\d+)|70b(\d*))(?:@(\w+))?", name):
+            flags = parts.worker_flags(args, m.group(4))  # splitN@NAME: workers with --worker-variant NAME
+            if m.group(2):
+                return parts.part_split(args, res, int(m.group(2)), name, flags)
+            return parts.part_70b(args, res, int(m.group(3) or 4), name, flags)
         raise ValueError(
-            f"unknown part {name!r}; valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8)"
+            f"unknown part {name!r}; valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8), "
+            "each split or 70b part optionally @NAME of a --worker-variant"
         )
 
     for name in args.parts.split(","):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import socket
 import statistics
 import subprocess
@@ -368,8 +369,9 @@ def run_split(
     prefill: list[int],
     bw: float,
     out: dict[str, Any],
+    flags: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Fills ``out`` as it goes, so partial results survive a failure."""
+    """Fills ``out`` as it goes, so partial results survive a failure. ``flags``: extra worker flags."""
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
 
     mm = _main()
@@ -381,6 +383,8 @@ def run_split(
     t0 = time.perf_counter()
     extra = ["--cpu-latency-us", str(args.cpu_latency_us)] if args.cpu_latency_us is not None else []
     out["cpu_latency_us"] = args.cpu_latency_us
+    extra += flags or []
+    out["worker_flags"] = extra
     with LocalCluster(p, devices=devices, startup_timeout=180, extra_args=extra) as cl:
         source = None if model_name == "bundled" else model_name
         with AutoDistributedModel.from_pretrained(
@@ -434,9 +438,9 @@ def run_split(
             try:
                 from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
 
-                out["fast_path_steps"] = [
-                    int(c.call("Health", pb.HealthRequest()).fast_path_steps) for c in model.clients
-                ]
+                health = [c.call("Health", pb.HealthRequest()) for c in model.clients]
+                out["fast_path_steps"] = [int(h.fast_path_steps) for h in health]
+                out["busy_poll"] = [[int(h.busy_poll_spun), int(h.busy_poll_blocked)] for h in health]
             except Exception as e:  # an older worker build
                 out["fast_path_steps"] = str(e)[:200]
             out["sim_batch1"] = simulate(dec, pre, hop, 1, n_decode)
@@ -482,18 +486,32 @@ def run_split(
     return out
 
 
-def part_split(args: argparse.Namespace, res: dict[str, Any], p: int) -> dict[str, Any]:
+def worker_flags(args: argparse.Namespace, variant: str | None) -> list[str]:
+    """The extra worker flags of ``--worker-variant NAME=FLAGS`` for NAME (none for None)."""
+    if variant is None:
+        return []
+    found = dict(v.split("=", 1) for v in getattr(args, "worker_variant", []) if "=" in v)
+    if variant not in found:
+        raise ValueError(f"no --worker-variant named {variant!r}; given: {sorted(found) or 'none'}")
+    return shlex.split(found[variant])
+
+
+def part_split(
+    args: argparse.Namespace, res: dict[str, Any], p: int, key: str = "", flags: list[str] | None = None
+) -> dict[str, Any]:
     mm = _main()
     # the copy bandwidth of this run's 1gpu part (measured on an idle GPU) when there is one
     bw = (res.get("1gpu") or {}).get("copy_bw") or res.get("meta", {}).get("copy_bw")
     bw = bw or (mm.copy_bandwidth() if CUDA else 0.0)
     res.setdefault("meta", {})["copy_bw"] = bw
     out: dict[str, Any] = {}
-    res[f"split{p}"] = out
-    return run_split(args, args.model, p, args.ms, args.decode_tokens, args.prefill, bw, out)
+    res[key or f"split{p}"] = out
+    return run_split(args, args.model, p, args.ms, args.decode_tokens, args.prefill, bw, out, flags or [])
 
 
-def part_70b(args: argparse.Namespace, res: dict[str, Any], p: int = 4) -> dict[str, Any]:
+def part_70b(
+    args: argparse.Namespace, res: dict[str, Any], p: int = 4, key: str = "", flags: list[str] | None = None
+) -> dict[str, Any]:
     mm = _main()
     # the copy bandwidth of this run's 1gpu part (measured on an idle GPU) when there is one
     bw = (res.get("1gpu") or {}).get("copy_bw") or res.get("meta", {}).get("copy_bw")
@@ -501,9 +519,10 @@ def part_70b(args: argparse.Namespace, res: dict[str, Any], p: int = 4) -> dict[
     res.setdefault("meta", {})["copy_bw"] = bw
     name = "llama-2-70b" if CUDA and args.model != "bundled" else "bundled"
     out: dict[str, Any] = {}
-    res["70b" if p == 4 else f"70b{p}"] = out
+    res[key or ("70b" if p == 4 else f"70b{p}")] = out
     ms = [m for m in args.ms if m >= p] or ([p, 2 * p, 4 * p] if p > 4 else [4, 8, 16])  # --ms, from p up
-    return run_split(args, name, p, ms, min(args.decode_tokens, 32), [512] if CUDA else args.prefill, bw, out)
+    prefill = [512] if CUDA else args.prefill
+    return run_split(args, name, p, ms, min(args.decode_tokens, 32), prefill, bw, out, flags or [])
 
 
 # ---------------------------------------------------------------------- table rows
@@ -518,7 +537,7 @@ def table_rows(
         return [(key, "error", r["error"][:80], "")]
     rows = []
     dec = r["decode"]["tok_s"]
-    if key == "70b":
+    if key.split("@")[0] == "70b":
         roof = r.get("roofline_tok_s")
         if roof:
             rows.append(

@@ -158,3 +158,37 @@ def test_int8_wire_workers_match_the_probe_and_refuse_bad_decode_frames(tmp_path
                     w.close()
                 srv.close()
         assert all(cluster.alive)
+
+
+@pytest.mark.multiprocess
+def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
+    """Workers that spin for frames (``--busy-poll-us``) while idle: the same greedy tokens as the
+    in-process probe, also with sessions side by side (steps in flight while frames arrive)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hyperlane_lab.probes import greedy_sequences, load_pipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    prompts = ["Once upon a time", "Lily and Ben went to the park. They saw", "The dog", "Tom had a red"]
+    pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
+    want = greedy_sequences(pipe, prompts, ["int8", "int8"], 64, 32)
+    flags = ["--busy-poll-us", "20000"]
+    with (
+        LocalCluster(3, devices=["cuda:0"] * 3, cache_dir=tmp_path, extra_args=flags) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", compression="int8", progress=False
+        ) as m,
+    ):
+        eos = m.spec.eos_token_ids[0]
+
+        def run(p: str) -> list[int]:
+            r = m.generate(p, max_tokens=32)
+            return list(r.token_ids) + ([eos] if r.finish_reason == "eos" else [])
+
+        assert [run(p) for p in prompts[:2]] == want[:2]
+        with ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(run, prompts)) == want
+        health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+        assert all(h.busy_poll_spun > 0 and h.fast_path_steps > 0 for h in health), health
+        assert all(cluster.alive)

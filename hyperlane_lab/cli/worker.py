@@ -14,6 +14,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 µs, got {value}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("worker", help="start a worker (one per GPU)")
     p.add_argument(
@@ -42,6 +49,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="hold a Linux PM QoS limit on CPU wake-up latency (µs; 0 = no deep C-states) while "
         "running: cuts per-hop latency on servers whose idle cores sleep deeply (needs root)",
     )
+    p.add_argument(
+        "--busy-poll-us",
+        type=_non_negative_int,
+        default=0,
+        help="after each frame, poll the sockets without sleeping for up to this many µs while "
+        "nothing is in flight (saves a sleeping CPU's wake-up per hop, costs a core; 0 = off)",
+    )
+    p.add_argument(
+        "--switch-interval-us",
+        type=_positive_int,
+        default=None,
+        help="the process's GIL switch interval in µs (default: Python's 5000, or 100 with --busy-poll-us)",
+    )
     p.set_defaults(func=run)
 
 
@@ -66,5 +86,7 @@ def run(args: argparse.Namespace) -> int:
         memory_limit=int(args.memory_limit_gib * 2**30),
         session_ttl_s=args.session_ttl,
         cpu_latency_us=args.cpu_latency_us,
+        busy_poll_us=args.busy_poll_us,
+        switch_interval_us=args.switch_interval_us,
     )
     return run_worker(cfg)

@@ -95,6 +95,10 @@ def _step_io(cache: Any) -> _StepIO:
     return io  # type: ignore[no-any-return]
 
 
+def _noop() -> None:
+    pass
+
+
 class GpuStepper:
     """One per worker and device; ``run_step`` is called on the worker's compute thread."""
 
@@ -110,6 +114,18 @@ class GpuStepper:
             tuple[Any, ...], tuple[WireSpec, int] | None
         ] = {}  # per frame kind: (spec, payload bytes)
         self.wire_enabled = env_flag("HYPERLANE_WIRE", True)  # 0: every decode step takes the staged path
+        # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
+        # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
+        self._put = 0
+        self._done = 0
+
+    def idle(self) -> bool:
+        """No step of this stepper is on the GPU or waiting to be shipped."""
+        return self._put == self._done
+
+    def _enqueue(self, p: _Pending) -> None:
+        self._put += 1
+        self._q.put(p)
 
     def close(self) -> None:
         self._q.put(None)
@@ -199,7 +215,7 @@ class GpuStepper:
             self._step_error(frame, released, sess, e)
             return
         sess.steps += 1
-        self._q.put(
+        self._enqueue(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
                      None, mode, h.flags, wio)
         )  # fmt: skip
@@ -265,7 +281,7 @@ class GpuStepper:
             self._step_error(frame, released, sess, e)
             return
         sess.steps += 1
-        self._q.put(
+        self._enqueue(
             _Pending(
                 sid,
                 step,
@@ -312,6 +328,10 @@ class GpuStepper:
             except Exception as e:
                 log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
                 self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
+            finally:
+                self._done += 1
+            if self._done == self._put and self.w.busy_polling:
+                self.w._call_soon(_noop)  # wake the loop thread: it may spin for the next frame now
 
     def _complete(self, p: _Pending) -> None:
         w = self.w

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from hyperlane_lab.runtime.busypoll import BusyPollSelector
 from hyperlane_lab.runtime.proto_gen import hyperlane_pb2_grpc as pb_grpc
 from hyperlane_lab.runtime.service import WorkerService
 from hyperlane_lab.runtime.worker import Worker, WorkerConfig
@@ -65,8 +66,18 @@ def _start_advertiser(worker: Worker, service: WorkerService, config: WorkerConf
     return adv
 
 
-async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announce: bool = True) -> None:
+async def serve(
+    config: WorkerConfig,
+    stop: asyncio.Event | None = None,
+    announce: bool = True,
+    selector: BusyPollSelector | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM). ``selector``: the running loop's busy-polling
+    selector, if it has one; it is told when the worker is quiet enough to spin."""
     worker = Worker(config)
+    if selector is not None:
+        selector.should_spin = worker.quiet
+        worker.selector = selector
     qos = None
     if config.cpu_latency_us is not None:
         from hyperlane_lab.runtime.worker import hold_cpu_latency
@@ -124,12 +135,38 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None, announc
         qos.close()
 
 
+def _loop_for(config: WorkerConfig) -> tuple[asyncio.AbstractEventLoop, BusyPollSelector | None]:
+    """The worker's event loop (a busy-polling one with ``busy_poll_us``); sets the process's GIL
+    switch interval. Called from ``run_worker``: this process is the worker."""
+    interval = config.switch_interval_us
+    if interval is not None:
+        sys.setswitchinterval(interval / 1e6)
+        log.info("GIL switch interval %d µs", interval)
+    if config.busy_poll_us <= 0:
+        return asyncio.new_event_loop(), None
+    sel = BusyPollSelector(config.busy_poll_us / 1e6)
+    log.info("busy polling for frames up to %d µs after each event", config.busy_poll_us)
+    return asyncio.SelectorEventLoop(sel), sel
+
+
 def run_worker(config: WorkerConfig) -> int:
+    loop, sel = _loop_for(config)
+    asyncio.set_event_loop(loop)
     try:
-        asyncio.run(serve(config))
+        loop.run_until_complete(serve(config, selector=sel))
     except OSError as e:
         print(f"hyperlane worker: {e}", file=sys.stderr)
         return 1
+    finally:  # as asyncio.run does: cancel what is left, close async generators, close the loop
+        try:
+            left = asyncio.all_tasks(loop)
+            for t in left:
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
     logging.shutdown()
     sys.stdout.flush()
     os._exit(0)  # don't wait for compute threads that are still busy: the worker is done

@@ -131,7 +131,14 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     @_guard
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
-        return pb.HealthReply(ok=True, worker_time_s=time.perf_counter(), fast_path_steps=self.w.fast_steps)
+        sel = self.w.selector
+        return pb.HealthReply(
+            ok=True,
+            worker_time_s=time.perf_counter(),
+            fast_path_steps=self.w.fast_steps,
+            busy_poll_spun=sel.spun if sel is not None else 0,
+            busy_poll_blocked=sel.blocked if sel is not None else 0,
+        )
 
     # ------------------------------------------------------------------ blobs and shards
 

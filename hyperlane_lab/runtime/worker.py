@@ -61,6 +61,10 @@ class _Session:
     ring: tuple[str, int, frozenset[int]] | None = None
 
 
+def _noop() -> None:
+    pass
+
+
 class Worker(WorkerOutbox):
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -91,6 +95,8 @@ class Worker(WorkerOutbox):
         self.grpc_port = config.grpc_port
         self.data_port = 0
         self.on_change: list[Any] = []  # callbacks when shard/memory changes (mDNS re-announce)
+        self.busy_polling = config.busy_poll_us > 0  # the loop spins for frames while ``quiet()``
+        self.selector: Any = None  # the loop's BusyPollSelector (set by ``serve``), for its counters
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -221,6 +227,12 @@ class Worker(WorkerOutbox):
             await self._on_compute(self.engine.close_session, sid)
         return s is not None
 
+    def quiet(self) -> bool:
+        """Nothing in flight here: the compute thread is idle and no GPU step waits to be shipped.
+        The busy-polling selector spins only then (other threads need the GIL otherwise)."""
+        gpu = self._gpu
+        return self._submitted == self._finished and (gpu is None or gpu.idle())
+
     def _submit(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending."""
         self._submitted += 1
@@ -230,6 +242,8 @@ class Worker(WorkerOutbox):
                 return fn(*args)
             finally:
                 self._finished += 1
+                if self.busy_polling and self._loop is not None and self.quiet():
+                    self._loop.call_soon_threadsafe(_noop)  # the loop may spin for frames again
 
         return self._compute.submit(task)
 

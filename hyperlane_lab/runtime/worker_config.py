@@ -30,6 +30,20 @@ class WorkerConfig:
     # /dev/cpu_dma_latency; needs root): an idle core waking from a deep C-state can add 100+ µs to
     # every hop. None = leave the system's power management alone.
     cpu_latency_us: int | None = None
+    # busy polling (see runtime/busypoll.py): after a frame, poll the sockets without sleeping for
+    # up to this many µs while nothing is in flight here; saves an idle vCPU's wake-up (tens of µs
+    # on VMs) per hop at the cost of a core while it spins. 0 = off (block in epoll as usual).
+    busy_poll_us: int = 0
+    # the worker process's GIL switch interval (sys.setswitchinterval) in µs. None = Python's
+    # default (5 ms). Shorter made every split pipeline slower in bench/RESULTS.md (more forced
+    # GIL hand-offs between the loop and completion threads); kept for experiments.
+    switch_interval_us: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.busy_poll_us < 0:
+            raise ValueError(f"busy_poll_us must be >= 0 µs (0 = off), got {self.busy_poll_us}")
+        if self.switch_interval_us is not None and self.switch_interval_us <= 0:
+            raise ValueError(f"switch_interval_us must be > 0 µs, got {self.switch_interval_us}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,0 +1,175 @@
+"""Busy polling (runtime/busypoll.py): the selector's spin / block rules on a socket pair, an asyncio
+loop on it, and real workers started with ``--busy-poll-us`` giving transformers' tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from hyperlane_lab.runtime.busypoll import BusyPollSelector
+from hyperlane_lab.runtime.worker_config import WorkerConfig
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _sel(pair, **kw) -> BusyPollSelector:
+    sel = BusyPollSelector(**kw)
+    sel.register(pair[0], selectors.EVENT_READ, "a")
+    return sel
+
+
+def test_cold_selector_blocks_and_times_out(pair):
+    sel = _sel(pair, window_s=10.0)
+    t0 = time.monotonic()
+    assert sel.select(0.05) == []
+    assert 0.04 <= time.monotonic() - t0 < 2.0
+    assert sel.spun == 0  # never hot: no event yet, so no spinning
+    pair[1].send(b"x")
+    (key, ev), *_ = sel.select(1.0)
+    assert key.data == "a" and ev & selectors.EVENT_READ
+    assert (sel.spun, sel.blocked) == (0, 1)
+    sel.close()
+
+
+def test_hot_selector_spins_for_the_next_event(pair):
+    sel = _sel(pair, window_s=5.0)
+    pair[1].send(b"x")
+    assert sel.select(1.0)  # the event makes it hot
+    pair[0].recv(16)
+    timer = threading.Timer(0.02, pair[1].send, args=(b"y",))
+    timer.start()
+    ready = sel.select(None)  # hot: answered by polling, not by blocking
+    timer.join()
+    assert [k.data for k, _ in ready] == ["a"]
+    assert (sel.spun, sel.blocked) == (1, 1)
+    sel.close()
+
+
+def test_hot_selector_honours_the_timeout_and_the_window(pair):
+    sel = _sel(pair, window_s=0.05)
+    pair[1].send(b"x")
+    assert sel.select(1.0)
+    pair[0].recv(16)
+    t0 = time.monotonic()
+    assert sel.select(0.02) == []  # spins at most the caller's timeout
+    assert time.monotonic() - t0 < 1.0
+    time.sleep(0.06)  # the window has passed: cold again
+    t0 = time.monotonic()
+    assert sel.select(0.03) == [] and sel.spun == 0
+    sel.close()
+
+
+def test_no_spinning_while_the_worker_is_busy(pair):
+    calls = []
+
+    def busy() -> bool:
+        calls.append(1)
+        return False
+
+    sel = _sel(pair, window_s=5.0, should_spin=busy)
+    pair[1].send(b"x")
+    assert sel.select(1.0)
+    pair[0].recv(16)
+    threading.Timer(0.02, pair[1].send, args=(b"y",)).start()
+    assert sel.select(2.0)
+    assert sel.spun == 0 and sel.blocked == 2 and calls  # asked, refused, blocked instead
+    sel.close()
+
+
+def test_window_zero_never_spins_and_bad_windows_are_refused(pair):
+    sel = _sel(pair, window_s=0.0)
+    pair[1].send(b"x")
+    assert sel.select(1.0) and sel.select(1.0)
+    assert sel.spun == 0
+    sel.close()
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="busy-poll window"):
+            BusyPollSelector(bad)
+
+
+def test_asyncio_loop_on_the_selector_echoes_over_loopback():
+    sel = BusyPollSelector(1.0)
+    loop = asyncio.SelectorEventLoop(sel)
+
+    async def main() -> list[bytes]:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(64):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        got = []
+        for i in range(20):
+            w.write(b"m%02d" % i)
+            await w.drain()
+            got.append(await r.readexactly(3))
+        w.close()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    try:
+        assert loop.run_until_complete(main()) == [b"m%02d" % i for i in range(20)]
+    finally:
+        loop.close()
+    assert sel.spun > 0  # replies after the first were picked up by polling
+
+
+def test_worker_config_checks_the_busy_poll_settings():
+    assert WorkerConfig(busy_poll_us=500).busy_poll_us == 500
+    with pytest.raises(ValueError, match="busy_poll_us must be >= 0"):
+        WorkerConfig(busy_poll_us=-1)
+    with pytest.raises(ValueError, match="switch_interval_us must be > 0"):
+        WorkerConfig(switch_interval_us=0)
+
+
+def test_loop_for_sets_the_switch_interval():
+    from hyperlane_lab.runtime.server import _loop_for
+
+    before = sys.getswitchinterval()
+    try:
+        loop, sel = _loop_for(WorkerConfig(busy_poll_us=2000))
+        assert isinstance(sel, BusyPollSelector) and sel.window_s == pytest.approx(0.002)
+        assert sys.getswitchinterval() == pytest.approx(before)  # left alone unless asked
+        loop.close()
+        loop, sel = _loop_for(WorkerConfig(switch_interval_us=250))
+        assert sel is None and sys.getswitchinterval() == pytest.approx(250e-6)
+        loop.close()
+    finally:
+        sys.setswitchinterval(before)
+
+
+@pytest.mark.multiprocess
+def test_busy_polling_workers_generate_transformers_tokens(tmp_path, hf_greedy):
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    flags = ["--busy-poll-us", "20000", "--switch-interval-us", "200"]
+    with (
+        LocalCluster(2, cache_dir=tmp_path / "c", extra_args=flags) as cluster,
+        AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as model,
+    ):
+        for prompt in ("Once upon a time", "The cat sat on the mat"):
+            assert model.generate(prompt, max_tokens=24).token_ids == hf_greedy(prompt, 24)
+        outs = model.generate(["Lily went", "Tom saw a"], max_tokens=12)
+        assert [o.token_ids for o in outs] == [hf_greedy("Lily went", 12), hf_greedy("Tom saw a", 12)]
+        health = [c.call("Health", pb.HealthRequest()) for c in model.clients]
+    # every worker picked frames up by polling (and the counters reach the control plane)
+    assert all(h.busy_poll_spun > 0 for h in health), health
