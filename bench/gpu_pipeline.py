@@ -453,6 +453,9 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PART_RE = r"1gpu|hf|(split\d+|70b\d*)(@\w+)?"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="1gpu,hf" if CUDA else "1gpu,split2")
@@ -536,6 +539,15 @@ def main() -> int:
             "each split or 70b part optionally @NAME of a --worker-variant"
         )
 
+    bad = [n for n in args.parts.split(",") if not re.fullmatch(PART_RE, n)]
+    if bad:
+        raise SystemExit(f"unknown part(s) {bad}; valid: 1gpu, hf, splitN, 70b, 70bN, each split or 70b "
+                         "part optionally @NAME of a --worker-variant")  # fmt: skip
+    try:  # every @NAME must name a --worker-variant: fail now, not hours into a run
+        for n in args.parts.split(","):
+            parts.worker_flags(args, n.partition("@")[2] or None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     for name in args.parts.split(","):
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shlex
 import socket
 import statistics
@@ -490,10 +491,23 @@ def worker_flags(args: argparse.Namespace, variant: str | None) -> list[str]:
     """The extra worker flags of ``--worker-variant NAME=FLAGS`` for NAME (none for None)."""
     if variant is None:
         return []
-    found = dict(v.split("=", 1) for v in getattr(args, "worker_variant", []) if "=" in v)
+    found = worker_variants(getattr(args, "worker_variant", []))
     if variant not in found:
         raise ValueError(f"no --worker-variant named {variant!r}; given: {sorted(found) or 'none'}")
-    return shlex.split(found[variant])
+    return found[variant]
+
+
+def worker_variants(given: list[str]) -> dict[str, list[str]]:
+    """``["NAME=FLAGS", ...]`` -> {NAME: flags}; NAME is letters, digits and underscores."""
+    out: dict[str, list[str]] = {}
+    for v in given:
+        name, eq, flags = v.partition("=")
+        if not eq or not re.fullmatch(r"\w+", name):
+            raise ValueError(f"--worker-variant {v!r}: expected NAME=FLAGS with NAME of letters, digits, _")
+        if name in out:
+            raise ValueError(f"--worker-variant {name!r} is given twice")
+        out[name] = shlex.split(flags)
+    return out
 
 
 def part_split(
@@ -537,12 +551,12 @@ def table_rows(
         return [(key, "error", r["error"][:80], "")]
     rows = []
     dec = r["decode"]["tok_s"]
-    if key.split("@")[0] == "70b":
+    if re.fullmatch(r"70b\d*", key.split("@")[0]):
         roof = r.get("roofline_tok_s")
         if roof:
             rows.append(
                 (
-                    "70B over 4 GPUs decode",
+                    f"{key}: 70B over {r['stages']} GPUs decode",
                     f"{dec:.1f} tok/s",
                     f"{dec / roof:.1%} of split roofline {roof:.1f}",
                     "PASS" if dec / roof >= 0.5 else "MISS (goal 50%)",

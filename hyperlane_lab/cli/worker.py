@@ -54,13 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=_non_negative_int,
         default=0,
         help="after each frame, poll the sockets without sleeping for up to this many µs while "
-        "nothing is in flight (saves a sleeping CPU's wake-up per hop, costs a core; 0 = off)",
+        "nothing is in flight (saves a sleeping CPU's wake-up per hop, costs a core; 0 = off, "
+        "at most 1000000)",
     )
     p.add_argument(
         "--switch-interval-us",
         type=_positive_int,
         default=None,
-        help="the process's GIL switch interval in µs (default: Python's 5000, or 100 with --busy-poll-us)",
+        help="the process's GIL switch interval in µs (default: Python's, 5000; shorter measured "
+        "slower, see bench/RESULTS.md)",
     )
     p.set_defaults(func=run)
 

@@ -95,10 +95,6 @@ def _step_io(cache: Any) -> _StepIO:
     return io  # type: ignore[no-any-return]
 
 
-def _noop() -> None:
-    pass
-
-
 class GpuStepper:
     """One per worker and device; ``run_step`` is called on the worker's compute thread."""
 
@@ -331,7 +327,7 @@ class GpuStepper:
             finally:
                 self._done += 1
             if self._done == self._put and self.w.busy_polling:
-                self.w._call_soon(_noop)  # wake the loop thread: it may spin for the next frame now
+                self.w.wake_loop()  # the loop thread may spin for the next frame now
 
     def _complete(self, p: _Pending) -> None:
         w = self.w

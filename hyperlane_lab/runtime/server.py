@@ -78,6 +78,7 @@ async def serve(
     if selector is not None:
         selector.should_spin = worker.quiet
         worker.selector = selector
+        worker.busy_polling = True
     qos = None
     if config.cpu_latency_us is not None:
         from hyperlane_lab.runtime.worker import hold_cpu_latency
@@ -164,6 +165,8 @@ def run_worker(config: WorkerConfig) -> int:
                 t.cancel()
             loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
+        except BaseException:  # never hide the run's own outcome behind a clean-up failure
+            log.exception("worker event loop clean-up failed")
         finally:
             asyncio.set_event_loop(None)
             loop.close()

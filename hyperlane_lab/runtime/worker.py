@@ -17,6 +17,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -95,8 +96,10 @@ class Worker(WorkerOutbox):
         self.grpc_port = config.grpc_port
         self.data_port = 0
         self.on_change: list[Any] = []  # callbacks when shard/memory changes (mDNS re-announce)
-        self.busy_polling = config.busy_poll_us > 0  # the loop spins for frames while ``quiet()``
-        self.selector: Any = None  # the loop's BusyPollSelector (set by ``serve``), for its counters
+        # set by ``serve`` when its loop has a BusyPollSelector: the loop spins for frames while
+        # ``quiet()``, and threads that make the worker quiet wake it (``wake_loop``)
+        self.busy_polling = False
+        self.selector: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,6 +236,14 @@ class Worker(WorkerOutbox):
         gpu = self._gpu
         return self._submitted == self._finished and (gpu is None or gpu.idle())
 
+    def wake_loop(self) -> None:
+        """Wake the event loop from another thread (a no-op callback); nothing if it has stopped."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # closed: the worker is shutting down
+            loop.call_soon_threadsafe(_noop)
+
     def _submit(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending."""
         self._submitted += 1
@@ -242,8 +253,8 @@ class Worker(WorkerOutbox):
                 return fn(*args)
             finally:
                 self._finished += 1
-                if self.busy_polling and self._loop is not None and self.quiet():
-                    self._loop.call_soon_threadsafe(_noop)  # the loop may spin for frames again
+                if self.busy_polling and self.quiet():
+                    self.wake_loop()  # the loop may spin for frames again
 
         return self._compute.submit(task)
 

@@ -40,8 +40,10 @@ class WorkerConfig:
     switch_interval_us: int | None = None
 
     def __post_init__(self) -> None:
-        if self.busy_poll_us < 0:
-            raise ValueError(f"busy_poll_us must be >= 0 µs (0 = off), got {self.busy_poll_us}")
+        if not 0 <= self.busy_poll_us <= 1_000_000:
+            raise ValueError(
+                f"busy_poll_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.busy_poll_us}"
+            )
         if self.switch_interval_us is not None and self.switch_interval_us <= 0:
             raise ValueError(f"switch_interval_us must be > 0 µs, got {self.switch_interval_us}")
 
