@@ -472,7 +472,9 @@ def main() -> int:
         help="split parts: also measure prefill with the prompt sent in chunks of these many tokens",
     )
     ap.add_argument("--compression", default="raw", help="split parts: the codec of every hand-off")
-    ap.add_argument("--ms", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    ap.add_argument(
+        "--ms", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 4, 8, 16], help='"" = none'
+    )
     ap.add_argument("--compile", choices=["0", "1"], default=os.environ.get("HYPERLANE_COMPILE", "1"))
     ap.add_argument("--profile", type=int, default=1)
     ap.add_argument("--gemv", type=int, default=1)
