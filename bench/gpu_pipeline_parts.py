@@ -217,29 +217,23 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float) -> dict[str,
         if vals:
             out[name] = med(vals)
 
+    def dur(kind: str, i: int) -> Any:  # a segment that is one event's own duration
+        return lambda st, s, k: by[(kind, i, s, k)].end - by[(kind, i, s, k)].start
+
     out: dict[str, Any] = {}
     for i in range(p):
         seg(
             f"s{i}_dispatch",
             lambda st, s, k, i=i: by[("compute", i, s, k)].start - by[("receive", i, s, k)].end,
         )
-        seg(
-            f"s{i}_compute",
-            lambda st, s, k, i=i: by[("compute", i, s, k)].end - by[("compute", i, s, k)].start,
-        )
+        seg(f"s{i}_compute", dur("compute", i))
         seg(
             f"s{i}_complete", lambda st, s, k, i=i: by[("send", i, s, k)].start - by[("compute", i, s, k)].end
         )
-        seg(f"s{i}_send", lambda st, s, k, i=i: by[("send", i, s, k)].end - by[("send", i, s, k)].start)
+        seg(f"s{i}_send", dur("send", i))
         if i == p - 1:  # inside s{i}_complete: wake-up -> ring frame ready, and the ring frame's send
-            seg(
-                f"s{i}_sample",
-                lambda st, s, k, i=i: by[("sample", i, s, k)].end - by[("sample", i, s, k)].start,
-            )
-            seg(
-                f"s{i}_ring_send",
-                lambda st, s, k, i=i: by[("ring", i, s, k)].end - by[("ring", i, s, k)].start,
-            )
+            seg(f"s{i}_sample", dur("sample", i))
+            seg(f"s{i}_ring_send", dur("ring", i))
         if i + 1 < p:
             seg(
                 f"wire_{i}_{i + 1}",

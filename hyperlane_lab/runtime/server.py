@@ -78,7 +78,6 @@ async def serve(
     if selector is not None:
         selector.should_spin = worker.quiet
         worker.selector = selector
-        worker.busy_polling = True
     qos = None
     if config.cpu_latency_us is not None:
         from hyperlane_lab.runtime.worker import hold_cpu_latency

@@ -96,9 +96,8 @@ class Worker(WorkerOutbox):
         self.grpc_port = config.grpc_port
         self.data_port = 0
         self.on_change: list[Any] = []  # callbacks when shard/memory changes (mDNS re-announce)
-        # set by ``serve`` when its loop has a BusyPollSelector: the loop spins for frames while
-        # ``quiet()``, and threads that make the worker quiet wake it (``wake_loop``)
-        self.busy_polling = False
+        # the loop's BusyPollSelector, set by ``serve`` when it has one: the loop spins for frames
+        # while ``quiet()``, and threads that make the worker quiet wake it (``wake_loop``)
         self.selector: Any = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -229,6 +228,10 @@ class Worker(WorkerOutbox):
         if self.engine is not None:
             await self._on_compute(self.engine.close_session, sid)
         return s is not None
+
+    @property
+    def busy_polling(self) -> bool:
+        return self.selector is not None
 
     def quiet(self) -> bool:
         """Nothing in flight here: the compute thread is idle and no GPU step waits to be shipped.
