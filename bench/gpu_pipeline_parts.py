@@ -191,8 +191,9 @@ def stage_gaps(events: list[TraceEvent], p: int) -> list[float]:
     return gaps
 
 
-def hop_breakdown(events: list[TraceEvent], p: int, token_s: float) -> dict[str, Any]:
-    """Where a decode token's time goes, per segment (medians over decode steps, seconds).
+def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: bool = False) -> dict[str, Any]:
+    """Where a decode token's time goes, per segment (medians over decode steps, seconds); with
+    ``prefill``, where a prompt step's time goes (step 0, medians over the prompts).
 
     Per stage i: ``dispatch`` = frame fully received -> GPU starts the step (hand-off, checks,
     staging, launch), ``compute`` = GPU time, ``complete`` = GPU done -> send begins (D2H,
@@ -202,7 +203,7 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float) -> dict[str,
     All stage clocks are this host's monotonic clock (one host), so differences are exact."""
     by: dict[tuple[str, int, int, str], TraceEvent] = {}
     for e in sorted(events, key=lambda e: e.start):
-        if e.step >= 1:
+        if (e.step == 0) if prefill else (e.step >= 1):
             key = (e.kind.value, e.stage, hash(e.session), e.step)
             if e.kind.value == "send" and key in by:  # the last stage: its ring frame went first
                 by[("ring", *key[1:])] = by[key]
@@ -440,7 +441,16 @@ def run_split(
                 out["fast_path_steps"] = str(e)[:200]
             out["sim_batch1"] = simulate(dec, pre, hop, 1, n_decode)
             _save()
-            out["prefill"] = {str(s): mm.gen_prefill(model, s, spec.vocab_size, args.reps) for s in prefill}
+            out["prefill"] = {}
+            for s in prefill:  # each length's events on their own: where a prompt step's time goes
+                fetch_events(model)
+                r = out["prefill"][str(s)] = mm.gen_prefill(model, s, spec.vocab_size, args.reps)
+                r["breakdown_s"] = hop_breakdown(fetch_events(model), p, r["prefill_s"], prefill=True)
+                print(
+                    f"  prefill {s}: {r['tok_s']:.0f} tok/s, runs {[round(t * 1e3, 1) for t in r['runs_s']]} ms;"
+                    f" where it goes (us): { ({k: round(v * 1e6) for k, v in r['breakdown_s'].items()}) }",
+                    flush=True,
+                )
             for c in getattr(args, "prefill_chunk", None) or []:  # the prompt in chunks of c tokens
                 model.prefill_chunk = c
                 try:

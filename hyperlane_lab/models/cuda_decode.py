@@ -48,6 +48,7 @@ from hyperlane_lab.models.decode_static import (
 )
 from hyperlane_lab.models.decode_wire import WireIO, WireSpec, make_wire_io, wire_in, wire_out
 from hyperlane_lab.models.layers import decoder_layer
+from hyperlane_lab.models.prompt_graphs import PromptGraphs
 
 if TYPE_CHECKING:
     from hyperlane_lab.models.stage import SessionCache, TorchStage
@@ -133,6 +134,7 @@ class GraphDecoder:
         # wrap around the pool and alias a stream other threads use (the worker's copy stream)
         self._capture_stream: Any = None
         self.wire_broken = ""  # why a wire-mode capture failed (wire steps then take the staged path)
+        self._prompts: PromptGraphs | None = None  # prompt steps' graphs (models/prompt_graphs.py)
 
     # ------------------------------------------------------------------ caches
 
@@ -178,6 +180,25 @@ class GraphDecoder:
             self._attn = None
         self._degraded.clear()
         self._pool.clear()
+        self._prompts = None
+
+    def capture_stream(self) -> torch.cuda.Stream:
+        """The one stream every capture of this stage runs on (high priority, made once)."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.stage.device, priority=-1)
+        return self._capture_stream  # type: ignore[no-any-return]
+
+    def prompt_graphs(self) -> PromptGraphs:
+        if self._prompts is None:
+            self._prompts = PromptGraphs(self)
+        return self._prompts
+
+    def prompt_step(self, cache: SessionCache, x: torch.Tensor, seq: int) -> torch.Tensor | None:
+        """A fresh prompt's step replayed from a graph (``prompt_graphs.py``), or None: the caller
+        runs the eager path."""
+        if self._broken:
+            return None
+        return self.prompt_graphs().run(cache, x, seq)
 
     # ------------------------------------------------------------------ stepping
 
@@ -403,9 +424,7 @@ class GraphDecoder:
             )  # fmt: skip
 
         with torch.cuda.device(dev):
-            if self._capture_stream is None:
-                self._capture_stream = torch.cuda.Stream(dev, priority=-1)
-            side = self._capture_stream
+            side = self.capture_stream()
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 while True:  # warm-up: lazy init (cuBLAS, compile, Triton) outside the capture

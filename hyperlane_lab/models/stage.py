@@ -133,6 +133,12 @@ class TorchStage(StageSessions):
         if graphs is not None and seq == 1 and not all_logits:
             return graphs.step(cache, x, positions)  # type: ignore[no-any-return]
         causal = self.device.type == "cuda" and self._fresh_prompt(positions)
+        w = self.weights
+        if causal and graphs is not None and not all_logits:  # a fresh prompt: its bucket's graph
+            xin = x if self.is_first else x.to(device=self.device, dtype=self.dtype)
+            out = graphs.prompt_step(cache, xin, seq)
+            if out is not None:
+                return out  # type: ignore[no-any-return]
         positions = positions.to(self.device)
         valid = positions >= 0
         write_idx = torch.where(valid, positions, torch.full_like(positions, cache.max_len))
@@ -149,7 +155,6 @@ class TorchStage(StageSessions):
                 masks[window] = None if causal else attention_mask(positions, kv_len, window)
             layer_masks.append(masks[window])
 
-        w = self.weights
         if self.is_first:
             assert w.embed is not None  # checked in __init__
             h = F.embedding(x.to(self.device), w.embed)

@@ -1,0 +1,185 @@
+"""Prompt steps (S > 1 new tokens) of a ``TorchStage`` on CUDA, replayed as CUDA graphs per length bucket.
+
+Why: a Llama-2-7B prompt step of 512 tokens needs ~18-20 ms of H100 time, while the host spends
+~0.8 ms a layer dispatching it (compiled-layer wrappers, cuBLAS and flash-attention calls, ~20
+launches): ~25 ms a forward on the lent VMs, so the host, not the GPU, set the prompt speed
+(``bench/prefill_probe.py``). A replay costs the host tens of µs.
+
+Scope: fresh prompts (every row holds positions 0..S-1 of an empty cache, no window cutting into
+them: ``TorchStage._fresh_prompt``) with S <= ``max_tokens`` (``HYPERLANE_PROMPT_GRAPHS``, default
+1024; 0 turns prompt graphs off). Longer prompts are GPU-bound anyway and take the eager path, as do
+chunked and padded prompts and ``all_logits`` calls.
+
+How: the prompt is padded at the end to a bucket (``prompt_bucket``: 16, 32, 64, then multiples of
+64). Causal attention keeps the padding invisible to the real tokens (row i sees keys 0..i only),
+so the real rows are the eager path's up to rounding (the products run with M = bucket, not S).
+The graph writes K/V into a scratch cache per batch size (slots 0..bucket-1), shared by every
+bucket's graph; after the replay the first S slots are copied into the session's cache (one
+``_foreach_copy_``) and the output is copied out of the graph's buffer, both in stream order, so
+the graphs can share one memory pool and any session can use any graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from hyperlane_lab.models.layers import rms_norm
+
+if TYPE_CHECKING:
+    from hyperlane_lab.models.cuda_decode import GraphDecoder
+    from hyperlane_lab.models.sessions import SessionCache
+
+__all__ = ["PromptGraphs", "prompt_bucket", "prompt_graph_max_tokens"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+def prompt_graph_max_tokens() -> int:
+    """``HYPERLANE_PROMPT_GRAPHS``: the longest prompt replayed from a graph (0 = none)."""
+    raw = os.environ.get("HYPERLANE_PROMPT_GRAPHS", str(DEFAULT_MAX_TOKENS))
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"HYPERLANE_PROMPT_GRAPHS={raw!r} is not an integer; set the longest prompt to replay "
+            f"from a CUDA graph (e.g. {DEFAULT_MAX_TOKENS}), or 0 to turn prompt graphs off"
+        ) from None
+    if n < 0:
+        raise ValueError(f"HYPERLANE_PROMPT_GRAPHS={n} must be >= 0 (0 turns prompt graphs off)")
+    return n
+
+
+def prompt_bucket(seq: int, max_tokens: int) -> int | None:
+    """The padded length a prompt of ``seq`` tokens replays at, or None (eager): powers of two
+    from 16 up to 64, then multiples of 64 (at most 63 padding tokens: <= 12% from 512 on)."""
+    if seq < 2 or seq > max_tokens:
+        return None
+    if seq <= 64:
+        return max(16, 1 << (seq - 1).bit_length())
+    return -(-seq // 64) * 64
+
+
+@dataclass
+class _PromptGraph:
+    graph: torch.cuda.CUDAGraph
+    x_in: torch.Tensor  # [B, bucket] ids (first stage) or [B, bucket, H] hidden
+    last: torch.Tensor  # [1] int64: index of the last real token (last stage)
+    out: torch.Tensor  # [B, bucket, H] hidden, or [B, V] fp32 logits (last stage)
+    keep: tuple[torch.Tensor, ...]  # the other tensors the graph reads (positions, RoPE rows): kept alive
+
+
+class PromptGraphs:
+    """One stage's prompt graphs, keyed by (batch, bucket). Used by ``GraphDecoder.prompt_step``."""
+
+    def __init__(self, decoder: GraphDecoder, max_tokens: int | None = None) -> None:
+        self.dec = decoder
+        self.stage = decoder.stage
+        self.max_tokens = prompt_graph_max_tokens() if max_tokens is None else max_tokens
+        self._graphs: dict[tuple[int, int], _PromptGraph] = {}
+        self._scratch: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # per batch
+        self._pool: Any = None  # one memory pool for every bucket's graph
+        self.broken = ""  # why a capture failed: prompts run eagerly from then on
+        self.captures = 0
+        self.replays = 0
+
+    def _scratch_for(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if batch not in self._scratch:
+            st, s = self.stage, self.stage.spec
+            n = prompt_bucket(self.max_tokens, self.max_tokens) or self.max_tokens
+            shape = (batch, s.n_kv_heads, n, s.head_dim)
+            kv = [[torch.zeros(shape, dtype=st.dtype, device=st.device) for _ in st.span.layers()]
+                  for _ in range(2)]  # fmt: skip
+            self._scratch[batch] = (kv[0], kv[1])
+        return self._scratch[batch]
+
+    def run(self, cache: SessionCache, x: torch.Tensor, seq: int) -> torch.Tensor | None:
+        """The prompt step of a fresh prompt of ``seq`` tokens from its bucket's graph, or None
+        when no graph applies (the caller runs the eager path). ``x``: CPU ids [B, S] (first
+        stage; device ids work too) or hidden [B, S, H] in the stage's dtype."""
+        bucket = prompt_bucket(seq, self.max_tokens)
+        if bucket is None or self.broken:
+            return None
+        batch = x.shape[0]
+        g = self._graphs.get((batch, bucket))
+        if g is None:
+            try:
+                g = self._capture(batch, bucket)
+            except Exception as e:  # a capture that fails must not take the worker down
+                self.broken = f"{type(e).__name__}: {e}"[:300]
+                log.warning("stage %s: prompt graph capture failed (%s); prompts run eagerly",
+                            self.stage.span, self.broken)  # fmt: skip
+                return None
+            self._graphs[(batch, bucket)] = g
+        st = self.stage
+        with torch.cuda.device(st.device):
+            # padding: zeros (id 0 is valid; zero rows, not the previous prompt's, stay finite
+            # whatever came before); the padding's outputs are never read
+            if x.device.type == "cpu":  # host ids (or hidden): padded here, one copy
+                padded = x.new_zeros(g.x_in.shape)
+                padded[:, :seq] = x
+                g.x_in.copy_(padded)
+            else:
+                g.x_in[:, :seq].copy_(x)
+                g.x_in[:, seq:].zero_()
+            if st.is_last:
+                g.last.fill_(seq - 1)
+            g.graph.replay()
+            k, v = self._scratch[batch]
+            torch._foreach_copy_([t[:, :, :seq] for t in (*cache.k, *cache.v)],
+                                 [t[:, :, :seq] for t in (*k, *v)])  # fmt: skip
+            out = g.out.clone() if st.is_last else g.out[:, :seq].clone()
+        self.replays += 1
+        return out
+
+    def _capture(self, batch: int, bucket: int) -> _PromptGraph:
+        st, dec = self.stage, self.dec
+        spec, dev, w = st.spec, st.device, st.weights
+        if st.is_first:
+            x_in = torch.zeros((batch, bucket), dtype=torch.int64, device=dev)
+        else:
+            x_in = torch.zeros((batch, bucket, spec.hidden_size), dtype=st.dtype, device=dev)
+        last = torch.full((1,), bucket - 1, dtype=torch.int64, device=dev)
+        k, v = self._scratch_for(batch)
+        pos = torch.arange(bucket, device=dev)[None].expand(batch, bucket)
+        cos_t, sin_t = st._rope_for(bucket)
+        cos, sin = cos_t[pos].to(st.dtype)[:, None], sin_t[pos].to(st.dtype)[:, None]
+
+        def run() -> torch.Tensor:
+            h = x_in
+            if st.is_first:
+                assert w.embed is not None  # checked by TorchStage
+                h = F.embedding(x_in, w.embed)
+            layer = dec.prefill_layer()  # compiled with dynamic shapes unless compiling is off
+            for i, lw in enumerate(w.layers):
+                h = layer(h, lw, spec, cos, sin, k[i], v[i], pos, None, True)
+            if not st.is_last:
+                return h
+            assert w.norm is not None and w.lm_head is not None
+            h = rms_norm(h.index_select(1, last), w.norm, spec.rms_eps)
+            return F.linear(h, w.lm_head).float()[:, 0]
+
+        with torch.cuda.device(dev):
+            side = dec.capture_stream()
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                run()  # warm-up: compile for this shape, cuBLAS and attention kernels chosen
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    out = run()
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream(dev).wait_stream(side)
+        self.captures += 1
+        log.debug("stage %s: captured prompt graph for batch %d, %d tokens", st.span, batch, bucket)
+        return _PromptGraph(graph, x_in, last, out, (pos, cos, sin))

@@ -1,0 +1,179 @@
+"""Prompt steps replayed from CUDA graphs (models/prompt_graphs.py).
+
+CPU: the bucket rule and the environment setting. GPU (skipped without CUDA): a fresh prompt's
+logits and the K/V it leaves in the cache equal the eager path's and a float64 reference, for
+lengths in several buckets, batch 2 and a split model; decode after a graph prompt gives the
+eager path's tokens; padding never leaks from one prompt into the next; prompts that do not
+qualify (too long, padded, graphs off) and a failed capture run eagerly.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from hyperlane_lab.models import ModelSpec, TorchStage
+from hyperlane_lab.models.prompt_graphs import prompt_bucket, prompt_graph_max_tokens
+from tests.test_gpu import _cpu64, _rel, _stages
+
+# llama-style GQA without windows, so prompts of any length are "fresh"
+SPEC = ModelSpec("llama", 3, 64, 4, 2, 16, 128, 97, 1e-6)
+
+gpu = pytest.mark.gpu
+
+
+def test_bucket_rule():
+    assert prompt_bucket(1, 1024) is None  # decode steps have their own graphs
+    assert [prompt_bucket(s, 1024) for s in (2, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    assert [prompt_bucket(s, 1024) for s in (65, 128, 129, 512, 513, 1000, 1024)] == [
+        128, 128, 192, 512, 576, 1024, 1024,
+    ]  # fmt: skip
+    assert prompt_bucket(1025, 1024) is None and prompt_bucket(300, 256) is None
+    assert prompt_bucket(5, 0) is None  # 0: prompt graphs off
+    for s in range(2, 1025):  # never shorter than the prompt, at most 63 tokens of padding past 64
+        b = prompt_bucket(s, 1024)
+        assert b is not None and b >= s and (s <= 64 or b - s < 64)
+
+
+def test_max_tokens_setting(monkeypatch):
+    monkeypatch.delenv("HYPERLANE_PROMPT_GRAPHS", raising=False)
+    assert prompt_graph_max_tokens() == 1024
+    monkeypatch.setenv("HYPERLANE_PROMPT_GRAPHS", "0")
+    assert prompt_graph_max_tokens() == 0
+    monkeypatch.setenv("HYPERLANE_PROMPT_GRAPHS", "lots")
+    with pytest.raises(ValueError, match=r"not an integer.*0 to turn prompt graphs off"):
+        prompt_graph_max_tokens()
+    monkeypatch.setenv("HYPERLANE_PROMPT_GRAPHS", "-5")
+    with pytest.raises(ValueError, match=">= 0"):
+        prompt_graph_max_tokens()
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+def _prompt_then_decode(
+    stages: list[TorchStage],
+    ids: torch.Tensor,
+    steps: int,
+    max_len: int,
+    feed: list[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Prompt step, then decode steps fed the greedy tokens (or ``feed[t]``, to compare two paths
+    on the same tokens: random weights have near-ties): every step's last-stage output (CPU
+    float64) and each stage's K/V cache right after the prompt (CPU float64, the prompt's slots)."""
+    sid = uuid.uuid4().hex
+    b, s = ids.shape
+    for st in stages:
+        st.open_session(sid, b, max_len)
+    x: torch.Tensor = ids
+    pos = torch.arange(s).expand(b, s)
+    for st in stages:
+        x = st.forward(sid, x, pos)
+    outs = [x.double().cpu()]
+    kv = [[t[:, :, :s].double().cpu() for t in (*st.session(sid).k, *st.session(sid).v)] for st in stages]
+    for t in range(steps):
+        x = (feed[t] if feed is not None else outs[-1].argmax(-1))[:, None]
+        p = torch.full((b, 1), s + t)
+        for st in stages:
+            x = st.forward(sid, x, p)
+        outs.append(x.double().cpu())
+    for st in stages:
+        st.close_session(sid)
+    return outs, kv
+
+
+def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, SPEC.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prompt_graphs_match_eager_and_float64(dtype):
+    fast = _stages(SPEC, [1], dtype, "cuda")
+    slow = _stages(SPEC, [1], dtype, "cuda")
+    for st in slow:
+        st.cuda_graphs = False
+    ref64 = _cpu64(fast)
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    cases = [(1, 2), (1, 5), (1, 17), (1, 64), (1, 100), (2, 33)]  # buckets 16, 16, 32, 64, 128, 64
+    for b, s in cases:
+        ids = _ids(b, s, seed=s)
+        eager, kv_e = _prompt_then_decode(slow, ids, steps=4, max_len=s + 8)
+        tokens = [o.argmax(-1) for o in eager]
+        got, kv = _prompt_then_decode(fast, ids, steps=4, max_len=s + 8, feed=tokens)
+        ref, kv_r = _prompt_then_decode(ref64, ids, steps=0, max_len=s + 8)
+        assert torch.isfinite(got[0]).all()
+        assert _rel(got[0], ref[0]) < tol, f"prompt {b}x{s} vs float64"
+        assert _rel(got[0], eager[0]) < tol, f"prompt {b}x{s} vs eager"
+        for st_kv, st_e, st_r in zip(kv, kv_e, kv_r):  # the K/V the graph left in the session cache
+            for a, e, r in zip(st_kv, st_e, st_r):
+                assert _rel(a, r) < tol and _rel(a, e) < tol, f"cache after prompt {b}x{s}"
+        for i in range(1, 5):  # decode from that cache, same tokens: the eager path's logits
+            assert _rel(got[i], eager[i]) < tol, f"decode step {i} after prompt {b}x{s}"
+    pg = [st.graph_decoder().prompt_graphs() for st in fast]
+    assert all(p.broken == "" for p in pg)
+    assert all(p.captures == 5 for p in pg)  # (1,16) (1,32) (1,64) (1,128) (2,64)
+    assert all(p.replays == len(cases) for p in pg)
+
+
+@gpu
+def test_prompt_graph_padding_does_not_leak_between_prompts():
+    """A prompt after a longer one in the same bucket equals that prompt on fresh stages: the
+    previous prompt's rows in the graph's input buffer never reach the result."""
+    stages = _stages(SPEC, [2], torch.float16, "cuda")
+    _prompt_then_decode(stages, _ids(1, 30, seed=1), steps=0, max_len=40)  # bucket 32, 30 rows
+    after, kv_after = _prompt_then_decode(stages, _ids(1, 18, seed=2), steps=2, max_len=40)  # 18 rows
+    fresh, kv_fresh = _prompt_then_decode(
+        _stages(SPEC, [2], torch.float16, "cuda"), _ids(1, 18, seed=2), 2, 40
+    )
+    for a, b in zip(after, fresh):
+        assert torch.equal(a, b)
+    for a_st, b_st in zip(kv_after, kv_fresh):
+        assert all(torch.equal(a, b) for a, b in zip(a_st, b_st))
+    assert all(st.graph_decoder().prompt_graphs().captures == 1 for st in stages)
+
+
+@gpu
+def test_prompts_that_do_not_qualify_run_eagerly(monkeypatch):
+    stages = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in stages:
+        st.graph_decoder().prompt_graphs().max_tokens = 16
+    _prompt_then_decode(stages, _ids(1, 20), steps=1, max_len=24)  # longer than 16 tokens
+    ids = _ids(2, 6)
+    sid = uuid.uuid4().hex
+    for st in stages:
+        st.open_session(sid, 2, 12)
+    pos = torch.arange(6).expand(2, 6).clone()
+    pos[1, 4:] = -1  # a padded row: not a fresh prompt
+    x: torch.Tensor = ids
+    for st in stages:
+        x = st.forward(sid, x, pos)
+    assert torch.isfinite(x).all()
+    assert all(st.graph_decoder().prompt_graphs().replays == 0 for st in stages)
+    # a capture that fails: logged, remembered, and the prompt runs eagerly with the eager result
+    monkeypatch.setattr(
+        "hyperlane_lab.models.prompt_graphs.PromptGraphs._capture",
+        lambda self, b, n: (_ for _ in ()).throw(RuntimeError("no graphs today")),
+    )
+    eager = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in eager:
+        st.cuda_graphs = False
+    got, _ = _prompt_then_decode(stages, _ids(1, 8), steps=1, max_len=12)
+    ref, _ = _prompt_then_decode(eager, _ids(1, 8), steps=1, max_len=12)
+    assert all("no graphs today" in st.graph_decoder().prompt_graphs().broken for st in stages)
+    assert torch.equal(got[0], ref[0])
+
+
+@gpu
+def test_bundled_model_prompt_graph_generates_transformers_tokens(hf_greedy):
+    """The bundled model on one GPU: the prompt step from its graph, greedy tokens equal to
+    transformers' own greedy generate (fp32, CPU)."""
+    from hyperlane_lab.generation.pipeline import InProcessPipeline
+
+    pipe = InProcessPipeline.from_pretrained(None, n_stages=2, dtype="fp32", device="cuda")
+    prompt = "Once upon a time, there was a little girl named Lily."
+    res = pipe.generate(prompt, max_tokens=24)
+    assert res.token_ids == hf_greedy(prompt, 24)
+    assert all(st.graph_decoder().prompt_graphs().replays == 1 for st in pipe.stages)
