@@ -71,3 +71,13 @@ def cluster3(tmp_path_factory):
 
     with LocalCluster(3, cache_dir=tmp_path_factory.mktemp("blobs")) as c:
         yield c
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_per_gpu_module():
+    """On CUDA, each test module starts with empty torch.compile caches: the GPU modules compile
+    the same layer functions for many specs and dtypes, and dynamo's per-function recompile limit
+    would otherwise turn compiling off (silently, mid-module) for whichever module runs later."""
+    if cuda_available():
+        torch._dynamo.reset()
+    yield

@@ -192,3 +192,37 @@ def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert all(h.busy_poll_spun > 0 and h.fast_path_steps > 0 for h in health), health
         assert all(cluster.alive)
+
+
+@pytest.mark.multiprocess
+def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path):
+    """GPU workers receive prompt-sized hidden states into page-locked buffers (uploaded by DMA,
+    the body held until the copy is done), replay the prompt from a graph, and give the in-process
+    probe's greedy tokens, also for the second prompt that reuses those buffers."""
+    from hyperlane_lab.probes import greedy_sequences, load_pipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    story = (
+        "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. "
+    )
+    prompts = [story * 5, "The sun was hot. " + story * 4]  # ~150 tokens: 64-wide fp16 states >= 16 KB
+    pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
+    want = greedy_sequences(pipe, prompts, ["raw", "raw"], 64, 16)
+    with (
+        LocalCluster(3, devices=["cuda:0"] * 3, cache_dir=tmp_path) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", progress=False
+        ) as m,
+    ):
+        eos = m.spec.eos_token_ids[0]
+        got = []
+        for p in prompts:
+            assert len(m.tokenizer.encode(p)) * 64 * 2 >= 16 << 10
+            r = m.generate(p, max_tokens=16)
+            got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
+        assert got == want
+        health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+        assert health[0].pinned_buffers == 0  # token ids: small bodies
+        assert all(h.pinned_buffers >= 1 for h in health[1:]), health
+        assert all(cluster.alive)

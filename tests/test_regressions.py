@@ -161,6 +161,45 @@ def test_frames_split_or_packed_any_way_parse_the_same(chunk):
     assert not conn.transport.closed
 
 
+def test_large_bodies_go_to_the_pinned_allocator_and_parse_the_same():
+    """A GPU worker's pool puts bodies of ``pin_from`` bytes or more into buffers from its pinned
+    allocator (numpy arrays here, as on a GPU worker), reuses them, and keeps small bodies in
+    bytearrays; frames read into either parse to the same bytes. A failing allocator falls back."""
+    import numpy as np
+
+    made: list[int] = []
+
+    def alloc(n: int) -> np.ndarray:
+        made.append(n)
+        return np.zeros(n, dtype=np.uint8)
+
+    pool, frames = BufferPool(), []
+    pool.pinned_alloc, pool.pin_from = alloc, 1000
+    conn = FrameConnection(lambda c, f: frames.append(f), pool, on_header=lambda c, h: True)
+    conn.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    bodies = [bytes(range(256)) * 20, b"small" * 10, bytes(reversed(range(256))) * 16]
+    for i, body in enumerate(bodies):
+        _feed(
+            conn,
+            pack_header(FrameHeader(FrameKind.PING, "", i, 0, 0, torch.uint8, 0, 0, (), len(body))) + body,
+        )
+    assert [bytes(f.payload_view) for f in frames] == bodies
+    assert [isinstance(f.body.buf, np.ndarray) for f in frames] == [True, False, True]
+    assert made == [5120, 4096] and pool.pinned_allocations == 2 and pool.allocations == 3
+    for f in frames:
+        f.body.release()
+    again = pool.acquire(4000)  # the smallest free pinned buffer that fits
+    assert again.buf is frames[2].body.buf and pool.pinned_allocations == 2
+    assert not isinstance(pool.acquire(500).buf, np.ndarray)  # under pin_from: a bytearray
+
+    def broken(n: int) -> np.ndarray:
+        raise RuntimeError("no page-locked memory left")
+
+    pool.pinned_alloc = broken
+    b = pool.acquire(1 << 20)
+    assert isinstance(b.buf, bytearray) and pool.pinned_alloc is None  # pageable from now on
+
+
 @pytest.mark.multiprocess
 def test_unknown_session_frame_keeps_the_connection(cluster3):
     """A late frame of a closed session is skipped; the same connection keeps working."""

@@ -39,16 +39,17 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class PooledBuffer:
-    """A bytearray on loan from a BufferPool; ``release()`` returns it."""
+    """A buffer on loan from a BufferPool (a bytearray, or a pinned host array); ``release()``
+    returns it."""
 
     __slots__ = ("_pool", "buf", "size")
 
-    def __init__(self, pool: BufferPool | None, buf: bytearray, size: int) -> None:
+    def __init__(self, pool: BufferPool | None, buf: Any, size: int) -> None:
         self._pool, self.buf, self.size = pool, buf, size
 
     @property
     def view(self) -> memoryview:
-        return memoryview(self.buf)[: self.size]
+        return memoryview(self.buf).cast("B")[: self.size]
 
     def release(self) -> None:
         if self._pool is not None:
@@ -57,29 +58,48 @@ class PooledBuffer:
 
 
 class BufferPool:
-    """Free list of receive buffers; a request takes the smallest free one that fits."""
+    """Free lists of receive buffers; a request takes the smallest free one that fits.
+
+    With ``pinned_alloc`` set (GPU workers), bodies of ``pin_from`` bytes or more go into
+    page-locked host memory from that function, so a prompt's hidden state is copied to the GPU by
+    DMA, without the driver's staging copy (a 4 MB pageable upload held the host ~1.4 ms on an
+    H100 VM). If pinning fails, the body gets a plain bytearray (logged once)."""
 
     def __init__(self, max_free: int = 32) -> None:
-        self._free: list[bytearray] = []
+        self._free: list[Any] = []
+        self._free_pinned: list[Any] = []
         self._max_free = max_free
         self.allocations = 0  # buffers created (tests check reuse)
+        self.pinned_allocations = 0  # of which in pinned memory
         self.keep_max = 256 << 20  # larger buffers are freed after use, not pooled
+        self.pinned_alloc: Callable[[int], Any] | None = None  # n -> a pinned, writable 1-D byte buffer
+        self.pin_from = 16 << 10
 
     def acquire(self, size: int) -> PooledBuffer:
+        pinned = self.pinned_alloc is not None and size >= self.pin_from
+        free = self._free_pinned if pinned else self._free
         best = None
-        for i, b in enumerate(self._free):
-            if len(b) >= size and (best is None or len(b) < len(self._free[best])):
+        for i, b in enumerate(free):
+            if len(b) >= size and (best is None or len(b) < len(free[best])):
                 best = i
         if best is not None:
-            buf = self._free.pop(best)
-        else:
-            self.allocations += 1
-            buf = bytearray(max(size, 4096))
-        return PooledBuffer(self, buf, size)
+            return PooledBuffer(self, free.pop(best), size)
+        self.allocations += 1
+        if pinned:
+            assert self.pinned_alloc is not None
+            try:
+                buf = self.pinned_alloc(size)
+                self.pinned_allocations += 1
+                return PooledBuffer(self, buf, size)
+            except Exception as e:  # out of page-locked memory, no driver: pageable from now on
+                log.warning("cannot pin a %d-byte receive buffer (%s); using pageable memory", size, e)
+                self.pinned_alloc = None
+        return PooledBuffer(self, bytearray(max(size, 4096)), size)
 
-    def _give_back(self, buf: bytearray) -> None:
-        if len(self._free) < self._max_free and len(buf) <= self.keep_max:
-            self._free.append(buf)
+    def _give_back(self, buf: Any) -> None:
+        free = self._free if isinstance(buf, bytearray) else self._free_pinned
+        if len(free) < self._max_free and len(buf) <= self.keep_max:
+            free.append(buf)
 
 
 @dataclass

@@ -138,6 +138,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             fast_path_steps=self.w.fast_steps,
             busy_poll_spun=sel.spun if sel is not None else 0,
             busy_poll_blocked=sel.blocked if sel is not None else 0,
+            pinned_buffers=self.w.pool.pinned_allocations,
         )
 
     # ------------------------------------------------------------------ blobs and shards

@@ -76,7 +76,7 @@ class CudaStager:
     """Host <-> device copies for one GPU on their own streams, off the compute stream.
 
     ``to_device``: CPU tensor -> device on an upload stream (a pageable source is staged by the driver,
-    which overlaps its staging copies with the DMA; the call returns once the source has been read);
+    a pinned one is read by DMA; either way the call returns once the source has been read);
     the caller's current (compute) stream waits for it with an event.
     ``to_host``: device tensor -> pinned host tensor on the copy stream once ``after`` (an event on
     the compute stream) has fired; returns the host tensor and an event that fires when it is
@@ -97,6 +97,8 @@ class CudaStager:
             dev.copy_(x, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.h2d_stream)
+        if x.is_pinned():  # a DMA still reading the caller's buffer (a pooled frame body, reused
+            ready.synchronize()  # once released): wait for it, ~0.2 ms for a 4 MB prompt state
         compute.wait_event(ready)
         dev.record_stream(compute)  # its memory is not reused before the compute stream is done with it
         return dev

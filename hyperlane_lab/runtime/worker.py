@@ -66,6 +66,11 @@ def _noop() -> None:
     pass
 
 
+def _pinned_bytes(n: int) -> Any:
+    """A page-locked host byte array (the numpy view keeps its tensor alive)."""
+    return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
+
+
 class Worker(WorkerOutbox):
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -80,6 +85,8 @@ class Worker(WorkerOutbox):
         self.out = _Outgoing()
         self.trace = TraceRecorder()
         self.pool = BufferPool()
+        if self.device.type == "cuda":  # prompt-sized bodies in page-locked memory: DMA to the GPU
+            self.pool.pinned_alloc = _pinned_bytes
         self.profile: dict[str, float] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="hyperlane-compute")
         # tasks given to / finished by the compute thread; each counter has one writer (the loop
