@@ -200,6 +200,48 @@ def test_large_bodies_go_to_the_pinned_allocator_and_parse_the_same():
     assert isinstance(b.buf, bytearray) and pool.pinned_alloc is None  # pageable from now on
 
 
+def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order():
+    """Bodies of 64 KB or more are read until the socket is empty within one callback; frames
+    sent back to back around them (small, empty, large again) still arrive whole, in order."""
+    import threading
+
+    from hyperlane_lab.runtime.dataplane import start_server
+    from hyperlane_lab.runtime.sender import SocketSender
+
+    rng = np.random.default_rng(5)
+    bodies = [rng.bytes(3 << 20), b"tiny", b"", rng.bytes(70_000), rng.bytes(5 << 20), b"end"]
+    got: list[tuple[int, bytes]] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_frame(conn: FrameConnection, frame) -> None:
+            got.append((frame.header.step, bytes(frame.payload_view)))
+            frame.body.release()
+            if len(got) == len(bodies):
+                loop.call_soon(done.set)
+
+        srv = await start_server("127.0.0.1", 0, on_frame, BufferPool())
+        port = srv.sockets[0].getsockname()[1]
+
+        def send() -> None:
+            snd = SocketSender(f"127.0.0.1:{port}")
+            for i, b in enumerate(bodies):
+                snd.send(FrameHeader(FrameKind.PING, "", i, 0, 0, torch.uint8, 0, 0, (), len(b)), b)
+            snd.close()
+
+        th = threading.Thread(target=send)
+        th.start()
+        await asyncio.wait_for(done.wait(), 30)
+        th.join(10)
+        srv.close()
+
+    asyncio.run(main())
+    assert [step for step, _ in got] == list(range(len(bodies)))
+    assert [b for _, b in got] == bodies
+
+
 @pytest.mark.multiprocess
 def test_unknown_session_frame_keeps_the_connection(cluster3):
     """A late frame of a closed session is skipped; the same connection keeps working."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -123,6 +124,11 @@ FrameHandler = Callable[["FrameConnection", Frame], None]
 # to read and discard it (e.g. a late frame of a closed session); raise ProtocolError to close.
 HeaderCheck = Callable[["FrameConnection", FrameHeader], bool]
 _SCRATCH = 1 << 16
+# A body with at least this much still to come is drained from the socket in one callback (reads
+# until the socket is empty) instead of one read per event-loop pass: a 4 MB prompt state arrived
+# at 61-65% of a bare socket's rate read pass by pass (bench/socket_bulk.py, H100 host)
+_DRAIN_FROM = 1 << 16
+_DRAIN_READS = 512  # at most this many reads per callback: other connections get their turn
 READ_TIMEOUT_S = 60.0  # a frame that has begun must complete within this (a stalled peer is cut off)
 
 
@@ -157,6 +163,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self.closed = asyncio.Event()
         self.peer = ""
         self.frames_in = 0
+        self._fd = -1  # the socket's descriptor, for draining large bodies (-1: not a real socket)
 
     # -------------------------------------------------------------- asyncio callbacks
 
@@ -166,6 +173,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hasattr(os, "readv"):
+                self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._watch()
@@ -202,10 +211,31 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self._into_body:
             assert self._header is not None
             self._body_got += nbytes
+            if self._fd >= 0 and self._header.body_len - self._body_got >= _DRAIN_FROM:
+                self._drain()
             if self._body_got >= self._header.body_len:
                 self._emit()
             return
         self._consume(memoryview(self._scratch)[:nbytes])
+
+    def _drain(self) -> None:
+        """Read what the socket already holds of the body in progress, without returning to the
+        loop between reads (non-blocking descriptor: stops at the first empty read). End of stream
+        and errors are left for the transport's own next read to report."""
+        assert self._body is not None and self._header is not None
+        view, want = self._body.view, self._header.body_len
+        for _ in range(_DRAIN_READS):
+            if self._body_got >= want:
+                return
+            try:
+                n = os.readv(self._fd, [view[self._body_got : want]])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if n <= 0:
+                return
+            self._body_got += n
 
     def _consume(self, data: memoryview) -> None:
         """Parse bytes read into the scratch buffer: skipped bodies, header bytes, body bytes (copied

@@ -75,6 +75,7 @@ class _Pending:
     # "wire" (a wire-mode graph's encoded payload, see models/decode_wire.py)
     flags: int = 0  # the frame's flags, passed on to the next stage
     wire: Any = None  # the graph's WireIO (mode "wire")
+    t_run: float = 0.0  # host clock when the step began on its thread (the "queue" event ends here)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class GpuStepper:
     def run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
         """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
         event; the completion thread sends the pinned result. Runs where ``run_step`` runs."""
+        t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
         sess = w.sessions.get(sid)
@@ -213,7 +215,7 @@ class GpuStepper:
         sess.steps += 1
         self._enqueue(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
-                     None, mode, h.flags, wio)
+                     None, mode, h.flags, wio, t_run)
         )  # fmt: skip
 
     def _step_error(self, frame: Frame, released: bool, sess: Any, e: Exception) -> None:
@@ -226,6 +228,7 @@ class GpuStepper:
     # ------------------------------------------------------------------ compute thread
 
     def run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
+        t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
         sess = w.sessions.get(sid)
@@ -293,6 +296,7 @@ class GpuStepper:
                 done,
                 mode,
                 h.flags,
+                t_run=t_run,
             )
         )
 
@@ -342,7 +346,10 @@ class GpuStepper:
         try:
             self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
         finally:
-            w.trace.add("queue", p.queued_at, max(p.queued_at, t_start), p.sid, p.step)
+            # queue: waiting for the thread that runs the step (as on the CPU path); from its
+            # start to the GPU's start the host stages inputs and launches
+            q_end = min(p.t_run, t_start) if p.t_run else t_start
+            w.trace.add("queue", p.queued_at, max(p.queued_at, q_end), p.sid, p.step)
             w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
 
     def _ship(self, p: _Pending, t_end: float) -> None:

@@ -1,0 +1,132 @@
+"""Bulk hand-off over loopback TCP: the project's transport vs a bare socket (issue 9, prompt frames).
+
+A prompt step hands a [S, H] hidden state (4 MB for 512 tokens of a 4096-wide fp16 model) from one
+worker to the next. This times, for each size, one frame from a sending thread to the time the
+receiver has all of it: (a) ``SocketSender`` -> the asyncio ``FrameConnection`` a worker uses,
+(b) a bare socket: ``sendall`` in one thread, a ``recv_into`` loop in another. Medians of 10
+after 2 warm-ups; JSON to $OUT/socket_bulk.json (or --out).
+
+    PYTHONPATH=$PWD python3 bench/socket_bulk.py --sizes-mb 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperlane_lab.runtime.dataplane import BufferPool, start_server
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.sender import SocketSender
+
+REPS = 12
+
+
+def transport_s(n: int) -> float:
+    arrived: list[float] = []
+    ev = threading.Event()
+
+    def on_frame(conn: Any, frame: Any) -> None:
+        arrived.append(time.perf_counter())
+        frame.body.release()
+        ev.set()
+
+    async def main() -> list[float]:
+        srv = await start_server("127.0.0.1", 0, on_frame, BufferPool())
+        port = srv.sockets[0].getsockname()[1]
+        times: list[float] = []
+
+        def client() -> None:
+            snd = SocketSender(f"127.0.0.1:{port}")
+            payload = memoryview(bytearray(n))
+            for i in range(REPS):
+                ev.clear()
+                t0 = time.perf_counter()
+                snd.send(FrameHeader(FrameKind.PING, "", i, 0, 0, torch.uint8, 0, 0, (), n), payload)
+                if not ev.wait(30):
+                    raise TimeoutError("frame did not arrive")
+                times.append(arrived[-1] - t0)
+            snd.close()
+
+        th = threading.Thread(target=client)
+        th.start()
+        while th.is_alive():
+            await asyncio.sleep(0.005)
+        srv.close()
+        return times
+
+    return statistics.median(asyncio.run(main())[2:])
+
+
+def bare_s(n: int) -> float:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    done, stamps = threading.Event(), []
+
+    def rx() -> None:
+        c, _ = srv.accept()
+        mv = memoryview(bytearray(n))
+        for _ in range(REPS):
+            got = 0
+            while got < n:
+                got += c.recv_into(mv[got:], n - got)
+            stamps.append(time.perf_counter())
+            done.set()
+        c.close()
+
+    th = threading.Thread(target=rx)
+    th.start()
+    s = socket.create_connection(srv.getsockname())
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload, times = bytearray(n), []
+    for _ in range(REPS):
+        done.clear()
+        t0 = time.perf_counter()
+        s.sendall(payload)
+        if not done.wait(30):
+            raise TimeoutError("bytes did not arrive")
+        times.append(stamps[-1] - t0)
+    th.join()
+    s.close()
+    srv.close()
+    return statistics.median(times[2:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes-mb", default="1,4,16")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for mb in [float(x) for x in args.sizes_mb.split(",")]:
+        n = int(mb * (1 << 20))
+        t, b = transport_s(n), bare_s(n)
+        rows.append(
+            {
+                "bytes": n,
+                "transport_s": t,
+                "bare_s": b,
+                "transport_gb_s": n / t / 1e9,
+                "bare_gb_s": n / b / 1e9,
+            }
+        )
+        print(f"{mb:g} MB: transport {t * 1e3:.2f} ms ({n / t / 1e9:.2f} GB/s), bare socket {b * 1e3:.2f} ms "
+              f"({n / b / 1e9:.2f} GB/s), ratio {b / t:.2f}", flush=True)  # fmt: skip
+    out = Path(args.out or Path(os.environ.get("OUT", "bench/out")) / "socket_bulk.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
