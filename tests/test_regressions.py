@@ -201,8 +201,9 @@ def test_large_bodies_go_to_the_pinned_allocator_and_parse_the_same():
 
 
 def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order():
-    """Bodies of 64 KB or more are read until the socket is empty within one callback; frames
-    sent back to back around them (small, empty, large again) still arrive whole, in order."""
+    """Bodies of 64 KB or more are read until the socket is empty within one callback (into
+    bytearrays, and into numpy arrays as a GPU worker's pinned buffers); frames sent back to back
+    around them (small, empty, large again) still arrive whole, in order."""
     import threading
 
     from hyperlane_lab.runtime.dataplane import start_server
@@ -222,7 +223,9 @@ def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order():
             if len(got) == len(bodies):
                 loop.call_soon(done.set)
 
-        srv = await start_server("127.0.0.1", 0, on_frame, BufferPool())
+        pool = BufferPool()  # large bodies into numpy buffers, as a GPU worker's pinned ones
+        pool.pinned_alloc, pool.pin_from = (lambda n: np.zeros(n, dtype=np.uint8)), 1 << 20
+        srv = await start_server("127.0.0.1", 0, on_frame, pool)
         port = srv.sockets[0].getsockname()[1]
 
         def send() -> None:
