@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hyperlane_lab.models import ModelSpec, TorchStage
-from hyperlane_lab.models.prompt_graphs import prompt_bucket, prompt_graph_max_tokens
+from hyperlane_lab.models.prompt_graphs import prompt_bucket, prompt_graph_max_tokens, scratch_len
 from tests.test_gpu import _cpu64, _rel, _stages
 
 # llama-style GQA without windows, so prompts of any length are "fresh"
@@ -35,6 +35,22 @@ def test_bucket_rule():
     for s in range(2, 1025):  # never shorter than the prompt, at most 63 tokens of padding past 64
         b = prompt_bucket(s, 1024)
         assert b is not None and b >= s and (s <= 64 or b - s < 64)
+
+
+def test_scratch_grows_in_a_few_steps():
+    assert [scratch_len(b, 1024) for b in (16, 64, 128, 192, 512, 576, 1024)] == [
+        64,
+        64,
+        128,
+        256,
+        512,
+        1024,
+        1024,
+    ]
+    assert scratch_len(16, 16) == 16  # never beyond the largest bucket
+    for s in range(2, 1025):  # always holds the bucket
+        b = prompt_bucket(s, 1024)
+        assert b is not None and b <= scratch_len(b, 1024) <= 1024
 
 
 def test_max_tokens_setting(monkeypatch):
@@ -119,20 +135,68 @@ def test_prompt_graphs_match_eager_and_float64(dtype):
 
 
 @gpu
-def test_prompt_graph_padding_does_not_leak_between_prompts():
-    """A prompt after a longer one in the same bucket equals that prompt on fresh stages: the
-    previous prompt's rows in the graph's input buffer never reach the result."""
-    stages = _stages(SPEC, [2], torch.float16, "cuda")
-    _prompt_then_decode(stages, _ids(1, 30, seed=1), steps=0, max_len=40)  # bucket 32, 30 rows
-    after, kv_after = _prompt_then_decode(stages, _ids(1, 18, seed=2), steps=2, max_len=40)  # 18 rows
-    fresh, kv_fresh = _prompt_then_decode(
-        _stages(SPEC, [2], torch.float16, "cuda"), _ids(1, 18, seed=2), 2, 40
-    )
-    for a, b in zip(after, fresh):
+def test_prompt_graph_padding_is_zeroed_and_never_reaches_the_cache():
+    """A middle stage gets a prompt whose rows past 18 are NaN, then an 18-row prompt in the same
+    bucket: the second result equals that prompt on fresh stages (the graph's input padding is
+    zeroed, so NaN left in it cannot reach the real rows through attention), and the session
+    cache's slots past the prompt stay untouched (only the prompt's slots are copied in)."""
+    stages = _stages(SPEC, [1, 2], torch.float16, "cuda")
+    mid = stages[1]
+    bad = torch.randn(1, 30, SPEC.hidden_size, dtype=torch.float16, device="cuda")
+    bad[:, 18:] = float("nan")
+    hid = torch.randn(1, 18, SPEC.hidden_size, dtype=torch.float16, device="cuda")
+
+    def run(st: TorchStage, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        sid = uuid.uuid4().hex
+        st.open_session(sid, 1, 40)
+        out = st.forward(sid, x, torch.arange(x.shape[1])[None])
+        kv = [t.clone() for t in (*st.session(sid).k, *st.session(sid).v)]
+        st.close_session(sid)
+        return out, kv
+
+    run(mid, bad)  # bucket 32: NaN rows 18..29 in the graph's input buffer
+    after, kv = run(mid, hid)
+    fresh, kv_fresh = run(_stages(SPEC, [1, 2], torch.float16, "cuda")[1], hid)
+    assert torch.isfinite(after).all() and torch.equal(after, fresh)
+    for a, b in zip(kv, kv_fresh):
         assert torch.equal(a, b)
-    for a_st, b_st in zip(kv_after, kv_fresh):
-        assert all(torch.equal(a, b) for a, b in zip(a_st, b_st))
-    assert all(st.graph_decoder().prompt_graphs().captures == 1 for st in stages)
+        assert torch.isfinite(a).all() and not a[:, :, 18:].any()  # untouched: a zeroed cache
+    assert mid.graph_decoder().prompt_graphs().captures == 1
+
+
+@gpu
+def test_prompt_graph_scratch_grows_and_recaptures():
+    """A longer prompt than the scratch holds grows it and recaptures the batch's graphs; prompts
+    of every length before and after give the eager path's logits."""
+    fast = _stages(SPEC, [1], torch.float16, "cuda")
+    slow = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in slow:
+        st.cuda_graphs = False
+    for s in (20, 100, 20, 300):  # scratch 64 -> 128 -> (kept) -> 512
+        got, _ = _prompt_then_decode(fast, _ids(1, s, seed=s), steps=0, max_len=s + 4)
+        ref, _ = _prompt_then_decode(slow, _ids(1, s, seed=s), steps=0, max_len=s + 4)
+        assert _rel(got[0], ref[0]) < 2e-2, f"prompt of {s}"
+    pg = fast[0].graph_decoder().prompt_graphs()
+    assert pg.captures == 4 and pg.replays == 4  # 32, 128, 32 again (after the growth), 320
+    assert pg._scratch[1][0][0].shape[2] == 512
+
+
+@gpu
+def test_pinned_upload_is_done_when_to_device_returns():
+    """``CudaStager.to_device`` of a pinned source (a GPU worker's frame body) returns only after
+    the copy read it, even when the upload stream is busy: the body may be reused at once."""
+    from hyperlane_lab.runtime.wire import CudaStager
+
+    stager = CudaStager("cuda:0")
+    src = torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+    view = torch.frombuffer(memoryview(src.numpy()), dtype=torch.uint8)  # as decode_payload makes it
+    src.fill_(7)
+    with torch.cuda.stream(stager.h2d_stream):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time ahead of the copy
+    dev = stager.to_device(view)
+    src.fill_(9)  # the pool hands the body to the next frame
+    torch.cuda.synchronize()
+    assert int(dev.min()) == 7 and int(dev.max()) == 7
 
 
 @gpu

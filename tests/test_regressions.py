@@ -177,40 +177,70 @@ def test_large_bodies_go_to_the_pinned_allocator_and_parse_the_same():
     pool.pinned_alloc, pool.pin_from = alloc, 1000
     conn = FrameConnection(lambda c, f: frames.append(f), pool, on_header=lambda c, h: True)
     conn.connection_made(_FakeTransport())  # type: ignore[arg-type]
-    bodies = [bytes(range(256)) * 20, b"small" * 10, bytes(reversed(range(256))) * 16]
-    for i, body in enumerate(bodies):
-        _feed(
-            conn,
-            pack_header(FrameHeader(FrameKind.PING, "", i, 0, 0, torch.uint8, 0, 0, (), len(body))) + body,
+
+    def tensor(i: int, body: bytes) -> bytes:
+        return pack_header(
+            FrameHeader(FrameKind.TENSOR, "5" * 32, i, 1, 1, torch.uint8, 0, 0, (len(body),), len(body))
         )
-    assert [bytes(f.payload_view) for f in frames] == bodies
-    assert [isinstance(f.body.buf, np.ndarray) for f in frames] == [True, False, True]
-    assert made == [5120, 4096] and pool.pinned_allocations == 2 and pool.allocations == 3
+
+    bodies = [bytes(range(256)) * 20, b"small" * 10, bytes(reversed(range(256))) * 11]
+    for i, body in enumerate(bodies):
+        _feed(conn, tensor(i, body) + bytes(8) + body)  # position 0 (int64), then the payload
+    probe = bytes(range(200)) * 30  # a link probe's body is as large, but never goes to a GPU
+    _feed(
+        conn, pack_header(FrameHeader(FrameKind.PING, "", 9, 0, 0, torch.uint8, 0, 0, (), len(probe))) + probe
+    )
+    assert [bytes(f.payload_view) for f in frames] == [*bodies, probe]
+    assert [isinstance(f.body.buf, np.ndarray) for f in frames] == [True, False, True, False]
+    assert made == [8192, 4096]  # powers of two: reusable by somewhat larger bodies
+    assert pool.pinned_allocations == 2 and pool.allocations == 4
     for f in frames:
         f.body.release()
-    again = pool.acquire(4000)  # the smallest free pinned buffer that fits
+    again = pool.acquire(4000, pin=True)  # the smallest free pinned buffer that fits
     assert again.buf is frames[2].body.buf and pool.pinned_allocations == 2
-    assert not isinstance(pool.acquire(500).buf, np.ndarray)  # under pin_from: a bytearray
+    assert not isinstance(pool.acquire(500, pin=True).buf, np.ndarray)  # under pin_from: a bytearray
+    assert pool.acquire(8000, pin=True).buf is frames[0].body.buf  # 5,128 bytes asked, 8,192 made
+    pool.pinned_keep = 10_000  # free pinned bytes kept: a buffer beyond the budget is dropped
+    a, b = pool.acquire(5000, pin=True), pool.acquire(5000, pin=True)
+    a.release(), b.release()
+    assert len(pool._free_pinned) == 1
 
     def broken(n: int) -> np.ndarray:
         raise RuntimeError("no page-locked memory left")
 
     pool.pinned_alloc = broken
-    b = pool.acquire(1 << 20)
+    b = pool.acquire(1 << 20, pin=True)
     assert isinstance(b.buf, bytearray) and pool.pinned_alloc is None  # pageable from now on
 
 
-def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order():
+def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order(monkeypatch):
     """Bodies of 64 KB or more are read until the socket is empty within one callback (into
     bytearrays, and into numpy arrays as a GPU worker's pinned buffers); frames sent back to back
     around them (small, empty, large again) still arrive whole, in order."""
     import threading
 
+    import hyperlane_lab.runtime.dataplane as dp
     from hyperlane_lab.runtime.dataplane import start_server
     from hyperlane_lab.runtime.sender import SocketSender
 
+    reads = []
+    real_readv = dp.os.readv
+
+    def counting_readv(fd, bufs):
+        reads.append(fd)
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(dp.os, "readv", counting_readv)
     rng = np.random.default_rng(5)
     bodies = [rng.bytes(3 << 20), b"tiny", b"", rng.bytes(70_000), rng.bytes(5 << 20), b"end"]
+    kinds = [
+        FrameKind.TENSOR,
+        FrameKind.PING,
+        FrameKind.PING,
+        FrameKind.PING,
+        FrameKind.TENSOR,
+        FrameKind.PING,
+    ]
     got: list[tuple[int, bytes]] = []
 
     async def main() -> None:
@@ -230,8 +260,13 @@ def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order():
 
         def send() -> None:
             snd = SocketSender(f"127.0.0.1:{port}")
-            for i, b in enumerate(bodies):
-                snd.send(FrameHeader(FrameKind.PING, "", i, 0, 0, torch.uint8, 0, 0, (), len(b)), b)
+            for i, (b, kind) in enumerate(zip(bodies, kinds)):
+                t = kind == FrameKind.TENSOR
+                shape, sid, rows = ((len(b),), "5" * 32, 1) if t else ((), "", 0)
+                pos = (
+                    bytes(8) if kind == FrameKind.TENSOR else b""
+                )  # a tensor frame's position, then its payload
+                snd.send(FrameHeader(kind, sid, i, rows, rows, torch.uint8, 0, 0, shape, len(b)), pos, b)
             snd.close()
 
         th = threading.Thread(target=send)
@@ -243,6 +278,7 @@ def test_large_bodies_drained_from_a_real_socket_arrive_whole_and_in_order():
     asyncio.run(main())
     assert [step for step, _ in got] == list(range(len(bodies)))
     assert [b for _, b in got] == bodies
+    assert reads  # the large bodies were drained, not read one loop pass at a time
 
 
 @pytest.mark.multiprocess

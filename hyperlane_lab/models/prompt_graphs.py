@@ -14,7 +14,7 @@ How: the prompt is padded at the end to a bucket (``prompt_bucket``: 16, 32, 64,
 64). Causal attention keeps the padding invisible to the real tokens (row i sees keys 0..i only),
 so the real rows are the eager path's up to rounding (the products run with M = bucket, not S).
 The graph writes K/V into a scratch cache per batch size (slots 0..bucket-1), shared by every
-bucket's graph; after the replay the first S slots are copied into the session's cache (one
+bucket's graph and grown with the longest prompt seen (``scratch_len``); after the replay the first S slots are copied into the session's cache (one
 ``_foreach_copy_``) and the output is copied out of the graph's buffer, both in stream order, so
 the graphs can share one memory pool and any session can use any graph.
 """
@@ -27,15 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-
-from hyperlane_lab.models.layers import rms_norm
 
 if TYPE_CHECKING:
     from hyperlane_lab.models.cuda_decode import GraphDecoder
     from hyperlane_lab.models.sessions import SessionCache
 
-__all__ = ["PromptGraphs", "prompt_bucket", "prompt_graph_max_tokens"]
+__all__ = ["PromptGraphs", "prompt_bucket", "prompt_graph_max_tokens", "scratch_len"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +64,13 @@ def prompt_bucket(seq: int, max_tokens: int) -> int | None:
     return -(-seq // 64) * 64
 
 
+def scratch_len(bucket: int, max_tokens: int) -> int:
+    """Slots of a scratch K/V cache that holds ``bucket`` tokens: the next power of two (at least
+    64, at most the largest bucket), so it grows a few times at most as longer prompts come."""
+    cap = prompt_bucket(max_tokens, max_tokens) or bucket
+    return max(bucket, min(cap, max(64, 1 << (bucket - 1).bit_length())))
+
+
 @dataclass
 class _PromptGraph:
     graph: torch.cuda.CUDAGraph
@@ -90,11 +94,20 @@ class PromptGraphs:
         self.captures = 0
         self.replays = 0
 
-    def _scratch_for(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if batch not in self._scratch:
+    def _scratch_for(self, batch: int, bucket: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The batch's scratch K/V, grown to hold ``bucket`` tokens (``scratch_len``). Growing it
+        drops the batch's graphs (they write to the old one): they are captured again on use."""
+        have = self._scratch.get(batch)
+        if have is None or have[0][0].shape[2] < bucket:
+            if have is not None:  # replays of the graphs about to go may still be running
+                torch.cuda.current_stream(self.stage.device).synchronize()
+            for key in [key for key in self._graphs if key[0] == batch]:
+                del self._graphs[key]
+            if not self._graphs:  # the pool dies with its last graph: the next capture makes one
+                self._pool = None
+            self._scratch.pop(batch, None)  # freed before the larger one is made
             st, s = self.stage, self.stage.spec
-            n = prompt_bucket(self.max_tokens, self.max_tokens) or self.max_tokens
-            shape = (batch, s.n_kv_heads, n, s.head_dim)
+            shape = (batch, s.n_kv_heads, scratch_len(bucket, self.max_tokens), s.head_dim)
             kv = [[torch.zeros(shape, dtype=st.dtype, device=st.device) for _ in st.span.layers()]
                   for _ in range(2)]  # fmt: skip
             self._scratch[batch] = (kv[0], kv[1])
@@ -147,24 +160,17 @@ class PromptGraphs:
         else:
             x_in = torch.zeros((batch, bucket, spec.hidden_size), dtype=st.dtype, device=dev)
         last = torch.full((1,), bucket - 1, dtype=torch.int64, device=dev)
-        k, v = self._scratch_for(batch)
+        k, v = self._scratch_for(batch, bucket)
         pos = torch.arange(bucket, device=dev)[None].expand(batch, bucket)
         cos_t, sin_t = st._rope_for(bucket)
         cos, sin = cos_t[pos].to(st.dtype)[:, None], sin_t[pos].to(st.dtype)[:, None]
 
         def run() -> torch.Tensor:
-            h = x_in
-            if st.is_first:
-                assert w.embed is not None  # checked by TorchStage
-                h = F.embedding(x_in, w.embed)
+            h = st.embed(x_in) if st.is_first else x_in
             layer = dec.prefill_layer()  # compiled with dynamic shapes unless compiling is off
             for i, lw in enumerate(w.layers):
                 h = layer(h, lw, spec, cos, sin, k[i], v[i], pos, None, True)
-            if not st.is_last:
-                return h
-            assert w.norm is not None and w.lm_head is not None
-            h = rms_norm(h.index_select(1, last), w.norm, spec.rms_eps)
-            return F.linear(h, w.lm_head).float()[:, 0]
+            return st.head(h.index_select(1, last))[:, 0] if st.is_last else h
 
         with torch.cuda.device(dev):
             side = dec.capture_stream()

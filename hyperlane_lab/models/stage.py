@@ -133,7 +133,6 @@ class TorchStage(StageSessions):
         if graphs is not None and seq == 1 and not all_logits:
             return graphs.step(cache, x, positions)  # type: ignore[no-any-return]
         causal = self.device.type == "cuda" and self._fresh_prompt(positions)
-        w = self.weights
         if causal and graphs is not None and not all_logits:  # a fresh prompt: its bucket's graph
             xin = x if self.is_first else x.to(device=self.device, dtype=self.dtype)
             out = graphs.prompt_step(cache, xin, seq)
@@ -156,8 +155,7 @@ class TorchStage(StageSessions):
             layer_masks.append(masks[window])
 
         if self.is_first:
-            assert w.embed is not None  # checked in __init__
-            h = F.embedding(x.to(self.device), w.embed)
+            h = self.embed(x.to(self.device))
         else:
             h = x.to(device=self.device, dtype=self.dtype)
         layer_fn = graphs.prefill_layer() if graphs is not None else decoder_layer  # CUDA: compiled
@@ -170,10 +168,19 @@ class TorchStage(StageSessions):
         if not all_logits:
             last = positions.argmax(dim=1)  # index of each row's last valid token
             h = h[torch.arange(bsz, device=self.device), last][:, None]
-        assert w.norm is not None and w.lm_head is not None  # checked in __init__
-        h = rms_norm(h, w.norm, self.spec.rms_eps)
-        logits = F.linear(h, w.lm_head).float()
+        logits = self.head(h)
         return logits if all_logits else logits[:, 0]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """First stage: token ids (on the stage's device) -> hidden states."""
+        assert self.weights.embed is not None  # checked in __init__
+        return F.embedding(ids, self.weights.embed)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Last stage: hidden states [B, S, H] -> fp32 logits [B, S, V] (final norm, LM head)."""
+        w = self.weights
+        assert w.norm is not None and w.lm_head is not None  # checked in __init__
+        return F.linear(rms_norm(h, w.norm, self.spec.rms_eps), w.lm_head).float()
 
     def _fresh_prompt(self, positions: torch.Tensor) -> bool:
         """True when every row holds positions 0..S-1 (no padding, empty cache before them) and no

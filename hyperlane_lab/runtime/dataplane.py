@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyperlane_lab.errors import ProtocolError
-from hyperlane_lab.runtime.frame import HEADER, MAX_PAYLOAD, FrameHeader, pack_header, unpack_header
+from hyperlane_lab.runtime.frame import (
+    HEADER,
+    MAX_PAYLOAD,
+    FrameHeader,
+    FrameKind,
+    pack_header,
+    unpack_header,
+)
 
 __all__ = [
     "BufferPool",
@@ -61,10 +68,12 @@ class PooledBuffer:
 class BufferPool:
     """Free lists of receive buffers; a request takes the smallest free one that fits.
 
-    With ``pinned_alloc`` set (GPU workers), bodies of ``pin_from`` bytes or more go into
-    page-locked host memory from that function, so a prompt's hidden state is copied to the GPU by
-    DMA, without the driver's staging copy (a 4 MB pageable upload held the host ~1.4 ms on an
-    H100 VM). If pinning fails, the body gets a plain bytearray (logged once)."""
+    With ``pinned_alloc`` set (GPU workers), tensor bodies (``acquire(..., pin=True)``) of
+    ``pin_from`` bytes or more go into page-locked host memory from that function, sized up to a
+    power of two, so a prompt's hidden state is copied to the GPU by DMA, without the driver's
+    staging copy (a 4 MB pageable upload held the host ~1.4 ms on an H100 VM). At most
+    ``pinned_keep`` bytes of free pinned buffers are kept. If pinning fails, the body gets a plain
+    bytearray (logged once)."""
 
     def __init__(self, max_free: int = 32) -> None:
         self._free: list[Any] = []
@@ -75,9 +84,11 @@ class BufferPool:
         self.keep_max = 256 << 20  # larger buffers are freed after use, not pooled
         self.pinned_alloc: Callable[[int], Any] | None = None  # n -> a pinned, writable 1-D byte buffer
         self.pin_from = 16 << 10
+        self.pinned_keep = 256 << 20  # free pinned bytes kept for reuse (page-locked memory is scarce)
 
-    def acquire(self, size: int) -> PooledBuffer:
-        pinned = self.pinned_alloc is not None and size >= self.pin_from
+    def acquire(self, size: int, pin: bool = False) -> PooledBuffer:
+        """A buffer of at least ``size`` bytes; ``pin``: the body goes to a GPU (a tensor frame)."""
+        pinned = pin and self.pinned_alloc is not None and size >= self.pin_from
         free = self._free_pinned if pinned else self._free
         best = None
         for i, b in enumerate(free):
@@ -88,8 +99,8 @@ class BufferPool:
         self.allocations += 1
         if pinned:
             assert self.pinned_alloc is not None
-            try:
-                buf = self.pinned_alloc(size)
+            try:  # a power of two: what the pinned allocator takes anyway, and reusable by more sizes
+                buf = self.pinned_alloc(1 << (size - 1).bit_length())
                 self.pinned_allocations += 1
                 return PooledBuffer(self, buf, size)
             except Exception as e:  # out of page-locked memory, no driver: pageable from now on
@@ -98,9 +109,14 @@ class BufferPool:
         return PooledBuffer(self, bytearray(max(size, 4096)), size)
 
     def _give_back(self, buf: Any) -> None:
-        free = self._free if isinstance(buf, bytearray) else self._free_pinned
-        if len(free) < self._max_free and len(buf) <= self.keep_max:
-            free.append(buf)
+        if isinstance(buf, bytearray):
+            if len(self._free) < self._max_free and len(buf) <= self.keep_max:
+                self._free.append(buf)
+        elif (
+            len(self._free_pinned) < self._max_free
+            and sum(map(len, self._free_pinned)) + len(buf) <= self.pinned_keep
+        ):
+            self._free_pinned.append(buf)
 
 
 @dataclass
@@ -128,7 +144,7 @@ _SCRATCH = 1 << 16
 # until the socket is empty) instead of one read per event-loop pass: a 4 MB prompt state arrived
 # at 61-65% of a bare socket's rate read pass by pass (bench/socket_bulk.py, H100 host)
 _DRAIN_FROM = 1 << 16
-_DRAIN_READS = 512  # at most this many reads per callback: other connections get their turn
+_DRAIN_BYTES = 16 << 20  # at most this much per callback: other connections' frames get their turn
 READ_TIMEOUT_S = 60.0  # a frame that has begun must complete within this (a stalled peer is cut off)
 
 
@@ -223,15 +239,15 @@ class FrameConnection(asyncio.BufferedProtocol):
         loop between reads (non-blocking descriptor: stops at the first empty read). End of stream
         and errors are left for the transport's own next read to report."""
         assert self._body is not None and self._header is not None
-        view, want = self._body.view, self._header.body_len
-        for _ in range(_DRAIN_READS):
-            if self._body_got >= want:
-                return
+        view = self._body.view
+        want = min(self._header.body_len, self._body_got + _DRAIN_BYTES)
+        while self._body_got < want:  # every pass reads >= 1 byte or returns
             try:
                 n = os.readv(self._fd, [view[self._body_got : want]])
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as e:  # reset: report it (the transport's next read would see EOF)
+                self.abort(f"read failed: {e}")
                 return
             if n <= 0:
                 return
@@ -276,7 +292,8 @@ class FrameConnection(asyncio.BufferedProtocol):
         if not accept:
             self._skip = header.body_len
             return True
-        self._header, self._body, self._body_got = header, self._pool.acquire(header.body_len), 0
+        pin = header.kind == FrameKind.TENSOR  # only tensors go to a GPU
+        self._header, self._body, self._body_got = header, self._pool.acquire(header.body_len, pin), 0
         return header.body_len > 0 or self._emit()
 
     def _emit(self) -> bool:
