@@ -10,7 +10,8 @@ boundary compressed, the 24 stories sampled from the model):
   fp16 minimum: one more fp16 per group), which suits groups pushed to one side by a large
   channel.
 
-Each at group sizes 16, 32 and 64; bytes are counted as the wire would carry them. Prints the
+Each at group sizes 16, 32 and 64 (``--bits 8``: the same two rules at 8 bits, for int8's top-1
+goal); bytes are counted as the wire would carry them. Prints the
 whole-model and per-boundary rows and writes JSON to bench/out/int4_whatif.json (or --out).
 
     python bench/int4_whatif.py
@@ -40,25 +41,43 @@ def _back(v: torch.Tensor, x: torch.Tensor, h: int, pad: int) -> torch.Tensor:
     return v.reshape(-1, h + pad)[:, :h].reshape(x.shape).to(x.dtype)
 
 
-def sym4(x: torch.Tensor, gs: int) -> torch.Tensor:
-    v, h, pad = _groups(x, gs)
-    scale = (v.abs().amax(1, keepdim=True) / 7).half().float().clamp_min(1e-12)
-    return _back(torch.round(v / scale).clamp(-7, 7) * scale, x, h, pad)
+def sym(bits: int) -> Any:
+    """Symmetric per group: levels -q..q times absmax / q, q = 2^(bits-1) - 1 (the registered rule)."""
+    q = (1 << (bits - 1)) - 1
+
+    def fn(x: torch.Tensor, gs: int) -> torch.Tensor:
+        v, h, pad = _groups(x, gs)
+        scale = (v.abs().amax(1, keepdim=True) / q).half().float().clamp_min(1e-12)
+        return _back(torch.round(v / scale).clamp(-q, q) * scale, x, h, pad)
+
+    return fn
 
 
-def asym4(x: torch.Tensor, gs: int) -> torch.Tensor:
-    v, h, pad = _groups(x, gs)
-    lo, hi = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
-    scale = ((hi - lo) / 15).half().float().clamp_min(1e-12)
-    lo = lo.half().float()
-    return _back(torch.round((v - lo) / scale).clamp(0, 15) * scale + lo, x, h, pad)
+def asym(bits: int) -> Any:
+    """Asymmetric per group: 2^bits levels between the group's min and max (fp16 scale and min)."""
+    top = (1 << bits) - 1
+
+    def fn(x: torch.Tensor, gs: int) -> torch.Tensor:
+        v, h, pad = _groups(x, gs)
+        lo, hi = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+        scale = ((hi - lo) / top).half().float().clamp_min(1e-12)
+        lo = lo.half().float()
+        return _back(torch.round((v - lo) / scale).clamp(0, top) * scale + lo, x, h, pad)
+
+    return fn
 
 
 class WhatIf:
     """The probe's codec interface for a torch round trip (encode = quantize + dequantize)."""
 
-    def __init__(self, name: str, group_size: int, fn: Any, side_bytes: int) -> None:
-        self.name, self.group_size, self.fn, self.side_bytes = name, group_size, fn, side_bytes
+    def __init__(self, name: str, group_size: int, fn: Any, side_bytes: int, bits: int = 4) -> None:
+        self.name, self.group_size, self.fn, self.side_bytes, self.bits = (
+            name,
+            group_size,
+            fn,
+            side_bytes,
+            bits,
+        )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.group_size)
@@ -69,7 +88,7 @@ class WhatIf:
     def encoded_nbytes(self, shape: tuple[int, ...], dtype: Any = torch.float16) -> int:
         rows, h = math.prod(shape[:-1]), shape[-1]
         groups = -(-h // self.group_size)
-        return rows * groups * (self.group_size // 2 + self.side_bytes)
+        return rows * groups * (self.group_size * self.bits // 8 + self.side_bytes)
 
     def payload_outliers(self, shape: tuple[int, ...]) -> int:
         return 0
@@ -78,6 +97,9 @@ class WhatIf:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group-sizes", default="16,32,64")
+    ap.add_argument(
+        "--bits", default="4", help="4, 8 or 4,8 (int8's top-1 goal: the same question at 8 bits)"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "int4_whatif.json"))
     args = ap.parse_args()
     from codec_probe import sampled_prompts  # type: ignore[import-not-found]  # bench/ is on sys.path
@@ -85,8 +107,12 @@ def main() -> int:
     pipe = load_pipeline(None, n_stages=3)
     prompts = sampled_prompts(pipe)
     cands = []
-    for gs in (int(g) for g in args.group_sizes.split(",")):
-        cands += [WhatIf(f"sym4/{gs}", gs, sym4, 2), WhatIf(f"asym4/{gs}", gs, asym4, 4)]
+    for bits in (int(b) for b in args.bits.split(",")):
+        for gs in (int(g) for g in args.group_sizes.split(",")):
+            cands += [
+                WhatIf(f"sym{bits}/{gs}", gs, sym(bits), 2, bits),
+                WhatIf(f"asym{bits}/{gs}", gs, asym(bits), 4, bits),
+            ]
     df = probe_grid(cands, [0], model=pipe, prompts=prompts)
     cols = ["codec", "boundary", "ratio_vs_fp16", "rel_l2", "top1_agreement", "ppl_delta_rel"]
     print(df[cols].to_string(index=False))
