@@ -14,9 +14,10 @@ How: the prompt is padded at the end to a bucket (``prompt_bucket``: 16, 32, 64,
 64). Causal attention keeps the padding invisible to the real tokens (row i sees keys 0..i only),
 so the real rows are the eager path's up to rounding (the products run with M = bucket, not S).
 The graph writes K/V into a scratch cache per batch size (slots 0..bucket-1), shared by every
-bucket's graph and grown with the longest prompt seen (``scratch_len``); after the replay the first S slots are copied into the session's cache (one
-``_foreach_copy_``) and the output is copied out of the graph's buffer, both in stream order, so
-the graphs can share one memory pool and any session can use any graph.
+bucket's graph and grown with the longest prompt seen (``scratch_len``); after the replay the
+first S slots are copied into the session's cache (one ``_foreach_copy_``) and the output is
+copied out of the graph's buffer, both in stream order, so the graphs can share one memory pool
+and any session can use any graph.
 """
 
 from __future__ import annotations

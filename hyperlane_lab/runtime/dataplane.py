@@ -57,7 +57,7 @@ class PooledBuffer:
 
     @property
     def view(self) -> memoryview:
-        return memoryview(self.buf).cast("B")[: self.size]
+        return memoryview(self.buf)[: self.size]  # bytearray and 1-D uint8 arrays are format 'B' alike
 
     def release(self) -> None:
         if self._pool is not None:
@@ -237,7 +237,7 @@ class FrameConnection(asyncio.BufferedProtocol):
     def _drain(self) -> None:
         """Read what the socket already holds of the body in progress, without returning to the
         loop between reads (non-blocking descriptor: stops at the first empty read). End of stream
-        and errors are left for the transport's own next read to report."""
+        is left for the transport's own next read to report; a read error closes the connection."""
         assert self._body is not None and self._header is not None
         view = self._body.view
         want = min(self._header.body_len, self._body_got + _DRAIN_BYTES)
