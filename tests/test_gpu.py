@@ -144,6 +144,13 @@ def test_fresh_prompt_detection():
     assert not st._fresh_prompt(torch.arange(7)[None])  # the window (6) of layers 1, 2 cuts in
     assert not st._fresh_prompt(torch.tensor([[0, 1, 2, -1]]))  # padding
     assert not st._fresh_prompt(torch.tensor([[3, 4, 5]]))  # continues a cache
+    # where a prompt graph may run: every row the same consecutive positions, from any start
+    assert st._prompt_start(torch.arange(7)[None]) == 0  # a window cutting in only stops "fresh"
+    assert st._prompt_start(torch.arange(3, 9).expand(2, 6)) == 3  # a later chunk, batch 2
+    assert st._prompt_start(torch.tensor([[3, 4, 6]])) is None  # a gap
+    assert st._prompt_start(torch.tensor([[3, 4], [4, 5]])) is None  # rows at different positions
+    assert st._prompt_start(torch.tensor([[-1, 0, 1]])) is None  # padding
+    assert st._prompt_start(torch.tensor([[5]])) is None  # a decode step (its own graph)
 
 
 def _kernels():

@@ -198,7 +198,8 @@ def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
 def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path):
     """GPU workers receive prompt-sized hidden states into page-locked buffers (uploaded by DMA,
     the body held until the copy is done), replay the prompt from a graph, and give the in-process
-    probe's greedy tokens, also for the second prompt that reuses those buffers."""
+    probe's greedy tokens, also for the second prompt that reuses those buffers, and with the
+    prompts sent down the pipeline in chunks."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
@@ -216,12 +217,14 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         ) as m,
     ):
         eos = m.spec.eos_token_ids[0]
-        got = []
-        for p in prompts:
-            assert len(m.tokenizer.encode(p)) * 64 * 2 >= 16 << 10
-            r = m.generate(p, max_tokens=16)
-            got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
-        assert got == want
+        for chunk in (None, 48):  # whole prompts, then in chunks (a chunk's graph reads the keys before it)
+            m.prefill_chunk = chunk
+            got = []
+            for p in prompts:
+                assert len(m.tokenizer.encode(p)) * 64 * 2 >= 16 << 10
+                r = m.generate(p, max_tokens=16)
+                got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
+            assert got == want, chunk
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert health[0].pinned_buffers == 0  # token ids: small bodies
         assert all(h.pinned_buffers >= 1 for h in health[1:]), health

@@ -16,6 +16,7 @@ import torch
 
 from hyperlane_lab.models import ModelSpec, TorchStage
 from hyperlane_lab.models.prompt_graphs import prompt_bucket, prompt_graph_max_tokens, scratch_len
+from tests.test_gpu import SPEC as TG_SPEC
 from tests.test_gpu import _cpu64, _rel, _stages
 
 # llama-style GQA without windows, so prompts of any length are "fresh"
@@ -181,6 +182,112 @@ def test_prompt_graph_scratch_grows_and_recaptures():
     assert pg._scratch[1][0][0].shape[2] == 512
 
 
+def _run_steps(
+    stages: list[TorchStage], steps: list[tuple[torch.Tensor, torch.Tensor]], batch: int, max_len: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One session through ``stages``: each step's last-stage output and, at the end, every
+    stage's whole K/V cache (CPU float64)."""
+    sid = uuid.uuid4().hex
+    for st in stages:
+        st.open_session(sid, batch, max_len)
+    outs = []
+    for ids, pos in steps:
+        x: torch.Tensor = ids
+        for st in stages:
+            x = st.forward(sid, x, pos)
+        outs.append(x.double().cpu())
+    kv = [t.double().cpu() for st in stages for t in (*st.session(sid).k, *st.session(sid).v)]
+    for st in stages:
+        st.close_session(sid)
+    return outs, kv
+
+
+def _chunks(ids: torch.Tensor, sizes: list[int], start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out, a = [], start
+    for n in sizes:
+        out.append((ids[:, a - start : a - start + n], torch.arange(a, a + n).expand(ids.shape[0], n)))
+        a += n
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("spec", [SPEC, TG_SPEC], ids=["llama", "qwen2-window"])
+def test_chunked_prompt_graphs_match_eager_and_float64(spec):
+    """A prompt sent in chunks (as a pipeline's ``prefill_chunk`` sends it): every chunk replays a
+    graph per (batch, bucket, start), attending to the keys of the chunks before it, and each
+    chunk's output, the whole cache and the decode steps after it equal the eager path and
+    float64, also with sliding-window layers (the mask's window) and batch 2."""
+    fast = _stages(spec, [1], torch.float16, "cuda")
+    slow = _stages(spec, [1], torch.float16, "cuda")
+    for st in slow:
+        st.cuda_graphs = False
+    ref64 = _cpu64(fast)
+    for b, sizes in [(1, [16, 16, 9]), (2, [64, 36]), (1, [20, 70, 30])]:
+        total = sum(sizes)
+        ids = torch.randint(0, spec.vocab_size, (b, total), generator=torch.Generator().manual_seed(total))
+        steps = _chunks(ids, sizes)
+        eager, _ = _run_steps(slow, steps, b, total + 4)
+        tok = eager[-1].argmax(-1)[:, None]
+        steps += [(tok, torch.full((b, 1), total)), (tok, torch.full((b, 1), total + 1))]
+        got, kv = _run_steps(fast, steps, b, total + 4)
+        eager, kv_e = _run_steps(slow, steps, b, total + 4)
+        ref, kv_r = _run_steps(ref64, steps, b, total + 4)
+        for i, (g, e, r) in enumerate(zip(got, eager, ref)):
+            assert torch.isfinite(g).all()
+            assert _rel(g, r) < 2e-2 and _rel(g, e) < 2e-2, f"step {i} of {b} x {sizes}"
+        for a, e, r in zip(kv, kv_e, kv_r):
+            assert (
+                _rel(a[:, :, :total], r[:, :, :total]) < 2e-2
+                and _rel(a[:, :, :total], e[:, :, :total]) < 2e-2
+            )
+    for st in fast:
+        pg = st.graph_decoder().prompt_graphs()
+        assert pg.broken == "" and pg.replays == 8  # every chunk from a graph
+        # one session at a time: the scratch holds the keys before each chunk, except after it
+        # grew (64 -> 128 slots for the second case's second chunk, 64 -> 256 for the third's)
+        assert pg.prefix_copies == 2
+
+
+@gpu
+def test_chunk_graphs_refresh_the_scratch_when_another_step_came_between():
+    """The scratch holds a session's keys only until another session's prompt or another step of
+    the same session comes: then a later chunk copies its keys in from the session's cache. Two
+    sessions' chunks interleaved, and a session whose earlier slot was rewritten by a decode step
+    (a rewind) before its next chunk, give the eager path's results."""
+    fast = _stages(SPEC, [1], torch.float16, "cuda")
+    slow = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in slow:
+        st.cuda_graphs = False
+    ids_a, ids_b = _ids(1, 48, seed=1), _ids(1, 48, seed=2)
+    ca, cb = _chunks(ids_a, [16, 16, 16]), _chunks(ids_b, [16, 16, 16])
+    rewind = [ca[0], (ids_a[:, 5:6], torch.tensor([[3]])), *ca[1:]]  # slot 3 rewritten, then on
+
+    def interleaved(stages: list[TorchStage]) -> list[torch.Tensor]:
+        sids = [uuid.uuid4().hex for _ in range(2)]
+        for st in stages:
+            for sid in sids:
+                st.open_session(sid, 1, 52)
+        outs = []
+        for sid, (x, pos) in [(sids[i % 2], (ca, cb)[i % 2][i // 2]) for i in range(6)]:
+            for st in stages:
+                x = st.forward(sid, x, pos)
+            outs.append(x.double().cpu())
+        for st in stages:
+            for sid in sids:
+                st.close_session(sid)
+        return outs
+
+    for got, ref in zip(interleaved(fast), interleaved(slow)):
+        assert _rel(got, ref) < 2e-2
+    copies = [st.graph_decoder().prompt_graphs().prefix_copies for st in fast]
+    assert copies == [4, 4]  # the second and third chunk of each session
+    got, _ = _run_steps(fast, rewind, 1, 52)
+    ref, _ = _run_steps(slow, rewind, 1, 52)
+    for g, r in zip(got, ref):
+        assert _rel(g, r) < 2e-2
+    assert [st.graph_decoder().prompt_graphs().prefix_copies for st in fast] == [5, 5]  # after the rewind
+
+
 @gpu
 def test_pinned_upload_is_done_when_to_device_returns():
     """``CudaStager.to_device`` of a pinned source (a GPU worker's frame body) returns only after
@@ -219,7 +326,7 @@ def test_prompts_that_do_not_qualify_run_eagerly(monkeypatch):
     # a capture that fails: logged, remembered, and the prompt runs eagerly with the eager result
     monkeypatch.setattr(
         "hyperlane_lab.models.prompt_graphs.PromptGraphs._capture",
-        lambda self, b, n: (_ for _ in ()).throw(RuntimeError("no graphs today")),
+        lambda self, *args: (_ for _ in ()).throw(RuntimeError("no graphs today")),
     )
     eager = _stages(SPEC, [1], torch.float16, "cuda")
     for st in eager:

@@ -193,12 +193,14 @@ class GraphDecoder:
             self._prompts = PromptGraphs(self)
         return self._prompts
 
-    def prompt_step(self, cache: SessionCache, x: torch.Tensor, seq: int) -> torch.Tensor | None:
-        """A fresh prompt's step replayed from a graph (``prompt_graphs.py``), or None: the caller
-        runs the eager path."""
+    def prompt_step(
+        self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0
+    ) -> torch.Tensor | None:
+        """A prompt step (a fresh prompt, or a chunk at positions ``start ..``) replayed from a
+        graph (``prompt_graphs.py``), or None: the caller runs the eager path."""
         if self._broken:
             return None
-        return self.prompt_graphs().run(cache, x, seq)
+        return self.prompt_graphs().run(cache, x, seq, start)
 
     # ------------------------------------------------------------------ stepping
 
@@ -355,6 +357,7 @@ class GraphDecoder:
                 return None
             cache.graph = g
         assert g.wire is not None and g.staged is not None
+        cache.writes += 1
         with torch.cuda.device(self.stage.device):
             g.staged.synchronize()  # the previous replay has read the pinned inputs (normally long done)
             g.io_np[1] = pos

@@ -3,41 +3,52 @@
 Why: a Llama-2-7B prompt step of 512 tokens needs ~18-20 ms of H100 time, while the host spends
 ~0.8 ms a layer dispatching it (compiled-layer wrappers, cuBLAS and flash-attention calls, ~20
 launches): ~25 ms a forward on the lent VMs, so the host, not the GPU, set the prompt speed
-(``bench/prefill_probe.py``). A replay costs the host tens of µs.
+(``bench/prefill_probe.py``). A replay costs the host tens of µs. The same holds, per stage, for
+each chunk of a prompt sent in chunks down a pipeline (``AutoDistributedModel.prefill_chunk``).
 
-Scope: fresh prompts (every row holds positions 0..S-1 of an empty cache, no window cutting into
-them: ``TorchStage._fresh_prompt``) with S <= ``max_tokens`` (``HYPERLANE_PROMPT_GRAPHS``, default
-1024; 0 turns prompt graphs off). Longer prompts are GPU-bound anyway and take the eager path, as do
-chunked and padded prompts and ``all_logits`` calls.
+Scope: prompt steps whose rows all hold the same consecutive positions ``start .. start+S-1``
+(``TorchStage._prompt_start``) with 2 <= S <= ``max_tokens`` (``HYPERLANE_PROMPT_GRAPHS``, default
+1024; 0 turns prompt graphs off) and ``start + bucket <= max_context`` (4 x ``max_tokens``). A
+fresh prompt (``start == 0``) that no sliding window cuts into uses plain causal attention over
+the new tokens (flash kernels); a later chunk (``start > 0``), or a window cutting in, attends
+through the eager path's mask (``layers.attention_mask``). Padded prompts, longer prompts and
+chunks, and ``all_logits`` calls take the eager path.
 
-How: the prompt is padded at the end to a bucket (``prompt_bucket``: 16, 32, 64, then multiples of
-64). Causal attention keeps the padding invisible to the real tokens (row i sees keys 0..i only),
-so the real rows are the eager path's up to rounding (the products run with M = bucket, not S).
-The graph writes K/V into a scratch cache per batch size (slots 0..bucket-1), shared by every
-bucket's graph and grown with the longest prompt seen (``scratch_len``); after the replay the
-first S slots are copied into the session's cache (one ``_foreach_copy_``) and the output is
-copied out of the graph's buffer, both in stream order, so the graphs can share one memory pool
-and any session can use any graph.
+How: the chunk is padded at the end to a bucket (``prompt_bucket``: 16, 32, 64, then multiples of
+64) and replayed from a graph captured per (batch, bucket, start). Causal attention keeps the
+padding invisible to the real tokens (row i sees keys up to its own position only), so the real
+rows are the eager path's up to rounding (the products run with M = bucket, not S). The graphs
+read and write K/V in a scratch cache per batch size, shared by all of them and grown with the
+longest context seen (``scratch_len``); after the replay the chunk's S slots are copied into the
+session's cache (one ``_foreach_copy_``) and the output is copied out of the graph's buffer, both
+in stream order, so the graphs share one memory pool and any session can use any graph. A later
+chunk needs the keys before it in the scratch: they are there when the batch's previous replay
+was this session's previous step (``SessionCache.writes`` counts steps); otherwise they are first
+copied in from the session's cache.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperlane_lab.models.layers import attention_mask
+
 if TYPE_CHECKING:
     from hyperlane_lab.models.cuda_decode import GraphDecoder
     from hyperlane_lab.models.sessions import SessionCache
 
-__all__ = ["PromptGraphs", "prompt_bucket", "prompt_graph_max_tokens", "scratch_len"]
+__all__ = ["CONTEXT_FACTOR", "PromptGraphs", "prompt_bucket", "prompt_graph_max_tokens", "scratch_len"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 1024
+CONTEXT_FACTOR = 4  # a chunk's graph applies while start + bucket <= CONTEXT_FACTOR * max_tokens
 
 
 def prompt_graph_max_tokens() -> int:
@@ -65,11 +76,12 @@ def prompt_bucket(seq: int, max_tokens: int) -> int | None:
     return -(-seq // 64) * 64
 
 
-def scratch_len(bucket: int, max_tokens: int) -> int:
-    """Slots of a scratch K/V cache that holds ``bucket`` tokens: the next power of two (at least
-    64, at most the largest bucket), so it grows a few times at most as longer prompts come."""
-    cap = prompt_bucket(max_tokens, max_tokens) or bucket
-    return max(bucket, min(cap, max(64, 1 << (bucket - 1).bit_length())))
+def scratch_len(need: int, max_context: int) -> int:
+    """Slots of a scratch K/V cache that holds ``need`` tokens (a chunk's start + bucket): the next
+    power of two (at least 64, at most ``max_context`` rounded up to a bucket), so it grows a few
+    times at most as longer prompts come."""
+    cap = prompt_bucket(max_context, max_context) or need
+    return max(need, min(cap, max(64, 1 << (need - 1).bit_length())))
 
 
 @dataclass
@@ -78,28 +90,36 @@ class _PromptGraph:
     x_in: torch.Tensor  # [B, bucket] ids (first stage) or [B, bucket, H] hidden
     last: torch.Tensor  # [1] int64: index of the last real token (last stage)
     out: torch.Tensor  # [B, bucket, H] hidden, or [B, V] fp32 logits (last stage)
-    keep: tuple[torch.Tensor, ...]  # the other tensors the graph reads (positions, RoPE rows): kept alive
+    keep: tuple[torch.Tensor, ...]  # the other tensors the graph reads (positions, RoPE rows,
+    # masks): kept alive, the graph holds only their addresses
 
 
 class PromptGraphs:
-    """One stage's prompt graphs, keyed by (batch, bucket). Used by ``GraphDecoder.prompt_step``."""
+    """One stage's prompt graphs, keyed by (batch, bucket, start). Used by ``GraphDecoder.prompt_step``."""
 
     def __init__(self, decoder: GraphDecoder, max_tokens: int | None = None) -> None:
         self.dec = decoder
         self.stage = decoder.stage
         self.max_tokens = prompt_graph_max_tokens() if max_tokens is None else max_tokens
-        self._graphs: dict[tuple[int, int], _PromptGraph] = {}
+        self._graphs: dict[tuple[int, int, int], _PromptGraph] = {}
         self._scratch: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # per batch
+        # per batch: the cache whose keys the scratch holds, its ``writes`` then, and how many
+        self._holds: dict[int, tuple[weakref.ref[SessionCache], int, int]] = {}
         self._pool: Any = None  # one memory pool for every bucket's graph
         self.broken = ""  # why a capture failed: prompts run eagerly from then on
         self.captures = 0
         self.replays = 0
+        self.prefix_copies = 0  # later chunks whose keys before them were copied into the scratch
 
-    def _scratch_for(self, batch: int, bucket: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The batch's scratch K/V, grown to hold ``bucket`` tokens (``scratch_len``). Growing it
-        drops the batch's graphs (they write to the old one): they are captured again on use."""
+    @property
+    def max_context(self) -> int:
+        return CONTEXT_FACTOR * self.max_tokens
+
+    def _scratch_for(self, batch: int, need: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The batch's scratch K/V, grown to hold ``need`` tokens (``scratch_len``). Growing it
+        drops the batch's graphs (they use the old one): they are captured again on use."""
         have = self._scratch.get(batch)
-        if have is None or have[0][0].shape[2] < bucket:
+        if have is None or have[0][0].shape[2] < need:
             if have is not None:  # replays of the graphs about to go may still be running
                 torch.cuda.current_stream(self.stage.device).synchronize()
             for key in [key for key in self._graphs if key[0] == batch]:
@@ -107,33 +127,42 @@ class PromptGraphs:
             if not self._graphs:  # the pool dies with its last graph: the next capture makes one
                 self._pool = None
             self._scratch.pop(batch, None)  # freed before the larger one is made
+            self._holds.pop(batch, None)
             st, s = self.stage, self.stage.spec
-            shape = (batch, s.n_kv_heads, scratch_len(bucket, self.max_tokens), s.head_dim)
+            shape = (batch, s.n_kv_heads, scratch_len(need, self.max_context), s.head_dim)
             kv = [[torch.zeros(shape, dtype=st.dtype, device=st.device) for _ in st.span.layers()]
                   for _ in range(2)]  # fmt: skip
             self._scratch[batch] = (kv[0], kv[1])
         return self._scratch[batch]
 
-    def run(self, cache: SessionCache, x: torch.Tensor, seq: int) -> torch.Tensor | None:
-        """The prompt step of a fresh prompt of ``seq`` tokens from its bucket's graph, or None
-        when no graph applies (the caller runs the eager path). ``x``: CPU ids [B, S] (first
-        stage; device ids work too) or hidden [B, S, H] in the stage's dtype."""
+    def run(self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0) -> torch.Tensor | None:
+        """The prompt step of ``seq`` tokens at positions ``start ..`` of every row from its
+        bucket's graph, or None when no graph applies (the caller runs the eager path). ``x``: CPU
+        ids [B, S] (first stage; device ids work too) or hidden [B, S, H] in the stage's dtype.
+        Called from ``TorchStage.forward`` after its checks (which count the step in ``writes``)."""
         bucket = prompt_bucket(seq, self.max_tokens)
-        if bucket is None or self.broken:
+        if bucket is None or self.broken or start + bucket > self.max_context:
             return None
         batch = x.shape[0]
-        g = self._graphs.get((batch, bucket))
+        g = self._graphs.get((batch, bucket, start))
         if g is None:
             try:
-                g = self._capture(batch, bucket)
+                g = self._capture(batch, bucket, start)
             except Exception as e:  # a capture that fails must not take the worker down
                 self.broken = f"{type(e).__name__}: {e}"[:300]
                 log.warning("stage %s: prompt graph capture failed (%s); prompts run eagerly",
                             self.stage.span, self.broken)  # fmt: skip
                 return None
-            self._graphs[(batch, bucket)] = g
+            self._graphs[(batch, bucket, start)] = g
         st = self.stage
+        k, v = self._scratch[batch]
         with torch.cuda.device(st.device):
+            held = self._holds.get(batch)
+            if start and not (held and held[0]() is cache and held[1:] == (cache.writes - 1, start)):
+                # the keys before this chunk are not (all) in the scratch: copy them in
+                torch._foreach_copy_([t[:, :, :start] for t in (*k, *v)],
+                                     [t[:, :, :start] for t in (*cache.k, *cache.v)])  # fmt: skip
+                self.prefix_copies += 1
             # padding: zeros (id 0 is valid; zero rows, not the previous prompt's, stay finite
             # whatever came before); the padding's outputs are never read
             if x.device.type == "cpu":  # host ids (or hidden): padded here, one copy
@@ -146,14 +175,15 @@ class PromptGraphs:
             if st.is_last:
                 g.last.fill_(seq - 1)
             g.graph.replay()
-            k, v = self._scratch[batch]
-            torch._foreach_copy_([t[:, :, :seq] for t in (*cache.k, *cache.v)],
-                                 [t[:, :, :seq] for t in (*k, *v)])  # fmt: skip
+            end = start + seq
+            torch._foreach_copy_([t[:, :, start:end] for t in (*cache.k, *cache.v)],
+                                 [t[:, :, start:end] for t in (*k, *v)])  # fmt: skip
             out = g.out.clone() if st.is_last else g.out[:, :seq].clone()
+        self._holds[batch] = (weakref.ref(cache), cache.writes, end)
         self.replays += 1
         return out
 
-    def _capture(self, batch: int, bucket: int) -> _PromptGraph:
+    def _capture(self, batch: int, bucket: int, start: int) -> _PromptGraph:
         st, dec = self.stage, self.dec
         spec, dev, w = st.spec, st.device, st.weights
         if st.is_first:
@@ -161,23 +191,28 @@ class PromptGraphs:
         else:
             x_in = torch.zeros((batch, bucket, spec.hidden_size), dtype=st.dtype, device=dev)
         last = torch.full((1,), bucket - 1, dtype=torch.int64, device=dev)
-        k, v = self._scratch_for(batch, bucket)
-        pos = torch.arange(bucket, device=dev)[None].expand(batch, bucket)
-        cos_t, sin_t = st._rope_for(bucket)
+        k, v = self._scratch_for(batch, start + bucket)
+        pos = torch.arange(start, start + bucket, device=dev)[None].expand(batch, bucket)
+        cos_t, sin_t = st._rope_for(start + bucket)
         cos, sin = cos_t[pos].to(st.dtype)[:, None], sin_t[pos].to(st.dtype)[:, None]
+        windows = [spec.layer_window(layer) for layer in st.span.layers()]
+        # a fresh prompt no window cuts into: causal attention over the new keys, no mask
+        causal = start == 0 and all(win is None or win >= bucket for win in windows)
+        masks = {win: None if causal else attention_mask(pos, start + bucket, win) for win in set(windows)}
+        layer_masks = [masks[win] for win in windows]
 
         def run() -> torch.Tensor:
             h = st.embed(x_in) if st.is_first else x_in
             layer = dec.prefill_layer()  # compiled with dynamic shapes unless compiling is off
             for i, lw in enumerate(w.layers):
-                h = layer(h, lw, spec, cos, sin, k[i], v[i], pos, None, True)
+                h = layer(h, lw, spec, cos, sin, k[i], v[i], pos, layer_masks[i], causal)
             return st.head(h.index_select(1, last))[:, 0] if st.is_last else h
 
         with torch.cuda.device(dev):
             side = dec.capture_stream()
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                run()  # warm-up: compile for this shape, cuBLAS and attention kernels chosen
+                run()  # warm-up (slots start.. of the scratch only): compile, choose kernels
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
@@ -188,5 +223,7 @@ class PromptGraphs:
                     graph.capture_end()
             torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
-        log.debug("stage %s: captured prompt graph for batch %d, %d tokens", st.span, batch, bucket)
-        return _PromptGraph(graph, x_in, last, out, (pos, cos, sin))
+        log.debug("stage %s: captured prompt graph for batch %d, %d tokens from position %d",
+                  st.span, batch, bucket, start)  # fmt: skip
+        keep = (pos, cos, sin, *(m for m in masks.values() if m is not None))
+        return _PromptGraph(graph, x_in, last, out, keep)

@@ -43,6 +43,7 @@ class SessionCache:
     step_io: Any = field(
         default=None, repr=False
     )  # the worker's reusable per-step events/buffers (gpu_steps)
+    writes: int = 0  # steps begun on this cache (prompt graphs check their scratch copy is current)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -148,4 +149,5 @@ class StageSessions:
         else:
             max_pos = int(positions.max())
         check_positions(max_pos, session_id, cache.max_len)
+        cache.writes += 1
         return cache, max_pos

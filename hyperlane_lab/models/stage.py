@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,12 +133,13 @@ class TorchStage(StageSessions):
         graphs = self.graph_decoder()
         if graphs is not None and seq == 1 and not all_logits:
             return graphs.step(cache, x, positions)  # type: ignore[no-any-return]
-        causal = self.device.type == "cuda" and self._fresh_prompt(positions)
-        if causal and graphs is not None and not all_logits:  # a fresh prompt: its bucket's graph
+        start = self._prompt_start(positions) if graphs is not None and not all_logits else None
+        if start is not None:  # a prompt or a chunk of one: its bucket's graph
             xin = x if self.is_first else x.to(device=self.device, dtype=self.dtype)
-            out = graphs.prompt_step(cache, xin, seq)
+            out = graphs.prompt_step(cache, xin, seq, start)
             if out is not None:
                 return out  # type: ignore[no-any-return]
+        causal = self.device.type == "cuda" and self._fresh_prompt(positions)
         positions = positions.to(self.device)
         valid = positions >= 0
         write_idx = torch.where(valid, positions, torch.full_like(positions, cache.max_len))
@@ -182,14 +184,24 @@ class TorchStage(StageSessions):
         assert w.norm is not None and w.lm_head is not None  # checked in __init__
         return F.linear(rms_norm(h, w.norm, self.spec.rms_eps), w.lm_head).float()
 
+    def _prompt_start(self, positions: torch.Tensor) -> int | None:
+        """p when every row holds the same positions p..p+S-1 (S >= 2, no padding; host tensors
+        only, so no device sync): a prompt, or a chunk of one, that a prompt graph can run."""
+        seq = positions.shape[1]
+        if seq < 2 or positions.device.type != "cpu":
+            return None
+        p = positions.numpy()
+        start = int(p[0, 0])
+        if start < 0 or not (p == np.arange(start, start + seq)).all():
+            return None
+        return start
+
     def _fresh_prompt(self, positions: torch.Tensor) -> bool:
         """True when every row holds positions 0..S-1 (no padding, empty cache before them) and no
         layer's window cuts into them: plain causal attention over the new tokens is then exact."""
-        bsz, seq = positions.shape
-        if seq < 2 or positions.device.type != "cpu":
+        if self._prompt_start(positions) != 0:
             return False
-        if not torch.equal(positions, torch.arange(seq).expand(bsz, seq)):
-            return False
+        seq = positions.shape[1]
         windows = [self.spec.layer_window(i) for i in self.span.layers()]
         return all(w is None or w >= seq for w in windows)
 
