@@ -247,6 +247,25 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
     return out
 
 
+def prompt_timeline(events: list[TraceEvent], p: int) -> dict[str, list[list[Any]]]:
+    """The last prompt's events (step 0 of the session that started last) per stage, as
+    [kind, start, end] in µs from its first event: where a chunked prompt's time goes."""
+    ev = [e for e in events if e.step == 0]
+    if not ev:
+        return {}
+    sid = max(ev, key=lambda e: e.start).session
+    mine = sorted((e for e in ev if e.session == sid), key=lambda e: e.start)
+    t0 = mine[0].start
+    return {
+        f"s{i}": [
+            [e.kind.value, round((e.start - t0) * 1e6), round((e.end - t0) * 1e6)]
+            for e in mine
+            if e.stage == i
+        ]
+        for i in range(p)
+    }
+
+
 def window_stats(events: list[TraceEvent], p: int) -> dict[str, Any]:
     """Decode throughput and per-stage busy share while every session is decoding."""
     comp = [e for e in events if e.kind == EventKind.COMPUTE and e.step >= 1]
@@ -457,9 +476,13 @@ def run_split(
                 model.prefill_chunk = c
                 try:
                     for s in prefill:
-                        out.setdefault("prefill_chunked", {})[f"{s}/{c}"] = mm.gen_prefill(
+                        fetch_events(model)
+                        r = out.setdefault("prefill_chunked", {})[f"{s}/{c}"] = mm.gen_prefill(
                             model, s, spec.vocab_size, args.reps
                         )
+                        r["timeline_us"] = prompt_timeline(fetch_events(model), p)
+                        print(f"  prefill {s} in chunks of {c}: {r['tok_s']:.0f} tok/s; last prompt's events"
+                              f" (kind, start, end us): {r['timeline_us']}", flush=True)  # fmt: skip
                 finally:
                     model.prefill_chunk = None
             fetch_events(model)

@@ -168,7 +168,9 @@ class PromptGraphs:
             if x.device.type == "cpu":  # host ids (or hidden): padded here, one copy
                 padded = x.new_zeros(g.x_in.shape)
                 padded[:, :seq] = x
-                g.x_in.copy_(padded)
+                # non_blocking: the driver stages pageable memory before it returns, without the
+                # stream sync a blocking copy makes (the previous chunk may still be running)
+                g.x_in.copy_(padded, non_blocking=True)
             else:
                 g.x_in[:, :seq].copy_(x)
                 g.x_in[:, seq:].zero_()
