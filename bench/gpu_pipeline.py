@@ -467,9 +467,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
         "--prefill-chunk",
-        type=lambda s: [int(x) for x in s.split(",") if x],
-        default=[],
-        help="split parts: also measure prefill with the prompt sent in chunks of these many tokens",
+        type=lambda s: [x if x == "auto" else int(x) for x in s.split(",") if x],
+        default=["auto"],
+        help='split parts: also measure prefill with the prompt sent in chunks of these many tokens ("auto": '
+        "the client's default rule)",
     )
     ap.add_argument("--compression", default="raw", help="split parts: the codec of every hand-off")
     ap.add_argument(

@@ -401,9 +401,53 @@ def test_chunked_prompt_equals_the_whole_prompt(model3, local_pipe, monkeypatch)
         sent.clear()
         assert [r.token_ids for r in model3.generate(PROMPTS, max_tokens=12)] == want and sent == []
     finally:
-        model3.prefill_chunk, model3.server_loop = None, True
-    with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 2"):
-        model3.prefill_chunk = 1
+        model3.prefill_chunk, model3.server_loop = "auto", True
+    for bad in (1, "big", 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be None, 'auto' or an int >= 2"):
+            model3.prefill_chunk = bad
+
+
+def test_auto_prefill_chunk_rule():
+    from hyperlane_lab.runtime.client import auto_prefill_chunk
+
+    assert auto_prefill_chunk(4096, 1) is None  # one stage: nothing to overlap
+    assert [auto_prefill_chunk(n, 2) for n in (100, 511)] == [None, None]  # short: one frame
+    assert [auto_prefill_chunk(n, 2) for n in (512, 600, 1024, 2048, 2100, 4096, 10_000)] == [
+        256, 256, 256, 512, 576, 1024, 1024,
+    ]  # fmt: skip
+    for n in range(512, 9000, 37):  # at least two chunks, about four up to the cap
+        c = auto_prefill_chunk(n, 4)
+        assert c is not None and c % 64 == 0 and 256 <= c <= 1024 and c < n
+        assert -(-n // c) >= 2 and (c == 1024 or -(-n // c) <= 4)
+
+
+def test_auto_prefill_chunk_sends_long_unpadded_prompts_in_chunks(model3, local_pipe, monkeypatch):
+    """The default ``prefill_chunk="auto"`` chunks a long prompt (lengths scaled down here: the
+    bundled model's context is short) and gives the same tokens; a padded batch goes whole."""
+    from hyperlane_lab.runtime import client
+    from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
+
+    sent: list[int] = []
+    real = ClientDataPlane.send_chunk
+
+    def counting(self, sid, step, ids, positions):
+        sent.append(ids.shape[1])
+        return real(self, sid, step, ids, positions)
+
+    monkeypatch.setattr(ClientDataPlane, "send_chunk", counting)
+    monkeypatch.setattr(client, "AUTO_CHUNK_MIN", 4)
+    monkeypatch.setattr(client, "AUTO_CHUNK_MAX", 16)
+    assert model3.prefill_chunk == "auto"
+    prompt = PROMPTS[2]
+    n = len(local_pipe.encode(prompt))
+    want = local_pipe.generate(prompt, max_tokens=8).token_ids
+    assert model3.generate(prompt, max_tokens=8).token_ids == want
+    chunk = client.auto_prefill_chunk(n, 3)
+    assert chunk is not None and sent == [chunk] * (-(-n // chunk) - 1)
+    sent.clear()
+    got = model3.generate(PROMPTS, max_tokens=8)  # rows of different lengths: padded, one frame
+    assert [r.token_ids for r in got] == [r.token_ids for r in local_pipe.generate(PROMPTS, max_tokens=8)]
+    assert sent == []
 
 
 def test_an_error_on_a_prompt_chunk_reaches_the_client(model3, monkeypatch):
