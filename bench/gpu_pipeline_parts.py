@@ -196,7 +196,9 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
     ``prefill``, where a prompt step's time goes (step 0, medians over the prompts).
 
     Per stage i: ``dispatch`` = frame fully received -> GPU starts the step (hand-off, checks,
-    staging, launch; ``queue``, inside it, is the wait for the thread that runs it), ``compute`` = GPU time, ``complete`` = GPU done -> send begins (D2H,
+    staging, launch; inside it ``queue`` is the wait for the thread that runs it and ``launch`` the
+    host's staging and enqueueing, which the GPU's start may overlap), ``compute`` = GPU time,
+    ``complete`` = GPU done -> send begins (D2H,
     completion wake-up, argmax read, header), ``send`` = socket write. Between stages, ``wire`` =
     send done -> next stage has the whole frame. ``client`` = what is left of a token's time:
     the last stage's tokens reaching the client, the client's loop and its send to stage 0.
@@ -228,6 +230,7 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
             lambda st, s, k, i=i: by[("compute", i, s, k)].start - by[("receive", i, s, k)].end,
         )
         seg(f"s{i}_queue", dur("queue", i))  # inside dispatch: waiting for the step's thread
+        seg(f"s{i}_launch", dur("launch", i))  # host staging + enqueueing (overlaps the GPU's start)
         seg(f"s{i}_compute", dur("compute", i))
         seg(
             f"s{i}_complete", lambda st, s, k, i=i: by[("send", i, s, k)].start - by[("compute", i, s, k)].end
@@ -242,7 +245,7 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
                 lambda st, s, k, i=i: by[("receive", i + 1, s, k)].end - by[("send", i, s, k)].end,
             )
     inside = {f"s{p - 1}_sample", f"s{p - 1}_ring_send"}  # already counted in s{p-1}_complete
-    inside |= {f"s{i}_queue" for i in range(p)}  # already counted in s{i}_dispatch
+    inside |= {f"s{i}_{k}" for i in range(p) for k in ("queue", "launch")}  # counted in s{i}_dispatch
     out["client"] = token_s - sum(v for k, v in out.items() if k not in inside)
     return out
 

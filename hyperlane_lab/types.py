@@ -238,6 +238,9 @@ class EventKind(str, Enum):
     SEND = "send"
     QUEUE = "queue"  # waiting for a free engine
     SAMPLE = "sample"
+    LAUNCH = (
+        "launch"  # CUDA workers: host time from taking a step to its GPU work enqueued (staging included)
+    )
 
 
 @dataclass(frozen=True)

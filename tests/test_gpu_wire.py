@@ -225,6 +225,17 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
                 r = m.generate(p, max_tokens=16)
                 got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
             assert got == want, chunk
+        # every step (and prompt chunk) on a CUDA worker has one "launch" event (host staging and
+        # enqueueing), which begins after the step was queued
+        ev = m.trace_events()
+        queued: dict[tuple[int, str, int], float] = {}
+        for e in ev:
+            if e.kind.value == "queue":
+                key = (e.stage, e.session, e.step)
+                queued[key] = min(queued.get(key, e.start), e.start)
+        launches = [e for e in ev if e.kind.value == "launch"]
+        assert len(launches) == sum(e.kind.value == "compute" for e in ev) > 0
+        assert all(queued[(e.stage, e.session, e.step)] <= e.start <= e.end for e in launches)
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert health[0].pinned_buffers == 0  # token ids: small bodies
         assert all(h.pinned_buffers >= 1 for h in health[1:]), health

@@ -76,6 +76,7 @@ class _Pending:
     flags: int = 0  # the frame's flags, passed on to the next stage
     wire: Any = None  # the graph's WireIO (mode "wire")
     t_run: float = 0.0  # host clock when the step began on its thread (the "queue" event ends here)
+    t_launched: float = 0.0  # host clock when its GPU work was enqueued (the "launch" event ends here)
 
 
 @dataclass
@@ -203,6 +204,7 @@ class GpuStepper:
                 frame.body.release()
                 released = True
                 io.end.record(compute)
+                t_launched = time.perf_counter()
             wio, out, host = g.wire, g.out, g.wire.out_host
             if eng.is_last:
                 assert sess.sampler is not None
@@ -215,7 +217,7 @@ class GpuStepper:
         sess.steps += 1
         self._enqueue(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
-                     None, mode, h.flags, wio, t_run)
+                     None, mode, h.flags, wio, t_run, t_launched)
         )  # fmt: skip
 
     def _step_error(self, frame: Frame, released: bool, sess: Any, e: Exception) -> None:
@@ -271,6 +273,7 @@ class GpuStepper:
                     mode = "hidden" if w.out.codec in ("raw", "none") else "codec"
                 end = io.end if io is not None else torch.cuda.Event(enable_timing=True)
                 end.record(compute)
+                t_launched = time.perf_counter()
                 if mode in ("hidden", "greedy"):
                     if io is not None:
                         host, done = self._to_host_reused(io, mode, out, end)
@@ -297,6 +300,7 @@ class GpuStepper:
                 mode,
                 h.flags,
                 t_run=t_run,
+                t_launched=t_launched,
             )
         )
 
@@ -350,6 +354,8 @@ class GpuStepper:
             # start to the GPU's start the host stages inputs and launches
             q_end = min(p.t_run, t_start) if p.t_run else t_start
             w.trace.add("queue", p.queued_at, max(p.queued_at, q_end), p.sid, p.step)
+            if p.t_run and p.t_launched:  # host staging and enqueueing (the GPU may start during it)
+                w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
             w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
 
     def _ship(self, p: _Pending, t_end: float) -> None:

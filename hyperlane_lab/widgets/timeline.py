@@ -27,6 +27,7 @@ KIND_COLORS: dict[str, str] = {
     EventKind.DECODE.value: "#edc948",
     EventKind.SAMPLE.value: "#e15759",
     EventKind.QUEUE.value: "#bab0ac",
+    EventKind.LAUNCH.value: "#9c755f",
 }
 SIMULATED = "simulated"
 StepSel = int | tuple[int, int] | None
