@@ -69,6 +69,57 @@ def forward_times(stage: TorchStage, ids: torch.Tensor, reps: int) -> dict[str, 
     return {"host_enqueue_s": med(host), "gpu_window_s": med(gpu), "wall_s": med(wall), "back_to_back_s": b2b}
 
 
+def prompt_host_split(stage: TorchStage, n: int, reps: int) -> dict[str, float]:
+    """Host time of each piece of a prompt-graph step (``PromptGraphs.run``) for a hidden-state
+    input already on the device (as a worker stages it), the GPU drained between pieces: copy
+    into the graph's input, replay, the K/V copy into the session cache, the output clone; and
+    a worker's staging of the input (``CudaStager.to_device`` from pinned memory), and the whole
+    ``forward``."""
+    x = torch.randn(1, n, stage.spec.hidden_size, dtype=stage.dtype, device=stage.device)
+    if stage.is_first:
+        x = torch.randint(3, stage.spec.vocab_size, (1, n), device=stage.device)
+    sid = uuid.uuid4().hex
+    stage.open_session(sid, 1, n + 1)
+    stage.forward(sid, x, torch.arange(n)[None])  # captures the bucket's graph
+    with torch.inference_mode():
+        return _host_split(stage, sid, x, n, reps)
+
+
+def _host_split(stage: TorchStage, sid: str, x: torch.Tensor, n: int, reps: int) -> dict[str, float]:
+    from hyperlane_lab.models.prompt_graphs import prompt_bucket
+    from hyperlane_lab.runtime.wire import CudaStager
+
+    pg = stage.graph_decoder().prompt_graphs()
+    bucket = prompt_bucket(n, pg.max_tokens)
+    g = pg._graphs[(1, bucket, 0)]
+    k, v = pg._scratch[1]
+    cache = stage.session(sid)
+    parts: dict[str, list[float]] = {
+        name: [] for name in ("input_copy", "replay", "kv_copy", "clone", "stage_in", "forward")
+    }
+    stager = CudaStager(stage.device)
+    host_x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    pos = torch.arange(n)[None]
+
+    def timed(name: str, fn: Any) -> None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        parts[name].append(time.perf_counter() - t0)
+
+    for _ in range(reps + 1):
+        timed("input_copy", lambda: g.x_in[:, :n].copy_(x))
+        timed("replay", g.graph.replay)
+        timed("kv_copy", lambda: torch._foreach_copy_(
+            [t[:, :, :n] for t in (*cache.k, *cache.v)], [t[:, :, :n] for t in (*k, *v)]))  # fmt: skip
+        timed("clone", lambda: g.out[:, :n].clone())
+        timed("stage_in", lambda: stager.to_device(host_x))
+        timed("forward", lambda: stage.forward(sid, x, pos))
+    torch.cuda.synchronize()
+    stage.close_session(sid)
+    return {f"{name}_host_s": statistics.median(ts[1:]) for name, ts in parts.items()}
+
+
 def explain_layer(stage: TorchStage, n: int) -> dict[str, Any]:
     """torch._dynamo.explain of one prompt layer on this device: graphs and graph-break reasons."""
     import torch._dynamo as dyn
@@ -140,6 +191,8 @@ def main() -> int:
         for n in [int(s) for s in args.lengths.split(",")]:
             ids = torch.randint(3, spec.vocab_size, (1, n), generator=g)
             res[str(n)][name] = forward_times(st, ids, args.reps)
+            if n <= st.graph_decoder().prompt_graphs().max_tokens:
+                res[str(n)][name]["host_split"] = prompt_host_split(st, n, args.reps)
             print(n, name, json.dumps(res[str(n)][name]), flush=True)
         del st
         torch.cuda.empty_cache()
