@@ -368,10 +368,9 @@ def test_server_side_token_loop_equals_client_loop(model3, local_pipe, monkeypat
     assert "eos" in reasons and "length" in reasons
 
 
-def test_chunked_prompt_equals_the_whole_prompt(model3, local_pipe, monkeypatch):
-    """``prefill_chunk``: the prompt goes down the pipeline in chunks (FLAG_MORE frames, no reply),
-    each row's last token in the last chunk; the tokens equal the in-process pipeline's, with the
-    workers' token loop and with the client relaying; no TOKENS frame answers a chunk."""
+@pytest.fixture
+def sent_chunks(monkeypatch) -> list[int]:
+    """Widths of the leading prompt chunks the client sends (``ClientDataPlane.send_chunk``)."""
     from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
 
     sent: list[int] = []
@@ -382,6 +381,14 @@ def test_chunked_prompt_equals_the_whole_prompt(model3, local_pipe, monkeypatch)
         return real(self, sid, step, ids, positions)
 
     monkeypatch.setattr(ClientDataPlane, "send_chunk", counting)
+    return sent
+
+
+def test_chunked_prompt_equals_the_whole_prompt(model3, local_pipe, sent_chunks):
+    """``prefill_chunk``: the prompt goes down the pipeline in chunks (FLAG_MORE frames, no reply),
+    each row's last token in the last chunk; the tokens equal the in-process pipeline's, with the
+    workers' token loop and with the client relaying; no TOKENS frame answers a chunk."""
+    sent = sent_chunks
     widest = max(len(local_pipe.encode(p)) for p in PROMPTS)
     want = [r.token_ids for r in local_pipe.generate(PROMPTS, max_tokens=12)]
     try:
@@ -421,20 +428,14 @@ def test_auto_prefill_chunk_rule():
         assert -(-n // c) >= 2 and (c == 1024 or -(-n // c) <= 4)
 
 
-def test_auto_prefill_chunk_sends_long_unpadded_prompts_in_chunks(model3, local_pipe, monkeypatch):
+def test_auto_prefill_chunk_sends_long_unpadded_prompts_in_chunks(
+    model3, local_pipe, sent_chunks, monkeypatch
+):
     """The default ``prefill_chunk="auto"`` chunks a long prompt (lengths scaled down here: the
     bundled model's context is short) and gives the same tokens; a padded batch goes whole."""
     from hyperlane_lab.runtime import client
-    from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
 
-    sent: list[int] = []
-    real = ClientDataPlane.send_chunk
-
-    def counting(self, sid, step, ids, positions):
-        sent.append(ids.shape[1])
-        return real(self, sid, step, ids, positions)
-
-    monkeypatch.setattr(ClientDataPlane, "send_chunk", counting)
+    sent = sent_chunks
     monkeypatch.setattr(client, "AUTO_CHUNK_MIN", 4)
     monkeypatch.setattr(client, "AUTO_CHUNK_MAX", 16)
     assert model3.prefill_chunk == "auto"
