@@ -112,7 +112,7 @@ def _host_split(stage: TorchStage, sid: str, x: torch.Tensor, n: int, reps: int)
         timed("replay", g.graph.replay)
         timed("kv_copy", lambda: torch._foreach_copy_(
             [t[:, :, :n] for t in (*cache.k, *cache.v)], [t[:, :, :n] for t in (*k, *v)]))  # fmt: skip
-        timed("clone", lambda: g.out[:, :n].clone())
+        timed("clone", lambda: g.out.clone() if stage.is_last else g.out[:, :n].clone())
         timed("stage_in", lambda: stager.to_device(host_x))
         timed("forward", lambda: stage.forward(sid, x, pos))
     torch.cuda.synchronize()

@@ -228,14 +228,16 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         # every step (and prompt chunk) on a CUDA worker has one "launch" event (host staging and
         # enqueueing), which begins after the step was queued
         ev = m.trace_events()
-        queued: dict[tuple[int, str, int], float] = {}
-        for e in ev:
-            if e.kind.value == "queue":
-                key = (e.stage, e.session, e.step)
-                queued[key] = min(queued.get(key, e.start), e.start)
+        by: dict[tuple[str, int, str, int], list] = {}
+        for e in sorted(ev, key=lambda e: e.start):
+            by.setdefault((e.kind.value, e.stage, e.session, e.step), []).append(e)
         launches = [e for e in ev if e.kind.value == "launch"]
         assert len(launches) == sum(e.kind.value == "compute" for e in ev) > 0
-        assert all(queued[(e.stage, e.session, e.step)] <= e.start <= e.end for e in launches)
+        for (kind, *key), es in by.items():
+            if kind == "launch":  # the k-th launch of a (stage, session, step) follows its k-th queue
+                queues = by[("queue", *key)]
+                assert len(queues) == len(es)
+                assert all(q.end <= e.start <= e.end for q, e in zip(queues, es))
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert health[0].pinned_buffers == 0  # token ids: small bodies
         assert all(h.pinned_buffers >= 1 for h in health[1:]), health

@@ -213,16 +213,18 @@ def _chunks(ids: torch.Tensor, sizes: list[int], start: int = 0) -> list[tuple[t
 @gpu
 @pytest.mark.parametrize("spec", [SPEC, TG_SPEC], ids=["llama", "qwen2-window"])
 def test_chunked_prompt_graphs_match_eager_and_float64(spec):
-    """A prompt sent in chunks (as a pipeline's ``prefill_chunk`` sends it): every chunk replays a
-    graph per (batch, bucket, start), attending to the keys of the chunks before it, and each
-    chunk's output, the whole cache and the decode steps after it equal the eager path and
-    float64, also with sliding-window layers (the mask's window) and batch 2."""
+    """A prompt sent in chunks (as a pipeline's ``prefill_chunk`` sends it): every chunk that
+    starts at a multiple of 64 replays a graph per (batch, bucket, start), attending to the keys
+    of the chunks before it, others run eagerly, and each chunk's output, the whole cache and the
+    decode steps after it equal the eager path and float64, also with sliding-window layers (the
+    mask's window) and batch 2."""
     fast = _stages(spec, [1], torch.float16, "cuda")
     slow = _stages(spec, [1], torch.float16, "cuda")
     for st in slow:
         st.cuda_graphs = False
     ref64 = _cpu64(fast)
-    for b, sizes in [(1, [16, 16, 9]), (2, [64, 36]), (1, [20, 70, 30])]:
+    # chunk starts 0, 64, 128; 0, 64; and 0, 16, 32 (not multiples of 64: eager after the first)
+    for b, sizes in [(1, [64, 64, 9]), (2, [64, 36]), (1, [16, 16, 9])]:
         total = sum(sizes)
         ids = torch.randint(0, spec.vocab_size, (b, total), generator=torch.Generator().manual_seed(total))
         steps = _chunks(ids, sizes)
@@ -242,10 +244,10 @@ def test_chunked_prompt_graphs_match_eager_and_float64(spec):
             )
     for st in fast:
         pg = st.graph_decoder().prompt_graphs()
-        assert pg.broken == "" and pg.replays == 8  # every chunk from a graph
+        assert pg.broken == "" and pg.replays == 6  # every chunk at a multiple of 64 from a graph
         # one session at a time: the scratch holds the keys before each chunk, except after it
-        # grew (64 -> 128 slots for the second case's second chunk, 64 -> 256 for the third's)
-        assert pg.prefix_copies == 2
+        # grew (batch 1: 64 -> 128 -> 256 slots; batch 2: 64 -> 128)
+        assert pg.prefix_copies == 3
 
 
 @gpu
@@ -258,15 +260,15 @@ def test_chunk_graphs_refresh_the_scratch_when_another_step_came_between():
     slow = _stages(SPEC, [1], torch.float16, "cuda")
     for st in slow:
         st.cuda_graphs = False
-    ids_a, ids_b = _ids(1, 48, seed=1), _ids(1, 48, seed=2)
-    ca, cb = _chunks(ids_a, [16, 16, 16]), _chunks(ids_b, [16, 16, 16])
+    ids_a, ids_b = _ids(1, 192, seed=1), _ids(1, 192, seed=2)
+    ca, cb = _chunks(ids_a, [64, 64, 64]), _chunks(ids_b, [64, 64, 64])
     rewind = [ca[0], (ids_a[:, 5:6], torch.tensor([[3]])), *ca[1:]]  # slot 3 rewritten, then on
 
     def interleaved(stages: list[TorchStage]) -> list[torch.Tensor]:
         sids = [uuid.uuid4().hex for _ in range(2)]
         for st in stages:
             for sid in sids:
-                st.open_session(sid, 1, 52)
+                st.open_session(sid, 1, 200)
         outs = []
         for sid, (x, pos) in [(sids[i % 2], (ca, cb)[i % 2][i // 2]) for i in range(6)]:
             for st in stages:
@@ -280,12 +282,28 @@ def test_chunk_graphs_refresh_the_scratch_when_another_step_came_between():
     for got, ref in zip(interleaved(fast), interleaved(slow)):
         assert _rel(got, ref) < 2e-2
     copies = [st.graph_decoder().prompt_graphs().prefix_copies for st in fast]
-    assert copies == [4, 4]  # the second and third chunk of each session
-    got, _ = _run_steps(fast, rewind, 1, 52)
-    ref, _ = _run_steps(slow, rewind, 1, 52)
+    assert copies == [4, 4]  # the second and third chunk of each session (the scratch grew twice, too)
+    got, _ = _run_steps(fast, rewind, 1, 200)
+    ref, _ = _run_steps(slow, rewind, 1, 200)
     for g, r in zip(got, ref):
         assert _rel(g, r) < 2e-2
     assert [st.graph_decoder().prompt_graphs().prefix_copies for st in fast] == [5, 5]  # after the rewind
+
+
+@gpu
+def test_prompt_graphs_keep_the_most_recently_used(monkeypatch):
+    """Beyond ``MAX_GRAPHS`` the least recently used graph goes; results stay the eager path's."""
+    monkeypatch.setattr("hyperlane_lab.models.prompt_graphs.MAX_GRAPHS", 2)
+    fast = _stages(SPEC, [1], torch.float16, "cuda")
+    slow = _stages(SPEC, [1], torch.float16, "cuda")
+    for st in slow:
+        st.cuda_graphs = False
+    for s in (5, 20, 40, 5):  # buckets 16, 32, 64, 16
+        got, _ = _prompt_then_decode(fast, _ids(1, s, seed=s), steps=0, max_len=s + 4)
+        ref, _ = _prompt_then_decode(slow, _ids(1, s, seed=s), steps=0, max_len=s + 4)
+        assert _rel(got[0], ref[0]) < 2e-2, f"prompt of {s}"
+    pg = fast[0].graph_decoder().prompt_graphs()
+    assert list(pg._graphs) == [(1, 64, 0), (1, 16, 0)] and pg.captures == 4 and pg.replays == 4
 
 
 @gpu

@@ -436,15 +436,16 @@ def test_auto_prefill_chunk_sends_long_unpadded_prompts_in_chunks(
     from hyperlane_lab.runtime import client
 
     sent = sent_chunks
-    monkeypatch.setattr(client, "AUTO_CHUNK_MIN", 4)
-    monkeypatch.setattr(client, "AUTO_CHUNK_MAX", 16)
+    for name, value in (("AUTO_CHUNK_MIN", 4), ("AUTO_CHUNK_MAX", 16), ("AUTO_CHUNK_ALIGN", 2)):
+        monkeypatch.setattr(client, name, value)
     assert model3.prefill_chunk == "auto"
     prompt = PROMPTS[2]
     n = len(local_pipe.encode(prompt))
     want = local_pipe.generate(prompt, max_tokens=8).token_ids
     assert model3.generate(prompt, max_tokens=8).token_ids == want
     chunk = client.auto_prefill_chunk(n, 3)
-    assert chunk is not None and sent == [chunk] * (-(-n // chunk) - 1)
+    assert chunk is not None and chunk < n  # so the prompt went in chunks
+    assert len(sent) >= 2 and sent == [chunk] * (-(-n // chunk) - 1)
     sent.clear()
     got = model3.generate(PROMPTS, max_tokens=8)  # rows of different lengths: padded, one frame
     assert [r.token_ids for r in got] == [r.token_ids for r in local_pipe.generate(PROMPTS, max_tokens=8)]

@@ -8,7 +8,9 @@ each chunk of a prompt sent in chunks down a pipeline (``AutoDistributedModel.pr
 
 Scope: prompt steps whose rows all hold the same consecutive positions ``start .. start+S-1``
 (``TorchStage._prompt_start``) with 2 <= S <= ``max_tokens`` (``HYPERLANE_PROMPT_GRAPHS``, default
-1024; 0 turns prompt graphs off) and ``start + bucket <= max_context`` (4 x ``max_tokens``). A
+1024; 0 turns prompt graphs off), ``start`` a multiple of 64 (chunk boundaries; a chat turn at
+any position would capture a graph used once) and ``start + bucket <= max_context`` (4 x
+``max_tokens``); at most ``MAX_GRAPHS`` graphs are kept (least recently used dropped). A
 fresh prompt (``start == 0``) that no sliding window cuts into uses plain causal attention over
 the new tokens (flash kernels); a later chunk (``start > 0``), or a window cutting in, attends
 through the eager path's mask (``layers.attention_mask``). Padded prompts, longer prompts and
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 1024
 CONTEXT_FACTOR = 4  # a chunk's graph applies while start + bucket <= CONTEXT_FACTOR * max_tokens
+START_ALIGN = 64  # a later chunk's graph only where start is a multiple (chunk boundaries, not chat turns)
+MAX_GRAPHS = 48  # per stage; beyond it the least recently used graph is dropped
 
 
 def prompt_graph_max_tokens() -> int:
@@ -101,7 +106,7 @@ class PromptGraphs:
         self.dec = decoder
         self.stage = decoder.stage
         self.max_tokens = prompt_graph_max_tokens() if max_tokens is None else max_tokens
-        self._graphs: dict[tuple[int, int, int], _PromptGraph] = {}
+        self._graphs: OrderedDict[tuple[int, int, int], _PromptGraph] = OrderedDict()  # LRU order
         self._scratch: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # per batch
         # per batch: the cache whose keys the scratch holds, its ``writes`` then, and how many
         self._holds: dict[int, tuple[weakref.ref[SessionCache], int, int]] = {}
@@ -141,10 +146,10 @@ class PromptGraphs:
         ids [B, S] (first stage; device ids work too) or hidden [B, S, H] in the stage's dtype.
         Called from ``TorchStage.forward`` after its checks (which count the step in ``writes``)."""
         bucket = prompt_bucket(seq, self.max_tokens)
-        if bucket is None or self.broken or start + bucket > self.max_context:
+        if bucket is None or self.broken or start % START_ALIGN or start + bucket > self.max_context:
             return None
-        batch = x.shape[0]
-        g = self._graphs.get((batch, bucket, start))
+        batch, key = x.shape[0], (x.shape[0], bucket, start)
+        g = self._graphs.get(key)
         if g is None:
             try:
                 g = self._capture(batch, bucket, start)
@@ -153,11 +158,15 @@ class PromptGraphs:
                 log.warning("stage %s: prompt graph capture failed (%s); prompts run eagerly",
                             self.stage.span, self.broken)  # fmt: skip
                 return None
-            self._graphs[(batch, bucket, start)] = g
+            self._graphs[key] = g
+            if len(self._graphs) > MAX_GRAPHS:  # drop the least recently used (after its replays)
+                torch.cuda.current_stream(self.stage.device).synchronize()
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
         st = self.stage
         k, v = self._scratch[batch]
         with torch.cuda.device(st.device):
-            held = self._holds.get(batch)
+            held = self._holds.pop(batch, None)  # set again only once this replay's K/V are in place
             if start and not (held and held[0]() is cache and held[1:] == (cache.writes - 1, start)):
                 # the keys before this chunk are not (all) in the scratch: copy them in
                 torch._foreach_copy_([t[:, :, :start] for t in (*k, *v)],

@@ -38,7 +38,8 @@ def right_align(ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tenso
     return ids.gather(1, order), positions.gather(1, order)
 
 
-AUTO_CHUNK_MIN, AUTO_CHUNK_MAX = 256, 1024
+_KINDS = frozenset(k.value for k in EventKind)
+AUTO_CHUNK_MIN, AUTO_CHUNK_MAX, AUTO_CHUNK_ALIGN = 256, 1024, 64  # chunk starts on prompt graphs' grid
 
 
 def auto_prefill_chunk(prompt_tokens: int, n_stages: int) -> int | None:
@@ -52,7 +53,7 @@ def auto_prefill_chunk(prompt_tokens: int, n_stages: int) -> int | None:
     if n_stages < 2 or prompt_tokens < 2 * AUTO_CHUNK_MIN:
         return None
     quarter = -(-prompt_tokens // 4)
-    return min(AUTO_CHUNK_MAX, max(AUTO_CHUNK_MIN, -(-quarter // 64) * 64))
+    return min(AUTO_CHUNK_MAX, max(AUTO_CHUNK_MIN, -(-quarter // AUTO_CHUNK_ALIGN) * AUTO_CHUNK_ALIGN))
 
 
 @dataclass
@@ -312,6 +313,8 @@ class AutoDistributedModel(TextGenerator):
                 reply = c.call("GetTrace", pb.GetTraceRequest(since_seq=self._trace_cursor[i], clear=clear))
                 self._trace_cursor[i] = reply.next_seq
                 for r in reply.events:
+                    if r.kind not in _KINDS:  # a newer worker's kind: skipped, not an error
+                        continue
                     events.append(
                         TraceEvent(
                             stage=i,
