@@ -217,7 +217,7 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         ) as m,
     ):
         eos = m.spec.eos_token_ids[0]
-        for chunk in (None, 48):  # whole prompts, then in chunks (a chunk's graph reads the keys before it)
+        for chunk in (None, 64):  # whole prompts, then in chunks (a chunk's graph reads the keys before it)
             m.prefill_chunk = chunk
             got = []
             for p in prompts:
