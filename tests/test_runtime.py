@@ -235,10 +235,14 @@ def test_cli_run_with_workers(capsys, hf_greedy):
 
     from hyperlane_lab.cli.main import main
 
-    assert main(["run", "--workers", "2", "--max-tokens", "10", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["token_ids"] == hf_greedy("Once upon a time", 10)
-    assert [s["span"] for s in out["stages"]] == [[0, 3], [3, 5]]
+    for extra in ([], ["--prefill-chunk", "2"]):  # the prompt in one frame (short: auto), in chunks of 2
+        assert main(["run", "--workers", "2", "--max-tokens", "10", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["token_ids"] == hf_greedy("Once upon a time", 10), extra
+        assert [s["span"] for s in out["stages"]] == [[0, 3], [3, 5]]
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--workers", "2", "--prefill-chunk", "1"])
+    assert e.value.code == 2 and "use auto, none, or an int >= 2" in capsys.readouterr().err
 
 
 def test_link_probe(model3):

@@ -12,7 +12,7 @@ from hyperlane_lab.cli.common import (
     result_json,
 )
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "prefill_chunk_arg", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,9 +25,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--workers", default=None, help="host:port,... of running workers, or N to start N locally"
     )
     p.add_argument("--partitioner", default="uniform", help="how to split layers over workers")
+    p.add_argument(
+        "--prefill-chunk",
+        type=prefill_chunk_arg,
+        default="auto",
+        help="with --workers: prompt tokens per frame down the pipeline: auto (default), none (the whole "
+        "prompt in one frame) or an int >= 2",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_generation_args(p)
     p.set_defaults(func=run)
+
+
+def prefill_chunk_arg(text: str) -> int | str | None:
+    """``--prefill-chunk``: "auto", "none" or an int >= 2 (``AutoDistributedModel.prefill_chunk``)."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        n = int(low)
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a chunk size: use auto, none, or an int >= 2 (prompt tokens per frame)"
+        )
+    return n
 
 
 def run(args: argparse.Namespace) -> int:

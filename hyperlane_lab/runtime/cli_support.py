@@ -38,6 +38,7 @@ def run_distributed(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]
             compression=getattr(args, "compression", "raw") or "raw",
         ) as model,
     ):
+        model.prefill_chunk = getattr(args, "prefill_chunk", "auto")
         result = model.generate(args.prompt, **generation_kwargs(args))
         return result, model.stage_table()
 
