@@ -454,6 +454,10 @@ def table(res: dict[str, Any]) -> str:
 
 
 PART_RE = r"1gpu|hf|(split\d+|70b\d*)(@\w+)?"
+PARTS_VALID = (
+    "valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8), each split or 70b part optionally "
+    "@NAME of a --worker-variant"
+)
 
 
 def main() -> int:
@@ -537,15 +541,11 @@ def main() -> int:
             if m.group(2):
                 return parts.part_split(args, res, int(m.group(2)), name, flags)
             return parts.part_70b(args, res, int(m.group(3) or 4), name, flags)
-        raise ValueError(
-            f"unknown part {name!r}; valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8), "
-            "each split or 70b part optionally @NAME of a --worker-variant"
-        )
+        raise ValueError(f"unknown part {name!r}; {PARTS_VALID}")
 
     bad = [n for n in args.parts.split(",") if not re.fullmatch(PART_RE, n)]
     if bad:
-        raise SystemExit(f"unknown part(s) {bad}; valid: 1gpu, hf, splitN, 70b, 70bN, each split or 70b "
-                         "part optionally @NAME of a --worker-variant")  # fmt: skip
+        raise SystemExit(f"unknown part(s) {bad}; {PARTS_VALID}")
     try:  # every @NAME must name a --worker-variant: fail now, not hours into a run
         for n in args.parts.split(","):
             parts.worker_flags(args, n.partition("@")[2] or None)

@@ -238,9 +238,7 @@ class EventKind(str, Enum):
     SEND = "send"
     QUEUE = "queue"  # waiting for a free engine
     SAMPLE = "sample"
-    LAUNCH = (
-        "launch"  # CUDA workers: host time from taking a step to its GPU work enqueued (staging included)
-    )
+    LAUNCH = "launch"  # CUDA workers: host staging and enqueueing of a step
 
 
 @dataclass(frozen=True)

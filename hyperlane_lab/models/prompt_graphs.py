@@ -89,6 +89,11 @@ def scratch_len(need: int, max_context: int) -> int:
     return max(need, min(cap, max(64, 1 << (need - 1).bit_length())))
 
 
+def _copy_slots(dst: list[torch.Tensor], src: list[torch.Tensor], a: int, b: int) -> None:
+    """Cache slots ``a..b-1`` of every K/V tensor [B, Hkv, L, D] from ``src`` into ``dst`` (stream order)."""
+    torch._foreach_copy_([t[:, :, a:b] for t in dst], [t[:, :, a:b] for t in src])
+
+
 @dataclass
 class _PromptGraph:
     graph: torch.cuda.CUDAGraph
@@ -169,8 +174,7 @@ class PromptGraphs:
             held = self._holds.pop(batch, None)  # set again only once this replay's K/V are in place
             if start and not (held and held[0]() is cache and held[1:] == (cache.writes - 1, start)):
                 # the keys before this chunk are not (all) in the scratch: copy them in
-                torch._foreach_copy_([t[:, :, :start] for t in (*k, *v)],
-                                     [t[:, :, :start] for t in (*cache.k, *cache.v)])  # fmt: skip
+                _copy_slots([*k, *v], [*cache.k, *cache.v], 0, start)
                 self.prefix_copies += 1
             # padding: zeros (id 0 is valid; zero rows, not the previous prompt's, stay finite
             # whatever came before); the padding's outputs are never read
@@ -187,8 +191,7 @@ class PromptGraphs:
                 g.last.fill_(seq - 1)
             g.graph.replay()
             end = start + seq
-            torch._foreach_copy_([t[:, :, start:end] for t in (*cache.k, *cache.v)],
-                                 [t[:, :, start:end] for t in (*k, *v)])  # fmt: skip
+            _copy_slots([*cache.k, *cache.v], [*k, *v], start, end)
             out = g.out.clone() if st.is_last else g.out[:, :seq].clone()
         self._holds[batch] = (weakref.ref(cache), cache.writes, end)
         self.replays += 1

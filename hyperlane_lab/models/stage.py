@@ -133,13 +133,13 @@ class TorchStage(StageSessions):
         graphs = self.graph_decoder()
         if graphs is not None and seq == 1 and not all_logits:
             return graphs.step(cache, x, positions)  # type: ignore[no-any-return]
-        start = self._prompt_start(positions) if graphs is not None and not all_logits else None
-        if start is not None:  # a prompt or a chunk of one: its bucket's graph
+        start = self._prompt_start(positions) if self.device.type == "cuda" else None
+        if start is not None and graphs is not None and not all_logits:  # its bucket's graph
             xin = x if self.is_first else x.to(device=self.device, dtype=self.dtype)
             out = graphs.prompt_step(cache, xin, seq, start)
             if out is not None:
                 return out  # type: ignore[no-any-return]
-        causal = self.device.type == "cuda" and self._fresh_prompt(positions)
+        causal = start == 0 and self._no_window_cuts(seq)
         positions = positions.to(self.device)
         valid = positions >= 0
         write_idx = torch.where(valid, positions, torch.full_like(positions, cache.max_len))
@@ -199,11 +199,11 @@ class TorchStage(StageSessions):
     def _fresh_prompt(self, positions: torch.Tensor) -> bool:
         """True when every row holds positions 0..S-1 (no padding, empty cache before them) and no
         layer's window cuts into them: plain causal attention over the new tokens is then exact."""
-        if self._prompt_start(positions) != 0:
-            return False
-        seq = positions.shape[1]
-        windows = [self.spec.layer_window(i) for i in self.span.layers()]
-        return all(w is None or w >= seq for w in windows)
+        return self._prompt_start(positions) == 0 and self._no_window_cuts(positions.shape[1])
+
+    def _no_window_cuts(self, seq: int) -> bool:
+        """No layer's sliding window is shorter than ``seq`` new tokens."""
+        return all(w is None or w >= seq for w in map(self.spec.layer_window, self.span.layers()))
 
     # ------------------------------------------------------------------ construction
 

@@ -352,10 +352,9 @@ class GpuStepper:
         finally:
             # queue: waiting for the thread that runs the step (as on the CPU path); from its
             # start to the GPU's start the host stages inputs and launches
-            q_end = min(p.t_run, t_start) if p.t_run else t_start
-            w.trace.add("queue", p.queued_at, max(p.queued_at, q_end), p.sid, p.step)
-            if p.t_run and p.t_launched:  # host staging and enqueueing (the GPU may start during it)
-                w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
+            w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)
+            # host staging and enqueueing (the GPU may start during it)
+            w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
             w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
 
     def _ship(self, p: _Pending, t_end: float) -> None:
