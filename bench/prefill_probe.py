@@ -87,12 +87,13 @@ def prompt_host_split(stage: TorchStage, n: int, reps: int) -> dict[str, float]:
 
 def _host_split(stage: TorchStage, sid: str, x: torch.Tensor, n: int, reps: int) -> dict[str, float]:
     from hyperlane_lab.models.prompt_graphs import prompt_bucket
+    from hyperlane_lab.models.sessions import copy_slots
     from hyperlane_lab.runtime.wire import CudaStager
 
     pg = stage.graph_decoder().prompt_graphs()
     bucket = prompt_bucket(n, pg.max_tokens)
     g = pg._graphs[(1, bucket, 0)]
-    k, v = pg._scratch[1]
+    scratch = pg._scratch[1]
     cache = stage.session(sid)
     parts: dict[str, list[float]] = {
         name: [] for name in ("input_copy", "replay", "kv_copy", "clone", "stage_in", "forward")
@@ -110,8 +111,7 @@ def _host_split(stage: TorchStage, sid: str, x: torch.Tensor, n: int, reps: int)
     for _ in range(reps + 1):
         timed("input_copy", lambda: g.x_in[:, :n].copy_(x))
         timed("replay", g.graph.replay)
-        timed("kv_copy", lambda: torch._foreach_copy_(
-            [t[:, :, :n] for t in (*cache.k, *cache.v)], [t[:, :, :n] for t in (*k, *v)]))  # fmt: skip
+        timed("kv_copy", lambda: copy_slots(cache, scratch, 0, n))
         timed("clone", lambda: g.out.clone() if stage.is_last else g.out[:, :n].clone())
         timed("stage_in", lambda: stager.to_device(host_x))
         timed("forward", lambda: stage.forward(sid, x, pos))

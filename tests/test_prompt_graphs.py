@@ -16,6 +16,7 @@ import torch
 
 from hyperlane_lab.models import ModelSpec, TorchStage
 from hyperlane_lab.models.prompt_graphs import prompt_bucket, prompt_graph_max_tokens, scratch_len
+from hyperlane_lab.models.sessions import SessionCache, copy_slots
 from tests.test_gpu import SPEC as TG_SPEC
 from tests.test_gpu import _cpu64, _rel, _stages
 
@@ -65,6 +66,43 @@ def test_max_tokens_setting(monkeypatch):
     monkeypatch.setenv("HYPERLANE_PROMPT_GRAPHS", "-5")
     with pytest.raises(ValueError, match=">= 0"):
         prompt_graph_max_tokens()
+
+
+def _filled(cache: SessionCache, seed: int) -> SessionCache:
+    g = torch.Generator().manual_seed(seed)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    return cache
+
+
+@pytest.mark.parametrize("backed", [(True, True), (True, False), (False, True)])
+def test_copy_slots_moves_exactly_the_slots_asked_for(backed):
+    """One copy over the backing tensor (both caches from ``zeros``) or one per layer tensor: slots
+    a..b-1 of every layer's K and V, nothing else, between caches of different lengths."""
+    spec = TG_SPEC
+
+    def make(max_len: int, with_kv: bool, seed: int) -> SessionCache:
+        c = SessionCache.zeros(2, max_len, 3, spec, torch.float32, torch.device("cpu"))
+        if not with_kv:  # separate tensors, as an engine that builds its own cache would
+            c = SessionCache(2, max_len, [t.clone() for t in c.k], [t.clone() for t in c.v])
+        return _filled(c, seed)
+
+    dst, src = make(40, backed[0], 1), make(24, backed[1], 2)
+    before = [t.clone() for t in (*dst.k, *dst.v)]
+    copy_slots(dst, src, 5, 17)
+    for d, s, old in zip((*dst.k, *dst.v), (*src.k, *src.v), before, strict=True):
+        assert torch.equal(d[:, :, 5:17], s[:, :, 5:17])
+        assert torch.equal(d[:, :, :5], old[:, :, :5]) and torch.equal(d[:, :, 17:], old[:, :, 17:])
+
+
+def test_cache_views_share_one_backing_tensor_and_zero_together():
+    c = _filled(SessionCache.zeros(1, 8, 4, TG_SPEC, torch.float16, torch.device("cpu")), 3)
+    assert c.kv is not None and c.kv.shape == (2, 4, 1, TG_SPEC.n_kv_heads, 9, TG_SPEC.head_dim)
+    assert all(t.is_contiguous() for t in (*c.k, *c.v))
+    assert torch.equal(c.kv[1, 2], c.v[2]) and c.kv[1, 2].data_ptr() == c.v[2].data_ptr()
+    assert c.nbytes() == c.kv.numel() * 2
+    c.zero_()
+    assert not any(t.any() for t in (*c.k, *c.v))
 
 
 # ---------------------------------------------------------------------- CUDA
@@ -179,7 +217,7 @@ def test_prompt_graph_scratch_grows_and_recaptures():
         assert _rel(got[0], ref[0]) < 2e-2, f"prompt of {s}"
     pg = fast[0].graph_decoder().prompt_graphs()
     assert pg.captures == 4 and pg.replays == 4  # 32, 128, 32 again (after the growth), 320
-    assert pg._scratch[1][0][0].shape[2] == 512
+    assert pg._scratch[1].k[0].shape[2] == 512
 
 
 def _run_steps(
@@ -307,7 +345,7 @@ def test_prompt_graphs_keep_the_most_recently_used(monkeypatch):
 
 
 @gpu
-def test_pinned_upload_is_done_when_to_device_returns():
+def test_pinned_upload_is_done_when_to_device_returns_or_its_event_fires():
     """``CudaStager.to_device`` of a pinned source (a GPU worker's frame body) returns only after
     the copy read it, even when the upload stream is busy: the body may be reused at once."""
     from hyperlane_lab.runtime.wire import CudaStager
@@ -322,6 +360,16 @@ def test_pinned_upload_is_done_when_to_device_returns():
     src.fill_(9)  # the pool hands the body to the next frame
     torch.cuda.synchronize()
     assert int(dev.min()) == 7 and int(dev.max()) == 7
+    # ``upload`` returns at once; work enqueued on the compute stream sees the copy, and the
+    # source is free to reuse once the event has fired (as a GPU worker's step does)
+    with torch.cuda.stream(stager.h2d_stream):
+        torch.cuda._sleep(50_000_000)
+    dev, ready = stager.upload(view)
+    assert not ready.query()  # still queued behind the sleep: the host did not wait
+    total = dev.to(torch.int64).sum()  # compute stream: ordered after the copy
+    ready.synchronize()
+    src.fill_(3)
+    assert int(total) == 9 * src.numel() and int(dev.max()) == 9
 
 
 @gpu

@@ -64,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="the process's GIL switch interval in µs (default: Python's, 5000; shorter measured "
         "slower, see bench/RESULTS.md)",
     )
+    p.add_argument(
+        "--cpus",
+        default="",
+        help="keep the worker on these CPUs: a list (0-7,16-23) or auto (a CUDA worker's share of "
+        "the CPUs near its GPU, so workers on one host never share a CPU); default: any CPU",
+    )
     p.set_defaults(func=run)
 
 
@@ -90,5 +96,6 @@ def run(args: argparse.Namespace) -> int:
         cpu_latency_us=args.cpu_latency_us,
         busy_poll_us=args.busy_poll_us,
         switch_interval_us=args.switch_interval_us,
+        cpus=args.cpus,
     )
     return run_worker(cfg)

@@ -145,14 +145,10 @@ class GraphDecoder:
         for key, c in self._pool.items():
             if c.batch == batch and c.max_len == max_len:
                 del self._pool[key]
-                for t in (*c.k, *c.v):
-                    t.zero_()
+                c.zero_()
                 return c
-        s, st = self.stage.spec, self.stage
-        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
-        k = [torch.zeros(shape, dtype=st.dtype, device=st.device) for _ in st.span.layers()]
-        v = [torch.zeros(shape, dtype=st.dtype, device=st.device) for _ in st.span.layers()]
-        return SessionCache(batch, max_len, k, v)
+        st = self.stage
+        return SessionCache.zeros(batch, max_len, len(st.span), st.spec, st.dtype, st.device)
 
     def release(self, cache: SessionCache) -> None:
         """Park a closed session's cache (and graph) for reuse; the oldest beyond pool_size is freed."""

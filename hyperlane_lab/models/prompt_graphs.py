@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hyperlane_lab.models.layers import attention_mask
+from hyperlane_lab.models.sessions import SessionCache, copy_slots
 
 if TYPE_CHECKING:
     from hyperlane_lab.models.cuda_decode import GraphDecoder
-    from hyperlane_lab.models.sessions import SessionCache
 
 __all__ = ["CONTEXT_FACTOR", "PromptGraphs", "prompt_bucket", "prompt_graph_max_tokens", "scratch_len"]
 
@@ -89,11 +89,6 @@ def scratch_len(need: int, max_context: int) -> int:
     return max(need, min(cap, max(64, 1 << (need - 1).bit_length())))
 
 
-def _copy_slots(dst: list[torch.Tensor], src: list[torch.Tensor], a: int, b: int) -> None:
-    """Cache slots ``a..b-1`` of every K/V tensor [B, Hkv, L, D] from ``src`` into ``dst`` (stream order)."""
-    torch._foreach_copy_([t[:, :, a:b] for t in dst], [t[:, :, a:b] for t in src])
-
-
 @dataclass
 class _PromptGraph:
     graph: torch.cuda.CUDAGraph
@@ -112,7 +107,7 @@ class PromptGraphs:
         self.stage = decoder.stage
         self.max_tokens = prompt_graph_max_tokens() if max_tokens is None else max_tokens
         self._graphs: OrderedDict[tuple[int, int, int], _PromptGraph] = OrderedDict()  # LRU order
-        self._scratch: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # per batch
+        self._scratch: dict[int, SessionCache] = {}  # per batch: the graphs' K/V (max_len = slots - 1)
         # per batch: the cache whose keys the scratch holds, its ``writes`` then, and how many
         self._holds: dict[int, tuple[weakref.ref[SessionCache], int, int]] = {}
         self._pool: Any = None  # one memory pool for every bucket's graph
@@ -125,11 +120,11 @@ class PromptGraphs:
     def max_context(self) -> int:
         return CONTEXT_FACTOR * self.max_tokens
 
-    def _scratch_for(self, batch: int, need: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _scratch_for(self, batch: int, need: int) -> SessionCache:
         """The batch's scratch K/V, grown to hold ``need`` tokens (``scratch_len``). Growing it
         drops the batch's graphs (they use the old one): they are captured again on use."""
         have = self._scratch.get(batch)
-        if have is None or have[0][0].shape[2] < need:
+        if have is None or have.max_len + 1 < need:
             if have is not None:  # replays of the graphs about to go may still be running
                 torch.cuda.current_stream(self.stage.device).synchronize()
             for key in [key for key in self._graphs if key[0] == batch]:
@@ -138,11 +133,11 @@ class PromptGraphs:
                 self._pool = None
             self._scratch.pop(batch, None)  # freed before the larger one is made
             self._holds.pop(batch, None)
-            st, s = self.stage, self.stage.spec
-            shape = (batch, s.n_kv_heads, scratch_len(need, self.max_context), s.head_dim)
-            kv = [[torch.zeros(shape, dtype=st.dtype, device=st.device) for _ in st.span.layers()]
-                  for _ in range(2)]  # fmt: skip
-            self._scratch[batch] = (kv[0], kv[1])
+            st = self.stage
+            slots = scratch_len(need, self.max_context)
+            self._scratch[batch] = SessionCache.zeros(
+                batch, slots - 1, len(st.span), st.spec, st.dtype, st.device
+            )
         return self._scratch[batch]
 
     def run(self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0) -> torch.Tensor | None:
@@ -169,12 +164,12 @@ class PromptGraphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         st = self.stage
-        k, v = self._scratch[batch]
+        scratch = self._scratch[batch]
         with torch.cuda.device(st.device):
             held = self._holds.pop(batch, None)  # set again only once this replay's K/V are in place
             if start and not (held and held[0]() is cache and held[1:] == (cache.writes - 1, start)):
                 # the keys before this chunk are not (all) in the scratch: copy them in
-                _copy_slots([*k, *v], [*cache.k, *cache.v], 0, start)
+                copy_slots(scratch, cache, 0, start)
                 self.prefix_copies += 1
             # padding: zeros (id 0 is valid; zero rows, not the previous prompt's, stay finite
             # whatever came before); the padding's outputs are never read
@@ -191,7 +186,7 @@ class PromptGraphs:
                 g.last.fill_(seq - 1)
             g.graph.replay()
             end = start + seq
-            _copy_slots([*cache.k, *cache.v], [*k, *v], start, end)
+            copy_slots(cache, scratch, start, end)
             out = g.out.clone() if st.is_last else g.out[:, :seq].clone()
         self._holds[batch] = (weakref.ref(cache), cache.writes, end)
         self.replays += 1
@@ -205,7 +200,8 @@ class PromptGraphs:
         else:
             x_in = torch.zeros((batch, bucket, spec.hidden_size), dtype=st.dtype, device=dev)
         last = torch.full((1,), bucket - 1, dtype=torch.int64, device=dev)
-        k, v = self._scratch_for(batch, start + bucket)
+        scratch = self._scratch_for(batch, start + bucket)
+        k, v = scratch.k, scratch.v
         pos = torch.arange(start, start + bucket, device=dev)[None].expand(batch, bucket)
         cos_t, sin_t = st._rope_for(start + bucket)
         cos, sin = cos_t[pos].to(st.dtype)[:, None], sin_t[pos].to(st.dtype)[:, None]

@@ -11,7 +11,7 @@ import torch
 from hyperlane_lab.models.config import ModelSpec
 from hyperlane_lab.types import LayerSpan
 
-__all__ = ["SessionCache", "StageSessions", "check_positions", "check_token_ids"]
+__all__ = ["SessionCache", "StageSessions", "check_positions", "check_token_ids", "copy_slots"]
 
 
 def check_token_ids(ids: Any, vocab_size: int) -> None:
@@ -44,9 +44,38 @@ class SessionCache:
         default=None, repr=False
     )  # the worker's reusable per-step events/buffers (gpu_steps)
     writes: int = 0  # steps begun on this cache (prompt graphs check their scratch copy is current)
+    # [2, layers, B, Hkv, max_len + 1, D]: one allocation whose views are ``k`` and ``v`` (from
+    # ``zeros``), so zeroing and slot copies are one kernel each instead of one per tensor
+    kv: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def zeros(
+        cls, batch: int, max_len: int, layers: int, spec: ModelSpec, dtype: torch.dtype, device: torch.device
+    ) -> SessionCache:
+        """A zeroed cache of ``layers`` layers, its K and V views of one backing tensor ``kv``."""
+        shape = (2, layers, batch, spec.n_kv_heads, max_len + 1, spec.head_dim)
+        kv = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(batch, max_len, list(kv[0].unbind(0)), list(kv[1].unbind(0)), kv=kv)
+
+    def zero_(self) -> None:
+        if self.kv is not None:
+            self.kv.zero_()
+            return
+        for t in (*self.k, *self.v):
+            t.zero_()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def copy_slots(dst: SessionCache, src: SessionCache, a: int, b: int) -> None:
+    """Cache slots ``a..b-1`` of every layer's K and V from ``src`` into ``dst`` (same layers, batch
+    and heads; any lengths >= b), in stream order: one copy when both have a backing ``kv``."""
+    if dst.kv is not None and src.kv is not None and dst.kv.shape[:4] == src.kv.shape[:4]:
+        dst.kv[:, :, :, :, a:b].copy_(src.kv[:, :, :, :, a:b])
+        return
+    d, s = [*dst.k, *dst.v], [*src.k, *src.v]
+    torch._foreach_copy_([t[:, :, a:b] for t in d], [t[:, :, a:b] for t in s])
 
 
 class StageSessions:
@@ -64,11 +93,7 @@ class StageSessions:
         self._lock = threading.Lock()
 
     def _new_cache(self, batch: int, max_len: int) -> SessionCache:
-        s = self.spec
-        shape = (batch, s.n_kv_heads, max_len + 1, s.head_dim)
-        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.span.layers()]
-        return SessionCache(batch, max_len, k, v)
+        return SessionCache.zeros(batch, max_len, len(self.span), self.spec, self.dtype, self.device)
 
     def _release(self, cache: SessionCache) -> None:
         """Called with the cache of a closed session (engines may park it for reuse)."""

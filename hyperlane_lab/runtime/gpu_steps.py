@@ -21,6 +21,7 @@ same code as the CPU path, so their results are the same as before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -235,6 +236,7 @@ class GpuStepper:
         eng, sid, step = w.engine, h.session, h.step
         sess = w.sessions.get(sid)
         released = False
+        uploaded: torch.cuda.Event | None = None
         try:
             if sess is None or eng is None:
                 raise ValueError(f"session {sid} was closed")
@@ -249,11 +251,14 @@ class GpuStepper:
             cache = eng.session(sid) if graphs is not None and h.seq == 1 else None
             io = _step_io(cache) if cache is not None else None  # reused events and pinned buffers
             with torch.cuda.device(self.device):
-                x_in = x if cache is not None else self.stager.to_device(x)
+                # the upload is not waited for here: the host enqueues the step while the DMA runs
+                x_in, uploaded = (x, None) if cache is not None else self.stager.upload(x)
                 compute = torch.cuda.current_stream(self.device)
                 start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
                 start.record(compute)
                 out = eng.forward(sid, x_in, positions)
+                if uploaded is not None:  # the frame body was read by DMA: done before it is reused
+                    uploaded.synchronize()
                 frame.body.release()  # x has been copied out (staged) by now
                 released = True
                 host = done = None
@@ -280,6 +285,9 @@ class GpuStepper:
                     else:
                         host, done = self.stager.to_host(out, end)
         except Exception as e:
+            if uploaded is not None and not released:  # the DMA may still read the frame body
+                with contextlib.suppress(Exception):
+                    uploaded.synchronize()
             self._step_error(frame, released, sess, e)
             return
         sess.steps += 1

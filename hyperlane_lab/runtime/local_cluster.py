@@ -69,7 +69,10 @@ class LocalCluster:
         startup_timeout: float = 60.0,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        cpus: str = "",
     ) -> None:
+        """``cpus``: every worker's ``--cpus`` ("auto": each CUDA worker on its own share of the
+        CPUs near its GPU; "" = any CPU)."""
         if n < 1:
             raise ValueError(f"a LocalCluster needs at least one worker, got {n}")
         self.n = n
@@ -78,6 +81,8 @@ class LocalCluster:
             raise ValueError(f"{n} workers but {len(self.devices)} devices given")
         self.host, self.advertise, self.threads = host, advertise, threads_per_worker
         self.startup_timeout, self.extra_args, self.env = startup_timeout, list(extra_args), env or {}
+        if cpus:
+            self.extra_args += ["--cpus", cpus]
         self._tmp = Path(tempfile.mkdtemp(prefix="hyperlane-cluster-"))
         self.cache_dir = Path(cache_dir) if cache_dir else self._tmp / "cache"
         self.procs: list[subprocess.Popen[bytes]] = []

@@ -150,6 +150,17 @@ def _loop_for(config: WorkerConfig) -> tuple[asyncio.AbstractEventLoop, BusyPoll
 
 
 def run_worker(config: WorkerConfig) -> int:
+    if config.cpus:
+        from hyperlane_lab.runtime.cpus import pin_process, resolve_cpus
+        from hyperlane_lab.runtime.worker_config import resolve_device
+
+        try:
+            cpus = resolve_cpus(config.cpus, str(resolve_device(config.device)))
+        except ValueError as e:
+            print(f"hyperlane worker: {e}", file=sys.stderr)
+            return 1
+        if cpus is not None:
+            pin_process(cpus)
     loop, sel = _loop_for(config)
     asyncio.set_event_loop(loop)
     try:

@@ -38,8 +38,16 @@ class WorkerConfig:
     # default (5 ms). Shorter made every split pipeline slower in bench/RESULTS.md (more forced
     # GIL hand-offs between the loop and completion threads); kept for experiments.
     switch_interval_us: int | None = None
+    # the CPUs this worker's threads run on (runtime/cpus.py): "" = any, "auto" = a CUDA worker's
+    # share of the CPUs near its GPU (several workers on one host then never share a CPU), or a
+    # list such as "0-7,16-23"
+    cpus: str = ""
 
     def __post_init__(self) -> None:
+        if self.cpus not in ("", "auto"):
+            from hyperlane_lab.runtime.cpus import parse_cpu_list
+
+            parse_cpu_list(self.cpus)  # ValueError with the expected format
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(
                 f"busy_poll_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.busy_poll_us}"
