@@ -29,7 +29,7 @@ from hyperlane_lab.codecs.base import GroupLayout
 KB, MB = 1 << 10, 1 << 20
 CUDA_SIZES = [8 * KB, 64 * KB, 512 * KB, 4 * MB, 16 * MB, 32 * MB, 64 * MB]
 CPU_SIZES = [8 * KB, 64 * KB]
-QUANT = ["int8", "int4", "int4_hadamard", "int4_outlier"]
+QUANT = ["int8", "int4", "int4_hadamard", "int4_outlier", "int4_asym", "int4_outlier_asym"]
 
 
 def _time_us(fn: Callable[[], object], device: str) -> float:
@@ -81,6 +81,16 @@ def _kernel_fns(
             (lambda: k8.dequantize(scales, q8, out, gs)),
             3 * n * gs,
         )
+    if name == "int4_asym":
+        ka = kernel_module("quant_int4_asym")
+        mins = torch.empty(n, dtype=torch.int16, device=x2d.device)
+        pa = torch.empty(n * gs // 2, dtype=torch.uint8, device=x2d.device)
+        ka.quantize(x2d, scales, mins, pa, gs)
+        return (
+            (lambda: ka.quantize(x2d, scales, mins, pa, gs)),
+            (lambda: ka.dequantize(scales, mins, pa, out, gs)),
+            4 * n + n * gs // 2,
+        )
     k4 = kernel_module("quant_int4")
     had = name == "int4_hadamard"
     p = torch.empty(n * gs // 2, dtype=torch.uint8, device=x2d.device)
@@ -108,7 +118,7 @@ def _bench_codec(name: str, x: torch.Tensor, gs: int, device: str, copy_gbps: fl
             lambda: c.encode(x, backend="triton", check_finite=False), device
         )
         entries[("decode", "triton")] = _time_us(lambda: c.decode(p_tri, backend="triton"), device)
-        if name != "int4_outlier":  # outlier = torch top-k + the int4 kernel; no kernel of its own
+        if "outlier" not in name:  # outlier = torch top-k + an int4 kernel; no kernel of its own
             qfn, dfn, _ = _kernel_fns(name, x, gs)
             entries[("encode", "kernel")] = _time_us(qfn, device)
             entries[("decode", "kernel")] = _time_us(dfn, device)
@@ -124,7 +134,9 @@ def _bench_codec(name: str, x: torch.Tensor, gs: int, device: str, copy_gbps: fl
     return out
 
 
-def bench_sizes(device: str, gs: int, hidden: int, sizes: list[int]) -> list[dict[str, Any]]:
+def bench_sizes(
+    device: str, gs: int, hidden: int, sizes: list[int], names: list[str] = QUANT
+) -> list[dict[str, Any]]:
     rows_out: list[dict[str, Any]] = []
     for nbytes in sizes:
         rows = max(1, nbytes // (2 * hidden))
@@ -136,18 +148,18 @@ def bench_sizes(device: str, gs: int, hidden: int, sizes: list[int]) -> list[dic
             dict(op="copy", codec="-", impl="torch", size_bytes=in_bytes, shape=[rows, hidden],
                  us=copy_us, gbps=copy_gbps, pct_copy=100.0)
         )  # fmt: skip
-        for name in QUANT:
+        for name in names:
             rows_out += _bench_codec(name, x, gs, device, copy_gbps)
         del x
     return rows_out
 
 
-def bench_decode_size(device: str, gs: int, hidden: int) -> list[dict[str, Any]]:
+def bench_decode_size(device: str, gs: int, hidden: int, names: list[str] = QUANT) -> list[dict[str, Any]]:
     """µs per API call for one token (1 x hidden fp16), including Python and launch overhead."""
     x = torch.randn(1, hidden, device=device, dtype=torch.float16)
     out: list[dict[str, Any]] = []
     impls = ["torch", "triton"] if device == "cuda" else ["torch"]
-    for name in ["fp16", *QUANT]:
+    for name in ["fp16", *names]:
         c = codecs.get(name, gs)
         for impl in impls:
             p = c.encode(x, backend=impl, check_finite=False)
@@ -164,7 +176,9 @@ def bench_decode_size(device: str, gs: int, hidden: int) -> list[dict[str, Any]]
     return out
 
 
-def bench_decode_size_graph(gs: int, hidden: int, reps: int = 50) -> list[dict[str, Any]]:
+def bench_decode_size_graph(
+    gs: int, hidden: int, reps: int = 50, names: list[str] = QUANT
+) -> list[dict[str, Any]]:
     """µs per kernel call at decode size (1 x hidden fp16) replayed from a CUDA graph: what a
     worker's wire-mode decode graph pays per hand-off (``models/decode_wire.py`` captures the
     quantize / dequantize kernels; no host launch cost). The input is hot in L2, as it is there
@@ -178,7 +192,7 @@ def bench_decode_size_graph(gs: int, hidden: int, reps: int = 50) -> list[dict[s
     dst = torch.empty_like(x)
     out = [dict(op="copy", codec="-", graph_us=statistics.median(
         graph_time_us(lambda: dst.copy_(x), reps) for _ in range(3)))]  # fmt: skip
-    for name in ("int8", "int4", "int4_hadamard"):
+    for name in (n for n in names if "outlier" not in n):  # outlier codecs have no kernel of their own
         qfn, dfn, _ = _kernel_fns(name, x, gs)
         for op, fn in (("encode", qfn), ("decode", dfn)):
             us = statistics.median(graph_time_us(fn, reps) for _ in range(3))
@@ -219,12 +233,18 @@ def main() -> int:
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent / "out" / "codec_kernels.json"
     )
+    ap.add_argument("--codecs", default=",".join(QUANT), help="comma-separated codec names")
     args = ap.parse_args()
+    names = args.codecs.split(",")
+    for n in names:
+        codecs.get(n)  # ValueError listing the valid names
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = CUDA_SIZES if device == "cuda" else CPU_SIZES
-    size_rows = bench_sizes(device, args.group_size, args.hidden, sizes)
-    small_rows = bench_decode_size(device, args.group_size, args.hidden)
-    graph_rows = bench_decode_size_graph(args.group_size, args.hidden) if device == "cuda" else []
+    size_rows = bench_sizes(device, args.group_size, args.hidden, sizes, names)
+    small_rows = bench_decode_size(device, args.group_size, args.hidden, names)
+    graph_rows = (
+        bench_decode_size_graph(args.group_size, args.hidden, names=names) if device == "cuda" else []
+    )
     meta: dict[str, Any] = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, group_size=args.group_size, hidden=args.hidden,

@@ -1,6 +1,6 @@
 """Accuracy of the wire codecs on a real model (default: the bundled stories260K), 3-stage split.
 
-Runs ``hyperlane_lab.probes.probe_grid`` for fp16 and int8 / int4 / int4_outlier / int4_hadamard at group
+Runs ``hyperlane_lab.probes.probe_grid`` for fp16 and every registered int8 / int4 variant at group
 sizes 32 / 64 / 128 (plus ``int4_outlier_k1``, a what-if int4_outlier with 1 outlier channel per row instead
 of 8, i.e. about the wire bytes of int4 on a narrow model) on two evaluation sets:
 
@@ -41,9 +41,9 @@ import torch
 from hyperlane_lab.codecs.outlier import OutlierInt4Codec
 from hyperlane_lab.probes import DEFAULT_PROMPTS, load_pipeline, probe_grid, probe_table
 
-CODECS = ["fp16", "int8", "int4", "int4_outlier", "int4_hadamard"]
+CODECS = ["fp16", "int8", "int4", "int4_outlier", "int4_hadamard", "int4_asym", "int4_outlier_asym"]
 GROUP_SIZES = [32, 64, 128]
-INT4 = ("int4", "int4_outlier", "int4_hadamard")  # registered variants the goal is about
+INT4 = tuple(c for c in CODECS if c.startswith("int4"))  # registered variants the goal is about
 STARTS = ["Once upon a time", "One day", "Tom and Sue", "The little dog", "Lily wanted", "There was a big"]
 
 

@@ -35,7 +35,12 @@ def predicted(pipe):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pairs = {"fp16": ["fp16", "fp16"], "int8": ["int8", "int8"], "mixed": ["int8", "int4"]}
+        pairs = {
+            "fp16": ["fp16", "fp16"],
+            "int8": ["int8", "int8"],
+            "mixed": ["int8", "int4"],
+            "int4_outlier_asym": ["int4_outlier_asym"] * 2,
+        }
         return {k: greedy_sequences(pipe, PROMPTS, hops, 64, N) for k, hops in pairs.items()}
     finally:
         torch.set_num_threads(old)
@@ -82,6 +87,15 @@ def test_per_stage_codec_list(cluster3, predicted):
     want2 = 8 + codecs.get("int4", 64).encoded_nbytes((1, 1, 64))
     assert {n for s, n in rx if s == 1} == {want1} and {n for s, n in rx if s == 2} == {want2}
     assert {e.stage for e in events if e.kind.value == "quantize"} == {0, 1}
+
+
+def test_asymmetric_outlier_int4_over_three_workers_matches_probe(cluster3, predicted):
+    """The frames carry the codec id, group size and outlier count; workers decode them as the probe does."""
+    with AutoDistributedModel.from_pretrained(
+        None, workers=cluster3.addresses, compression="int4_outlier_asym", progress=False
+    ) as m:
+        assert [s.codec for s in m.plan.stages] == ["int4_outlier_asym"] * 3
+        assert _remote(m) == predicted["int4_outlier_asym"]
 
 
 # ------------------------------------------------------------------------------------------- raw socket

@@ -19,8 +19,9 @@ from hyperlane_lab.codecs.base import EncodedTensor
 from hyperlane_lab.codecs.measure import error_table, measure_error
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-QUANT = ["int8", "int4", "int4_hadamard", "int4_outlier"]
-QMAX = {"int8": 127, "int4": 7, "int4_hadamard": 7, "int4_outlier": 7}
+QUANT = ["int8", "int4", "int4_hadamard", "int4_outlier", "int4_asym", "int4_outlier_asym"]
+QMAX = {"int8": 127, "int4": 7, "int4_hadamard": 7, "int4_outlier": 7, "int4_asym": 7, "int4_outlier_asym": 7}
+OUTLIER = ("int4_outlier", "int4_outlier_asym")
 SHAPES_GS = [((1, 1, 64), 64), ((3, 7, 100), 32), ((3, 7, 100), 64), ((2, 5, 4096), 128), ((4, 40), 128)]
 
 
@@ -39,8 +40,9 @@ def _expected_nbytes(name: str, shape: tuple[int, ...], gs: int, k: int = 8) -> 
         return 2 * math.prod(shape)
     if name == "int8":
         return 2 * n + n * gs
-    side = 4 * rows * min(k, cols) if name == "int4_outlier" else 0
-    return 2 * n + side + n * gs // 2
+    side = 4 * rows * min(k, cols) if name in OUTLIER else 0
+    head = 4 * n if name.endswith("_asym") else 2 * n  # asymmetric: an fp16 minimum after each scale
+    return head + side + n * gs // 2
 
 
 def _half_ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,14 +62,16 @@ def _group_scales(p: EncodedTensor) -> torch.Tensor:
 
 
 def test_registry_names_and_unknown_name() -> None:
-    assert codecs.names() == sorted(["fp16", "int8", "int4", "int4_outlier", "int4_hadamard"])
+    assert codecs.names() == sorted(
+        ["fp16", "int8", "int4", "int4_outlier", "int4_hadamard", "int4_asym", "int4_outlier_asym"]
+    )
     with pytest.raises(ValueError, match=r"unknown codec 'int3'.*fp16.*int4.*int8"):
         codecs.get("int3")
     for name in codecs.names():
         c = codecs.get(name, group_size=32)
         assert c.name == name
         assert codecs.get_by_id(c.codec_id, 32).name == name
-    assert len({codecs.get(n).codec_id for n in codecs.names()}) == 5
+    assert len({codecs.get(n).codec_id for n in codecs.names()}) == 7
     assert 0 not in {codecs.get(n).codec_id for n in codecs.names()}  # 0 = the frame layer's "raw"
     with pytest.raises(ValueError, match=r"unknown codec id 9.*1=fp16"):
         codecs.get_by_id(9)
@@ -84,7 +88,7 @@ def test_bad_group_sizes_and_backend() -> None:
         codecs.get("int8").encode(torch.ones(4), backend="cuda")
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "int4_hadamard", "int4_outlier"])
+@pytest.mark.parametrize("name", ["fp16", *QUANT])
 @pytest.mark.parametrize(("shape", "gs"), [*SHAPES_GS, ((), 64), ((0, 64), 64), ((3, 0), 64), ((5,), 4)])
 def test_encoded_nbytes_matches_layout(name: str, shape: tuple[int, ...], gs: int) -> None:
     c = codecs.get(name, gs)
@@ -220,6 +224,69 @@ def test_outlier_codec_bounds_and_gain(dtype: torch.dtype) -> None:
     assert err.norm() < 0.5 * int4_err
 
 
+def _group_minimums(p: EncodedTensor) -> torch.Tensor:
+    n = codecs.GroupLayout.of(p.shape, p.group_size).n_groups
+    return p.data[2 * n : 4 * n].view(torch.float16).double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "gs"), SHAPES_GS)
+def test_asymmetric_roundtrip_error_bound(shape: tuple[int, ...], gs: int, dtype: torch.dtype) -> None:
+    """int4_asym, checked in float64: the minimum is the largest fp16 <= the group's min, the scale the
+    smallest fp16 >= (max - minimum) / 15, and every value decodes within half a step."""
+    x = _rand(shape, dtype, seed=gs) + 0.75  # off-centre groups, where asymmetric levels pay
+    x.view(-1)[:3] = torch.tensor([1e-6, -3e-8, 0.0], dtype=dtype)
+    c = codecs.get("int4_asym", gs)
+    p = c.encode(x)
+    y = c.decode(p)
+    assert y.shape == x.shape and y.dtype == dtype
+    x64 = ref.grouped(x.reshape(-1, shape[-1]).double(), gs)
+    y64 = ref.grouped(y.reshape(-1, shape[-1]).double(), gs)
+    s, m = _group_scales(p), _group_minimums(p)
+    lo, hi = x64.amin(dim=1), x64.amax(dim=1)
+    assert torch.all(m <= lo) and torch.all(m.half().double() == m)
+    # nothing between m and lo is an fp16: the next fp16 above m is beyond lo
+    assert torch.all(torch.nextafter(m.half(), torch.tensor(float("inf")).half()).double() > lo)
+    step = (hi - m) / 15
+    assert torch.all(s >= step * (1 - 2**-23))
+    assert torch.all(s <= torch.maximum(step * (1 + 2**-10), torch.full_like(s, 2.0**-24)))
+    bound = s[:, None] * (0.5 + 1e-5) + _half_ulp(y64, dtype) + (x64 - m[:, None]).abs() * 2**-23
+    assert torch.all((x64 - y64).abs() <= bound)
+    # a tighter fit than the symmetric int4 on the same off-centre data
+    sym = codecs.get("int4", gs)
+    assert (y.double() - x.double()).norm() < (sym.decode(sym.encode(x)).double() - x.double()).norm()
+
+
+def test_asymmetric_layout() -> None:
+    # a group of 0..15 (+ 2): minimum 2, scale 1, q = value - 2
+    x = torch.arange(2.0, 18.0)[None]
+    p = codecs.get("int4_asym", 16).encode(x, backend="torch")
+    raw = bytes(p.buffer())
+    assert struct.unpack("<2e", raw[:4]) == (1.0, 2.0)
+    nibbles = [n for b in raw[4:] for n in (b & 0xF, b >> 4)]
+    assert nibbles == list(range(16))
+    assert torch.equal(codecs.get("int4_asym", 16).decode(p), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outlier_asym_codec_bounds_and_gain(dtype: torch.dtype) -> None:
+    gs = 64
+    x = _rand((4, 256), dtype, seed=5) + 0.5
+    x[:, 17] = 300.0
+    x[2, 200] = -900.0
+    c = codecs.get("int4_outlier_asym", gs)
+    p = c.encode(x)
+    y = c.decode(p)
+    x64, y64 = x.double(), y.double()
+    err = (x64 - y64).abs()
+    assert p.outliers == 8
+    assert err[:, 17].max() <= 300 * 2**-11 and err[2, 200] <= 900 * 2**-11
+    s = _group_scales(p).reshape(4, -1).repeat_interleave(gs, dim=1)[:, :256]
+    assert torch.all(err <= s * (0.5 + 1e-5) + _half_ulp(y64, dtype) + x64.abs() * 2**-11)
+    sym = codecs.get("int4_outlier", gs)
+    assert err.norm() < (sym.decode(sym.encode(x)).double() - x64).norm()
+
+
 def test_extreme_values_stay_finite() -> None:
     x = torch.tensor([[65504.0, -65504.0, 1.0, 60000.0]], dtype=torch.float16)
     for name in QUANT:
@@ -267,9 +334,9 @@ def test_nonfinite_defer_and_send(name: str) -> None:
         deferred.to_host()
     y = c.decode(c.encode(x, check_finite=False))
     assert torch.isnan(y[1, 10])
-    if name in ("int8", "int4", "int4_hadamard"):
+    if name in ("int8", "int4", "int4_hadamard", "int4_asym"):
         assert torch.isnan(y[1, :32]).all()  # the whole group is lost, by design
-    if name in ("fp16", "int4_outlier"):
+    if name in ("fp16", *OUTLIER):
         assert torch.isnan(y).sum() == 1  # only the NaN itself
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and torch.isfinite(y[1, 32:]).all()
 
@@ -361,7 +428,7 @@ def test_measure_error_orders_codecs() -> None:
     expect = float((y - x.double()).norm() / x.double().norm())
     assert res["int4"].rel_l2 == pytest.approx(expect)
     table = error_table(res.values())
-    assert table.count("\n") == 6 and "int4_hadamard" in table
+    assert table.count("\n") == 1 + len(codecs.names()) and "int4_hadamard" in table
     assert np.isinf(res["fp16"].snr_db)
 
 

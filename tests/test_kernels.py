@@ -47,6 +47,11 @@ CASES = [  # (codec, shape, group size); last dims not multiples of the group in
     ("int4_hadamard", (2, 5, 4096), 128),
     ("int4_outlier", (1, 1, 64), 32),
     ("int4_outlier", (3, 7, 100), 64),
+    ("int4_asym", (1, 1, 64), 64),
+    ("int4_asym", (3, 7, 100), 32),
+    ("int4_asym", (2, 3, 100), 128),
+    ("int4_asym", (4, 90), 30),
+    ("int4_outlier_asym", (3, 7, 100), 64),
 ]
 
 
@@ -97,12 +102,14 @@ def test_payload_and_output_match_reference(
     assert torch.equal(p_tri.data, p_ref.data)
     y_tri = c.decode(p_tri, backend="triton")
     assert_same_output(y_tri, c.decode(p_ref, backend="torch"))
-    if DEVICE == "cuda" and name != "int4_outlier":  # the CPU reference gives the same bytes too
+    if DEVICE == "cuda" and "outlier" not in name:  # the CPU reference gives the same bytes too
         assert torch.equal(p_tri.data.cpu(), c.encode(x.cpu(), backend="torch").data)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["int8", "int4", "int4_hadamard", "int4_outlier"])
+@pytest.mark.parametrize(
+    "name", ["int8", "int4", "int4_hadamard", "int4_outlier", "int4_asym", "int4_outlier_asym"]
+)
 def test_special_values_match_reference(name: str, dtype: torch.dtype) -> None:
     x = _special_values(dtype)
     c = codecs.get(name, 16)

@@ -6,7 +6,7 @@ payload from the frame header (codec id, group size, shape, dtype, outliers) plu
 it with ``get_by_id(codec_id, group_size)``.
 
 Codecs (wire id): ``fp16`` (1, no quantization), ``int8`` (2), ``int4`` (3), ``int4_outlier`` (4),
-``int4_hadamard`` (5). Id 0 is left to the frame layer's "raw" (the tensor as is, in its own dtype). Byte layouts: ``fp16``, ``intq``, ``outlier`` modules; group layout and padding:
+``int4_hadamard`` (5), ``int4_asym`` (6: 16 levels from each group's minimum), ``int4_outlier_asym`` (7: both). Id 0 is left to the frame layer's "raw" (the tensor as is, in its own dtype). Byte layouts: ``fp16``, ``intq``, ``outlier`` modules; group layout and padding:
 ``base``; quantization math and rounding: ``reference``.
 
 Non-finite values: ``encode(x, check_finite=True)`` (default) raises ValueError naming the first NaN/Inf
@@ -46,13 +46,25 @@ __all__ = [
 CodecFactory = Callable[[int, str], Codec]
 
 CODECS: Registry[CodecFactory] = Registry("codec")
-CODEC_IDS: dict[int, str] = {1: "fp16", 2: "int8", 3: "int4", 4: "int4_outlier", 5: "int4_hadamard"}
+CODEC_IDS: dict[int, str] = {
+    1: "fp16",
+    2: "int8",
+    3: "int4",
+    4: "int4_outlier",
+    5: "int4_hadamard",
+    6: "int4_asym",
+    7: "int4_outlier_asym",
+}
 
 CODECS.add("fp16", lambda gs, be: Fp16Codec(group_size=gs, backend=be))
 CODECS.add("int8", lambda gs, be: IntCodec("int8", 2, gs, be, bits=8))
 CODECS.add("int4", lambda gs, be: IntCodec("int4", 3, gs, be, bits=4))
 CODECS.add("int4_outlier", lambda gs, be: OutlierInt4Codec("int4_outlier", 4, gs, be))
 CODECS.add("int4_hadamard", lambda gs, be: IntCodec("int4_hadamard", 5, gs, be, bits=4, hadamard=True))
+CODECS.add("int4_asym", lambda gs, be: IntCodec("int4_asym", 6, gs, be, bits=4, asymmetric=True))
+CODECS.add(
+    "int4_outlier_asym", lambda gs, be: OutlierInt4Codec("int4_outlier_asym", 7, gs, be, asymmetric=True)
+)
 
 
 def get(name: str, group_size: int = 64, backend: str = "auto") -> Codec:

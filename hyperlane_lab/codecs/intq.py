@@ -1,12 +1,14 @@
-"""Grouped symmetric integer codecs: ``int8``, ``int4`` and ``int4_hadamard``.
+"""Grouped integer codecs: symmetric ``int8``, ``int4`` and ``int4_hadamard``; asymmetric ``int4_asym``.
 
 Byte layout of the payload (N groups, see ``base``; offsets in bytes):
 
 - ``[0, 2N)``: one fp16 scale per group (NaN marks a group that held NaN/Inf, see ``reference``);
+- ``int4_asym`` only: ``[2N, 4N)``: one fp16 minimum per group; its values follow from ``4N`` on;
 - ``int8``: ``[2N, 2N + N*gs)``: int8 values (two's complement), group after group, padding included;
 - ``int4`` / ``int4_hadamard``: ``[2N, 2N + N*gs/2)``: packed nibbles (``q + 8``; element 2k low nibble,
   2k+1 high nibble). ``int4_hadamard`` quantizes the Walsh-Hadamard rotation of each group and rotates back
   after dequantizing (the rotation spreads an outlier over the group; gs must be a power of two).
+  ``int4_asym`` packs ``q`` (0..15, levels ``m + q*s`` from the group's minimum ``m`` up) the same way.
 
 Quantization math and rounding (round-half-to-even): ``hyperlane_lab.codecs.reference``.
 """
@@ -57,6 +59,7 @@ def range_error(codec: Codec, x: torch.Tensor, qmax: int, where_rotated: bool = 
 class IntCodec(Codec):
     bits: int = 8
     hadamard: bool = False
+    asymmetric: bool = False  # 4 bits only: levels from the group's minimum (an fp16 minimum per group)
 
     def __post_init__(self) -> None:
         gs = self.group_size
@@ -70,10 +73,17 @@ class IntCodec(Codec):
             )
         if self.hadamard and (self.bits != 4 or gs < 2 or gs & (gs - 1)):
             raise ValueError(f"codec {self.name!r} needs a power-of-two group_size >= 2, got {gs}")
+        if self.asymmetric and (self.bits != 4 or self.hadamard):
+            raise ValueError(f"codec {self.name!r}: asymmetric groups are int4 without rotation")
 
     @property
     def qmax(self) -> int:
-        return ref.QMAX[self.bits]
+        """|x| <= 65504 * qmax fits the fp16 scales (asymmetric: the fp16 minimum bounds |x| by 65504)."""
+        return 1 if self.asymmetric else ref.QMAX[self.bits]
+
+    def head_bytes(self, n_groups: int) -> int:
+        """Bytes of the per-group section at the start of a payload (scales, and minimums if asymmetric)."""
+        return (4 if self.asymmetric else 2) * n_groups
 
     def _value_bytes(self, n_groups: int) -> int:
         return n_groups * self.group_size * self.bits // 8
@@ -81,16 +91,27 @@ class IntCodec(Codec):
     def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float16) -> int:
         dtype_name(dtype)
         n = GroupLayout.of(tuple(shape), self.group_size).n_groups
-        return 2 * n + self._value_bytes(n)
+        return self.head_bytes(n) + self._value_bytes(n)
 
     # ---------------------------------------------------------------- quantize / dequantize (2-D)
 
     def _quantize_into(
-        self, x2d: torch.Tensor, scales: torch.Tensor, body: torch.Tensor, be: str, flag: Any
+        self, x2d: torch.Tensor, head: torch.Tensor, body: torch.Tensor, be: str, flag: Any
     ) -> Any:
-        """Fill the scale and value sections of a payload from ``x2d [R, H]``; returns a device count of bad
-        groups (or None when not asked for)."""
+        """Fill the per-group (``head``: int16 scales, then minimums if asymmetric) and value sections of a
+        payload from ``x2d [R, H]``; returns a device count of bad groups (or None when not asked for)."""
         gs = self.group_size
+        if self.asymmetric:
+            n = head.numel() // 2
+            if be == "torch":
+                bits, mbits, vals = ref.quantize_int4_asym(x2d, gs)
+                head[:n].copy_(bits)
+                head[n:].copy_(mbits)
+                body.copy_(vals)
+                return (bits == ref.NAN16_BITS).sum() if flag is not None else None
+            kernel_module("quant_int4_asym").quantize(x2d, head[:n], head[n:], body, gs, flag)
+            return flag
+        scales = head
         if be == "torch":
             if self.bits == 8:
                 bits, vals = ref.quantize_int8(x2d, gs)
@@ -106,11 +127,17 @@ class IntCodec(Codec):
             kernel_module("quant_int4").quantize(x2d, scales, body, gs, self.hadamard, flag)
         return flag
 
-    def _dequantize_into(
-        self, scales: torch.Tensor, body: torch.Tensor, out2d: torch.Tensor, be: str
-    ) -> None:
+    def _dequantize_into(self, head: torch.Tensor, body: torch.Tensor, out2d: torch.Tensor, be: str) -> None:
         gs = self.group_size
         rows, cols = out2d.shape
+        if self.asymmetric:
+            n = head.numel() // 2
+            if be == "torch":
+                out2d.copy_(ref.dequantize_int4_asym(head[:n], head[n:], body, rows, cols, gs, out2d.dtype))
+            else:
+                kernel_module("quant_int4_asym").dequantize(head[:n], head[n:], body, out2d, gs)
+            return
+        scales = head
         if be == "torch":
             if self.bits == 8:
                 res = ref.dequantize_int8(scales, body.view(torch.int8), rows, cols, gs, out2d.dtype)
@@ -127,8 +154,8 @@ class IntCodec(Codec):
     def _encode_sections(
         self, x: torch.Tensor, check_finite: CheckFinite, backend: str | None, extra_bytes: int = 0
     ) -> tuple[torch.Tensor, Any, int]:
-        """Quantize ``x`` into a fresh buffer ``[scales][extra_bytes][values]`` (the extra section is left for
-        the caller to fill).
+        """Quantize ``x`` into a fresh buffer ``[head][extra_bytes][values]`` (head: scales, and minimums if
+        asymmetric; the extra section is left for the caller to fill).
 
         Returns (buffer, device count of bad groups or None, number of groups N). Kept lean: at decode size
         (1 x 4096) every view and allocation here is a visible share of the call.
@@ -136,7 +163,8 @@ class IntCodec(Codec):
         rows, cols = rows_of(tuple(x.shape))
         n = rows * -(-cols // self.group_size)  # GroupLayout(rows, cols, gs).n_groups
         be = resolve_backend(backend or self.backend, x)
-        data = torch.empty(2 * n + extra_bytes + self._value_bytes(n), dtype=torch.uint8, device=x.device)
+        head = self.head_bytes(n)
+        data = torch.empty(head + extra_bytes + self._value_bytes(n), dtype=torch.uint8, device=x.device)
         x2d = x.detach() if x.requires_grad else x
         if x2d.dim() != 2:
             x2d = x2d.reshape(rows, cols)
@@ -144,9 +172,7 @@ class IntCodec(Codec):
             x2d = x2d.contiguous()
         # the kernel accumulates into the flag, so it must start at 0
         flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else None
-        count = self._quantize_into(
-            x2d, data[: 2 * n].view(torch.int16), data[2 * n + extra_bytes :], be, flag
-        )
+        count = self._quantize_into(x2d, data[:head].view(torch.int16), data[head + extra_bytes :], be, flag)
         return data, count, n
 
     def encode(
@@ -173,7 +199,7 @@ class IntCodec(Codec):
         backend: str | None,
         extra_bytes: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantize a payload ``[scales][extra_bytes][values]`` -> (out [R, H], extra section view)."""
+        """Dequantize a payload ``[head][extra_bytes][values]`` -> (out [R, H], extra section view)."""
         data = self._check_payload(payload)
         if device is not None:
             data = data.to(device)
@@ -181,9 +207,9 @@ class IntCodec(Codec):
         n = GroupLayout(rows, cols, self.group_size).n_groups
         be = resolve_backend(backend or self.backend, data)
         out2d = torch.empty((rows, cols), dtype=DTYPES[payload.dtype], device=data.device)
-        scales = data[: 2 * n].view(torch.int16)
-        self._dequantize_into(scales, data[2 * n + extra_bytes :], out2d, be)
-        return out2d, data[2 * n : 2 * n + extra_bytes]
+        head = self.head_bytes(n)
+        self._dequantize_into(data[:head].view(torch.int16), data[head + extra_bytes :], out2d, be)
+        return out2d, data[head : head + extra_bytes]
 
     def decode(
         self,

@@ -1,13 +1,18 @@
-"""``int4_outlier`` codec: the ``k`` largest-|x| channels of each row travel as fp16 on the side; the rest of
-the row (outliers zeroed) is quantized like ``int4``, so one massive channel no longer inflates its group's
-scale.
+"""``int4_outlier`` / ``int4_outlier_asym`` codecs: the ``k`` largest-|x| channels of each row travel as fp16 on
+the side; the rest of the row (outliers zeroed) is quantized like ``int4`` / ``int4_asym``, so one massive
+channel no longer inflates its group's scale.
 
-Byte layout (N groups, R rows, k = min(outliers, H) per row, see ``base``; offsets in bytes):
+Byte layout (N groups, R rows, k = min(outliers, H) per row, see ``base``; offsets in bytes; ``h`` = 2N, or
+4N for ``int4_outlier_asym``, whose fp16 group minimums follow the scales as in ``int4_asym``):
 
-- ``[0, 2N)``: fp16 group scales (as ``int4``);
-- ``[2N, 2N + 2Rk)``: uint16 column index of each outlier, row after row (needs H <= 65536);
-- ``[2N + 2Rk, 2N + 4Rk)``: the outlier values as fp16, same order;
-- ``[2N + 4Rk, ...)``: packed int4 values of the row with outliers zeroed (as ``int4``).
+- ``[0, 2N)``: fp16 group scales (as ``int4``); ``int4_outlier_asym``: ``[2N, 4N)`` fp16 group minimums;
+- ``[h, h + 2Rk)``: uint16 column index of each outlier, row after row (needs H <= 65536);
+- ``[h + 2Rk, h + 4Rk)``: the outlier values as fp16, same order;
+- ``[h + 4Rk, ...)``: packed int4 values of the row with outliers zeroed (as ``int4`` / ``int4_asym``).
+
+Asymmetric groups plus outliers is the most accurate 4-bit variant measured on the bundled model
+(bench/RESULTS.md, codec probe): the side channel takes the large channels, the minimum-based levels fit
+groups that sit off-centre.
 
 The header field ``outliers`` carries k. The top-k selection and the scatter run in torch (``torch.topk``) on
 both backends; only the int4 part uses the Triton kernels. A NaN/Inf is always selected as an outlier (topk
@@ -38,6 +43,7 @@ class OutlierInt4Codec(IntCodec):
         super().__post_init__()
         if self.bits != 4 or self.hadamard:
             raise ValueError("OutlierInt4Codec is int4 without rotation (bits=4, hadamard=False)")
+        super().__post_init__()
         if self.outliers < 0:
             raise ValueError(f"codec {self.name!r}: outliers per row must be >= 0, got {self.outliers}")
 
@@ -56,7 +62,7 @@ class OutlierInt4Codec(IntCodec):
         rows, cols = rows_of(shape)
         if cols > _MAX_COLS:
             raise ValueError(
-                f"int4_outlier indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
+                f"{self.name} indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
             )
         k = self.payload_outliers(shape)
         x2d = x.detach().reshape(rows, cols)
@@ -69,7 +75,7 @@ class OutlierInt4Codec(IntCodec):
             vals16 = torch.zeros((rows, 0), dtype=torch.float16, device=x.device)
             rest = x2d
         data, count, n = self._encode_sections(rest, check_finite, backend, extra_bytes=4 * rows * k)
-        side = data[2 * n : 2 * n + 4 * rows * k]
+        side = data[self.head_bytes(n) : self.head_bytes(n) + 4 * rows * k]
         side[: 2 * rows * k].view(torch.int16).copy_(idx.to(torch.int16).flatten())  # uint16 bits
         side[2 * rows * k :].view(torch.float16).copy_(vals16.flatten())
         if check_finite:
@@ -100,11 +106,11 @@ class OutlierInt4Codec(IntCodec):
         # validate indices where the bytes are (host, usually) before a device scatter can assert
         if k and rows:
             data = self._check_payload(payload)
-            start = 2 * GroupLayout(rows, cols, self.group_size).n_groups
+            start = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
             top = int((data[start : start + 2 * rows * k].view(torch.int16).to(torch.int32) & 0xFFFF).max())
             if top >= cols:
                 raise ValueError(
-                    f"corrupted int4_outlier payload: outlier column {top} >= last dim {cols}; "
+                    f"corrupted {self.name} payload: outlier column {top} >= last dim {cols}; "
                     "the frame body is damaged"
                 )
         out2d, side = self._decode_sections(payload, device, backend, extra_bytes=4 * rows * k)

@@ -18,6 +18,21 @@ Dequantize: ``q * s`` in fp32 (exact), inverse rotation if any, clamped to the o
 
 int4 packing: nibble ``u = q + 8`` (offset binary, 1..15); byte ``k`` of a group holds element ``2k`` in its
 low nibble and element ``2k+1`` in its high nibble.
+
+Asymmetric int4 (``int4_asym``, ``int4_outlier_asym``): 16 levels from the group's minimum up.
+
+1. ``bad`` as above; ``lo`` / ``hi`` = min / max of the group (row padding counts as 0, as above).
+2. ``m = fp16(lo)`` rounded to nearest-even, then moved one fp16 ulp down if it landed above ``lo``: ``m`` is
+   the largest fp16 <= ``lo``. If it is -Inf (``lo < -65504``) the group is ``bad``.
+3. ``s32 = (hi - m) / 15`` (fp32 subtraction, IEEE fp32 division); ``s`` = the smallest fp16 >= ``s32`` as in
+   step 3 above (+Inf: ``bad``).
+4. ``q = round_half_even((v - m) / s)`` (fp32 subtraction, then IEEE division by the stored scale; ``s = 0``
+   divides by 1). ``v - m >= 0`` and ``(hi - m) / s <= 15 (1 + 2**-23)``, so ``q`` is in 0..15 without a clamp,
+   and ``|v - (q*s + m)| <= s/2`` up to the fp32 roundings of ``v - m`` and of the quotient.
+5. ``bad`` groups store scale bits ``0x7E00`` (NaN), ``m = 0`` and ``q = 0``: they decode to NaN.
+
+Dequantize: ``q * s + m`` in fp32 (the product is exact, so a fused multiply-add rounds the same), clamped
+and cast as above. Nibble ``u = q`` (0..15), packed as int4.
 """
 
 from __future__ import annotations
@@ -31,12 +46,14 @@ __all__ = [
     "NAN16_BITS",
     "QMAX",
     "dequantize_int4",
+    "dequantize_int4_asym",
     "dequantize_int8",
     "group_scales",
     "grouped",
     "hadamard_rows",
     "inv_sqrt_f32",
     "quantize_int4",
+    "quantize_int4_asym",
     "quantize_int8",
     "ungroup",
 ]
@@ -163,4 +180,63 @@ def dequantize_int4(
     v = _dequantize_values(bits, q)
     if hadamard:
         v = hadamard_rows(v)
+    return ungroup(_to_output(v, out_dtype), rows, cols)
+
+
+def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    nib = u.to(torch.uint8)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).flatten()
+
+
+def _unpack_nibbles(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    p = packed.reshape(-1, group_size // 2)
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(-1, group_size).float()
+
+
+def asym_group_params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric steps 1-3 and 5 for fp32 ``v [N, gs]``: (scale bits int16, min bits int16, divisor fp32,
+    bad bool), all [N]."""
+    finite = v.abs() <= _FP32_MAX
+    nonfinite = ~finite.all(dim=1)
+    lo = torch.where(finite, v, 0.0).amin(dim=1)
+    hi = torch.where(finite, v, 0.0).amax(dim=1)
+    m16 = lo.to(torch.float16)
+    mbits = m16.view(torch.int16)
+    # one fp16 ulp toward -Inf: the magnitude's bits shrink for a positive value, grow for a negative one
+    down = torch.where(m16 > 0, mbits - 1, mbits + 1).to(torch.int16)
+    mbits = torch.where(m16.float() > lo, down, mbits)
+    m = mbits.view(torch.float16).float()
+    s32 = (hi - m) / torch.full_like(hi, 15.0)
+    s16 = s32.to(torch.float16)
+    bits = s16.view(torch.int16)
+    bits = torch.where(s16.float() < s32, bits + 1, bits)
+    bad = nonfinite | (bits >= FP16_INF_BITS) | ((mbits & 0x7FFF) >= FP16_INF_BITS)
+    bits = torch.where(bad, torch.full_like(bits, NAN16_BITS), bits)
+    mbits = torch.where(bad, torch.zeros_like(mbits), mbits)
+    divisor = torch.where(bad | (bits == 0), 1.0, bits.view(torch.float16).float())
+    return bits, mbits, divisor, bad
+
+
+def quantize_int4_asym(x2d: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[R, H]`` -> (scale bits int16 ``[N]``, minimum bits int16 ``[N]``, packed uint8 ``[N * gs / 2]``)."""
+    v = grouped(x2d, group_size)
+    bits, mbits, divisor, bad = asym_group_params(v)
+    d = v - mbits.view(torch.float16).float()[:, None]
+    q = torch.round(d / divisor[:, None])
+    q = torch.where(bad[:, None], 0.0, q)
+    return bits, mbits, _pack_nibbles(q)
+
+
+def dequantize_int4_asym(
+    bits: torch.Tensor,
+    mbits: torch.Tensor,
+    packed: torch.Tensor,
+    rows: int,
+    cols: int,
+    group_size: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of ``quantize_int4_asym`` -> ``[R, H]`` of ``out_dtype``."""
+    q = _unpack_nibbles(packed, group_size)
+    v = _dequantize_values(bits, q) + mbits.view(torch.float16).float()[:, None]
     return ungroup(_to_output(v, out_dtype), rows, cols)

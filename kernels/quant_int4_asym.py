@@ -1,0 +1,182 @@
+"""Fused asymmetric int4 group quantization (``int4_asym``, ``int4_outlier_asym``): 16 levels from each
+group's minimum up, an fp16 scale and an fp16 minimum per group, two values per byte.
+
+Layout: ``kernel`` (``@triton.jit``) -> launcher (``quantize`` / ``dequantize``: checks, grid) -> torch
+reference ``hyperlane_lab.codecs.reference.quantize_int4_asym`` / ``dequantize_int4_asym`` (bitwise equal).
+Packing: nibble = q (0..15); byte k of a group = element 2k (low nibble) | element 2k+1 (high nibble).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hyperlane_lab.kernels.quant_common import (
+    ACT_DTYPES,
+    abs_max_bits,
+    check_launch,
+    launch_config,
+    launch_shape,
+    load_groups,
+    output_view,
+    quantize_biased,
+    store_output,
+)
+
+__all__ = ["dequantize", "quantize"]
+
+
+@triton.jit
+def _quant_int4_asym_kernel(
+    x_ptr,  # [R, H] fp16/bf16/fp32
+    scale_ptr,  # [N] int16 (fp16 bits)
+    min_ptr,  # [N] int16 (fp16 bits)
+    p_ptr,  # [N * GS / 2] uint8 packed
+    flag_ptr,  # [1] int32: += number of bad groups (when CHECK)
+    n_groups,
+    cols,
+    groups_per_row,
+    GS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GP: tl.constexpr,
+    CHECK: tl.constexpr,
+    DENSE: tl.constexpr,  # H % GS == 0
+    EVEN: tl.constexpr,  # DENSE, BLOCK == GS and N % GP == 0: no masks
+):
+    g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)  # [GP] group ids
+    j = tl.arange(0, BLOCK)
+    v = load_groups(x_ptr, g, j, n_groups, cols, groups_per_row, GS, DENSE, EVEN)  # row padding: 0
+    in_group = (j < GS)[None, :]
+    lo = tl.min(tl.where(in_group, v, float("inf")), axis=1)
+    hi = tl.max(tl.where(in_group, v, float("-inf")), axis=1)
+    # the minimum: the largest fp16 <= lo (round to nearest, then one ulp toward -Inf if above)
+    m16 = lo.to(tl.float16)
+    mbits = m16.to(tl.int16, bitcast=True)
+    down = tl.where(m16 > 0, mbits - 1, mbits + 1).to(tl.int16)
+    mbits = tl.where(m16.to(tl.float32) > lo, down, mbits).to(tl.int16)
+    m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
+    # the scale: the smallest fp16 >= (hi - m) / 15
+    s32 = tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0)
+    s16 = s32.to(tl.float16)
+    bits = s16.to(tl.int16, bitcast=True)
+    bits = tl.where(s16.to(tl.float32) < s32, bits + 1, bits).to(tl.int16)
+    bad = (abs_max_bits(v) >= 0x7F800000) | (bits >= 0x7C00) | ((mbits & 0x7FFF) >= 0x7C00)
+    bits = tl.where(bad, 0x7E00, bits).to(tl.int16)  # fp16 NaN marks a bad group
+    mbits = tl.where(bad, 0, mbits).to(tl.int16)
+    divisor = tl.where(bad | (bits == 0), 1.0, bits.to(tl.float16, bitcast=True).to(tl.float32))
+    recip = tl.math.div_rn(tl.zeros_like(divisor) + 1.0, divisor)
+    mf = mbits.to(tl.float16, bitcast=True).to(tl.float32)
+    qb = quantize_biased(v - mf[:, None], divisor, recip, bad, 0)  # low nibble = q (0..15), bits 4..7 = 0
+    lo_q, hi_q = tl.split(tl.reshape(qb, [GP, BLOCK // 2, 2]))
+    packed = (lo_q + (hi_q << 4)).to(tl.uint8)
+    k = tl.arange(0, BLOCK // 2)
+    p_offs = g[:, None] * (GS // 2) + k[None, :]
+    if EVEN:
+        tl.store(scale_ptr + g, bits)
+        tl.store(min_ptr + g, mbits)
+        tl.store(p_ptr + p_offs, packed)
+    else:
+        gvalid = g < n_groups
+        tl.store(scale_ptr + g, bits, mask=gvalid)
+        tl.store(min_ptr + g, mbits, mask=gvalid)
+        tl.store(p_ptr + p_offs, packed, mask=gvalid[:, None] & (k < GS // 2)[None, :])
+    if CHECK:
+        nbad = tl.sum((bad & (g < n_groups)).to(tl.int32), axis=0)
+        if nbad > 0:
+            tl.atomic_add(flag_ptr, nbad)
+
+
+@triton.jit
+def _dequant_int4_asym_kernel(
+    scale_ptr,  # [N] int16
+    min_ptr,  # [N] int16
+    p_ptr,  # [N * GS / 2] uint8
+    out_ptr,  # [R, H]
+    n_groups,
+    cols,
+    groups_per_row,
+    GS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GP: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
+    gvalid = g < n_groups
+    row = g // groups_per_row
+    k = tl.arange(0, BLOCK // 2)
+    b = tl.load(
+        p_ptr + g[:, None] * (GS // 2) + k[None, :], mask=gvalid[:, None] & (k < GS // 2)[None, :], other=0
+    )
+    b = b.to(tl.int32)
+    q = tl.reshape(tl.join(b & 15, b >> 4), [GP, BLOCK])
+    scale = tl.load(scale_ptr + g, mask=gvalid, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    m = tl.load(min_ptr + g, mask=gvalid, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    v = q.to(tl.float32) * scale[:, None] + m[:, None]  # the product is exact: no fma question
+    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
+    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
+    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+
+
+def _check_group_size(group_size: int) -> None:
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"int4_asym needs an even group_size >= 2 (two values per byte), got {group_size}")
+
+
+def quantize(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    packed: torch.Tensor,
+    group_size: int,
+    flag: torch.Tensor | None = None,
+) -> None:
+    """Fill ``scales`` and ``mins`` (int16 [N], fp16 bits) and ``packed`` (uint8 [N * gs / 2]) from
+    ``x [R, H]``. ``flag`` (int32 [1], zeroed by the caller) receives the number of groups holding NaN/Inf
+    or out of the fp16 range. Torch reference: ``hyperlane_lab.codecs.reference.quantize_int4_asym``."""
+    check_launch(x, "quantize_int4_asym input", ACT_DTYPES)
+    _check_group_size(group_size)
+    if x.dim() != 2:
+        raise ValueError(f"quantize_int4_asym takes x [R, H], got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    gpr = -(-cols // group_size)
+    n_groups = rows * gpr
+    check_launch(scales, "scales", (torch.int16,), n_groups)
+    check_launch(mins, "mins", (torch.int16,), n_groups)
+    check_launch(packed, "packed", (torch.uint8,), n_groups * group_size // 2)
+    if flag is not None:
+        check_launch(flag, "flag", (torch.int32,), 1)
+    if n_groups == 0:
+        return
+    block, gp, warps = launch_config(group_size, n_groups)
+    dense = gpr * group_size == cols
+    _quant_int4_asym_kernel[(-(-n_groups // gp),)](
+        x, scales, mins, packed, scales if flag is None else flag, n_groups, cols, gpr,
+        GS=group_size, BLOCK=block, GP=gp, CHECK=flag is not None, DENSE=dense,
+        EVEN=dense and block == group_size and n_groups % gp == 0, num_warps=warps, enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def dequantize(
+    scales: torch.Tensor, mins: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, group_size: int
+) -> None:
+    """Fill ``out [R, H]`` (fp16/bf16/fp32) from ``scales``, ``mins`` and ``packed``.
+    Torch reference: ``hyperlane_lab.codecs.reference.dequantize_int4_asym``."""
+    check_launch(out, "dequantize_int4_asym output", ACT_DTYPES)
+    _check_group_size(group_size)
+    if out.dim() != 2:
+        raise ValueError(f"dequantize_int4_asym takes out [R, H], got shape {tuple(out.shape)}")
+    gpr = -(-out.shape[1] // group_size)
+    n_groups = out.shape[0] * gpr
+    check_launch(scales, "scales", (torch.int16,), n_groups)
+    check_launch(mins, "mins", (torch.int16,), n_groups)
+    check_launch(packed, "packed", (torch.uint8,), n_groups * group_size // 2)
+    if n_groups == 0:
+        return
+    block, gp = launch_shape(group_size)
+    out_ptr, out_meta = output_view(out)
+    _dequant_int4_asym_kernel[(triton.cdiv(n_groups, gp),)](
+        scales, mins, packed, out_ptr, n_groups, out.shape[1], gpr,
+        GS=group_size, BLOCK=block, GP=gp, enable_fp_fusion=False, **out_meta,
+    )  # fmt: skip
