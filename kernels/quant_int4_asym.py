@@ -55,12 +55,14 @@ def _quant_int4_asym_kernel(
     mbits = m16.to(tl.int16, bitcast=True)
     down = tl.where(m16 > 0, mbits - 1, mbits + 1).to(tl.int16)
     mbits = tl.where(m16.to(tl.float32) > lo, down, mbits).to(tl.int16)
+    mbits = tl.where(mbits == -32768, 0, mbits).to(tl.int16)  # -0 -> +0 (which zero tl.min picks varies)
     m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     # the scale: the smallest fp16 >= (hi - m) / 15
     s32 = tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0)
     s16 = s32.to(tl.float16)
     bits = s16.to(tl.int16, bitcast=True)
     bits = tl.where(s16.to(tl.float32) < s32, bits + 1, bits).to(tl.int16)
+    bits = tl.where(bits == -32768, 0, bits).to(tl.int16)  # hi = -0: a zero scale, not -0
     bad = (abs_max_bits(v) >= 0x7F800000) | (bits >= 0x7C00) | ((mbits & 0x7FFF) >= 0x7C00)
     bits = tl.where(bad, 0x7E00, bits).to(tl.int16)  # fp16 NaN marks a bad group
     mbits = tl.where(bad, 0, mbits).to(tl.int16)

@@ -341,6 +341,29 @@ def test_nonfinite_defer_and_send(name: str) -> None:
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and torch.isfinite(y[1, 32:]).all()
 
 
+@pytest.mark.parametrize("name", QUANT)
+def test_deferred_check_names_the_row(name: str) -> None:
+    """The deferred finite check reads the payload to say where the NaN was (outlier codecs: from the
+    side channel, which sits after the per-group section, 2 or 4 bytes a group)."""
+    x = _rand((8, 256), torch.float32)
+    x[5, 77] = float("nan")
+    with pytest.raises(ValueError, match=r"row 5\b"):
+        codecs.get(name, 32).encode(x, check_finite="defer").to_host()
+
+
+def test_asymmetric_range_errors_name_the_group() -> None:
+    x = torch.zeros(2, 32)
+    x[0, :16] = 70000.0  # fine for int4_asym: minimum 0, scale 70000 / 15
+    x[1, 20] = -65510.0  # below the fp16 minimum's range
+    with pytest.raises(ValueError, match=r"row 1, columns 16..31 .*min >= -65504"):
+        codecs.get("int4_asym", 16).encode(x)
+    # the outlier variant sends each row's largest |x| as fp16: 70000 cannot go
+    with pytest.raises(ValueError, match=r"7e\+04 at index \(0, 0\) is beyond fp16"):
+        codecs.get("int4_outlier_asym", 16).encode(x)
+    y = codecs.get("int4_asym", 16).decode(codecs.get("int4_asym", 16).encode(x[:1]))
+    assert torch.allclose(y, x[:1], rtol=0, atol=70000 / 15 / 2 + 1)
+
+
 def test_out_of_fp16_scale_range_raises() -> None:
     x = torch.ones(2, 64)
     x[0, 3] = 1e9  # > 65504 * 127: no fp16 scale can represent it

@@ -33,6 +33,20 @@ def test_shares_are_disjoint_even_and_cover_every_cpu():
         share_of(cpus, 2, 2)
 
 
+def test_shares_keep_a_cores_hyperthreads_together():
+    cpus = frozenset(range(8))  # 4 cores, siblings n and n + 4 (the usual Linux numbering)
+
+    def siblings(c):
+        return frozenset({c % 4, c % 4 + 4})
+
+    assert [share_of(cpus, 2, i, siblings) for i in range(2)] == [
+        frozenset({0, 1, 4, 5}),
+        frozenset({2, 3, 6, 7}),
+    ]
+    assert auto_cpus(1, 4, cpus, lambda i: None, siblings) == frozenset({1, 5})
+    assert auto_cpus(0, 8, cpus, lambda i: None, siblings) is None  # 8 GPUs, 4 cores: no pinning
+
+
 def test_auto_splits_the_cpus_near_each_gpu_among_the_gpus_there():
     allowed = frozenset(range(64))
     numa = {0: range(0, 32), 1: range(0, 32), 2: range(32, 64), 3: range(32, 64)}
@@ -57,7 +71,6 @@ def test_auto_splits_the_cpus_near_each_gpu_among_the_gpus_there():
     assert [auto_cpus(i, 4, few, local) for i in range(4)] == [
         frozenset({2 * i, 2 * i + 1}) for i in range(4)
     ]
-    # too few CPUs for a share of MIN_CPUS: no pinning
     # too few CPUs for every share to have MIN_CPUS: none of the four pins
     assert [auto_cpus(i, 4, frozenset(range(MIN_CPUS * 4 - 1)), lambda i: None) for i in range(4)] == [
         None

@@ -119,6 +119,38 @@ def test_special_values_match_reference(name: str, dtype: torch.dtype) -> None:
     assert_same_output(c.decode(p_tri, backend="triton"), c.decode(p_ref, backend="torch"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_asymmetric_edge_groups_match_reference(dtype: torch.dtype) -> None:
+    """Groups of 16 where the fp16 minimum or scale is at an edge: the minimum moved down to -Inf
+    (bad) or from +Inf to 65504, a tiny negative minimum (-0 moved down to the smallest negative
+    subnormal), +0 and -0 mixed (in either order), constant groups, a range of 15 * 65504."""
+    rows = [
+        [-65505.0, 1.0] + [0.5] * 14,
+        [70000.0, 70001.0] + [70000.5] * 14,  # fp32 / bf16: minimum moved down from +Inf to 65504
+        [-1e-9, 1.0] + [0.25] * 14,
+        [0.0, -0.0] * 8,
+        [-0.0, 0.0] * 8,
+        [-0.0] * 16,
+        [-3.0] * 16,
+        [-65504.0, 917056.0] + [0.0] * 14,  # max - min = 15 * 65504: the largest finite scale
+        [1.0, float("nan")] + [2.0] * 14,
+        [float("-inf")] + [2.0] * 15,
+    ]
+    x = torch.tensor(rows, dtype=torch.float32).to(dtype).to(DEVICE)
+    for name in ("int4_asym", "int4_outlier_asym"):
+        c = codecs.get(name, 16)
+        p_tri = c.encode(x, backend="triton", check_finite=False)
+        p_ref = c.encode(x, backend="torch", check_finite=False)
+        assert torch.equal(p_tri.data, p_ref.data), name
+        assert_same_output(c.decode(p_tri, backend="triton"), c.decode(p_ref, backend="torch"))
+    c = codecs.get("int4_asym", 16)
+    y = c.decode(c.encode(x, backend="torch", check_finite=False)).cpu()
+    assert torch.equal(y[3:6], torch.zeros(3, 16, dtype=dtype))  # zeros come back as +0
+    assert torch.isnan(y[8]).all() and torch.isnan(y[9]).all()  # NaN / Inf: the group is lost
+    # -65505 is below fp16's range in fp32 and bf16 (bad group); in fp16 it already is -65504
+    assert bool(torch.isnan(y[0]).all()) == (dtype != torch.float16)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_flag_counts_bad_groups(bits: int) -> None:
     gs = 16

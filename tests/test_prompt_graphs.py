@@ -93,6 +93,8 @@ def test_copy_slots_moves_exactly_the_slots_asked_for(backed):
     for d, s, old in zip((*dst.k, *dst.v), (*src.k, *src.v), before, strict=True):
         assert torch.equal(d[:, :, 5:17], s[:, :, 5:17])
         assert torch.equal(d[:, :, :5], old[:, :, :5]) and torch.equal(d[:, :, 17:], old[:, :, 17:])
+    with pytest.raises(ValueError, match="do not fit"):
+        copy_slots(dst, src, 20, 26)  # src has 25 slots
 
 
 def test_cache_views_share_one_backing_tensor_and_zero_together():

@@ -68,7 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--cpus",
         default="",
         help="keep the worker on these CPUs: a list (0-7,16-23) or auto (a CUDA worker's share of "
-        "the CPUs near its GPU, so workers on one host never share a CPU); default: any CPU",
+        "the CPUs near its GPU, split among the GPUs this process can see, so workers on one host never "
+        "share a core; with one GPU per worker in CUDA_VISIBLE_DEVICES give lists); default: any CPU",
     )
     p.set_defaults(func=run)
 

@@ -143,11 +143,14 @@ class EncodedTensor:
             vals = data.view(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16).float()
             idx = int((~torch.isfinite(vals)).nonzero()[0, 0])
             return f"flat index {idx}"
+        from hyperlane_lab.codecs import get_by_id  # the payload's own codec knows its layout
+
         layout = GroupLayout.of(self.shape, self.group_size)
         n, rows, k = layout.n_groups, layout.rows, self.outliers
+        head = get_by_id(self.codec_id, self.group_size).head_bytes(n)  # type: ignore[attr-defined]
         bad_groups = torch.isnan(data[: 2 * n].view(torch.float16)).nonzero()
-        if bad_groups.numel() == 0:  # int4_outlier: the NaN/Inf went to the fp16 outlier values
-            outl = data[2 * n + 2 * rows * k : 2 * n + 4 * rows * k].view(torch.float16)
+        if bad_groups.numel() == 0:  # outlier codecs: the NaN/Inf went to the fp16 outlier values
+            outl = data[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16)
             bad = (~torch.isfinite(outl)).nonzero()
             return f"row {int(bad[0, 0]) // k}" if bad.numel() else "an unknown position"
         row, gi = divmod(int(bad_groups[0, 0]), layout.groups_per_row)

@@ -38,12 +38,32 @@ from hyperlane_lab.codecs.fp16 import first_nonfinite_index
 __all__ = ["IntCodec", "range_error"]
 
 
-def range_error(codec: Codec, x: torch.Tensor, qmax: int, where_rotated: bool = False) -> ValueError:
-    """The error raised for a tensor whose bad groups hold NaN/Inf or exceed the fp16-scale range."""
+def range_error(
+    codec: Codec,
+    x: torch.Tensor,
+    qmax: int,
+    where_rotated: bool = False,
+    quantized: torch.Tensor | None = None,
+) -> ValueError:
+    """The error raised for a tensor whose bad groups hold NaN/Inf or exceed the fp16 range of the
+    scales (and, asymmetric, of the minimums); ``quantized``: what was grouped, if not ``x`` (the
+    outlier codecs quantize ``x`` with its outliers zeroed)."""
     shape = tuple(x.shape)
     where = first_nonfinite_index(x)
     if where is not None:
         return nonfinite_error(codec.name, shape, f"index {where}")
+    if (
+        quantized is not None and float(x.detach().abs().max()) > 65504
+    ):  # each row's largest |x| is an outlier
+        flat = int(x.detach().abs().flatten().argmax())
+        idx = tuple(int(t) for t in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
+        return ValueError(
+            f"activation value {float(x.flatten()[flat]):.4g} at index {idx} is beyond fp16's 65504: the "
+            f"{codec.name!r} codec sends each row's largest values as fp16; use int8 for this boundary "
+            "or rescale the activations"
+        )
+    if getattr(codec, "asymmetric", False):
+        return _asym_range_error(codec, x if quantized is None else quantized)
     flat = int(x.detach().abs().flatten().argmax())
     idx = tuple(int(t) for t in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
     value = float(x.flatten()[flat])
@@ -52,6 +72,23 @@ def range_error(codec: Codec, x: torch.Tensor, qmax: int, where_rotated: bool = 
         f"activation value {value:.4g} at index {idx} is out of the {codec.name!r} codec's range{rotated}: "
         f"fp16 scales allow |x| <= {65504 * qmax:.4g}; use the fp16 codec for this boundary "
         "or rescale the activations"
+    )
+
+
+def _asym_range_error(codec: Codec, q: torch.Tensor) -> ValueError:
+    """Names the first group an asymmetric codec cannot represent, with the limits it broke."""
+    rows, cols = rows_of(tuple(q.shape))
+    gs = codec.group_size
+    v = ref.grouped(q.detach().reshape(rows, cols).float().cpu(), gs)
+    bad = ref.asym_group_params(v)[3].nonzero()
+    g = int(bad[0, 0]) if bad.numel() else 0
+    row, gi = divmod(g, -(-cols // gs))
+    c0 = gi * gs
+    return ValueError(
+        f"row {row}, columns {c0}..{min(c0 + gs, cols) - 1} (min {float(v[g].min()):.4g}, max "
+        f"{float(v[g].max()):.4g}) are out of the {codec.name!r} codec's range: its fp16 group minimum "
+        f"needs min >= -65504 and its fp16 scale needs max - min <= {15 * 65504}; use int8 or fp16 "
+        "for this boundary or rescale the activations"
     )
 
 
@@ -78,8 +115,8 @@ class IntCodec(Codec):
 
     @property
     def qmax(self) -> int:
-        """|x| <= 65504 * qmax fits the fp16 scales (asymmetric: the fp16 minimum bounds |x| by 65504)."""
-        return 1 if self.asymmetric else ref.QMAX[self.bits]
+        """The largest level: symmetric groups fit |x| <= 65504 * qmax (asymmetric: ``_asym_range_error``)."""
+        return ref.QMAX[self.bits]
 
     def head_bytes(self, n_groups: int) -> int:
         """Bytes of the per-group section at the start of a payload (scales, and minimums if asymmetric)."""

@@ -43,7 +43,6 @@ class OutlierInt4Codec(IntCodec):
         super().__post_init__()
         if self.bits != 4 or self.hadamard:
             raise ValueError("OutlierInt4Codec is int4 without rotation (bits=4, hadamard=False)")
-        super().__post_init__()
         if self.outliers < 0:
             raise ValueError(f"codec {self.name!r}: outliers per row must be >= 0, got {self.outliers}")
 
@@ -81,7 +80,7 @@ class OutlierInt4Codec(IntCodec):
         if check_finite:
             count = count + (~torch.isfinite(vals16)).sum()
             if check_finite is True and int(count.item()) > 0:
-                raise range_error(self, x, self.qmax)
+                raise range_error(self, x, self.qmax, quantized=rest)
         return EncodedTensor(
             codec=self.name,
             codec_id=self.codec_id,

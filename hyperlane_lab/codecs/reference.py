@@ -23,9 +23,10 @@ Asymmetric int4 (``int4_asym``, ``int4_outlier_asym``): 16 levels from the group
 
 1. ``bad`` as above; ``lo`` / ``hi`` = min / max of the group (row padding counts as 0, as above).
 2. ``m = fp16(lo)`` rounded to nearest-even, then moved one fp16 ulp down if it landed above ``lo``: ``m`` is
-   the largest fp16 <= ``lo``. If it is -Inf (``lo < -65504``) the group is ``bad``.
+   the largest fp16 <= ``lo``; -0 is stored as +0 (a group holding both zeros may report either as its
+   min). If it is -Inf (``lo < -65504``) the group is ``bad``.
 3. ``s32 = (hi - m) / 15`` (fp32 subtraction, IEEE fp32 division); ``s`` = the smallest fp16 >= ``s32`` as in
-   step 3 above (+Inf: ``bad``).
+   step 3 above, -0 stored as +0 (+Inf: ``bad``).
 4. ``q = round_half_even((v - m) / s)`` (fp32 subtraction, then IEEE division by the stored scale; ``s = 0``
    divides by 1). ``v - m >= 0`` and ``(hi - m) / s <= 15 (1 + 2**-23)``, so ``q`` is in 0..15 without a clamp,
    and ``|v - (q*s + m)| <= s/2`` up to the fp32 roundings of ``v - m`` and of the quotient.
@@ -60,6 +61,7 @@ __all__ = [
 
 QMAX = {8: 127, 4: 7}
 NAN16_BITS = 0x7E00  # canonical fp16 quiet NaN
+NEG_ZERO16 = -0x8000  # fp16 -0.0 as int16 bits (0x8000)
 FP16_INF_BITS = 0x7C00
 _FP32_MAX = torch.finfo(torch.float32).max
 
@@ -205,11 +207,15 @@ def asym_group_params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     # one fp16 ulp toward -Inf: the magnitude's bits shrink for a positive value, grow for a negative one
     down = torch.where(m16 > 0, mbits - 1, mbits + 1).to(torch.int16)
     mbits = torch.where(m16.float() > lo, down, mbits)
+    mbits = torch.where(mbits == NEG_ZERO16, 0, mbits).to(
+        torch.int16
+    )  # -0 -> +0 (which zero min picks varies)
     m = mbits.view(torch.float16).float()
     s32 = (hi - m) / torch.full_like(hi, 15.0)
     s16 = s32.to(torch.float16)
     bits = s16.view(torch.int16)
     bits = torch.where(s16.float() < s32, bits + 1, bits)
+    bits = torch.where(bits == NEG_ZERO16, 0, bits).to(torch.int16)  # hi = -0: a zero scale, not -0
     bad = nonfinite | (bits >= FP16_INF_BITS) | ((mbits & 0x7FFF) >= FP16_INF_BITS)
     bits = torch.where(bad, torch.full_like(bits, NAN16_BITS), bits)
     mbits = torch.where(bad, torch.zeros_like(mbits), mbits)

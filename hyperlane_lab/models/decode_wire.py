@@ -170,7 +170,8 @@ def make_wire_io(
 
 
 def _sections(codec: Any, buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales as int16, values) views of an ``IntCodec`` payload ``[scales][values]``."""
+    """(scales as int16, values) views of an ``IntCodec`` payload ``[scales][values]`` (symmetric codecs
+    only: the asymmetric ones, with minimums after the scales, are not in ``WIRE_CODECS``)."""
     n = rows * -(-cols // codec.group_size)
     return buf[: 2 * n].view(torch.int16), buf[2 * n : codec.encoded_nbytes((rows, cols), torch.float16)]
 

@@ -71,6 +71,8 @@ class SessionCache:
 def copy_slots(dst: SessionCache, src: SessionCache, a: int, b: int) -> None:
     """Cache slots ``a..b-1`` of every layer's K and V from ``src`` into ``dst`` (same layers, batch
     and heads; any lengths >= b), in stream order: one copy when both have a backing ``kv``."""
+    if not 0 <= a <= b <= min(dst.max_len, src.max_len) + 1:
+        raise ValueError(f"slots {a}..{b} do not fit caches of {dst.max_len + 1} and {src.max_len + 1} slots")
     if dst.kv is not None and src.kv is not None and dst.kv.shape[:4] == src.kv.shape[:4]:
         dst.kv[:, :, :, :, a:b].copy_(src.kv[:, :, :, :, a:b])
         return

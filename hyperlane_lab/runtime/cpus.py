@@ -8,7 +8,10 @@ instead of side by side. Workers kept on disjoint CPUs cannot be woken onto each
 
 ``--cpus auto`` gives a CUDA worker an even share of the CPUs near its GPU (the GPU's PCI
 ``local_cpulist`` in sysfs, else every CPU the process may use), shared with the other GPUs that
-have the same CPUs near them, in device order; ``--cpus 0-7,16-23`` names them. Linux only.
+have the same CPUs near them, in device order, in whole cores (a core's hyperthreads stay in one
+share); ``--cpus 0-7,16-23`` names them. Linux only. ``auto`` counts the GPUs this process can see:
+workers started with one GPU each in ``CUDA_VISIBLE_DEVICES`` cannot see each other, so give them
+explicit lists instead.
 """
 
 from __future__ import annotations
@@ -46,15 +49,30 @@ def parse_cpu_list(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
-def share_of(cpus: frozenset[int], peers: int, index: int) -> frozenset[int]:
-    """The ``index``-th of ``peers`` contiguous, even shares of ``cpus`` (in CPU order); the first
-    ``len(cpus) % peers`` shares get one CPU more."""
+def share_of(
+    cpus: frozenset[int],
+    peers: int,
+    index: int,
+    siblings: Callable[[int], frozenset[int]] | None = None,
+) -> frozenset[int]:
+    """The ``index``-th of ``peers`` even shares of ``cpus``, made of whole cores: ``siblings(c)`` = the
+    hardware threads of CPU c's core (None: every CPU its own core). Cores go in order of their lowest
+    CPU, contiguous runs per share; the first ``cores % peers`` shares get one core more."""
     if not 0 <= index < peers:
         raise ValueError(f"share {index} of {peers} does not exist")
-    order = sorted(cpus)
-    size, extra = divmod(len(order), peers)
+    cores = sorted({(siblings(c) & cpus) | {c} if siblings else frozenset({c}) for c in cpus}, key=min)
+    size, extra = divmod(len(cores), peers)
     start = index * size + min(index, extra)
-    return frozenset(order[start : start + size + (1 if index < extra else 0)])
+    return frozenset().union(*cores[start : start + size + (1 if index < extra else 0)])
+
+
+def _siblings(cpu: int) -> frozenset[int]:
+    """The hardware threads sharing CPU ``cpu``'s core (sysfs ``thread_siblings_list``), or {cpu}."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    try:
+        return parse_cpu_list(path.read_text())
+    except (OSError, ValueError):
+        return frozenset({cpu})
 
 
 def _gpu_local_cpus(index: int) -> frozenset[int] | None:
@@ -77,10 +95,12 @@ def auto_cpus(
     count: int,
     allowed: frozenset[int],
     local: Callable[[int], frozenset[int] | None],
+    siblings: Callable[[int], frozenset[int]] | None = None,
 ) -> frozenset[int] | None:
-    """``--cpus auto`` for CUDA device ``index`` of ``count``: its share of the ``allowed`` CPUs near
-    it (``local(i)``: the CPUs near device i, None = unknown), split with the devices that have the
-    same CPUs near them; None when a share would have fewer than ``MIN_CPUS`` CPUs."""
+    """``--cpus auto`` for CUDA device ``index`` of ``count``: its share (whole cores, see ``share_of``)
+    of the ``allowed`` CPUs near it (``local(i)``: the CPUs near device i, None = unknown), split with
+    the devices that have the same CPUs near them; None when a share would have fewer than
+    ``MIN_CPUS`` CPUs (then none of them pins)."""
 
     def near(i: int) -> frozenset[int]:
         cpus = local(i)
@@ -88,9 +108,10 @@ def auto_cpus(
 
     mine = near(index)
     peers = [i for i in range(count) if near(i) == mine]
-    if len(mine) // len(peers) < MIN_CPUS:  # the smallest share: all of these GPUs pin, or none
+    shares = [share_of(mine, len(peers), k, siblings) for k in range(len(peers))]
+    if min(map(len, shares)) < MIN_CPUS:
         return None
-    return share_of(mine, len(peers), peers.index(index))
+    return shares[peers.index(index)]
 
 
 def resolve_cpus(spec: str, device: str) -> frozenset[int] | None:
@@ -106,7 +127,7 @@ def resolve_cpus(spec: str, device: str) -> frozenset[int] | None:
         import torch
 
         index = int(device.partition(":")[2] or 0)
-        cpus = auto_cpus(index, torch.cuda.device_count(), allowed, _gpu_local_cpus)
+        cpus = auto_cpus(index, torch.cuda.device_count(), allowed, _gpu_local_cpus, _siblings)
         if cpus is None:
             log.info("--cpus auto: fewer than %d CPUs per GPU here; not pinning", MIN_CPUS)
         return cpus

@@ -237,6 +237,7 @@ class GpuStepper:
         sess = w.sessions.get(sid)
         released = False
         uploaded: torch.cuda.Event | None = None
+        staging = False  # an upload from the frame body may be in flight
         try:
             if sess is None or eng is None:
                 raise ValueError(f"session {sid} was closed")
@@ -252,6 +253,7 @@ class GpuStepper:
             io = _step_io(cache) if cache is not None else None  # reused events and pinned buffers
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
+                staging = cache is None
                 x_in, uploaded = (x, None) if cache is not None else self.stager.upload(x)
                 compute = torch.cuda.current_stream(self.device)
                 start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
@@ -285,9 +287,12 @@ class GpuStepper:
                     else:
                         host, done = self.stager.to_host(out, end)
         except Exception as e:
-            if uploaded is not None and not released:  # the DMA may still read the frame body
+            if staging and not released:  # the DMA may still read the frame body
                 with contextlib.suppress(Exception):
-                    uploaded.synchronize()
+                    if uploaded is not None:
+                        uploaded.synchronize()
+                    else:  # upload() failed after enqueueing its copy
+                        self.stager.h2d_stream.synchronize()
             self._step_error(frame, released, sess, e)
             return
         sess.steps += 1
