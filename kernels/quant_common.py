@@ -39,10 +39,12 @@ __all__ = [
     "bf16_bits",
     "check_launch",
     "clamp_where",
+    "count_bad",
     "group_scales",
     "launch_config",
     "launch_shape",
     "load_groups",
+    "load_nibbles",
     "output_view",
     "quantize_biased",
     "store_output",
@@ -124,6 +126,27 @@ def load_groups(
         m = (g < n_groups)[:, None] & (j < GS)[None, :] & (col < cols)
         v = tl.load(x_ptr + row[:, None] * cols + col, mask=m, other=0.0)
     return v.to(tl.float32)
+
+
+@triton.jit
+def count_bad(flag_ptr, bad, g, n_groups):
+    """Add the number of bad groups among ``g`` (ids < n_groups) to ``flag_ptr``: one atomic per program, and
+    only when it has any."""
+    nbad = tl.sum((bad & (g < n_groups)).to(tl.int32), axis=0)
+    if nbad > 0:
+        tl.atomic_add(flag_ptr, nbad)
+
+
+@triton.jit
+def load_nibbles(p_ptr, g, gvalid, GS: tl.constexpr, BLOCK: tl.constexpr, GP: tl.constexpr):
+    """int32 ``[GP, BLOCK]``: the nibbles of groups ``g`` of a packed int4 payload (byte k of a group holds
+    element 2k in its low nibble, 2k+1 in its high one); 0 for masked groups and lanes past GS."""
+    k = tl.arange(0, BLOCK // 2)
+    b = tl.load(
+        p_ptr + g[:, None] * (GS // 2) + k[None, :], mask=gvalid[:, None] & (k < GS // 2)[None, :], other=0
+    )
+    b = b.to(tl.int32)
+    return tl.reshape(tl.join(b & 15, b >> 4), [GP, BLOCK])
 
 
 @triton.jit

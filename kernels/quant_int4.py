@@ -20,10 +20,12 @@ from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
     abs_max_bits,
     check_launch,
+    count_bad,
     group_scales,
     launch_config,
     launch_shape,
     load_groups,
+    load_nibbles,
     output_view,
     quantize_biased,
     store_output,
@@ -107,9 +109,7 @@ def _quant_int4_kernel(
         tl.store(scale_ptr + g, bits, mask=gvalid)
         tl.store(p_ptr + p_offs, packed, mask=gvalid[:, None] & (k < GS // 2)[None, :])
     if CHECK:
-        nbad = tl.sum((bad & (g < n_groups)).to(tl.int32), axis=0)
-        if nbad > 0:
-            tl.atomic_add(flag_ptr, nbad)
+        count_bad(flag_ptr, bad, g, n_groups)
 
 
 @triton.jit
@@ -132,12 +132,7 @@ def _dequant_int4_kernel(
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
     row = g // groups_per_row
-    k = tl.arange(0, BLOCK // 2)
-    b = tl.load(
-        p_ptr + g[:, None] * (GS // 2) + k[None, :], mask=gvalid[:, None] & (k < GS // 2)[None, :], other=0
-    )
-    b = b.to(tl.int32)
-    q = tl.reshape(tl.join(b & 15, b >> 4), [GP, BLOCK]) - 8  # masked bytes (0) give q = -8, never stored
+    q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP) - 8  # masked bytes (0) give q = -8, never stored
     bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None]

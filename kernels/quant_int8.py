@@ -14,6 +14,7 @@ from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
     abs_max_bits,
     check_launch,
+    count_bad,
     group_scales,
     launch_config,
     launch_shape,
@@ -58,9 +59,7 @@ def _quant_int8_kernel(
         tl.store(scale_ptr + g, bits, mask=gvalid)
         tl.store(q_ptr + q_offs, q, mask=gvalid[:, None] & (j < GS)[None, :])
     if CHECK:
-        nbad = tl.sum((bad & (g < n_groups)).to(tl.int32), axis=0)
-        if nbad > 0:
-            tl.atomic_add(flag_ptr, nbad)
+        count_bad(flag_ptr, bad, g, n_groups)
 
 
 @triton.jit
