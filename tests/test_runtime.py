@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import socket
 import struct
@@ -243,6 +244,16 @@ def test_cli_run_with_workers(capsys, hf_greedy):
     with pytest.raises(SystemExit) as e:
         main(["run", "--workers", "2", "--prefill-chunk", "1"])
     assert e.value.code == 2 and "use auto, none, or an int >= 2" in capsys.readouterr().err
+    # local workers kept on one CPU: same tokens; a CPU list for workers it did not start is refused
+    one = str(max(os.sched_getaffinity(0)))
+    assert main(["run", "--workers", "2", "--max-tokens", "10", "--json", "--cpus", one]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["token_ids"] == hf_greedy("Once upon a time", 10)
+    assert main(["run", "--workers", "127.0.0.1:1", "--cpus", one]) == 1
+    assert "start each with `hyperlane worker --cpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--workers", "2", "--cpus", "two"])
+    assert e.value.code == 2 and "not N or N-M" in capsys.readouterr().err
 
 
 def test_link_probe(model3):

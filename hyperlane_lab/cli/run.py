@@ -12,7 +12,7 @@ from hyperlane_lab.cli.common import (
     result_json,
 )
 
-__all__ = ["add_parser", "prefill_chunk_arg", "run"]
+__all__ = ["add_parser", "cpus_arg", "prefill_chunk_arg", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default="auto",
         help="with --workers: prompt tokens per frame down the pipeline: auto (default), none (the whole "
         "prompt in one frame) or an int >= 2",
+    )
+    p.add_argument(
+        "--cpus",
+        type=cpus_arg,
+        default="",
+        help="with --workers N: keep each local worker on its share of the CPUs near its GPU (auto) or on "
+        "a list (0-7); see `hyperlane worker --cpus`",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_generation_args(p)
@@ -51,6 +58,19 @@ def prefill_chunk_arg(text: str) -> int | str | None:
             f"{text!r} is not a chunk size: use auto, none, or an int >= 2 (prompt tokens per frame)"
         )
     return n
+
+
+def cpus_arg(text: str) -> str:
+    """``--cpus``: "auto", a CPU list such as 0-7,16-23 (checked here, resolved by each worker), or ""."""
+    if text.strip() in ("", "auto"):  # "" (the default): any CPU
+        return text.strip()
+    from hyperlane_lab.runtime.cpus import parse_cpu_list
+
+    try:
+        parse_cpu_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
 
 
 def run(args: argparse.Namespace) -> int:

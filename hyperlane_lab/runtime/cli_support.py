@@ -13,13 +13,18 @@ __all__ = ["demo_distributed", "run_distributed"]
 
 
 @contextlib.contextmanager
-def _workers(spec: str) -> Any:
-    """``N`` starts N local workers; ``host:port,...`` uses running ones."""
+def _workers(spec: str, cpus: str = "") -> Any:
+    """``N`` starts N local workers (each with ``--cpus cpus``); ``host:port,...`` uses running ones."""
     if spec.isdigit():
         from hyperlane_lab.runtime.local_cluster import LocalCluster
 
-        with LocalCluster(int(spec)) as cluster:
+        with LocalCluster(int(spec), cpus=cpus) as cluster:
             yield cluster.addresses
+    elif cpus:
+        raise ValueError(
+            "--cpus pins the workers `hyperlane run --workers N` starts; running workers choose their "
+            "own CPUs: start each with `hyperlane worker --cpus ...`"
+        )
     else:
         yield [w.strip() for w in spec.split(",") if w.strip()]
 
@@ -28,7 +33,7 @@ def run_distributed(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]
     from hyperlane_lab.runtime.client import AutoDistributedModel
 
     with (
-        _workers(args.workers) as addresses,
+        _workers(args.workers, getattr(args, "cpus", "")) as addresses,
         AutoDistributedModel.from_pretrained(
             args.model,
             workers=addresses,
