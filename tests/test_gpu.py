@@ -352,6 +352,70 @@ def test_worker_gpu_path_matches_inprocess(tmp_path):
 
 
 @gpu
+def test_prompt_failing_after_its_upload_leaves_the_worker_serving(tmp_path):
+    """A 128-token prompt frame for the last stage (16 KB of fp16 hidden states: a pinned pooled body,
+    uploaded by DMA) whose positions pass the worker's dispatch checks but not the stage's: the step
+    fails after its upload was enqueued. The error reaches the session's reply address, and prompts
+    of that size afterwards (the pooled body reused) still give the in-process tokens."""
+    import time
+
+    from hyperlane_lab.generation.pipeline import InProcessPipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.control import WorkerClient
+    from hyperlane_lab.runtime.dataplane import parse_address
+    from hyperlane_lab.runtime.frame import HEADER, FrameHeader, FrameKind, pack_header, unpack_header
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+    from tests.test_codec_wire import _reply_listener, _send_and_wait
+
+    local = InProcessPipeline.from_pretrained(None, n_stages=2, dtype="fp16", device="cuda")
+    prompt = "Once upon a time, there was a little girl named Lily. " * 12
+    with (
+        LocalCluster(2, devices=["cuda:0", "cuda:0"], cache_dir=tmp_path) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", progress=False
+        ) as m,
+    ):
+        want = local.generate(prompt, max_tokens=8).token_ids
+        assert m.generate(prompt, max_tokens=8).token_ids == want
+        last = WorkerClient(m.plan.stages[1].address)
+        srv, got, _th = _reply_listener()
+        sid, seq, hidden = uuid.uuid4().hex, 128, local.spec.hidden_size
+        try:
+            last.call(
+                "OpenSession",
+                pb.OpenSessionRequest(
+                    session_id=sid, batch=1, max_len=seq, reply_to=f"127.0.0.1:{srv.getsockname()[1]}"
+                ),
+            )
+            x = torch.randn(1, seq, hidden).half()
+            pos = torch.arange(seq, dtype=torch.int64) + 8  # the last positions are beyond max_len
+            payload = x.numpy().tobytes()  # the header counts the payload; positions go before it
+            h = FrameHeader(
+                FrameKind.TENSOR, sid, 0, 1, seq, torch.float16, 0, 0, (1, seq, hidden), len(payload)
+            )
+            assert (
+                _send_and_wait(
+                    parse_address(last.data_address), pack_header(h) + pos.numpy().tobytes() + payload, 1.0
+                )
+                == "open"
+            )
+            deadline = time.monotonic() + 20
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(got) == 1
+            err = unpack_header(got[0][: HEADER.size])
+            assert err.kind == FrameKind.ERROR and b"beyond" in got[0][HEADER.size :]
+            health = last.call("Health", pb.HealthRequest())
+            assert health.ok and health.pinned_buffers >= 1
+        finally:
+            last.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
+            last.close()
+            srv.close()
+        for _ in range(2):
+            assert m.generate(prompt, max_tokens=8).token_ids == want
+
+
+@gpu
 def test_run_ahead_decode_on_gpu_equals_the_plain_loop(monkeypatch):
     """CUDA graphs fed by the previous step's device-side token give the plain loop's tokens."""
     from hyperlane_lab.generation import pipeline as pl
