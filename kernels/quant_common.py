@@ -47,6 +47,9 @@ __all__ = [
     "load_nibbles",
     "output_view",
     "quantize_biased",
+    "scales_from",
+    "store_groups",
+    "store_nibbles",
     "store_output",
 ]
 
@@ -129,6 +132,19 @@ def load_groups(
 
 
 @triton.jit
+def store_groups(
+    out_ptr, v, g, gvalid, cols, groups_per_row, GS: tl.constexpr, BLOCK: tl.constexpr,
+    OUT_MAX: tl.constexpr, OUT_BF16: tl.constexpr,
+):  # fmt: skip
+    """Store fp32 ``v [GP, BLOCK]`` as groups ``g`` of ``out [R, H]`` (``store_output``: clamped, cast);
+    lanes past GS, the last group's row padding and masked groups are dropped. Inverse of ``load_groups``."""
+    row = g // groups_per_row
+    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
+    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
+    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+
+
+@triton.jit
 def count_bad(flag_ptr, bad, g, n_groups):
     """Add the number of bad groups among ``g`` (ids < n_groups) to ``flag_ptr``: one atomic per program, and
     only when it has any."""
@@ -156,6 +172,26 @@ def abs_max_bits(v):
 
 
 @triton.jit
+def scales_from(s32, bad):
+    """fp32 step per group ``s32`` and its ``bad`` flags [GP] -> (scale bits int16, divisor fp32, 1 / divisor
+    fp32, bad): the scale is the smallest fp16 >= ``s32`` (-0 kept as +0), fp16 NaN in groups that are bad or
+    whose scale overflowed; the divisor is 1 there and for zero scales.
+
+    Reference: ``hyperlane_lab.codecs.reference.fp16_scales``.
+    """
+    s16 = s32.to(tl.float16)
+    bits = s16.to(tl.int16, bitcast=True)
+    bits = tl.where(s16.to(tl.float32) < s32, bits + 1, bits).to(tl.int16)  # smallest fp16 >= s32
+    bits = tl.where(bits == -32768, 0, bits).to(tl.int16)  # -0 (an asymmetric group's max of -0): +0
+    bad = bad | (bits >= 0x7C00)
+    bits = tl.where(bad, 0x7E00, bits).to(tl.int16)  # fp16 NaN marks a bad group
+    scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    divisor = tl.where(bad | (bits == 0), 1.0, scale)
+    recip = tl.math.div_rn(tl.zeros_like(divisor) + 1.0, divisor)
+    return bits, divisor, recip, bad
+
+
+@triton.jit
 def group_scales(absbits, QMAX: tl.constexpr):
     """``abs_max_bits`` of each group -> (scale bits int16, divisor fp32, 1 / divisor fp32, bad), all [GP].
 
@@ -163,16 +199,20 @@ def group_scales(absbits, QMAX: tl.constexpr):
     matters for good groups, where it is the max of all values).
     """
     absmax = absbits.to(tl.float32, bitcast=True)
-    s32 = tl.math.div_rn(absmax, tl.zeros_like(absmax) + QMAX)
-    s16 = s32.to(tl.float16)
-    bits = s16.to(tl.int16, bitcast=True)
-    bits = tl.where(s16.to(tl.float32) < s32, bits + 1, bits).to(tl.int16)  # smallest fp16 >= s32
-    bad = (absbits >= 0x7F800000) | (bits >= 0x7C00)
-    bits = tl.where(bad, 0x7E00, bits).to(tl.int16)  # fp16 NaN marks a bad group
-    scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    divisor = tl.where(bad | (bits == 0), 1.0, scale)
-    recip = tl.math.div_rn(tl.zeros_like(divisor) + 1.0, divisor)
-    return bits, divisor, recip, bad
+    return scales_from(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QMAX), absbits >= 0x7F800000)
+
+
+@triton.jit
+def store_nibbles(p_ptr, lo, hi, g, n_groups, GS: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """Store byte k of each group ``g`` as ``lo | hi << 4`` (int32 [GP, BLOCK // 2] whose low 4 bits are the
+    nibbles of elements 2k and 2k+1 and bits 4..7 are 0, as ``quantize_biased`` leaves them)."""
+    packed = (lo + (hi << 4)).to(tl.uint8)
+    k = tl.arange(0, BLOCK // 2)
+    offs = g[:, None] * (GS // 2) + k[None, :]
+    if EVEN:
+        tl.store(p_ptr + offs, packed)
+    else:
+        tl.store(p_ptr + offs, packed, mask=(g < n_groups)[:, None] & (k < GS // 2)[None, :])
 
 
 @triton.jit

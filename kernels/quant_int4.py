@@ -28,7 +28,8 @@ from hyperlane_lab.kernels.quant_common import (
     load_nibbles,
     output_view,
     quantize_biased,
-    store_output,
+    store_groups,
+    store_nibbles,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -99,15 +100,11 @@ def _quant_int4_kernel(
         lo = quantize_biased(ve, divisor, recip, bad, 8)
         hi = quantize_biased(vo, divisor, recip, bad, 8)
     # the low nibble of the biased bits is q + 8 and bits 4..7 are 0, so one shift-add packs a byte
-    packed = (lo + (hi << 4)).to(tl.uint8)
-    p_offs = g[:, None] * (GS // 2) + k[None, :]
+    store_nibbles(p_ptr, lo, hi, g, n_groups, GS, BLOCK, EVEN)
     if EVEN:
         tl.store(scale_ptr + g, bits)
-        tl.store(p_ptr + p_offs, packed)
     else:
-        gvalid = g < n_groups
-        tl.store(scale_ptr + g, bits, mask=gvalid)
-        tl.store(p_ptr + p_offs, packed, mask=gvalid[:, None] & (k < GS // 2)[None, :])
+        tl.store(scale_ptr + g, bits, mask=g < n_groups)
     if CHECK:
         count_bad(flag_ptr, bad, g, n_groups)
 
@@ -131,16 +128,13 @@ def _dequant_int4_kernel(
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
-    row = g // groups_per_row
     q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP) - 8  # masked bytes (0) give q = -8, never stored
     bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None]
     if HADAMARD:
         v = wht_groups(v, GP, BLOCK, LOG2_GS, INV_SQRT)
-    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
-    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
-    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16)
 
 
 def _check_group_size(group_size: int, hadamard: bool) -> None:

@@ -23,7 +23,9 @@ from hyperlane_lab.kernels.quant_common import (
     load_nibbles,
     output_view,
     quantize_biased,
-    store_output,
+    scales_from,
+    store_groups,
+    store_nibbles,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -60,31 +62,19 @@ def _quant_int4_asym_kernel(
     mbits = tl.where(mbits == -32768, 0, mbits).to(tl.int16)  # -0 -> +0 (which zero tl.min picks varies)
     m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     # the scale: the smallest fp16 >= (hi - m) / 15
-    s32 = tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0)
-    s16 = s32.to(tl.float16)
-    bits = s16.to(tl.int16, bitcast=True)
-    bits = tl.where(s16.to(tl.float32) < s32, bits + 1, bits).to(tl.int16)
-    bits = tl.where(bits == -32768, 0, bits).to(tl.int16)  # hi = -0: a zero scale, not -0
-    bad = (abs_max_bits(v) >= 0x7F800000) | (bits >= 0x7C00) | ((mbits & 0x7FFF) >= 0x7C00)
-    bits = tl.where(bad, 0x7E00, bits).to(tl.int16)  # fp16 NaN marks a bad group
+    bad = (abs_max_bits(v) >= 0x7F800000) | ((mbits & 0x7FFF) >= 0x7C00)
+    bits, divisor, recip, bad = scales_from(tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0), bad)
     mbits = tl.where(bad, 0, mbits).to(tl.int16)
-    divisor = tl.where(bad | (bits == 0), 1.0, bits.to(tl.float16, bitcast=True).to(tl.float32))
-    recip = tl.math.div_rn(tl.zeros_like(divisor) + 1.0, divisor)
     mf = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     qb = quantize_biased(v - mf[:, None], divisor, recip, bad, 0)  # low nibble = q (0..15), bits 4..7 = 0
     lo_q, hi_q = tl.split(tl.reshape(qb, [GP, BLOCK // 2, 2]))
-    packed = (lo_q + (hi_q << 4)).to(tl.uint8)
-    k = tl.arange(0, BLOCK // 2)
-    p_offs = g[:, None] * (GS // 2) + k[None, :]
+    store_nibbles(p_ptr, lo_q, hi_q, g, n_groups, GS, BLOCK, EVEN)
     if EVEN:
         tl.store(scale_ptr + g, bits)
         tl.store(min_ptr + g, mbits)
-        tl.store(p_ptr + p_offs, packed)
     else:
-        gvalid = g < n_groups
-        tl.store(scale_ptr + g, bits, mask=gvalid)
-        tl.store(min_ptr + g, mbits, mask=gvalid)
-        tl.store(p_ptr + p_offs, packed, mask=gvalid[:, None] & (k < GS // 2)[None, :])
+        tl.store(scale_ptr + g, bits, mask=g < n_groups)
+        tl.store(min_ptr + g, mbits, mask=g < n_groups)
     if CHECK:
         count_bad(flag_ptr, bad, g, n_groups)
 
@@ -106,14 +96,11 @@ def _dequant_int4_asym_kernel(
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
-    row = g // groups_per_row
     q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP)
     scale = tl.load(scale_ptr + g, mask=gvalid, other=0).to(tl.float16, bitcast=True).to(tl.float32)
     m = tl.load(min_ptr + g, mask=gvalid, other=0).to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None] + m[:, None]  # the product is exact: no fma question
-    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
-    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
-    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16)
 
 
 def _check_group_size(group_size: int) -> None:

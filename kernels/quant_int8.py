@@ -21,7 +21,7 @@ from hyperlane_lab.kernels.quant_common import (
     load_groups,
     output_view,
     quantize_biased,
-    store_output,
+    store_groups,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -78,14 +78,12 @@ def _dequant_int8_kernel(
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
-    row = g // groups_per_row
-    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
     in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
     bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     q = tl.load(q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :], mask=in_group, other=0)
     v = q.to(tl.float32) * scale[:, None]  # exact: |q| <= 127 times an fp16 scale
-    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16)
 
 
 def _groups(x_rows: int, cols: int, group_size: int) -> tuple[int, int]:

@@ -52,21 +52,17 @@ def range_error(
     where = first_nonfinite_index(x)
     if where is not None:
         return nonfinite_error(codec.name, shape, f"index {where}")
-    if (
-        quantized is not None and float(x.detach().abs().max()) > 65504
-    ):  # each row's largest |x| is an outlier
-        flat = int(x.detach().abs().flatten().argmax())
-        idx = tuple(int(t) for t in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
+    flat = int(x.detach().abs().flatten().argmax())
+    idx = tuple(int(t) for t in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
+    value = float(x.flatten()[flat])
+    if quantized is not None and abs(value) > 65504:  # each row's largest |x| is an outlier, sent as fp16
         return ValueError(
-            f"activation value {float(x.flatten()[flat]):.4g} at index {idx} is beyond fp16's 65504: the "
+            f"activation value {value:.4g} at index {idx} is beyond fp16's 65504: the "
             f"{codec.name!r} codec sends each row's largest values as fp16; use int8 for this boundary "
             "or rescale the activations"
         )
     if getattr(codec, "asymmetric", False):
         return _asym_range_error(codec, x if quantized is None else quantized)
-    flat = int(x.detach().abs().flatten().argmax())
-    idx = tuple(int(t) for t in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
-    value = float(x.flatten()[flat])
     rotated = " after the Hadamard rotation (up to sqrt(group_size) x larger)" if where_rotated else ""
     return ValueError(
         f"activation value {value:.4g} at index {idx} is out of the {codec.name!r} codec's range{rotated}: "

@@ -74,7 +74,8 @@ class OutlierInt4Codec(IntCodec):
             vals16 = torch.zeros((rows, 0), dtype=torch.float16, device=x.device)
             rest = x2d
         data, count, n = self._encode_sections(rest, check_finite, backend, extra_bytes=4 * rows * k)
-        side = data[self.head_bytes(n) : self.head_bytes(n) + 4 * rows * k]
+        head = self.head_bytes(n)
+        side = data[head : head + 4 * rows * k]
         side[: 2 * rows * k].view(torch.int16).copy_(idx.to(torch.int16).flatten())  # uint16 bits
         side[2 * rows * k :].view(torch.float16).copy_(vals16.flatten())
         if check_finite:

@@ -49,6 +49,7 @@ __all__ = [
     "dequantize_int4",
     "dequantize_int4_asym",
     "dequantize_int8",
+    "fp16_scales",
     "group_scales",
     "grouped",
     "hadamard_rows",
@@ -104,6 +105,21 @@ def hadamard_rows(v: torch.Tensor) -> torch.Tensor:
     return v * inv_sqrt_f32(gs)
 
 
+def fp16_scales(s32: torch.Tensor, bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3 and 5 for fp32 steps ``s32 [N]`` of groups flagged ``bad``: (scale bits int16 [N], divisor fp32
+    [N], bad bool [N]). The scale is the smallest fp16 >= ``s32`` (-0 kept as +0: an asymmetric group whose
+    max is -0), fp16 NaN where the group is bad or the scale overflowed; the divisor is 1 there and for zero
+    scales."""
+    s16 = s32.to(torch.float16)
+    bits = s16.view(torch.int16)
+    bits = torch.where(s16.float() < s32, bits + 1, bits)  # round up: smallest fp16 >= s32
+    bits = torch.where(bits == NEG_ZERO16, 0, bits).to(torch.int16)
+    bad = bad | (bits >= FP16_INF_BITS)
+    bits = torch.where(bad, torch.full_like(bits, NAN16_BITS), bits)
+    divisor = torch.where(bad | (bits == 0), 1.0, bits.view(torch.float16).float())
+    return bits, divisor, bad
+
+
 def group_scales(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1-3 and 5 for fp32 ``v [N, gs]``: (scale bits int16 [N], divisor fp32 [N], bad bool [N])."""
     absv = v.abs()
@@ -111,14 +127,7 @@ def group_scales(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor
     nonfinite = ~finite.all(dim=1)
     absmax = torch.where(finite, absv, 0.0).amax(dim=1)
     # Divide by a full tensor, not a Python scalar: CUDA turns "tensor / scalar" into a reciprocal multiply.
-    s32 = absmax / torch.full_like(absmax, float(qmax))
-    s16 = s32.to(torch.float16)
-    bits = s16.view(torch.int16)
-    bits = torch.where(s16.float() < s32, bits + 1, bits)  # round up: smallest fp16 >= s32
-    bad = nonfinite | (bits >= FP16_INF_BITS)
-    bits = torch.where(bad, torch.full_like(bits, NAN16_BITS), bits)
-    divisor = torch.where(bad | (bits == 0), 1.0, bits.view(torch.float16).float())
-    return bits, divisor, bad
+    return fp16_scales(absmax / torch.full_like(absmax, float(qmax)), nonfinite)
 
 
 def _quantize_values(v: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +161,16 @@ def dequantize_int8(
     return ungroup(_to_output(v, out_dtype), rows, cols)
 
 
+def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    nib = u.to(torch.uint8)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).flatten()
+
+
+def _unpack_nibbles(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    p = packed.reshape(-1, group_size // 2)
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(-1, group_size).float()
+
+
 def quantize_int4(
     x2d: torch.Tensor, group_size: int, hadamard: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,9 +179,7 @@ def quantize_int4(
     if hadamard:
         v = hadamard_rows(v)
     bits, q = _quantize_values(v, QMAX[4])
-    nib = (q + 8.0).to(torch.uint8)
-    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    return bits, packed.flatten()
+    return bits, _pack_nibbles(q + 8.0)  # offset binary
 
 
 def dequantize_int4(
@@ -175,24 +192,10 @@ def dequantize_int4(
     hadamard: bool = False,
 ) -> torch.Tensor:
     """Inverse of ``quantize_int4`` -> ``[R, H]`` of ``out_dtype``."""
-    p = packed.reshape(-1, group_size // 2)
-    lo = (p & 0xF).to(torch.int16) - 8
-    hi = (p >> 4).to(torch.int16) - 8
-    q = torch.stack((lo, hi), dim=-1).reshape(-1, group_size).float()
-    v = _dequantize_values(bits, q)
+    v = _dequantize_values(bits, _unpack_nibbles(packed, group_size) - 8.0)
     if hadamard:
         v = hadamard_rows(v)
     return ungroup(_to_output(v, out_dtype), rows, cols)
-
-
-def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
-    nib = u.to(torch.uint8)
-    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).flatten()
-
-
-def _unpack_nibbles(packed: torch.Tensor, group_size: int) -> torch.Tensor:
-    p = packed.reshape(-1, group_size // 2)
-    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(-1, group_size).float()
 
 
 def asym_group_params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,17 +212,11 @@ def asym_group_params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     mbits = torch.where(m16.float() > lo, down, mbits)
     mbits = torch.where(mbits == NEG_ZERO16, 0, mbits).to(
         torch.int16
-    )  # -0 -> +0 (which zero min picks varies)
+    )  # -0: +0 (which zero amin picks varies)
     m = mbits.view(torch.float16).float()
-    s32 = (hi - m) / torch.full_like(hi, 15.0)
-    s16 = s32.to(torch.float16)
-    bits = s16.view(torch.int16)
-    bits = torch.where(s16.float() < s32, bits + 1, bits)
-    bits = torch.where(bits == NEG_ZERO16, 0, bits).to(torch.int16)  # hi = -0: a zero scale, not -0
-    bad = nonfinite | (bits >= FP16_INF_BITS) | ((mbits & 0x7FFF) >= FP16_INF_BITS)
-    bits = torch.where(bad, torch.full_like(bits, NAN16_BITS), bits)
+    bad = nonfinite | ((mbits & 0x7FFF) >= FP16_INF_BITS)
+    bits, divisor, bad = fp16_scales((hi - m) / torch.full_like(hi, 15.0), bad)
     mbits = torch.where(bad, torch.zeros_like(mbits), mbits)
-    divisor = torch.where(bad | (bits == 0), 1.0, bits.view(torch.float16).float())
     return bits, mbits, divisor, bad
 
 

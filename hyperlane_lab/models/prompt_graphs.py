@@ -22,7 +22,7 @@ padding invisible to the real tokens (row i sees keys up to its own position onl
 rows are the eager path's up to rounding (the products run with M = bucket, not S). The graphs
 read and write K/V in a scratch cache per batch size, shared by all of them and grown with the
 longest context seen (``scratch_len``); after the replay the chunk's S slots are copied into the
-session's cache (one ``_foreach_copy_``) and the output is copied out of the graph's buffer, both
+session's cache (one copy, ``sessions.copy_slots``) and the output is copied out of the graph's buffer, both
 in stream order, so the graphs share one memory pool and any session can use any graph. A later
 chunk needs the keys before it in the scratch: they are there when the batch's previous replay
 was this session's previous step (``SessionCache.writes`` counts steps); otherwise they are first
@@ -207,7 +207,7 @@ class PromptGraphs:
         cos, sin = cos_t[pos].to(st.dtype)[:, None], sin_t[pos].to(st.dtype)[:, None]
         windows = [spec.layer_window(layer) for layer in st.span.layers()]
         # a fresh prompt no window cuts into: causal attention over the new keys, no mask
-        causal = start == 0 and all(win is None or win >= bucket for win in windows)
+        causal = start == 0 and st._no_window_cuts(bucket)
         masks = {win: None if causal else attention_mask(pos, start + bucket, win) for win in set(windows)}
         layer_masks = [masks[win] for win in windows]
 

@@ -287,12 +287,9 @@ class GpuStepper:
                     else:
                         host, done = self.stager.to_host(out, end)
         except Exception as e:
-            if staging and not released:  # the DMA may still read the frame body
+            if staging and not released:  # the DMA may still read the frame body (upload() may have failed)
                 with contextlib.suppress(Exception):
-                    if uploaded is not None:
-                        uploaded.synchronize()
-                    else:  # upload() failed after enqueueing its copy
-                        self.stager.h2d_stream.synchronize()
+                    self.stager.h2d_stream.synchronize()
             self._step_error(frame, released, sess, e)
             return
         sess.steps += 1
