@@ -109,7 +109,10 @@ def _quant_int4_kernel(
         count_bad(flag_ptr, bad, g, n_groups)
 
 
-@triton.jit
+# n_groups is never specialized: Triton 3.6 (the device image's) compiles n_groups == 1 (a one-group tensor, e.g.
+# [1, 64] at group 64) as a constant, and that build wrote (q + 8) * scale into an fp32 output on H100 and H200,
+# where the same launch with n_groups as an argument, the fp16/bf16 outputs and the interpreter are exact.
+@triton.jit(do_not_specialize=["n_groups"])
 def _dequant_int4_kernel(
     scale_ptr,  # [N] int16
     p_ptr,  # [N * GS / 2] uint8

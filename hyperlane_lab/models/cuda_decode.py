@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from hyperlane_lab.models.capture import graph_capture
 from hyperlane_lab.models.decode_fused import (
     fused_attention_kernel,
     make_fused_layer,
@@ -442,14 +443,11 @@ class GraphDecoder:
                 graph = torch.cuda.CUDAGraph()
                 # own memory pool per graph: a decode step's intermediates are small, and a shared
                 # pool handle dies with the last graph that used it (a later capture on it asserts)
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
+                with graph_capture(graph):
                     out = run()
                     greedy = greedy_pack(out) if st.is_last else None
                     if wio is not None:
                         wire_out(wio, greedy if greedy is not None else out)
-                finally:
-                    graph.capture_end()
             torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
         log.debug("stage %s: captured decode graph for batch %d, max_len %d (wire %s)", st.span, b,

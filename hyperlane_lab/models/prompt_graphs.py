@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperlane_lab.models.capture import collect_dropped, graph_capture
 from hyperlane_lab.models.layers import attention_mask
 from hyperlane_lab.models.sessions import SessionCache, copy_slots
 
@@ -133,6 +134,9 @@ class PromptGraphs:
                 self._pool = None
             self._scratch.pop(batch, None)  # freed before the larger one is made
             self._holds.pop(batch, None)
+            if have is not None:
+                del have
+                collect_dropped()
             st = self.stage
             slots = scratch_len(need, self.max_context)
             self._scratch[batch] = SessionCache.zeros(
@@ -226,11 +230,8 @@ class PromptGraphs:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
+                with graph_capture(graph, self._pool):
                     out = run()
-                finally:
-                    graph.capture_end()
             torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
         log.debug("stage %s: captured prompt graph for batch %d, %d tokens from position %d",
