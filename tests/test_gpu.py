@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hyperlane_lab.models import ModelSpec, TorchStage
-from hyperlane_lab.models.cuda_decode import GraphDecoder
+from hyperlane_lab.models.cuda_decode import POOL_ALIGN, GraphDecoder, pooled_len
 from hyperlane_lab.models.layers import LayerWeights, attention_mask, decoder_layer, rope_tables
 from hyperlane_lab.models.loading import random_stage_weights
 from hyperlane_lab.models.stage import StageWeights
@@ -199,15 +199,50 @@ def test_graph_decoder_pools_caches_on_cpu():
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
     gd = GraphDecoder(st, pool_size=1)
     a = gd.new_cache(2, 8)
+    assert (a.max_len, a.limit) == (pooled_len(8, SPEC.max_position), 8)
     a.k[0].fill_(1.0)
     gd.release(a)
-    b = gd.new_cache(2, 8)
-    assert b is a and all(int(t.count_nonzero()) == 0 for t in b.k + b.v)  # reused, zeroed
-    c = gd.new_cache(2, 9)
-    assert c is not a
+    b = gd.new_cache(2, 9)  # another length of the same pooled size: the parked cache (and graph)
+    assert b is a and b.limit == 9 and all(int(t.count_nonzero()) == 0 for t in b.k + b.v)  # zeroed
+    c = gd.new_cache(2, POOL_ALIGN + 1)  # the next size up: a cache of its own
+    assert c is not a and c.max_len == 2 * POOL_ALIGN
+    assert gd.new_cache(1, 8) is not a  # another batch size
     gd.release(a)
     gd.release(c)  # pool_size 1: the older one (a) is dropped
     assert gd.new_cache(2, 8) is not a
+
+
+def test_pooled_len_rounds_up_within_the_context():
+    assert [pooled_len(n, 4096) for n in (1, 255, 256, 257, 4000, 4096)] == [256, 256, 256, 512, 4096, 4096]
+    assert pooled_len(300, 300) == 300 and pooled_len(300, 400) == 400  # not past the model's context
+    assert pooled_len(5000, 4096) == 5000  # asked for more than the context: as asked
+
+
+def test_pool_align_from_the_environment(monkeypatch):
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    monkeypatch.setenv("HYPERLANE_POOL_ALIGN", "1")  # exact lengths, as before pooling by size
+    assert GraphDecoder(st).new_cache(1, 9).max_len == 9
+    monkeypatch.setenv("HYPERLANE_POOL_ALIGN", "zero")
+    with pytest.raises(ValueError, match="HYPERLANE_POOL_ALIGN must be a positive integer"):
+        GraphDecoder(st)
+
+
+def test_a_pooled_cache_keeps_the_session_limit_and_the_eager_outputs():
+    """A session on a cache longer than it asked for (as the CUDA engine pools them) refuses positions
+    past its own max_len and computes what a cache of exactly its length gives."""
+    pooled, exact = _stages(SPEC, [], torch.float32, "cpu")[0], _stages(SPEC, [], torch.float32, "cpu")[0]
+    gd = GraphDecoder(pooled)
+    pooled._new_cache = gd.new_cache  # what TorchStage does on CUDA
+    ids = torch.randint(0, SPEC.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    for st in (pooled, exact):
+        st.open_session("s", 1, 8)
+    assert pooled.session("s").max_len > exact.session("s").max_len == 8
+    pos = torch.arange(6)[None]
+    torch.testing.assert_close(pooled.forward("s", ids, pos), exact.forward("s", ids, pos), rtol=0, atol=0)
+    nxt, p6 = ids[:, :1], torch.tensor([[6]])
+    torch.testing.assert_close(pooled.forward("s", nxt, p6), exact.forward("s", nxt, p6), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"beyond session 's''s max length 8"):
+        pooled.forward("s", nxt, torch.tensor([[8]]))
 
 
 # ---------------------------------------------------------------------- CUDA
@@ -248,9 +283,10 @@ def test_graph_pool_reuses_graphs_and_interleaves_sessions():
     stages = _stages(SPEC, [2], torch.float16, "cuda")
     first = _decode(stages, [5], steps=6, static=True)
     again = _decode(stages, [5], steps=6, static=True)  # same shape: pooled cache + graph
+    other = _decode(stages, [5], steps=6, static=True, max_len=40)  # another length, same pooled size
     assert all(st.graph_decoder().captures == 1 for st in stages)
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b) and torch.equal(a, c)
     # two sessions stepped alternately give what each gives alone
     sids = [uuid.uuid4().hex, uuid.uuid4().hex]
     prompts = [_prompt([5], SPEC.vocab_size, seed=s) for s in (0, 7)]

@@ -25,6 +25,7 @@ off one of these optional pieces at a time (``GraphDecoder.fallbacks`` says whic
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,12 +56,14 @@ if TYPE_CHECKING:
     from hyperlane_lab.models.stage import SessionCache, TorchStage
 
 __all__ = [
+    "POOL_ALIGN",
     "GraphDecoder",
     "decode_attention",
     "decode_layer_static",
     "graph_greedy",
     "greedy_pack",
     "make_linear",
+    "pooled_len",
     "static_decode_step",
 ]
 
@@ -97,6 +100,32 @@ def greedy_pack(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits.argmax(dim=-1).to(torch.int64), bad[None]])
 
 
+# Decode caches are allocated in whole multiples of this many positions. A graph is bound to its
+# cache's addresses, so a new session reuses a parked cache (and skips a capture, tens of ms per
+# stage) only when the lengths match; sessions opened with prompt + max_tokens = 40 and 48 would
+# otherwise never share one. The decode attention kernel (kernels/decode_attn.py) reads keys up
+# to each row's position only, and takes its split count from ceil(max_len / 256), which rounding
+# to 256 keeps, so the spare slots cost memory (at most POOL_ALIGN - 1 positions a session), not
+# time; the torch fallback masks over the whole cache and does pay for them.
+POOL_ALIGN = 256
+
+
+def pooled_len(max_len: int, max_position: int, align: int = POOL_ALIGN) -> int:
+    """``max_len`` rounded up to a multiple of ``align``, but not past the model's context
+    (``max_position``) unless ``max_len`` itself is."""
+    return max(max_len, min(-(-max_len // align) * align, max_position))
+
+
+def _pool_align() -> int:
+    """``HYPERLANE_POOL_ALIGN`` (1: caches of exactly the asked length, as before), else POOL_ALIGN."""
+    raw = os.environ.get("HYPERLANE_POOL_ALIGN", "")
+    if not raw:
+        return POOL_ALIGN
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"HYPERLANE_POOL_ALIGN must be a positive integer (positions), got {raw!r}")
+    return int(raw)
+
+
 class GraphDecoder:
     """Per-stage CUDA-graph decode: one graph per session cache, pooled caches, optional compile.
 
@@ -113,6 +142,7 @@ class GraphDecoder:
             env_flag("HYPERLANE_COMPILE", True) if compile_layers is None else compile_layers
         )
         self.pool_size = pool_size
+        self.pool_align = _pool_align()  # decode caches come in multiples of this many positions
         self.captures = 0  # graphs captured (pooling keeps this flat across sessions of one shape)
         self.replays = 0
         self._pool: OrderedDict[int, SessionCache] = OrderedDict()  # parked caches, oldest first
@@ -140,16 +170,22 @@ class GraphDecoder:
     # ------------------------------------------------------------------ caches
 
     def new_cache(self, batch: int, max_len: int) -> SessionCache:
-        """A zeroed cache for a new session, reusing a parked one (and its graph) of that shape."""
+        """A zeroed cache for a new session, reusing a parked one (and its graph) of that shape.
+        Its length is ``pooled_len(max_len)``, so sessions of nearby lengths share parked caches;
+        the session may still only use positions below its own ``max_len`` (``SessionCache.limit``)."""
         from hyperlane_lab.models.stage import SessionCache
 
+        slots = pooled_len(max_len, self.stage.spec.max_position, self.pool_align)
         for key, c in self._pool.items():
-            if c.batch == batch and c.max_len == max_len:
+            if c.batch == batch and c.max_len == slots:
                 del self._pool[key]
                 c.zero_()
+                c.limit = max_len
                 return c
         st = self.stage
-        return SessionCache.zeros(batch, max_len, len(st.span), st.spec, st.dtype, st.device)
+        c = SessionCache.zeros(batch, slots, len(st.span), st.spec, st.dtype, st.device)
+        c.limit = max_len
+        return c
 
     def release(self, cache: SessionCache) -> None:
         """Park a closed session's cache (and graph) for reuse; the oldest beyond pool_size is freed."""

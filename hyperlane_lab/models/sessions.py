@@ -47,6 +47,13 @@ class SessionCache:
     # [2, layers, B, Hkv, max_len + 1, D]: one allocation whose views are ``k`` and ``v`` (from
     # ``zeros``), so zeroing and slot copies are one kernel each instead of one per tensor
     kv: torch.Tensor | None = field(default=None, repr=False)
+    # positions the open session may write, [0, limit): its own max_len, which a pooled cache
+    # (``cuda_decode.GraphDecoder.new_cache``) may exceed; -1 = max_len
+    limit: int = -1
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            self.limit = self.max_len
 
     @classmethod
     def zeros(
@@ -175,6 +182,6 @@ class StageSessions:
             max_pos = int(positions.numpy().max())
         else:
             max_pos = int(positions.max())
-        check_positions(max_pos, session_id, cache.max_len)
+        check_positions(max_pos, session_id, cache.limit)
         cache.writes += 1
         return cache, max_pos

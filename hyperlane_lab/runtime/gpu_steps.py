@@ -185,7 +185,7 @@ class GpuStepper:
                 raise ValueError(f"session {sid} was closed")
             cache = eng.session(sid)
             pos = np.frombuffer(frame.positions_view, dtype=np.int64)
-            check_positions(int(pos.max()), sid, cache.max_len)
+            check_positions(int(pos.max()), sid, cache.limit)
             x: Any = frame.payload_view
             if eng.is_first:
                 x = np.frombuffer(x, dtype=np.int64)
