@@ -237,6 +237,8 @@ def test_a_pooled_cache_keeps_the_session_limit_and_the_eager_outputs():
     for st in (pooled, exact):
         st.open_session("s", 1, 8)
     assert pooled.session("s").max_len > exact.session("s").max_len == 8
+    assert gd.cache_len(8) == pooled.session("s").max_len
+    assert pooled.session("s").nbytes() == exact.kv_cache_bytes(1, gd.cache_len(8))
     pos = torch.arange(6)[None]
     torch.testing.assert_close(pooled.forward("s", ids, pos), exact.forward("s", ids, pos), rtol=0, atol=0)
     nxt, p6 = ids[:, :1], torch.tensor([[6]])

@@ -175,7 +175,7 @@ class GraphDecoder:
         the session may still only use positions below its own ``max_len`` (``SessionCache.limit``)."""
         from hyperlane_lab.models.stage import SessionCache
 
-        slots = pooled_len(max_len, self.stage.spec.max_position, self.pool_align)
+        slots = self.cache_len(max_len)
         for key, c in self._pool.items():
             if c.batch == batch and c.max_len == slots:
                 del self._pool[key]
@@ -186,6 +186,10 @@ class GraphDecoder:
         c = SessionCache.zeros(batch, slots, len(st.span), st.spec, st.dtype, st.device)
         c.limit = max_len
         return c
+
+    def cache_len(self, max_len: int) -> int:
+        """Positions a new session's cache holds when the session asks for ``max_len``."""
+        return pooled_len(max_len, self.stage.spec.max_position, self.pool_align)
 
     def release(self, cache: SessionCache) -> None:
         """Park a closed session's cache (and graph) for reuse; the oldest beyond pool_size is freed."""
