@@ -126,6 +126,24 @@ def test_parity_check_detects_a_wrong_graph(cache: Path) -> None:
     assert parity_error(other, res.path)[0] > 1e-2
 
 
+def test_parity_check_with_pooled_torch_caches(cache: Path) -> None:
+    """On CUDA a torch stage's caches are longer than asked (pooled sizes): the check compares the
+    session's positions only, and still catches wrong weights."""
+    from hyperlane_lab.models.cuda_decode import GraphDecoder
+
+    stage = TorchStage.random(GQA, LayerSpan(0, 2), seed=3, std=0.08)
+    res = export_stage(stage, cache_dir=cache)
+    exact = parity_error(stage, res.path)
+    gd = GraphDecoder(stage, compile_layers=False)
+    stage._new_cache, stage._release = gd.new_cache, gd.release  # what TorchStage does on CUDA
+    assert gd.cache_len(12) > 12
+    assert parity_error(stage, res.path) == exact
+    other = TorchStage.random(GQA, LayerSpan(0, 2), seed=4, std=0.08)
+    gd2 = GraphDecoder(other, compile_layers=False)
+    other._new_cache, other._release = gd2.new_cache, gd2.release
+    assert parity_error(other, res.path)[0] > 1e-2
+
+
 def test_fp16_export_matches_fp16_torch(cache: Path) -> None:
     stage = load_stage(BUNDLED, (3, 5), dtype="fp16")
     res = export_stage(stage, cache_dir=cache)

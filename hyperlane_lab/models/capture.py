@@ -5,8 +5,12 @@ thread captures (any Python allocation may start one) can free an old ``torch.cu
 left in a reference cycle; its destructor calls ``cudaGraphExecDestroy``, which is not permitted
 while the stream captures, and the whole capture fails ("operation not permitted when stream is
 capturing"). Seen on an H200 when a prompt graph was re-captured right after its predecessors were
-dropped. ``torch.cuda.graph`` itself collects before it captures for the same reason; callers that
-drop graphs collect once right after (``collect_dropped``), outside any capture.
+dropped. ``torch.cuda.graph`` itself collects before it captures for the same reason (the GEMV
+timer, ``kernels/gemv.py``, still uses it: a collection inside its short capture is possible, but
+only graphs it made itself could be freed there). Where many graphs are dropped at once (the prompt
+graphs' scratch growth) the caller collects right after (``collect_dropped``), outside any capture,
+so their memory goes back at once; elsewhere dropped graphs go at the next collection, which cannot
+fall inside a capture.
 """
 
 from __future__ import annotations

@@ -105,8 +105,9 @@ def greedy_pack(logits: torch.Tensor) -> torch.Tensor:
 # stage) only when the lengths match; sessions opened with prompt + max_tokens = 40 and 48 would
 # otherwise never share one. The decode attention kernel (kernels/decode_attn.py) reads keys up
 # to each row's position only, and takes its split count from ceil(max_len / 256), which rounding
-# to 256 keeps, so the spare slots cost memory (at most POOL_ALIGN - 1 positions a session), not
-# time; the torch fallback masks over the whole cache and does pay for them.
+# to a multiple of 256 keeps, so with this default the spare slots cost memory (at most
+# POOL_ALIGN - 1 positions a session), not time; other alignments may add splits, and the torch
+# fallback (HYPERLANE_FUSED_ATTENTION=0) masks over the whole cache and pays for every slot.
 POOL_ALIGN = 256
 
 
@@ -183,7 +184,13 @@ class GraphDecoder:
                 c.limit = max_len
                 return c
         st = self.stage
-        c = SessionCache.zeros(batch, slots, len(st.span), st.spec, st.dtype, st.device)
+        try:
+            c = SessionCache.zeros(batch, slots, len(st.span), st.spec, st.dtype, st.device)
+        except torch.OutOfMemoryError:  # pooling is a speed-up: a cache of the asked length may fit
+            if slots == max_len:
+                raise
+            log.info("stage %s: no memory for a %d-position cache; allocating %d", st.span, slots, max_len)
+            c = SessionCache.zeros(batch, max_len, len(st.span), st.spec, st.dtype, st.device)
         c.limit = max_len
         return c
 

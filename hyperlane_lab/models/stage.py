@@ -91,10 +91,6 @@ class TorchStage(StageSessions):
             return graphs.new_cache(batch, max_len)  # type: ignore[no-any-return]
         return super()._new_cache(batch, max_len)
 
-    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
-        graphs = self.graph_decoder()  # on CUDA caches come in pooled sizes (cuda_decode.pooled_len)
-        return super().kv_cache_bytes(batch, graphs.cache_len(max_len) if graphs is not None else max_len)
-
     def _release(self, cache: SessionCache) -> None:
         if self._graphs is not None:
             self._graphs.release(cache)

@@ -284,7 +284,11 @@ def export_stage(
     if validate and check_on is None:
         log.warning("stage %s: onnxruntime's CPU provider has no %s kernels; export not checked", span, dname)
     if check_on is not None:
-        err, rel = parity_error(stage, target, device=check_on)
+        try:
+            err, rel = parity_error(stage, target, device=check_on)
+        except BaseException:  # never leave an unchecked file where the cache would find it
+            target.unlink(missing_ok=True)
+            raise
         tol = TOLERANCE[dname]
         if not rel <= tol:
             target.unlink(missing_ok=True)
