@@ -491,8 +491,9 @@ def run_split(
                     model.prefill_chunk = "auto"
             fetch_events(model)
             k = max(16, n_decode // 2)
-            if ms:
-                _concurrent(model, max(ms), 8, spec.vocab_size)  # capture a graph per session once (pooled)
+            if ms:  # capture a graph per pooled cache once, with the measured runs' lengths (a cache
+                # and its graph are reused for sessions of the same pooled length)
+                _concurrent(model, max(ms), k, spec.vocab_size)
             out["concurrency"] = {}
             for m in ms:
                 fetch_events(model)
