@@ -102,7 +102,7 @@ def test_payload_and_output_match_reference(
     assert torch.equal(p_tri.data, p_ref.data)
     y_tri = c.decode(p_tri, backend="triton")
     assert_same_output(y_tri, c.decode(p_ref, backend="torch"))
-    if DEVICE == "cuda" and "outlier" not in name:  # the CPU reference gives the same bytes too
+    if DEVICE == "cuda":  # the CPU reference gives the same bytes too (outliers: one ranking rule everywhere)
         assert torch.equal(p_tri.data.cpu(), c.encode(x.cpu(), backend="torch").data)
 
 
@@ -117,6 +117,65 @@ def test_special_values_match_reference(name: str, dtype: torch.dtype) -> None:
     p_ref = c.encode(x, backend="torch", check_finite=False)
     assert torch.equal(p_tri.data, p_ref.data)
     assert_same_output(c.decode(p_tri, backend="triton"), c.decode(p_ref, backend="torch"))
+
+
+def _oracle_outliers(x: torch.Tensor, k: int) -> list[list[int]]:
+    """Per row, the columns of the k largest |x| (NaN above Inf above finite), ties to the lower column."""
+    out = []
+    for row in x.double().cpu().tolist():
+        rank = [(float("inf") if v != v else abs(v), v != v) for v in row]  # (magnitude, is NaN)
+        out.append(sorted(range(len(row)), key=lambda i: (not rank[i][1], -rank[i][0], i))[:k])
+    return out
+
+
+def _tied_rows(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Few distinct magnitudes (many exact ties, both signs), one row of zeros and -0, NaN and Inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, (rows, cols), generator=g).float() * 0.5
+    x[0, :] = torch.where(torch.arange(cols) % 2 == 0, 0.0, -0.0)
+    if rows > 1:
+        x[1, cols // 3] = float("nan")
+        x[1, cols // 2] = float("-inf")
+        x[1, cols - 1] = float("inf")
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("rows", "cols", "k"), [(1, 64, 8), (3, 100, 8), (2, 4096, 8), (4, 5, 5), (2, 16384, 3)]
+)
+def test_outlier_selection_matches_reference_and_oracle(
+    rows: int, cols: int, k: int, dtype: torch.dtype
+) -> None:
+    """kernels/outlier_select.py: the same columns (in the same order), fp16 values and zeroed rows as
+    ``reference.select_outliers``, whose choice is the brute-force ranking; random rows and tied ones."""
+    select = kernel_module("outlier_select").select
+    for x in (_rand((rows, cols), dtype, seed=rows + cols), _tied_rows(rows, cols, dtype, seed=k)):
+        idx = torch.empty((rows, k), dtype=torch.int16, device=DEVICE)
+        vals = torch.empty((rows, k), dtype=torch.float16, device=DEVICE)
+        rest = torch.empty_like(x)
+        select(x, k, idx, vals, rest)
+        r_idx, r_vals, r_rest = ref.select_outliers(x, k)
+        assert (idx.to(torch.int64) & 0xFFFF).tolist() == r_idx.tolist() == _oracle_outliers(x, k)
+        assert torch.equal(vals.view(torch.int16), r_vals.view(torch.int16))
+        assert torch.equal(_bits(rest), _bits(r_rest))
+        assert torch.equal(ref.select_outliers(x.cpu(), k)[0], r_idx.cpu())  # same rule on the host
+
+
+def test_outlier_selection_launcher_checks() -> None:
+    select = kernel_module("outlier_select").select
+    x = torch.zeros((2, 8), device=DEVICE)
+    i16, v16 = (
+        torch.empty((2, 3), dtype=torch.int16, device=DEVICE),
+        torch.empty((2, 3), dtype=torch.float16, device=DEVICE),
+    )
+    with pytest.raises(ValueError, match="1 <= k <= 8"):
+        select(x, 9, i16, v16, torch.empty_like(x))
+    with pytest.raises(ValueError, match="idx has dtype"):
+        select(x, 3, i16.float(), v16, torch.empty_like(x))
+    with pytest.raises(ValueError, match="at most 16384 columns"):
+        wide = torch.zeros((1, 16385), device=DEVICE)
+        select(wide, 3, i16[:1], v16[:1], torch.empty_like(wide))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

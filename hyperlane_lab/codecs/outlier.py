@@ -14,10 +14,11 @@ Asymmetric groups plus outliers is the most accurate 4-bit variant measured on t
 (bench/RESULTS.md, codec probe): the side channel takes the large channels, the minimum-based levels fit
 groups that sit off-centre.
 
-The header field ``outliers`` carries k. The top-k selection and the scatter run in torch (``torch.topk``) on
-both backends; only the int4 part uses the Triton kernels. A NaN/Inf is always selected as an outlier (topk
-ranks NaN highest), so it is reported by the finite check and, with ``check_finite=False``, decodes as
-itself instead of poisoning a group.
+The header field ``outliers`` carries k. Which values go on the side follows one rule on every backend
+(``reference.select_outliers``: largest |x| first, ties to the lower column); on the Triton backend one kernel
+(``kernels/outlier_select.py``, rows of up to 16,384 values) picks them and zeroes them in the row, elsewhere
+torch does. A NaN/Inf ranks above every finite value, so it is always selected as an outlier: it is reported
+by the finite check and, with ``check_finite=False``, decodes as itself instead of poisoning a group.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from hyperlane_lab.codecs.base import CheckFinite, EncodedTensor, GroupLayout, rows_of
+from hyperlane_lab.codecs._kernels import kernel_module
+from hyperlane_lab.codecs.base import CheckFinite, EncodedTensor, GroupLayout, resolve_backend, rows_of
 from hyperlane_lab.codecs.intq import IntCodec, range_error
+from hyperlane_lab.codecs.reference import select_outliers
 
 __all__ = ["OutlierInt4Codec"]
 
 _MAX_COLS = 1 << 16  # column indices are uint16
+_FUSED_MAX_COLS = 16384  # kernels/outlier_select.py holds a row in registers (its MAX_COLS)
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,14 @@ class OutlierInt4Codec(IntCodec):
             )
         k = self.payload_outliers(shape)
         x2d = x.detach().reshape(rows, cols)
-        if k:
-            idx = x2d.abs().topk(k, dim=1).indices  # [R, k] int64
-            vals16 = x2d.gather(1, idx).to(torch.float16)
-            rest = x2d.scatter(1, idx, 0.0)  # fresh [R, H] tensor, outliers zeroed
+        if k and resolve_backend(backend or self.backend, x2d) == "triton" and cols <= _FUSED_MAX_COLS:
+            x2d = x2d.contiguous()
+            idx = torch.empty((rows, k), dtype=torch.int16, device=x.device)
+            vals16 = torch.empty((rows, k), dtype=torch.float16, device=x.device)
+            rest = torch.empty_like(x2d)
+            kernel_module("outlier_select").select(x2d, k, idx, vals16, rest)
+        elif k:
+            idx, vals16, rest = select_outliers(x2d, k)  # rest: fresh [R, H], outliers zeroed
         else:
             idx = torch.zeros((rows, 0), dtype=torch.int64, device=x.device)
             vals16 = torch.zeros((rows, 0), dtype=torch.float16, device=x.device)

@@ -34,6 +34,11 @@ Asymmetric int4 (``int4_asym``, ``int4_outlier_asym``): 16 levels from the group
 
 Dequantize: ``q * s + m`` in fp32 (the product is exact, so a fused multiply-add rounds the same), clamped
 and cast as above. Nibble ``u = q`` (0..15), packed as int4.
+
+Outlier selection (``int4_outlier``, ``int4_outlier_asym``; ``select_outliers``): per row, the ``k`` values
+of largest magnitude, ranked by the bits of ``|v|`` in fp32 (every NaN counts as ``0x7FFFFFFF``, above
+Inf), ties to the lower column; stored in that order. Values go as fp16 (round-to-nearest-even; a NaN as
+``0x7E00``); the rest of the row keeps its values, with +0 at the chosen columns.
 """
 
 from __future__ import annotations
@@ -243,3 +248,25 @@ def dequantize_int4_asym(
     q = _unpack_nibbles(packed, group_size)
     v = _dequantize_values(bits, q) + mbits.view(torch.float16).float()[:, None]
     return ungroup(_to_output(v, out_dtype), rows, cols)
+
+
+NAN16_BITS = 0x7E00  # the fp16 NaN every codec writes (scales of bad groups, NaN outliers)
+
+
+def outlier_keys(x2d: torch.Tensor) -> torch.Tensor:
+    """int32 ranking key of each value: the fp32 bits of ``|v|``, every NaN as 0x7FFFFFFF."""
+    a = x2d.float().abs()
+    return torch.where(torch.isnan(a), 0x7FFFFFFF, a.view(torch.int32))
+
+
+def select_outliers(x2d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(columns int64 [R, k], values as fp16 [R, k], the rows with those columns set to +0), by the rule in
+    the module docstring. ``1 <= k <= H <= 65536``."""
+    cols = x2d.shape[1]
+    # a unique int64 key per value (magnitude, then the lower column first): topk is then exact anywhere
+    key = (outlier_keys(x2d).to(torch.int64) << 16) | (65535 - torch.arange(cols, device=x2d.device))
+    idx = key.topk(k, dim=1).indices
+    vals = x2d.gather(1, idx).to(torch.float16)
+    vals = torch.where(torch.isnan(vals), torch.tensor(NAN16_BITS, dtype=torch.int16, device=x2d.device),
+                       vals.view(torch.int16)).view(torch.float16)  # fmt: skip
+    return idx, vals, x2d.scatter(1, idx, 0.0)
