@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from hyperlane_lab.models import ModelSpec, TorchStage
-from hyperlane_lab.models.cuda_decode import POOL_ALIGN, GraphDecoder, pooled_len
+from hyperlane_lab.models.cache_pool import POOL_ALIGN, pooled_len
+from hyperlane_lab.models.cuda_decode import GraphDecoder
 from hyperlane_lab.models.layers import LayerWeights, attention_mask, decoder_layer, rope_tables
 from hyperlane_lab.models.loading import random_stage_weights
 from hyperlane_lab.models.sessions import SessionCache

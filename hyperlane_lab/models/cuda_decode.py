@@ -10,8 +10,9 @@ as much as the weight reads. Here a decode step of a stage is one graph replay:
            then every layer, then (last stage) the final norm and LM head.
 
 Graphs bake in addresses, so there is one per session cache, captured at its first decode step.
-A closed session parks its cache (and graph) in a small pool keyed by (batch, max_len); the next
-session of that shape reuses both after zeroing the cache, exactly as a fresh one would start.
+A closed session parks its cache (and graph) in a small pool (``cache_pool.py``, caches in multiples of
+256 positions); the next session of that batch and pooled length reuses both after zeroing the cache,
+exactly as a fresh one would start.
 Attending over all slots with a mask equals attending over the valid prefix: masked keys get
 probability exactly 0, so only rounding differs from the eager path.
 
@@ -25,8 +26,6 @@ off one of these optional pieces at a time (``GraphDecoder.fallbacks`` says whic
 from __future__ import annotations
 
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from hyperlane_lab.models.cache_pool import CachePool
 from hyperlane_lab.models.capture import graph_capture
 from hyperlane_lab.models.decode_fused import (
     fused_attention_kernel,
@@ -56,14 +56,12 @@ if TYPE_CHECKING:
     from hyperlane_lab.models.stage import SessionCache, TorchStage
 
 __all__ = [
-    "POOL_ALIGN",
     "GraphDecoder",
     "decode_attention",
     "decode_layer_static",
     "graph_greedy",
     "greedy_pack",
     "make_linear",
-    "pooled_len",
     "static_decode_step",
 ]
 
@@ -100,33 +98,6 @@ def greedy_pack(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits.argmax(dim=-1).to(torch.int64), bad[None]])
 
 
-# Decode caches are allocated in whole multiples of this many positions. A graph is bound to its
-# cache's addresses, so a new session reuses a parked cache (and skips a capture, tens of ms per
-# stage) only when the lengths match; sessions opened with prompt + max_tokens = 40 and 48 would
-# otherwise never share one. The decode attention kernel (kernels/decode_attn.py) reads keys up
-# to each row's position only, and takes its split count from ceil(max_len / 256), which rounding
-# to a multiple of 256 keeps, so with this default the spare slots cost memory (at most
-# POOL_ALIGN - 1 positions a session), not time; other alignments may add splits, and the torch
-# fallback (HYPERLANE_FUSED_ATTENTION=0) masks over the whole cache and pays for every slot.
-POOL_ALIGN = 256
-
-
-def pooled_len(max_len: int, max_position: int, align: int = POOL_ALIGN) -> int:
-    """``max_len`` rounded up to a multiple of ``align``, but not past the model's context
-    (``max_position``) unless ``max_len`` itself is."""
-    return max(max_len, min(-(-max_len // align) * align, max_position))
-
-
-def _pool_align() -> int:
-    """``HYPERLANE_POOL_ALIGN`` (1: caches of exactly the asked length, as before), else POOL_ALIGN."""
-    raw = os.environ.get("HYPERLANE_POOL_ALIGN", "")
-    if not raw:
-        return POOL_ALIGN
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"HYPERLANE_POOL_ALIGN must be a positive integer (positions), got {raw!r}")
-    return int(raw)
-
-
 class GraphDecoder:
     """Per-stage CUDA-graph decode: one graph per session cache, pooled caches, optional compile.
 
@@ -142,11 +113,9 @@ class GraphDecoder:
         self.compile_layers = (
             env_flag("HYPERLANE_COMPILE", True) if compile_layers is None else compile_layers
         )
-        self.pool_size = pool_size
-        self.pool_align = _pool_align()  # decode caches come in multiples of this many positions
+        self.pool = CachePool(stage, pool_size)  # parked caches (and their graphs), pooled sizes
         self.captures = 0  # graphs captured (pooling keeps this flat across sessions of one shape)
         self.replays = 0
-        self._pool: OrderedDict[int, SessionCache] = OrderedDict()  # parked caches, oldest first
         self._layer_fn: LayerFn | None = None
         self._lin: LinearFn | None = None
         self.gemv_choice: dict[str, Any] = {}  # per weight shape: chosen kernel and timings (µs)
@@ -171,42 +140,19 @@ class GraphDecoder:
     # ------------------------------------------------------------------ caches
 
     def new_cache(self, batch: int, max_len: int) -> SessionCache:
-        """A zeroed cache for a new session, reusing a parked one (and its graph) of that shape.
-        Its length is ``pooled_len(max_len)``, so sessions of nearby lengths share parked caches;
-        the session may still only use positions below its own ``max_len`` (``SessionCache.limit``)."""
-        from hyperlane_lab.models.stage import SessionCache
-
-        slots = self.cache_len(max_len)
-        for key, c in self._pool.items():
-            if c.batch == batch and c.max_len == slots:
-                del self._pool[key]
-                c.zero_()
-                c.limit = max_len
-                return c
-        st = self.stage
-        try:
-            c = SessionCache.zeros(batch, slots, len(st.span), st.spec, st.dtype, st.device)
-        except torch.OutOfMemoryError:  # pooling is a speed-up: a cache of the asked length may fit
-            if slots == max_len:
-                raise
-            log.info("stage %s: no memory for a %d-position cache; allocating %d", st.span, slots, max_len)
-            c = SessionCache.zeros(batch, max_len, len(st.span), st.spec, st.dtype, st.device)
-        c.limit = max_len
-        return c
+        """A zeroed cache for a new session, reusing a parked one (and its graph) of its pooled size
+        (``cache_pool.py``)."""
+        return self.pool.take(batch, max_len)
 
     def cache_len(self, max_len: int) -> int:
-        """Positions a new session's cache holds when the session asks for ``max_len``."""
-        return pooled_len(max_len, self.stage.spec.max_position, self.pool_align)
+        return self.pool.cache_len(max_len)
 
     def release(self, cache: SessionCache) -> None:
-        """Park a closed session's cache (and graph) for reuse; the oldest beyond pool_size is freed."""
-        cache.step_io = None  # the closed session's steps may still hold them (gpu_steps)
-        self._pool[id(cache)] = cache
-        while len(self._pool) > self.pool_size:
-            self._pool.popitem(last=False)
+        """Park a closed session's cache (and graph) for reuse."""
+        self.pool.park(cache)
 
     def clear_pool(self) -> None:
-        self._pool.clear()
+        self.pool.clear()
 
     def configure(self, compile_layers: bool) -> None:
         """Switch torch.compile on/off; parked caches (and their graphs) are dropped, open
@@ -223,7 +169,7 @@ class GraphDecoder:
         if "fused attention" in self._degraded:
             self._attn = None
         self._degraded.clear()
-        self._pool.clear()
+        self.pool.clear()
         self._prompts = None
 
     def capture_stream(self) -> torch.cuda.Stream:

@@ -48,7 +48,7 @@ class SessionCache:
     # ``zeros``), so zeroing and slot copies are one kernel each instead of one per tensor
     kv: torch.Tensor | None = field(default=None, repr=False)
     # positions the open session may write, [0, limit): its own max_len, which a pooled cache
-    # (``cuda_decode.GraphDecoder.new_cache``) may exceed; -1 = max_len
+    # (``cache_pool.CachePool.take``) may exceed; -1 = max_len
     limit: int = -1
 
     def __post_init__(self) -> None:
