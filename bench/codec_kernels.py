@@ -63,7 +63,7 @@ def _wall_us(fn: Callable[[], object], device: str) -> float:
 
 
 def _kernel_fns(
-    name: str, x2d: torch.Tensor, gs: int
+    name: str, x2d: torch.Tensor, gs: int, out: torch.Tensor | None = None
 ) -> tuple[Callable[[], object], Callable[[], object], int]:
     """(quantize-only, dequantize-only, payload bytes) with preallocated buffers: pure kernel cost."""
     from hyperlane_lab.codecs._kernels import kernel_module
@@ -71,7 +71,7 @@ def _kernel_fns(
     rows, cols = x2d.shape
     n = GroupLayout(rows, cols, gs).n_groups
     scales = torch.empty(n, dtype=torch.int16, device=x2d.device)
-    out = torch.empty_like(x2d)
+    out = torch.empty_like(x2d) if out is None else out  # the decoders' output
     if name == "int8":
         k8 = kernel_module("quant_int8")
         q8 = torch.empty(n * gs, dtype=torch.int8, device=x2d.device)
@@ -80,6 +80,22 @@ def _kernel_fns(
             (lambda: k8.quantize(x2d, scales, q8, gs)),
             (lambda: k8.dequantize(scales, q8, out, gs)),
             3 * n * gs,
+        )
+    if (
+        "outlier" in name
+    ):  # select (kernels/outlier_select.py) + the int4 / int4_asym kernel; decode + scatter
+        base, k = name.replace("_outlier", ""), min(8, cols)
+        sel = kernel_module("outlier_select").select
+        idx = torch.empty((rows, k), dtype=torch.int16, device=x2d.device)
+        vals = torch.empty((rows, k), dtype=torch.float16, device=x2d.device)
+        rest = torch.empty_like(x2d)
+        q, d, nbytes = _kernel_fns(base, rest, gs, out)
+        sel(x2d, k, idx, vals, rest)
+        idx64, v_out = idx.to(torch.int64) & 0xFFFF, vals.to(x2d.dtype)
+        return (
+            (lambda: (sel(x2d, k, idx, vals, rest), q())),
+            (lambda: (d(), out.scatter_(1, idx64, v_out))),
+            nbytes + 4 * rows * k,
         )
     if name == "int4_asym":
         ka = kernel_module("quant_int4_asym")
@@ -118,10 +134,9 @@ def _bench_codec(name: str, x: torch.Tensor, gs: int, device: str, copy_gbps: fl
             lambda: c.encode(x, backend="triton", check_finite=False), device
         )
         entries[("decode", "triton")] = _time_us(lambda: c.decode(p_tri, backend="triton"), device)
-        if "outlier" not in name:  # outlier = torch top-k + an int4 kernel; no kernel of its own
-            qfn, dfn, _ = _kernel_fns(name, x, gs)
-            entries[("encode", "kernel")] = _time_us(qfn, device)
-            entries[("decode", "kernel")] = _time_us(dfn, device)
+        qfn, dfn, _ = _kernel_fns(name, x, gs)  # outlier codecs: the selection kernel + the int4 one
+        entries[("encode", "kernel")] = _time_us(qfn, device)
+        entries[("decode", "kernel")] = _time_us(dfn, device)
     out = []
     for (op, impl), us in entries.items():
         gbps = moved / us / 1e3
@@ -192,7 +207,7 @@ def bench_decode_size_graph(
     dst = torch.empty_like(x)
     out = [dict(op="copy", codec="-", graph_us=statistics.median(
         graph_time_us(lambda: dst.copy_(x), reps) for _ in range(3)))]  # fmt: skip
-    for name in (n for n in names if "outlier" not in n):  # outlier codecs have no kernel of their own
+    for name in names:
         qfn, dfn, _ = _kernel_fns(name, x, gs)
         for op, fn in (("encode", qfn), ("decode", dfn)):
             us = statistics.median(graph_time_us(fn, reps) for _ in range(3))
