@@ -21,9 +21,10 @@ import triton.language as tl
 from hyperlane_lab.codecs.reference import NAN16_BITS
 from hyperlane_lab.kernels.quant_common import ACT_DTYPES, check_launch
 
-__all__ = ["MAX_COLS", "select"]
+__all__ = ["MAX_COLS", "MAX_K", "select"]
 
 MAX_COLS = 16384  # one row per program, held in registers (32 values a thread at 16 warps)
+MAX_K = 32  # the selection loop is unrolled: k passes of two block-wide reductions each
 _NAN16 = tl.constexpr(NAN16_BITS)
 
 
@@ -69,8 +70,10 @@ def select(x: torch.Tensor, k: int, idx: torch.Tensor, vals: torch.Tensor, rest:
     if x.dim() != 2:
         raise ValueError(f"select_outliers takes x [R, H], got shape {tuple(x.shape)}")
     rows, cols = x.shape
-    if not 1 <= k <= cols:
-        raise ValueError(f"select_outliers needs 1 <= k <= {cols} (the row length), got k={k}")
+    if not 1 <= k <= min(cols, MAX_K):
+        raise ValueError(
+            f"select_outliers needs 1 <= k <= {min(cols, MAX_K)} (the row length, at most {MAX_K}), got k={k}"
+        )
     if cols > MAX_COLS:
         raise ValueError(f"select_outliers holds a row in registers: at most {MAX_COLS} columns, got {cols}")
     check_launch(idx, "idx", (torch.int16,), rows * k)

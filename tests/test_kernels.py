@@ -132,17 +132,29 @@ def _tied_rows(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Ten
     """Few distinct magnitudes (many exact ties, both signs), one row of zeros and -0, NaN and Inf."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-4, 5, (rows, cols), generator=g).float() * 0.5
-    x[0, :] = torch.where(torch.arange(cols) % 2 == 0, 0.0, -0.0)
+    if rows:
+        x[0, :] = torch.where(torch.arange(cols) % 2 == 0, 0.0, -0.0)
     if rows > 1:
         x[1, cols // 3] = float("nan")
         x[1, cols // 2] = float("-inf")
         x[1, cols - 1] = float("inf")
-    return x.to(dtype).to(DEVICE)
+        x[1, 0] = 1e5  # beyond fp16: goes as Inf
+    x = x.to(dtype)
+    if rows > 2:  # -NaN and a NaN with other payload bits (the reference writes every NaN as 0x7E00)
+        bits = x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+        nan_bits = {
+            torch.float16: [-512, 0x7D01],
+            torch.bfloat16: [-64, 0x7F81],
+            torch.float32: [-4194304, 0x7F800123],
+        }
+        bits[2, cols // 2], bits[2, cols - 1] = nan_bits[dtype]
+    return x.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    ("rows", "cols", "k"), [(1, 64, 8), (3, 100, 8), (2, 4096, 8), (4, 5, 5), (2, 16384, 3)]
+    ("rows", "cols", "k"),
+    [(1, 64, 8), (3, 100, 8), (2, 4096, 8), (4, 5, 5), (3, 1, 1), (0, 64, 8), (2, 16384, 3)],
 )
 def test_outlier_selection_matches_reference_and_oracle(
     rows: int, cols: int, k: int, dtype: torch.dtype
@@ -171,6 +183,9 @@ def test_outlier_selection_launcher_checks() -> None:
     )
     with pytest.raises(ValueError, match="1 <= k <= 8"):
         select(x, 9, i16, v16, torch.empty_like(x))
+    with pytest.raises(ValueError, match="at most 32"):
+        wide = torch.zeros((1, 64), device=DEVICE)
+        select(wide, 33, i16[:1], v16[:1], torch.empty_like(wide))
     with pytest.raises(ValueError, match="idx has dtype"):
         select(x, 3, i16.float(), v16, torch.empty_like(x))
     with pytest.raises(ValueError, match="at most 16384 columns"):

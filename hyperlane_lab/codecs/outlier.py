@@ -16,8 +16,8 @@ groups that sit off-centre.
 
 The header field ``outliers`` carries k. Which values go on the side follows one rule on every backend
 (``reference.select_outliers``: largest |x| first, ties to the lower column); on the Triton backend one kernel
-(``kernels/outlier_select.py``, rows of up to 16,384 values) picks them and zeroes them in the row, elsewhere
-torch does. A NaN/Inf ranks above every finite value, so it is always selected as an outlier: it is reported
+(``kernels/outlier_select.py``; rows of up to 16,384 values, up to 32 outliers a row) picks them and zeroes
+them in the row, elsewhere torch does. A NaN/Inf ranks above every finite value, so it is always selected as an outlier: it is reported
 by the finite check and, with ``check_finite=False``, decodes as itself instead of poisoning a group.
 """
 
@@ -35,7 +35,7 @@ from hyperlane_lab.codecs.reference import select_outliers
 __all__ = ["OutlierInt4Codec"]
 
 _MAX_COLS = 1 << 16  # column indices are uint16
-_FUSED_MAX_COLS = 16384  # kernels/outlier_select.py holds a row in registers (its MAX_COLS)
+_FUSED_MAX_COLS, _FUSED_MAX_K = 16384, 32  # kernels/outlier_select.py: MAX_COLS (a row in registers), MAX_K
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class OutlierInt4Codec(IntCodec):
             )
         k = self.payload_outliers(shape)
         x2d = x.detach().reshape(rows, cols)
-        if k and resolve_backend(backend or self.backend, x2d) == "triton" and cols <= _FUSED_MAX_COLS:
+        fused = cols <= _FUSED_MAX_COLS and k <= _FUSED_MAX_K
+        if k and fused and resolve_backend(backend or self.backend, x2d) == "triton":
             x2d = x2d.contiguous()
             idx = torch.empty((rows, k), dtype=torch.int16, device=x.device)
             vals16 = torch.empty((rows, k), dtype=torch.float16, device=x.device)
