@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.capture import collect_dropped, graph_capture
 from hyperlane_lab.models.layers import attention_mask
 from hyperlane_lab.models.sessions import SessionCache, copy_slots
@@ -169,12 +170,15 @@ class PromptGraphs:
         self._graphs.move_to_end(key)
         st = self.stage
         scratch = self._scratch[batch]
+        hs = host_stamps()
+        hs.mark("pg:found")
         with torch.cuda.device(st.device):
             held = self._holds.pop(batch, None)  # set again only once this replay's K/V are in place
             if start and not (held and held[0]() is cache and held[1:] == (cache.writes - 1, start)):
                 # the keys before this chunk are not (all) in the scratch: copy them in
                 copy_slots(scratch, cache, 0, start)
                 self.prefix_copies += 1
+                hs.mark("pg:prefix")
             # padding: zeros (id 0 is valid; zero rows, not the previous prompt's, stay finite
             # whatever came before); the padding's outputs are never read
             if x.device.type == "cpu":  # host ids (or hidden): padded here, one copy
@@ -188,10 +192,14 @@ class PromptGraphs:
                 g.x_in[:, seq:].zero_()
             if st.is_last:
                 g.last.fill_(seq - 1)
+            hs.mark("pg:input")
             g.graph.replay()
+            hs.mark("pg:replay")
             end = start + seq
             copy_slots(cache, scratch, start, end)
+            hs.mark("pg:kv_out")
             out = g.out.clone() if st.is_last else g.out[:, :seq].clone()
+            hs.mark("pg:clone")
         self._holds[batch] = (weakref.ref(cache), cache.writes, end)
         self.replays += 1
         return out

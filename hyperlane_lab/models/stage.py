@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.config import ModelSpec
 from hyperlane_lab.models.layers import LayerWeights, attention_mask, decoder_layer, rms_norm, rope_tables
 from hyperlane_lab.models.sessions import SessionCache, StageSessions
@@ -134,6 +135,7 @@ class TorchStage(StageSessions):
         if graphs is not None and seq == 1 and not all_logits:
             return graphs.step(cache, x, positions)  # type: ignore[no-any-return]
         start = self._prompt_start(positions) if self.device.type == "cuda" else None
+        host_stamps().mark("fwd:checked")
         if start is not None and graphs is not None and not all_logits:  # its bucket's graph
             xin = x if self.is_first else x.to(device=self.device, dtype=self.dtype)
             out = graphs.prompt_step(cache, xin, seq, start)

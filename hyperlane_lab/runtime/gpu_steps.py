@@ -34,6 +34,7 @@ import torch
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import NON_FINITE
+from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
@@ -178,6 +179,8 @@ class GpuStepper:
         t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
+        hs = host_stamps()
+        hs.begin("wire", sid, step, h.batch)
         sess = w.sessions.get(sid)
         released = False
         try:
@@ -194,12 +197,15 @@ class GpuStepper:
             with torch.cuda.device(self.device):
                 compute = torch.cuda.current_stream(self.device)
                 io.start.record(compute)
+                hs.mark("checked")
                 g = eng.graph_decoder().step_wire(cache, spec, pos, x)
                 if g is None:  # wire capture failed on this GPU: the staged path from now on
+                    hs.end()
                     xt = decode_payload(h, frame.payload_view)
                     positions = torch.from_numpy(pos.copy()).view(h.batch, h.seq)
                     self.run_step(frame, xt, positions, queued_at)
                     return
+                hs.mark("replay")
                 pos_bytes = pos.tobytes()  # a copy: the frame buffer goes back to the pool now
                 n_tok = int((pos >= 0).sum())
                 frame.body.release()
@@ -213,8 +219,10 @@ class GpuStepper:
             else:
                 mode = "hidden" if spec.out_codec == 0 else "wire"
         except Exception as e:
+            hs.end()
             self._step_error(frame, released, sess, e)
             return
+        hs.end()
         sess.steps += 1
         self._enqueue(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
@@ -234,6 +242,8 @@ class GpuStepper:
         t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
+        hs = host_stamps()  # opt-in marks of the host path (HYPERLANE_HOST_STAMPS)
+        hs.begin("decode" if h.seq == 1 else "prompt", sid, step, h.batch * h.seq)
         sess = w.sessions.get(sid)
         released = False
         uploaded: torch.cuda.Event | None = None
@@ -246,6 +256,7 @@ class GpuStepper:
             positions = torch.from_numpy(pos_np)  # our copy: the frame buffer goes back to the pool
             pos_bytes = pos_np.tobytes()
             n_tok = int((pos_np >= 0).sum())
+            hs.mark("checked")
             # a decode step replays a CUDA graph, which stages its small inputs itself (pinned
             # buffer, one copy); larger inputs go through the upload stream
             graphs = eng.graph_decoder() if hasattr(eng, "graph_decoder") else None
@@ -255,12 +266,15 @@ class GpuStepper:
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None
                 x_in, uploaded = (x, None) if cache is not None else self.stager.upload(x)
+                hs.mark("upload")
                 compute = torch.cuda.current_stream(self.device)
                 start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
                 start.record(compute)
                 out = eng.forward(sid, x_in, positions)
+                hs.mark("forward")
                 if uploaded is not None:  # the frame body was read by DMA: done before it is reused
                     uploaded.synchronize()
+                    hs.mark("dma_wait")
                 frame.body.release()  # x has been copied out (staged) by now
                 released = True
                 host = done = None
@@ -281,6 +295,7 @@ class GpuStepper:
                 end = io.end if io is not None else torch.cuda.Event(enable_timing=True)
                 end.record(compute)
                 t_launched = time.perf_counter()
+                hs.mark("launched")
                 if mode in ("hidden", "greedy"):
                     if io is not None:
                         host, done = self._to_host_reused(io, mode, out, end)
@@ -290,8 +305,10 @@ class GpuStepper:
             if staging and not released:  # the DMA may still read the frame body (upload() may have failed)
                 with contextlib.suppress(Exception):
                     self.stager.h2d_stream.synchronize()
+            hs.end()
             self._step_error(frame, released, sess, e)
             return
+        hs.end()
         sess.steps += 1
         self._enqueue(
             _Pending(

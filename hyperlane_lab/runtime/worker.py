@@ -32,6 +32,7 @@ import torch
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import Sampler
+from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
@@ -152,6 +153,7 @@ class Worker(WorkerOutbox):
         self._compute.shutdown(wait=False, cancel_futures=True)
         if self._gpu is not None:
             self._gpu.close()
+        host_stamps().flush()  # opt-in diagnostics (HYPERLANE_HOST_STAMPS)
 
     def changed(self) -> None:
         for cb in self.on_change:

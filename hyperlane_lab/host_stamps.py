@@ -1,0 +1,100 @@
+"""Opt-in host timestamps inside a GPU worker's step path, for attributing host time the trace lumps together.
+
+The trace's ``launch`` event spans a step's whole host path (checks, upload, the forward's own checks, the
+graph's input copy, the replay, the K/V copy-out); where a prompt chunk's 0.4-1.3 ms of it go is not in the
+trace. With ``HYPERLANE_HOST_STAMPS=<path>`` set (``{pid}`` in it is replaced by the worker's process id),
+each step's marks (name, ``time.perf_counter()``) are appended to that file as one JSON line:
+``{"kind": "prompt" | "decode", "session": ..., "step": ..., "tokens": ..., "marks": [[name, t], ...]}``.
+Lines are written in batches (and at ``flush``); off by default, and then every call is a no-op.
+``bench/host_stamps.py`` turns the files into per-interval medians.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+__all__ = ["ENV", "HostStamps", "host_stamps"]
+
+log = logging.getLogger(__name__)
+
+ENV = "HYPERLANE_HOST_STAMPS"
+_BATCH = 32  # records per write
+
+
+class HostStamps:
+    """Marks of the step running on the calling thread; records go to ``path`` (None: disabled)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path.replace("{pid}", str(os.getpid())) if path else None
+        self.enabled = self.path is not None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._done: list[str] = []
+        self.records = 0
+
+    def begin(self, kind: str, session: str, step: int, tokens: int = 0) -> None:
+        if self.enabled:
+            self._local.rec = {"kind": kind, "session": session, "step": step, "tokens": tokens,
+                               "marks": [["begin", time.perf_counter()]]}  # fmt: skip
+
+    def mark(self, name: str) -> None:
+        if self.enabled:
+            rec = getattr(self._local, "rec", None)
+            if rec is not None:
+                rec["marks"].append([name, time.perf_counter()])
+
+    def end(self) -> None:
+        """Close this thread's step (its last mark is "end"); a step without ``begin`` is ignored."""
+        if not self.enabled:
+            return
+        rec = getattr(self._local, "rec", None)
+        if rec is None:
+            return
+        self._local.rec = None
+        rec["marks"].append(["end", time.perf_counter()])
+        with self._lock:
+            self._done.append(json.dumps(rec))
+            self.records += 1
+            full = len(self._done) >= _BATCH
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            lines, self._done = self._done, []
+        if not lines:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:  # type: ignore[arg-type]
+                f.write("\n".join(lines) + "\n")
+        except OSError as e:  # a diagnostic must not take the worker down
+            log.warning("host stamps: cannot write %s (%s); turning them off", self.path, e)
+            self.enabled = False
+
+
+_INSTANCE: HostStamps | None = None
+_INSTANCE_LOCK = threading.Lock()
+
+
+def host_stamps() -> HostStamps:
+    """This process's stamps, configured from ``HYPERLANE_HOST_STAMPS`` on first use."""
+    global _INSTANCE
+    if _INSTANCE is None:
+        with _INSTANCE_LOCK:
+            if _INSTANCE is None:
+                _INSTANCE = HostStamps(os.environ.get(ENV) or None)
+    return _INSTANCE
+
+
+def _reset_for_tests(path: str | None) -> Any:
+    """Replace the process's instance (tests)."""
+    global _INSTANCE
+    _INSTANCE = HostStamps(path)
+    return _INSTANCE
