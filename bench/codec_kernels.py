@@ -81,10 +81,9 @@ def _kernel_fns(
             (lambda: k8.dequantize(scales, q8, out, gs)),
             3 * n * gs,
         )
-    if (
-        "outlier" in name
-    ):  # select (kernels/outlier_select.py) + the int4 / int4_asym kernel; decode + scatter
-        base, k = name.replace("_outlier", ""), min(8, cols)
+    if "outlier" in name:
+        # select (kernels/outlier_select.py) + the int4 / int4_asym kernel; decode + scatter
+        base, k = name.replace("_outlier", ""), codecs.get(name, gs).payload_outliers((rows, cols))
         sel = kernel_module("outlier_select").select
         idx = torch.empty((rows, k), dtype=torch.int16, device=x2d.device)
         vals = torch.empty((rows, k), dtype=torch.float16, device=x2d.device)

@@ -17,8 +17,9 @@ groups that sit off-centre.
 The header field ``outliers`` carries k. Which values go on the side follows one rule on every backend
 (``reference.select_outliers``: largest |x| first, ties to the lower column); on the Triton backend one kernel
 (``kernels/outlier_select.py``; rows of up to 16,384 values, up to 32 outliers a row) picks them and zeroes
-them in the row, elsewhere torch does. A NaN/Inf ranks above every finite value, so it is always selected as an outlier: it is reported
-by the finite check and, with ``check_finite=False``, decodes as itself instead of poisoning a group.
+them in the row, elsewhere torch does. A NaN/Inf ranks above every finite value, so it is always selected as
+an outlier: it is reported by the finite check and, with ``check_finite=False``, decodes as itself instead of
+poisoning a group.
 """
 
 from __future__ import annotations

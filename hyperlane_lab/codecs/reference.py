@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 QMAX = {8: 127, 4: 7}
-NAN16_BITS = 0x7E00  # canonical fp16 quiet NaN
+NAN16_BITS = 0x7E00  # canonical fp16 quiet NaN: scales of bad groups, NaN outliers
 NEG_ZERO16 = -0x8000  # fp16 -0.0 as int16 bits (0x8000)
 FP16_INF_BITS = 0x7C00
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -215,9 +215,8 @@ def asym_group_params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     # one fp16 ulp toward -Inf: the magnitude's bits shrink for a positive value, grow for a negative one
     down = torch.where(m16 > 0, mbits - 1, mbits + 1).to(torch.int16)
     mbits = torch.where(m16.float() > lo, down, mbits)
-    mbits = torch.where(mbits == NEG_ZERO16, 0, mbits).to(
-        torch.int16
-    )  # -0: +0 (which zero amin picks varies)
+    # -0: +0 (which zero amin picks varies)
+    mbits = torch.where(mbits == NEG_ZERO16, 0, mbits).to(torch.int16)
     m = mbits.view(torch.float16).float()
     bad = nonfinite | ((mbits & 0x7FFF) >= FP16_INF_BITS)
     bits, divisor, bad = fp16_scales((hi - m) / torch.full_like(hi, 15.0), bad)
@@ -250,21 +249,21 @@ def dequantize_int4_asym(
     return ungroup(_to_output(v, out_dtype), rows, cols)
 
 
-NAN16_BITS = 0x7E00  # the fp16 NaN every codec writes (scales of bad groups, NaN outliers)
-
-
 def outlier_keys(x2d: torch.Tensor) -> torch.Tensor:
     """int32 ranking key of each value: the fp32 bits of ``|v|``, every NaN as one key above Inf's."""
     a = x2d.abs() if x2d.dtype == torch.float32 else x2d.float().abs_()  # one new tensor
     return a.view(torch.int32).clamp_max_(0x7F800001)  # NaN bits are all above Inf's
 
 
+def _rank(key: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """A unique int64 per value that orders as (key, then the lower column first)."""
+    return key.to(torch.int64).mul_(65536).add_(65535 - col)
+
+
 def _exact_top(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Columns of the k largest keys per row, ties to the lower column, in that order: topk over a unique
-    int64 key (key, then the column reversed). Exact on any device, without a host sync."""
-    cols = key.shape[1]
-    comp = key.to(torch.int64).mul_(65536).add_(65535 - torch.arange(cols, device=key.device))
-    return comp.topk(k, dim=1).indices
+    """Columns of the k largest keys per row, ties to the lower column, in that order: topk over
+    ``_rank``. Exact on any device, without a host sync."""
+    return _rank(key, torch.arange(key.shape[1], device=key.device)).topk(k, dim=1).indices
 
 
 def select_outliers(x2d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -283,10 +282,7 @@ def select_outliers(x2d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
             idx = _exact_top(key, k)  # a tie at the cut: which of the tied columns goes is the rule's
         else:
             idx = top.indices[:, :k]
-            order = (top.values[:, :k].to(torch.int64) * 65536 + (65535 - idx)).argsort(
-                dim=1, descending=True
-            )
-            idx = idx.gather(1, order)
+            idx = idx.gather(1, _rank(top.values[:, :k], idx).argsort(dim=1, descending=True))
     vals = x2d.gather(1, idx).to(torch.float16)
     bits = vals.view(torch.int16).masked_fill(torch.isnan(vals), NAN16_BITS)
     return idx, bits.view(torch.float16), x2d.scatter(1, idx, 0.0)

@@ -219,10 +219,10 @@ class GpuStepper:
             else:
                 mode = "hidden" if spec.out_codec == 0 else "wire"
         except Exception as e:
-            hs.end()
             self._step_error(frame, released, sess, e)
             return
-        hs.end()
+        finally:
+            hs.end()
         sess.steps += 1
         self._enqueue(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
@@ -305,10 +305,10 @@ class GpuStepper:
             if staging and not released:  # the DMA may still read the frame body (upload() may have failed)
                 with contextlib.suppress(Exception):
                     self.stager.h2d_stream.synchronize()
-            hs.end()
             self._step_error(frame, released, sess, e)
             return
-        hs.end()
+        finally:
+            hs.end()
         sess.steps += 1
         self._enqueue(
             _Pending(
