@@ -37,10 +37,22 @@ class HostStamps:
         self._done: list[str] = []
         self.records = 0
 
-    def begin(self, kind: str, session: str, step: int, tokens: int = 0) -> None:
+    def begin(
+        self, kind: str, session: str, step: int, tokens: int = 0, received: float | None = None
+    ) -> None:
+        """Open this thread's step; ``received`` (a ``perf_counter`` time, e.g. when its frame was fully
+        received) becomes a first mark "received" before "begin"."""
         if self.enabled:
-            self._local.rec = {"kind": kind, "session": session, "step": step, "tokens": tokens,
-                               "marks": [["begin", time.perf_counter()]]}  # fmt: skip
+            marks = [["begin", time.perf_counter()]]
+            if received is not None:
+                marks.insert(0, ["received", received])
+            self._local.rec = {
+                "kind": kind,
+                "session": session,
+                "step": step,
+                "tokens": tokens,
+                "marks": marks,
+            }
 
     def mark(self, name: str) -> None:
         if self.enabled:

@@ -387,6 +387,34 @@ def test_decode_frame_payload(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", codecs.names())
+def test_check_frame_payload_says_what_decode_would_refuse(name: str) -> None:
+    """``check_frame_payload`` (a GPU worker's host-side check before it decodes a device copy) accepts
+    what decodes and refuses, with decode's message, a body of the wrong length or an outlier column
+    past the row; a trusted decode of a good body equals the checked one."""
+    c = codecs.get(name, 32)
+    x = _rand((3, 100), torch.float16)
+    p = c.encode(x)
+    body = bytes(p.buffer())
+    args = (c.codec_id, p.group_size, p.shape, "float16")
+    codecs.check_frame_payload(*args, body)
+    assert torch.equal(
+        codecs.decode_frame_payload(*args, torch.tensor(list(body), dtype=torch.uint8), trusted=True),
+        codecs.decode_frame_payload(*args, body),
+    )
+    with pytest.raises(ValueError, match=f"expected {len(body)} bytes, got {len(body) - 2}"):
+        codecs.check_frame_payload(*args, body[:-2])
+    if "outlier" in name:
+        raw = bytearray(body)
+        n_groups = 3 * 4
+        at = c.head_bytes(n_groups)  # type: ignore[attr-defined]
+        raw[at : at + 2] = struct.pack("<H", 100)  # column 100 of a 100-wide row
+        with pytest.raises(ValueError, match="outlier column 100"):
+            codecs.check_frame_payload(*args, bytes(raw))
+        with pytest.raises(ValueError, match="outlier column 100"):
+            codecs.decode_frame_payload(*args, bytes(raw))  # untrusted decode checks as well
+
+
+@pytest.mark.parametrize("name", codecs.names())
 def test_corrupted_payloads_rejected(name: str) -> None:
     c = codecs.get(name, 32)
     p = c.encode(_rand((3, 100), torch.float16))

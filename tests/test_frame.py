@@ -12,7 +12,7 @@ import torch
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.runtime.dataplane import BufferPool, parse_address
 from hyperlane_lab.runtime.frame import HEADER, MAGIC, FrameHeader, FrameKind, pack_header, unpack_header
-from hyperlane_lab.runtime.wire import decode_payload, encode_tensor
+from hyperlane_lab.runtime.wire import check_payload, decode_payload, encode_tensor
 
 
 def _header(**kw):
@@ -65,6 +65,28 @@ def test_payload_length_checked():
     assert torch.equal(decode_payload(h, memoryview(data)), t)
     with pytest.raises(ProtocolError, match="needs"):
         decode_payload(h, memoryview(data[:-4]))
+    check_payload(h, memoryview(data))
+    with pytest.raises(ProtocolError, match="needs"):
+        check_payload(h, memoryview(data[:-4]))
+
+
+def test_codec_payload_checked_on_the_host_then_decoded_trusted():
+    """A GPU worker's split of ``decode_payload``: ``check_payload`` on the host bytes (ProtocolError
+    with the codec's reason), then a trusted decode of a copy of them gives the same tensor."""
+    t = torch.randn(2, 3, 64)
+    enc = encode_tensor(t, "int4_outlier", 32)
+    h = _header(dtype=torch.float32, codec=enc.codec, group_size=enc.group_size, payload_len=enc.nbytes)
+    data = bytes(enc.parts[0])
+    check_payload(h, memoryview(data))
+    copy = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    assert torch.equal(decode_payload(h, copy, trusted=True), decode_payload(h, memoryview(data)))
+    with pytest.raises(ProtocolError, match="expected"):
+        check_payload(h, memoryview(data[:-1]))
+    bad = bytearray(data)
+    at = 2 * 2 * 3 * 2  # after the fp16 scales of 6 rows x 2 groups: the first outlier's column
+    bad[at : at + 2] = struct.pack("<H", 64)
+    with pytest.raises(ProtocolError, match="outlier column 64"):
+        check_payload(h, memoryview(bytes(bad)))
 
 
 def test_magic_constant():

@@ -161,6 +161,66 @@ def test_int8_wire_workers_match_the_probe_and_refuse_bad_decode_frames(tmp_path
 
 
 @pytest.mark.multiprocess
+def test_codec_frames_are_decoded_on_the_gpu_and_bad_ones_refused(tmp_path):
+    """Codec frames that no wire graph takes (prompts; every step of the outlier codecs) are checked on
+    the host and decoded on the worker's GPU: the probe's greedy tokens, no host-side decode in the
+    trace; a short, long or out-of-range-outlier body closes its connection with the codec's reason,
+    and the worker keeps serving (an intact frame is answered)."""
+    from hyperlane_lab.probes import greedy_sequences, load_pipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster, WorkerClient
+    from hyperlane_lab.runtime.dataplane import parse_address
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+    from tests.test_codec_wire import _frame, _reply_listener, _send_and_wait
+
+    prompts = ["Once upon a time", "Lily and Ben went to the park. They saw"]
+    name = "int4_outlier_asym"
+    pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
+    want = greedy_sequences(pipe, prompts, [name, name], 64, 24)
+    with (
+        LocalCluster(3, devices=["cuda:0"] * 3, cache_dir=tmp_path) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", compression=name, progress=False
+        ) as m,
+    ):
+        eos = m.spec.eos_token_ids[0]
+        for p, ref in zip(prompts, want):
+            r = m.generate(p, max_tokens=24)
+            assert list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []) == ref
+        ev = m.trace_events()
+        assert not [e for e in ev if e.kind.value == "decode"]  # no payload was decoded on a host
+        assert [e for e in ev if e.kind.value == "quantize" and e.step > 0]  # staged decode steps ran
+        stage1, stage2 = WorkerClient(m.plan.stages[1].address), WorkerClient(m.plan.stages[2].address)
+        srv, got, _th = _reply_listener()
+        sid = uuid.uuid4().hex
+        try:
+            stage2.call("OpenSession", pb.OpenSessionRequest(
+                session_id=sid, batch=1, max_len=8, reply_to=f"127.0.0.1:{srv.getsockname()[1]}"))  # fmt: skip
+            stage1.call("OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=8))
+            target = parse_address(stage1.data_address)
+            x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+            for codec, how in [
+                ("int4_outlier", "outlier_index"),
+                ("int4_outlier", "short"),
+                ("int8", "long"),
+            ]:
+                assert _send_and_wait(target, _frame(sid, codec, x, how), 10) == "closed", (codec, how)
+            log = cluster.log_path(1).read_text(errors="replace")
+            assert "outlier column 4000" in log and "corrupted 'int4_outlier' payload" in log
+            assert not got
+            assert _send_and_wait(target, _frame(sid, name, x), 1.0) == "open"
+            deadline = time.monotonic() + 30
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(got) == 1  # the intact prompt frame went through (stage 2 answered)
+        finally:
+            for w in (stage1, stage2):
+                w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
+                w.close()
+            srv.close()
+        assert all(cluster.alive)
+
+
+@pytest.mark.multiprocess
 def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
     """Workers that spin for frames (``--busy-poll-us``) while idle: the same greedy tokens as the
     in-process probe, also with sessions side by side (steps in flight while frames arrive)."""

@@ -37,6 +37,7 @@ __all__ = [
     "Codec",
     "EncodedTensor",
     "GroupLayout",
+    "check_frame_payload",
     "decode_frame_payload",
     "get",
     "get_by_id",
@@ -86,19 +87,14 @@ def get_by_id(codec_id: int, group_size: int = 64, backend: str = "auto") -> Cod
     return get(name, group_size if group_size > 0 else 64, backend)
 
 
-def decode_frame_payload(
+def _frame_payload(
     codec_id: int,
     group_size: int,
     shape: tuple[int, ...],
     dtype: torch.dtype | str,
     payload: memoryview | bytes | torch.Tensor,
-    device: torch.device | str | None = "cpu",
-) -> torch.Tensor:
-    """Decode a frame body from its header fields (codec id, group size, shape, dtype) on ``device``.
-
-    The ``outliers`` field of ``int4_outlier`` is implied by the codec and the shape, so frames need not carry
-    it. Raises ValueError on an unknown id or a body whose length does not match the header.
-    """
+    trusted: bool = False,
+) -> tuple[Codec, EncodedTensor]:
     codec = get_by_id(codec_id, group_size)
     shape = tuple(int(s) for s in shape)
     enc = EncodedTensor(
@@ -109,5 +105,39 @@ def decode_frame_payload(
         dtype=dtype_name(dtype),
         data=payload,
         outliers=codec.payload_outliers(shape),
+        trusted=trusted,
     )
+    return codec, enc
+
+
+def check_frame_payload(
+    codec_id: int,
+    group_size: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype | str,
+    payload: memoryview | bytes | torch.Tensor,
+) -> None:
+    """Check a frame body against its header fields without decoding it (``Codec.validate``): ValueError
+    on an unknown id, a length that does not match, or (outlier codecs) a column index out of range.
+    A GPU worker runs this on the host bytes, then decodes a device copy with ``trusted=True``."""
+    codec, enc = _frame_payload(codec_id, group_size, shape, dtype, payload)
+    codec.validate(enc)
+
+
+def decode_frame_payload(
+    codec_id: int,
+    group_size: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype | str,
+    payload: memoryview | bytes | torch.Tensor,
+    device: torch.device | str | None = "cpu",
+    trusted: bool = False,
+) -> torch.Tensor:
+    """Decode a frame body from its header fields (codec id, group size, shape, dtype) on ``device``.
+
+    The ``outliers`` field of ``int4_outlier`` is implied by the codec and the shape, so frames need not carry
+    it. Raises ValueError on an unknown id or a body whose length does not match the header. ``trusted``:
+    the body passed ``check_frame_payload`` already (the checks that would read device memory are skipped).
+    """
+    codec, enc = _frame_payload(codec_id, group_size, shape, dtype, payload, trusted)
     return codec.decode(enc, device=device)

@@ -112,6 +112,9 @@ class EncodedTensor:
     outliers: int = 0  # int4_outlier: outlier channels sent per row; 0 otherwise
     # Device-side count of non-finite groups, still to be checked (encode(check_finite="defer")).
     pending_check: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # The bytes were checked against the header where they arrived (``Codec.validate`` on the host):
+    # decode skips the checks that would read device memory (and wait for the device).
+    trusted: bool = field(default=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -263,6 +266,13 @@ class Codec(ABC):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"codec {self.name!r} encodes torch tensors, got {type(x).__name__}")
         return dtype_name(x.dtype)
+
+    def validate(self, payload: EncodedTensor) -> torch.Tensor:
+        """Check a payload against this codec and its header fields without decoding it: ValueError
+        saying what is wrong (codec, group size, outliers, byte length; outlier codecs also check
+        their column indices). Returns the bytes as a uint8 tensor. Run it where the bytes are
+        (host) before decoding them elsewhere with ``trusted=True``."""
+        return self._check_payload(payload)
 
     def _check_payload(self, payload: EncodedTensor) -> torch.Tensor:
         """Validate header vs this codec and the byte length; return the data as a uint8 tensor."""

@@ -103,6 +103,20 @@ class OutlierInt4Codec(IntCodec):
             pending_check=count if check_finite == "defer" else None,
         )
 
+    def validate(self, payload: EncodedTensor) -> torch.Tensor:
+        data = self._check_payload(payload)
+        rows, cols = rows_of(tuple(payload.shape))
+        k = self.payload_outliers(tuple(payload.shape))
+        if k and rows:  # where the bytes are (host, usually): a bad index must not reach a device scatter
+            start = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
+            top = int((data[start : start + 2 * rows * k].view(torch.int16).to(torch.int32) & 0xFFFF).max())
+            if top >= cols:
+                raise ValueError(
+                    f"corrupted {self.name} payload: outlier column {top} >= last dim {cols}; "
+                    "the frame body is damaged"
+                )
+        return data
+
     def decode(
         self,
         payload: EncodedTensor,
@@ -111,18 +125,10 @@ class OutlierInt4Codec(IntCodec):
         backend: str | None = None,
     ) -> torch.Tensor:
         shape = tuple(payload.shape)
-        rows, cols = rows_of(shape)
+        rows, _ = rows_of(shape)
         k = self.payload_outliers(shape)
-        # validate indices where the bytes are (host, usually) before a device scatter can assert
-        if k and rows:
-            data = self._check_payload(payload)
-            start = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
-            top = int((data[start : start + 2 * rows * k].view(torch.int16).to(torch.int32) & 0xFFFF).max())
-            if top >= cols:
-                raise ValueError(
-                    f"corrupted {self.name} payload: outlier column {top} >= last dim {cols}; "
-                    "the frame body is damaged"
-                )
+        if not payload.trusted:  # indices checked before a device scatter can assert
+            self.validate(payload)
         out2d, side = self._decode_sections(payload, device, backend, extra_bytes=4 * rows * k)
         if k:
             idx = (side[: 2 * rows * k].view(torch.int16).to(torch.int64) & 0xFFFF).reshape(rows, k)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.cache_pool import CachePool
 from hyperlane_lab.models.capture import graph_capture
 from hyperlane_lab.models.decode_fused import (
@@ -348,14 +349,18 @@ class GraphDecoder:
             cache.graph = g
         assert g.wire is not None and g.staged is not None
         cache.writes += 1
+        hs = host_stamps()
         with torch.cuda.device(self.stage.device):
             g.staged.synchronize()  # the previous replay has read the pinned inputs (normally long done)
+            hs.mark("w:synced")
             g.io_np[1] = pos
             if self.stage.is_first:
                 g.io_np[0] = x
             else:
                 g.wire.put(x)
+            hs.mark("w:put")
             g.graph.replay()
+            hs.mark("w:replay")
             g.staged.record()
         self.replays += 1
         return g

@@ -180,7 +180,7 @@ class GpuStepper:
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
         hs = host_stamps()
-        hs.begin("wire", sid, step, h.batch)
+        hs.begin("wire", sid, step, h.batch, frame.completed_at)
         sess = w.sessions.get(sid)
         released = False
         try:
@@ -238,12 +238,16 @@ class GpuStepper:
 
     # ------------------------------------------------------------------ compute thread
 
-    def run_step(self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float) -> None:
+    def run_step(
+        self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float, encoded: bool = False
+    ) -> None:
+        """``encoded``: ``x`` is the frame's codec payload as uint8 bytes, already checked against the
+        header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order."""
         t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
         hs = host_stamps()  # opt-in marks of the host path (HYPERLANE_HOST_STAMPS)
-        hs.begin("decode" if h.seq == 1 else "prompt", sid, step, h.batch * h.seq)
+        hs.begin("decode" if h.seq == 1 else "prompt", sid, step, h.batch * h.seq, frame.completed_at)
         sess = w.sessions.get(sid)
         released = False
         uploaded: torch.cuda.Event | None = None
@@ -251,7 +255,10 @@ class GpuStepper:
         try:
             if sess is None or eng is None:
                 raise ValueError(f"session {sid} was closed")
-            eng.input_shape_ok(x, positions)  # CPU tensors: id range checked here, no device sync
+            # CPU tensors: id range checked here, no device sync (a codec payload: its header's shape)
+            eng.input_shape_ok(
+                torch.empty(h.shape, dtype=h.dtype, device="meta") if encoded else x, positions
+            )
             pos_np = positions.numpy().copy()  # numpy: the host is slow at tiny torch ops
             positions = torch.from_numpy(pos_np)  # our copy: the frame buffer goes back to the pool
             pos_bytes = pos_np.tobytes()
@@ -264,8 +271,10 @@ class GpuStepper:
             io = _step_io(cache) if cache is not None else None  # reused events and pinned buffers
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
-                staging = cache is None
-                x_in, uploaded = (x, None) if cache is not None else self.stager.upload(x)
+                staging = cache is None or encoded
+                x_in, uploaded = (x, None) if not staging else self.stager.upload(x)
+                if encoded:  # the codec's kernels, on the compute stream after the upload
+                    x_in = decode_payload(h, x_in, self.device, trusted=True)
                 hs.mark("upload")
                 compute = torch.cuda.current_stream(self.device)
                 start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
@@ -366,9 +375,12 @@ class GpuStepper:
 
     def _complete(self, p: _Pending) -> None:
         w = self.w
+        hs = host_stamps()
+        hs.begin("complete", p.sid, p.step, p.tokens)
         last = p.done if p.done is not None else p.end
         last.synchronize()  # releases the GIL while it waits
         t_done = time.perf_counter()
+        hs.mark("synced")
         # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
         # events now: once this step's frame is out, the session's next step may re-record them.
         tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
@@ -376,7 +388,9 @@ class GpuStepper:
         t_start = t_end - p.start.elapsed_time(p.end) / 1e3
         try:
             self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
+            hs.mark("shipped")
         finally:
+            hs.end()
             # queue: waiting for the thread that runs the step (as on the CPU path); from its
             # start to the GPU's start the host stages inputs and launches
             w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)

@@ -11,7 +11,15 @@ import torch
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.runtime.frame import FrameHeader, raw_nbytes
 
-__all__ = ["RAW", "CudaStager", "EncodedPayload", "decode_payload", "encode_tensor", "tensor_bytes"]
+__all__ = [
+    "RAW",
+    "CudaStager",
+    "EncodedPayload",
+    "check_payload",
+    "decode_payload",
+    "encode_tensor",
+    "tensor_bytes",
+]
 
 RAW = 0
 
@@ -50,14 +58,39 @@ def encode_tensor(t: torch.Tensor, codec: str = "raw", group_size: int = 0) -> E
     return EncodedPayload(t.dtype, c.codec_id, c.group_size, tuple(t.shape), [enc.buffer()])
 
 
-def decode_payload(h: FrameHeader, payload: memoryview, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Rebuild the tensor of a TENSOR/TOKENS frame; ProtocolError if the length doesn't match."""
+def _raw_length_ok(h: FrameHeader, n: int) -> int:
+    want = raw_nbytes(h.shape, h.dtype)
+    if n != want:
+        raise ProtocolError(f"payload is {n} bytes but shape {h.shape} of {h.dtype} needs {want}")
+    return want
+
+
+def check_payload(h: FrameHeader, payload: memoryview) -> None:
+    """The checks of ``decode_payload`` without decoding (ProtocolError): a GPU worker checks a codec frame's
+    host bytes here, then decodes a device copy of them (``decode_payload(..., trusted=True)``)."""
     if h.codec == RAW:
-        want = raw_nbytes(h.shape, h.dtype)
-        if len(payload) != want:
-            raise ProtocolError(
-                f"payload is {len(payload)} bytes but shape {h.shape} of {h.dtype} needs {want}"
-            )
+        _raw_length_ok(h, len(payload))
+        return
+    from hyperlane_lab import codecs
+
+    try:
+        codecs.check_frame_payload(h.codec, h.group_size, h.shape, h.dtype, payload)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from e
+
+
+def decode_payload(
+    h: FrameHeader,
+    payload: memoryview | torch.Tensor,
+    device: torch.device | str = "cpu",
+    trusted: bool = False,
+) -> torch.Tensor:
+    """Rebuild the tensor of a TENSOR/TOKENS frame; ProtocolError if the length doesn't match.
+    ``payload``: the frame body's bytes, or (codec frames) a uint8 tensor of them on any device;
+    ``trusted``: they passed ``check_payload`` where they arrived."""
+    if h.codec == RAW:
+        assert isinstance(payload, memoryview), "raw frames are decoded from their host bytes"
+        want = _raw_length_ok(h, len(payload))
         t = (
             torch.frombuffer(payload, dtype=h.dtype).view(h.shape)
             if want
@@ -67,7 +100,7 @@ def decode_payload(h: FrameHeader, payload: memoryview, device: torch.device | s
     from hyperlane_lab import codecs
 
     try:
-        return codecs.decode_frame_payload(h.codec, h.group_size, h.shape, h.dtype, payload, device)
+        return codecs.decode_frame_payload(h.codec, h.group_size, h.shape, h.dtype, payload, device, trusted)
     except ValueError as e:
         raise ProtocolError(str(e)) from e
 
