@@ -31,7 +31,8 @@ def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, d
         marks = r["marks"]
         for (a, ta), (b, tb) in itertools.pairwise(marks):
             spans[r["kind"]][f"{a} -> {b}"].append((tb - ta) * 1e6)
-        spans[r["kind"]]["begin -> end (whole)"].append((marks[-1][1] - marks[0][1]) * 1e6)
+        begin = next((t for name, t in marks if name == "begin"), marks[0][1])  # not "received"
+        spans[r["kind"]]["begin -> end (whole)"].append((marks[-1][1] - begin) * 1e6)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for kind, by in spans.items():
         out[kind] = {}

@@ -174,6 +174,38 @@ def test_outlier_selection_matches_reference_and_oracle(
         assert torch.equal(ref.select_outliers(x.cpu(), k)[0], r_idx.cpu())  # same rule on the host
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_outlier_selection_keeps_the_bits_of_values_left_in_the_row(dtype: torch.dtype) -> None:
+    """More NaNs than outliers (several payloads, both signs): the kernel and the reference choose the same
+    k and leave every other value's bits untouched in the rest, NaN payloads included."""
+    select = kernel_module("outlier_select").select
+    x = torch.linspace(-3, 3, 2 * 40, dtype=torch.float32).reshape(2, 40).to(dtype)
+    ints = x.view(torch.int16 if x.element_size() == 2 else torch.int32)
+    payloads = {
+        torch.float16: [0x7E00, 0x7D01, -512, 0x7C01, -0x0201],
+        torch.bfloat16: [0x7FC0, 0x7F81, -64, 0x7FFF, -0x0041],
+        torch.float32: [0x7FC00000, 0x7F800123, -4194304, 0x7FFFFFFF, -0x00400001],
+    }[dtype]
+    for i, col in enumerate((3, 11, 17, 29, 38)):  # five NaNs per row, k = 2
+        ints[:, col] = payloads[i]
+    x = x.to(DEVICE)
+    k = 2
+    idx = torch.empty((2, k), dtype=torch.int16, device=DEVICE)
+    vals = torch.empty((2, k), dtype=torch.float16, device=DEVICE)
+    rest = torch.empty_like(x)
+    select(x, k, idx, vals, rest)
+    r_idx, r_vals, r_rest = ref.select_outliers(x, k)
+    assert (
+        r_idx.tolist() == [[3, 11], [3, 11]] == (idx.to(torch.int64) & 0xFFFF).tolist()
+    )  # NaNs first, lower column
+    assert torch.equal(_bits(rest), _bits(r_rest))
+    assert torch.equal(vals.view(torch.int16), r_vals.view(torch.int16))
+    assert (r_vals.view(torch.int16) == 0x7E00).all()  # NaN values go as the one fp16 NaN
+    keep = torch.ones_like(_bits(x), dtype=torch.bool)
+    keep[:, [3, 11]] = False
+    assert torch.equal(_bits(r_rest)[keep], _bits(x)[keep]) and not _bits(r_rest)[~keep].any()
+
+
 def test_outlier_selection_launcher_checks() -> None:
     select = kernel_module("outlier_select").select
     x = torch.zeros((2, 8), device=DEVICE)

@@ -113,7 +113,8 @@ class EncodedTensor:
     # Device-side count of non-finite groups, still to be checked (encode(check_finite="defer")).
     pending_check: torch.Tensor | None = field(default=None, compare=False, repr=False)
     # The bytes were checked against the header where they arrived (``Codec.validate`` on the host):
-    # decode skips the checks that would read device memory (and wait for the device).
+    # decode skips the checks that would read device memory (and wait for the device). Only for bytes
+    # that passed ``validate``: an unchecked outlier column could make a device scatter assert.
     trusted: bool = field(default=False, compare=False)
 
     @property

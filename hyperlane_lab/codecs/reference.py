@@ -285,4 +285,6 @@ def select_outliers(x2d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
             idx = idx.gather(1, _rank(top.values[:, :k], idx).argsort(dim=1, descending=True))
     vals = x2d.gather(1, idx).to(torch.float16)
     bits = vals.view(torch.int16).masked_fill(torch.isnan(vals), NAN16_BITS)
-    return idx, bits.view(torch.float16), x2d.scatter(1, idx, 0.0)
+    # the rest as integers: every bit of the values not chosen is kept (a float scatter may rewrite NaNs)
+    ints = x2d.contiguous().view(torch.int16 if x2d.element_size() == 2 else torch.int32)
+    return idx, bits.view(torch.float16), ints.scatter(1, idx, 0).view(x2d.dtype)

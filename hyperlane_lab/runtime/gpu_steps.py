@@ -273,12 +273,12 @@ class GpuStepper:
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None or encoded
                 x_in, uploaded = (x, None) if not staging else self.stager.upload(x)
-                if encoded:  # the codec's kernels, on the compute stream after the upload
-                    x_in = decode_payload(h, x_in, self.device, trusted=True)
                 hs.mark("upload")
                 compute = torch.cuda.current_stream(self.device)
                 start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
                 start.record(compute)
+                if encoded:  # the codec's kernels, on the compute stream after the upload (in "compute")
+                    x_in = decode_payload(h, x_in, self.device, trusted=True)
                 out = eng.forward(sid, x_in, positions)
                 hs.mark("forward")
                 if uploaded is not None:  # the frame body was read by DMA: done before it is reused
@@ -377,15 +377,19 @@ class GpuStepper:
         w = self.w
         hs = host_stamps()
         hs.begin("complete", p.sid, p.step, p.tokens)
-        last = p.done if p.done is not None else p.end
-        last.synchronize()  # releases the GIL while it waits
-        t_done = time.perf_counter()
-        hs.mark("synced")
-        # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
-        # events now: once this step's frame is out, the session's next step may re-record them.
-        tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
-        t_end = t_done - tail
-        t_start = t_end - p.start.elapsed_time(p.end) / 1e3
+        try:
+            last = p.done if p.done is not None else p.end
+            last.synchronize()  # releases the GIL while it waits
+            t_done = time.perf_counter()
+            hs.mark("synced")
+            # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
+            # events now: once this step's frame is out, the session's next step may re-record them.
+            tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
+            t_end = t_done - tail
+            t_start = t_end - p.start.elapsed_time(p.end) / 1e3
+        except BaseException:
+            hs.end()
+            raise
         try:
             self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
             hs.mark("shipped")

@@ -369,7 +369,7 @@ class Worker(WorkerOutbox):
         t0 = time.perf_counter()
         # a codec frame for a GPU stage is checked here and decoded on its GPU by the step (the torch
         # reference on the host took 12-17 ms for a 256-token int8 chunk, on this thread)
-        encoded = bool(h.codec) and gpu is not None and gpu.device == self.engine.device
+        encoded = bool(h.codec) and gpu is not None  # (a stepper is always on the engine's device)
         if encoded:
             check_payload(h, frame.payload_view)  # lengths, outlier indices (ProtocolError)
             x = torch.frombuffer(frame.payload_view, dtype=torch.uint8)  # codec payloads are never empty
@@ -449,8 +449,8 @@ class Worker(WorkerOutbox):
         if self._failed(frame):
             return
         gpu = self._gpu_for(eng)
-        if gpu is not None and (gpu.device == eng.device or not encoded):
-            gpu.run_step(frame, x, positions, queued_at, encoded)  # enqueue only; a completion thread ships
+        if gpu is not None:  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
+            gpu.run_step(frame, x, positions, queued_at, encoded)
             return
 
         sid, step = h.session, h.step
@@ -460,7 +460,7 @@ class Worker(WorkerOutbox):
         try:
             if sess is None or eng is None:
                 raise ValueError(f"session {sid} was closed")
-            if encoded:  # the stage left its GPU while the frame waited: decode it here
+            if encoded:  # the stage was reloaded off CUDA while the frame waited: decode it here
                 x = decode_payload(h, frame.payload_view)
             eng.input_shape_ok(x, positions)
             out = eng.forward(sid, x, positions)
