@@ -17,6 +17,7 @@ import torch
 from hyperlane_lab.models import ModelSpec, TorchStage
 from hyperlane_lab.models.prompt_graphs import prompt_bucket, prompt_graph_max_tokens, scratch_len
 from hyperlane_lab.models.sessions import SessionCache, copy_slots
+from hyperlane_lab.types import LayerSpan
 from tests.test_gpu import SPEC as TG_SPEC
 from tests.test_gpu import _cpu64, _rel, _stages
 
@@ -24,6 +25,32 @@ from tests.test_gpu import _cpu64, _rel, _stages
 SPEC = ModelSpec("llama", 3, 64, 4, 2, 16, 128, 97, 1e-6)
 
 gpu = pytest.mark.gpu
+
+
+def test_ready_says_when_run_would_replay_a_captured_graph():
+    """``PromptGraphs.ready`` (the worker's test before enqueueing a prompt chunk on its event loop) is true
+    exactly where ``run`` finds a captured graph: the same bucket, alignment and context rules, and never
+    once captures broke. A CPU stage has no graph decoder, so ``prompt_graph_ready`` is false there."""
+    from types import SimpleNamespace
+
+    from hyperlane_lab.models.prompt_graphs import PromptGraphs
+
+    pg = PromptGraphs(SimpleNamespace(stage=None), max_tokens=256)  # type: ignore[arg-type]
+    pg._graphs[(1, 256, 0)] = pg._graphs[(1, 64, 192)] = pg._graphs[(2, 32, 0)] = object()  # type: ignore[assignment]
+    assert pg.ready(1, 200, 0) and pg.ready(1, 256, 0)  # bucket 256
+    assert pg.ready(1, 50, 192) and pg.ready(2, 17, 0)
+    assert not pg.ready(1, 128, 0)  # bucket 128: not captured
+    assert not pg.ready(2, 200, 0) and not pg.ready(1, 64, 128)  # other batch, other start
+    assert not pg.ready(1, 1, 0) and not pg.ready(1, 257, 0)  # decode steps, past max_tokens
+    pg._graphs[(1, 64, 32)] = object()  # type: ignore[assignment]
+    assert not pg.ready(1, 64, 32)  # start not a multiple of 64: run() takes the eager path
+    pg._graphs[(1, 256, 896)] = object()  # type: ignore[assignment]
+    assert not pg.ready(1, 256, 896)  # start + bucket past 4 x max_tokens
+    pg.broken = "capture failed"
+    assert not pg.ready(1, 200, 0)
+    st = TorchStage.random(SPEC, LayerSpan(0, 3))
+    st.open_session("s", 1, 64)
+    assert not st.prompt_graph_ready("s", torch.arange(16)[None])
 
 
 def test_bucket_rule():

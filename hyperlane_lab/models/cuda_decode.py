@@ -184,6 +184,10 @@ class GraphDecoder:
             self._prompts = PromptGraphs(self)
         return self._prompts
 
+    def prompt_ready(self, batch: int, seq: int, start: int) -> bool:
+        """A prompt step of this shape would replay a captured graph (``PromptGraphs.ready``)."""
+        return not self._broken and self._prompts is not None and self._prompts.ready(batch, seq, start)
+
     def prompt_step(
         self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0
     ) -> torch.Tensor | None:

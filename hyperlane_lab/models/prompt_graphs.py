@@ -145,6 +145,14 @@ class PromptGraphs:
             )
         return self._scratch[batch]
 
+    def ready(self, batch: int, seq: int, start: int) -> bool:
+        """True when ``run`` for this prompt step would replay an already captured graph (no capture, no
+        eager fallback): the step then only enqueues work, and a latency-critical thread may run it."""
+        bucket = prompt_bucket(seq, self.max_tokens)
+        if bucket is None or self.broken or start % START_ALIGN or start + bucket > self.max_context:
+            return False
+        return (batch, bucket, start) in self._graphs
+
     def run(self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0) -> torch.Tensor | None:
         """The prompt step of ``seq`` tokens at positions ``start ..`` of every row from its
         bucket's graph, or None when no graph applies (the caller runs the eager path). ``x``: CPU

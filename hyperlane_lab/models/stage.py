@@ -117,6 +117,15 @@ class TorchStage(StageSessions):
             return False
         return g.wire is None if wire is None else g.wire is not None and g.wire.spec == wire
 
+    def prompt_graph_ready(self, session_id: str, positions: torch.Tensor) -> bool:
+        """True when a prompt step of this session at these (host) positions would replay an already
+        captured prompt graph: like ``decode_graph_ready``, such a step only enqueues work."""
+        graphs = self.graph_decoder()
+        if graphs is None or session_id not in self._sessions:
+            return False
+        start = self._prompt_start(positions)
+        return start is not None and graphs.prompt_ready(positions.shape[0], positions.shape[1], start)
+
     # ------------------------------------------------------------------ compute
 
     def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

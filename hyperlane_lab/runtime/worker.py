@@ -33,6 +33,7 @@ import torch
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import Sampler
 from hyperlane_lab.host_stamps import host_stamps
+from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
@@ -95,6 +96,10 @@ class Worker(WorkerOutbox):
         self._submitted = 0
         self._finished = 0
         self.fast_steps = 0  # decode steps enqueued on the loop thread (the latency path)
+        # HYPERLANE_PROMPT_ON_LOOP=1 (experimental, off by default; not yet measured on a GPU): prompt steps
+        # whose graph is captured are enqueued on the loop thread too, saving the hand-off to the compute
+        # thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md)
+        self.prompt_on_loop = env_flag("HYPERLANE_PROMPT_ON_LOOP", False)
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -382,13 +387,15 @@ class Worker(WorkerOutbox):
             self.trace.add("decode", t0, t1, h.session, h.step)
         gpu, eng = self._gpu, self.engine
         ready = getattr(eng, "decode_graph_ready", None)  # torch engines only
+        prompt_ready = getattr(eng, "prompt_graph_ready", None) if self.prompt_on_loop else None
         if (
-            h.seq == 1
-            and gpu is not None
-            and ready is not None
+            gpu is not None
             and self._submitted == self._finished  # the compute thread is idle: nothing to overtake
             and gpu.device == eng.device
-            and ready(h.session)
+            and (
+                (h.seq == 1 and ready is not None and ready(h.session))
+                or (h.seq > 1 and prompt_ready is not None and prompt_ready(h.session, positions))
+            )
         ):
             self.fast_steps += 1
             gpu.run_step(
