@@ -3,10 +3,12 @@ corrupted compressed payloads sent over a raw socket."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -164,22 +166,42 @@ def _reply_listener() -> tuple[socket.socket, list[bytes], threading.Thread]:
     return srv, got, th
 
 
+@contextlib.contextmanager
+def direct_session(
+    m: AutoDistributedModel, max_len: int = 8
+) -> Iterator[tuple[str, tuple[str, int], list[bytes]]]:
+    """A session opened directly on stages 1 and 2 of ``m``'s plan, the last stage answering a local listener:
+    yields (session id, stage 1's data address, the frames the listener got); closed on exit."""
+    stage1, stage2 = WorkerClient(m.plan.stages[1].address), WorkerClient(m.plan.stages[2].address)
+    srv, got, _th = _reply_listener()
+    sid = uuid.uuid4().hex
+    try:
+        reply_to = f"127.0.0.1:{srv.getsockname()[1]}"
+        stage2.call(
+            "OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=max_len, reply_to=reply_to)
+        )
+        stage1.call("OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=max_len))
+        yield sid, parse_address(stage1.data_address), got
+    finally:
+        for w in (stage1, stage2):
+            w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
+            w.close()
+        srv.close()
+
+
+def wait_for_frames(got: list[bytes], timeout: float = 30) -> list[bytes]:
+    """``got`` once a frame is in it (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
 def test_corrupted_payload_is_rejected_and_worker_keeps_serving(cluster3, predicted):
     with AutoDistributedModel.from_pretrained(
         None, workers=cluster3.addresses, compression="int8", progress=False
     ) as m:
-        stage1, stage2 = WorkerClient(m.plan.stages[1].address), WorkerClient(m.plan.stages[2].address)
-        srv, got, _th = _reply_listener()
-        sid = uuid.uuid4().hex
-        try:
-            stage2.call(
-                "OpenSession",
-                pb.OpenSessionRequest(
-                    session_id=sid, batch=1, max_len=8, reply_to=f"127.0.0.1:{srv.getsockname()[1]}"
-                ),
-            )
-            stage1.call("OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=8))
-            target = parse_address(stage1.data_address)
+        with direct_session(m) as (sid, target, got):
             x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
             bad = [("int8", "short"), ("int8", "long"), ("int4", "short"), ("int4_outlier", "outlier_index")]
             for codec, how in bad:
@@ -191,14 +213,7 @@ def test_corrupted_payload_is_rejected_and_worker_keeps_serving(cluster3, predic
             assert not got  # nothing of the rejected frames reached the last stage
             # positive control: the same frame, intact, is accepted and stage 2 answers our listener
             assert _send_and_wait(target, _frame(sid, "int8", x), 1.0) == "open"
-            deadline = time.monotonic() + 20
-            while not got and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for_frames(got, 20)
             assert len(got) == 1 and unpack_header(got[0][: HEADER.size]).kind == FrameKind.TOKENS
-        finally:
-            for w in (stage1, stage2):
-                w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
-                w.close()
-            srv.close()
         assert all(cluster3.alive)
         assert _remote(m) == predicted["int8"]  # the pipeline still generates

@@ -9,9 +9,6 @@ whose payload length does not match its header is refused.
 
 from __future__ import annotations
 
-import time
-import uuid
-
 import numpy as np
 import pytest
 import torch
@@ -108,10 +105,9 @@ def test_wire_graph_counts_nonfinite_groups_and_recaptures_for_staged_steps():
 @pytest.mark.multiprocess
 def test_int8_wire_workers_match_the_probe_and_refuse_bad_decode_frames(tmp_path):
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
-    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster, WorkerClient
-    from hyperlane_lab.runtime.dataplane import parse_address
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
-    from tests.test_codec_wire import _frame, _reply_listener, _send_and_wait
+    from tests.test_codec_wire import _frame, _send_and_wait, direct_session, wait_for_frames
 
     prompts = ["Once upon a time", "Lily and Ben went to the park. They saw"]
     pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
@@ -132,31 +128,18 @@ def test_int8_wire_workers_match_the_probe_and_refuse_bad_decode_frames(tmp_path
                 assert q and all(e.step == 0 for e in q), name
                 fast = [c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients]
                 assert sum(fast) > 0
-        with AutoDistributedModel.from_pretrained(
-            None, workers=cluster.addresses, dtype="fp16", compression="int8", progress=False
-        ) as m:
-            stage1, stage2 = WorkerClient(m.plan.stages[1].address), WorkerClient(m.plan.stages[2].address)
-            srv, got, _th = _reply_listener()
-            sid = uuid.uuid4().hex
-            try:
-                stage2.call("OpenSession", pb.OpenSessionRequest(
-                    session_id=sid, batch=1, max_len=8, reply_to=f"127.0.0.1:{srv.getsockname()[1]}"))  # fmt: skip
-                stage1.call("OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=8))
-                target = parse_address(stage1.data_address)
-                x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
-                for how in ("short", "long"):
-                    assert _send_and_wait(target, _frame(sid, "int8", x, how), 10) == "closed", how
-                assert "payload is" in cluster.log_path(1).read_text(errors="replace")
-                assert _send_and_wait(target, _frame(sid, "int8", x), 1.0) == "open"
-                deadline = time.monotonic() + 30
-                while not got and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert len(got) == 1  # the intact decode frame went through (stage 2 answered)
-            finally:
-                for w in (stage1, stage2):
-                    w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
-                    w.close()
-                srv.close()
+        with (
+            AutoDistributedModel.from_pretrained(
+                None, workers=cluster.addresses, dtype="fp16", compression="int8", progress=False
+            ) as m,
+            direct_session(m) as (sid, target, got),
+        ):
+            x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+            for how in ("short", "long"):
+                assert _send_and_wait(target, _frame(sid, "int8", x, how), 10) == "closed", how
+            assert "payload is" in cluster.log_path(1).read_text(errors="replace")
+            assert _send_and_wait(target, _frame(sid, "int8", x), 1.0) == "open"
+            assert len(wait_for_frames(got)) == 1  # the intact decode frame went through (stage 2 answered)
         assert all(cluster.alive)
 
 
@@ -167,10 +150,8 @@ def test_codec_frames_are_decoded_on_the_gpu_and_bad_ones_refused(tmp_path):
     trace; a short, long or out-of-range-outlier body closes its connection with the codec's reason,
     and the worker keeps serving (an intact frame is answered)."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
-    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster, WorkerClient
-    from hyperlane_lab.runtime.dataplane import parse_address
-    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
-    from tests.test_codec_wire import _frame, _reply_listener, _send_and_wait
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from tests.test_codec_wire import _frame, _send_and_wait, direct_session, wait_for_frames
 
     prompts = ["Once upon a time", "Lily and Ben went to the park. They saw"]
     name = "int4_outlier_asym"
@@ -189,34 +170,17 @@ def test_codec_frames_are_decoded_on_the_gpu_and_bad_ones_refused(tmp_path):
         ev = m.trace_events()
         assert not [e for e in ev if e.kind.value == "decode"]  # no payload was decoded on a host
         assert [e for e in ev if e.kind.value == "quantize" and e.step > 0]  # staged decode steps ran
-        stage1, stage2 = WorkerClient(m.plan.stages[1].address), WorkerClient(m.plan.stages[2].address)
-        srv, got, _th = _reply_listener()
-        sid = uuid.uuid4().hex
-        try:
-            stage2.call("OpenSession", pb.OpenSessionRequest(
-                session_id=sid, batch=1, max_len=8, reply_to=f"127.0.0.1:{srv.getsockname()[1]}"))  # fmt: skip
-            stage1.call("OpenSession", pb.OpenSessionRequest(session_id=sid, batch=1, max_len=8))
-            target = parse_address(stage1.data_address)
+        with direct_session(m) as (sid, target, got):
             x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
-            for codec, how in [
-                ("int4_outlier", "outlier_index"),
-                ("int4_outlier", "short"),
-                ("int8", "long"),
-            ]:
+            bad = [("int4_outlier", "outlier_index"), ("int4_outlier", "short"), ("int8", "long")]
+            for codec, how in bad:
                 assert _send_and_wait(target, _frame(sid, codec, x, how), 10) == "closed", (codec, how)
             log = cluster.log_path(1).read_text(errors="replace")
             assert "outlier column 4000" in log and "corrupted 'int4_outlier' payload" in log
+            assert "corrupted 'int8' payload" in log
             assert not got
             assert _send_and_wait(target, _frame(sid, name, x), 1.0) == "open"
-            deadline = time.monotonic() + 30
-            while not got and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert len(got) == 1  # the intact prompt frame went through (stage 2 answered)
-        finally:
-            for w in (stage1, stage2):
-                w.call("CloseSession", pb.CloseSessionRequest(session_id=sid))
-                w.close()
-            srv.close()
+            assert len(wait_for_frames(got)) == 1  # the intact prompt frame went through (stage 2 answered)
         assert all(cluster.alive)
 
 
