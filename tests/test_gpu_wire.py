@@ -185,44 +185,6 @@ def test_codec_frames_are_decoded_on_the_gpu_and_bad_ones_refused(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_prompt_chunks_on_the_event_loop_give_the_probe_tokens(tmp_path, monkeypatch):
-    """``HYPERLANE_PROMPT_ON_LOOP=1``: a prompt chunk whose graph is already captured is enqueued on the
-    worker's event loop (as decode steps are): the probe's greedy tokens, whole and chunked prompts, and
-    a prompt-only generation (no decode steps) still adds loop-thread steps."""
-    from hyperlane_lab.probes import greedy_sequences, load_pipeline
-    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
-    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
-
-    monkeypatch.setenv("HYPERLANE_PROMPT_ON_LOOP", "1")  # the worker processes inherit it
-    story = "Once upon a time, there was a little girl named Lily. She liked to play in the park. "
-    prompts = [story * 4, "The sun was hot. " + story * 3]
-    pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
-    want = greedy_sequences(pipe, prompts, ["raw", "raw"], 64, 12)
-    with (
-        LocalCluster(3, devices=["cuda:0"] * 3, cache_dir=tmp_path) as cluster,
-        AutoDistributedModel.from_pretrained(
-            None, workers=cluster.addresses, dtype="fp16", progress=False
-        ) as m,
-    ):
-        eos = m.spec.eos_token_ids[0]
-        for chunk in (None, 64, 64):  # the second chunked pass finds every chunk's graph captured
-            m.prefill_chunk = chunk
-            got = []
-            for p in prompts:
-                r = m.generate(p, max_tokens=12)
-                got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
-            assert got == want, chunk
-
-        def fast() -> int:
-            return sum(c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients)
-
-        before = fast()
-        m.generate(prompts[0], max_tokens=1)  # prompt chunks only
-        assert fast() > before
-        assert all(cluster.alive)
-
-
-@pytest.mark.multiprocess
 def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
     """Workers that spin for frames (``--busy-poll-us``) while idle: the same greedy tokens as the
     in-process probe, also with sessions side by side (steps in flight while frames arrive)."""
@@ -257,14 +219,20 @@ def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path):
+@pytest.mark.parametrize("on_loop", [False, True], ids=["compute_thread", "prompt_on_loop"])
+def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path, monkeypatch, on_loop):
     """GPU workers receive prompt-sized hidden states into page-locked buffers (uploaded by DMA,
     the body held until the copy is done), replay the prompt from a graph, and give the in-process
     probe's greedy tokens, also for the second prompt that reuses those buffers, and with the
-    prompts sent down the pipeline in chunks."""
+    prompts sent down the pipeline in chunks. ``on_loop``: with ``HYPERLANE_PROMPT_ON_LOOP=1`` a chunk
+    whose graph is captured is enqueued on the event loop (a second chunked pass finds them all
+    captured), and a prompt-only generation (no decode steps) adds loop-thread steps."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    if on_loop:
+        monkeypatch.setenv("HYPERLANE_PROMPT_ON_LOOP", "1")  # the worker processes inherit it
 
     story = (
         "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. "
@@ -279,7 +247,8 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         ) as m,
     ):
         eos = m.spec.eos_token_ids[0]
-        for chunk in (None, 64):  # whole prompts, then in chunks (a chunk's graph reads the keys before it)
+        # whole prompts, then in chunks (a chunk's graph reads the keys before it)
+        for chunk in (None, 64, 64) if on_loop else (None, 64):
             m.prefill_chunk = chunk
             got = []
             for p in prompts:
@@ -303,4 +272,8 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert health[0].pinned_buffers == 0  # token ids: small bodies
         assert all(h.pinned_buffers >= 1 for h in health[1:]), health
+        if on_loop:
+            before = sum(h.fast_path_steps for h in health)
+            m.generate(prompts[0], max_tokens=1)  # prompt chunks only
+            assert sum(c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients) > before
         assert all(cluster.alive)
