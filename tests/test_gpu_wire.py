@@ -31,7 +31,9 @@ def _wire_bytes(c, h: torch.Tensor) -> bytes:
     return bytes(c.encode(h).buffer())
 
 
-@pytest.mark.parametrize("codec", ["raw", "fp16", "int8", "int4"])
+@pytest.mark.parametrize(
+    "codec", ["raw", "fp16", "int8", "int4", "int4_asym", "int4_outlier", "int4_outlier_asym"]
+)
 def test_wire_graph_equals_staged_graph_then_codec(codec):
     stages = _stages(SPEC, [1, 2], torch.float16, "cuda")  # first, middle, last
     c = None if codec == "raw" else codecs.get(codec, 16, backend="triton")  # 4 groups a row
@@ -145,10 +147,11 @@ def test_int8_wire_workers_match_the_probe_and_refuse_bad_decode_frames(tmp_path
 
 @pytest.mark.multiprocess
 def test_codec_frames_are_decoded_on_the_gpu_and_bad_ones_refused(tmp_path):
-    """Codec frames that no wire graph takes (prompts; every step of the outlier codecs) are checked on
-    the host and decoded on the worker's GPU: the probe's greedy tokens, no host-side decode in the
-    trace; a short, long or out-of-range-outlier body closes its connection with the codec's reason,
-    and the worker keeps serving (an intact frame is answered)."""
+    """Codec frames that no wire graph takes (prompts) are checked on the host and decoded on the worker's
+    GPU, and the outlier codec's decode steps run through wire graphs: the probe's greedy tokens, no
+    host-side decode in the trace, quantize events for prompts only; a short, long or out-of-range-outlier
+    body (prompt or decode frame) closes its connection with the codec's reason, and the worker keeps
+    serving (an intact frame is answered)."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from tests.test_codec_wire import _frame, _send_and_wait, direct_session, wait_for_frames
@@ -169,12 +172,15 @@ def test_codec_frames_are_decoded_on_the_gpu_and_bad_ones_refused(tmp_path):
             assert list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []) == ref
         ev = m.trace_events()
         assert not [e for e in ev if e.kind.value == "decode"]  # no payload was decoded on a host
-        assert [e for e in ev if e.kind.value == "quantize" and e.step > 0]  # staged decode steps ran
+        q = [e for e in ev if e.kind.value == "quantize"]
+        assert q and all(e.step == 0 for e in q)  # decode steps were encoded inside the wire graphs
         with direct_session(m) as (sid, target, got):
             x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
             bad = [("int4_outlier", "outlier_index"), ("int4_outlier", "short"), ("int8", "long")]
             for codec, how in bad:
                 assert _send_and_wait(target, _frame(sid, codec, x, how), 10) == "closed", (codec, how)
+            one = x[:, :1]  # a decode frame (the wire graph's path): its columns are checked on the host too
+            assert _send_and_wait(target, _frame(sid, "int4_outlier", one, "outlier_index"), 10) == "closed"
             log = cluster.log_path(1).read_text(errors="replace")
             assert "outlier column 4000" in log and "corrupted 'int4_outlier' payload" in log
             assert "corrupted 'int8' payload" in log

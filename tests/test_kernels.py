@@ -206,6 +206,30 @@ def test_outlier_selection_keeps_the_bits_of_values_left_in_the_row(dtype: torch
     assert torch.equal(_bits(r_rest)[keep], _bits(x)[keep]) and not _bits(r_rest)[~keep].any()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(("name", "shape", "gs"), CASES)
+def test_payload_into_fixed_buffers_equals_encode_and_decode(
+    name: str, shape: tuple[int, ...], gs: int, backend: str
+) -> None:
+    """``encode_into`` / ``decode_from`` (what a wire-mode decode graph runs, into buffers it owns) write the
+    bytes ``encode`` returns and read them back as ``decode`` does, NaN/Inf counted into the flag."""
+    c = codecs.get(name, gs)
+    for seed, poison in ((0, False), (1, True)):
+        x = _rand(shape, torch.float16, seed=seed + gs)
+        if poison:
+            x.view(-1)[5] = float("nan")
+        x2d = x.reshape(-1, shape[-1])
+        buf = torch.full((c.encoded_nbytes(shape),), 0xAB, dtype=torch.uint8, device=DEVICE)
+        flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        c.encode_into(x2d, buf, flag, backend)
+        want = c.encode(x, backend=backend, check_finite=False)
+        assert torch.equal(buf, want.data)
+        assert int(flag) == (1 if poison else 0)  # one group (or one outlier) holds the NaN
+        out = torch.empty_like(x2d)
+        c.decode_from(buf, out, backend)
+        assert_same_output(out, c.decode(want, backend=backend).reshape(out.shape))
+
+
 def test_outlier_selection_launcher_checks() -> None:
     select = kernel_module("outlier_select").select
     x = torch.zeros((2, 8), device=DEVICE)

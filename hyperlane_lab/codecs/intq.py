@@ -182,6 +182,30 @@ class IntCodec(Codec):
         else:
             kernel_module("quant_int4").dequantize(scales, body, out2d, gs, self.hadamard)
 
+    # ---------------------------------------------------------------- whole payloads in fixed buffers
+
+    def encode_into(
+        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor, backend: str = "triton"
+    ) -> None:
+        """Write the payload of ``x2d [R, H]`` (contiguous) into ``buf`` (uint8, ``encoded_nbytes`` long, the layout
+        of ``encode``) and add its number of bad groups (NaN/Inf, out of range) to ``flag`` (int32 [1]). With
+        the Triton backend: device work only (no host sync, no output allocation), so a CUDA graph can hold it
+        (``models/decode_wire.py``)."""
+        rows, cols = x2d.shape
+        n = rows * -(-cols // self.group_size)
+        head = self.head_bytes(n)
+        count = self._quantize_into(x2d, buf[:head].view(torch.int16), buf[head:], backend, flag)
+        if backend == "torch":  # the reference returns its count
+            flag.add_(count.to(torch.int32))
+
+    def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
+        """Fill ``out2d [R, H]`` from a payload in ``buf`` (uint8, the layout of ``encode``); the inverse of
+        ``encode_into``, device work only. The bytes must have passed ``validate``."""
+        rows, cols = out2d.shape
+        n = rows * -(-cols // self.group_size)
+        head = self.head_bytes(n)
+        self._dequantize_into(buf[:head].view(torch.int16), buf[head:], out2d, backend)
+
     # ---------------------------------------------------------------- Codec API
 
     def _encode_sections(

@@ -70,8 +70,7 @@ class OutlierInt4Codec(IntCodec):
             )
         k = self.payload_outliers(shape)
         x2d = x.detach().reshape(rows, cols)
-        fused = cols <= _FUSED_MAX_COLS and k <= _FUSED_MAX_K
-        if k and fused and resolve_backend(backend or self.backend, x2d) == "triton":
+        if k and self.fused(shape) and resolve_backend(backend or self.backend, x2d) == "triton":
             x2d = x2d.contiguous()
             idx = torch.empty((rows, k), dtype=torch.int16, device=x.device)
             vals16 = torch.empty((rows, k), dtype=torch.float16, device=x.device)
@@ -102,6 +101,45 @@ class OutlierInt4Codec(IntCodec):
             outliers=k,
             pending_check=count if check_finite == "defer" else None,
         )
+
+    def fused(self, shape: tuple[int, ...]) -> bool:
+        """The selection runs as one Triton kernel for this shape (rows of <= 16,384 values, <= 32 outliers)."""
+        return rows_of(tuple(shape))[1] <= _FUSED_MAX_COLS and self.payload_outliers(shape) <= _FUSED_MAX_K
+
+    def encode_into(
+        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor, backend: str = "triton"
+    ) -> None:
+        rows, cols = x2d.shape
+        k = self.payload_outliers((rows, cols))
+        head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
+        idx = buf[head : head + 2 * rows * k].view(torch.int16)
+        vals = buf[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16)
+        if not k:
+            rest = x2d
+        elif backend == "triton" and self.fused((rows, cols)):
+            rest = torch.empty_like(x2d)
+            kernel_module("outlier_select").select(x2d, k, idx, vals, rest)
+        else:
+            i64, v16, rest = select_outliers(x2d, k)
+            idx.copy_(i64.to(torch.int16).flatten())
+            vals.copy_(v16.flatten())
+        if k:
+            flag.add_((~torch.isfinite(vals)).sum().to(torch.int32))  # an outlier beyond fp16, or NaN/Inf
+        count = self._quantize_into(
+            rest, buf[:head].view(torch.int16), buf[head + 4 * rows * k :], backend, flag
+        )
+        if backend == "torch":
+            flag.add_(count.to(torch.int32))
+
+    def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
+        rows, cols = out2d.shape
+        k = self.payload_outliers((rows, cols))
+        head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
+        self._dequantize_into(buf[:head].view(torch.int16), buf[head + 4 * rows * k :], out2d, backend)
+        if k:
+            idx = (buf[head : head + 2 * rows * k].view(torch.int16).to(torch.int64) & 0xFFFF).view(rows, k)
+            vals = buf[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16).view(rows, k)
+            out2d.scatter_(1, idx, vals.to(out2d.dtype))
 
     def validate(self, payload: EncodedTensor) -> torch.Tensor:
         data = self._check_payload(payload)

@@ -15,9 +15,12 @@ graph), or, on the last stage, the greedy ids and the non-finite flag (``cuda_de
 
 Which codecs: raw (id 0), ``fp16`` (id 1) between stages whose dtype is fp16 or bf16 (its payload is
 then the raw 16-bit values, plus the NaN/Inf check the codec makes), and the grouped integer codecs
-(``IntCodec``: int8, int4, int4_hadamard), whose Triton kernels write into buffers of fixed size.
-``int4_outlier`` frames keep the staged path (``GraphDecoder.step``). Payload layouts are the codecs' own (``codecs.intq``): the
-bytes this graph sends decode with ``codecs.decode_frame_payload`` and vice versa, bit for bit.
+(int8, int4, int4_hadamard, int4_asym, and the outlier codecs where their selection is one Triton kernel:
+rows of <= 16,384 values, <= 32 outliers), whose ``encode_into`` / ``decode_from`` write and read buffers of
+fixed size with device work only. Other frames keep the staged path (``GraphDecoder.step``). An outlier
+frame's column indices are checked on the host before the replay (``IDX_CODECS``). Payload layouts are the
+codecs' own (``codecs.intq``, ``codecs.outlier``): the bytes this graph sends decode with
+``codecs.decode_frame_payload`` and vice versa, bit for bit.
 """
 
 from __future__ import annotations
@@ -28,9 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["WireIO", "WireSpec", "frame_wire_spec", "make_wire_io", "wire_codec", "wire_in", "wire_out"]
+__all__ = [
+    "IDX_CODECS",
+    "WireIO",
+    "WireSpec",
+    "frame_wire_spec",
+    "make_wire_io",
+    "wire_codec",
+    "wire_in",
+    "wire_out",
+]
 
-WIRE_CODECS = (0, 1, 2, 3, 5)  # raw, fp16 (16-bit stages), int8, int4, int4_hadamard
+# raw, fp16 (16-bit stages), int8, int4, int4_outlier, int4_hadamard, int4_asym, int4_outlier_asym
+WIRE_CODECS = (0, 1, 2, 3, 4, 5, 6, 7)
+IDX_CODECS = (4, 7)  # payloads with column indices: checked on the host before a graph scatters by them
 FP16 = 1
 
 
@@ -46,12 +60,12 @@ class WireSpec:
 
 
 def wire_codec(codec_id: int, group_size: int) -> Any:
-    """The ``IntCodec`` for a wire id (None for raw and fp16, whose payload is the raw 16-bit
-    values in wire mode); ValueError for codecs wire mode lacks."""
+    """The ``IntCodec`` (or outlier codec) for a wire id (None for raw and fp16, whose payload is the raw
+    16-bit values in wire mode); ValueError for codecs wire mode lacks."""
     if codec_id in (0, FP16):
         return None
     if codec_id not in WIRE_CODECS:
-        raise ValueError(f"codec id {codec_id} has no wire-mode graph (raw, int8, int4, int4_hadamard do)")
+        raise ValueError(f"codec id {codec_id} has no wire-mode graph (ids {WIRE_CODECS} do)")
     from hyperlane_lab import codecs
 
     return codecs.get_by_id(codec_id, group_size or 64, backend="triton")
@@ -67,18 +81,22 @@ def frame_wire_spec(
     last: bool,
     out_codec: str = "raw",
     out_group: int = 0,
+    hidden: int = 0,
 ) -> tuple[WireSpec, int] | None:
     """For a decode frame (its header's codec id, group size, dtype and shape) reaching a stage
     (its dtype, first/last, the codec name and group of its own hand-off): the wire spec and the
-    payload length the frame must have, or None where wire mode does not apply (int4_outlier,
-    a raw or fp16 frame whose dtype is not the stage's, fp16 with a 32-bit stage, ids sent with a
-    codec). ValueError for a group size the codec refuses."""
+    payload length the frame must have, or None where wire mode does not apply (an outlier codec whose
+    selection is not one kernel for this width, a raw or fp16 frame whose dtype is not the stage's, fp16
+    with a 32-bit stage, ids sent with a codec). ``hidden``: the stage's output width (default: the frame's last
+    dim). ValueError for a group size the codec refuses."""
     out_id = out_g = 0
     if not last and out_codec not in ("raw", "none"):
         from hyperlane_lab import codecs
 
         c = codecs.get(out_codec, group_size=out_group or 64)
         if c.codec_id not in WIRE_CODECS or (c.codec_id == FP16 and stage_dtype.itemsize != 2):
+            return None
+        if not getattr(c, "fused", lambda _: True)((shape[0], hidden or shape[-1])):
             return None
         out_id, out_g = c.codec_id, c.group_size
     raw = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -89,6 +107,8 @@ def frame_wire_spec(
     if codec_id == FP16 and stage_dtype.itemsize != 2:
         return None
     c = wire_codec(codec_id, group_size)
+    if c is not None and not getattr(c, "fused", lambda _: True)(shape):
+        return None
     want = raw if c is None else c.encoded_nbytes(shape, dtype)
     return WireSpec(codec_id, c.group_size if c is not None else 0, out_id, out_g), want
 
@@ -169,13 +189,6 @@ def make_wire_io(
     return io
 
 
-def _sections(codec: Any, buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales as int16, values) views of an ``IntCodec`` payload ``[scales][values]`` (symmetric codecs
-    only: the asymmetric ones, with minimums after the scales, are not in ``WIRE_CODECS``)."""
-    n = rows * -(-cols // codec.group_size)
-    return buf[: 2 * n].view(torch.int16), buf[2 * n : codec.encoded_nbytes((rows, cols), torch.float16)]
-
-
 def wire_in(io: WireIO, x_in: torch.Tensor) -> None:
     """Graph prologue (captured): the frame's payload -> ``x_in``."""
     if io.in_host is None:
@@ -187,9 +200,7 @@ def wire_in(io: WireIO, x_in: torch.Tensor) -> None:
     assert io.in_dev is not None
     io.in_dev.copy_(io.in_host, non_blocking=True)
     cols = x_in.shape[-1]
-    rows = x_in.numel() // cols
-    scales, body = _sections(codec, io.in_dev, rows, cols)
-    codec._dequantize_into(scales, body, x_in.view(rows, cols), "triton")
+    codec.decode_from(io.in_dev, x_in.view(x_in.numel() // cols, cols), "triton")
 
 
 def wire_out(io: WireIO, result: torch.Tensor) -> None:
@@ -204,8 +215,8 @@ def wire_out(io: WireIO, result: torch.Tensor) -> None:
         flag.copy_((~torch.isfinite(result)).sum().to(torch.int32).view(1))
     else:
         cols = result.shape[-1]
-        rows = result.numel() // cols
-        scales, body = _sections(codec, io.out_dev, rows, cols)
         flag.zero_()  # the kernels add their bad-group counts to it
-        codec._quantize_into(result.reshape(rows, cols), scales, body, "triton", flag)
+        codec.encode_into(
+            result.reshape(result.numel() // cols, cols), io.out_dev[: io.out_nbytes], flag, "triton"
+        )
     io.out_host.copy_(io.out_dev, non_blocking=True)

@@ -169,7 +169,8 @@ class GpuStepper:
     def _new_spec(self, h: FrameHeader, eng: Any) -> tuple[WireSpec, int] | None:
         try:
             return frame_wire_spec(h.codec, h.group_size, h.dtype, h.shape, eng.dtype, eng.is_first,
-                                   eng.is_last, self.w.out.codec, self.w.out.group_size)  # fmt: skip
+                                   eng.is_last, self.w.out.codec, self.w.out.group_size,
+                                   eng.spec.hidden_size)  # fmt: skip
         except ValueError as e:  # a group size the codec refuses
             raise ProtocolError(str(e)) from e
 

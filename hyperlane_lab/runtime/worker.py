@@ -34,6 +34,7 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import Sampler
 from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.decode_linear import env_flag
+from hyperlane_lab.models.decode_wire import IDX_CODECS
 from hyperlane_lab.runtime.blobs import BlobStore
 from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
@@ -363,6 +364,8 @@ class Worker(WorkerOutbox):
         gpu = self._gpu_for(self.engine)
         spec = gpu.wire_spec(h) if gpu is not None else None  # checks the payload length (ProtocolError)
         if gpu is not None and spec is not None:  # a decode step through a wire-mode graph
+            if spec.in_codec in IDX_CODECS:  # outlier columns: checked here, before a graph scatters by them
+                check_payload(h, frame.payload_view)
             self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
             t1 = time.perf_counter()
             if self._submitted == self._finished and self.engine.decode_graph_ready(h.session, spec):
