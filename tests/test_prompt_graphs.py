@@ -53,6 +53,27 @@ def test_ready_says_when_run_would_replay_a_captured_graph():
     assert not st.prompt_graph_ready("s", torch.arange(16)[None])
 
 
+def test_prompt_on_loop_from_the_flag_or_the_environment(tmp_path, monkeypatch):
+    """``hyperlane worker --prompt-on-loop`` / ``WorkerConfig.prompt_on_loop`` turn the loop-thread prompt path
+    on; unset, ``HYPERLANE_PROMPT_ON_LOOP`` decides (default off); an explicit False wins over the variable."""
+    from hyperlane_lab.cli.main import build_parser
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
+    parse = build_parser().parse_args
+    assert parse(["worker", "--prompt-on-loop"]).prompt_on_loop is True
+    assert parse(["worker"]).prompt_on_loop is None
+
+    def on_loop(setting: bool | None) -> bool:
+        return Worker(
+            WorkerConfig(device="cpu", cache_dir=str(tmp_path), prompt_on_loop=setting)
+        ).prompt_on_loop
+
+    monkeypatch.delenv("HYPERLANE_PROMPT_ON_LOOP", raising=False)
+    assert (on_loop(None), on_loop(True)) == (False, True)
+    monkeypatch.setenv("HYPERLANE_PROMPT_ON_LOOP", "1")
+    assert (on_loop(None), on_loop(False)) == (True, False)
+
+
 def test_bucket_rule():
     assert prompt_bucket(1, 1024) is None  # decode steps have their own graphs
     assert [prompt_bucket(s, 1024) for s in (2, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]

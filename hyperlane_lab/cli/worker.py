@@ -71,6 +71,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "the CPUs near its GPU, split among the GPUs this process can see, so workers on one host never "
         "share a core; with one GPU per worker in CUDA_VISIBLE_DEVICES give lists); default: any CPU",
     )
+    p.add_argument(
+        "--prompt-on-loop",
+        action="store_true",
+        default=None,
+        help="GPU workers: enqueue prompt chunks whose CUDA graph is captured on the event loop, as decode "
+        "steps are, saving a thread hand-off per chunk (experimental; default: HYPERLANE_PROMPT_ON_LOOP, off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -98,5 +105,6 @@ def run(args: argparse.Namespace) -> int:
         busy_poll_us=args.busy_poll_us,
         switch_interval_us=args.switch_interval_us,
         cpus=args.cpus,
+        prompt_on_loop=args.prompt_on_loop,
     )
     return run_worker(cfg)

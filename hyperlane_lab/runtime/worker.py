@@ -97,10 +97,10 @@ class Worker(WorkerOutbox):
         self._submitted = 0
         self._finished = 0
         self.fast_steps = 0  # decode steps enqueued on the loop thread (the latency path)
-        # HYPERLANE_PROMPT_ON_LOOP=1 (experimental, off by default; not yet measured on a GPU): prompt steps
-        # whose graph is captured are enqueued on the loop thread too, saving the hand-off to the compute
-        # thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md)
-        self.prompt_on_loop = env_flag("HYPERLANE_PROMPT_ON_LOOP", False)
+        # prompt steps whose graph is captured enqueued on the loop thread too, saving the hand-off to the
+        # compute thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md); experimental, off by default
+        on_loop = config.prompt_on_loop
+        self.prompt_on_loop = env_flag("HYPERLANE_PROMPT_ON_LOOP", False) if on_loop is None else on_loop
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None

@@ -42,6 +42,10 @@ class WorkerConfig:
     # share of the CPUs near its GPU (several workers on one host then never share a CPU), or a
     # list such as "0-7,16-23"
     cpus: str = ""
+    # GPU workers: enqueue a prompt chunk whose CUDA graph is captured on the event loop thread (as decode
+    # steps are) instead of handing it to the compute thread. None = ``HYPERLANE_PROMPT_ON_LOOP`` (default
+    # off): experimental, not yet measured on a GPU (bench/gpu_notes.md, tenth session)
+    prompt_on_loop: bool | None = None
 
     def __post_init__(self) -> None:
         if self.cpus not in ("", "auto"):
