@@ -232,7 +232,7 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
     probe's greedy tokens, also for the second prompt that reuses those buffers, and with the
     prompts sent down the pipeline in chunks. ``on_loop``: with ``HYPERLANE_PROMPT_ON_LOOP=1`` a chunk
     whose graph is captured is enqueued on the event loop (a second chunked pass finds them all
-    captured), and a prompt-only generation (no decode steps) adds loop-thread steps."""
+    captured: Health's ``fast_path_prompts`` counts them)."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
@@ -278,8 +278,5 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert health[0].pinned_buffers == 0  # token ids: small bodies
         assert all(h.pinned_buffers >= 1 for h in health[1:]), health
-        if on_loop:
-            before = sum(h.fast_path_steps for h in health)
-            m.generate(prompts[0], max_tokens=1)  # prompt chunks only
-            assert sum(c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients) > before
+        assert (sum(h.fast_path_prompts for h in health) > 0) == on_loop  # the second chunked pass
         assert all(cluster.alive)

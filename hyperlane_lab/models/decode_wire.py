@@ -10,8 +10,9 @@ bytes) into pinned buffers with numpy, replay, record one event.
             [quantize, when the next hop is int8/int4] --D2H--> pinned out
 
 The pinned out buffer holds: the hidden state's bytes (raw), or the codec payload followed by a
-4-byte count of groups holding NaN/Inf (int8/int4: the Triton kernels' flag, zeroed inside the
-graph), or, on the last stage, the greedy ids and the non-finite flag (``cuda_decode.greedy_pack``).
+4-byte count of groups holding NaN/Inf (the Triton kernels' flag, zeroed inside the graph; outlier codecs
+add their side values that are NaN/Inf or beyond fp16), or, on the last stage, the greedy ids and the
+non-finite flag (``cuda_decode.greedy_pack``).
 
 Which codecs: raw (id 0), ``fp16`` (id 1) between stages whose dtype is fp16 or bf16 (its payload is
 then the raw 16-bit values, plus the NaN/Inf check the codec makes), and the grouped integer codecs

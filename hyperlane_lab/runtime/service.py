@@ -136,6 +136,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             ok=True,
             worker_time_s=time.perf_counter(),
             fast_path_steps=self.w.fast_steps,
+            fast_path_prompts=self.w.fast_prompts,
             busy_poll_spun=sel.spun if sel is not None else 0,
             busy_poll_blocked=sel.blocked if sel is not None else 0,
             pinned_buffers=self.w.pool.pinned_allocations,

@@ -74,6 +74,9 @@ def _pinned_bytes(n: int) -> Any:
     return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
 
 
+PROMPT_ON_LOOP_MAX_BYTES = 4 << 20  # --prompt-on-loop: larger prompt bodies still go to the compute thread
+
+
 class Worker(WorkerOutbox):
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -98,9 +101,12 @@ class Worker(WorkerOutbox):
         self._finished = 0
         self.fast_steps = 0  # decode steps enqueued on the loop thread (the latency path)
         # prompt steps whose graph is captured enqueued on the loop thread too, saving the hand-off to the
-        # compute thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md); experimental, off by default
+        # compute thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md); experimental, off by default.
+        # Bodies up to PROMPT_ON_LOOP_MAX_BYTES only: the step waits for its upload before the body goes
+        # back to the pool, and a larger body's copy would hold the loop (other sessions' frames) longer
         on_loop = config.prompt_on_loop
         self.prompt_on_loop = env_flag("HYPERLANE_PROMPT_ON_LOOP", False) if on_loop is None else on_loop
+        self.fast_prompts = 0  # prompt steps enqueued on the loop thread
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -397,10 +403,18 @@ class Worker(WorkerOutbox):
             and gpu.device == eng.device
             and (
                 (h.seq == 1 and ready is not None and ready(h.session))
-                or (h.seq > 1 and prompt_ready is not None and prompt_ready(h.session, positions))
+                or (
+                    h.seq > 1
+                    and prompt_ready is not None
+                    and h.payload_len <= PROMPT_ON_LOOP_MAX_BYTES
+                    and prompt_ready(h.session, positions)
+                )
             )
         ):
-            self.fast_steps += 1
+            if h.seq == 1:
+                self.fast_steps += 1
+            else:
+                self.fast_prompts += 1
             gpu.run_step(
                 frame, x, positions, t1, encoded
             )  # enqueue only (graph replay), then back to the loop
