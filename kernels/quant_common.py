@@ -145,6 +145,15 @@ def store_groups(
 
 
 @triton.jit
+def store_per_group(ptr, vals, g, n_groups, EVEN: tl.constexpr):
+    """Store one value per group (``vals [GP]`` at groups ``g``): without a mask when ``EVEN`` (every g valid)."""
+    if EVEN:
+        tl.store(ptr + g, vals)
+    else:
+        tl.store(ptr + g, vals, mask=g < n_groups)
+
+
+@triton.jit
 def count_bad(flag_ptr, bad, g, n_groups):
     """Add the number of bad groups among ``g`` (ids < n_groups) to ``flag_ptr``: one atomic per program, and
     only when it has any."""

@@ -30,6 +30,7 @@ from hyperlane_lab.kernels.quant_common import (
     quantize_biased,
     store_groups,
     store_nibbles,
+    store_per_group,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -101,10 +102,7 @@ def _quant_int4_kernel(
         hi = quantize_biased(vo, divisor, recip, bad, 8)
     # the low nibble of the biased bits is q + 8 and bits 4..7 are 0, so one shift-add packs a byte
     store_nibbles(p_ptr, lo, hi, g, n_groups, GS, BLOCK, EVEN)
-    if EVEN:
-        tl.store(scale_ptr + g, bits)
-    else:
-        tl.store(scale_ptr + g, bits, mask=g < n_groups)
+    store_per_group(scale_ptr, bits, g, n_groups, EVEN)
     if CHECK:
         count_bad(flag_ptr, bad, g, n_groups)
 

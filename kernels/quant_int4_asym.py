@@ -26,6 +26,7 @@ from hyperlane_lab.kernels.quant_common import (
     scales_from,
     store_groups,
     store_nibbles,
+    store_per_group,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -69,12 +70,8 @@ def _quant_int4_asym_kernel(
     qb = quantize_biased(v - mf[:, None], divisor, recip, bad, 0)  # low nibble = q (0..15), bits 4..7 = 0
     lo_q, hi_q = tl.split(tl.reshape(qb, [GP, BLOCK // 2, 2]))
     store_nibbles(p_ptr, lo_q, hi_q, g, n_groups, GS, BLOCK, EVEN)
-    if EVEN:
-        tl.store(scale_ptr + g, bits)
-        tl.store(min_ptr + g, mbits)
-    else:
-        tl.store(scale_ptr + g, bits, mask=g < n_groups)
-        tl.store(min_ptr + g, mbits, mask=g < n_groups)
+    store_per_group(scale_ptr, bits, g, n_groups, EVEN)
+    store_per_group(min_ptr, mbits, g, n_groups, EVEN)
     if CHECK:
         count_bad(flag_ptr, bad, g, n_groups)
 

@@ -22,6 +22,7 @@ from hyperlane_lab.kernels.quant_common import (
     output_view,
     quantize_biased,
     store_groups,
+    store_per_group,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -51,13 +52,11 @@ def _quant_int8_kernel(
     bits, divisor, recip, bad = group_scales(abs_max_bits(v), _QMAX)
     q = quantize_biased(v, divisor, recip, bad, 0).to(tl.int8)  # low byte of the biased bits = q
     q_offs = g[:, None] * GS + j[None, :]
+    store_per_group(scale_ptr, bits, g, n_groups, EVEN)
     if EVEN:
-        tl.store(scale_ptr + g, bits)
         tl.store(q_ptr + q_offs, q)
     else:
-        gvalid = g < n_groups
-        tl.store(scale_ptr + g, bits, mask=gvalid)
-        tl.store(q_ptr + q_offs, q, mask=gvalid[:, None] & (j < GS)[None, :])
+        tl.store(q_ptr + q_offs, q, mask=(g < n_groups)[:, None] & (j < GS)[None, :])
     if CHECK:
         count_bad(flag_ptr, bad, g, n_groups)
 

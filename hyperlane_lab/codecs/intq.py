@@ -27,7 +27,6 @@ from hyperlane_lab.codecs.base import (
     CheckFinite,
     Codec,
     EncodedTensor,
-    GroupLayout,
     dtype_name,
     nonfinite_error,
     resolve_backend,
@@ -123,8 +122,9 @@ class IntCodec(Codec):
 
     def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float16) -> int:
         dtype_name(dtype)
-        n = GroupLayout.of(tuple(shape), self.group_size).n_groups
-        return self.head_bytes(n) + self._value_bytes(n)
+        rows, cols = rows_of(tuple(shape))
+        n = rows * -(-cols // self.group_size)
+        return self.head_bytes(n) + self._side_bytes(rows, cols) + self._value_bytes(n)
 
     # ---------------------------------------------------------------- quantize / dequantize (2-D)
 
@@ -184,6 +184,29 @@ class IntCodec(Codec):
 
     # ---------------------------------------------------------------- whole payloads in fixed buffers
 
+    def _side_bytes(self, rows: int, cols: int) -> int:
+        """Bytes between the per-group head and the values (the outlier codecs' side channel)."""
+        return 0
+
+    def _quantize_payload(
+        self, grouped: torch.Tensor, buf: torch.Tensor, side: int, flag: torch.Tensor | None, be: str
+    ) -> None:
+        """Quantize ``grouped [R, H]`` into the head and value sections of ``buf`` (``side`` bytes between them);
+        bad groups are added to ``flag`` when given."""
+        rows, cols = grouped.shape
+        head = self.head_bytes(rows * -(-cols // self.group_size))
+        count = self._quantize_into(grouped, buf[:head].view(torch.int16), buf[head + side :], be, flag)
+        if be == "torch" and flag is not None:  # the reference returns its count
+            flag.add_(count.to(torch.int32))
+
+    def _write(
+        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str
+    ) -> torch.Tensor | None:
+        """``encode_into`` with an optional flag; returns what was grouped where it is not ``x2d`` (the outlier
+        codecs' rows without their outliers), for the range error."""
+        self._quantize_payload(x2d, buf, 0, flag, be)
+        return None
+
     def encode_into(
         self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor, backend: str = "triton"
     ) -> None:
@@ -191,82 +214,48 @@ class IntCodec(Codec):
         of ``encode``) and add its number of bad groups (NaN/Inf, out of range) to ``flag`` (int32 [1]). With
         the Triton backend: device work only (no host sync, no output allocation), so a CUDA graph can hold it
         (``models/decode_wire.py``)."""
-        rows, cols = x2d.shape
-        n = rows * -(-cols // self.group_size)
-        head = self.head_bytes(n)
-        count = self._quantize_into(x2d, buf[:head].view(torch.int16), buf[head:], backend, flag)
-        if backend == "torch":  # the reference returns its count
-            flag.add_(count.to(torch.int32))
+        self._write(x2d, buf, flag, backend)
 
     def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
         """Fill ``out2d [R, H]`` from a payload in ``buf`` (uint8, the layout of ``encode``); the inverse of
         ``encode_into``, device work only. The bytes must have passed ``validate``."""
         rows, cols = out2d.shape
-        n = rows * -(-cols // self.group_size)
-        head = self.head_bytes(n)
-        self._dequantize_into(buf[:head].view(torch.int16), buf[head:], out2d, backend)
+        head = self.head_bytes(rows * -(-cols // self.group_size))
+        side = self._side_bytes(rows, cols)
+        self._dequantize_into(buf[:head].view(torch.int16), buf[head + side :], out2d, backend)
 
     # ---------------------------------------------------------------- Codec API
 
-    def _encode_sections(
-        self, x: torch.Tensor, check_finite: CheckFinite, backend: str | None, extra_bytes: int = 0
-    ) -> tuple[torch.Tensor, Any, int]:
-        """Quantize ``x`` into a fresh buffer ``[head][extra_bytes][values]`` (head: scales, and minimums if
-        asymmetric; the extra section is left for the caller to fill).
-
-        Returns (buffer, device count of bad groups or None, number of groups N). Kept lean: at decode size
-        (1 x 4096) every view and allocation here is a visible share of the call.
-        """
-        rows, cols = rows_of(tuple(x.shape))
-        n = rows * -(-cols // self.group_size)  # GroupLayout(rows, cols, gs).n_groups
-        be = resolve_backend(backend or self.backend, x)
-        head = self.head_bytes(n)
-        data = torch.empty(head + extra_bytes + self._value_bytes(n), dtype=torch.uint8, device=x.device)
+    def encode(
+        self, x: torch.Tensor, *, check_finite: CheckFinite = True, backend: str | None = None
+    ) -> EncodedTensor:
+        """Kept lean: at decode size (1 x 4096) every view and allocation here is a visible share of the call."""
+        dname = self._check_input(x)
+        shape = tuple(x.shape)
+        rows, cols = rows_of(shape)
         x2d = x.detach() if x.requires_grad else x
         if x2d.dim() != 2:
             x2d = x2d.reshape(rows, cols)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        # the kernel accumulates into the flag, so it must start at 0
+        n = rows * -(-cols // self.group_size)  # GroupLayout(rows, cols, gs).n_groups
+        nbytes = self.head_bytes(n) + self._side_bytes(rows, cols) + self._value_bytes(n)
+        data = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        # the kernels accumulate into the flag, so it must start at 0
         flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else None
-        count = self._quantize_into(x2d, data[:head].view(torch.int16), data[head + extra_bytes :], be, flag)
-        return data, count, n
-
-    def encode(
-        self, x: torch.Tensor, *, check_finite: CheckFinite = True, backend: str | None = None
-    ) -> EncodedTensor:
-        dname = self._check_input(x)
-        data, count, _ = self._encode_sections(x, check_finite, backend)
-        if check_finite is True and int(count.item()) > 0:
-            raise range_error(self, x, self.qmax, self.hadamard)
+        grouped = self._write(x2d, data, flag, resolve_backend(backend or self.backend, x2d))
+        if check_finite is True and int(flag.item()) > 0:  # type: ignore[union-attr]
+            raise range_error(self, x, self.qmax, self.hadamard, quantized=grouped)
         return EncodedTensor(
             codec=self.name,
             codec_id=self.codec_id,
             group_size=self.group_size,
-            shape=tuple(x.shape),
+            shape=shape,
             dtype=dname,
             data=data,
-            pending_check=count if check_finite == "defer" else None,
+            outliers=self.payload_outliers(shape),
+            pending_check=flag if check_finite == "defer" else None,
         )
-
-    def _decode_sections(
-        self,
-        payload: EncodedTensor,
-        device: torch.device | str | None,
-        backend: str | None,
-        extra_bytes: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantize a payload ``[head][extra_bytes][values]`` -> (out [R, H], extra section view)."""
-        data = self._check_payload(payload)
-        if device is not None:
-            data = data.to(device)
-        rows, cols = rows_of(payload.shape)
-        n = GroupLayout(rows, cols, self.group_size).n_groups
-        be = resolve_backend(backend or self.backend, data)
-        out2d = torch.empty((rows, cols), dtype=DTYPES[payload.dtype], device=data.device)
-        head = self.head_bytes(n)
-        self._dequantize_into(data[:head].view(torch.int16), data[head + extra_bytes :], out2d, be)
-        return out2d, data[head : head + extra_bytes]
 
     def decode(
         self,
@@ -275,5 +264,11 @@ class IntCodec(Codec):
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> torch.Tensor:
-        out2d, _ = self._decode_sections(payload, device, backend)
+        # a trusted payload passed ``validate`` where it arrived: only the cheap header checks again
+        data = self._check_payload(payload) if payload.trusted else self.validate(payload)
+        if device is not None:
+            data = data.to(device)
+        rows, cols = rows_of(payload.shape)
+        out2d = torch.empty((rows, cols), dtype=DTYPES[payload.dtype], device=data.device)
+        self.decode_from(data, out2d, resolve_backend(backend or self.backend, data))
         return out2d.reshape(payload.shape)

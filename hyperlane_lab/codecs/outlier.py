@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from hyperlane_lab.codecs._kernels import kernel_module
-from hyperlane_lab.codecs.base import CheckFinite, EncodedTensor, GroupLayout, resolve_backend, rows_of
-from hyperlane_lab.codecs.intq import IntCodec, range_error
+from hyperlane_lab.codecs.base import EncodedTensor, GroupLayout, rows_of
+from hyperlane_lab.codecs.intq import IntCodec
 from hyperlane_lab.codecs.reference import select_outliers
 
 __all__ = ["OutlierInt4Codec"]
@@ -54,89 +54,45 @@ class OutlierInt4Codec(IntCodec):
     def payload_outliers(self, shape: tuple[int, ...]) -> int:
         return min(self.outliers, rows_of(tuple(shape))[1])
 
-    def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float16) -> int:
-        rows, _ = rows_of(tuple(shape))
-        return super().encoded_nbytes(shape, dtype) + 4 * rows * self.payload_outliers(shape)
-
-    def encode(
-        self, x: torch.Tensor, *, check_finite: CheckFinite = True, backend: str | None = None
-    ) -> EncodedTensor:
-        dname = self._check_input(x)
-        shape = tuple(x.shape)
-        rows, cols = rows_of(shape)
-        if cols > _MAX_COLS:
-            raise ValueError(
-                f"{self.name} indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
-            )
-        k = self.payload_outliers(shape)
-        x2d = x.detach().reshape(rows, cols)
-        if k and self.fused(shape) and resolve_backend(backend or self.backend, x2d) == "triton":
-            x2d = x2d.contiguous()
-            idx = torch.empty((rows, k), dtype=torch.int16, device=x.device)
-            vals16 = torch.empty((rows, k), dtype=torch.float16, device=x.device)
-            rest = torch.empty_like(x2d)
-            kernel_module("outlier_select").select(x2d, k, idx, vals16, rest)
-        elif k:
-            idx, vals16, rest = select_outliers(x2d, k)  # rest: fresh [R, H], outliers zeroed
-        else:
-            idx = torch.zeros((rows, 0), dtype=torch.int64, device=x.device)
-            vals16 = torch.zeros((rows, 0), dtype=torch.float16, device=x.device)
-            rest = x2d
-        data, count, n = self._encode_sections(rest, check_finite, backend, extra_bytes=4 * rows * k)
-        head = self.head_bytes(n)
-        side = data[head : head + 4 * rows * k]
-        side[: 2 * rows * k].view(torch.int16).copy_(idx.to(torch.int16).flatten())  # uint16 bits
-        side[2 * rows * k :].view(torch.float16).copy_(vals16.flatten())
-        if check_finite:
-            count = count + (~torch.isfinite(vals16)).sum()
-            if check_finite is True and int(count.item()) > 0:
-                raise range_error(self, x, self.qmax, quantized=rest)
-        return EncodedTensor(
-            codec=self.name,
-            codec_id=self.codec_id,
-            group_size=self.group_size,
-            shape=shape,
-            dtype=dname,
-            data=data,
-            outliers=k,
-            pending_check=count if check_finite == "defer" else None,
-        )
+    def _side_bytes(self, rows: int, cols: int) -> int:
+        return 4 * rows * self.payload_outliers((rows, cols))
 
     def fused(self, shape: tuple[int, ...]) -> bool:
         """The selection runs as one Triton kernel for this shape (rows of <= 16,384 values, <= 32 outliers)."""
         return rows_of(tuple(shape))[1] <= _FUSED_MAX_COLS and self.payload_outliers(shape) <= _FUSED_MAX_K
 
-    def encode_into(
-        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor, backend: str = "triton"
-    ) -> None:
+    def _write(
+        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str
+    ) -> torch.Tensor:
         rows, cols = x2d.shape
+        if cols > _MAX_COLS:
+            raise ValueError(
+                f"{self.name} indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
+            )
         k = self.payload_outliers((rows, cols))
         head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
-        idx = buf[head : head + 2 * rows * k].view(torch.int16)
+        idx = buf[head : head + 2 * rows * k].view(torch.int16)  # uint16 bits
         vals = buf[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16)
         if not k:
             rest = x2d
-        elif backend == "triton" and self.fused((rows, cols)):
+        elif be == "triton" and self.fused((rows, cols)):
             rest = torch.empty_like(x2d)
             kernel_module("outlier_select").select(x2d, k, idx, vals, rest)
         else:
-            i64, v16, rest = select_outliers(x2d, k)
+            i64, v16, rest = select_outliers(x2d, k)  # rest: fresh [R, H], outliers zeroed
             idx.copy_(i64.to(torch.int16).flatten())
             vals.copy_(v16.flatten())
-        if k:
+        if k and flag is not None:
             flag.add_((~torch.isfinite(vals)).sum().to(torch.int32))  # an outlier beyond fp16, or NaN/Inf
-        count = self._quantize_into(
-            rest, buf[:head].view(torch.int16), buf[head + 4 * rows * k :], backend, flag
-        )
-        if backend == "torch":
-            flag.add_(count.to(torch.int32))
+        self._quantize_payload(rest, buf, 4 * rows * k, flag, be)
+        return rest
 
     def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
+        super().decode_from(buf, out2d, backend)
         rows, cols = out2d.shape
         k = self.payload_outliers((rows, cols))
-        head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
-        self._dequantize_into(buf[:head].view(torch.int16), buf[head + 4 * rows * k :], out2d, backend)
         if k:
+            head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
             idx = (buf[head : head + 2 * rows * k].view(torch.int16).to(torch.int64) & 0xFFFF).view(rows, k)
             vals = buf[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16).view(rows, k)
             out2d.scatter_(1, idx, vals.to(out2d.dtype))
@@ -154,22 +110,3 @@ class OutlierInt4Codec(IntCodec):
                     "the frame body is damaged"
                 )
         return data
-
-    def decode(
-        self,
-        payload: EncodedTensor,
-        *,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> torch.Tensor:
-        shape = tuple(payload.shape)
-        rows, _ = rows_of(shape)
-        k = self.payload_outliers(shape)
-        if not payload.trusted:  # indices checked before a device scatter can assert
-            self.validate(payload)
-        out2d, side = self._decode_sections(payload, device, backend, extra_bytes=4 * rows * k)
-        if k:
-            idx = (side[: 2 * rows * k].view(torch.int16).to(torch.int64) & 0xFFFF).reshape(rows, k)
-            vals = side[2 * rows * k :].view(torch.float16).reshape(rows, k)
-            out2d.scatter_(1, idx, vals.to(out2d.dtype))
-        return out2d.reshape(payload.shape)

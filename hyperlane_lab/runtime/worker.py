@@ -394,13 +394,12 @@ class Worker(WorkerOutbox):
         self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
         if h.codec and not encoded:
             self.trace.add("decode", t0, t1, h.session, h.step)
-        gpu, eng = self._gpu, self.engine
+        eng = self.engine
         ready = getattr(eng, "decode_graph_ready", None)  # torch engines only
         prompt_ready = getattr(eng, "prompt_graph_ready", None) if self.prompt_on_loop else None
         if (
-            gpu is not None
+            gpu is not None  # (``_gpu_for`` gives the stepper of the engine's device)
             and self._submitted == self._finished  # the compute thread is idle: nothing to overtake
-            and gpu.device == eng.device
             and (
                 (h.seq == 1 and ready is not None and ready(h.session))
                 or (
@@ -415,9 +414,8 @@ class Worker(WorkerOutbox):
                 self.fast_steps += 1
             else:
                 self.fast_prompts += 1
-            gpu.run_step(
-                frame, x, positions, t1, encoded
-            )  # enqueue only (graph replay), then back to the loop
+            # enqueue only (graph replay), then back to the loop
+            gpu.run_step(frame, x, positions, t1, encoded)
             return
         self._submit(self._run_step, frame, x, positions, time.perf_counter(), encoded)
 
@@ -476,7 +474,6 @@ class Worker(WorkerOutbox):
         if gpu is not None:  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
             gpu.run_step(frame, x, positions, queued_at, encoded)
             return
-
         sid, step = h.session, h.step
         sess = self.sessions.get(sid)
         t0 = time.perf_counter()
