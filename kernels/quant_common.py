@@ -40,6 +40,7 @@ __all__ = [
     "check_launch",
     "clamp_where",
     "count_bad",
+    "decoder_layout",
     "group_scales",
     "launch_config",
     "launch_shape",
@@ -134,14 +135,24 @@ def load_groups(
 @triton.jit
 def store_groups(
     out_ptr, v, g, gvalid, cols, groups_per_row, GS: tl.constexpr, BLOCK: tl.constexpr,
-    OUT_MAX: tl.constexpr, OUT_BF16: tl.constexpr,
+    OUT_MAX: tl.constexpr, OUT_BF16: tl.constexpr, DENSE: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """Store fp32 ``v [GP, BLOCK]`` as groups ``g`` of ``out [R, H]`` (``store_output``: clamped, cast);
-    lanes past GS, the last group's row padding and masked groups are dropped. Inverse of ``load_groups``."""
-    row = g // groups_per_row
-    col = (g % groups_per_row)[:, None] * GS + tl.arange(0, BLOCK)[None, :]
-    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
-    store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+    lanes past GS, the last group's row padding and masked groups are dropped. Inverse of ``load_groups``.
+
+    DENSE / EVEN as in ``load_groups`` (``decoder_layout``): group g's values are ``out``'s flat
+    g * GS.. (no 64-bit row/column division per group), and with EVEN nothing is masked."""
+    j = tl.arange(0, BLOCK)
+    if EVEN:
+        store_output(out_ptr + g[:, None] * GS + j[None, :], v, None, OUT_MAX, OUT_BF16)
+    elif DENSE:
+        in_group = gvalid[:, None] & (j < GS)[None, :]
+        store_output(out_ptr + g[:, None] * GS + j[None, :], v, in_group, OUT_MAX, OUT_BF16)
+    else:
+        row = g // groups_per_row
+        col = (g % groups_per_row)[:, None] * GS + j[None, :]
+        in_group = gvalid[:, None] & (j < GS)[None, :]
+        store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
 
 
 @triton.jit
@@ -163,13 +174,21 @@ def count_bad(flag_ptr, bad, g, n_groups):
 
 
 @triton.jit
-def load_nibbles(p_ptr, g, gvalid, GS: tl.constexpr, BLOCK: tl.constexpr, GP: tl.constexpr):
+def load_nibbles(
+    p_ptr, g, gvalid, GS: tl.constexpr, BLOCK: tl.constexpr, GP: tl.constexpr, EVEN: tl.constexpr
+):
     """int32 ``[GP, BLOCK]``: the nibbles of groups ``g`` of a packed int4 payload (byte k of a group holds
-    element 2k in its low nibble, 2k+1 in its high one); 0 for masked groups and lanes past GS."""
+    element 2k in its low nibble, 2k+1 in its high one); 0 for masked groups and lanes past GS (EVEN:
+    every group valid and BLOCK == GS, no mask)."""
     k = tl.arange(0, BLOCK // 2)
-    b = tl.load(
-        p_ptr + g[:, None] * (GS // 2) + k[None, :], mask=gvalid[:, None] & (k < GS // 2)[None, :], other=0
-    )
+    if EVEN:
+        b = tl.load(p_ptr + g[:, None] * (GS // 2) + k[None, :])
+    else:
+        b = tl.load(
+            p_ptr + g[:, None] * (GS // 2) + k[None, :],
+            mask=gvalid[:, None] & (k < GS // 2)[None, :],
+            other=0,
+        )
     b = b.to(tl.int32)
     return tl.reshape(tl.join(b & 15, b >> 4), [GP, BLOCK])
 
@@ -244,6 +263,14 @@ def launch_shape(group_size: int) -> tuple[int, int]:
     """Decoders: (padded group size BLOCK, groups per program GP); both powers of two."""
     block = triton.next_power_of_2(group_size)
     return block, max(1, TILE_ELEMS // block)
+
+
+def decoder_layout(n_groups: int, cols: int, group_size: int) -> dict[str, bool]:
+    """The decoders' DENSE / EVEN constexprs (``store_groups``): DENSE when rows hold whole groups
+    (``cols % group_size == 0``), EVEN when also every program's groups are all valid and unpadded."""
+    block, gp = launch_shape(group_size)
+    dense = cols % group_size == 0
+    return {"DENSE": dense, "EVEN": dense and block == group_size and n_groups % gp == 0}
 
 
 def launch_config(

@@ -21,6 +21,7 @@ from hyperlane_lab.kernels.quant_common import (
     abs_max_bits,
     check_launch,
     count_bad,
+    decoder_layout,
     group_scales,
     launch_config,
     launch_shape,
@@ -126,16 +127,21 @@ def _dequant_int4_kernel(
     HADAMARD: tl.constexpr,
     LOG2_GS: tl.constexpr,
     INV_SQRT: tl.constexpr,
+    DENSE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
-    q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP) - 8  # masked bytes (0) give q = -8, never stored
-    bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
+    q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP, EVEN) - 8  # masked bytes (0) give q = -8, never stored
+    if EVEN:
+        bits = tl.load(scale_ptr + g)
+    else:
+        bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None]
     if HADAMARD:
         v = wht_groups(v, GP, BLOCK, LOG2_GS, INV_SQRT)
-    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16)
+    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16, DENSE, EVEN)
 
 
 def _check_group_size(group_size: int, hadamard: bool) -> None:
@@ -235,5 +241,6 @@ def dequantize(
     grid = (triton.cdiv(n_groups, int(meta["GP"])),)  # type: ignore[call-overload]
     out_ptr, out_meta = output_view(out)
     _dequant_int4_kernel[grid](
-        scales, packed, out_ptr, n_groups, out.shape[1], gpr, enable_fp_fusion=False, **meta, **out_meta
-    )
+        scales, packed, out_ptr, n_groups, out.shape[1], gpr, enable_fp_fusion=False, **meta, **out_meta,
+        **decoder_layout(n_groups, out.shape[1], group_size),
+    )  # fmt: skip

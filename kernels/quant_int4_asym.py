@@ -17,6 +17,7 @@ from hyperlane_lab.kernels.quant_common import (
     abs_max_bits,
     check_launch,
     count_bad,
+    decoder_layout,
     launch_config,
     launch_shape,
     load_groups,
@@ -90,14 +91,23 @@ def _dequant_int4_asym_kernel(
     GP: tl.constexpr,
     OUT_MAX: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    DENSE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
-    q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP)
-    scale = tl.load(scale_ptr + g, mask=gvalid, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-    m = tl.load(min_ptr + g, mask=gvalid, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP, EVEN)
+    if EVEN:
+        sbits, mbits = tl.load(scale_ptr + g), tl.load(min_ptr + g)
+    else:
+        sbits, mbits = (
+            tl.load(scale_ptr + g, mask=gvalid, other=0),
+            tl.load(min_ptr + g, mask=gvalid, other=0),
+        )
+    scale = sbits.to(tl.float16, bitcast=True).to(tl.float32)
+    m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None] + m[:, None]  # the product is exact: no fma question
-    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16)
+    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16, DENSE, EVEN)
 
 
 def _check_group_size(group_size: int) -> None:
@@ -160,4 +170,5 @@ def dequantize(
     _dequant_int4_asym_kernel[(triton.cdiv(n_groups, gp),)](
         scales, mins, packed, out_ptr, n_groups, out.shape[1], gpr,
         GS=group_size, BLOCK=block, GP=gp, enable_fp_fusion=False, **out_meta,
+        **decoder_layout(n_groups, out.shape[1], group_size),
     )  # fmt: skip

@@ -15,6 +15,7 @@ from hyperlane_lab.kernels.quant_common import (
     abs_max_bits,
     check_launch,
     count_bad,
+    decoder_layout,
     group_scales,
     launch_config,
     launch_shape,
@@ -74,15 +75,21 @@ def _dequant_int8_kernel(
     GP: tl.constexpr,
     OUT_MAX: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    DENSE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
-    in_group = gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :]
-    bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
+    q_ptrs = q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :]
+    if EVEN:
+        bits = tl.load(scale_ptr + g)
+        q = tl.load(q_ptrs)
+    else:
+        bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
+        q = tl.load(q_ptrs, mask=gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :], other=0)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    q = tl.load(q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :], mask=in_group, other=0)
     v = q.to(tl.float32) * scale[:, None]  # exact: |q| <= 127 times an fp16 scale
-    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16)
+    store_groups(out_ptr, v, g, gvalid, cols, groups_per_row, GS, BLOCK, OUT_MAX, OUT_BF16, DENSE, EVEN)
 
 
 def _groups(x_rows: int, cols: int, group_size: int) -> tuple[int, int]:
@@ -159,4 +166,5 @@ def dequantize(scales: torch.Tensor, q: torch.Tensor, out: torch.Tensor, group_s
         GP=gp,
         enable_fp_fusion=False,
         **out_meta,
+        **decoder_layout(n_groups, out.shape[1], group_size),
     )

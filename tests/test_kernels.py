@@ -32,7 +32,8 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-CASES = [  # (codec, shape, group size); last dims not multiples of the group included
+CASES = [  # (codec, shape, group size); last dims not multiples of the group included; [*, 4096]
+    # shapes fill every decoder program (kernels' EVEN path), [1, 1, 64] takes DENSE with a masked program
     ("int8", (1, 1, 64), 64),
     ("int8", (3, 7, 100), 32),
     ("int8", (3, 7, 100), 128),
@@ -51,6 +52,7 @@ CASES = [  # (codec, shape, group size); last dims not multiples of the group in
     ("int4_asym", (3, 7, 100), 32),
     ("int4_asym", (2, 3, 100), 128),
     ("int4_asym", (4, 90), 30),
+    ("int4_asym", (2, 5, 4096), 64),  # every decoder program full: the unmasked (EVEN) path
     ("int4_outlier_asym", (3, 7, 100), 64),
 ]
 
