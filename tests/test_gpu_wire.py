@@ -225,20 +225,24 @@ def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("on_loop", [False, True], ids=["compute_thread", "prompt_on_loop"])
-def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path, monkeypatch, on_loop):
+@pytest.mark.parametrize("mode", ["compute_thread", "prompt_on_loop", "staging_pool"])
+def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path, monkeypatch, mode):
     """GPU workers receive prompt-sized hidden states into page-locked buffers (uploaded by DMA,
     the body held until the copy is done), replay the prompt from a graph, and give the in-process
     probe's greedy tokens, also for the second prompt that reuses those buffers, and with the
     prompts sent down the pipeline in chunks. ``on_loop``: with ``HYPERLANE_PROMPT_ON_LOOP=1`` a chunk
     whose graph is captured is enqueued on the event loop (a second chunked pass finds them all
-    captured: Health's ``fast_path_prompts`` counts them)."""
+    captured: Health's ``fast_path_prompts`` counts them). ``staging_pool``: with ``HYPERLANE_STAGING_POOL=1`` the
+    uploads go into device buffers kept for reuse; the later passes reuse them (Health's ``staged_reuses``)."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
 
+    on_loop, pooled = mode == "prompt_on_loop", mode == "staging_pool"
     if on_loop:
         monkeypatch.setenv("HYPERLANE_PROMPT_ON_LOOP", "1")  # the worker processes inherit it
+    if pooled:
+        monkeypatch.setenv("HYPERLANE_STAGING_POOL", "1")
 
     story = (
         "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. "
@@ -254,7 +258,7 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
     ):
         eos = m.spec.eos_token_ids[0]
         # whole prompts, then in chunks (a chunk's graph reads the keys before it)
-        for chunk in (None, 64, 64) if on_loop else (None, 64):
+        for chunk in (None, 64, 64) if on_loop or pooled else (None, 64):
             m.prefill_chunk = chunk
             got = []
             for p in prompts:
@@ -279,4 +283,6 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         assert health[0].pinned_buffers == 0  # token ids: small bodies
         assert all(h.pinned_buffers >= 1 for h in health[1:]), health
         assert (sum(h.fast_path_prompts for h in health) > 0) == on_loop  # the second chunked pass
+        # hidden states (stages 1 and 2) reuse kept buffers; stage 0's token ids are below the pool's minimum
+        assert [h.staged_reuses > 0 for h in health] == [False, pooled, pooled], health
         assert all(cluster.alive)

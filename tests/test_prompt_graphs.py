@@ -74,6 +74,27 @@ def test_prompt_on_loop_from_the_flag_or_the_environment(tmp_path, monkeypatch):
     assert (on_loop(None), on_loop(False)) == (True, False)
 
 
+def test_staging_pool_from_the_flag_or_the_environment(tmp_path, monkeypatch):
+    """``hyperlane worker --staging-pool`` / ``WorkerConfig.staging_pool``; unset, ``HYPERLANE_STAGING_POOL``
+    decides (default off); an explicit False wins over the variable."""
+    from hyperlane_lab.cli.main import build_parser
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
+    parse = build_parser().parse_args
+    assert parse(["worker", "--staging-pool"]).staging_pool is True
+    assert parse(["worker"]).staging_pool is None
+
+    def pooled(setting: bool | None) -> bool:
+        w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path), staging_pool=setting))
+        assert w.staged_reuses() == 0  # no GPU stepper on a CPU worker
+        return w.staging_pool
+
+    monkeypatch.delenv("HYPERLANE_STAGING_POOL", raising=False)
+    assert (pooled(None), pooled(True)) == (False, True)
+    monkeypatch.setenv("HYPERLANE_STAGING_POOL", "1")
+    assert (pooled(None), pooled(False)) == (True, False)
+
+
 def test_bucket_rule():
     assert prompt_bucket(1, 1024) is None  # decode steps have their own graphs
     assert [prompt_bucket(s, 1024) for s in (2, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
@@ -420,6 +441,36 @@ def test_pinned_upload_is_done_when_to_device_returns_or_its_event_fires():
     ready.synchronize()
     src.fill_(3)
     assert int(total) == 9 * src.numel() and int(dev.max()) == 9
+
+
+@gpu
+def test_upload_into_a_kept_buffer_is_ordered_and_the_buffer_reused():
+    """``CudaStager.upload_into`` (HYPERLANE_STAGING_POOL): the copy into a pool buffer is ordered before the
+    compute stream's work, the host does not wait for it, and once that work is done the same buffer takes
+    the next upload without the allocator (the pool hands it out again)."""
+    from hyperlane_lab.runtime.staging import StagingPool
+    from hyperlane_lab.runtime.wire import CudaStager
+
+    stager = CudaStager("cuda:0")
+    pool = StagingPool("cuda:0")
+    src = torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+    view = torch.frombuffer(memoryview(src.numpy()), dtype=torch.float16)  # a frame body's payload view
+    sums = []
+    for value in (1.0, 2.0):
+        src.view(torch.float16).fill_(value)
+        buf = pool.take(view.nbytes, stager.h2d_stream)
+        assert buf is not None and buf.numel() == 1 << 20
+        with torch.cuda.stream(stager.h2d_stream):
+            torch.cuda._sleep(50_000_000)  # the copy waits behind this on the upload stream
+        dev, ready = stager.upload_into(view, buf)
+        assert not ready.query() and dev.shape == view.shape and dev.dtype == torch.float16
+        assert dev.data_ptr() == buf.data_ptr()  # the copy went into the kept buffer
+        sums.append(dev.to(torch.float32).sum())  # compute stream: ordered after the copy
+        ready.synchronize()  # then the body may be reused
+        torch.cuda.current_stream().synchronize()  # the step is done: the buffer goes back
+        pool.give(buf)
+    assert [float(t) for t in sums] == [view.numel() * 1.0, view.numel() * 2.0]
+    assert pool.reused == 1 and pool.allocated == 1 << 20
 
 
 @gpu

@@ -78,6 +78,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="GPU workers: enqueue prompt chunks whose CUDA graph is captured on the event loop, as decode "
         "steps are, saving a thread hand-off per chunk (experimental; default: HYPERLANE_PROMPT_ON_LOOP, off)",
     )
+    p.add_argument(
+        "--staging-pool",
+        action="store_true",
+        default=None,
+        help="GPU workers: upload prompt chunks into device buffers kept for reuse instead of allocating one "
+        "per upload (experimental; default: HYPERLANE_STAGING_POOL, off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -106,5 +113,6 @@ def run(args: argparse.Namespace) -> int:
         switch_interval_us=args.switch_interval_us,
         cpus=args.cpus,
         prompt_on_loop=args.prompt_on_loop,
+        staging_pool=args.staging_pool,
     )
     return run_worker(cfg)

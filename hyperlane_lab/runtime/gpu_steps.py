@@ -40,6 +40,7 @@ from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
+from hyperlane_lab.runtime.staging import StagingPool
 from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class _Pending:
     wire: Any = None  # the graph's WireIO (mode "wire")
     t_run: float = 0.0  # host clock when the step began on its thread (the "queue" event ends here)
     t_launched: float = 0.0  # host clock when its GPU work was enqueued (the "launch" event ends here)
+    staged_in: torch.Tensor | None = (
+        None  # the StagingPool buffer it read its input from, given back when done
+    )
 
 
 @dataclass
@@ -114,6 +118,8 @@ class GpuStepper:
             tuple[Any, ...], tuple[WireSpec, int] | None
         ] = {}  # per frame kind: (spec, payload bytes)
         self.wire_enabled = env_flag("HYPERLANE_WIRE", True)  # 0: every decode step takes the staged path
+        # uploads of prompt chunks and codec frames into device buffers kept for reuse (staging.py)
+        self.pool = StagingPool(device) if worker.staging_pool else None
         # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
         # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
         self._put = 0
@@ -133,8 +139,11 @@ class GpuStepper:
     # ------------------------------------------------------------------ wire-mode decode steps
 
     def forget_specs(self) -> None:
-        """Drop the wire specs decided so far (a new stage was loaded: first/last and dtype change)."""
+        """Drop the wire specs decided so far and the free staging buffers (a new stage was loaded or the
+        stage unloaded: first/last, dtype and sizes change)."""
         self._specs = {}
+        if self.pool is not None:
+            self.pool.clear()
 
     def wire_spec(self, h: FrameHeader) -> WireSpec | None:
         """The wire-mode graph spec for a decode frame, or None where wire mode does not apply (the
@@ -253,6 +262,7 @@ class GpuStepper:
         released = False
         uploaded: torch.cuda.Event | None = None
         staging = False  # an upload from the frame body may be in flight
+        slot: torch.Tensor | None = None  # the pool buffer it went to (HYPERLANE_STAGING_POOL)
         try:
             if sess is None or eng is None:
                 raise ValueError(f"session {sid} was closed")
@@ -273,7 +283,14 @@ class GpuStepper:
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None or encoded
-                x_in, uploaded = (x, None) if not staging else self.stager.upload(x)
+                if staging and self.pool is not None and x.is_contiguous():
+                    slot = self.pool.take(x.nbytes, self.stager.h2d_stream)
+                if not staging:
+                    x_in, uploaded = x, None
+                elif slot is not None:
+                    x_in, uploaded = self.stager.upload_into(x, slot)
+                else:
+                    x_in, uploaded = self.stager.upload(x)
                 hs.mark("upload")
                 compute = torch.cuda.current_stream(self.device)
                 start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
@@ -315,6 +332,11 @@ class GpuStepper:
             if staging and not released:  # the DMA may still read the frame body (upload() may have failed)
                 with contextlib.suppress(Exception):
                     self.stager.h2d_stream.synchronize()
+            if (
+                slot is not None and self.pool is not None
+            ):  # dropped, freed once the compute stream is past it
+                with contextlib.suppress(Exception):
+                    self.pool.discard(slot, torch.cuda.current_stream(self.device))
             self._step_error(frame, released, sess, e)
             return
         finally:
@@ -338,6 +360,7 @@ class GpuStepper:
                 h.flags,
                 t_run=t_run,
                 t_launched=t_launched,
+                staged_in=slot,
             )
         )
 
@@ -380,7 +403,11 @@ class GpuStepper:
         hs.begin("complete", p.sid, p.step, p.tokens)
         try:
             last = p.done if p.done is not None else p.end
-            last.synchronize()  # releases the GIL while it waits
+            try:
+                last.synchronize()  # releases the GIL while it waits
+            except BaseException:
+                self._release_input(p, done=False)
+                raise
             t_done = time.perf_counter()
             hs.mark("synced")
             # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
@@ -390,18 +417,34 @@ class GpuStepper:
             t_start = t_end - p.start.elapsed_time(p.end) / 1e3
         except BaseException:
             hs.end()
+            self._release_input(p, done=True)  # (no-op if the wait failed: released above)
             raise
         try:
             self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
             hs.mark("shipped")
         finally:
             hs.end()
+            # every reader of the uploaded input is done: the step's events were waited for above and what
+            # the side stream did for it (sampling, a codec) came back to the host in _ship
+            self._release_input(p, done=True)
             # queue: waiting for the thread that runs the step (as on the CPU path); from its
             # start to the GPU's start the host stages inputs and launches
             w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)
             # host staging and enqueueing (the GPU may start during it)
             w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
             w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
+
+    def _release_input(self, p: _Pending, done: bool) -> None:
+        """Give the step's staging buffer back to the pool (``done``: its GPU work finished), or drop it
+        behind the compute stream's work; once."""
+        slot, p.staged_in = p.staged_in, None
+        if slot is None or self.pool is None:
+            return
+        if done:
+            self.pool.give(slot)
+        else:
+            with contextlib.suppress(Exception):
+                self.pool.discard(slot, torch.cuda.current_stream(self.device))
 
     def _ship(self, p: _Pending, t_end: float) -> None:
         w = self.w

@@ -140,6 +140,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             busy_poll_spun=sel.spun if sel is not None else 0,
             busy_poll_blocked=sel.blocked if sel is not None else 0,
             pinned_buffers=self.w.pool.pinned_allocations,
+            staged_reuses=self.w.staged_reuses(),
         )
 
     # ------------------------------------------------------------------ blobs and shards

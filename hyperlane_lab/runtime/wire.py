@@ -145,6 +145,19 @@ class CudaStager:
         dev.record_stream(compute)  # its memory is not reused before the compute stream is done with it
         return dev, ready
 
+    def upload_into(self, x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """``upload`` into ``buf`` (a uint8 device buffer of at least ``x.nbytes``, e.g. from a
+        ``staging.StagingPool``) instead of a new allocation: no allocation and no ``record_stream``.
+        The caller must not reuse ``buf`` before every reader of the returned tensor is done."""
+        compute = torch.cuda.current_stream(self.device)
+        dev = buf[: x.nbytes].view(x.dtype).view(x.shape)
+        with torch.cuda.stream(self.h2d_stream):
+            dev.copy_(x, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.h2d_stream)
+        compute.wait_event(ready)
+        return dev, ready
+
     def to_host(self, t: torch.Tensor, after: torch.cuda.Event) -> tuple[torch.Tensor, torch.cuda.Event]:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         with torch.cuda.stream(self.copy_stream):

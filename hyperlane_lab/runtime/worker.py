@@ -107,6 +107,8 @@ class Worker(WorkerOutbox):
         on_loop = config.prompt_on_loop
         self.prompt_on_loop = env_flag("HYPERLANE_PROMPT_ON_LOOP", False) if on_loop is None else on_loop
         self.fast_prompts = 0  # prompt steps enqueued on the loop thread
+        pool = config.staging_pool  # uploads into kept device buffers (GpuStepper, runtime/staging.py)
+        self.staging_pool = env_flag("HYPERLANE_STAGING_POOL", False) if pool is None else pool
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -203,6 +205,8 @@ class Worker(WorkerOutbox):
             was = self.engine is not None
             self.engine, self.engine_name = None, ""
             self.sessions.clear()
+            if self._gpu is not None:
+                self._gpu.forget_specs()  # and its free staging buffers, before empty_cache
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.changed()
@@ -249,6 +253,11 @@ class Worker(WorkerOutbox):
         if self.engine is not None:
             await self._on_compute(self.engine.close_session, sid)
         return s is not None
+
+    def staged_reuses(self) -> int:
+        """Uploads that went into a kept device buffer (``HYPERLANE_STAGING_POOL=1``; 0 otherwise)."""
+        gpu = self._gpu
+        return gpu.pool.reused if gpu is not None and gpu.pool is not None else 0
 
     @property
     def busy_polling(self) -> bool:

@@ -46,6 +46,10 @@ class WorkerConfig:
     # steps are) instead of handing it to the compute thread. None = ``HYPERLANE_PROMPT_ON_LOOP`` (default
     # off): experimental, not yet measured on a GPU (bench/gpu_notes.md, tenth session)
     prompt_on_loop: bool | None = None
+    # GPU workers: upload prompt chunks and codec frames into device buffers kept for reuse (runtime/staging.py)
+    # instead of a new allocation per upload. None = ``HYPERLANE_STAGING_POOL`` (default off): experimental,
+    # not yet run on a GPU (bench/gpu_notes.md, eleventh session)
+    staging_pool: bool | None = None
 
     def __post_init__(self) -> None:
         if self.cpus not in ("", "auto"):
