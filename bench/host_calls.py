@@ -8,12 +8,16 @@ noted) so that the stamps can be read as "the call" or "waiting for something el
 - CUDA runtime calls from Python: ``torch.cuda.device`` enter/exit, ``current_stream``, a timing
   event's ``record``, ``elapsed_time`` and ``synchronize`` on finished events;
 - ``CudaStager.upload`` of an 8 KB and a 2 MB body held in a pinned pool buffer (a ``frombuffer``
-  view, as a frame's payload is), GPU idle and behind a 2 ms kernel; the same copy into a device buffer
-  allocated once; an 8 KB numpy write into pinned memory;
+  view, as a frame's payload is), with its wait, and without it ("enqueue only": the call, and the free of
+  the returned tensor) with the GPU idle and while a ~1 ms kernel runs on the compute stream; the same copy
+  into a device buffer allocated once, with its wait; an 8 KB numpy write into pinned memory;
 - ``graph.replay()`` of a one-kernel graph and of a 300-kernel graph;
 - ``SocketSender.send`` of an 8 KB and a 2 MB frame to a loopback peer drained by a thread;
-- the upload and the 8 KB send again while another Python thread runs pure-Python work (the GIL
-  hand-off a worker's compute or completion thread pays while the event loop thread is busy).
+- the upload and the 8 KB send again while another Python thread runs pure-Python work that never blocks
+  (the worst case of the GIL hand-off a worker's threads pay while another one runs Python).
+
+The loopback peer is a Python thread (it competes for the GIL too). Calls that need a reset between them
+(a synchronize, a kernel) take ``reps / 4`` or ``reps / 8`` samples.
 
 Writes ``$OUT/host_calls.json`` (else ``bench/out/host_calls.json``) and prints a table.
 Usage: PYTHONPATH=$PWD python3 bench/host_calls.py [--reps 400]
