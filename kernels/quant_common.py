@@ -265,10 +265,10 @@ def launch_shape(group_size: int) -> tuple[int, int]:
     return block, max(1, TILE_ELEMS // block)
 
 
-def decoder_layout(n_groups: int, cols: int, group_size: int) -> dict[str, bool]:
-    """The decoders' DENSE / EVEN constexprs (``store_groups``): DENSE when rows hold whole groups
-    (``cols % group_size == 0``), EVEN when also every program's groups are all valid and unpadded."""
-    block, gp = launch_shape(group_size)
+def decoder_layout(n_groups: int, cols: int, group_size: int, block: int, gp: int) -> dict[str, bool]:
+    """The decoders' DENSE / EVEN constexprs (``store_groups``) for a launch of ``gp`` groups per program,
+    each padded to ``block`` lanes: DENSE when rows hold whole groups (``cols % group_size == 0``), EVEN when
+    also every program's groups are all valid and unpadded."""
     dense = cols % group_size == 0
     return {"DENSE": dense, "EVEN": dense and block == group_size and n_groups % gp == 0}
 

@@ -242,5 +242,5 @@ def dequantize(
     out_ptr, out_meta = output_view(out)
     _dequant_int4_kernel[grid](
         scales, packed, out_ptr, n_groups, out.shape[1], gpr, enable_fp_fusion=False, **meta, **out_meta,
-        **decoder_layout(n_groups, out.shape[1], group_size),
+        **decoder_layout(n_groups, out.shape[1], group_size, int(meta["BLOCK"]), int(meta["GP"])),  # type: ignore[call-overload]
     )  # fmt: skip

@@ -170,5 +170,5 @@ def dequantize(
     _dequant_int4_asym_kernel[(triton.cdiv(n_groups, gp),)](
         scales, mins, packed, out_ptr, n_groups, out.shape[1], gpr,
         GS=group_size, BLOCK=block, GP=gp, enable_fp_fusion=False, **out_meta,
-        **decoder_layout(n_groups, out.shape[1], group_size),
+        **decoder_layout(n_groups, out.shape[1], group_size, block, gp),
     )  # fmt: skip

@@ -166,5 +166,5 @@ def dequantize(scales: torch.Tensor, q: torch.Tensor, out: torch.Tensor, group_s
         GP=gp,
         enable_fp_fusion=False,
         **out_meta,
-        **decoder_layout(n_groups, out.shape[1], group_size),
+        **decoder_layout(n_groups, out.shape[1], group_size, block, gp),
     )
