@@ -46,6 +46,7 @@ __all__ = [
     "launch_shape",
     "load_groups",
     "load_nibbles",
+    "load_per_group",
     "output_view",
     "quantize_biased",
     "scales_from",
@@ -153,6 +154,17 @@ def store_groups(
         col = (g % groups_per_row)[:, None] * GS + j[None, :]
         in_group = gvalid[:, None] & (j < GS)[None, :]
         store_output(out_ptr + row[:, None] * cols + col, v, in_group & (col < cols), OUT_MAX, OUT_BF16)
+
+
+@triton.jit
+def load_per_group(ptr, g, gvalid, EVEN: tl.constexpr):
+    """One value per group (``ptr + g``, ``[GP]``), 0 where ``gvalid`` is false; without a mask when ``EVEN``
+    (every g valid). Inverse of ``store_per_group``."""
+    if EVEN:
+        v = tl.load(ptr + g)
+    else:
+        v = tl.load(ptr + g, mask=gvalid, other=0)
+    return v
 
 
 @triton.jit

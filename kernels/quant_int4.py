@@ -27,6 +27,7 @@ from hyperlane_lab.kernels.quant_common import (
     launch_shape,
     load_groups,
     load_nibbles,
+    load_per_group,
     output_view,
     quantize_biased,
     store_groups,
@@ -133,10 +134,7 @@ def _dequant_int4_kernel(
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
     q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP, EVEN) - 8  # masked bytes (0) give q = -8, never stored
-    if EVEN:
-        bits = tl.load(scale_ptr + g)
-    else:
-        bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
+    bits = load_per_group(scale_ptr, g, gvalid, EVEN)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None]
     if HADAMARD:

@@ -22,6 +22,7 @@ from hyperlane_lab.kernels.quant_common import (
     launch_shape,
     load_groups,
     load_nibbles,
+    load_per_group,
     output_view,
     quantize_biased,
     scales_from,
@@ -97,13 +98,7 @@ def _dequant_int4_asym_kernel(
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
     q = load_nibbles(p_ptr, g, gvalid, GS, BLOCK, GP, EVEN)
-    if EVEN:
-        sbits, mbits = tl.load(scale_ptr + g), tl.load(min_ptr + g)
-    else:
-        sbits, mbits = (
-            tl.load(scale_ptr + g, mask=gvalid, other=0),
-            tl.load(min_ptr + g, mask=gvalid, other=0),
-        )
+    sbits, mbits = load_per_group(scale_ptr, g, gvalid, EVEN), load_per_group(min_ptr, g, gvalid, EVEN)
     scale = sbits.to(tl.float16, bitcast=True).to(tl.float32)
     m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None] + m[:, None]  # the product is exact: no fma question

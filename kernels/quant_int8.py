@@ -20,6 +20,7 @@ from hyperlane_lab.kernels.quant_common import (
     launch_config,
     launch_shape,
     load_groups,
+    load_per_group,
     output_view,
     quantize_biased,
     store_groups,
@@ -81,11 +82,10 @@ def _dequant_int8_kernel(
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
     gvalid = g < n_groups
     q_ptrs = q_ptr + g[:, None] * GS + tl.arange(0, BLOCK)[None, :]
+    bits = load_per_group(scale_ptr, g, gvalid, EVEN)
     if EVEN:
-        bits = tl.load(scale_ptr + g)
         q = tl.load(q_ptrs)
     else:
-        bits = tl.load(scale_ptr + g, mask=gvalid, other=0)
         q = tl.load(q_ptrs, mask=gvalid[:, None] & (tl.arange(0, BLOCK) < GS)[None, :], other=0)
     scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
     v = q.to(tl.float32) * scale[:, None]  # exact: |q| <= 127 times an fp16 scale

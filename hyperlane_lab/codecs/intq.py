@@ -120,11 +120,14 @@ class IntCodec(Codec):
     def _value_bytes(self, n_groups: int) -> int:
         return n_groups * self.group_size * self.bits // 8
 
+    def _sections(self, rows: int, cols: int) -> tuple[int, int, int]:
+        """Bytes of a ``[rows, cols]`` payload's sections: (per-group head, side channel, values)."""
+        n = rows * -(-cols // self.group_size)  # GroupLayout(rows, cols, gs).n_groups, without the object
+        return self.head_bytes(n), self._side_bytes(rows, cols), self._value_bytes(n)
+
     def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype | str = torch.float16) -> int:
         dtype_name(dtype)
-        rows, cols = rows_of(tuple(shape))
-        n = rows * -(-cols // self.group_size)
-        return self.head_bytes(n) + self._side_bytes(rows, cols) + self._value_bytes(n)
+        return sum(self._sections(*rows_of(tuple(shape))))
 
     # ---------------------------------------------------------------- quantize / dequantize (2-D)
 
@@ -189,12 +192,11 @@ class IntCodec(Codec):
         return 0
 
     def _quantize_payload(
-        self, grouped: torch.Tensor, buf: torch.Tensor, side: int, flag: torch.Tensor | None, be: str
+        self, grouped: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str
     ) -> None:
-        """Quantize ``grouped [R, H]`` into the head and value sections of ``buf`` (``side`` bytes between them);
-        bad groups are added to ``flag`` when given."""
-        rows, cols = grouped.shape
-        head = self.head_bytes(rows * -(-cols // self.group_size))
+        """Quantize ``grouped [R, H]`` into the head and value sections of ``buf`` (the side channel between
+        them is the caller's); bad groups are added to ``flag`` when given."""
+        head, side, _ = self._sections(*grouped.shape)
         count = self._quantize_into(grouped, buf[:head].view(torch.int16), buf[head + side :], be, flag)
         if be == "torch" and flag is not None:  # the reference returns its count
             flag.add_(count.to(torch.int32))
@@ -204,7 +206,7 @@ class IntCodec(Codec):
     ) -> torch.Tensor | None:
         """``encode_into`` with an optional flag; returns what was grouped where it is not ``x2d`` (the outlier
         codecs' rows without their outliers), for the range error."""
-        self._quantize_payload(x2d, buf, 0, flag, be)
+        self._quantize_payload(x2d, buf, flag, be)
         return None
 
     def encode_into(
@@ -219,9 +221,7 @@ class IntCodec(Codec):
     def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
         """Fill ``out2d [R, H]`` from a payload in ``buf`` (uint8, the layout of ``encode``); the inverse of
         ``encode_into``, device work only. The bytes must have passed ``validate``."""
-        rows, cols = out2d.shape
-        head = self.head_bytes(rows * -(-cols // self.group_size))
-        side = self._side_bytes(rows, cols)
+        head, side, _ = self._sections(*out2d.shape)
         self._dequantize_into(buf[:head].view(torch.int16), buf[head + side :], out2d, backend)
 
     # ---------------------------------------------------------------- Codec API
@@ -238,9 +238,7 @@ class IntCodec(Codec):
             x2d = x2d.reshape(rows, cols)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        n = rows * -(-cols // self.group_size)  # GroupLayout(rows, cols, gs).n_groups
-        nbytes = self.head_bytes(n) + self._side_bytes(rows, cols) + self._value_bytes(n)
-        data = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        data = torch.empty(sum(self._sections(rows, cols)), dtype=torch.uint8, device=x.device)
         # the kernels accumulate into the flag, so it must start at 0
         flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else None
         grouped = self._write(x2d, data, flag, resolve_backend(backend or self.backend, x2d))

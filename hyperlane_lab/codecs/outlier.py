@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from hyperlane_lab.codecs._kernels import kernel_module
-from hyperlane_lab.codecs.base import EncodedTensor, GroupLayout, rows_of
+from hyperlane_lab.codecs.base import EncodedTensor, rows_of
 from hyperlane_lab.codecs.intq import IntCodec
 from hyperlane_lab.codecs.reference import select_outliers
 
@@ -57,6 +57,14 @@ class OutlierInt4Codec(IntCodec):
     def _side_bytes(self, rows: int, cols: int) -> int:
         return 4 * rows * self.payload_outliers((rows, cols))
 
+    def _side_views(self, buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The side channel of a payload in ``buf`` (uint8): (columns as int16 bits, values as fp16), [R * k]
+        each, row by row."""
+        head, side, _ = self._sections(rows, cols)
+        return buf[head : head + side // 2].view(torch.int16), buf[head + side // 2 : head + side].view(
+            torch.float16
+        )
+
     def fused(self, shape: tuple[int, ...]) -> bool:
         """The selection runs as one Triton kernel for this shape (rows of <= 16,384 values, <= 32 outliers)."""
         return rows_of(tuple(shape))[1] <= _FUSED_MAX_COLS and self.payload_outliers(shape) <= _FUSED_MAX_K
@@ -70,9 +78,7 @@ class OutlierInt4Codec(IntCodec):
                 f"{self.name} indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
             )
         k = self.payload_outliers((rows, cols))
-        head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
-        idx = buf[head : head + 2 * rows * k].view(torch.int16)  # uint16 bits
-        vals = buf[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16)
+        idx, vals = self._side_views(buf, rows, cols)  # idx: uint16 bits
         if not k:
             rest = x2d
         elif be == "triton" and self.fused((rows, cols)):
@@ -84,7 +90,7 @@ class OutlierInt4Codec(IntCodec):
             vals.copy_(v16.flatten())
         if k and flag is not None:
             flag.add_((~torch.isfinite(vals)).sum().to(torch.int32))  # an outlier beyond fp16, or NaN/Inf
-        self._quantize_payload(rest, buf, 4 * rows * k, flag, be)
+        self._quantize_payload(rest, buf, flag, be)
         return rest
 
     def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
@@ -92,18 +98,17 @@ class OutlierInt4Codec(IntCodec):
         rows, cols = out2d.shape
         k = self.payload_outliers((rows, cols))
         if k:
-            head = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
-            idx = (buf[head : head + 2 * rows * k].view(torch.int16).to(torch.int64) & 0xFFFF).view(rows, k)
-            vals = buf[head + 2 * rows * k : head + 4 * rows * k].view(torch.float16).view(rows, k)
-            out2d.scatter_(1, idx, vals.to(out2d.dtype))
+            idx, vals = self._side_views(buf, rows, cols)
+            out2d.scatter_(
+                1, (idx.to(torch.int64) & 0xFFFF).view(rows, k), vals.view(rows, k).to(out2d.dtype)
+            )
 
     def validate(self, payload: EncodedTensor) -> torch.Tensor:
         data = self._check_payload(payload)
         rows, cols = rows_of(tuple(payload.shape))
         k = self.payload_outliers(tuple(payload.shape))
         if k and rows:  # where the bytes are (host, usually): a bad index must not reach a device scatter
-            start = self.head_bytes(GroupLayout(rows, cols, self.group_size).n_groups)
-            top = int((data[start : start + 2 * rows * k].view(torch.int16).to(torch.int32) & 0xFFFF).max())
+            top = int((self._side_views(data, rows, cols)[0].to(torch.int32) & 0xFFFF).max())
             if top >= cols:
                 raise ValueError(
                     f"corrupted {self.name} payload: outlier column {top} >= last dim {cols}; "

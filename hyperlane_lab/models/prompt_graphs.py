@@ -145,23 +145,28 @@ class PromptGraphs:
             )
         return self._scratch[batch]
 
+    def _key(self, batch: int, seq: int, start: int) -> tuple[int, int, int] | None:
+        """The graph key (batch, bucket, start) of a prompt step, or None when no graph applies."""
+        bucket = prompt_bucket(seq, self.max_tokens)
+        if bucket is None or self.broken or start % START_ALIGN or start + bucket > self.max_context:
+            return None
+        return batch, bucket, start
+
     def ready(self, batch: int, seq: int, start: int) -> bool:
         """True when ``run`` for this prompt step would replay an already captured graph (no capture, no
         eager fallback): the step then only enqueues work, and a latency-critical thread may run it."""
-        bucket = prompt_bucket(seq, self.max_tokens)
-        if bucket is None or self.broken or start % START_ALIGN or start + bucket > self.max_context:
-            return False
-        return (batch, bucket, start) in self._graphs
+        key = self._key(batch, seq, start)
+        return key is not None and key in self._graphs
 
     def run(self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0) -> torch.Tensor | None:
         """The prompt step of ``seq`` tokens at positions ``start ..`` of every row from its
         bucket's graph, or None when no graph applies (the caller runs the eager path). ``x``: CPU
         ids [B, S] (first stage; device ids work too) or hidden [B, S, H] in the stage's dtype.
         Called from ``TorchStage.forward`` after its checks (which count the step in ``writes``)."""
-        bucket = prompt_bucket(seq, self.max_tokens)
-        if bucket is None or self.broken or start % START_ALIGN or start + bucket > self.max_context:
+        key = self._key(x.shape[0], seq, start)
+        if key is None:
             return None
-        batch, key = x.shape[0], (x.shape[0], bucket, start)
+        batch, bucket, _ = key
         g = self._graphs.get(key)
         if g is None:
             try:

@@ -80,9 +80,7 @@ class _Pending:
     wire: Any = None  # the graph's WireIO (mode "wire")
     t_run: float = 0.0  # host clock when the step began on its thread (the "queue" event ends here)
     t_launched: float = 0.0  # host clock when its GPU work was enqueued (the "launch" event ends here)
-    staged_in: torch.Tensor | None = (
-        None  # the StagingPool buffer it read its input from, given back when done
-    )
+    staged_in: torch.Tensor | None = None  # the StagingPool buffer of its input, given back when done
 
 
 @dataclass
@@ -283,7 +281,7 @@ class GpuStepper:
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None or encoded
-                if staging and self.pool is not None and x.is_contiguous():
+                if staging and self.pool is not None:
                     slot = self.pool.take(x.nbytes, self.stager.h2d_stream)
                 if not staging:
                     x_in, uploaded = x, None
@@ -332,11 +330,7 @@ class GpuStepper:
             if staging and not released:  # the DMA may still read the frame body (upload() may have failed)
                 with contextlib.suppress(Exception):
                     self.stager.h2d_stream.synchronize()
-            if (
-                slot is not None and self.pool is not None
-            ):  # dropped, freed once the compute stream is past it
-                with contextlib.suppress(Exception):
-                    self.pool.discard(slot, torch.cuda.current_stream(self.device))
+            self._release_slot(slot, done=False)
             self._step_error(frame, released, sess, e)
             return
         finally:
@@ -401,13 +395,11 @@ class GpuStepper:
         w = self.w
         hs = host_stamps()
         hs.begin("complete", p.sid, p.step, p.tokens)
+        synced = False
         try:
             last = p.done if p.done is not None else p.end
-            try:
-                last.synchronize()  # releases the GIL while it waits
-            except BaseException:
-                self._release_input(p, done=False)
-                raise
+            last.synchronize()  # releases the GIL while it waits
+            synced = True
             t_done = time.perf_counter()
             hs.mark("synced")
             # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
@@ -417,7 +409,7 @@ class GpuStepper:
             t_start = t_end - p.start.elapsed_time(p.end) / 1e3
         except BaseException:
             hs.end()
-            self._release_input(p, done=True)  # (no-op if the wait failed: released above)
+            self._release_slot(p.staged_in, done=synced)
             raise
         try:
             self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
@@ -426,7 +418,7 @@ class GpuStepper:
             hs.end()
             # every reader of the uploaded input is done: the step's events were waited for above and what
             # the side stream did for it (sampling, a codec) came back to the host in _ship
-            self._release_input(p, done=True)
+            self._release_slot(p.staged_in, done=True)
             # queue: waiting for the thread that runs the step (as on the CPU path); from its
             # start to the GPU's start the host stages inputs and launches
             w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)
@@ -434,10 +426,9 @@ class GpuStepper:
             w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
             w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
 
-    def _release_input(self, p: _Pending, done: bool) -> None:
-        """Give the step's staging buffer back to the pool (``done``: its GPU work finished), or drop it
-        behind the compute stream's work; once."""
-        slot, p.staged_in = p.staged_in, None
+    def _release_slot(self, slot: torch.Tensor | None, done: bool) -> None:
+        """Give a step's staging buffer back to the pool (``done``: its GPU work finished), or drop it
+        behind the compute stream's work (a step that failed before that)."""
         if slot is None or self.pool is None:
             return
         if done:

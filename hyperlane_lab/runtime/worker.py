@@ -74,6 +74,11 @@ def _pinned_bytes(n: int) -> Any:
     return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
 
 
+def _opt_in(setting: bool | None, env: str) -> bool:
+    """A worker switch that is off by default: the config's value, or the environment's when unset."""
+    return env_flag(env, False) if setting is None else setting
+
+
 PROMPT_ON_LOOP_MAX_BYTES = 4 << 20  # --prompt-on-loop: larger prompt bodies still go to the compute thread
 
 
@@ -104,11 +109,10 @@ class Worker(WorkerOutbox):
         # compute thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md); experimental, off by default.
         # Bodies up to PROMPT_ON_LOOP_MAX_BYTES only: the step waits for its upload before the body goes
         # back to the pool, and a larger body's copy would hold the loop (other sessions' frames) longer
-        on_loop = config.prompt_on_loop
-        self.prompt_on_loop = env_flag("HYPERLANE_PROMPT_ON_LOOP", False) if on_loop is None else on_loop
+        self.prompt_on_loop = _opt_in(config.prompt_on_loop, "HYPERLANE_PROMPT_ON_LOOP")
         self.fast_prompts = 0  # prompt steps enqueued on the loop thread
-        pool = config.staging_pool  # uploads into kept device buffers (GpuStepper, runtime/staging.py)
-        self.staging_pool = env_flag("HYPERLANE_STAGING_POOL", False) if pool is None else pool
+        # uploads into kept device buffers (GpuStepper, runtime/staging.py)
+        self.staging_pool = _opt_in(config.staging_pool, "HYPERLANE_STAGING_POOL")
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
