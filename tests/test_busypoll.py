@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from hyperlane_lab.runtime.busypoll import BusyPollSelector
 from hyperlane_lab.runtime.worker_config import WorkerConfig
@@ -152,6 +153,31 @@ def test_worker_config_checks_the_busy_poll_settings():
             WorkerConfig(busy_poll_us=bad)
     with pytest.raises(ValueError, match="switch_interval_us must be > 0"):
         WorkerConfig(switch_interval_us=0)
+
+
+def test_busy_polling_is_on_by_default_only_for_cuda_workers_with_cpus_to_spare(monkeypatch):
+    """Auto (no ``busy_poll_us``): a CPU worker never spins; a CUDA worker spins for 20 ms when its
+    process may run on at least 4 CPUs per visible GPU; an explicit value (0 = off) always wins."""
+    import os
+
+    from hyperlane_lab.runtime import worker_config as wc
+    from hyperlane_lab.runtime.server import _loop_for
+
+    assert WorkerConfig().busy_poll_us is None
+    assert wc.busy_poll_window_us(WorkerConfig(device="cpu")) == 0
+    loop, sel = _loop_for(WorkerConfig(device="cpu"))
+    assert sel is None
+    loop.close()
+    monkeypatch.setattr(wc, "resolve_device", lambda d: torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for n_cpus, want in ((8, wc.AUTO_BUSY_POLL_US), (7, 0), (64, wc.AUTO_BUSY_POLL_US)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=n_cpus: set(range(n)), raising=False)
+        assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0")) == want, n_cpus
+        assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0", busy_poll_us=0)) == 0
+        assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0", busy_poll_us=300)) == 300
+    loop, sel = _loop_for(WorkerConfig(device="cuda:0"))
+    assert isinstance(sel, BusyPollSelector) and sel.window_s == pytest.approx(wc.AUTO_BUSY_POLL_US / 1e6)
+    loop.close()
 
 
 def test_loop_for_sets_the_switch_interval():

@@ -115,3 +115,23 @@ def test_the_more_flag_round_trips():
 
     h = dataclasses.replace(_header(), flags=FLAG_MORE)
     assert unpack_header(pack_header(h)).flags == FLAG_MORE
+
+
+def test_session_ids_pack_as_the_uuid_module_reads_them():
+    """The header's 16 session bytes equal ``uuid.UUID``'s for every form it accepts (32 hex digits of either
+    case, hyphens, braces, and 32 characters that are not all hex digits, which fall back to ``uuid``), the
+    empty id packs as zeros, and ids that are not UUIDs are refused; the receiver reads back
+    ``UUID(bytes=...).hex``."""
+    import uuid
+
+    u = uuid.uuid4()
+    for form in (u.hex, u.hex.upper(), str(u), "{" + str(u) + "}", " " + u.hex[1:]):
+        h = FrameHeader(FrameKind.PING, form, 1, 0, 0, torch.uint8, 0, 0, (), 0)
+        packed = pack_header(h)
+        assert packed[8:24] == uuid.UUID(hex=form).bytes
+        assert unpack_header(packed).session == uuid.UUID(hex=form).hex
+    zero = unpack_header(pack_header(FrameHeader(FrameKind.PING, "", 1, 0, 0, torch.uint8, 0, 0, (), 0)))
+    assert zero.session == uuid.UUID(bytes=bytes(16)).hex
+    for bad in ("abc", "g" * 32, str(u)[:-1]):
+        with pytest.raises(ValueError):
+            pack_header(FrameHeader(FrameKind.PING, bad, 1, 0, 0, torch.uint8, 0, 0, (), 0))

@@ -410,6 +410,44 @@ def test_worker_gpu_path_matches_inprocess(tmp_path):
 
 
 @gpu
+@pytest.mark.multiprocess
+def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path):
+    """One worker holding every layer: its last stage is its first, so the server-side token loop
+    starts a session's next step from the completion thread's ship, before that thread reads the
+    step's GPU times (the next step records into the other of the session's two event sets).
+    Greedy and sampled tokens equal the in-process pipeline's; every decode step's GPU time is its
+    own: positive, short once the graphs are captured, and the steps of a session do not overlap."""
+    from hyperlane_lab.generation.pipeline import InProcessPipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+
+    local = InProcessPipeline.from_pretrained(None, n_stages=1, dtype="fp16", device="cuda")
+    prompt = "Once upon a time"
+    with (
+        LocalCluster(1, devices=["cuda:0"], cache_dir=tmp_path) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", progress=False
+        ) as m,
+    ):
+        for _ in range(2):  # the second pass replays captured graphs
+            assert (
+                m.generate(prompt, max_tokens=48).token_ids == local.generate(prompt, max_tokens=48).token_ids
+            )
+        kw = dict(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+        assert m.generate(prompt, **kw).token_ids == local.generate(prompt, **kw).token_ids
+        comp = sorted((e for e in m.trace_events() if e.kind.value == "compute"), key=lambda e: e.start)
+        by_session: dict[str, list] = {}
+        for e in comp:
+            by_session.setdefault(e.session, []).append(e)
+        assert len(by_session) == 3
+        for i, es in enumerate(by_session.values()):  # sessions in the order they started
+            took = [e.end - e.start for e in es if e.step > 0]
+            assert len(took) >= 20 and min(took) > 0, took
+            # the first session's first steps include graph captures (inside their compute span)
+            assert (sorted(took)[len(took) // 2] if i == 0 else max(took)) < 0.05, took
+            assert all(a.end <= b.start + 1e-4 for a, b in itertools.pairwise(es))  # one step at a time
+
+
+@gpu
 def test_prompt_failing_after_its_upload_leaves_the_worker_serving(tmp_path):
     """A 128-token prompt frame for the last stage (16 KB of fp16 hidden states: a pinned pooled body,
     uploaded by DMA) whose positions pass the worker's dispatch checks but not the stage's: the step

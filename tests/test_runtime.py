@@ -586,6 +586,30 @@ def test_ring_client_raises_a_failure_that_came_while_nobody_waited():
         dp.expect("s1", 3, timeout=0.05)
 
 
+def test_socket_sender_gives_up_on_a_peer_that_stops_reading():
+    """A peer that accepts but never reads: once the kernel's buffers are full the send fails within
+    its timeout (blocking socket, SO_SNDTIMEO) with an error that says why, and the sender is closed."""
+    from hyperlane_lab.runtime.sender import SocketSender
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    sender = SocketSender(f"127.0.0.1:{ls.getsockname()[1]}", send_timeout=0.3)
+    peer, _ = ls.accept()
+    body = bytes(1 << 20)
+    header = FrameHeader(FrameKind.PING, "ab" * 16, 0, 0, 0, torch.uint8, 0, 0, (), len(body))
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="stopped reading"):
+        for _ in range(256):  # at most 256 MB: far beyond any loopback socket buffer
+            sender.send(header, body)
+    assert time.monotonic() - t0 < 30
+    assert not sender.is_open
+    with pytest.raises(ConnectionError, match="closed"):
+        sender.send(header, b"abc")
+    peer.close()
+    ls.close()
+
+
 def test_socket_sender_notices_a_closed_peer():
     from hyperlane_lab.runtime.sender import SocketSender
 

@@ -115,7 +115,9 @@ class TorchStage(StageSessions):
         g = cache.graph if cache is not None else None
         if g is None or self.graph_decoder() is None:
             return False
-        return g.wire is None if wire is None else g.wire is not None and g.wire.spec == wire
+        if wire is None:
+            return g.wire is None
+        return g.wire is not None and (g.wire.spec is wire or g.wire.spec == wire)  # a cached spec: `is`
 
     def prompt_graph_ready(self, session_id: str, positions: torch.Tensor) -> bool:
         """True when a prompt step of this session at these (host) positions would replay an already

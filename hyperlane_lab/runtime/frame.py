@@ -28,6 +28,7 @@ ever unpickled: tensors are rebuilt with ``torch.frombuffer`` from validated siz
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import uuid
 from dataclasses import dataclass
@@ -108,6 +109,19 @@ FLAG_MORE = 2  # chunked prefill: not the step's last chunk
 KNOWN_FLAGS = FLAG_ALL_LOGITS | FLAG_MORE
 
 
+def _session_bytes(session: str) -> bytes:
+    """A session id's 16 bytes: 32 hex digits (``uuid4().hex``, the common case, parsed in C on every
+    frame's critical path), else any form ``uuid.UUID`` reads (ValueError if none)."""
+    if not session:
+        return bytes(16)
+    if len(session) == 32:
+        with contextlib.suppress(ValueError):
+            b = bytes.fromhex(session)
+            if len(b) == 16:  # fromhex skips whitespace: fewer bytes means it was not 32 digits
+                return b
+    return uuid.UUID(hex=session).bytes
+
+
 def pack_header(h: FrameHeader) -> bytes:
     if len(h.shape) > 4:
         raise ValueError(f"frames carry tensors of at most 4 dims, got shape {h.shape}")
@@ -117,7 +131,7 @@ def pack_header(h: FrameHeader) -> bytes:
         VERSION,
         h.kind,
         h.flags,
-        uuid.UUID(hex=h.session).bytes if h.session else bytes(16),
+        _session_bytes(h.session),
         h.step,
         h.batch,
         h.seq,
@@ -176,7 +190,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, max_payload: int = MAX_PA
         raise ProtocolError(f"tensor shape {shape} has a zero dimension")
     return FrameHeader(
         kind,
-        uuid.UUID(bytes=bytes(sess)).hex,
+        bytes(sess).hex(),  # = uuid.UUID(bytes=...).hex, without its Python-level parsing
         step,
         batch,
         seq,

@@ -83,21 +83,28 @@ class _Pending:
     staged_in: torch.Tensor | None = None  # the StagingPool buffer of its input, given back when done
 
 
+_Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, end (compute), done (copy)
+
+
 @dataclass
 class _StepIO:
-    """Per session cache (so per decode graph): timing events and pinned result buffers."""
+    """Per session cache (so per decode graph): pinned result buffers, and two sets of timing events
+    taken in turns by step parity. The completion thread reads a step's GPU times after its frame is
+    out; by then the session's next step may have started (a one-stage ring starts it from the
+    ship), but it records into the other set, and the step after it cannot start before the
+    completion thread, which finishes one step before the next, has shipped the next one. Decode steps
+    only (no ``FLAG_MORE`` chunks, which share their step number): one step of a session in flight
+    per stage."""
 
-    start: torch.cuda.Event
-    end: torch.cuda.Event
-    done: torch.cuda.Event
+    events: tuple[_Events, _Events]
     host: dict[str, torch.Tensor]
 
 
 def _step_io(cache: Any) -> _StepIO:
     io = cache.step_io
     if io is None:
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        io = cache.step_io = _StepIO(ev[0], ev[1], ev[2], {})
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
+        io = cache.step_io = _StepIO(((ev[0], ev[1], ev[2]), (ev[3], ev[4], ev[5])), {})
     return io  # type: ignore[no-any-return]
 
 
@@ -109,6 +116,10 @@ class GpuStepper:
         self.device = device
         self.stager = CudaStager(device)
         self.side_stream = torch.cuda.Stream(device)  # completion-thread GPU work (sampling, codecs)
+        # steps run on the device's default stream: the threads that run them (compute, event loop) never
+        # set another, and a graph replays on the current one. Looked up once (~6 µs a call from Python)
+        self.compute_stream = torch.cuda.default_stream(device)
+        self._threads = threading.local()  # _on_device's note of the threads it has set
         self._q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete_loop, name="hyperlane-complete", daemon=True)
         self._thread.start()
@@ -122,6 +133,13 @@ class GpuStepper:
         # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
         self._put = 0
         self._done = 0
+
+    def _on_device(self) -> None:
+        """Make this stepper's device the calling thread's current one, once per thread (the threads
+        that run steps serve this device only; a reloaded stage on another GPU gets a new stepper)."""
+        if not getattr(self._threads, "on", False):
+            torch.cuda.set_device(self.device)
+            self._threads.on = True
 
     def idle(self) -> bool:
         """No step of this stepper is on the GPU or waiting to be shipped."""
@@ -201,25 +219,24 @@ class GpuStepper:
             if eng.is_first:
                 x = np.frombuffer(x, dtype=np.int64)
                 check_token_ids(x, eng.spec.vocab_size)
-            io = _step_io(cache)
-            with torch.cuda.device(self.device):
-                compute = torch.cuda.current_stream(self.device)
-                io.start.record(compute)
-                hs.mark("checked")
-                g = eng.graph_decoder().step_wire(cache, spec, pos, x)
-                if g is None:  # wire capture failed on this GPU: the staged path from now on
-                    hs.end()
-                    xt = decode_payload(h, frame.payload_view)
-                    positions = torch.from_numpy(pos.copy()).view(h.batch, h.seq)
-                    self.run_step(frame, xt, positions, queued_at)
-                    return
-                hs.mark("replay")
-                pos_bytes = pos.tobytes()  # a copy: the frame buffer goes back to the pool now
-                n_tok = int((pos >= 0).sum())
-                frame.body.release()
-                released = True
-                io.end.record(compute)
-                t_launched = time.perf_counter()
+            start, end, _ = _step_io(cache).events[step & 1]
+            self._on_device()  # in place of a device context per step (each torch call costs here)
+            start.record(self.compute_stream)
+            hs.mark("checked")
+            g = eng.graph_decoder().step_wire(cache, spec, pos, x)
+            if g is None:  # wire capture failed on this GPU: the staged path from now on
+                hs.end()
+                xt = decode_payload(h, frame.payload_view)
+                positions = torch.from_numpy(pos.copy()).view(h.batch, h.seq)
+                self.run_step(frame, xt, positions, queued_at)
+                return
+            hs.mark("replay")
+            pos_bytes = pos.tobytes()  # a copy: the frame buffer goes back to the pool now
+            n_tok = int((pos >= 0).sum())
+            frame.body.release()
+            released = True
+            end.record(self.compute_stream)
+            t_launched = time.perf_counter()
             wio, out, host = g.wire, g.out, g.wire.out_host
             if eng.is_last:
                 assert sess.sampler is not None
@@ -233,7 +250,7 @@ class GpuStepper:
             hs.end()
         sess.steps += 1
         self._enqueue(
-            _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, io.start, io.end, host,
+            _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, start, end, host,
                      None, mode, h.flags, wio, t_run, t_launched)
         )  # fmt: skip
 
@@ -277,7 +294,9 @@ class GpuStepper:
             # buffer, one copy); larger inputs go through the upload stream
             graphs = eng.graph_decoder() if hasattr(eng, "graph_decoder") else None
             cache = eng.session(sid) if graphs is not None and h.seq == 1 else None
-            io = _step_io(cache) if cache is not None else None  # reused events and pinned buffers
+            # reused events and pinned buffers (decode steps: a one-token chunk shares its step number)
+            io = _step_io(cache) if cache is not None and not h.flags & FLAG_MORE else None
+            events = io.events[step & 1] if io is not None else None
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None or encoded
@@ -290,8 +309,8 @@ class GpuStepper:
                 else:
                     x_in, uploaded = self.stager.upload(x)
                 hs.mark("upload")
-                compute = torch.cuda.current_stream(self.device)
-                start = io.start if io is not None else torch.cuda.Event(enable_timing=True)
+                compute = self.compute_stream
+                start = events[0] if events is not None else torch.cuda.Event(enable_timing=True)
                 start.record(compute)
                 if encoded:  # the codec's kernels, on the compute stream after the upload (in "compute")
                     x_in = decode_payload(h, x_in, self.device, trusted=True)
@@ -317,13 +336,13 @@ class GpuStepper:
                         mode = "sample"
                 else:
                     mode = "hidden" if w.out.codec in ("raw", "none") else "codec"
-                end = io.end if io is not None else torch.cuda.Event(enable_timing=True)
+                end = events[1] if events is not None else torch.cuda.Event(enable_timing=True)
                 end.record(compute)
                 t_launched = time.perf_counter()
                 hs.mark("launched")
                 if mode in ("hidden", "greedy"):
-                    if io is not None:
-                        host, done = self._to_host_reused(io, mode, out, end)
+                    if io is not None and events is not None:
+                        host, done = self._to_host_reused(io, mode, out, end, events[2])
                     else:
                         host, done = self.stager.to_host(out, end)
         except Exception as e:
@@ -359,7 +378,7 @@ class GpuStepper:
         )
 
     def _to_host_reused(
-        self, io: _StepIO, mode: str, out: torch.Tensor, end: torch.cuda.Event
+        self, io: _StepIO, mode: str, out: torch.Tensor, end: torch.cuda.Event, done: torch.cuda.Event
     ) -> tuple[torch.Tensor, torch.cuda.Event]:
         """``CudaStager.to_host`` into the session cache's own pinned buffer (no allocation per
         step). Safe to reuse: a session has one step in flight per stage, and its next step
@@ -371,8 +390,8 @@ class GpuStepper:
         with torch.cuda.stream(cs):
             cs.wait_event(end)
             buf.copy_(out, non_blocking=True)  # ``out`` is a graph's static buffer: no record_stream
-            io.done.record(cs)
-        return buf, io.done
+            done.record(cs)
+        return buf, done
 
     # ------------------------------------------------------------------ completion thread
 
@@ -402,29 +421,31 @@ class GpuStepper:
             synced = True
             t_done = time.perf_counter()
             hs.mark("synced")
-            # place the GPU interval on the host clock: it ended when its copy (if any) began. Read the
-            # events now: once this step's frame is out, the session's next step may re-record them.
-            tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
-            t_end = t_done - tail
-            t_start = t_end - p.start.elapsed_time(p.end) / 1e3
         except BaseException:
             hs.end()
             self._release_slot(p.staged_in, done=synced)
             raise
         try:
-            self._ship(p, t_end)  # frames first (the next stage waits for them), bookkeeping after
+            t_sampled = self._ship(p)  # frames first (the next stage waits for them), bookkeeping after
             hs.mark("shipped")
         finally:
             hs.end()
             # every reader of the uploaded input is done: the step's events were waited for above and what
             # the side stream did for it (sampling, a codec) came back to the host in _ship
             self._release_slot(p.staged_in, done=True)
-            # queue: waiting for the thread that runs the step (as on the CPU path); from its
-            # start to the GPU's start the host stages inputs and launches
-            w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)
-            # host staging and enqueueing (the GPU may start during it)
-            w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
-            w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
+        # place the GPU interval on the host clock: it ended when its copy (if any) began. The events
+        # are still this step's: a session's next step records into the other set (_StepIO)
+        tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
+        t_end = t_done - tail
+        t_start = t_end - p.start.elapsed_time(p.end) / 1e3
+        if t_sampled is not None:
+            w.trace.add("sample", t_end, t_sampled, p.sid, p.step)
+        # queue: waiting for the thread that runs the step (as on the CPU path); from its
+        # start to the GPU's start the host stages inputs and launches
+        w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)
+        # host staging and enqueueing (the GPU may start during it)
+        w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
+        w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
 
     def _release_slot(self, slot: torch.Tensor | None, done: bool) -> None:
         """Give a step's staging buffer back to the pool (``done``: its GPU work finished), or drop it
@@ -437,10 +458,12 @@ class GpuStepper:
             with contextlib.suppress(Exception):
                 self.pool.discard(slot, torch.cuda.current_stream(self.device))
 
-    def _ship(self, p: _Pending, t_end: float) -> None:
+    def _ship(self, p: _Pending) -> float | None:
+        """Send the step's frames. Returns when a sampled (last-stage) step's token was ready on the
+        host (the "sample" span ends there), else None."""
         w = self.w
         if p.mode == "none":
-            return
+            return None
         if p.mode in ("greedy", "sample"):
             sess = w.sessions.get(p.sid)
             if p.mode == "greedy":
@@ -453,12 +476,12 @@ class GpuStepper:
                 ids = torch.from_numpy(host[:-1].copy())
             else:
                 if sess is None or sess.sampler is None:
-                    return  # closed meanwhile
+                    return None  # closed meanwhile
                 with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
                     p.out.record_stream(self.side_stream)
                     ids = sess.sampler(p.out).to(torch.int64).contiguous()
             if sess is None:
-                return
+                return None
             t2 = time.perf_counter()
             w.ring_next(sess, p.sid, p.step, ids, p.pos_bytes)  # the next step first: critical path
             payload = [tensor_bytes(ids)]
@@ -475,14 +498,14 @@ class GpuStepper:
                 payload[0].nbytes,
             )
             w._send(sess.reply_to, header, [p.pos_bytes[:0], *payload], p.sid, p.step)
-            w.trace.add("sample", t_end, t2, p.sid, p.step)
-            return
+            return t2
         if p.sid not in w.sessions:  # closed while the step was in flight: nothing to ship
-            return
+            return None
         if p.mode == "hidden":
             assert p.host is not None
+            # a wire graph's pinned result has a byte view made once (tensor_bytes is five torch calls)
             parts, dtype, codec, group, shape = (
-                [tensor_bytes(p.host)],
+                [p.wire.payload() if p.wire is not None else tensor_bytes(p.host)],
                 p.host.dtype,
                 0,
                 0,
@@ -529,3 +552,4 @@ class GpuStepper:
             p.flags,
         )
         w._send("", header, [p.pos_bytes, *parts], p.sid, p.step)
+        return None

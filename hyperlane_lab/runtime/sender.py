@@ -5,8 +5,12 @@ user's thread on the client), and handing it to the event loop to write costs a 
 (``call_soon_threadsafe``) per frame, tens to hundreds of microseconds on a busy host, on every
 hop of every token. Here the thread that has the frame writes it with one ``sendmsg`` (the GIL
 is released in the system call). A lock keeps frames whole when several threads send. A send that
-cannot complete within ``timeout`` (the peer stopped reading) closes the socket, so no thread
+cannot complete within ``send_timeout`` (the peer stopped reading) closes the socket, so no thread
 hangs for ever; the sender then reports itself closed.
+
+The socket stays in blocking mode with the kernel's ``SO_SNDTIMEO`` as the limit. A Python socket
+with ``settimeout`` polls before every ``sendmsg`` (a second system call, and a second release and
+re-acquisition of the GIL, per frame on the critical path of every hop).
 
 Receiving stays on asyncio (``dataplane.py``); nothing is ever read from this socket.
 """
@@ -17,6 +21,7 @@ import contextlib
 import logging
 import select
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -38,9 +43,14 @@ class SocketSender:
         except OSError as e:
             raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(send_timeout)
+        sock.settimeout(None)  # blocking: one system call per send (see the module's docstring)
+        sec = max(send_timeout, 1e-3)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6))
+        )
         self._sock: socket.socket | None = sock
         self._lock = threading.Lock()
+        self.send_timeout = send_timeout
         self.frames_out = 0
 
     @property
@@ -51,7 +61,7 @@ class SocketSender:
         if sock is None:
             return False
         try:
-            poller = select.poll()  # not recv(MSG_DONTWAIT): a socket with a timeout would wait
+            poller = select.poll()  # first: recv on this blocking socket would wait
             poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
             if not poller.poll(0):
                 return True  # open, nothing to read
@@ -79,7 +89,13 @@ class SocketSender:
                         bufs.pop(0)
                     if bufs and sent:
                         bufs[0] = bufs[0][sent:]
-            except OSError as e:  # includes socket.timeout: the peer stopped reading
+            except BlockingIOError as e:  # EAGAIN after SO_SNDTIMEO: the peer stopped reading
+                self._close_locked()
+                raise ConnectionError(
+                    f"data connection to {self.address} closed: the peer took no data for "
+                    f"{self.send_timeout:g} s (it stopped reading)"
+                ) from e
+            except OSError as e:
                 self._close_locked()
                 raise ConnectionError(f"data connection to {self.address} broke: {e}") from e
             self.frames_out += 1

@@ -18,6 +18,7 @@ from hyperlane_lab.runtime.busypoll import BusyPollSelector
 from hyperlane_lab.runtime.proto_gen import hyperlane_pb2_grpc as pb_grpc
 from hyperlane_lab.runtime.service import WorkerService
 from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+from hyperlane_lab.runtime.worker_config import busy_poll_window_us
 
 __all__ = ["READY_PREFIX", "run_worker", "serve"]
 
@@ -136,16 +137,17 @@ async def serve(
 
 
 def _loop_for(config: WorkerConfig) -> tuple[asyncio.AbstractEventLoop, BusyPollSelector | None]:
-    """The worker's event loop (a busy-polling one with ``busy_poll_us``); sets the process's GIL
+    """The worker's event loop (a busy-polling one, see ``busy_poll_window_us``); sets the process's GIL
     switch interval. Called from ``run_worker``: this process is the worker."""
     interval = config.switch_interval_us
     if interval is not None:
         sys.setswitchinterval(interval / 1e6)
         log.info("GIL switch interval %d µs", interval)
-    if config.busy_poll_us <= 0:
+    window = busy_poll_window_us(config)
+    if window <= 0:
         return asyncio.new_event_loop(), None
-    sel = BusyPollSelector(config.busy_poll_us / 1e6)
-    log.info("busy polling for frames up to %d µs after each event", config.busy_poll_us)
+    sel = BusyPollSelector(window / 1e6)
+    log.info("busy polling for frames up to %d µs after each event", window)
     return asyncio.SelectorEventLoop(sel), sel
 
 

@@ -3,13 +3,14 @@ CPU wake-up latency request)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["WorkerConfig", "device_memory", "hold_cpu_latency", "resolve_device"]
+__all__ = ["WorkerConfig", "busy_poll_window_us", "device_memory", "hold_cpu_latency", "resolve_device"]
 
 
 @dataclass
@@ -33,7 +34,8 @@ class WorkerConfig:
     # busy polling (see runtime/busypoll.py): after a frame, poll the sockets without sleeping for
     # up to this many µs while nothing is in flight here; saves an idle vCPU's wake-up (tens of µs
     # on VMs) per hop at the cost of a core while it spins. 0 = off (block in epoll as usual).
-    busy_poll_us: int = 0
+    # None = auto (``busy_poll_window_us``): on for a CUDA worker on a host with enough CPUs, else off
+    busy_poll_us: int | None = None
     # the worker process's GIL switch interval (sys.setswitchinterval) in µs. None = Python's
     # default (5 ms). Shorter made every split pipeline slower in bench/RESULTS.md (more forced
     # GIL hand-offs between the loop and completion threads); kept for experiments.
@@ -44,11 +46,11 @@ class WorkerConfig:
     cpus: str = ""
     # GPU workers: enqueue a prompt chunk whose CUDA graph is captured on the event loop thread (as decode
     # steps are) instead of handing it to the compute thread. None = ``HYPERLANE_PROMPT_ON_LOOP`` (default
-    # off): experimental, not yet measured on a GPU (bench/gpu_notes.md, tenth session)
+    # off): experimental; within noise of the default on 2 H200s (bench/gpu_notes.md, twelfth session)
     prompt_on_loop: bool | None = None
     # GPU workers: upload prompt chunks and codec frames into device buffers kept for reuse (runtime/staging.py)
-    # instead of a new allocation per upload. None = ``HYPERLANE_STAGING_POOL`` (default off): experimental,
-    # not yet run on a GPU (bench/gpu_notes.md, eleventh session)
+    # instead of a new allocation per upload. None = ``HYPERLANE_STAGING_POOL`` (default off): experimental;
+    # within noise of the default on 2 H200s (bench/gpu_notes.md, twelfth session)
     staging_pool: bool | None = None
 
     def __post_init__(self) -> None:
@@ -56,12 +58,30 @@ class WorkerConfig:
             from hyperlane_lab.runtime.cpus import parse_cpu_list
 
             parse_cpu_list(self.cpus)  # ValueError with the expected format
-        if not 0 <= self.busy_poll_us <= 1_000_000:
+        if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(
                 f"busy_poll_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.busy_poll_us}"
             )
         if self.switch_interval_us is not None and self.switch_interval_us <= 0:
             raise ValueError(f"switch_interval_us must be > 0 µs, got {self.switch_interval_us}")
+
+
+AUTO_BUSY_POLL_US = 20_000  # the auto window (bench/RESULTS.md, twelfth session)
+AUTO_BUSY_POLL_CPUS_PER_GPU = 4  # a CUDA worker may spin two threads: its loop and its completion wait
+
+
+def busy_poll_window_us(config: WorkerConfig) -> int:
+    """The busy-polling window this worker uses: ``busy_poll_us`` when given; else (auto)
+    ``AUTO_BUSY_POLL_US`` for a CUDA worker whose process may run on at least
+    ``AUTO_BUSY_POLL_CPUS_PER_GPU`` CPUs per visible GPU (one worker per GPU then has the cores to
+    spin on), and 0 otherwise (CPU workers need their cores for compute)."""
+    if config.busy_poll_us is not None:
+        return config.busy_poll_us
+    if resolve_device(config.device).type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    enough = cpus >= AUTO_BUSY_POLL_CPUS_PER_GPU * max(1, torch.cuda.device_count())
+    return AUTO_BUSY_POLL_US if enough else 0
 
 
 def resolve_device(device: str) -> torch.device:
