@@ -156,10 +156,10 @@ def test_worker_config_checks_the_busy_poll_settings():
 
 
 def test_busy_polling_is_on_by_default_only_for_cuda_workers_with_cpus_to_spare(monkeypatch):
-    """Auto (no ``busy_poll_us``): a CPU worker never spins; a CUDA worker spins for 20 ms when its
-    process may run on at least 4 CPUs per visible GPU; an explicit value (0 = off) always wins."""
-    import os
-
+    """Auto (no ``busy_poll_us``): a CPU worker never spins; a CUDA worker spins for 20 ms when it has at
+    least 4 usable CPUs per GPU it shares them with (every visible GPU, or its own alone when it was
+    given CPUs with ``cpus``); an explicit value (0 = off) always wins."""
+    from hyperlane_lab.runtime import cpus
     from hyperlane_lab.runtime import worker_config as wc
     from hyperlane_lab.runtime.server import _loop_for
 
@@ -170,14 +170,33 @@ def test_busy_polling_is_on_by_default_only_for_cuda_workers_with_cpus_to_spare(
     loop.close()
     monkeypatch.setattr(wc, "resolve_device", lambda d: torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    for n_cpus, want in ((8, wc.AUTO_BUSY_POLL_US), (7, 0), (64, wc.AUTO_BUSY_POLL_US)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=n_cpus: set(range(n)), raising=False)
+    on = wc.AUTO_BUSY_POLL_US
+    for n_cpus, want, want_pinned in ((8, on, on), (7, 0, on), (3, 0, 0), (64, on, on)):
+        monkeypatch.setattr(cpus, "usable_cpus", lambda n=n_cpus: n)
         assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0")) == want, n_cpus
+        assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0", cpus="0-1")) == want_pinned, n_cpus
         assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0", busy_poll_us=0)) == 0
         assert wc.busy_poll_window_us(WorkerConfig(device="cuda:0", busy_poll_us=300)) == 300
     loop, sel = _loop_for(WorkerConfig(device="cuda:0"))
-    assert isinstance(sel, BusyPollSelector) and sel.window_s == pytest.approx(wc.AUTO_BUSY_POLL_US / 1e6)
+    assert isinstance(sel, BusyPollSelector) and sel.window_s == pytest.approx(on / 1e6)
     loop.close()
+
+
+def test_usable_cpus_honours_a_container_quota(tmp_path):
+    """The process's CPU affinity, capped by a cgroup v2 quota (``cpu.max``: quota and period in µs, or
+    ``max``); an unreadable or malformed file leaves the affinity."""
+    import os
+
+    from hyperlane_lab.runtime.cpus import usable_cpus
+
+    n = len(os.sched_getaffinity(0))
+    f = tmp_path / "cpu.max"
+    for text, want in (("max 100000", n), ("150000 100000", min(n, 1)), ("50000 100000", 1), ("x y", n)):
+        f.write_text(text + "\n")
+        assert usable_cpus(f) == want, text
+    assert usable_cpus(tmp_path / "missing") == n
+    f.write_text(f"{(n + 4) * 100000} 100000\n")
+    assert usable_cpus(f) == n  # a quota above the affinity does not raise it
 
 
 def test_loop_for_sets_the_switch_interval():
@@ -189,7 +208,7 @@ def test_loop_for_sets_the_switch_interval():
         assert isinstance(sel, BusyPollSelector) and sel.window_s == pytest.approx(0.002)
         assert sys.getswitchinterval() == pytest.approx(before)  # left alone unless asked
         loop.close()
-        loop, sel = _loop_for(WorkerConfig(switch_interval_us=250))
+        loop, sel = _loop_for(WorkerConfig(switch_interval_us=250, busy_poll_us=0))
         assert sel is None and sys.getswitchinterval() == pytest.approx(250e-6)
         loop.close()
     finally:

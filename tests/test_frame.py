@@ -132,6 +132,7 @@ def test_session_ids_pack_as_the_uuid_module_reads_them():
         assert unpack_header(packed).session == uuid.UUID(hex=form).hex
     zero = unpack_header(pack_header(FrameHeader(FrameKind.PING, "", 1, 0, 0, torch.uint8, 0, 0, (), 0)))
     assert zero.session == uuid.UUID(bytes=bytes(16)).hex
-    for bad in ("abc", "g" * 32, str(u)[:-1]):
+    # 32 characters with inner whitespace: fromhex reads 15 bytes, which must not be zero-padded to 16
+    for bad in ("abc", "g" * 32, str(u)[:-1], "ab " + u.hex[:28] + " "):
         with pytest.raises(ValueError):
             pack_header(FrameHeader(FrameKind.PING, bad, 1, 0, 0, torch.uint8, 0, 0, (), 0))

@@ -13,6 +13,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -629,3 +630,32 @@ def test_socket_sender_notices_a_closed_peer():
     sender.close()
     with pytest.raises(ConnectionError, match="closed"):
         sender.send(header, b"abc")
+
+
+def test_token_loop_one_row_rule_equals_the_numpy_rule():
+    """``ring_frame``'s batch-1 path (Python ints) gives what the numpy rule gives for every kind of row:
+    a decode position, a prompt's positions, padding, EOS or not, an empty or absent EOS set; the numpy
+    rule itself checked by hand on a 3-row batch."""
+    from hyperlane_lab.runtime.outbox import ring_frame, ring_frame_rows
+
+    rng = np.random.default_rng(11)
+    cases = 0
+    for seq in (1, 2, 7, 512):
+        for _ in range(40):
+            pos = np.arange(seq, dtype=np.int64) + int(rng.integers(0, 4000))
+            if rng.random() < 0.2:
+                pos[:] = -1  # a padding row
+            elif rng.random() < 0.2:
+                pos[: int(rng.integers(0, seq))] = -1  # left padding
+            ids = rng.integers(0, 50, size=1).astype(np.int64)
+            eos = rng.choice([None, set(), {int(ids[0])}, {int(ids[0]) + 1, 3}])
+            got, want = ring_frame(1, pos.tobytes(), ids, eos), ring_frame_rows(1, pos.tobytes(), ids, eos)
+            assert got == want, (pos, ids, eos)
+            cases += want is not None
+    assert cases > 50  # most cases go on to a next step
+    pos = np.array([[5, 6], [-1, -1], [2, 9]], dtype=np.int64)
+    ids = np.array([4, 8, 2], dtype=np.int64)
+    top, pos_out, ids_out = ring_frame(3, pos.tobytes(), ids, {2})
+    assert top == 7 and np.frombuffer(pos_out, dtype=np.int64).tolist() == [7, -1, -1]
+    assert np.frombuffer(ids_out, dtype=np.int64).tolist() == [4, 8, 2]
+    assert ring_frame(3, pos.tobytes(), ids, {4, 2}) is None

@@ -55,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=None,
         help="after each frame, poll the sockets without sleeping for up to this many µs while "
         "nothing is in flight (saves a sleeping CPU's wake-up per hop, costs a core; 0 = off, "
-        "at most 1000000; default: 20000 for a CUDA worker on a host with at least 4 CPUs per GPU, "
-        "else off)",
+        "at most 1000000; default: 20000 for a CUDA worker with at least 4 usable CPUs per GPU this "
+        "process can see, or of its own with --cpus, else off)",
     )
     p.add_argument(
         "--switch-interval-us",

@@ -22,11 +22,30 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["MIN_CPUS", "auto_cpus", "parse_cpu_list", "pin_process", "resolve_cpus", "share_of"]
+__all__ = [
+    "MIN_CPUS",
+    "auto_cpus",
+    "parse_cpu_list",
+    "pin_process",
+    "resolve_cpus",
+    "share_of",
+    "usable_cpus",
+]
 
 log = logging.getLogger(__name__)
 
 MIN_CPUS = 2  # an event loop, a compute and a completion thread: fewer than this is not worth pinning
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process can keep busy: those it may run on, capped by a cgroup v2 CPU quota (a
+    container's ``--cpus``) when there is one."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    return n
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:

@@ -89,15 +89,21 @@ _Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, 
 @dataclass
 class _StepIO:
     """Per session cache (so per decode graph): pinned result buffers, and two sets of timing events
-    taken in turns by step parity. The completion thread reads a step's GPU times after its frame is
+    taken in turns (``take``). The completion thread reads a step's GPU times after its frame is
     out; by then the session's next step may have started (a one-stage ring starts it from the
     ship), but it records into the other set, and the step after it cannot start before the
     completion thread, which finishes one step before the next, has shipped the next one. Decode steps
-    only (no ``FLAG_MORE`` chunks, which share their step number): one step of a session in flight
+    only (no ``FLAG_MORE`` chunks, several of which may be in flight): one step of a session in flight
     per stage."""
 
     events: tuple[_Events, _Events]
     host: dict[str, torch.Tensor]
+    turn: int = 0
+
+    def take(self) -> _Events:
+        """The event set for the step about to be launched (the other one than the last step's)."""
+        self.turn ^= 1
+        return self.events[self.turn]
 
 
 def _step_io(cache: Any) -> _StepIO:
@@ -219,7 +225,7 @@ class GpuStepper:
             if eng.is_first:
                 x = np.frombuffer(x, dtype=np.int64)
                 check_token_ids(x, eng.spec.vocab_size)
-            start, end, _ = _step_io(cache).events[step & 1]
+            start, end, _ = _step_io(cache).take()
             self._on_device()  # in place of a device context per step (each torch call costs here)
             start.record(self.compute_stream)
             hs.mark("checked")
@@ -296,7 +302,7 @@ class GpuStepper:
             cache = eng.session(sid) if graphs is not None and h.seq == 1 else None
             # reused events and pinned buffers (decode steps: a one-token chunk shares its step number)
             io = _step_io(cache) if cache is not None and not h.flags & FLAG_MORE else None
-            events = io.events[step & 1] if io is not None else None
+            events = io.take() if io is not None else None
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None or encoded
@@ -435,9 +441,13 @@ class GpuStepper:
             self._release_slot(p.staged_in, done=True)
         # place the GPU interval on the host clock: it ended when its copy (if any) began. The events
         # are still this step's: a session's next step records into the other set (_StepIO)
-        tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
-        t_end = t_done - tail
-        t_start = t_end - p.start.elapsed_time(p.end) / 1e3
+        try:
+            tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
+            t_end = t_done - tail
+            t_start = t_end - p.start.elapsed_time(p.end) / 1e3
+        except Exception as e:  # the frame is out: a lost timing must not fail the step
+            log.debug("stage %d: no GPU times for step %d of %s: %s", w.stage_index, p.step, p.sid, e)
+            return
         if t_sampled is not None:
             w.trace.add("sample", t_end, t_sampled, p.sid, p.step)
         # queue: waiting for the thread that runs the step (as on the CPU path); from its
@@ -472,19 +482,20 @@ class GpuStepper:
                 if int(host[-1]):
                     raise ValueError(NON_FINITE)
                 # a copy: the pinned buffer is reused by the session's next step, which the ring
-                # frame below may start before the client's frame is out (one-stage pipelines)
-                ids = torch.from_numpy(host[:-1].copy())
+                # frame below may start before the client's frame is out (one-stage pipelines).
+                # numpy from here on: each torch call costs tens of µs on a thread woken from idle
+                ids: np.ndarray = host[:-1].copy()
             else:
                 if sess is None or sess.sampler is None:
                     return None  # closed meanwhile
                 with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
                     p.out.record_stream(self.side_stream)
-                    ids = sess.sampler(p.out).to(torch.int64).contiguous()
+                    ids = sess.sampler(p.out).to(torch.int64).contiguous().numpy()
             if sess is None:
                 return None
             t2 = time.perf_counter()
             w.ring_next(sess, p.sid, p.step, ids, p.pos_bytes)  # the next step first: critical path
-            payload = [tensor_bytes(ids)]
+            payload = [ids.data.cast("B")]
             header = FrameHeader(
                 FrameKind.TOKENS,
                 p.sid,

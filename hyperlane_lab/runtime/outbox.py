@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,39 @@ class _Outgoing:
     address: str = ""
     conn: SocketSender | None = None  # to the next stage
     extra: dict[str, SocketSender] = field(default_factory=dict)  # to clients (the last stage's tokens)
+
+
+_I64 = struct.Struct("=q")  # one native int64, as numpy's int64 bytes
+
+
+def ring_frame(batch: int, pos_bytes: bytes, ids: np.ndarray, eos: Any) -> tuple[int, bytes, bytes] | None:
+    """The token loop's next step from a step's positions (``batch`` rows of int64) and sampled ``ids``
+    [batch]: (largest next position, positions bytes, ids bytes), or None when every row is done (it
+    sampled an EOS id in ``eos``, or was padding). One row (batch-1 decode, the latency case) is done with
+    Python ints: numpy's per-call cost is most of the work at that size (``ring_frame_rows`` is the same
+    rule for any batch)."""
+    if batch != 1:
+        return ring_frame_rows(batch, pos_bytes, ids, eos)
+    last = max(memoryview(pos_bytes).cast("q"))
+    tok = int(ids[0])
+    if last < 0 or (eos and tok in eos):
+        return None
+    return last + 1, _I64.pack(last + 1), _I64.pack(tok)
+
+
+def ring_frame_rows(
+    batch: int, pos_bytes: bytes, ids: np.ndarray, eos: Any
+) -> tuple[int, bytes, bytes] | None:
+    """``ring_frame`` for any batch, with numpy."""
+    last = np.frombuffer(pos_bytes, dtype=np.int64).reshape(batch, -1).max(axis=1)
+    nxt = np.where(last >= 0, last + 1, -1)
+    if eos:
+        for b, t in enumerate(ids.tolist()):  # a set lookup per row: np.isin costs ~15 µs
+            if t in eos:
+                nxt[b] = -1
+    if (nxt < 0).all():
+        return None
+    return int(nxt.max()), nxt.tobytes(), ids.astype(np.int64).tobytes()
 
 
 class WorkerOutbox:
@@ -105,8 +139,10 @@ class WorkerOutbox:
         self.trace.add("send", t0, time.perf_counter(), sid, step, nbytes=n)
         return ""
 
-    def ring_next(self, sess: _Session, sid: str, step: int, ids: torch.Tensor, pos_bytes: bytes) -> None:
-        """Server-side token loop: feed step ``step``'s sampled ``ids`` [B] to the first stage as
+    def ring_next(
+        self, sess: _Session, sid: str, step: int, ids: torch.Tensor | np.ndarray, pos_bytes: bytes
+    ) -> None:
+        """Server-side token loop: feed step ``step``'s sampled ``ids`` [B] (int64, host) to the first stage as
         step ``step + 1`` (call after the TOKENS frame went to the client). Each row's next position
         is its last position + 1; a row that sampled an EOS id, or was padding, becomes padding
         (-1). Stops after the session's token budget or when every row is padding."""
@@ -116,23 +152,19 @@ class WorkerOutbox:
         if step + 1 >= budget:
             return
         batch = sess.batch
-        ids_np = ids.numpy().reshape(batch)
-        last = np.frombuffer(pos_bytes, dtype=np.int64).reshape(batch, -1).max(axis=1)
-        nxt = np.where(last >= 0, last + 1, -1)
-        if eos:
-            for b, t in enumerate(ids_np.tolist()):  # a set lookup per row: np.isin costs ~15 µs
-                if t in eos:
-                    nxt[b] = -1
-        if (nxt < 0).all():  # every row sampled EOS (or was padding): the client knows it is done
+        ids_np = ids if isinstance(ids, np.ndarray) else ids.numpy()
+        nxt = ring_frame(batch, pos_bytes, ids_np.reshape(batch), eos)
+        if nxt is None:  # every row sampled EOS (or was padding): the client knows it is done
             return
+        top, pos_out, ids_out = nxt
         fail = ""
-        if int(nxt.max()) >= sess.max_len:  # the budget should have stopped first: tell the client
-            fail = f"position {int(nxt.max())} is beyond the session's max length {sess.max_len}"
+        if top >= sess.max_len:  # the budget should have stopped first: tell the client
+            fail = f"position {top} is beyond the session's max length {sess.max_len}"
         else:
             header = FrameHeader(
                 FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch
             )
-            err = self._send(address, header, [nxt.tobytes(), ids_np.astype(np.int64).tobytes()], sid, step)
+            err = self._send(address, header, [pos_out, ids_out], sid, step)
             if err:
                 fail = f"the token loop cannot reach the first stage at {address}: {err}"
         if fail:  # the client waits for the next step: an error frame instead, never silence

@@ -44,6 +44,8 @@ class SocketSender:
             raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # blocking: one system call per send (see the module's docstring)
+        if not 0 < send_timeout <= 1e6:
+            raise ValueError(f"send_timeout must be > 0 and at most 1e6 s, got {send_timeout}")
         sec = max(send_timeout, 1e-3)
         sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6))

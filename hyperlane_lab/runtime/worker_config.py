@@ -3,7 +3,6 @@ CPU wake-up latency request)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +71,20 @@ AUTO_BUSY_POLL_CPUS_PER_GPU = 4  # a CUDA worker may spin two threads: its loop 
 
 def busy_poll_window_us(config: WorkerConfig) -> int:
     """The busy-polling window this worker uses: ``busy_poll_us`` when given; else (auto)
-    ``AUTO_BUSY_POLL_US`` for a CUDA worker whose process may run on at least
-    ``AUTO_BUSY_POLL_CPUS_PER_GPU`` CPUs per visible GPU (one worker per GPU then has the cores to
-    spin on), and 0 otherwise (CPU workers need their cores for compute)."""
+    ``AUTO_BUSY_POLL_US`` for a CUDA worker with at least ``AUTO_BUSY_POLL_CPUS_PER_GPU`` usable CPUs
+    (``cpus.usable_cpus``: its affinity, capped by a container's CPU quota) per GPU it shares them
+    with: every GPU this process can see, or only its own when it was given CPUs of its own
+    (``cpus``, pinned before the loop is made). 0 otherwise (CPU workers need their cores for
+    compute). A worker started with one GPU in ``CUDA_VISIBLE_DEVICES`` cannot see the others: give it
+    ``--cpus`` or an explicit ``--busy-poll-us``."""
     if config.busy_poll_us is not None:
         return config.busy_poll_us
     if resolve_device(config.device).type != "cuda":
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    enough = cpus >= AUTO_BUSY_POLL_CPUS_PER_GPU * max(1, torch.cuda.device_count())
-    return AUTO_BUSY_POLL_US if enough else 0
+    from hyperlane_lab.runtime.cpus import usable_cpus
+
+    gpus = 1 if config.cpus else max(1, torch.cuda.device_count())
+    return AUTO_BUSY_POLL_US if usable_cpus() >= AUTO_BUSY_POLL_CPUS_PER_GPU * gpus else 0
 
 
 def resolve_device(device: str) -> torch.device:
