@@ -42,6 +42,7 @@ __all__ = [
     "count_bad",
     "decoder_layout",
     "group_scales",
+    "halves_to_f32",
     "launch_config",
     "launch_shape",
     "load_groups",
@@ -203,6 +204,16 @@ def load_nibbles(
         )
     b = b.to(tl.int32)
     return tl.reshape(tl.join(b & 15, b >> 4), [GP, BLOCK])
+
+
+@triton.jit
+def halves_to_f32(w, BF16: tl.constexpr):
+    """int32 words of two fp16/bf16 values -> (fp32 of the low half, fp32 of the high half)."""
+    if BF16:  # a bf16 is the high half of the fp32 with the same value
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # int32 -> int16 keeps the low half
+    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit

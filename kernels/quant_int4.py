@@ -23,6 +23,7 @@ from hyperlane_lab.kernels.quant_common import (
     count_bad,
     decoder_layout,
     group_scales,
+    halves_to_f32,
     launch_config,
     launch_shape,
     load_groups,
@@ -47,16 +48,6 @@ PACK_MODES = {"split": PACK_SPLIT, "strided": PACK_STRIDED, "words": PACK_WORDS}
 # Default: "words" where it applies (16-bit input, H % group_size == 0, no Hadamard), else "split".
 # bench/codec_tune.py times all three.
 DEFAULT_PACK = "words"
-
-
-@triton.jit
-def _halves_to_f32(w, BF16: tl.constexpr):
-    """int32 words of two fp16/bf16 values -> (fp32 of the low half, fp32 of the high half)."""
-    if BF16:  # a bf16 is the high half of the fp32 with the same value
-        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-    lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # int32 -> int16 keeps the low half
-    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
 
 
 @triton.jit
@@ -95,7 +86,7 @@ def _quant_int4_kernel(
                 w = tl.load(w_ptr)
             else:
                 w = tl.load(w_ptr, mask=(g < n_groups)[:, None] & (k < GS // 2)[None, :], other=0)
-            ve, vo = _halves_to_f32(w, BF16)
+            ve, vo = halves_to_f32(w, BF16)
         else:
             ve = load_groups(x_ptr, g, 2 * k, n_groups, cols, groups_per_row, GS, DENSE, EVEN)
             vo = load_groups(x_ptr, g, 2 * k + 1, n_groups, cols, groups_per_row, GS, DENSE, EVEN)

@@ -18,6 +18,7 @@ from hyperlane_lab.kernels.quant_common import (
     check_launch,
     count_bad,
     decoder_layout,
+    halves_to_f32,
     launch_config,
     launch_shape,
     load_groups,
@@ -50,13 +51,28 @@ def _quant_int4_asym_kernel(
     CHECK: tl.constexpr,
     DENSE: tl.constexpr,  # H % GS == 0
     EVEN: tl.constexpr,  # DENSE, BLOCK == GS and N % GP == 0: no masks
+    WORDS: tl.constexpr,  # DENSE, BLOCK == GS, a 16-bit input read as int32 words (elements 2k, 2k+1 of a group)
+    BF16: tl.constexpr,  # WORDS: the words hold bf16 (else fp16) values
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)  # [GP] group ids
-    j = tl.arange(0, BLOCK)
-    v = load_groups(x_ptr, g, j, n_groups, cols, groups_per_row, GS, DENSE, EVEN)  # row padding: 0
-    in_group = (j < GS)[None, :]
-    lo = tl.min(tl.where(in_group, v, float("inf")), axis=1)
-    hi = tl.max(tl.where(in_group, v, float("-inf")), axis=1)
+    if WORDS:  # as int4's PACK_WORDS: 16-byte loads, and the pairs to pack are in one thread already
+        k = tl.arange(0, BLOCK // 2)
+        w_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + g[:, None] * (GS // 2) + k[None, :]
+        if EVEN:
+            w = tl.load(w_ptr)
+        else:
+            w = tl.load(w_ptr, mask=(g < n_groups)[:, None], other=0)  # a masked group is never stored
+        ve, vo = halves_to_f32(w, BF16)
+        lo = tl.minimum(tl.min(ve, axis=1), tl.min(vo, axis=1))
+        hi = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
+        absbits = tl.maximum(abs_max_bits(ve), abs_max_bits(vo))
+    else:
+        j = tl.arange(0, BLOCK)
+        v = load_groups(x_ptr, g, j, n_groups, cols, groups_per_row, GS, DENSE, EVEN)  # row padding: 0
+        in_group = (j < GS)[None, :]
+        lo = tl.min(tl.where(in_group, v, float("inf")), axis=1)
+        hi = tl.max(tl.where(in_group, v, float("-inf")), axis=1)
+        absbits = abs_max_bits(v)
     # the minimum: the largest fp16 <= lo (round to nearest, then one ulp toward -Inf if above)
     m16 = lo.to(tl.float16)
     mbits = m16.to(tl.int16, bitcast=True)
@@ -65,12 +81,17 @@ def _quant_int4_asym_kernel(
     mbits = tl.where(mbits == -32768, 0, mbits).to(tl.int16)  # -0 -> +0 (which zero tl.min picks varies)
     m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     # the scale: the smallest fp16 >= (hi - m) / 15
-    bad = (abs_max_bits(v) >= 0x7F800000) | ((mbits & 0x7FFF) >= 0x7C00)
+    bad = (absbits >= 0x7F800000) | ((mbits & 0x7FFF) >= 0x7C00)
     bits, divisor, recip, bad = scales_from(tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0), bad)
     mbits = tl.where(bad, 0, mbits).to(tl.int16)
     mf = mbits.to(tl.float16, bitcast=True).to(tl.float32)
-    qb = quantize_biased(v - mf[:, None], divisor, recip, bad, 0)  # low nibble = q (0..15), bits 4..7 = 0
-    lo_q, hi_q = tl.split(tl.reshape(qb, [GP, BLOCK // 2, 2]))
+    # low nibble = q (0..15), bits 4..7 = 0
+    if WORDS:
+        lo_q = quantize_biased(ve - mf[:, None], divisor, recip, bad, 0)
+        hi_q = quantize_biased(vo - mf[:, None], divisor, recip, bad, 0)
+    else:
+        qb = quantize_biased(v - mf[:, None], divisor, recip, bad, 0)
+        lo_q, hi_q = tl.split(tl.reshape(qb, [GP, BLOCK // 2, 2]))
     store_nibbles(p_ptr, lo_q, hi_q, g, n_groups, GS, BLOCK, EVEN)
     store_per_group(scale_ptr, bits, g, n_groups, EVEN)
     store_per_group(min_ptr, mbits, g, n_groups, EVEN)
@@ -117,10 +138,13 @@ def quantize(
     packed: torch.Tensor,
     group_size: int,
     flag: torch.Tensor | None = None,
+    *,
+    words_ok: bool = True,
 ) -> None:
     """Fill ``scales`` and ``mins`` (int16 [N], fp16 bits) and ``packed`` (uint8 [N * gs / 2]) from
     ``x [R, H]``. ``flag`` (int32 [1], zeroed by the caller) receives the number of groups holding NaN/Inf
-    or out of the fp16 range. Torch reference: ``hyperlane_lab.codecs.reference.quantize_int4_asym``."""
+    or out of the fp16 range. ``words_ok=False`` keeps a 16-bit input on the element-wise load path (tests
+    compare the two). Torch reference: ``hyperlane_lab.codecs.reference.quantize_int4_asym``."""
     check_launch(x, "quantize_int4_asym input", ACT_DTYPES)
     _check_group_size(group_size)
     if x.dim() != 2:
@@ -137,10 +161,13 @@ def quantize(
         return
     block, gp, warps = launch_config(group_size, n_groups)
     dense = gpr * group_size == cols
+    even = dense and block == group_size
+    words = even and x.element_size() == 2 and x.data_ptr() % 4 == 0 and words_ok
     _quant_int4_asym_kernel[(-(-n_groups // gp),)](
         x, scales, mins, packed, scales if flag is None else flag, n_groups, cols, gpr,
         GS=group_size, BLOCK=block, GP=gp, CHECK=flag is not None, DENSE=dense,
-        EVEN=dense and block == group_size and n_groups % gp == 0, num_warps=warps, enable_fp_fusion=False,
+        EVEN=even and n_groups % gp == 0, WORDS=words, BF16=x.dtype == torch.bfloat16, num_warps=warps,
+        enable_fp_fusion=False,
     )  # fmt: skip
 
 

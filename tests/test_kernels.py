@@ -283,6 +283,36 @@ def test_asymmetric_edge_groups_match_reference(dtype: torch.dtype) -> None:
     assert bool(torch.isnan(y[0]).all()) == (dtype != torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rows", "cols", "gs"), [(2, 4096, 64), (3, 96, 32), (1, 64, 64), (5, 48, 16)])
+def test_asymmetric_word_loads_give_the_element_loads_bytes(
+    dtype: torch.dtype, rows: int, cols: int, gs: int
+) -> None:
+    """A 16-bit input read as int32 words (each thread holds the pair it packs) gives the same scales,
+    minimums, bytes and bad-group count as the element-wise loads, and both the reference's: every program
+    full and a masked last program, with NaN, Inf, ±0 and constant groups among random ones."""
+    q = kernel_module("quant_int4_asym")
+    x = _rand((rows, cols), dtype, seed=rows + cols + gs)
+    x[0, :gs] = 0.0
+    x[0, 1] = -0.0
+    x[-1, -gs:] = -3.0
+    if rows * cols >= 4 * gs:
+        x[-1, 0], x[-1, gs] = float("nan"), float("inf")
+    n = rows * cols // gs
+    runs = []
+    for words_ok in (True, False):
+        scales, mins = (torch.empty(n, dtype=torch.int16, device=DEVICE) for _ in range(2))
+        packed = torch.empty(n * gs // 2, dtype=torch.uint8, device=DEVICE)
+        flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        q.quantize(x, scales, mins, packed, gs, flag, words_ok=words_ok)
+        runs.append([t.cpu() for t in (scales, mins, packed, flag)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    want_scales, want_mins, want_packed = ref.quantize_int4_asym(x.cpu(), gs)
+    assert torch.equal(runs[0][0], want_scales) and torch.equal(runs[0][1], want_mins)
+    assert torch.equal(runs[0][2], want_packed)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_flag_counts_bad_groups(bits: int) -> None:
     gs = 16
