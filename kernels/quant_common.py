@@ -42,18 +42,19 @@ __all__ = [
     "count_bad",
     "decoder_layout",
     "group_scales",
-    "halves_to_f32",
     "launch_config",
     "launch_shape",
     "load_groups",
     "load_nibbles",
     "load_per_group",
+    "load_word_pairs",
     "output_view",
     "quantize_biased",
     "scales_from",
     "store_groups",
     "store_nibbles",
     "store_output",
+    "word_loads_ok",
 ]
 
 
@@ -207,13 +208,29 @@ def load_nibbles(
 
 
 @triton.jit
-def halves_to_f32(w, BF16: tl.constexpr):
+def _halves_to_f32(w, BF16: tl.constexpr):
     """int32 words of two fp16/bf16 values -> (fp32 of the low half, fp32 of the high half)."""
     if BF16:  # a bf16 is the high half of the fp32 with the same value
         return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
     lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # int32 -> int16 keeps the low half
     hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
+
+
+@triton.jit
+def load_word_pairs(
+    x_ptr, g, n_groups, GS: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr, BF16: tl.constexpr
+):
+    """A 16-bit input read as int32 words (``word_loads_ok``: 16-byte vector loads, and the pair a byte packs
+    in one thread): fp32 ``(elements 2k, elements 2k + 1)`` of groups ``g``, ``[GP, BLOCK // 2]`` each, 0 for
+    masked groups and lanes past GS (EVEN: none, no mask)."""
+    k = tl.arange(0, BLOCK // 2)
+    w_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + g[:, None] * (GS // 2) + k[None, :]
+    if EVEN:
+        w = tl.load(w_ptr)
+    else:
+        w = tl.load(w_ptr, mask=(g < n_groups)[:, None] & (k < GS // 2)[None, :], other=0)
+    return _halves_to_f32(w, BF16)
 
 
 @triton.jit
@@ -280,6 +297,12 @@ def quantize_biased(v, divisor, recip, bad, BIAS: tl.constexpr):
     q = tl.fma(tl.fma(q0, (0.0 - divisor)[:, None], v), r, q0)  # == IEEE v / d, see the module docstring
     b = (q + (12582912.0 + BIAS)).to(tl.int32, bitcast=True)
     return tl.where(bad[:, None], 0x4B400000 + BIAS, b)
+
+
+def word_loads_ok(x: torch.Tensor, dense: bool) -> bool:
+    """``load_word_pairs`` applies to ``x``: 16-bit values, rows of whole groups (``dense``), a 4-byte aligned
+    start."""
+    return dense and x.element_size() == 2 and x.data_ptr() % 4 == 0
 
 
 def launch_shape(group_size: int) -> tuple[int, int]:

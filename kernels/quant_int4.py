@@ -23,17 +23,18 @@ from hyperlane_lab.kernels.quant_common import (
     count_bad,
     decoder_layout,
     group_scales,
-    halves_to_f32,
     launch_config,
     launch_shape,
     load_groups,
     load_nibbles,
     load_per_group,
+    load_word_pairs,
     output_view,
     quantize_biased,
     store_groups,
     store_nibbles,
     store_per_group,
+    word_loads_ok,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -81,12 +82,7 @@ def _quant_int4_kernel(
         lo, hi = tl.split(tl.reshape(quantize_biased(v, divisor, recip, bad, 8), [GP, BLOCK // 2, 2]))
     else:
         if PACK == 2:
-            w_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + g[:, None] * (GS // 2) + k[None, :]
-            if EVEN:
-                w = tl.load(w_ptr)
-            else:
-                w = tl.load(w_ptr, mask=(g < n_groups)[:, None] & (k < GS // 2)[None, :], other=0)
-            ve, vo = halves_to_f32(w, BF16)
+            ve, vo = load_word_pairs(x_ptr, g, n_groups, GS, BLOCK, EVEN, BF16)
         else:
             ve = load_groups(x_ptr, g, 2 * k, n_groups, cols, groups_per_row, GS, DENSE, EVEN)
             vo = load_groups(x_ptr, g, 2 * k + 1, n_groups, cols, groups_per_row, GS, DENSE, EVEN)
@@ -198,7 +194,7 @@ def quantize(
     bf16 = x.dtype == torch.bfloat16
     if hadamard:
         mode = PACK_SPLIT
-    elif mode == PACK_WORDS and not (dense and x.element_size() == 2 and x.data_ptr() % 4 == 0):
+    elif mode == PACK_WORDS and not word_loads_ok(x, dense):
         mode = PACK_SPLIT  # int32 words need 16-bit values, whole groups per row and a 4-byte aligned start
     _quant_int4_kernel[(-(-n_groups // gp),)](
         x, scales, packed, scales if flag is None else flag, n_groups, cols, gpr,

@@ -18,18 +18,19 @@ from hyperlane_lab.kernels.quant_common import (
     check_launch,
     count_bad,
     decoder_layout,
-    halves_to_f32,
     launch_config,
     launch_shape,
     load_groups,
     load_nibbles,
     load_per_group,
+    load_word_pairs,
     output_view,
     quantize_biased,
     scales_from,
     store_groups,
     store_nibbles,
     store_per_group,
+    word_loads_ok,
 )
 
 __all__ = ["dequantize", "quantize"]
@@ -56,13 +57,7 @@ def _quant_int4_asym_kernel(
 ):
     g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)  # [GP] group ids
     if WORDS:  # as int4's PACK_WORDS: 16-byte loads, and the pairs to pack are in one thread already
-        k = tl.arange(0, BLOCK // 2)
-        w_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + g[:, None] * (GS // 2) + k[None, :]
-        if EVEN:
-            w = tl.load(w_ptr)
-        else:
-            w = tl.load(w_ptr, mask=(g < n_groups)[:, None], other=0)  # a masked group is never stored
-        ve, vo = halves_to_f32(w, BF16)
+        ve, vo = load_word_pairs(x_ptr, g, n_groups, GS, BLOCK, EVEN, BF16)
         lo = tl.minimum(tl.min(ve, axis=1), tl.min(vo, axis=1))
         hi = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
         absbits = tl.maximum(abs_max_bits(ve), abs_max_bits(vo))
@@ -161,12 +156,12 @@ def quantize(
         return
     block, gp, warps = launch_config(group_size, n_groups)
     dense = gpr * group_size == cols
-    even = dense and block == group_size
-    words = even and x.element_size() == 2 and x.data_ptr() % 4 == 0 and words_ok
+    whole = dense and block == group_size  # groups fill their lanes (no +-inf padding in the min / max)
+    words = whole and words_ok and word_loads_ok(x, dense)
     _quant_int4_asym_kernel[(-(-n_groups // gp),)](
         x, scales, mins, packed, scales if flag is None else flag, n_groups, cols, gpr,
         GS=group_size, BLOCK=block, GP=gp, CHECK=flag is not None, DENSE=dense,
-        EVEN=even and n_groups % gp == 0, WORDS=words, BF16=x.dtype == torch.bfloat16, num_warps=warps,
+        EVEN=whole and n_groups % gp == 0, WORDS=words, BF16=x.dtype == torch.bfloat16, num_warps=warps,
         enable_fp_fusion=False,
     )  # fmt: skip
 

@@ -53,46 +53,31 @@ def test_ready_says_when_run_would_replay_a_captured_graph():
     assert not st.prompt_graph_ready("s", torch.arange(16)[None])
 
 
-def test_prompt_on_loop_from_the_flag_or_the_environment(tmp_path, monkeypatch):
-    """``hyperlane worker --prompt-on-loop`` / ``WorkerConfig.prompt_on_loop`` turn the loop-thread prompt path
-    on; unset, ``HYPERLANE_PROMPT_ON_LOOP`` decides (default off); an explicit False wins over the variable."""
+@pytest.mark.parametrize(
+    ("flag", "field", "env"),
+    [("--prompt-on-loop", "prompt_on_loop", "HYPERLANE_PROMPT_ON_LOOP"),
+     ("--staging-pool", "staging_pool", "HYPERLANE_STAGING_POOL")],
+)  # fmt: skip
+def test_opt_in_switches_from_the_flag_or_the_environment(tmp_path, monkeypatch, flag, field, env):
+    """``hyperlane worker --prompt-on-loop`` / ``--staging-pool`` (``WorkerConfig.prompt_on_loop`` /
+    ``staging_pool``) turn the switch on; unset, the environment variable decides (default off); an explicit
+    False wins over the variable. A CPU worker has no GPU stepper, so nothing is staged."""
     from hyperlane_lab.cli.main import build_parser
     from hyperlane_lab.runtime.worker import Worker, WorkerConfig
 
     parse = build_parser().parse_args
-    assert parse(["worker", "--prompt-on-loop"]).prompt_on_loop is True
-    assert parse(["worker"]).prompt_on_loop is None
+    assert getattr(parse(["worker", flag]), field) is True
+    assert getattr(parse(["worker"]), field) is None
 
-    def on_loop(setting: bool | None) -> bool:
-        return Worker(
-            WorkerConfig(device="cpu", cache_dir=str(tmp_path), prompt_on_loop=setting)
-        ).prompt_on_loop
+    def switch(setting: bool | None) -> bool:
+        w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path), **{field: setting}))
+        assert w.staged_reuses() == 0
+        return bool(getattr(w, field))
 
-    monkeypatch.delenv("HYPERLANE_PROMPT_ON_LOOP", raising=False)
-    assert (on_loop(None), on_loop(True)) == (False, True)
-    monkeypatch.setenv("HYPERLANE_PROMPT_ON_LOOP", "1")
-    assert (on_loop(None), on_loop(False)) == (True, False)
-
-
-def test_staging_pool_from_the_flag_or_the_environment(tmp_path, monkeypatch):
-    """``hyperlane worker --staging-pool`` / ``WorkerConfig.staging_pool``; unset, ``HYPERLANE_STAGING_POOL``
-    decides (default off); an explicit False wins over the variable."""
-    from hyperlane_lab.cli.main import build_parser
-    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
-
-    parse = build_parser().parse_args
-    assert parse(["worker", "--staging-pool"]).staging_pool is True
-    assert parse(["worker"]).staging_pool is None
-
-    def pooled(setting: bool | None) -> bool:
-        w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path), staging_pool=setting))
-        assert w.staged_reuses() == 0  # no GPU stepper on a CPU worker
-        return w.staging_pool
-
-    monkeypatch.delenv("HYPERLANE_STAGING_POOL", raising=False)
-    assert (pooled(None), pooled(True)) == (False, True)
-    monkeypatch.setenv("HYPERLANE_STAGING_POOL", "1")
-    assert (pooled(None), pooled(False)) == (True, False)
+    monkeypatch.delenv(env, raising=False)
+    assert (switch(None), switch(True)) == (False, True)
+    monkeypatch.setenv(env, "1")
+    assert (switch(None), switch(False)) == (True, False)
 
 
 def test_bucket_rule():

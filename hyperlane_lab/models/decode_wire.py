@@ -60,6 +60,11 @@ class WireSpec:
     out_group: int = 0
 
 
+def _fused(codec: Any, shape: tuple[int, ...]) -> bool:
+    """The codec's device work is fixed kernels for this shape (only the outlier codecs' selection has a limit)."""
+    return getattr(codec, "fused", lambda _: True)(shape)  # type: ignore[no-any-return]
+
+
 def wire_codec(codec_id: int, group_size: int) -> Any:
     """The ``IntCodec`` (or outlier codec) for a wire id (None for raw and fp16, whose payload is the raw
     16-bit values in wire mode); ValueError for codecs wire mode lacks."""
@@ -97,7 +102,7 @@ def frame_wire_spec(
         c = codecs.get(out_codec, group_size=out_group or 64)
         if c.codec_id not in WIRE_CODECS or (c.codec_id == FP16 and stage_dtype.itemsize != 2):
             return None
-        if not getattr(c, "fused", lambda _: True)((shape[0], hidden or shape[-1])):
+        if not _fused(c, (shape[0], hidden or shape[-1])):
             return None
         out_id, out_g = c.codec_id, c.group_size
     raw = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -108,7 +113,7 @@ def frame_wire_spec(
     if codec_id == FP16 and stage_dtype.itemsize != 2:
         return None
     c = wire_codec(codec_id, group_size)
-    if c is not None and not getattr(c, "fused", lambda _: True)(shape):
+    if c is not None and not _fused(c, shape):
         return None
     want = raw if c is None else c.encoded_nbytes(shape, dtype)
     return WireSpec(codec_id, c.group_size if c is not None else 0, out_id, out_g), want

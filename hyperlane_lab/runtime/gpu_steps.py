@@ -466,7 +466,7 @@ class GpuStepper:
             self.pool.give(slot)
         else:
             with contextlib.suppress(Exception):
-                self.pool.discard(slot, torch.cuda.current_stream(self.device))
+                self.pool.discard(slot, self.compute_stream)
 
     def _ship(self, p: _Pending) -> float | None:
         """Send the step's frames. Returns when a sampled (last-stage) step's token was ready on the

@@ -30,9 +30,8 @@ class StagingPool:
         self.device = torch.device(device)
         self.max_bytes = max_bytes
         self._free: dict[int, list[torch.Tensor]] = {}
-        self._lock = (
-            threading.Lock()
-        )  # taken on the compute / loop thread, given back on the completion thread
+        # taken on the compute / loop thread, given back on the completion thread
+        self._lock = threading.Lock()
         self.allocated = 0  # bytes of buffers made and not dropped (in use or free)
         self.reused = 0  # takes served from the free lists
 

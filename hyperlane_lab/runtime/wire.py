@@ -138,10 +138,7 @@ class CudaStager:
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.h2d_stream):
             dev = torch.empty(x.shape, dtype=x.dtype, device=self.device)  # from the h2d stream's pool
-            dev.copy_(x, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.h2d_stream)
-        compute.wait_event(ready)
+        ready = self._copy_in(x, dev, compute)
         dev.record_stream(compute)  # its memory is not reused before the compute stream is done with it
         return dev, ready
 
@@ -149,14 +146,18 @@ class CudaStager:
         """``upload`` into ``buf`` (a uint8 device buffer of at least ``x.nbytes``, e.g. from a
         ``staging.StagingPool``) instead of a new allocation: no allocation and no ``record_stream``.
         The caller must not reuse ``buf`` before every reader of the returned tensor is done."""
-        compute = torch.cuda.current_stream(self.device)
         dev = buf[: x.nbytes].view(x.dtype).view(x.shape)
+        return dev, self._copy_in(x, dev, torch.cuda.current_stream(self.device))
+
+    def _copy_in(self, x: torch.Tensor, dev: torch.Tensor, compute: torch.cuda.Stream) -> torch.cuda.Event:
+        """Copy ``x`` into ``dev`` on the upload stream, ordered before ``compute``'s later work; the returned
+        event fires once the copy has read ``x``."""
         with torch.cuda.stream(self.h2d_stream):
             dev.copy_(x, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.h2d_stream)
         compute.wait_event(ready)
-        return dev, ready
+        return ready
 
     def to_host(self, t: torch.Tensor, after: torch.cuda.Event) -> tuple[torch.Tensor, torch.cuda.Event]:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

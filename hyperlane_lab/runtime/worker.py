@@ -386,13 +386,13 @@ class Worker(WorkerOutbox):
             if spec.in_codec in IDX_CODECS:  # outlier columns: checked here, before a graph scatters by them
                 check_payload(h, frame.payload_view)
             t1 = time.perf_counter()
-            received = (frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
             if self._submitted == self._finished and self.engine.decode_graph_ready(h.session, spec):
                 self.fast_steps += 1  # enqueue on the loop thread: nothing to overtake, nothing to capture
                 gpu.run_wire(frame, spec, t1)
             else:
                 self._submit(self._run_wire, frame, spec, t1)
-            self.trace.add("receive", *received)  # after the launch: the trace is not on the critical path
+            # after the launch: the trace is not on the critical path (the frame's times outlive its body)
+            self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
             return
         t0 = time.perf_counter()
         # a codec frame for a GPU stage is checked here and decoded on its GPU by the step (the torch
