@@ -67,37 +67,53 @@ def transport_s(n: int) -> float:
     return statistics.median(asyncio.run(main())[2:])
 
 
-def bare_s(n: int) -> float:
+def bare_s(n: int, streams: int = 1) -> float:
+    """One buffer over ``streams`` connections at once (stripe i on connection i, a sending and a receiving
+    thread per connection), from the first send to the last byte received: a bare socket's hand-off, and
+    what striping a frame over several connections would give (NCCL's socket transport does that)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    done, stamps = threading.Event(), []
+    srv.listen(streams)
+    cuts = [n * i // streams for i in range(streams + 1)]
+    got_all = threading.Barrier(streams + 1)  # each receiver, then the timer
+    go = [threading.Event() for _ in range(REPS)]
+    stamps: list[list[float]] = [[] for _ in range(streams)]
 
-    def rx() -> None:
-        c, _ = srv.accept()
-        mv = memoryview(bytearray(n))
+    def rx(i: int, c: socket.socket) -> None:
+        mv = memoryview(bytearray(n))[cuts[i] : cuts[i + 1]]
         for _ in range(REPS):
             got = 0
-            while got < n:
-                got += c.recv_into(mv[got:], n - got)
-            stamps.append(time.perf_counter())
-            done.set()
+            while got < len(mv):
+                got += c.recv_into(mv[got:], len(mv) - got)
+            stamps[i].append(time.perf_counter())
+            got_all.wait(30)
         c.close()
 
-    th = threading.Thread(target=rx)
-    th.start()
-    s = socket.create_connection(srv.getsockname())
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    payload, times = bytearray(n), []
-    for _ in range(REPS):
-        done.clear()
+    def tx(i: int, s: socket.socket) -> None:
+        payload = memoryview(bytearray(n))[cuts[i] : cuts[i + 1]]
+        for r in range(REPS):
+            if not go[r].wait(30):
+                raise TimeoutError("no start signal")
+            s.sendall(payload)
+
+    senders = []
+    for i in range(streams):
+        s = socket.create_connection(srv.getsockname())
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c, _ = srv.accept()
+        threading.Thread(target=rx, args=(i, c), daemon=True).start()
+        senders.append((threading.Thread(target=tx, args=(i, s), daemon=True), s))
+    for th, _ in senders:
+        th.start()
+    times = []
+    for r in range(REPS):
         t0 = time.perf_counter()
-        s.sendall(payload)
-        if not done.wait(30):
-            raise TimeoutError("bytes did not arrive")
-        times.append(stamps[-1] - t0)
-    th.join()
-    s.close()
+        go[r].set()
+        got_all.wait(30)
+        times.append(max(st[r] for st in stamps) - t0)
+    for th, s in senders:
+        th.join(30)
+        s.close()
     srv.close()
     return statistics.median(times[2:])
 
@@ -105,12 +121,14 @@ def bare_s(n: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="1,4,16")
+    ap.add_argument("--streams", default="2,4", help="bare sockets striped over this many connections too")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
     for mb in [float(x) for x in args.sizes_mb.split(",")]:
         n = int(mb * (1 << 20))
         t, b = transport_s(n), bare_s(n)
+        striped = {int(k): bare_s(n, int(k)) for k in args.streams.split(",") if k}
         rows.append(
             {
                 "bytes": n,
@@ -118,10 +136,12 @@ def main() -> int:
                 "bare_s": b,
                 "transport_gb_s": n / t / 1e9,
                 "bare_gb_s": n / b / 1e9,
+                "bare_striped_s": striped,
             }
         )
+        more = "".join(f", {k} streams {v * 1e3:.2f} ms ({n / v / 1e9:.2f} GB/s)" for k, v in striped.items())
         print(f"{mb:g} MB: transport {t * 1e3:.2f} ms ({n / t / 1e9:.2f} GB/s), bare socket {b * 1e3:.2f} ms "
-              f"({n / b / 1e9:.2f} GB/s), ratio {b / t:.2f}", flush=True)  # fmt: skip
+              f"({n / b / 1e9:.2f} GB/s){more}, ratio {b / t:.2f}", flush=True)  # fmt: skip
     out = Path(args.out or Path(os.environ.get("OUT", "bench/out")) / "socket_bulk.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows}, indent=1))

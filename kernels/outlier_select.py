@@ -23,11 +23,43 @@ import triton.language as tl
 from hyperlane_lab.codecs.reference import NAN16_BITS
 from hyperlane_lab.kernels.quant_common import ACT_DTYPES, check_launch
 
-__all__ = ["MAX_COLS", "MAX_K", "select"]
+__all__ = ["MAX_COLS", "MAX_K", "fp16_bits", "key16", "pick16", "select", "value16"]
 
 MAX_COLS = 16384  # one row per program, held in registers (32 values a thread at 16 warps)
 MAX_K = 32  # the selection loop is unrolled: k passes of one block-wide reduction each
 _NAN16 = tl.constexpr(NAN16_BITS)
+
+
+@triton.jit
+def key16(b, col, BF16: tl.constexpr):
+    """The ranking key of 16-bit values ``b`` (int32 holding the fp16/bf16 bits) at columns ``col`` (< 2**15):
+    |v|'s 15 bits (every NaN raised to 0x7FFF, above Inf), then the column reversed (ties go to the lower
+    column), then the sign; unique per column, and its order is the reference's ranking."""
+    mag = b & 0x7FFF
+    mag = tl.where(mag > (0x7F80 if BF16 else 0x7C00), 0x7FFF, mag)
+    return (mag << 16) | ((0x7FFF - col) << 1) | (b >> 15)
+
+
+@triton.jit
+def fp16_bits(val):
+    """fp32 -> the fp16 bits sent for an outlier (int32): rounded as the reference, every NaN as 0x7E00."""
+    return tl.where(val != val, _NAN16, val.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32))
+
+
+@triton.jit
+def value16(bits16, BF16: tl.constexpr):
+    """The fp16 bits (int32) sent for a 16-bit input value given as its bits (int32, sign at bit 15)."""
+    if BF16:  # bf16 -> fp32 is exact (the high half); fp32 -> fp16 rounds as the reference
+        val = (bits16 << 16).to(tl.float32, bitcast=True)
+    else:
+        val = bits16.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return fp16_bits(val)
+
+
+@triton.jit
+def pick16(key, BF16: tl.constexpr):
+    """A ``key16`` -> (its column, the fp16 bits of its value), without a load."""
+    return 0x7FFF - ((key >> 1) & 0x7FFF), value16((key >> 16) | ((key & 1) << 15), BF16)
 
 
 @triton.jit
@@ -53,13 +85,10 @@ def _select_kernel(
     inside = c < cols
     base = row * cols
     raw = tl.load(xb_ptr + base + c, mask=inside, other=0)
-    rev = BLOCK - 1 - c
     if NARROW:
-        b = raw.to(tl.int32) & 0xFFFF
-        key = b & 0x7FFF
-        key = tl.where(key > (0x7F80 if BF16 else 0x7C00), 0x7FFF, key)
-        packed = (key << 16) | (rev << 1) | (b >> 15)
+        packed = key16(raw.to(tl.int32) & 0xFFFF, c, BF16)
     else:
+        rev = BLOCK - 1 - c
         b = raw.to(tl.int32)
         key = b & 0x7FFFFFFF
         key = tl.where(key > 0x7F800000, 0x7FFFFFFF, key)
@@ -72,16 +101,11 @@ def _select_kernel(
         best = tl.max(packed, axis=0)
         packed = tl.where(packed == best, -1, packed)  # taken (each packed value is unique)
         if NARROW:
-            j = BLOCK - 1 - ((best >> 1) & 0x7FFF)
-            bits16 = (best >> 16) | ((best & 1) << 15)
-            if BF16:  # bf16 -> fp32 is exact (the high half); fp32 -> fp16 rounds as the reference
-                val = (bits16 << 16).to(tl.float32, bitcast=True)
-            else:
-                val = bits16.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            j, v16 = pick16(best, BF16)
         else:
             j = BLOCK - 1 - ((best >> 1) & 0x7FFFFFFF).to(tl.int32)
             val = ((best >> 32).to(tl.int32) | ((best & 1).to(tl.int32) << 31)).to(tl.float32, bitcast=True)
-        v16 = tl.where(val != val, _NAN16, val.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32))
+            v16 = fp16_bits(val)
         cols_out = tl.where(kk == i, j, cols_out)
         vals_out = tl.where(kk == i, v16, vals_out)
     tl.store(idx_ptr + row * K + kk, cols_out.to(tl.int16), mask=kk < K)

@@ -36,12 +36,14 @@ __all__ = [
     "OUT_MAX",
     "TILE_ELEMS",
     "abs_max_bits",
+    "asym_group_params",
     "bf16_bits",
     "check_launch",
     "clamp_where",
     "count_bad",
     "decoder_layout",
     "group_scales",
+    "halves_to_f32",
     "launch_config",
     "launch_shape",
     "load_groups",
@@ -208,7 +210,7 @@ def load_nibbles(
 
 
 @triton.jit
-def _halves_to_f32(w, BF16: tl.constexpr):
+def halves_to_f32(w, BF16: tl.constexpr):
     """int32 words of two fp16/bf16 values -> (fp32 of the low half, fp32 of the high half)."""
     if BF16:  # a bf16 is the high half of the fp32 with the same value
         return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
@@ -230,7 +232,7 @@ def load_word_pairs(
         w = tl.load(w_ptr)
     else:
         w = tl.load(w_ptr, mask=(g < n_groups)[:, None] & (k < GS // 2)[None, :], other=0)
-    return _halves_to_f32(w, BF16)
+    return halves_to_f32(w, BF16)
 
 
 @triton.jit
@@ -268,6 +270,25 @@ def group_scales(absbits, QMAX: tl.constexpr):
     """
     absmax = absbits.to(tl.float32, bitcast=True)
     return scales_from(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QMAX), absbits >= 0x7F800000)
+
+
+@triton.jit
+def asym_group_params(lo, hi, absbits):
+    """An asymmetric group's ``min`` / ``max`` values and ``abs_max_bits`` [GP] -> (scale bits int16, divisor fp32,
+    1 / divisor fp32, bad, minimum bits int16): the minimum is the largest fp16 <= ``lo`` (-0 stored as +0), the
+    scale the smallest fp16 >= (hi - minimum) / 15; a bad group's minimum is stored as +0.
+
+    Reference: ``hyperlane_lab.codecs.reference.asym_group_params``.
+    """
+    m16 = lo.to(tl.float16)  # round to nearest, then one ulp toward -Inf if above
+    mbits = m16.to(tl.int16, bitcast=True)
+    down = tl.where(m16 > 0, mbits - 1, mbits + 1).to(tl.int16)
+    mbits = tl.where(m16.to(tl.float32) > lo, down, mbits).to(tl.int16)
+    mbits = tl.where(mbits == -32768, 0, mbits).to(tl.int16)  # -0 -> +0 (which zero tl.min picks varies)
+    m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
+    bad = (absbits >= 0x7F800000) | ((mbits & 0x7FFF) >= 0x7C00)
+    bits, divisor, recip, bad = scales_from(tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0), bad)
+    return bits, divisor, recip, bad, tl.where(bad, 0, mbits).to(tl.int16)
 
 
 @triton.jit

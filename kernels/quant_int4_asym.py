@@ -15,6 +15,7 @@ import triton.language as tl
 from hyperlane_lab.kernels.quant_common import (
     ACT_DTYPES,
     abs_max_bits,
+    asym_group_params,
     check_launch,
     count_bad,
     decoder_layout,
@@ -26,7 +27,6 @@ from hyperlane_lab.kernels.quant_common import (
     load_word_pairs,
     output_view,
     quantize_biased,
-    scales_from,
     store_groups,
     store_nibbles,
     store_per_group,
@@ -68,17 +68,7 @@ def _quant_int4_asym_kernel(
         lo = tl.min(tl.where(in_group, v, float("inf")), axis=1)
         hi = tl.max(tl.where(in_group, v, float("-inf")), axis=1)
         absbits = abs_max_bits(v)
-    # the minimum: the largest fp16 <= lo (round to nearest, then one ulp toward -Inf if above)
-    m16 = lo.to(tl.float16)
-    mbits = m16.to(tl.int16, bitcast=True)
-    down = tl.where(m16 > 0, mbits - 1, mbits + 1).to(tl.int16)
-    mbits = tl.where(m16.to(tl.float32) > lo, down, mbits).to(tl.int16)
-    mbits = tl.where(mbits == -32768, 0, mbits).to(tl.int16)  # -0 -> +0 (which zero tl.min picks varies)
-    m = mbits.to(tl.float16, bitcast=True).to(tl.float32)
-    # the scale: the smallest fp16 >= (hi - m) / 15
-    bad = (absbits >= 0x7F800000) | ((mbits & 0x7FFF) >= 0x7C00)
-    bits, divisor, recip, bad = scales_from(tl.math.div_rn(hi - m, tl.zeros_like(hi) + 15.0), bad)
-    mbits = tl.where(bad, 0, mbits).to(tl.int16)
+    bits, divisor, recip, bad, mbits = asym_group_params(lo, hi, absbits)
     mf = mbits.to(tl.float16, bitcast=True).to(tl.float32)
     # low nibble = q (0..15), bits 4..7 = 0
     if WORDS:

@@ -54,6 +54,10 @@ CASES = [  # (codec, shape, group size); last dims not multiples of the group in
     ("int4_asym", (4, 90), 30),
     ("int4_asym", (2, 5, 4096), 64),  # every decoder program full: the unmasked (EVEN) path
     ("int4_outlier_asym", (3, 7, 100), 64),
+    # rows of whole power-of-two groups: one kernel each way (kernels/outlier_quant.py; 16-bit inputs)
+    ("int4_outlier", (2, 5, 4096), 64),
+    ("int4_outlier_asym", (2, 3, 192), 64),  # 3 groups a row: the kernel's masked (not EVEN) path
+    ("int4_outlier_asym", (1, 1, 64), 64),
 ]
 
 
@@ -206,6 +210,80 @@ def test_outlier_selection_keeps_the_bits_of_values_left_in_the_row(dtype: torch
     keep = torch.ones_like(_bits(x), dtype=torch.bool)
     keep[:, [3, 11]] = False
     assert torch.equal(_bits(r_rest)[keep], _bits(x)[keep]) and not _bits(r_rest)[~keep].any()
+
+
+def _clustered_rows(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Every row's largest values share chunks of 8 columns (the fused kernel's second pass), NaN/Inf too."""
+    x = _rand((rows, cols), dtype, seed=seed).float()
+    x[:, 8:16] = 50.0
+    x[:, cols - 3 :] = -60.0
+    if rows > 1:
+        x[1, 9], x[1, cols // 2] = float("nan"), float("inf")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("asym", [False, True], ids=["int4", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rows", "cols", "gs", "k"), [(2, 4096, 64, 8), (3, 192, 64, 8), (2, 64, 8, 32)])
+def test_fused_outlier_kernels_match_select_then_quantize(
+    rows: int, cols: int, gs: int, k: int, dtype: torch.dtype, asym: bool
+) -> None:
+    """kernels/outlier_quant.py against the reference chain (select_outliers, then quantize_int4 /
+    quantize_int4_asym of the rest; decode, then scatter): random rows (the top k in distinct chunks, one
+    pass), clustered and tied rows (the second pass), NaN/Inf counted in the flag; every output dtype."""
+    oq = kernel_module("outlier_quant")
+    n = rows * cols // gs
+    for x in (
+        _rand((rows, cols), dtype, seed=cols + k),
+        _clustered_rows(rows, cols, dtype, seed=k),
+        _tied_rows(rows, cols, dtype, seed=gs),
+    ):
+        x = x.to(DEVICE)
+        scales = torch.empty(n, dtype=torch.int16, device=DEVICE)
+        mins = torch.empty(n, dtype=torch.int16, device=DEVICE) if asym else None
+        idx = torch.empty((rows, k), dtype=torch.int16, device=DEVICE)
+        vals = torch.empty((rows, k), dtype=torch.float16, device=DEVICE)
+        packed = torch.empty(rows * cols // 2, dtype=torch.uint8, device=DEVICE)
+        flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        oq.encode(x, k, gs, scales, mins, idx, vals, packed, flag)
+        r_idx, r_vals, rest = ref.select_outliers(x, k)
+        assert (idx.to(torch.int64) & 0xFFFF).tolist() == r_idx.tolist() == _oracle_outliers(x, k)
+        assert torch.equal(vals.view(torch.int16), r_vals.view(torch.int16))
+        if asym:
+            r_scales, r_mins, r_packed = ref.quantize_int4_asym(rest, gs)
+            assert mins is not None and torch.equal(mins, r_mins)
+        else:
+            r_scales, r_packed = ref.quantize_int4(rest, gs, False)
+        assert torch.equal(scales, r_scales) and torch.equal(packed, r_packed)
+        bad = int((r_scales == ref.NAN16_BITS).sum()) + int((~torch.isfinite(r_vals)).sum())
+        assert int(flag) == bad
+        for out_dtype in DTYPES:
+            out = torch.empty((rows, cols), dtype=out_dtype, device=DEVICE)
+            oq.decode(scales, mins, idx, vals, packed, out, gs, k)
+            if asym:
+                want = ref.dequantize_int4_asym(r_scales, r_mins, r_packed, rows, cols, gs, out_dtype)
+            else:
+                want = ref.dequantize_int4(r_scales, r_packed, rows, cols, gs, out_dtype, False)
+            assert_same_output(out, want.scatter(1, r_idx, r_vals.to(out_dtype)))
+
+
+def test_outlier_codecs_take_the_fused_kernels_where_they_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit rows of whole power-of-two groups never reach the two-kernel path; an fp32 input does (and gives
+    the same bytes); a bf16 outlier beyond fp16 is counted by the fused kernel and named by the range error."""
+    sel = kernel_module("outlier_select")
+    real_select = sel.select
+    calls: list[int] = []
+    monkeypatch.setattr(sel, "select", lambda *a, **kw: (calls.append(1), real_select(*a, **kw)))
+    c = codecs.get("int4_outlier_asym", 64)
+    x = _rand((3, 256), torch.float16, seed=3)
+    p16 = c.encode(x, backend="triton")
+    assert not calls and torch.equal(p16.data, c.encode(x, backend="torch").data)
+    p32 = c.encode(x.float(), backend="triton")
+    assert calls and torch.equal(p32.data, p16.data)  # fp16 values: the same outliers and groups
+    y = x.to(torch.bfloat16)
+    y[1, 7] = 1.0e5
+    with pytest.raises(ValueError, match=r"at index \(1, 7\) is beyond fp16"):
+        c.encode(y, backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

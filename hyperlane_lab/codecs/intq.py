@@ -201,12 +201,13 @@ class IntCodec(Codec):
         if be == "torch" and flag is not None:  # the reference returns its count
             flag.add_(count.to(torch.int32))
 
-    def _write(
-        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str
-    ) -> torch.Tensor | None:
-        """``encode_into`` with an optional flag; returns what was grouped where it is not ``x2d`` (the outlier
-        codecs' rows without their outliers), for the range error."""
+    def _write(self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str) -> None:
+        """``encode_into`` with an optional flag."""
         self._quantize_payload(x2d, buf, flag, be)
+
+    def grouped_rows(self, x2d: torch.Tensor) -> torch.Tensor | None:
+        """What the groups of ``x2d [R, H]`` are formed from where it is not ``x2d`` itself (the outlier
+        codecs: the rows without their outliers), for the range error; None here."""
         return None
 
     def encode_into(
@@ -241,9 +242,9 @@ class IntCodec(Codec):
         data = torch.empty(sum(self._sections(rows, cols)), dtype=torch.uint8, device=x.device)
         # the kernels accumulate into the flag, so it must start at 0
         flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else None
-        grouped = self._write(x2d, data, flag, resolve_backend(backend or self.backend, x2d))
+        self._write(x2d, data, flag, resolve_backend(backend or self.backend, x2d))
         if check_finite is True and int(flag.item()) > 0:  # type: ignore[union-attr]
-            raise range_error(self, x, self.qmax, self.hadamard, quantized=grouped)
+            raise range_error(self, x, self.qmax, self.hadamard, quantized=self.grouped_rows(x2d))
         return EncodedTensor(
             codec=self.name,
             codec_id=self.codec_id,

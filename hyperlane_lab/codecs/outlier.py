@@ -15,9 +15,11 @@ Asymmetric groups plus outliers is the most accurate 4-bit variant measured on t
 groups that sit off-centre.
 
 The header field ``outliers`` carries k. Which values go on the side follows one rule on every backend
-(``reference.select_outliers``: largest |x| first, ties to the lower column); on the Triton backend one kernel
-(``kernels/outlier_select.py``; rows of up to 16,384 values, up to 32 outliers a row) picks them and zeroes
-them in the row, elsewhere torch does. A NaN/Inf ranks above every finite value, so it is always selected as
+(``reference.select_outliers``: largest |x| first, ties to the lower column). On the Triton backend, 16-bit
+rows of whole power-of-two groups (up to 16,384 values and 32 outliers a row) are encoded by one kernel that
+picks, zeroes and quantizes, and decoded by one that dequantizes and puts the outliers back
+(``kernels/outlier_quant.py``); other rows of up to 16,384 values (fp32, ragged groups) take the selection
+kernel (``kernels/outlier_select.py``) and then the int4 kernels; elsewhere torch selects. A NaN/Inf ranks above every finite value, so it is always selected as
 an outlier: it is reported by the finite check and, with ``check_finite=False``, decodes as itself instead of
 poisoning a group.
 """
@@ -66,12 +68,26 @@ class OutlierInt4Codec(IntCodec):
         )
 
     def fused(self, shape: tuple[int, ...]) -> bool:
-        """The selection runs as one Triton kernel for this shape (rows of <= 16,384 values, <= 32 outliers)."""
+        """The selection runs in Triton kernels for this shape (rows of <= 16,384 values, <= 32 outliers): device
+        work only, which a CUDA graph can hold (``models/decode_wire.py`` asks)."""
         return rows_of(tuple(shape))[1] <= _FUSED_MAX_COLS and self.payload_outliers(shape) <= _FUSED_MAX_K
 
-    def _write(
-        self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str
-    ) -> torch.Tensor:
+    def _one_kernel(self, cols: int, k: int, be: str) -> bool:
+        """The payload of rows of ``cols`` values is written (and read) by one kernel each way
+        (``kernels/outlier_quant.py``: rows of whole power-of-two groups; to encode, 16-bit values)."""
+        return be == "triton" and kernel_module("outlier_quant").applies(cols, self.group_size, k)
+
+    def _head_views(
+        self, buf: torch.Tensor, rows: int, cols: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scales, minimums or None): the per-group head of a payload in ``buf`` as int16."""
+        head = buf[: self._sections(rows, cols)[0]].view(torch.int16)
+        if not self.asymmetric:
+            return head, None
+        n = head.numel() // 2
+        return head[:n], head[n:]
+
+    def _write(self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str) -> None:
         rows, cols = x2d.shape
         if cols > _MAX_COLS:
             raise ValueError(
@@ -79,6 +95,13 @@ class OutlierInt4Codec(IntCodec):
             )
         k = self.payload_outliers((rows, cols))
         idx, vals = self._side_views(buf, rows, cols)  # idx: uint16 bits
+        if k and self._one_kernel(cols, k, be) and x2d.element_size() == 2 and x2d.data_ptr() % 4 == 0:
+            scales, mins = self._head_views(buf, rows, cols)
+            body = buf[sum(self._sections(rows, cols)[:2]) :]
+            kernel_module("outlier_quant").encode(
+                x2d, k, self.group_size, scales, mins, idx, vals, body, flag
+            )
+            return
         if not k:
             rest = x2d
         elif be == "triton" and self.fused((rows, cols)):
@@ -91,14 +114,22 @@ class OutlierInt4Codec(IntCodec):
         if k and flag is not None:
             flag.add_((~torch.isfinite(vals)).sum().to(torch.int32))  # an outlier beyond fp16, or NaN/Inf
         self._quantize_payload(rest, buf, flag, be)
-        return rest
+
+    def grouped_rows(self, x2d: torch.Tensor) -> torch.Tensor | None:
+        k = self.payload_outliers(tuple(x2d.shape))
+        return select_outliers(x2d, k)[2] if k else None
 
     def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
-        super().decode_from(buf, out2d, backend)
         rows, cols = out2d.shape
         k = self.payload_outliers((rows, cols))
+        idx, vals = self._side_views(buf, rows, cols)
+        if k and self._one_kernel(cols, k, backend):
+            scales, mins = self._head_views(buf, rows, cols)
+            body = buf[sum(self._sections(rows, cols)[:2]) :]
+            kernel_module("outlier_quant").decode(scales, mins, idx, vals, body, out2d, self.group_size, k)
+            return
+        super().decode_from(buf, out2d, backend)
         if k:
-            idx, vals = self._side_views(buf, rows, cols)
             out2d.scatter_(
                 1, (idx.to(torch.int64) & 0xFFFF).view(rows, k), vals.view(rows, k).to(out2d.dtype)
             )
