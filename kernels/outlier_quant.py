@@ -10,8 +10,8 @@ The selection (same rule and result as ``reference.select_outliers``): the row i
 fp16/bf16 values each) in chunks of 8 values. First the ``k`` largest *chunk maxima* are picked (``k``
 reductions over H / 8 values instead of H); their smallest, ``tau``, is a lower bound of the row's ``k``-th
 largest key (``k`` distinct chunks reach it). When exactly ``k`` keys are >= ``tau`` (the top ``k`` lie in
-distinct chunks, the common case), they are the top ``k`` and the picks are already in order; otherwise the
-``k`` rounds run again over the keys >= ``tau``. The keys (``outlier_select.key16``) are unique, so both ways
+distinct chunks, the common case), they are the top ``k`` and the picks are already in order; otherwise
+``k`` rounds run over every key of the row. The keys (``outlier_select.key16``) are unique, so both ways
 give the reference's columns in its order.
 
 Applies to 16-bit inputs whose rows hold whole groups of a power-of-two size >= 8, at most 16,384 columns and
@@ -183,10 +183,11 @@ def _decode_kernel(
     kk = tl.arange(0, KP)
     j = tl.load(idx_ptr + row * K + kk, mask=kk < K, other=0).to(tl.int32) & 0xFFFF
     ov = tl.load(val_ptr + row * K + kk, mask=kk < K, other=0).to(tl.float16, bitcast=True)
+    put = (kk < K) & (j < cols)  # a column past the row (a payload that skipped validate) writes nothing
     if OUT_BF16:  # fp16 -> bf16 rounds to nearest even, Inf and NaN kept (no clamp: as torch's cast)
-        tl.store(out_ptr + row * cols + j, bf16_bits(ov.to(tl.float32)), mask=kk < K)
+        tl.store(out_ptr + row * cols + j, bf16_bits(ov.to(tl.float32)), mask=put)
     else:
-        tl.store(out_ptr + row * cols + j, ov.to(out_ptr.dtype.element_ty), mask=kk < K)
+        tl.store(out_ptr + row * cols + j, ov.to(out_ptr.dtype.element_ty), mask=put)
 
 
 def applies(cols: int, group_size: int, k: int, x: torch.Tensor | None = None) -> bool:
@@ -196,7 +197,7 @@ def applies(cols: int, group_size: int, k: int, x: torch.Tensor | None = None) -
         8 <= group_size <= cols <= MAX_COLS
         and group_size & (group_size - 1) == 0
         and cols % group_size == 0
-        and 1 <= k <= MAX_K
+        and 1 <= k <= min(MAX_K, cols)
     )
     return shape_ok and (x is None or (x.element_size() == 2 and x.data_ptr() % 4 == 0))
 
@@ -224,7 +225,7 @@ def _check(
     if not applies(cols, group_size, k):
         raise ValueError(
             f"the fused outlier kernels take 8 <= group_size <= cols <= {MAX_COLS}, a power-of-two group_size "
-            f"dividing cols and 1 <= k <= {MAX_K}; got cols={cols}, group_size={group_size}, k={k} "
+            f"dividing cols and 1 <= k <= min({MAX_K}, cols); got cols={cols}, group_size={group_size}, k={k} "
             "(use outlier_select.select and the int4 kernels)"
         )
     n = rows * (cols // group_size)
@@ -282,8 +283,8 @@ def decode(
     group_size: int,
     k: int,
 ) -> None:
-    """Fill ``out [R, H]`` (fp16/bf16/fp32) from an outlier payload's sections (as ``encode`` writes them; the
-    columns must be < H, which ``OutlierInt4Codec.validate`` checks). Torch reference: ``dequantize_int4`` /
+    """Fill ``out [R, H]`` (fp16/bf16/fp32) from an outlier payload's sections (as ``encode`` writes them; a
+    column >= H, which ``OutlierInt4Codec.validate`` refuses, is skipped here). Torch reference: ``dequantize_int4`` /
     ``dequantize_int4_asym`` then the outliers scattered back."""
     check_launch(out, "outlier decode output", ACT_DTYPES)
     if out.dim() != 2:

@@ -213,18 +213,30 @@ def test_outlier_selection_keeps_the_bits_of_values_left_in_the_row(dtype: torch
 
 
 def _clustered_rows(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Every row's largest values share chunks of 8 columns (the fused kernel's second pass), NaN/Inf too."""
+    """Every row's largest values share chunks of 8 columns (the fused kernel's second pass), NaN/Inf too; the
+    last row holds more NaN/Inf than outliers, so groups stay bad after the outliers leave."""
     x = _rand((rows, cols), dtype, seed=seed).float()
     x[:, 8:16] = 50.0
     x[:, cols - 3 :] = -60.0
     if rows > 1:
         x[1, 9], x[1, cols // 2] = float("nan"), float("inf")
+    x[-1, ::2] = float("nan")
+    x[-1, 1::4] = float("-inf")
     return x.to(dtype)
 
 
 @pytest.mark.parametrize("asym", [False, True], ids=["int4", "asym"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("rows", "cols", "gs", "k"), [(2, 4096, 64, 8), (3, 192, 64, 8), (2, 64, 8, 32)])
+@pytest.mark.parametrize(
+    ("rows", "cols", "gs", "k"),
+    [
+        (2, 4096, 64, 8),
+        (3, 192, 64, 5),  # 3 groups a row (masked), k not a power of two
+        (2, 64, 8, 32),  # k = 4 x the row's 8 chunks: the second pass
+        (3, 192, 64, 32),  # padded groups and k above the 24 chunks
+        (2, 16384, 128, 3),  # the widest row (16 warps)
+    ],
+)
 def test_fused_outlier_kernels_match_select_then_quantize(
     rows: int, cols: int, gs: int, k: int, dtype: torch.dtype, asym: bool
 ) -> None:
@@ -233,6 +245,7 @@ def test_fused_outlier_kernels_match_select_then_quantize(
     pass), clustered and tied rows (the second pass), NaN/Inf counted in the flag; every output dtype."""
     oq = kernel_module("outlier_quant")
     n = rows * cols // gs
+    seen_bad_groups: list[int] = []
     for x in (
         _rand((rows, cols), dtype, seed=cols + k),
         _clustered_rows(rows, cols, dtype, seed=k),
@@ -255,8 +268,9 @@ def test_fused_outlier_kernels_match_select_then_quantize(
         else:
             r_scales, r_packed = ref.quantize_int4(rest, gs, False)
         assert torch.equal(scales, r_scales) and torch.equal(packed, r_packed)
-        bad = int((r_scales == ref.NAN16_BITS).sum()) + int((~torch.isfinite(r_vals)).sum())
-        assert int(flag) == bad
+        n_bad_groups = int((r_scales == ref.NAN16_BITS).sum())
+        assert int(flag) == n_bad_groups + int((~torch.isfinite(r_vals)).sum())
+        seen_bad_groups.append(n_bad_groups)
         for out_dtype in DTYPES:
             out = torch.empty((rows, cols), dtype=out_dtype, device=DEVICE)
             oq.decode(scales, mins, idx, vals, packed, out, gs, k)
@@ -265,6 +279,7 @@ def test_fused_outlier_kernels_match_select_then_quantize(
             else:
                 want = ref.dequantize_int4(r_scales, r_packed, rows, cols, gs, out_dtype, False)
             assert_same_output(out, want.scatter(1, r_idx, r_vals.to(out_dtype)))
+    assert max(seen_bad_groups) > 0  # the kernel's bad-group count was checked, not only its outlier count
 
 
 def test_outlier_codecs_take_the_fused_kernels_where_they_apply(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,6 +299,45 @@ def test_outlier_codecs_take_the_fused_kernels_where_they_apply(monkeypatch: pyt
     y[1, 7] = 1.0e5
     with pytest.raises(ValueError, match=r"at index \(1, 7\) is beyond fp16"):
         c.encode(y, backend="triton")
+    odd = torch.empty(3 * 256 + 1, dtype=torch.float16, device=DEVICE)[1:].view(3, 256)  # 2-byte aligned
+    odd.copy_(x)
+    assert torch.equal(c.encode(odd, backend="triton").data, p16.data) and len(calls) == 2
+    # decoding takes the one-kernel decoder: the two-kernel path's scatter would be the only other writer
+    want = c.decode(p16, backend="torch")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "scatter_", lambda *a, **kw: pytest.fail("scatter_ called"))
+        assert_same_output(c.decode(p16, backend="triton"), want)
+
+
+def test_fused_outlier_launchers_refuse_what_they_cannot_take() -> None:
+    """k above the row length or 32, ragged or non-power-of-two groups; a decoder column past the row (a payload
+    that skipped validate) writes nothing outside its row."""
+    oq = kernel_module("outlier_quant")
+    x = torch.arange(1, 9, dtype=torch.float16, device=DEVICE).view(1, 8)
+
+    def bufs(rows: int, cols: int, gs: int, k: int) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.empty(rows * cols // gs, dtype=torch.int16, device=DEVICE),
+            torch.empty((rows, k), dtype=torch.int16, device=DEVICE),
+            torch.empty((rows, k), dtype=torch.float16, device=DEVICE),
+            torch.empty(rows * cols // 2, dtype=torch.uint8, device=DEVICE),
+        )
+
+    for cols, gs, k in ((8, 8, 16), (8, 8, 0), (96, 48, 4), (100, 50, 4)):
+        xs = torch.ones((1, cols), dtype=torch.float16, device=DEVICE)
+        sc, idx, vals, packed = bufs(1, cols, gs, max(k, 1))
+        assert not oq.applies(cols, gs, k)
+        with pytest.raises(ValueError, match="fused outlier kernels take"):
+            oq.encode(xs, k, gs, sc, None, idx, vals, packed)
+    sc, idx, vals, packed = bufs(2, 8, 8, 2)
+    two = torch.cat([x, -x])
+    oq.encode(two, 2, 8, sc, None, idx, vals, packed)
+    idx[0, 0] = 8 + 3  # row 0's first outlier points into row 1
+    out = torch.zeros((2, 8), dtype=torch.float16, device=DEVICE)
+    oq.decode(sc, None, idx, vals, packed, out, 8, 2)
+    want = ref.dequantize_int4(sc, packed, 2, 8, 8, torch.float16, False)
+    want[0, 6], want[1, idx[1].long()] = vals[0, 1], vals[1]
+    assert_same_output(out, want)  # row 1 untouched by row 0's bad column
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
