@@ -1,8 +1,8 @@
 """Time the one-kernel outlier encoder (``kernels/outlier_quant.py``) per ``num_warps`` against what it replaced.
 
 On CUDA, for fp16 inputs ``[rows, hidden]`` (one decode row, 2048, 4096 and 8192 rows; k outliers, group 64):
-the fused encode for each ``num_warps`` candidate and the default (each checked bit for bit against the torch
-reference chain), the two-kernel chain it replaced (``outlier_select.select`` then the int4 encoder), the int4
+the fused encode for each ``num_warps`` candidate, the default and ``top4`` (the first pass's picks four per
+reduction; each checked bit for bit against the torch reference chain), the two-kernel chain it replaced (``outlier_select.select`` then the int4 encoder), the int4
 encoder alone and a device-to-device copy, all with ``triton.testing.do_bench`` (median). Two inputs: random
 rows with one massive channel (the top k almost always in distinct 8-value chunks: one pass) and clustered
 rows (the top k in one chunk: every row takes the kernel's second pass).
@@ -75,6 +75,10 @@ def _measure(x: torch.Tensor, k: int, asym: bool, cuda: bool) -> dict[str, Any]:
         out["default" if nw is None else f"w{nw}"] = _time_us(
             lambda nw=nw: oq.encode(x, k, GS, scales, mins, idx, vals, packed, num_warps=nw), cuda
         )
+    oq.encode(x, k, GS, scales, mins, idx, vals, packed, top4=True)
+    if not torch.equal(packed, want[-1]) or not torch.equal(idx.to(torch.int64) & 0xFFFF, r_idx):
+        raise SystemExit(f"top4: the fused encode differs from the reference ({out})")
+    out["top4"] = _time_us(lambda: oq.encode(x, k, GS, scales, mins, idx, vals, packed, top4=True), cuda)
     rest_buf = torch.empty_like(x)
 
     def quant() -> None:
@@ -112,7 +116,7 @@ def main() -> int:
     path = Path(out_dir) / name if out_dir else Path(__file__).parent / "out" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))
-    cols = ["default", *(f"w{w}" for w in WARPS), "two_kernels", "int4_alone", "copy"]
+    cols = ["default", *(f"w{w}" for w in WARPS), "top4", "two_kernels", "int4_alone", "copy"]
     codec = "int4_outlier_asym" if args.asym else "int4_outlier"
     print(f"# {codec} encode, k={args.k}, group {GS}, on {meta['gpu']} (µs, do_bench median)\n")
     print("| input | rows x hidden | " + " | ".join(cols) + " | fused % of copy |")

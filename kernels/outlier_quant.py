@@ -46,6 +46,15 @@ __all__ = ["applies", "decode", "encode"]
 
 
 @triton.jit
+def _top4(a1, a2, a3, a4, b1, b2, b3, b4):
+    """The 4 largest of two descending lists of 4 distinct keys (-1: none), descending: a bitonic merge."""
+    m1, m2, m3, m4 = tl.maximum(a1, b4), tl.maximum(a2, b3), tl.maximum(a3, b2), tl.maximum(a4, b1)
+    m1, m3 = tl.maximum(m1, m3), tl.minimum(m1, m3)
+    m2, m4 = tl.maximum(m2, m4), tl.minimum(m2, m4)
+    return tl.maximum(m1, m2), tl.minimum(m1, m2), tl.maximum(m3, m4), tl.minimum(m3, m4)
+
+
+@triton.jit
 def _flat(t):
     """A 2-D tensor as 1-D, so that a max over all of it is one reduction (sm_90, Triton 3.6: no data moves)."""
     return tl.reshape(t, [t.shape[0] * t.shape[1]])
@@ -69,6 +78,7 @@ def _encode_kernel(
     CHECK: tl.constexpr,
     BF16: tl.constexpr,
     EVEN: tl.constexpr,  # GPR == GPR_P: no masks
+    TOP4: tl.constexpr,  # the first pass takes its picks four at a time (bench/outlier_quant_tune.py)
 ):
     row = tl.program_id(0).to(tl.int64)
     gl = tl.arange(0, GPR_P)
@@ -98,9 +108,26 @@ def _encode_kernel(
     kk = tl.arange(0, KP)
     picks = tl.full([KP], 0, tl.int32)
     tau = 0x7FFFFFFF
-    for i in tl.static_range(K):
-        tau = tl.max(tl.where(cm < tau, cm, -1), axis=0)
-        picks = tl.where(kk == i, tau, picks)
+    if TOP4:  # four picks a reduction (a quarter of the block-wide reductions, each with more work)
+        for i in tl.static_range(0, K, 4):
+            cands = tl.where(cm < tau, tl.maximum(cm, -1), -1)
+            none = tl.full(cands.shape, -1, tl.int32)
+            t1, t2, t3, t4 = tl.reduce((cands, none, none, none), 0, _top4)
+            picks = tl.where(kk == i, t1, picks)
+            tau = t1
+            if i + 1 < K:
+                picks = tl.where(kk == i + 1, t2, picks)
+                tau = t2
+            if i + 2 < K:
+                picks = tl.where(kk == i + 2, t3, picks)
+                tau = t3
+            if i + 3 < K:
+                picks = tl.where(kk == i + 3, t4, picks)
+                tau = t4
+    else:
+        for i in tl.static_range(K):
+            tau = tl.max(tl.where(cm < tau, cm, -1), axis=0)
+            picks = tl.where(kk == i, tau, picks)
     n_over = tl.sum(_flat(tl.sum((klo >= tau).to(tl.int32) + (khi >= tau).to(tl.int32), axis=2)), axis=0)
     if (n_over != K) | (tau < 0):  # two of the top k share a chunk: k rounds over every key
         tau = 0x7FFFFFFF
@@ -249,11 +276,14 @@ def encode(
     flag: torch.Tensor | None = None,
     *,
     num_warps: int | None = None,
+    top4: bool = False,
 ) -> None:
     """Fill an outlier payload's sections from ``x [R, H]`` (fp16/bf16): ``scales`` (and ``mins`` for
     int4_asym groups, else None) int16 [R * H / gs], ``idx`` int16 [R, k], ``vals`` fp16 [R, k], ``packed``
     uint8 [R * H / 2]. ``flag`` (int32 [1]) receives the number of bad groups plus outliers not finite in fp16.
-    ``num_warps`` overrides the default (``bench/outlier_quant_tune.py`` times them). Torch reference: ``reference.select_outliers`` then ``quantize_int4`` / ``quantize_int4_asym``."""
+    ``num_warps`` and ``top4`` (the first pass's picks four per block-wide reduction: 5 barriers instead of 21
+    and 72 registers instead of 80 on sm_90 offline, not yet timed on a GPU) override the defaults
+    (``bench/outlier_quant_tune.py`` times them). Torch reference: ``reference.select_outliers`` then ``quantize_int4`` / ``quantize_int4_asym``."""
     check_launch(x, "outlier encode input", ACT_DTYPES[:2])
     if x.dim() != 2 or x.data_ptr() % 4:
         raise ValueError(f"outlier encode takes a 4-byte aligned x [R, H], got shape {tuple(x.shape)}")
@@ -269,7 +299,7 @@ def encode(
     _encode_kernel[(rows,)](
         x.view(torch.int32), scales, scales if mins is None else mins, idx, vals.view(torch.int16), packed,
         scales if flag is None else flag, gpr, ASYM=mins is not None, CHECK=flag is not None,
-        BF16=x.dtype == torch.bfloat16, enable_fp_fusion=False, **meta,
+        BF16=x.dtype == torch.bfloat16, TOP4=top4, enable_fp_fusion=False, **meta,
     )  # fmt: skip
 
 

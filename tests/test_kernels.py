@@ -259,6 +259,11 @@ def test_fused_outlier_kernels_match_select_then_quantize(
         packed = torch.empty(rows * cols // 2, dtype=torch.uint8, device=DEVICE)
         flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
         oq.encode(x, k, gs, scales, mins, idx, vals, packed, flag)
+        got = [t.clone() for t in (idx, vals.view(torch.int16), scales, packed)]
+        oq.encode(x, k, gs, scales, mins, idx, vals, packed, top4=True)  # picks four a reduction: the same
+        assert all(
+            torch.equal(a, b) for a, b in zip(got, (idx, vals.view(torch.int16), scales, packed), strict=True)
+        )
         r_idx, r_vals, rest = ref.select_outliers(x, k)
         assert (idx.to(torch.int64) & 0xFFFF).tolist() == r_idx.tolist() == _oracle_outliers(x, k)
         assert torch.equal(vals.view(torch.int16), r_vals.view(torch.int16))
