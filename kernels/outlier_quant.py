@@ -40,6 +40,7 @@ from hyperlane_lab.kernels.quant_common import (
     output_view,
     quantize_biased,
     store_groups,
+    word_loads_ok,
 )
 
 __all__ = ["applies", "decode", "encode"]
@@ -226,7 +227,7 @@ def applies(cols: int, group_size: int, k: int, x: torch.Tensor | None = None) -
         and cols % group_size == 0
         and 1 <= k <= min(MAX_K, cols)
     )
-    return shape_ok and (x is None or (x.element_size() == 2 and x.data_ptr() % 4 == 0))
+    return shape_ok and (x is None or word_loads_ok(x, True))
 
 
 def _grid_meta(rows: int, cols: int, group_size: int, k: int) -> tuple[int, dict[str, object]]:
@@ -285,7 +286,7 @@ def encode(
     and 72 registers instead of 80 on sm_90 offline, not yet timed on a GPU) override the defaults
     (``bench/outlier_quant_tune.py`` times them). Torch reference: ``reference.select_outliers`` then ``quantize_int4`` / ``quantize_int4_asym``."""
     check_launch(x, "outlier encode input", ACT_DTYPES[:2])
-    if x.dim() != 2 or x.data_ptr() % 4:
+    if x.dim() != 2 or not word_loads_ok(x, True):
         raise ValueError(f"outlier encode takes a 4-byte aligned x [R, H], got shape {tuple(x.shape)}")
     rows, cols = x.shape
     _check(rows, cols, group_size, k, scales, mins, idx, vals, packed)

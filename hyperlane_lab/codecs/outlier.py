@@ -59,33 +59,34 @@ class OutlierInt4Codec(IntCodec):
     def _side_bytes(self, rows: int, cols: int) -> int:
         return 4 * rows * self.payload_outliers((rows, cols))
 
-    def _side_views(self, buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The side channel of a payload in ``buf`` (uint8): (columns as int16 bits, values as fp16), [R * k]
-        each, row by row."""
+    def _payload_views(self, buf: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        """A payload in ``buf`` (uint8) as its sections: (head as int16, outlier columns as int16 bits, outlier
+        values as fp16, packed values); the side channel's [R * k] each, row by row."""
         head, side, _ = self._sections(rows, cols)
-        return buf[head : head + side // 2].view(torch.int16), buf[head + side // 2 : head + side].view(
-            torch.float16
+        mid = head + side // 2
+        return (
+            buf[:head].view(torch.int16),
+            buf[head:mid].view(torch.int16),
+            buf[mid : head + side].view(torch.float16),
+            buf[head + side :],
         )
+
+    def _split_head(self, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scales, minimums or None) of an int16 head (``int4_outlier_asym``: the minimums follow)."""
+        if not self.asymmetric:
+            return head, None
+        n = head.numel() // 2
+        return head[:n], head[n:]
 
     def fused(self, shape: tuple[int, ...]) -> bool:
         """The selection runs in Triton kernels for this shape (rows of <= 16,384 values, <= 32 outliers): device
         work only, which a CUDA graph can hold (``models/decode_wire.py`` asks)."""
         return rows_of(tuple(shape))[1] <= _FUSED_MAX_COLS and self.payload_outliers(shape) <= _FUSED_MAX_K
 
-    def _one_kernel(self, cols: int, k: int, be: str) -> bool:
+    def _one_kernel(self, cols: int, k: int, be: str, x: torch.Tensor | None = None) -> bool:
         """The payload of rows of ``cols`` values is written (and read) by one kernel each way
-        (``kernels/outlier_quant.py``: rows of whole power-of-two groups; to encode, 16-bit values)."""
-        return be == "triton" and kernel_module("outlier_quant").applies(cols, self.group_size, k)
-
-    def _head_views(
-        self, buf: torch.Tensor, rows: int, cols: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scales, minimums or None): the per-group head of a payload in ``buf`` as int16."""
-        head = buf[: self._sections(rows, cols)[0]].view(torch.int16)
-        if not self.asymmetric:
-            return head, None
-        n = head.numel() // 2
-        return head[:n], head[n:]
+        (``kernels/outlier_quant.py``: rows of whole power-of-two groups; to encode, ``x``'s 16-bit words)."""
+        return be == "triton" and kernel_module("outlier_quant").applies(cols, self.group_size, k, x)
 
     def _write(self, x2d: torch.Tensor, buf: torch.Tensor, flag: torch.Tensor | None, be: str) -> None:
         rows, cols = x2d.shape
@@ -94,10 +95,9 @@ class OutlierInt4Codec(IntCodec):
                 f"{self.name} indexes columns with uint16: last dim {cols} > {_MAX_COLS}; use int4"
             )
         k = self.payload_outliers((rows, cols))
-        idx, vals = self._side_views(buf, rows, cols)  # idx: uint16 bits
-        if k and self._one_kernel(cols, k, be) and x2d.element_size() == 2 and x2d.data_ptr() % 4 == 0:
-            scales, mins = self._head_views(buf, rows, cols)
-            body = buf[sum(self._sections(rows, cols)[:2]) :]
+        head, idx, vals, body = self._payload_views(buf, rows, cols)  # idx: uint16 bits
+        if k and self._one_kernel(cols, k, be, x2d):
+            scales, mins = self._split_head(head)
             kernel_module("outlier_quant").encode(
                 x2d, k, self.group_size, scales, mins, idx, vals, body, flag
             )
@@ -122,10 +122,9 @@ class OutlierInt4Codec(IntCodec):
     def decode_from(self, buf: torch.Tensor, out2d: torch.Tensor, backend: str = "triton") -> None:
         rows, cols = out2d.shape
         k = self.payload_outliers((rows, cols))
-        idx, vals = self._side_views(buf, rows, cols)
+        head, idx, vals, body = self._payload_views(buf, rows, cols)
         if k and self._one_kernel(cols, k, backend):
-            scales, mins = self._head_views(buf, rows, cols)
-            body = buf[sum(self._sections(rows, cols)[:2]) :]
+            scales, mins = self._split_head(head)
             kernel_module("outlier_quant").decode(scales, mins, idx, vals, body, out2d, self.group_size, k)
             return
         super().decode_from(buf, out2d, backend)
@@ -139,7 +138,7 @@ class OutlierInt4Codec(IntCodec):
         rows, cols = rows_of(tuple(payload.shape))
         k = self.payload_outliers(tuple(payload.shape))
         if k and rows:  # where the bytes are (host, usually): a bad index must not reach a device scatter
-            top = int((self._side_views(data, rows, cols)[0].to(torch.int32) & 0xFFFF).max())
+            top = int((self._payload_views(data, rows, cols)[1].to(torch.int32) & 0xFFFF).max())
             if top >= cols:
                 raise ValueError(
                     f"corrupted {self.name} payload: outlier column {top} >= last dim {cols}; "

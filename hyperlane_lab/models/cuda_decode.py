@@ -341,7 +341,7 @@ class GraphDecoder:
         if self._broken or self.wire_broken:
             return None
         g: _Graph | None = cache.graph
-        if g is None or g.wire is None or (g.wire.spec is not spec and g.wire.spec != spec):
+        if g is None or g.wire is None or g.wire.spec != spec:
             try:
                 g = self._capture(cache, spec)
             except Exception as e:

@@ -59,6 +59,16 @@ class WireSpec:
     out_codec: int = 0
     out_group: int = 0
 
+    def __eq__(self, other: object) -> bool:
+        # the worker caches one spec per frame kind, so the same object comes back on every decode step:
+        # identity first (a field comparison builds two tuples); the hash stays the fields' (frozen, eq)
+        if self is other:
+            return True
+        if not isinstance(other, WireSpec):
+            return NotImplemented
+        mine = (self.in_codec, self.in_group, self.out_codec, self.out_group)
+        return mine == (other.in_codec, other.in_group, other.out_codec, other.out_group)
+
 
 def _fused(codec: Any, shape: tuple[int, ...]) -> bool:
     """The codec's device work is fixed kernels for this shape (only the outlier codecs' selection has a limit)."""

@@ -117,7 +117,7 @@ class TorchStage(StageSessions):
             return False
         if wire is None:
             return g.wire is None
-        return g.wire is not None and (g.wire.spec is wire or g.wire.spec == wire)  # a cached spec: `is`
+        return g.wire is not None and g.wire.spec == wire
 
     def prompt_graph_ready(self, session_id: str, positions: torch.Tensor) -> bool:
         """True when a prompt step of this session at these (host) positions would replay an already
