@@ -112,7 +112,7 @@ def main() -> int:
     meta = {"gpu": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
             "torch": torch.__version__, "asym": args.asym, "group_size": GS}  # fmt: skip
     out_dir = os.environ.get("OUT")
-    name = "outlier_quant_tune.json" if cuda else "outlier_quant_tune_cpu.json"
+    name = "outlier_quant_tune" + ("_asym" if args.asym else "") + (".json" if cuda else "_cpu.json")
     path = Path(out_dir) / name if out_dir else Path(__file__).parent / "out" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))

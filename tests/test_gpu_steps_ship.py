@@ -62,6 +62,31 @@ def test_greedy_ship_sends_the_next_step_then_the_tokens(ids, positions):
     assert np.frombuffer(tok_parts[1], dtype=np.int64).tolist() == ids
 
 
+def test_greedy_ship_reads_a_wire_graphs_ids_through_its_numpy_view():
+    """A wire graph's last stage keeps an int64 numpy view of its pinned result (``WireIO.out_ids``); the
+    ship reads the ids and the finite flag there, with no torch call."""
+    sess = _Session(1, 64, Sampler(SamplingParams()), "client:1", ring=("first:2", 50, frozenset()))
+    w = _Worker(sess)
+    stepper = object.__new__(GpuStepper)
+    stepper.w = w
+
+    class _Wire:
+        out_ids = np.array([23, 0], dtype=np.int64)
+
+    pos = np.array([[7]], dtype=np.int64)
+    p = _Pending(
+        "ab" * 16, 3, 1, 1, 0.0, 1, pos.tobytes(), None, None, None, None, None, "greedy", wire=_Wire()
+    )  # type: ignore[arg-type]
+    assert stepper._ship(p) is not None
+    (_, ring, ring_parts), (_, tokens, tok_parts) = w.sent
+    assert np.frombuffer(ring_parts[1], dtype=np.int64).tolist() == [23] and ring.step == 4
+    assert tokens.kind == FrameKind.TOKENS
+    assert np.frombuffer(tok_parts[1], dtype=np.int64).tolist() == [23]
+    _Wire.out_ids[1] = 1  # the graph's NaN/Inf flag
+    with pytest.raises(ValueError, match=re.escape(NON_FINITE)):
+        stepper._ship(p)
+
+
 def test_greedy_ship_refuses_a_non_finite_step():
     with pytest.raises(ValueError, match=re.escape(NON_FINITE)):
         _ship([5], 1, [3])

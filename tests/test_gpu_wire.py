@@ -77,6 +77,7 @@ def test_wire_graph_equals_staged_graph_then_codec(codec):
         assert torch.equal(outs[2].out, last), f"step {t}: logits"
         greedy = outs[2].wire.out_host
         assert greedy.tolist() == [*last.argmax(-1).tolist(), 0]  # ids, then the non-finite flag
+        assert outs[2].wire.out_ids.tolist() == greedy.tolist()  # the ship's numpy view of the same bytes
         cur += 1
     for st in stages:
         gd = st.graph_decoder()
@@ -285,4 +286,103 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         assert (sum(h.fast_path_prompts for h in health) > 0) == on_loop  # the second chunked pass
         # hidden states (stages 1 and 2) reuse kept buffers; stage 0's token ids are below the pool's minimum
         assert [h.staged_reuses > 0 for h in health] == [False, pooled, pooled], health
+        assert all(cluster.alive)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8"])
+def test_armed_steps_equal_launched_steps_and_a_release_changes_nothing(codec):
+    """``decode_armed.Arming``: a wire graph enqueued behind the gate before its inputs exist, then fired
+    (inputs, then the flag), gives the bytes a launched step gives, on every stage; the gate holds the
+    stream until the flag; an armed step released without a frame runs as padding and leaves the
+    session's cache as it was (the steps after it still match)."""
+    import time
+
+    from hyperlane_lab.models.decode_armed import Arming
+
+    stages = _stages(SPEC, [1, 2], torch.float16, "cuda")
+    c = None if codec == "raw" else codecs.get(codec, 16, backend="triton")
+    cid, gs = (0, 0) if c is None else (c.codec_id, c.group_size)
+    specs = [WireSpec(0, 0, cid, gs), WireSpec(cid, gs, cid, gs), WireSpec(cid, gs, 0, 0)]
+    ids, pos = _prompt([5], SPEC.vocab_size)
+    for sid in ("launched", "armed"):
+        x = ids
+        for i, st in enumerate(stages):
+            st.open_session(sid, 1, 24)
+            x = st.forward(sid, x, pos)
+            x = _hop(c, x) if i < 2 else x
+    nxt = x.argmax(-1).cpu().numpy().astype(np.int64)
+    arming, stream = Arming(), torch.cuda.current_stream()
+
+    def events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    for t in range(6):
+        pos_np = np.array([5 + t], dtype=np.int64)
+        pay_l: object = nxt.copy()
+        pay_a: object = nxt.copy()
+        for i, st in enumerate(stages):
+            gd = st.graph_decoder()
+            gl = gd.step_wire(st.session("launched"), specs[i], pos_np, pay_l)
+            torch.cuda.synchronize()
+            pay_l = bytes(gl.wire.payload())
+            cache = st.session("armed")
+            if t == 0:  # the session's first wire step captures its graph
+                gd.step_wire(cache, specs[i], pos_np, pay_a)
+            else:
+                if t == 3:  # armed, then released without a frame: a padding run
+                    a = arming.arm("armed", cache.graph, *events(), stream)
+                    arming.release(a)
+                    torch.cuda.synchronize()
+                    assert not arming.gave_up(a)
+                a = arming.arm("armed", cache.graph, *events(), stream)
+                time.sleep(0.005)
+                assert not a.end.query()  # held by the gate
+                assert arming.fire(a, pos_np, pay_a, first=i == 0)
+                a.end.synchronize()
+                assert not arming.gave_up(a) and a.start.elapsed_time(a.end) > 0
+            torch.cuda.synchronize()
+            pay_a = bytes(cache.graph.wire.payload())
+            assert pay_a == pay_l, f"step {t}, stage {i}"
+        nxt = np.frombuffer(pay_l, dtype=np.int64)[:-1].copy()  # the last stage's ids (then its flag)
+    assert arming.fired == 3 * 5 and arming.released == 3
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("compression", ["raw", "int8"])
+def test_armed_graphs_gpu_workers_match_the_probe(tmp_path, compression):
+    """Workers with ``--armed-graphs`` (one per GPU where there are several): a lone session's decode
+    steps are armed and fired by their frames (Health's ``armed_fired`` on every stage), sessions side by
+    side release them, and every generation gives the in-process probe's greedy tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hyperlane_lab.probes import greedy_sequences, load_pipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    prompts = ["Once upon a time", "Lily and Ben went to the park. They saw", "The dog", "Tom had a red"]
+    pipe = load_pipeline(None, n_stages=3, dtype="fp16", device="cuda")
+    want = greedy_sequences(pipe, prompts, [compression] * 2, 64, 32)
+    n = torch.cuda.device_count()
+    devices = [f"cuda:{i % n}" for i in range(3)]
+    with (
+        LocalCluster(3, devices=devices, cache_dir=tmp_path, extra_args=["--armed-graphs"]) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", compression=compression, progress=False
+        ) as m,
+    ):
+        eos = m.spec.eos_token_ids[0]
+
+        def run(p: str) -> list[int]:
+            r = m.generate(p, max_tokens=32)
+            return list(r.token_ids) + ([eos] if r.finish_reason == "eos" else [])
+
+        assert [run(p) for p in prompts[:2]] == want[:2]
+        health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+        assert all(h.armed_fired > 0 for h in health), health
+        with ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(run, prompts)) == want
+        assert run(prompts[2]) == want[2]  # alone again: armed again
+        after = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+        assert all(a.armed_fired > h.armed_fired for a, h in zip(after, health)), after
+        assert sum(h.armed_released for h in after) > 0  # closes and side-by-side sessions released some
         assert all(cluster.alive)

@@ -928,3 +928,68 @@ def test_triton_decode_layer_matches_the_static_layer(family: str) -> None:
         want = decode_layer_static(x, lw, spec, cos, sin, kc_b, vc_b, slot, mask)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), p
         assert torch.allclose(kc_a, kc_b, atol=1e-5) and torch.allclose(vc_a, vc_b, atol=1e-5), p
+
+
+# ---------------------------------------------------------------------------- the armed step's gate
+
+
+def _gate_words(flag: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pos = torch.arange(10, 12 + rows, dtype=torch.int64, device=DEVICE)  # 2 words past the rows
+    return torch.tensor([flag], dtype=torch.int64, device=DEVICE), torch.zeros(1, dtype=torch.int64,
+                                                                                device=DEVICE), pos  # fmt: skip
+
+
+@pytest.mark.parametrize("flag, target", [(7, 7), (9, 7), (6, 7), (0, 1)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_armed_gate_equals_its_reference(flag, target, rows):
+    """``kernels/armed_wait.py``. Released (flag >= target): status = target, positions untouched. Given up
+    (after ``limit`` reads, or ns of the GPU timer): status = -target and exactly ``rows`` positions padded."""
+    gate = kernel_module("armed_wait")
+    got, want = _gate_words(flag, rows), _gate_words(flag, rows)
+    on_gpu = DEVICE == "cuda"
+    gate.armed_wait(got[0], got[1], got[2][:rows], target, 20_000 if on_gpu else 5, timer=on_gpu)
+    want = tuple(t.cpu() for t in want)
+    gate.armed_wait_reference(want[0], want[1], want[2][:rows], target, 5)
+    assert got[1].tolist() == want[1].tolist() == [target if flag >= target else -target]
+    expect = [-1] * rows if flag < target else list(range(10, 10 + rows))
+    assert got[2].tolist() == want[2].tolist() == [*expect, 10 + rows, 11 + rows]
+
+
+def test_armed_gate_refuses_bad_words():
+    gate = kernel_module("armed_wait")
+    flag, status, pos = _gate_words(1, 3)
+    with pytest.raises(ValueError, match="int64"):
+        gate.armed_wait(flag.int(), status, pos, 1, 1, timer=False)
+    with pytest.raises(ValueError, match="one int64 each"):
+        gate.armed_wait(torch.zeros(2, dtype=torch.int64, device=DEVICE), status, pos, 1, 1, timer=False)
+    with pytest.raises(ValueError, match="1-D"):
+        gate.armed_wait(flag, status, pos.view(1, -1), 1, 1, timer=False)
+    with pytest.raises(ValueError, match=">= 1"):
+        gate.armed_wait(flag, status, pos, 0, 1, timer=False)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the host writing a pinned flag while the GPU waits needs a GPU")
+def test_armed_gate_holds_its_stream_until_the_host_writes_the_pinned_flag():
+    """The protocol as the worker uses it: pinned words, the gate then a copy from pinned inputs on one
+    stream. Nothing after the gate runs before the flag; the copy then sees the inputs written before it."""
+    import time
+
+    gate = kernel_module("armed_wait")
+    flag = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+    status = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+    pos = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+    dev = torch.full((4,), -7, dtype=torch.int64, device="cuda")
+    done = torch.cuda.Event()
+    for target in (1, 2, 3):
+        gate.armed_wait(flag, status, pos, target, int(2e9), timer=True)
+        dev.copy_(pos, non_blocking=True)
+        done.record()
+        time.sleep(0.02)
+        assert not done.query()  # held by the gate
+        pos.numpy()[:] = [target, target + 1, target + 2, target + 3]
+        flag.numpy()[0] = target
+        done.synchronize()
+        assert int(status[0]) == target and dev.tolist() == [target + i for i in range(4)]
+    gate.armed_wait(flag, status, pos, 4, 1_000_000, timer=True)  # never released: gives up after 1 ms
+    torch.cuda.synchronize()
+    assert int(status[0]) == -4 and pos.tolist() == [-1] * 4

@@ -56,11 +56,12 @@ def test_ready_says_when_run_would_replay_a_captured_graph():
 @pytest.mark.parametrize(
     ("flag", "field", "env"),
     [("--prompt-on-loop", "prompt_on_loop", "HYPERLANE_PROMPT_ON_LOOP"),
-     ("--staging-pool", "staging_pool", "HYPERLANE_STAGING_POOL")],
+     ("--staging-pool", "staging_pool", "HYPERLANE_STAGING_POOL"),
+     ("--armed-graphs", "armed_graphs", "HYPERLANE_ARMED_GRAPHS")],
 )  # fmt: skip
 def test_opt_in_switches_from_the_flag_or_the_environment(tmp_path, monkeypatch, flag, field, env):
-    """``hyperlane worker --prompt-on-loop`` / ``--staging-pool`` (``WorkerConfig.prompt_on_loop`` /
-    ``staging_pool``) turn the switch on; unset, the environment variable decides (default off); an explicit
+    """``hyperlane worker --prompt-on-loop`` / ``--staging-pool`` / ``--armed-graphs`` (``WorkerConfig``'s
+    field of the same name) turn the switch on; unset, the environment variable decides (default off); an explicit
     False wins over the variable. A CPU worker has no GPU stepper, so nothing is staged."""
     from hyperlane_lab.cli.main import build_parser
     from hyperlane_lab.runtime.worker import Worker, WorkerConfig

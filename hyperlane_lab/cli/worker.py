@@ -86,6 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="GPU workers: upload prompt chunks into device buffers kept for reuse instead of allocating one "
         "per upload (experimental; default: HYPERLANE_STAGING_POOL, off)",
     )
+    p.add_argument(
+        "--armed-graphs",
+        action="store_true",
+        default=None,
+        help="GPU workers: enqueue a lone session's next decode step before its frame arrives, behind a "
+        "kernel that waits for a flag the frame sets (experimental; default: HYPERLANE_ARMED_GRAPHS, off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -115,5 +122,6 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         prompt_on_loop=args.prompt_on_loop,
         staging_pool=args.staging_pool,
+        armed_graphs=args.armed_graphs,
     )
     return run_worker(cfg)

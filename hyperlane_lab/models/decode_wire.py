@@ -143,6 +143,9 @@ class WireIO:
     flag_at: int = 0  # codec out: byte offset of the int32 flag (4-aligned, after the payload)
     in_np: Any = None  # numpy views of the pinned buffers (host writes and reads are numpy)
     out_np: Any = None
+    out_ids: Any = (
+        None  # last stage: int64 numpy view of out_host ([B + 1]: greedy ids, then the finite flag)
+    )
 
     def payload(self) -> memoryview:
         """The outgoing payload's bytes (valid once the step's event has fired)."""
@@ -202,6 +205,8 @@ def make_wire_io(
     io = WireIO(spec, in_host, in_dev, in_nbytes, out_dev, out_host, out_nbytes, flag_at)
     io.in_np = in_host.numpy() if in_host is not None else None
     io.out_np = out_host.view(torch.uint8).reshape(-1).numpy()
+    if last:
+        io.out_ids = out_host.numpy()
     return io
 
 

@@ -36,10 +36,12 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
+from hyperlane_lab.models.decode_armed import ArmedStep, Arming
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
+from hyperlane_lab.runtime.gpu_arming import ArmedSteps
 from hyperlane_lab.runtime.staging import StagingPool
 from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
 
@@ -81,6 +83,7 @@ class _Pending:
     t_run: float = 0.0  # host clock when the step began on its thread (the "queue" event ends here)
     t_launched: float = 0.0  # host clock when its GPU work was enqueued (the "launch" event ends here)
     staged_in: torch.Tensor | None = None  # the StagingPool buffer of its input, given back when done
+    armed: ArmedStep | None = None  # started by its flag (decode_armed.py): check the gate did not give up
 
 
 _Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, end (compute), done (copy)
@@ -114,7 +117,7 @@ def _step_io(cache: Any) -> _StepIO:
     return io  # type: ignore[no-any-return]
 
 
-class GpuStepper:
+class GpuStepper(ArmedSteps):
     """One per worker and device; ``run_step`` is called on the worker's compute thread."""
 
     def __init__(self, worker: Worker, device: torch.device) -> None:
@@ -135,6 +138,12 @@ class GpuStepper:
         self.wire_enabled = env_flag("HYPERLANE_WIRE", True)  # 0: every decode step takes the staged path
         # uploads of prompt chunks and codec frames into device buffers kept for reuse (staging.py)
         self.pool = StagingPool(device) if worker.staging_pool else None
+        # armed decode steps (decode_armed.py): a session's next wire step enqueued behind a gate while
+        # it is the worker's only session. The lock orders arming (completion thread) against every
+        # launch (loop or compute thread): nothing is enqueued behind a gate that no frame will open
+        self.arming = Arming() if getattr(worker, "armed_graphs", False) else None
+        self._arm_lock = threading.RLock()
+        self._armed: ArmedStep | None = None
         # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
         # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
         self._put = 0
@@ -156,13 +165,15 @@ class GpuStepper:
         self._q.put(p)
 
     def close(self) -> None:
+        self.disarm()
         self._q.put(None)
 
     # ------------------------------------------------------------------ wire-mode decode steps
 
     def forget_specs(self) -> None:
         """Drop the wire specs decided so far and the free staging buffers (a new stage was loaded or the
-        stage unloaded: first/last, dtype and sizes change)."""
+        stage unloaded: first/last, dtype and sizes change), and release an armed step."""
+        self.disarm()
         self._specs = {}
         if self.pool is not None:
             self.pool.clear()
@@ -207,7 +218,12 @@ class GpuStepper:
 
     def run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
         """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
-        event; the completion thread sends the pinned result. Runs where ``run_step`` runs."""
+        event; the completion thread sends the pinned result. Runs where ``run_step`` runs. An armed
+        step of the session (decode_armed.py) only needs the writes and its flag."""
+        with self._arm_lock:
+            self._run_wire(frame, spec, queued_at)
+
+    def _run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
         t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
@@ -220,28 +236,39 @@ class GpuStepper:
                 raise ValueError(f"session {sid} was closed")
             cache = eng.session(sid)
             pos = np.frombuffer(frame.positions_view, dtype=np.int64)
-            check_positions(int(pos.max()), sid, cache.limit)
+            one = h.batch == 1  # batch 1 (the latency case): Python compares, not numpy reductions
+            check_positions(int(pos[0]) if one else int(pos.max()), sid, cache.limit)
             x: Any = frame.payload_view
             if eng.is_first:
                 x = np.frombuffer(x, dtype=np.int64)
-                check_token_ids(x, eng.spec.vocab_size)
-            start, end, _ = _step_io(cache).take()
-            self._on_device()  # in place of a device context per step (each torch call costs here)
-            start.record(self.compute_stream)
-            hs.mark("checked")
-            g = eng.graph_decoder().step_wire(cache, spec, pos, x)
-            if g is None:  # wire capture failed on this GPU: the staged path from now on
-                hs.end()
-                xt = decode_payload(h, frame.payload_view)
-                positions = torch.from_numpy(pos.copy()).view(h.batch, h.seq)
-                self.run_step(frame, xt, positions, queued_at)
-                return
-            hs.mark("replay")
+                if not one or not 0 <= int(x[0]) < eng.spec.vocab_size:
+                    check_token_ids(x, eng.spec.vocab_size)  # a batch, or the error for a bad id
+            armed = self._take_armed(sid, cache, spec)
+            if armed is not None and not self._fire(armed, pos, x, eng.is_first):
+                armed = None  # armed too long ago (released): launched as usual below
+            if armed is not None:  # enqueued already: the flag started it
+                g, start, end = armed.graph, armed.start, armed.end
+                cache.writes += 1
+                hs.mark("fired")
+            else:
+                start, end, _ = _step_io(cache).take()
+                self._on_device()  # in place of a device context per step (each torch call costs here)
+                start.record(self.compute_stream)
+                hs.mark("checked")
+                g = eng.graph_decoder().step_wire(cache, spec, pos, x)
+                if g is None:  # wire capture failed on this GPU: the staged path from now on
+                    hs.end()
+                    xt = decode_payload(h, frame.payload_view)
+                    positions = torch.from_numpy(pos.copy()).view(h.batch, h.seq)
+                    self.run_step(frame, xt, positions, queued_at)
+                    return
+                hs.mark("replay")
             pos_bytes = pos.tobytes()  # a copy: the frame buffer goes back to the pool now
             n_tok = int((pos >= 0).sum())
             frame.body.release()
             released = True
-            end.record(self.compute_stream)
+            if armed is None:
+                end.record(self.compute_stream)
             t_launched = time.perf_counter()
             wio, out, host = g.wire, g.out, g.wire.out_host
             if eng.is_last:
@@ -257,7 +284,7 @@ class GpuStepper:
         sess.steps += 1
         self._enqueue(
             _Pending(sid, step, h.batch, h.seq, queued_at, n_tok, pos_bytes, out, start, end, host,
-                     None, mode, h.flags, wio, t_run, t_launched)
+                     None, mode, h.flags, wio, t_run, t_launched, armed=armed)
         )  # fmt: skip
 
     def _step_error(self, frame: Frame, released: bool, sess: Any, e: Exception) -> None:
@@ -273,7 +300,15 @@ class GpuStepper:
         self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float, encoded: bool = False
     ) -> None:
         """``encoded``: ``x`` is the frame's codec payload as uint8 bytes, already checked against the
-        header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order."""
+        header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order. An
+        armed step is released first (this step must not queue behind its gate)."""
+        with self._arm_lock:
+            self.disarm()
+            self._run_step(frame, x, positions, queued_at, encoded)
+
+    def _run_step(
+        self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float, encoded: bool
+    ) -> None:
         t_run = time.perf_counter()
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
@@ -411,6 +446,8 @@ class GpuStepper:
             except Exception as e:
                 log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
                 self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
+            else:
+                self._arm_after(p)
             finally:
                 self._done += 1
             if self._done == self._put and self.w.busy_polling:
@@ -427,6 +464,11 @@ class GpuStepper:
             synced = True
             t_done = time.perf_counter()
             hs.mark("synced")
+            if p.armed is not None and self.arming is not None and self.arming.gave_up(p.armed):
+                raise RuntimeError(  # never seen: the host fires only within half the gate's limit
+                    "the armed decode step's gate gave up before its frame released it (the step ran "
+                    "as padding); retry the request, or run workers without --armed-graphs"
+                )
         except BaseException:
             hs.end()
             self._release_slot(p.staged_in, done=synced)
@@ -477,8 +519,11 @@ class GpuStepper:
         if p.mode in ("greedy", "sample"):
             sess = w.sessions.get(p.sid)
             if p.mode == "greedy":
-                assert p.host is not None
-                host = p.host.numpy()
+                # a wire graph's view made once (``.numpy()`` is a torch call: µs on a woken thread)
+                host = p.wire.out_ids if p.wire is not None and p.wire.out_ids is not None else None
+                if host is None:
+                    assert p.host is not None
+                    host = p.host.numpy()
                 if int(host[-1]):
                     raise ValueError(NON_FINITE)
                 # a copy: the pinned buffer is reused by the session's next step, which the ring

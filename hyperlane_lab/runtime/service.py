@@ -141,6 +141,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             busy_poll_blocked=sel.blocked if sel is not None else 0,
             pinned_buffers=self.w.pool.pinned_allocations,
             staged_reuses=self.w.staged_reuses(),
+            armed_fired=self.w.armed_counts()[0],
+            armed_released=self.w.armed_counts()[1],
         )
 
     # ------------------------------------------------------------------ blobs and shards
@@ -326,6 +328,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         for key in ("hidden_size", "intermediate_size", "vocab_size"):
             if cfg is not None and int(cfg.get(key, 0) or 0) > 1 << 20:
                 raise ValueError(f"model_config_json {key}={cfg[key]} is implausibly large")
+        self.w.disarm()  # profiling synchronizes the device
         res = await asyncio.to_thread(
             profile_device, self.w.device, cfg, request.dtype or "fp16", request.context or 512
         )

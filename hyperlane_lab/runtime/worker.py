@@ -113,6 +113,8 @@ class Worker(WorkerOutbox):
         self.fast_prompts = 0  # prompt steps enqueued on the loop thread
         # uploads into kept device buffers (GpuStepper, runtime/staging.py)
         self.staging_pool = _opt_in(config.staging_pool, "HYPERLANE_STAGING_POOL")
+        # a lone session's next decode step enqueued before its frame arrives (GpuStepper, models/decode_armed.py)
+        self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -281,9 +283,23 @@ class Worker(WorkerOutbox):
         with contextlib.suppress(RuntimeError):  # closed: the worker is shutting down
             loop.call_soon_threadsafe(_noop)
 
+    def disarm(self) -> None:
+        """Release an armed decode step (it runs as padding) before GPU work that does not go through the
+        step paths: an armed step holds the compute stream until its frame comes."""
+        gpu = self._gpu
+        if gpu is not None:
+            gpu.disarm()
+
+    def armed_counts(self) -> tuple[int, int]:
+        """(steps started by their flag, armed steps released as padding); (0, 0) unless armed graphs are on."""
+        arming = self._gpu.arming if self._gpu is not None else None
+        return (arming.fired, arming.released) if arming is not None else (0, 0)
+
     def _submit(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending."""
+        """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending. An armed
+        step is released first (counted before: the completion thread arms only while nothing is pending)."""
         self._submitted += 1
+        self.disarm()
 
         def task() -> Any:
             try:

@@ -51,6 +51,10 @@ class WorkerConfig:
     # instead of a new allocation per upload. None = ``HYPERLANE_STAGING_POOL`` (default off): experimental;
     # within noise of the default on 2 H200s (bench/gpu_notes.md, twelfth session)
     staging_pool: bool | None = None
+    # GPU workers: enqueue a session's next decode step behind a gate kernel before its frame arrives, while it
+    # is the worker's only session (models/decode_armed.py); the frame then only writes pinned inputs and a
+    # flag. None = ``HYPERLANE_ARMED_GRAPHS`` (default off): experimental
+    armed_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.cpus not in ("", "auto"):

@@ -1,0 +1,105 @@
+"""Armed decode steps: a session's next wire-mode graph enqueued before its frame arrives.
+
+A wire-mode decode graph (``decode_wire.py``) copies its inputs from pinned host memory itself, so it
+can be enqueued ahead of time behind a gate kernel (``kernels/armed_wait.py``) that holds the stream
+until the host writes a flag. When the frame comes, the host writes the graph's pinned inputs and the
+flag (numpy stores, no CUDA call), and the GPU starts the step at once: the launch (checks, an event
+record, ``graph.replay()``: 50-100 µs a hop on the lent H100/H200 hosts) is off the critical path.
+
+Rules (``GpuStepper`` keeps them): one armed step per stage at a time, only while the worker has one
+open session (an armed step holds the device's compute stream, so any other work waits behind it) and
+nothing else is in flight; anything else that needs the GPU releases it first (``release``: the inputs'
+positions become padding, so the graph runs as a no-op on the trash slot, then the flag). The host fires
+a step only within ``fire_window_s`` of arming it, half the gate's own limit, so the gate never gives up
+on a step that was fired; a step found armed for longer is released and launched as usual.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ArmedStep", "Arming", "GATE_LIMIT_S"]
+
+GATE_LIMIT_S = 2.0  # the gate kernel gives up after this long (a forgotten release costs at most this)
+
+
+@dataclass
+class ArmedStep:
+    sid: str
+    graph: Any  # the session cache's wire-mode _Graph (cuda_decode.py)
+    target: int  # the flag value that releases it
+    armed_at: float  # time.monotonic() when it was enqueued
+    start: torch.cuda.Event  # recorded after the gate: the step's GPU start
+    end: torch.cuda.Event  # recorded after the graph
+
+
+class Arming:
+    """The flag and status words of one device's gate (pinned int64 each) and its step counter."""
+
+    def __init__(self, limit_s: float = GATE_LIMIT_S) -> None:
+        if not 0 < limit_s <= 60:
+            raise ValueError(f"the gate's limit must be in (0, 60] s, got {limit_s}")
+        self.limit_s = limit_s
+        self.fire_window_s = limit_s / 2
+        pinned = torch.cuda.is_available()  # (plain host memory for the CPU tests of the rules)
+        self.flag = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
+        self.status = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
+        self._flag: Any = self.flag.numpy()
+        self._status: Any = self.status.numpy()
+        self.target = 0
+        self.fired = 0  # steps started by their flag
+        self.released = 0  # armed steps run as padding (another session, a prompt, a close, a late frame)
+
+    def arm(self, sid: str, graph: Any, start: torch.cuda.Event, end: torch.cuda.Event,
+            stream: torch.cuda.Stream) -> ArmedStep:  # fmt: skip
+        """Enqueue gate + ``graph`` on ``stream`` (the current stream of the calling thread, on the
+        graph's device). The graph's previous replay must have finished reading its inputs."""
+        from hyperlane_lab.codecs._kernels import kernel_module
+
+        self.target += 1
+        positions = graph.io_host[1]  # [B] pinned int64: the gate pads them if it gives up
+        gate = kernel_module("armed_wait").armed_wait
+        with torch.cuda.stream(stream):  # the gate and the graph on the compute stream
+            gate(self.flag, self.status, positions, self.target, int(self.limit_s * 1e9), timer=True)
+            try:
+                start.record(stream)
+                graph.graph.replay()
+                graph.staged.record(stream)  # the inputs are read once this passes (step_wire waits on it)
+                end.record(stream)
+            except BaseException:  # open the gate on padding: nothing may wait behind it
+                graph.io_np[1] = -1
+                self._flag[0] = self.target
+                raise
+        return ArmedStep(sid, graph, self.target, time.monotonic(), start, end)
+
+    def fire(self, a: ArmedStep, pos: np.ndarray, x: Any, first: bool) -> bool:
+        """Write the step's inputs (``pos`` int64 [B]; ``x``: ids [B] on the first stage, else the
+        frame's payload) into the armed graph's pinned buffers, then the flag. False (nothing
+        written) when the step was armed longer than ``fire_window_s`` ago: release it and launch."""
+        if time.monotonic() - a.armed_at > self.fire_window_s:
+            return False
+        g = a.graph
+        g.io_np[1] = pos
+        if first:
+            g.io_np[0] = x
+        else:
+            g.wire.put(x)
+        self._flag[0] = a.target  # last: x86 keeps the stores above ordered before it
+        self.fired += 1
+        return True
+
+    def release(self, a: ArmedStep) -> None:
+        """Let an armed step run as a no-op: padding positions (K/V writes to the trash slot), then
+        the flag. Its result buffers are overwritten; nothing reads them."""
+        a.graph.io_np[1] = -1
+        self._flag[0] = a.target
+        self.released += 1
+
+    def gave_up(self, a: ArmedStep) -> bool:
+        """After ``a.end`` passed: the gate ended by its limit, not by the flag (the step ran as padding)."""
+        return int(self._status[0]) == -a.target

@@ -1,0 +1,128 @@
+"""Armed decode steps for the GPU step path (``GpuStepper``, ``gpu_steps.py``): when to arm a session's next
+wire-mode step, fire it from its frame, or release it (the mechanism is ``models/decode_armed.py``).
+
+Rules: the completion thread arms after shipping a wire step when the worker has exactly one session, that
+step was the only one in flight, the compute thread is idle and the session's graph is the one that ran it
+(and, on a token-loop last stage, a next step exists). ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming
+against every launch (``run_wire``, ``run_step``); the completion thread only tries the lock, so it never waits
+behind a prompt. Anything that is not the armed session's next wire step releases it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hyperlane_lab.models.decode_armed import ArmedStep, Arming
+from hyperlane_lab.models.decode_wire import WireSpec
+
+if TYPE_CHECKING:
+    from hyperlane_lab.runtime.gpu_steps import _Pending
+    from hyperlane_lab.runtime.worker import Worker
+
+__all__ = ["ArmedSteps"]
+
+log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
+
+
+class ArmedSteps:
+    """Mixed into ``GpuStepper``: its armed step (at most one) and the rules above."""
+
+    w: Worker
+    device: torch.device
+    compute_stream: torch.cuda.Stream
+    arming: Arming | None
+    _arm_lock: threading.RLock
+    _armed: ArmedStep | None
+    _put: int
+    _done: int
+
+    def _on_device(self) -> None:  # GpuStepper's
+        raise NotImplementedError
+
+    def disarm(self) -> None:
+        """Release the armed step, if any (it runs as padding): call before any other GPU work of this
+        worker that does not go through ``run_wire``/``run_step``, which release it themselves."""
+        if self._armed is None:
+            return
+        with self._arm_lock:
+            a, self._armed = self._armed, None
+            if a is not None and self.arming is not None:
+                self.arming.release(a)
+
+    def _take_armed(self, sid: str, cache: Any, spec: WireSpec) -> ArmedStep | None:
+        """(Lock held.) The armed step if it is this session's next wire step with ``spec``; else
+        release it (None)."""
+        a = self._armed
+        if a is None or self.arming is None:
+            return None
+        self._armed = None
+        g = cache.graph
+        if a.sid == sid and g is a.graph and g.wire is not None and g.wire.spec == spec:
+            return a
+        self.arming.release(a)
+        return None
+
+    def _fire(self, a: ArmedStep, pos: np.ndarray, x: Any, first: bool) -> bool:
+        """(Lock held.) Start the armed step with these inputs; False (and released) when it is too old."""
+        arming = self.arming
+        assert arming is not None
+        if arming.fire(a, pos, x, first):
+            return True
+        arming.release(a)
+        return False
+
+    def _arm_after(self, p: _Pending) -> None:
+        try:
+            self._maybe_arm(p)
+        except Exception as e:  # e.g. the gate kernel cannot run here: launch every step as before
+            log.warning("stage %d: cannot arm decode steps on %s (%s); launching them on arrival",
+                        self.w.stage_index, self.device, e)  # fmt: skip
+            self.arming = None
+
+    def _maybe_arm(self, p: _Pending) -> None:
+        """(Completion thread, after step ``p`` was shipped.) Arm the session's next wire step when it
+        is the worker's only session, its graph is the one that ran ``p`` and nothing else is in flight."""
+        w, arming = self.w, self.arming
+        if arming is None or p.wire is None or len(w.sessions) != 1:
+            return
+        sess = w.sessions.get(p.sid)
+        eng = w.engine
+        if sess is None or sess.error or eng is None:
+            return
+        if sess.ring is not None and p.step + 1 >= sess.ring[1]:
+            return  # the token loop's last step: no frame follows
+        try:
+            cache = eng.session(p.sid)
+        except KeyError:  # closed meanwhile
+            return
+        g = cache.graph
+        if g is None or g.wire is not p.wire or g.staged is None or not self._may_arm(p.sid, sess):
+            return
+        if not self._arm_lock.acquire(blocking=False):  # a launch is under way: it would release it anyway
+            return
+        try:  # re-checked under the lock: a launch or a compute task may have begun meanwhile
+            if not self._may_arm(p.sid, sess):
+                return
+            from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
+
+            start, end, _ = _step_io(cache).take()
+            self._on_device()
+            self._armed = arming.arm(p.sid, g, start, end, self.compute_stream)
+        finally:
+            self._arm_lock.release()
+
+    def _may_arm(self, sid: str, sess: Any) -> bool:
+        """Nothing armed, this step the only one in flight, the compute thread idle, ``sess`` the only session."""
+        w = self.w
+        return (
+            self._armed is None
+            and self._put == self._done + 1
+            and w._submitted == w._finished
+            and len(w.sessions) == 1
+            and w.sessions.get(sid) is sess
+        )

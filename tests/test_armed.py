@@ -1,0 +1,220 @@
+"""Armed decode steps on the CPU: the pinned-word protocol (``decode_armed.Arming``) and the GPU stepper's
+rules for when a step is armed, fired or released, with stand-ins for the GPU parts. The gate kernel is
+tested in ``tests/test_kernels.py`` (interpreter and GPU); workers with armed steps in
+``tests/test_gpu_wire.py``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from hyperlane_lab.generation.sampling import Sampler, SamplingParams
+from hyperlane_lab.models.decode_armed import ArmedStep, Arming
+from hyperlane_lab.runtime.gpu_steps import GpuStepper, _Pending, _StepIO
+from hyperlane_lab.runtime.worker import _Session
+
+
+class _Wire:
+    def __init__(self, n: int) -> None:
+        self.in_np = np.zeros(n, dtype=np.uint8)
+        self.spec = object()
+
+    def put(self, payload: Any) -> None:
+        np.copyto(self.in_np, np.frombuffer(payload, dtype=np.uint8))
+
+
+class _Graph:
+    """The fields of cuda_decode._Graph the armed path uses."""
+
+    def __init__(self, batch: int = 2, nbytes: int = 8) -> None:
+        self.io_host = torch.zeros((2, batch), dtype=torch.int64)
+        self.io_np = self.io_host.numpy()
+        self.wire: Any = _Wire(nbytes)
+        self.staged = object()
+
+
+def _armed(arming: Arming, g: _Graph, sid: str = "s") -> ArmedStep:
+    arming.target += 1
+    return ArmedStep(sid, g, arming.target, __import__("time").monotonic(), None, None)  # type: ignore[arg-type]
+
+
+def test_fire_writes_the_inputs_then_the_flag_and_release_pads():
+    arming, g = Arming(), _Graph()
+    a = _armed(arming, g)
+    assert arming.fire(a, np.array([5, -1]), b"\x01" * 8, first=False)
+    assert g.io_np[1].tolist() == [5, -1] and g.wire.in_np.tolist() == [1] * 8
+    assert int(arming.flag[0]) == a.target and arming.fired == 1
+    b = _armed(arming, g)
+    assert arming.fire(b, np.array([6, 7]), np.array([11, 12]), first=True)
+    assert g.io_np.tolist() == [[11, 12], [6, 7]]
+    c = _armed(arming, g)
+    arming.release(c)  # the graph then runs on padding: its K/V writes go to the trash slot
+    assert g.io_np[1].tolist() == [-1, -1] and int(arming.flag[0]) == c.target and arming.released == 1
+    arming.status[0] = -c.target
+    assert arming.gave_up(c)
+    arming.status[0] = c.target
+    assert not arming.gave_up(c)
+
+
+def test_a_step_armed_too_long_ago_is_not_fired(monkeypatch):
+    """The host fires only within half the gate's limit of arming, so the gate never gives up on a fired step."""
+    import hyperlane_lab.models.decode_armed as da
+
+    arming, g = Arming(limit_s=2.0), _Graph()
+    a = _armed(arming, g)
+    now = a.armed_at
+    monkeypatch.setattr(da.time, "monotonic", lambda: now + 1.01)
+    assert not arming.fire(a, np.array([5, 6]), b"\x02" * 8, first=False)
+    assert g.io_np[1].tolist() == [0, 0] and int(arming.flag[0]) == 0  # nothing written
+    with pytest.raises(ValueError, match="limit"):
+        Arming(limit_s=0)
+
+
+# ---------------------------------------------------------------------------- the stepper's rules
+
+
+class _FakeArming(Arming):
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed_graphs: list[Any] = []
+        self.fail = False
+
+    def arm(self, sid, graph, start, end, stream):  # type: ignore[no-untyped-def,override]
+        if self.fail:
+            raise RuntimeError("no gate here")
+        self.armed_graphs.append(graph)
+        self.target += 1
+        return ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end)
+
+
+class _Cache:
+    def __init__(self, g: _Graph) -> None:
+        self.graph = g
+        self.writes = 0
+        self.step_io = _StepIO(((object(), object(), object()), (object(), object(), object())), {})  # type: ignore[arg-type]
+
+
+class _Engine:
+    def __init__(self, caches: dict[str, _Cache]) -> None:
+        self.caches = caches
+
+    def session(self, sid: str) -> _Cache:
+        return self.caches[sid]
+
+
+class _W:
+    def __init__(self, sessions: dict[str, _Session], engine: _Engine) -> None:
+        self.sessions, self.engine = sessions, engine
+        self._submitted = self._finished = 0
+        self.stage_index = 0
+
+
+def _stepper(
+    n_sessions: int = 1, ring: tuple[str, int, frozenset[int]] | None = None
+) -> tuple[GpuStepper, Any]:
+    sess = {f"s{i}": _Session(1, 64, Sampler(SamplingParams()), "c:1", ring=ring) for i in range(n_sessions)}
+    caches = {sid: _Cache(_Graph(batch=1)) for sid in sess}
+    st = object.__new__(GpuStepper)
+    st.w = _W(sess, _Engine(caches))  # type: ignore[assignment]
+    st.arming = _FakeArming()
+    st._arm_lock = threading.RLock()
+    st._armed = None
+    st._put, st._done = 1, 0  # the step being completed is the only one in flight
+    st.compute_stream = None  # type: ignore[assignment]
+    st.device = torch.device("cpu")
+    st._on_device = lambda: None  # type: ignore[method-assign]
+    return st, caches
+
+
+def _done_step(caches: dict[str, _Cache], sid: str = "s0", step: int = 3) -> _Pending:
+    g = caches[sid].graph
+    return _Pending(sid, step, 1, 1, 0.0, 1, b"", None, None, None, None, None, "hidden", wire=g.wire)  # type: ignore[arg-type]
+
+
+def test_a_lone_sessions_next_step_is_armed_and_fired_by_its_own_frame():
+    st, caches = _stepper()
+    st._arm_after(_done_step(caches))
+    a = st._armed
+    assert a is not None and a.graph is caches["s0"].graph and st.arming.armed_graphs == [a.graph]
+    g = caches["s0"].graph
+    assert st._take_armed("s0", caches["s0"], g.wire.spec) is a and st._armed is None
+    assert st._fire(a, np.array([4]), np.array([9]), first=True) and g.io_np[:, 0].tolist() == [9, 4]
+
+
+@pytest.mark.parametrize(
+    "why", ["two_sessions", "compute_busy", "another_step", "ring_done", "other_graph", "armed", "closed"]
+)
+def test_no_step_is_armed_unless_the_session_is_alone_and_nothing_else_is_in_flight(why):
+    st, caches = _stepper(2 if why == "two_sessions" else 1, ring=("f:1", 4, frozenset()))
+    p = _done_step(caches, step=3 if why == "ring_done" else 2)  # the ring's budget is 4 steps
+    if why == "compute_busy":
+        st.w._submitted = 1  # a compute-thread task (open/close session, a staged step) is pending
+    elif why == "another_step":
+        st._put = 2
+    elif why == "other_graph":
+        caches["s0"].graph = _Graph()  # recaptured since (another spec): not the graph that ran p
+    elif why == "armed":
+        st._armed = ArmedStep("x", _Graph(), 1, 0.0, None, None)  # type: ignore[arg-type]
+    elif why == "closed":
+        del st.w.sessions["s0"]
+    before = st._armed
+    st._arm_after(p)
+    assert st._armed is before and st.arming.armed_graphs == []
+
+
+@pytest.mark.parametrize("what", ["other_session", "other_spec", "disarm"])
+def test_anything_else_releases_the_armed_step(what):
+    """Another session's frame, a frame whose wire spec changed, or ``disarm`` (a prompt, a compute task, a
+    reload) releases the armed step: padding positions, then the flag."""
+    st, caches = _stepper(2)
+    g = caches["s0"].graph
+    g.io_np[1] = 7
+    st._armed = a = ArmedStep("s0", g, 5, 0.0, None, None)  # type: ignore[arg-type]
+    if what == "disarm":
+        st.disarm()
+    else:
+        sid, spec = ("s1", caches["s1"].graph.wire.spec) if what == "other_session" else ("s0", object())
+        assert st._take_armed(sid, caches[sid], spec) is None
+    assert st._armed is None and g.io_np[1].tolist() == [-1] and int(st.arming.flag[0]) == a.target
+    assert st.arming.released == 1
+
+
+def test_an_arming_failure_turns_arming_off_for_the_worker():
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
+    logger.addHandler(handler)
+    try:
+        st, caches = _stepper()
+        st.arming.fail = True
+        st._arm_after(_done_step(caches))
+    finally:
+        logger.removeHandler(handler)
+    assert st.arming is None and st._armed is None and any("cannot arm" in m for m in seen)
+
+
+def test_a_worker_task_releases_the_armed_step_first(tmp_path):
+    """``Worker._submit`` (open/close session, staged steps, captures on the compute thread) disarms."""
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path), armed_graphs=True))
+    assert w.armed_graphs and w.armed_counts() == (0, 0)
+    calls: list[str] = []
+
+    class _Gpu:
+        arming = None
+
+        def disarm(self) -> None:
+            calls.append("disarm")
+
+    w._gpu = _Gpu()  # type: ignore[assignment]
+    assert w._submit(lambda: calls.append("task")).result(timeout=10) is None
+    assert calls == ["disarm", "task"]
+    w._compute.shutdown(wait=True)
