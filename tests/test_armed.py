@@ -54,22 +54,30 @@ def test_fire_writes_the_inputs_then_the_flag_and_release_pads():
     c = _armed(arming, g)
     arming.release(c)  # the graph then runs on padding: its K/V writes go to the trash slot
     assert g.io_np[1].tolist() == [-1, -1] and int(arming.flag[0]) == c.target and arming.released == 1
-    arming.status[0] = -c.target
-    assert arming.gave_up(c)
-    arming.status[0] = c.target
-    assert not arming.gave_up(c)
+    assert arming.gave_up == 0
+    arming.status[0] = -c.target  # the gate's word when it ended by its limit
+    assert arming.gave_up_on(c)
+    d = _armed(arming, g)
+    arming.status[0] = -d.target
+    arming.release(d)  # released after its gate gave up: counted (Health's armed_gave_up)
+    assert arming.released == 2 and arming.gave_up == 1
+    arming.status[0] = d.target
+    assert not arming.gave_up_on(d)
 
 
-def test_a_step_armed_too_long_ago_is_not_fired(monkeypatch):
+def test_a_step_armed_too_long_ago_is_not_fired():
     """The host fires only within half the gate's limit of arming, so the gate never gives up on a fired step."""
-    import hyperlane_lab.models.decode_armed as da
-
-    arming, g = Arming(limit_s=2.0), _Graph()
-    a = _armed(arming, g)
-    now = a.armed_at
-    monkeypatch.setattr(da.time, "monotonic", lambda: now + 1.01)
-    assert not arming.fire(a, np.array([5, 6]), b"\x02" * 8, first=False)
-    assert g.io_np[1].tolist() == [0, 0] and int(arming.flag[0]) == 0  # nothing written
+    now = [100.0]
+    arming, g = Arming(limit_s=2.0, clock=lambda: now[0]), _Graph()
+    arming.target += 1
+    a = ArmedStep("s", g, arming.target, now[0], None, None)  # type: ignore[arg-type]
+    now[0] += 0.99
+    assert arming.fire(a, np.array([1, 2]), b"\x03" * 8, first=False)  # within the window
+    arming.target += 1
+    b = ArmedStep("s", g, arming.target, now[0], None, None)  # type: ignore[arg-type]
+    now[0] += 1.01
+    assert not arming.fire(b, np.array([5, 6]), b"\x02" * 8, first=False)
+    assert g.io_np[1].tolist() == [1, 2] and int(arming.flag[0]) == a.target  # nothing written for b
     with pytest.raises(ValueError, match="limit"):
         Arming(limit_s=0)
 
@@ -82,10 +90,18 @@ class _FakeArming(Arming):
         super().__init__()
         self.armed_graphs: list[Any] = []
         self.fail = False
+        self.slow: Any = None  # (started, go) events: arm waits for go after signalling started
+
+    def warm(self, batch: int) -> None:
+        pass
 
     def arm(self, sid, graph, start, end, stream):  # type: ignore[no-untyped-def,override]
         if self.fail:
             raise RuntimeError("no gate here")
+        if self.slow is not None:
+            started, go = self.slow
+            started.set()
+            assert go.wait(10)
         self.armed_graphs.append(graph)
         self.target += 1
         return ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end)
@@ -110,6 +126,7 @@ class _W:
     def __init__(self, sessions: dict[str, _Session], engine: _Engine) -> None:
         self.sessions, self.engine = sessions, engine
         self._submitted = self._finished = 0
+        self.gpu_users = 0
         self.stage_index = 0
 
 
@@ -146,8 +163,10 @@ def test_a_lone_sessions_next_step_is_armed_and_fired_by_its_own_frame():
 
 
 @pytest.mark.parametrize(
-    "why", ["two_sessions", "compute_busy", "another_step", "ring_done", "other_graph", "armed", "closed"]
-)
+    "why",
+    ["two_sessions", "compute_busy", "another_step", "ring_done", "ring_eos", "other_graph", "armed", "closed",
+     "failed", "profiling"],
+)  # fmt: skip
 def test_no_step_is_armed_unless_the_session_is_alone_and_nothing_else_is_in_flight(why):
     st, caches = _stepper(2 if why == "two_sessions" else 1, ring=("f:1", 4, frozenset()))
     p = _done_step(caches, step=3 if why == "ring_done" else 2)  # the ring's budget is 4 steps
@@ -161,6 +180,12 @@ def test_no_step_is_armed_unless_the_session_is_alone_and_nothing_else_is_in_fli
         st._armed = ArmedStep("x", _Graph(), 1, 0.0, None, None)  # type: ignore[arg-type]
     elif why == "closed":
         del st.w.sessions["s0"]
+    elif why == "ring_eos":
+        p.final = True  # the ship's ring frame found every row done (EOS): no next step
+    elif why == "failed":
+        st.w.sessions["s0"].error = "stage 0: a bad frame"
+    elif why == "profiling":
+        st.w.gpu_users = 1  # Profile runs on another thread and synchronizes the device
     before = st._armed
     st._arm_after(p)
     assert st._armed is before and st.arming.armed_graphs == []
@@ -205,7 +230,7 @@ def test_a_worker_task_releases_the_armed_step_first(tmp_path):
     from hyperlane_lab.runtime.worker import Worker, WorkerConfig
 
     w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path), armed_graphs=True))
-    assert w.armed_graphs and w.armed_counts() == (0, 0)
+    assert w.armed_graphs and w.armed_counts() == (0, 0, 0)
     calls: list[str] = []
 
     class _Gpu:
@@ -218,3 +243,20 @@ def test_a_worker_task_releases_the_armed_step_first(tmp_path):
     assert w._submit(lambda: calls.append("task")).result(timeout=10) is None
     assert calls == ["disarm", "task"]
     w._compute.shutdown(wait=True)
+
+
+def test_a_task_counted_while_an_arm_is_under_way_releases_it():
+    """The race a review found: the completion thread passed its checks and is arming when the loop thread
+    counts a compute task (a close) and disarms. ``disarm`` waits for the arm and releases it: nothing stays
+    armed behind the task."""
+    st, caches = _stepper()
+    started, go = threading.Event(), threading.Event()
+    st.arming.slow = (started, go)
+    t = threading.Thread(target=st._arm_after, args=(_done_step(caches),))
+    t.start()
+    assert started.wait(10)  # inside arm(), the lock held, _armed not yet set
+    st.w._submitted += 1  # Worker._submit: count the task, then disarm
+    threading.Timer(0.05, go.set).start()
+    st.disarm()  # blocks until the arm is done, then releases it
+    t.join(10)
+    assert st._armed is None and st.arming.released == 1 and len(st.arming.armed_graphs) == 1

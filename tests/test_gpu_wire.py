@@ -333,13 +333,13 @@ def test_armed_steps_equal_launched_steps_and_a_release_changes_nothing(codec):
                     a = arming.arm("armed", cache.graph, *events(), stream)
                     arming.release(a)
                     torch.cuda.synchronize()
-                    assert not arming.gave_up(a)
+                    assert not arming.gave_up_on(a)
                 a = arming.arm("armed", cache.graph, *events(), stream)
                 time.sleep(0.005)
                 assert not a.end.query()  # held by the gate
                 assert arming.fire(a, pos_np, pay_a, first=i == 0)
                 a.end.synchronize()
-                assert not arming.gave_up(a) and a.start.elapsed_time(a.end) > 0
+                assert not arming.gave_up_on(a) and a.start.elapsed_time(a.end) > 0
             torch.cuda.synchronize()
             pay_a = bytes(cache.graph.wire.payload())
             assert pay_a == pay_l, f"step {t}, stage {i}"
@@ -385,4 +385,5 @@ def test_armed_graphs_gpu_workers_match_the_probe(tmp_path, compression):
         after = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert all(a.armed_fired > h.armed_fired for a, h in zip(after, health)), after
         assert sum(h.armed_released for h in after) > 0  # closes and side-by-side sessions released some
+        assert all(h.armed_gave_up == 0 for h in after), after  # every armed step was fired or released
         assert all(cluster.alive)

@@ -16,16 +16,24 @@ on a step that was fired; a step found armed for longer is released and launched
 
 from __future__ import annotations
 
+import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ArmedStep", "Arming", "GATE_LIMIT_S"]
+__all__ = ["ArmedStep", "Arming", "GATE_LIMIT_S", "host_orders_stores"]
 
 GATE_LIMIT_S = 2.0  # the gate kernel gives up after this long (a forgotten release costs at most this)
+
+
+def host_orders_stores() -> bool:
+    """The protocol writes the inputs, then the flag, with plain stores: only hosts whose CPUs keep stores in
+    program order (x86-64) may arm; elsewhere (e.g. aarch64) the flag could be seen before the inputs."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 @dataclass
@@ -41,7 +49,7 @@ class ArmedStep:
 class Arming:
     """The flag and status words of one device's gate (pinned int64 each) and its step counter."""
 
-    def __init__(self, limit_s: float = GATE_LIMIT_S) -> None:
+    def __init__(self, limit_s: float = GATE_LIMIT_S, clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 < limit_s <= 60:
             raise ValueError(f"the gate's limit must be in (0, 60] s, got {limit_s}")
         self.limit_s = limit_s
@@ -54,6 +62,26 @@ class Arming:
         self.target = 0
         self.fired = 0  # steps started by their flag
         self.released = 0  # armed steps run as padding (another session, a prompt, a close, a late frame)
+        self.gave_up = 0  # ... of which the gate had already given up (no frame or release within its limit)
+        self._clock = clock
+        self._warm: set[int] = set()  # gate blocks compiled (one per power-of-two batch)
+        self._dummy: tuple[torch.Tensor, ...] = ()
+
+    def warm(self, batch: int) -> None:
+        """Compile the gate for ``batch`` rows once (a released gate on words of its own, on the current
+        stream), so that arming does not compile while the stepper's lock is held."""
+        from hyperlane_lab.codecs._kernels import kernel_module
+
+        block = 1 << max(0, batch - 1).bit_length()
+        if block in self._warm:
+            return
+        pinned = torch.cuda.is_available()
+        flag = torch.ones(1, dtype=torch.int64, pin_memory=pinned)
+        status = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
+        pos = torch.zeros(batch, dtype=torch.int64, pin_memory=pinned)
+        kernel_module("armed_wait").armed_wait(flag, status, pos, 1, 1, timer=True)
+        self._dummy += (flag, status, pos)  # alive until the gate has run (for good: they are tiny)
+        self._warm.add(block)
 
     def arm(self, sid: str, graph: Any, start: torch.cuda.Event, end: torch.cuda.Event,
             stream: torch.cuda.Stream) -> ArmedStep:  # fmt: skip
@@ -75,13 +103,13 @@ class Arming:
                 graph.io_np[1] = -1
                 self._flag[0] = self.target
                 raise
-        return ArmedStep(sid, graph, self.target, time.monotonic(), start, end)
+        return ArmedStep(sid, graph, self.target, self._clock(), start, end)
 
     def fire(self, a: ArmedStep, pos: np.ndarray, x: Any, first: bool) -> bool:
         """Write the step's inputs (``pos`` int64 [B]; ``x``: ids [B] on the first stage, else the
         frame's payload) into the armed graph's pinned buffers, then the flag. False (nothing
         written) when the step was armed longer than ``fire_window_s`` ago: release it and launch."""
-        if time.monotonic() - a.armed_at > self.fire_window_s:
+        if self._clock() - a.armed_at > self.fire_window_s:
             return False
         g = a.graph
         g.io_np[1] = pos
@@ -99,7 +127,9 @@ class Arming:
         a.graph.io_np[1] = -1
         self._flag[0] = a.target
         self.released += 1
+        self.gave_up += self.gave_up_on(a)
 
-    def gave_up(self, a: ArmedStep) -> bool:
-        """After ``a.end`` passed: the gate ended by its limit, not by the flag (the step ran as padding)."""
+    def gave_up_on(self, a: ArmedStep) -> bool:
+        """The gate of ``a`` ended by its limit, not by the flag (the step ran as padding). Final once
+        ``a.end`` passed; before that, False means "not yet"."""
         return int(self._status[0]) == -a.target

@@ -22,7 +22,7 @@ from hyperlane_lab.models.decode_wire import WireSpec
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.gpu_steps import _Pending
-    from hyperlane_lab.runtime.worker import Worker
+    from hyperlane_lab.runtime.worker import Worker, _Session
 
 __all__ = ["ArmedSteps"]
 
@@ -46,9 +46,9 @@ class ArmedSteps:
 
     def disarm(self) -> None:
         """Release the armed step, if any (it runs as padding): call before any other GPU work of this
-        worker that does not go through ``run_wire``/``run_step``, which release it themselves."""
-        if self._armed is None:
-            return
+        worker that does not go through ``run_wire``/``run_step``, which release it themselves. Always
+        takes the lock: an arm under way (its checks passed before the caller counted its work) finishes
+        first and is released here."""
         with self._arm_lock:
             a, self._armed = self._armed, None
             if a is not None and self.arming is not None:
@@ -94,35 +94,40 @@ class ArmedSteps:
         eng = w.engine
         if sess is None or sess.error or eng is None:
             return
-        if sess.ring is not None and p.step + 1 >= sess.ring[1]:
-            return  # the token loop's last step: no frame follows
+        if p.final or (sess.ring is not None and p.step + 1 >= sess.ring[1]):
+            return  # the token loop ended here (its budget, or every row sampled EOS): no frame follows
         try:
             cache = eng.session(p.sid)
         except KeyError:  # closed meanwhile
             return
         g = cache.graph
-        if g is None or g.wire is not p.wire or g.staged is None or not self._may_arm(p.sid, sess):
+        if g is None or g.wire is not p.wire or g.staged is None or not self._may_arm(p.sid, sess, cache, g):
             return
+        self._on_device()  # (the gate runs on the current device)
+        arming.warm(p.batch)  # the gate's first compile for this batch: not while holding the lock
         if not self._arm_lock.acquire(blocking=False):  # a launch is under way: it would release it anyway
             return
-        try:  # re-checked under the lock: a launch or a compute task may have begun meanwhile
-            if not self._may_arm(p.sid, sess):
+        try:  # re-checked under the lock: a launch, a failed step or a compute task may have begun meanwhile
+            if not self._may_arm(p.sid, sess, cache, g):
                 return
             from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
 
             start, end, _ = _step_io(cache).take()
-            self._on_device()
             self._armed = arming.arm(p.sid, g, start, end, self.compute_stream)
         finally:
             self._arm_lock.release()
 
-    def _may_arm(self, sid: str, sess: Any) -> bool:
-        """Nothing armed, this step the only one in flight, the compute thread idle, ``sess`` the only session."""
+    def _may_arm(self, sid: str, sess: _Session, cache: Any, g: Any) -> bool:
+        """Nothing armed, this step the only one in flight, the compute thread idle and no other GPU user
+        (Profile), ``sess`` the only session and not failed, ``g`` still its cache's graph."""
         w = self.w
-        return (
+        return bool(
             self._armed is None
             and self._put == self._done + 1
             and w._submitted == w._finished
+            and not w.gpu_users
             and len(w.sessions) == 1
             and w.sessions.get(sid) is sess
+            and not sess.error
+            and cache.graph is g
         )

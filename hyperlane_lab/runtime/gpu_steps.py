@@ -36,7 +36,7 @@ from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
-from hyperlane_lab.models.decode_armed import ArmedStep, Arming
+from hyperlane_lab.models.decode_armed import ArmedStep, Arming, host_orders_stores
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
@@ -84,6 +84,7 @@ class _Pending:
     t_launched: float = 0.0  # host clock when its GPU work was enqueued (the "launch" event ends here)
     staged_in: torch.Tensor | None = None  # the StagingPool buffer of its input, given back when done
     armed: ArmedStep | None = None  # started by its flag (decode_armed.py): check the gate did not give up
+    final: bool = False  # the token loop ended with this step (set by the ship): arm nothing after it
 
 
 _Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, end (compute), done (copy)
@@ -141,7 +142,12 @@ class GpuStepper(ArmedSteps):
         # armed decode steps (decode_armed.py): a session's next wire step enqueued behind a gate while
         # it is the worker's only session. The lock orders arming (completion thread) against every
         # launch (loop or compute thread): nothing is enqueued behind a gate that no frame will open
-        self.arming = Arming() if getattr(worker, "armed_graphs", False) else None
+        self.arming = None
+        if getattr(worker, "armed_graphs", False):
+            if host_orders_stores():
+                self.arming = Arming()
+            else:
+                log.warning("armed decode steps need an x86-64 host (ordered stores); launching on arrival")
         self._arm_lock = threading.RLock()
         self._armed: ArmedStep | None = None
         # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
@@ -464,7 +470,7 @@ class GpuStepper(ArmedSteps):
             synced = True
             t_done = time.perf_counter()
             hs.mark("synced")
-            if p.armed is not None and self.arming is not None and self.arming.gave_up(p.armed):
+            if p.armed is not None and self.arming is not None and self.arming.gave_up_on(p.armed):
                 raise RuntimeError(  # never seen: the host fires only within half the gate's limit
                     "the armed decode step's gate gave up before its frame released it (the step ran "
                     "as padding); retry the request, or run workers without --armed-graphs"
@@ -539,7 +545,8 @@ class GpuStepper(ArmedSteps):
             if sess is None:
                 return None
             t2 = time.perf_counter()
-            w.ring_next(sess, p.sid, p.step, ids, p.pos_bytes)  # the next step first: critical path
+            # the next step first: critical path. No next step (budget, EOS): nothing to arm for it
+            p.final = not w.ring_next(sess, p.sid, p.step, ids, p.pos_bytes)
             payload = [ids.data.cast("B")]
             header = FrameHeader(
                 FrameKind.TOKENS,

@@ -141,21 +141,22 @@ class WorkerOutbox:
 
     def ring_next(
         self, sess: _Session, sid: str, step: int, ids: torch.Tensor | np.ndarray, pos_bytes: bytes
-    ) -> None:
+    ) -> bool:
         """Server-side token loop: feed step ``step``'s sampled ``ids`` [B] (int64, host) to the first stage as
         step ``step + 1`` (call after the TOKENS frame went to the client). Each row's next position
         is its last position + 1; a row that sampled an EOS id, or was padding, becomes padding
-        (-1). Stops after the session's token budget or when every row is padding."""
+        (-1). Stops after the session's token budget or when every row is padding. Returns False when
+        the loop ended here (no next step will come from it), True otherwise (or without a loop)."""
         if sess.ring is None:
-            return
+            return True
         address, budget, eos = sess.ring
         if step + 1 >= budget:
-            return
+            return False
         batch = sess.batch
         ids_np = ids if isinstance(ids, np.ndarray) else ids.numpy()
         nxt = ring_frame(batch, pos_bytes, ids_np.reshape(batch), eos)
         if nxt is None:  # every row sampled EOS (or was padding): the client knows it is done
-            return
+            return False
         top, pos_out, ids_out = nxt
         fail = ""
         if top >= sess.max_len:  # the budget should have stopped first: tell the client
@@ -170,6 +171,8 @@ class WorkerOutbox:
         if fail:  # the client waits for the next step: an error frame instead, never silence
             log.error("stage %d: session %s step %d: %s", self.stage_index, sid[:8], step, fail)
             self._call_soon(self._forward_error, sid, step + 1, f"stage {self.stage_index}: {fail}")
+            return False
+        return True
 
     def _forward_error(self, sid: str, step: int, message: str) -> None:
         sess = self.sessions.get(sid)

@@ -132,6 +132,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     @_guard
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         sel = self.w.selector
+        armed = self.w.armed_counts()
         return pb.HealthReply(
             ok=True,
             worker_time_s=time.perf_counter(),
@@ -141,8 +142,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             busy_poll_blocked=sel.blocked if sel is not None else 0,
             pinned_buffers=self.w.pool.pinned_allocations,
             staged_reuses=self.w.staged_reuses(),
-            armed_fired=self.w.armed_counts()[0],
-            armed_released=self.w.armed_counts()[1],
+            armed_fired=armed[0],
+            armed_released=armed[1],
+            armed_gave_up=armed[2],
         )
 
     # ------------------------------------------------------------------ blobs and shards
@@ -328,10 +330,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         for key in ("hidden_size", "intermediate_size", "vocab_size"):
             if cfg is not None and int(cfg.get(key, 0) or 0) > 1 << 20:
                 raise ValueError(f"model_config_json {key}={cfg[key]} is implausibly large")
-        self.w.disarm()  # profiling synchronizes the device
-        res = await asyncio.to_thread(
-            profile_device, self.w.device, cfg, request.dtype or "fp16", request.context or 512
-        )
+        self.w.gpu_users += 1  # profiling synchronizes the device: no step may wait armed meanwhile
+        try:
+            self.w.disarm()
+            res = await asyncio.to_thread(
+                profile_device, self.w.device, cfg, request.dtype or "fp16", request.context or 512
+            )
+        finally:
+            self.w.gpu_users -= 1
         self.w.profile.update({"flops": res["flops"], "mem_bw": res["mem_bw"]})
         self.w.changed()
         return pb.ProfileReply(device=str(self.w.device), **{k: v for k, v in res.items() if k != "device"})

@@ -115,6 +115,8 @@ class Worker(WorkerOutbox):
         self.staging_pool = _opt_in(config.staging_pool, "HYPERLANE_STAGING_POOL")
         # a lone session's next decode step enqueued before its frame arrives (GpuStepper, models/decode_armed.py)
         self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
+        # GPU work outside the step paths and the compute thread (Profile): nothing is armed while > 0
+        self.gpu_users = 0
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -290,10 +292,11 @@ class Worker(WorkerOutbox):
         if gpu is not None:
             gpu.disarm()
 
-    def armed_counts(self) -> tuple[int, int]:
-        """(steps started by their flag, armed steps released as padding); (0, 0) unless armed graphs are on."""
+    def armed_counts(self) -> tuple[int, int, int]:
+        """(steps started by their flag, armed steps released as padding, of which the gate had given up);
+        zeros unless armed graphs are on."""
         arming = self._gpu.arming if self._gpu is not None else None
-        return (arming.fired, arming.released) if arming is not None else (0, 0)
+        return (arming.fired, arming.released, arming.gave_up) if arming is not None else (0, 0, 0)
 
     def _submit(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending. An armed
