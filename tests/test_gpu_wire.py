@@ -9,6 +9,8 @@ whose payload length does not match its header is refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -376,14 +378,23 @@ def test_armed_graphs_gpu_workers_match_the_probe(tmp_path, compression):
             r = m.generate(p, max_tokens=32)
             return list(r.token_ids) + ([eos] if r.finish_reason == "eos" else [])
 
+        def health() -> list[Any]:
+            return [c.call("Health", pb.HealthRequest()) for c in m.clients]
+
+        # the first session captures each stage's graphs and compiles its kernels (seconds): a step armed
+        # meanwhile may wait past the gate's limit, and its late frame is then launched as usual
+        assert run(prompts[3]) == want[3]
+        base = health()
         assert [run(p) for p in prompts[:2]] == want[:2]
-        health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
-        assert all(h.armed_fired > 0 for h in health), health
+        mid = health()
+        assert all(h.armed_fired > b.armed_fired for h, b in zip(mid, base)), mid
         with ThreadPoolExecutor(4) as ex:
             assert list(ex.map(run, prompts)) == want
         assert run(prompts[2]) == want[2]  # alone again: armed again
-        after = [c.call("Health", pb.HealthRequest()) for c in m.clients]
-        assert all(a.armed_fired > h.armed_fired for a, h in zip(after, health)), after
+        after = health()
+        assert all(a.armed_fired > h.armed_fired for a, h in zip(after, mid)), after
         assert sum(h.armed_released for h in after) > 0  # closes and side-by-side sessions released some
-        assert all(h.armed_gave_up == 0 for h in after), after  # every armed step was fired or released
+        assert all(a.armed_gave_up <= a.armed_released for a in after), after
+        # warm, no gate waited its whole limit: every armed step was fired or released in time
+        assert [a.armed_gave_up for a in after] == [b.armed_gave_up for b in base], (base, after)
         assert all(cluster.alive)
