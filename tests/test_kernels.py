@@ -966,30 +966,3 @@ def test_armed_gate_refuses_bad_words():
         gate.armed_wait(flag, status, pos.view(1, -1), 1, 1, timer=False)
     with pytest.raises(ValueError, match=">= 1"):
         gate.armed_wait(flag, status, pos, 0, 1, timer=False)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the host writing a pinned flag while the GPU waits needs a GPU")
-def test_armed_gate_holds_its_stream_until_the_host_writes_the_pinned_flag():
-    """The protocol as the worker uses it: pinned words, the gate then a copy from pinned inputs on one
-    stream. Nothing after the gate runs before the flag; the copy then sees the inputs written before it."""
-    import time
-
-    gate = kernel_module("armed_wait")
-    flag = torch.zeros(1, dtype=torch.int64, pin_memory=True)
-    status = torch.zeros(1, dtype=torch.int64, pin_memory=True)
-    pos = torch.zeros(4, dtype=torch.int64, pin_memory=True)
-    dev = torch.full((4,), -7, dtype=torch.int64, device="cuda")
-    done = torch.cuda.Event()
-    for target in (1, 2, 3):
-        gate.armed_wait(flag, status, pos, target, int(2e9), timer=True)
-        dev.copy_(pos, non_blocking=True)
-        done.record()
-        time.sleep(0.02)
-        assert not done.query()  # held by the gate
-        pos.numpy()[:] = [target, target + 1, target + 2, target + 3]
-        flag.numpy()[0] = target
-        done.synchronize()
-        assert int(status[0]) == target and dev.tolist() == [target + i for i in range(4)]
-    gate.armed_wait(flag, status, pos, 4, 1_000_000, timer=True)  # never released: gives up after 1 ms
-    torch.cuda.synchronize()
-    assert int(status[0]) == -4 and pos.tolist() == [-1] * 4
