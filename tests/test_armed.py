@@ -260,3 +260,31 @@ def test_a_task_counted_while_an_arm_is_under_way_releases_it():
     st.disarm()  # blocks until the arm is done, then releases it
     t.join(10)
     assert st._armed is None and st.arming.released == 1 and len(st.arming.armed_graphs) == 1
+
+
+def test_local_cluster_warns_when_armed_workers_share_a_gpu():
+    """Armed steps are for one worker per GPU: a LocalCluster that would put several armed workers on one
+    GPU says so (nothing is started here)."""
+    import logging
+
+    from hyperlane_lab.runtime.local_cluster import LocalCluster
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("hyperlane_lab.runtime.local_cluster")
+    logger.addHandler(handler)
+    try:
+        cases = [
+            (["cuda:0", "cuda:0", "cuda:1"], ["--armed-graphs"], {}, True),
+            (["cuda:0", "cuda:1"], ["--armed-graphs"], {}, False),
+            (["cuda:0", "cuda:0"], [], {"HYPERLANE_ARMED_GRAPHS": "1"}, True),
+            (["cuda:0", "cuda:0"], [], {"HYPERLANE_ARMED_GRAPHS": "0"}, False),
+            (["cpu", "cpu"], ["--armed-graphs"], {}, False),
+        ]
+        for devices, args, env, warns in cases:
+            seen.clear()
+            LocalCluster(len(devices), devices=devices, extra_args=args, env=env)
+            assert any("several workers on cuda:0" in m for m in seen) == warns, (devices, args, env, seen)
+    finally:
+        logger.removeHandler(handler)

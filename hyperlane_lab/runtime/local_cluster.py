@@ -83,6 +83,21 @@ class LocalCluster:
         self.startup_timeout, self.extra_args, self.env = startup_timeout, list(extra_args), env or {}
         if cpus:
             self.extra_args += ["--cpus", cpus]
+        flag = {**os.environ, **self.env}.get("HYPERLANE_ARMED_GRAPHS", "")  # the workers' environment
+        armed = "--armed-graphs" in self.extra_args or flag.strip().lower() not in (
+            "0",
+            "false",
+            "no",
+            "off",
+            "",
+        )
+        shared = sorted({d for d in self.devices if d.startswith("cuda") and self.devices.count(d) > 1})
+        if armed and shared:
+            log.warning(
+                "armed decode steps with several workers on %s: their waiting gate kernels time-slice the "
+                "GPU against each other (correct, slower); give each worker its own GPU",
+                ", ".join(shared),
+            )
         self._tmp = Path(tempfile.mkdtemp(prefix="hyperlane-cluster-"))
         self.cache_dir = Path(cache_dir) if cache_dir else self._tmp / "cache"
         self.procs: list[subprocess.Popen[bytes]] = []
