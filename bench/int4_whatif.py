@@ -11,7 +11,9 @@ boundary compressed, the 24 stories sampled from the model):
   channel.
 
 Each at group sizes 16, 32 and 64 (``--bits 8``: the same two rules at 8 bits, for int8's top-1
-goal); bytes are counted as the wire would carry them. Prints the
+goal); bytes are counted as the wire would carry them. ``--outliers 1,2,4,8`` adds ``sym<bits>_out<k>``:
+the symmetric rule after the row's k largest-magnitude values are taken out and sent as fp16 (index + value,
+4 bytes each), as int4_outlier does for int4. Prints the
 whole-model and per-boundary rows and writes JSON to bench/out/int4_whatif.json (or --out).
 
     python bench/int4_whatif.py
@@ -67,10 +69,27 @@ def asym(bits: int) -> Any:
     return fn
 
 
+def sym_outliers(bits: int, k: int) -> Any:
+    """``sym(bits)`` on each row with its k largest |values| zeroed, those k put back as fp16 afterwards."""
+    base = sym(bits)
+
+    def fn(x: torch.Tensor, gs: int) -> torch.Tensor:
+        h = x.shape[-1]
+        flat = x.float().reshape(-1, h)
+        idx = flat.abs().topk(k, dim=1).indices
+        vals = flat.gather(1, idx).half().float()
+        q = base(flat.scatter(1, idx, 0.0), gs).float()
+        return q.scatter(1, idx, vals).reshape(x.shape).to(x.dtype)
+
+    return fn
+
+
 class WhatIf:
     """The probe's codec interface for a torch round trip (encode = quantize + dequantize)."""
 
-    def __init__(self, name: str, group_size: int, fn: Any, side_bytes: int, bits: int = 4) -> None:
+    def __init__(
+        self, name: str, group_size: int, fn: Any, side_bytes: int, bits: int = 4, outliers: int = 0
+    ) -> None:
         self.name, self.group_size, self.fn, self.side_bytes, self.bits = (
             name,
             group_size,
@@ -78,6 +97,7 @@ class WhatIf:
             side_bytes,
             bits,
         )
+        self.outliers = outliers  # fp16 values sent aside per row (2-byte index + 2-byte value each)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.group_size)
@@ -88,7 +108,7 @@ class WhatIf:
     def encoded_nbytes(self, shape: tuple[int, ...], dtype: Any = torch.float16) -> int:
         rows, h = math.prod(shape[:-1]), shape[-1]
         groups = -(-h // self.group_size)
-        return rows * groups * (self.group_size * self.bits // 8 + self.side_bytes)
+        return rows * (groups * (self.group_size * self.bits // 8 + self.side_bytes) + 4 * self.outliers)
 
     def payload_outliers(self, shape: tuple[int, ...]) -> int:
         return 0
@@ -100,6 +120,7 @@ def main() -> int:
     ap.add_argument(
         "--bits", default="4", help="4, 8 or 4,8 (int8's top-1 goal: the same question at 8 bits)"
     )
+    ap.add_argument("--outliers", default="", help="k values per row sent as fp16 aside, e.g. 1,2,4,8")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "int4_whatif.json"))
     args = ap.parse_args()
     from codec_probe import sampled_prompts  # type: ignore[import-not-found]  # bench/ is on sys.path
@@ -113,6 +134,8 @@ def main() -> int:
                 WhatIf(f"sym{bits}/{gs}", gs, sym(bits), 2, bits),
                 WhatIf(f"asym{bits}/{gs}", gs, asym(bits), 4, bits),
             ]
+            for k in (int(n) for n in args.outliers.split(",") if n):
+                cands.append(WhatIf(f"sym{bits}_out{k}/{gs}", gs, sym_outliers(bits, k), 2, bits, k))
     df = probe_grid(cands, [0], model=pipe, prompts=prompts)
     cols = ["codec", "boundary", "ratio_vs_fp16", "rel_l2", "top1_agreement", "ppl_delta_rel"]
     print(df[cols].to_string(index=False))
