@@ -21,7 +21,7 @@ from hyperlane_lab.runtime.worker import _Session
 class _Wire:
     def __init__(self, n: int) -> None:
         self.in_np = np.zeros(n, dtype=np.uint8)
-        self.spec = object()
+        self.spec: Any = type("Spec", (), {})()
 
     def put(self, payload: Any) -> None:
         np.copyto(self.in_np, np.frombuffer(payload, dtype=np.uint8))
@@ -34,6 +34,9 @@ class _Graph:
         self.io_host = torch.zeros((2, batch), dtype=torch.int64)
         self.io_np = self.io_host.numpy()
         self.wire: Any = _Wire(nbytes)
+        self.wire.out_host = torch.zeros(batch, dtype=torch.float16)
+        self.wire.spec.out_codec = 0
+        self.out = torch.zeros(batch, dtype=torch.float16)
         self.staged = object()
 
 
@@ -107,19 +110,48 @@ class _FakeArming(Arming):
         return ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end)
 
 
+class _Ev:
+    """A stand-in CUDA event: counts its records."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+    def record(self, stream: Any = None) -> None:
+        self.records += 1
+
+
 class _Cache:
     def __init__(self, g: _Graph) -> None:
         self.graph = g
         self.writes = 0
-        self.step_io = _StepIO(((object(), object(), object()), (object(), object(), object())), {})  # type: ignore[arg-type]
+        self.limit = 64
+        self.step_io = _StepIO(((_Ev(), _Ev(), _Ev()), (_Ev(), _Ev(), _Ev())), {})  # type: ignore[arg-type]
+
+
+class _Decoder:
+    """Stands in for GraphDecoder.step_wire: records the launch, returns the cache's graph."""
+
+    def __init__(self) -> None:
+        self.launched: list[tuple[Any, ...]] = []
+
+    def step_wire(self, cache: _Cache, spec: Any, pos: Any, x: Any) -> Any:
+        self.launched.append((cache, spec, pos.tolist(), np.asarray(x).tolist()))
+        return cache.graph
 
 
 class _Engine:
+    is_first, is_last = True, False
+    spec = type("Spec", (), {"vocab_size": 97})()
+
     def __init__(self, caches: dict[str, _Cache]) -> None:
         self.caches = caches
+        self.decoder = _Decoder()
 
     def session(self, sid: str) -> _Cache:
         return self.caches[sid]
+
+    def graph_decoder(self) -> _Decoder:
+        return self.decoder
 
 
 class _W:
@@ -128,6 +160,10 @@ class _W:
         self._submitted = self._finished = 0
         self.gpu_users = 0
         self.stage_index = 0
+        self.failed: list[str] = []
+
+    def step_failed(self, sess: Any, sid: str, step: int, message: str) -> None:
+        self.failed.append(message)
 
 
 def _stepper(
@@ -288,3 +324,79 @@ def test_local_cluster_warns_when_armed_workers_share_a_gpu():
             assert any("several workers on cuda:0" in m for m in seen) == warns, (devices, args, env, seen)
     finally:
         logger.removeHandler(handler)
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.view = memoryview(bytearray(data))
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+class _Frame:
+    """A decode frame for the first stage: positions then token ids (int64 each, batch 1)."""
+
+    def __init__(self, sid: str, step: int, pos: int, tok: int) -> None:
+        from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+
+        self.header = FrameHeader(FrameKind.TENSOR, sid, step, 1, 1, torch.int64, 0, 0, (1, 1), 8)
+        self.body = _Body(np.array([pos, tok], dtype=np.int64).tobytes())
+        self.completed_at = 0.0
+        self.positions_view = self.body.view[:8]
+        self.payload_view = self.body.view[8:]
+
+
+def _wire_stepper(n_sessions: int = 1) -> tuple[GpuStepper, Any]:
+    import queue
+
+    st, caches = _stepper(n_sessions)
+    st._q = queue.SimpleQueue()
+    st._put = st._done = 0
+    return st, caches
+
+
+def test_run_wire_fires_the_sessions_armed_step_without_a_launch():
+    """The loop thread's path for an armed session: the frame's position and id go into the armed graph's
+    pinned inputs, then the flag; nothing is launched; the step handed to the completion thread carries the
+    armed step's events (read after its ship) and the armed step itself (its gate's status is checked)."""
+    st, caches = _wire_stepper()
+    g = caches["s0"].graph
+    st.arming.target = 4
+    st._armed = a = ArmedStep("s0", g, 4, __import__("time").monotonic(), _Ev(), _Ev())  # type: ignore[arg-type]
+    frame = _Frame("s0", 9, pos=7, tok=11)
+    st.run_wire(frame, g.wire.spec, 0.0)  # type: ignore[arg-type]
+    p = st._q.get_nowait()
+    assert p.armed is a and p.start is a.start and p.end is a.end and a.end.records == 0
+    assert g.io_np[:, 0].tolist() == [11, 7] and int(st.arming.flag[0]) == 4 and st.arming.fired == 1
+    assert st.w.engine.decoder.launched == [] and frame.body.released and caches["s0"].writes == 1
+    assert (p.sid, p.step, p.pos_bytes, p.mode) == ("s0", 9, np.int64(7).tobytes(), "hidden")
+    assert st._armed is None and st._put == 1 and st.w.failed == []
+
+
+def test_run_wire_releases_another_sessions_armed_step_then_launches():
+    st, caches = _wire_stepper(2)
+    g0, g1 = caches["s0"].graph, caches["s1"].graph
+    g0.io_np[1] = 5
+    st._armed = ArmedStep("s0", g0, 3, __import__("time").monotonic(), _Ev(), _Ev())  # type: ignore[arg-type]
+    st.arming.target = 3
+    st.run_wire(_Frame("s1", 2, pos=3, tok=8), g1.wire.spec, 0.0)  # type: ignore[arg-type]
+    assert g0.io_np[1].tolist() == [-1] and int(st.arming.flag[0]) == 3 and st.arming.released == 1
+    ((cache, _, pos, ids),) = st.w.engine.decoder.launched
+    assert cache is caches["s1"] and pos == [3] and ids == [8]
+    p = st._q.get_nowait()
+    assert p.armed is None and p.start.records == 1 and p.end.records == 1  # launched: its own events
+
+
+def test_run_wire_refuses_a_bad_token_id_before_firing():
+    """Batch 1 checks the id with plain Python; a bad one fails the step with the range in the message,
+    and the armed step is left for the session's close to release (the session has failed)."""
+    st, caches = _wire_stepper()
+    g = caches["s0"].graph
+    st._armed = a = ArmedStep("s0", g, 1, __import__("time").monotonic(), _Ev(), _Ev())  # type: ignore[arg-type]
+    frame = _Frame("s0", 4, pos=2, tok=97)  # vocab_size 97: ids 0..96
+    st.run_wire(frame, g.wire.spec, 0.0)  # type: ignore[arg-type]
+    assert len(st.w.failed) == 1 and "token ids must be in [0, 97)" in st.w.failed[0], st.w.failed
+    assert st._armed is a and st.arming.fired == 0 and int(st.arming.flag[0]) == 0 and frame.body.released
+    assert st._q.empty()
