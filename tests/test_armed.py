@@ -5,7 +5,10 @@ tested in ``tests/test_kernels.py`` (interpreter and GPU); workers with armed st
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -244,20 +247,26 @@ def test_anything_else_releases_the_armed_step(what):
     assert st.arming.released == 1
 
 
-def test_an_arming_failure_turns_arming_off_for_the_worker():
-    import logging
-
+@contextlib.contextmanager
+def _messages(logger: str) -> Iterator[list[str]]:
+    """The messages ``logger`` emits inside the block (without pytest's logging plugin, which device runs
+    turn off)."""
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
-    logger.addHandler(handler)
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
     try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+
+
+def test_an_arming_failure_turns_arming_off_for_the_worker():
+    with _messages("hyperlane_lab.runtime.gpu_steps") as seen:
         st, caches = _stepper()
         st.arming.fail = True
         st._arm_after(_done_step(caches))
-    finally:
-        logger.removeHandler(handler)
     assert st.arming is None and st._armed is None and any("cannot arm" in m for m in seen)
 
 
@@ -301,16 +310,9 @@ def test_a_task_counted_while_an_arm_is_under_way_releases_it():
 def test_local_cluster_warns_when_armed_workers_share_a_gpu():
     """Armed steps are for one worker per GPU: a LocalCluster that would put several armed workers on one
     GPU says so (nothing is started here)."""
-    import logging
-
     from hyperlane_lab.runtime.local_cluster import LocalCluster
 
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("hyperlane_lab.runtime.local_cluster")
-    logger.addHandler(handler)
-    try:
+    with _messages("hyperlane_lab.runtime.local_cluster") as seen:
         cases = [
             (["cuda:0", "cuda:0", "cuda:1"], ["--armed-graphs"], {}, True),
             (["cuda:0", "cuda:1"], ["--armed-graphs"], {}, False),
@@ -322,8 +324,6 @@ def test_local_cluster_warns_when_armed_workers_share_a_gpu():
             seen.clear()
             LocalCluster(len(devices), devices=devices, extra_args=args, env=env)
             assert any("several workers on cuda:0" in m for m in seen) == warns, (devices, args, env, seen)
-    finally:
-        logger.removeHandler(handler)
 
 
 class _Body:

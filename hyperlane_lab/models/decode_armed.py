@@ -54,9 +54,9 @@ class Arming:
             raise ValueError(f"the gate's limit must be in (0, 60] s, got {limit_s}")
         self.limit_s = limit_s
         self.fire_window_s = limit_s / 2
-        pinned = torch.cuda.is_available()  # (plain host memory for the CPU tests of the rules)
-        self.flag = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
-        self.status = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
+        self._pinned = torch.cuda.is_available()  # (plain host memory for the CPU tests of the rules)
+        self.flag = torch.zeros(1, dtype=torch.int64, pin_memory=self._pinned)
+        self.status = torch.zeros(1, dtype=torch.int64, pin_memory=self._pinned)
         self._flag: Any = self.flag.numpy()
         self._status: Any = self.status.numpy()
         self.target = 0
@@ -64,7 +64,7 @@ class Arming:
         self.released = 0  # armed steps run as padding (another session, a prompt, a close, a late frame)
         self.gave_up = 0  # ... of which the gate had already given up (no frame or release within its limit)
         self._clock = clock
-        self._warm: set[int] = set()  # gate blocks compiled (one per power-of-two batch)
+        self._warm: set[int] = set()  # batch sizes the gate was compiled for
         self._dummy: tuple[torch.Tensor, ...] = ()
 
     def warm(self, batch: int) -> None:
@@ -72,16 +72,14 @@ class Arming:
         stream), so that arming does not compile while the stepper's lock is held."""
         from hyperlane_lab.codecs._kernels import kernel_module
 
-        block = 1 << max(0, batch - 1).bit_length()
-        if block in self._warm:
+        if batch in self._warm:
             return
-        pinned = torch.cuda.is_available()
-        flag = torch.ones(1, dtype=torch.int64, pin_memory=pinned)
-        status = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
-        pos = torch.zeros(batch, dtype=torch.int64, pin_memory=pinned)
+        flag = torch.ones(1, dtype=torch.int64, pin_memory=self._pinned)
+        status = torch.zeros(1, dtype=torch.int64, pin_memory=self._pinned)
+        pos = torch.zeros(batch, dtype=torch.int64, pin_memory=self._pinned)
         kernel_module("armed_wait").armed_wait(flag, status, pos, 1, 1, timer=True)
         self._dummy += (flag, status, pos)  # alive until the gate has run (for good: they are tiny)
-        self._warm.add(block)
+        self._warm.add(batch)
 
     def arm(self, sid: str, graph: Any, start: torch.cuda.Event, end: torch.cuda.Event,
             stream: torch.cuda.Stream) -> ArmedStep:  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,9 +27,10 @@ log = logging.getLogger("hyperlane_lab.models.cuda_decode")
 LinearFn = Callable[..., torch.Tensor]  # F.linear(x, w, bias=None)
 
 
-def env_flag(name: str, default: bool) -> bool:
-    """A switch from the environment: unset -> ``default``; "0", "false", "no", "off", "" -> off."""
-    v = os.environ.get(name)
+def env_flag(name: str, default: bool, environ: Mapping[str, str] = os.environ) -> bool:
+    """A switch from the environment (or ``environ``, e.g. a child process's): unset -> ``default``; "0",
+    "false", "no", "off", "" -> off."""
+    v = environ.get(name)
     return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
 
 

@@ -143,9 +143,7 @@ class WireIO:
     flag_at: int = 0  # codec out: byte offset of the int32 flag (4-aligned, after the payload)
     in_np: Any = None  # numpy views of the pinned buffers (host writes and reads are numpy)
     out_np: Any = None
-    out_ids: Any = (
-        None  # last stage: int64 numpy view of out_host ([B + 1]: greedy ids, then the finite flag)
-    )
+    out_ids: Any = None  # last stage: int64 view of out_host ([B + 1]: greedy ids, then the finite flag)
 
     def payload(self) -> memoryview:
         """The outgoing payload's bytes (valid once the step's event has fired)."""

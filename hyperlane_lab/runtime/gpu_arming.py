@@ -48,7 +48,9 @@ class ArmedSteps:
         """Release the armed step, if any (it runs as padding): call before any other GPU work of this
         worker that does not go through ``run_wire``/``run_step``, which release it themselves. Always
         takes the lock: an arm under way (its checks passed before the caller counted its work) finishes
-        first and is released here."""
+        first and is released here. Nothing to do when arming is off (nothing is ever armed then)."""
+        if self.arming is None:
+            return
         with self._arm_lock:
             a, self._armed = self._armed, None
             if a is not None and self.arming is not None:

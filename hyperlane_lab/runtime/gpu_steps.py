@@ -226,6 +226,9 @@ class GpuStepper(ArmedSteps):
         """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
         event; the completion thread sends the pinned result. Runs where ``run_step`` runs. An armed
         step of the session (decode_armed.py) only needs the writes and its flag."""
+        if self.arming is None:  # arming off: nothing to order against
+            self._run_wire(frame, spec, queued_at)
+            return
         with self._arm_lock:
             self._run_wire(frame, spec, queued_at)
 
@@ -308,6 +311,9 @@ class GpuStepper(ArmedSteps):
         """``encoded``: ``x`` is the frame's codec payload as uint8 bytes, already checked against the
         header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order. An
         armed step is released first (this step must not queue behind its gate)."""
+        if self.arming is None:  # arming off: nothing to order against
+            self._run_step(frame, x, positions, queued_at, encoded)
+            return
         with self._arm_lock:
             self.disarm()
             self._run_step(frame, x, positions, queued_at, encoded)

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.runtime.server import READY_PREFIX
 
 __all__ = ["LocalCluster"]
@@ -83,14 +84,8 @@ class LocalCluster:
         self.startup_timeout, self.extra_args, self.env = startup_timeout, list(extra_args), env or {}
         if cpus:
             self.extra_args += ["--cpus", cpus]
-        flag = {**os.environ, **self.env}.get("HYPERLANE_ARMED_GRAPHS", "")  # the workers' environment
-        armed = "--armed-graphs" in self.extra_args or flag.strip().lower() not in (
-            "0",
-            "false",
-            "no",
-            "off",
-            "",
-        )
+        workers_env = {**os.environ, **self.env}
+        armed = "--armed-graphs" in self.extra_args or env_flag("HYPERLANE_ARMED_GRAPHS", False, workers_env)
         shared = sorted({d for d in self.devices if d.startswith("cuda") and self.devices.count(d) > 1})
         if armed and shared:
             log.warning(
