@@ -406,6 +406,7 @@ def run_split(
     extra += flags or []
     out["worker_flags"] = extra
     with LocalCluster(p, devices=devices, startup_timeout=180, extra_args=extra) as cl:
+        out["armed"] = cl.armed  # armed decode steps (on by default with one GPU per worker)
         source = None if model_name == "bundled" else model_name
         with AutoDistributedModel.from_pretrained(
             source,

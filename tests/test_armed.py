@@ -179,6 +179,7 @@ def _stepper(
     st.arming = _FakeArming()
     st._arm_lock = threading.RLock()
     st._armed = None
+    st._arming_now = False
     st._put, st._done = 1, 0  # the step being completed is the only one in flight
     st.compute_stream = None  # type: ignore[assignment]
     st.device = torch.device("cpu")
@@ -307,6 +308,43 @@ def test_a_task_counted_while_an_arm_is_under_way_releases_it():
     assert st._armed is None and st.arming.released == 1 and len(st.arming.armed_graphs) == 1
 
 
+def test_disarm_with_nothing_armed_does_not_wait_for_a_launch_holding_the_lock():
+    """The compute thread holds the arming lock while it enqueues a prompt chunk (~1 ms); the loop thread's
+    ``_submit`` (count, then disarm) must not wait for it when nothing is armed and no arm is under way. With
+    an armed step it takes the lock and releases the step once the launch lets go."""
+    st, caches = _stepper()
+    held, let_go = threading.Event(), threading.Event()
+
+    def launch() -> None:  # run_step on the compute thread
+        with st._arm_lock:
+            held.set()
+            let_go.wait(10)
+
+    t = threading.Thread(target=launch)
+    t.start()
+    assert held.wait(10)
+    done = threading.Event()
+    threading.Thread(target=lambda: (st.disarm(), done.set())).start()
+    assert done.wait(5)  # returned while the launch still holds the lock
+    assert st.arming.released == 0
+    let_go.set()
+    t.join(10)
+    st._arm_after(_done_step(caches))  # now something is armed: disarm locks and releases it
+    assert st._armed is not None
+    held.clear(), let_go.clear()
+    t = threading.Thread(target=launch)
+    t.start()
+    assert held.wait(10)
+    done.clear()
+    d = threading.Thread(target=lambda: (st.disarm(), done.set()))
+    d.start()
+    assert not done.wait(0.2)  # waits for the lock: the armed step must be released, not skipped
+    let_go.set()
+    assert done.wait(10)
+    t.join(10), d.join(10)
+    assert st._armed is None and st.arming.released == 1
+
+
 def test_local_cluster_warns_when_armed_workers_share_a_gpu():
     """Armed steps are for one worker per GPU: a LocalCluster that would put several armed workers on one
     GPU says so (nothing is started here)."""
@@ -324,6 +362,69 @@ def test_local_cluster_warns_when_armed_workers_share_a_gpu():
             seen.clear()
             LocalCluster(len(devices), devices=devices, extra_args=args, env=env)
             assert any("several workers on cuda:0" in m for m in seen) == warns, (devices, args, env, seen)
+
+
+@pytest.mark.parametrize(
+    ("devices", "args", "env", "armed"),
+    [
+        (["cuda:0", "cuda:1", "cuda:2"], [], {}, True),  # one GPU each: on by default
+        (["cuda", "cuda:1"], [], {}, True),
+        (["cuda:0"], [], {}, True),
+        (["cuda:0", "cuda:0", "cuda:1"], [], {}, False),  # a shared GPU: off unless asked
+        (["cuda", "cuda:0"], [], {}, False),  # "cuda" is cuda:0
+        (["cpu", "cpu"], [], {}, False),
+        (["cuda:0", "cpu"], [], {}, False),
+        (["cuda:0", "cuda:1"], ["--no-armed-graphs"], {}, False),  # refused
+        (["cuda:0", "cuda:1"], [], {"HYPERLANE_ARMED_GRAPHS": "0"}, False),
+        (["cuda:0", "cuda:0"], ["--armed-graphs"], {}, True),  # asked for
+        (["cuda:0", "cuda:0"], [], {"HYPERLANE_ARMED_GRAPHS": "1"}, True),
+        (["cuda:0", "cuda:1"], ["--no-armed-graphs", "--armed-graphs"], {}, True),  # the last one counts
+        (
+            ["cuda:0", "cuda:1"],
+            ["--armed-graphs", "--no-armed-graphs"],
+            {"HYPERLANE_ARMED_GRAPHS": "1"},
+            False,
+        ),
+    ],
+)
+def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, devices, args, env, armed):
+    """LocalCluster's default: armed steps where every worker has a GPU of its own (x86-64), off where any
+    GPU is shared or a worker is on the CPU; an explicit flag or HYPERLANE_ARMED_GRAPHS decides otherwise.
+    The workers get what was decided (nothing is started here)."""
+    from hyperlane_lab.models import decode_armed
+    from hyperlane_lab.runtime.local_cluster import LocalCluster
+
+    monkeypatch.delenv("HYPERLANE_ARMED_GRAPHS", raising=False)
+    monkeypatch.setattr(decode_armed.platform, "machine", lambda: "x86_64")
+    cl = LocalCluster(len(devices), devices=devices, extra_args=args, env=env)
+    assert cl.armed is armed
+    said = [a for a in cl.extra_args if a in ("--armed-graphs", "--no-armed-graphs")]
+    assert (said[-1:] == ["--armed-graphs"]) == armed, said  # the worker's parser keeps the last
+
+
+def test_local_cluster_does_not_arm_workers_on_hosts_without_ordered_stores(monkeypatch):
+    """The flag-after-inputs protocol needs x86-64's store order: elsewhere the default stays off."""
+    from hyperlane_lab.models import decode_armed
+    from hyperlane_lab.runtime.local_cluster import LocalCluster
+
+    monkeypatch.delenv("HYPERLANE_ARMED_GRAPHS", raising=False)
+    monkeypatch.setattr(decode_armed.platform, "machine", lambda: "aarch64")
+    cl = LocalCluster(2, devices=["cuda:0", "cuda:1"])
+    assert cl.armed is False and "--armed-graphs" not in cl.extra_args
+
+
+def test_worker_command_line_takes_both_armed_flags():
+    """``hyperlane worker --no-armed-graphs`` turns armed steps off even where HYPERLANE_ARMED_GRAPHS says on;
+    without either flag the setting is left to the environment (None)."""
+    import argparse
+
+    from hyperlane_lab.cli import worker as cli_worker
+
+    parser = argparse.ArgumentParser()
+    cli_worker.add_parser(parser.add_subparsers())
+    assert parser.parse_args(["worker", "--armed-graphs"]).armed_graphs is True
+    assert parser.parse_args(["worker", "--no-armed-graphs"]).armed_graphs is False
+    assert parser.parse_args(["worker"]).armed_graphs is None
 
 
 class _Body:

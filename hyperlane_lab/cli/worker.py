@@ -88,10 +88,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--armed-graphs",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="GPU workers: enqueue a lone session's next decode step before its frame arrives, behind a "
-        "kernel that waits for a flag the frame sets (experimental; default: HYPERLANE_ARMED_GRAPHS, off)",
+        "kernel that waits for a flag the frame sets; for one worker per GPU (default: "
+        "HYPERLANE_ARMED_GRAPHS, off; LocalCluster and `hyperlane run --workers N` turn it on when every "
+        "worker has a GPU of its own)",
     )
     p.set_defaults(func=run)
 

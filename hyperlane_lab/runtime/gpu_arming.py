@@ -38,6 +38,7 @@ class ArmedSteps:
     arming: Arming | None
     _arm_lock: threading.RLock
     _armed: ArmedStep | None
+    _arming_now: bool
     _put: int
     _done: int
 
@@ -46,10 +47,16 @@ class ArmedSteps:
 
     def disarm(self) -> None:
         """Release the armed step, if any (it runs as padding): call before any other GPU work of this
-        worker that does not go through ``run_wire``/``run_step``, which release it themselves. Always
-        takes the lock: an arm under way (its checks passed before the caller counted its work) finishes
-        first and is released here. Nothing to do when arming is off (nothing is ever armed then)."""
+        worker that does not go through ``run_wire``/``run_step``, which release it themselves, after
+        counting that work (``Worker._submit``). An arm under way (its checks may have passed before the
+        work was counted) finishes first and is released here. With nothing armed and no arm under way,
+        returns without the lock: the compute thread holds it while it enqueues a prompt chunk (~1 ms),
+        and the loop thread must not wait for that. Safe: the completion thread sets ``_arming_now``
+        before its checks read the count, and sets ``_armed`` before clearing it, so one of the two
+        reads below (in this order) sees it. Nothing to do when arming is off."""
         if self.arming is None:
+            return
+        if not self._arming_now and self._armed is None:
             return
         with self._arm_lock:
             a, self._armed = self._armed, None
@@ -109,6 +116,7 @@ class ArmedSteps:
         arming.warm(p.batch)  # the gate's first compile for this batch: not while holding the lock
         if not self._arm_lock.acquire(blocking=False):  # a launch is under way: it would release it anyway
             return
+        self._arming_now = True  # before the checks read the task count (see disarm)
         try:  # re-checked under the lock: a launch, a failed step or a compute task may have begun meanwhile
             if not self._may_arm(p.sid, sess, cache, g):
                 return
@@ -117,6 +125,7 @@ class ArmedSteps:
             start, end, _ = _step_io(cache).take()
             self._armed = arming.arm(p.sid, g, start, end, self.compute_stream)
         finally:
+            self._arming_now = False  # after _armed is set
             self._arm_lock.release()
 
     def _may_arm(self, sid: str, sess: _Session, cache: Any, g: Any) -> bool:

@@ -150,6 +150,7 @@ class GpuStepper(ArmedSteps):
                 log.warning("armed decode steps need an x86-64 host (ordered stores); launching on arrival")
         self._arm_lock = threading.RLock()
         self._armed: ArmedStep | None = None
+        self._arming_now = False  # the completion thread holds the lock to arm (ArmedSteps.disarm reads it)
         # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
         # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
         self._put = 0

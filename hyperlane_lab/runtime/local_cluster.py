@@ -16,13 +16,13 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.runtime.server import READY_PREFIX
 
-__all__ = ["LocalCluster"]
+__all__ = ["LocalCluster", "armed_choice"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,26 @@ def _default_devices(n: int) -> list[str]:
     except ImportError:
         count = 0
     return [f"cuda:{i % count}" if count else "cpu" for i in range(n)]
+
+
+def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether the workers arm decode steps (models/decode_armed.py). Asked for (``--armed-graphs``,
+    ``HYPERLANE_ARMED_GRAPHS=1``) or refused (``--no-armed-graphs``, ``=0``): as told. Unset: on when every
+    worker has a CUDA device of its own on an x86-64 host, the deployment armed steps are for (a waiting
+    gate holds its GPU's compute stream, so workers sharing a GPU would time-slice against it)."""
+    said = [a for a in args if a in ("--armed-graphs", "--no-armed-graphs")]
+    if said:
+        return said[-1] == "--armed-graphs"  # the worker's parser keeps the last
+    if environ.get("HYPERLANE_ARMED_GRAPHS") is not None:
+        return env_flag("HYPERLANE_ARMED_GRAPHS", False, environ)
+    from hyperlane_lab.models.decode_armed import host_orders_stores  # imports torch
+
+    cuda = [_gpu_name(d) for d in devices if d.startswith("cuda")]
+    return len(cuda) == len(devices) and len(set(cuda)) == len(cuda) and host_orders_stores()
+
+
+def _gpu_name(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
 
 
 def _stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
@@ -73,7 +93,8 @@ class LocalCluster:
         cpus: str = "",
     ) -> None:
         """``cpus``: every worker's ``--cpus`` ("auto": each CUDA worker on its own share of the
-        CPUs near its GPU; "" = any CPU)."""
+        CPUs near its GPU; "" = any CPU). Armed decode steps are on when every worker has a GPU of its
+        own (``armed_choice``; ``extra_args=["--no-armed-graphs"]`` turns them off)."""
         if n < 1:
             raise ValueError(f"a LocalCluster needs at least one worker, got {n}")
         self.n = n
@@ -85,9 +106,12 @@ class LocalCluster:
         if cpus:
             self.extra_args += ["--cpus", cpus]
         workers_env = {**os.environ, **self.env}
-        armed = "--armed-graphs" in self.extra_args or env_flag("HYPERLANE_ARMED_GRAPHS", False, workers_env)
-        shared = sorted({d for d in self.devices if d.startswith("cuda") and self.devices.count(d) > 1})
-        if armed and shared:
+        gpus = [_gpu_name(d) for d in self.devices if d.startswith("cuda")]
+        shared = sorted({d for d in gpus if gpus.count(d) > 1})
+        self.armed = armed_choice(self.devices, self.extra_args, workers_env)
+        if self.armed and (not self.extra_args or self.extra_args[-1] != "--armed-graphs"):
+            self.extra_args.append("--armed-graphs")
+        if self.armed and shared:
             log.warning(
                 "armed decode steps with several workers on %s: their waiting gate kernels time-slice the "
                 "GPU against each other (correct, slower); give each worker its own GPU",
