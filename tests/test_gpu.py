@@ -445,6 +445,15 @@ def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path):
             # the first session's first steps include graph captures (inside their compute span)
             assert (sorted(took)[len(took) // 2] if i == 0 else max(took)) < 0.05, took
             assert all(a.end <= b.start + 1e-4 for a, b in itertools.pairwise(es))  # one step at a time
+        from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+        # a worker with the GPU to itself arms decode steps by default (LocalCluster); its ring frame to
+        # itself may come before an arm (then launched on arrival), but no gate may wait out its limit
+        h = m.clients[0].call("Health", pb.HealthRequest())
+        from hyperlane_lab.models.decode_armed import host_orders_stores
+
+        assert cluster.armed == host_orders_stores()
+        assert h.armed_gave_up == 0, (h.armed_fired, h.armed_released, h.armed_gave_up)
 
 
 @gpu
