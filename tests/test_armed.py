@@ -180,6 +180,7 @@ def _stepper(
     st._arm_lock = threading.RLock()
     st._armed = None
     st._arming_now = False
+    st._closing = False
     st._put, st._done = 1, 0  # the step being completed is the only one in flight
     st.compute_stream = None  # type: ignore[assignment]
     st.device = torch.device("cpu")
@@ -385,6 +386,7 @@ def test_local_cluster_warns_when_armed_workers_share_a_gpu():
             {"HYPERLANE_ARMED_GRAPHS": "1"},
             False,
         ),
+        (["cpu", "cpu"], ["--armed-graphs"], {}, False),  # asked for, but nothing would arm
     ],
 )
 def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, devices, args, env, armed):
@@ -399,7 +401,8 @@ def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, devices, a
     cl = LocalCluster(len(devices), devices=devices, extra_args=args, env=env)
     assert cl.armed is armed
     said = [a for a in cl.extra_args if a in ("--armed-graphs", "--no-armed-graphs")]
-    assert (said[-1:] == ["--armed-graphs"]) == armed, said  # the worker's parser keeps the last
+    if any(d.startswith("cuda") for d in devices):  # (CPU workers never arm, whatever they are told)
+        assert (said[-1:] == ["--armed-graphs"]) == armed, said  # the worker's parser keeps the last
 
 
 def test_local_cluster_does_not_arm_workers_on_hosts_without_ordered_stores(monkeypatch):
@@ -411,6 +414,7 @@ def test_local_cluster_does_not_arm_workers_on_hosts_without_ordered_stores(monk
     monkeypatch.setattr(decode_armed.platform, "machine", lambda: "aarch64")
     cl = LocalCluster(2, devices=["cuda:0", "cuda:1"])
     assert cl.armed is False and "--armed-graphs" not in cl.extra_args
+    assert LocalCluster(2, devices=["cuda:0", "cuda:1"], extra_args=["--armed-graphs"]).armed is False
 
 
 def test_worker_command_line_takes_both_armed_flags():
@@ -425,6 +429,91 @@ def test_worker_command_line_takes_both_armed_flags():
     assert parser.parse_args(["worker", "--armed-graphs"]).armed_graphs is True
     assert parser.parse_args(["worker", "--no-armed-graphs"]).armed_graphs is False
     assert parser.parse_args(["worker"]).armed_graphs is None
+    with pytest.raises(SystemExit):  # no abbreviations: LocalCluster reads these flags by their full names
+        parser.parse_args(["worker", "--no-armed"])
+
+
+class _ProbedStepper(GpuStepper):
+    """A stepper whose ``_armed`` reads run a hook (for the orderings below)."""
+
+    hook: Any = None
+
+    @property  # type: ignore[override]
+    def _armed(self) -> Any:
+        v = self.__dict__.get("_armed_value")
+        if self.hook is not None:
+            self.hook()
+        return v
+
+    @_armed.setter
+    def _armed(self, v: Any) -> None:
+        self.__dict__["_armed_value"] = v
+
+
+def test_disarm_reads_the_arm_in_progress_before_the_armed_step():
+    """``disarm``'s lock-free check must read ``_arming_now`` before ``_armed``: here an arm whose checks passed
+    before the caller counted its task finishes between disarm's reads. Reading ``_armed`` first would see
+    None, then ``_arming_now`` cleared, and leave the step armed behind the task."""
+    st, caches = _stepper()
+    probe = object.__new__(_ProbedStepper)
+    probe.__dict__.update({k: v for k, v in st.__dict__.items() if k != "_armed"})
+    probe._armed = None
+    started, go = threading.Event(), threading.Event()
+    probe.arming.slow = (started, go)
+    arm = threading.Thread(target=probe._arm_after, args=(_done_step(caches),))
+    arm.start()
+    assert started.wait(10)  # inside arm(): the lock held, _armed not yet set, _arming_now set
+    me = threading.current_thread()
+    fired: list[int] = []
+
+    def between_reads() -> None:  # the first _armed read on this thread: let the arm finish first
+        if threading.current_thread() is me and not fired:
+            fired.append(1)
+            go.set()
+            arm.join(10)
+
+    probe.hook = between_reads
+    threading.Timer(0.05, go.set).start()  # the right order waits for the lock: let the arm end
+    probe.w._submitted += 1  # Worker._submit: count the task, then disarm
+    probe.disarm()
+    arm.join(10)
+    probe.hook = None
+    assert probe._armed is None and probe.arming.released == 1
+
+
+def test_an_arm_marks_itself_before_its_checks_read_the_task_count():
+    """The completion thread sets ``_arming_now`` before ``_may_arm`` reads the counts: a caller that counts
+    its task right after those checks passed finds the arm under way, waits for it and releases it."""
+    st, caches = _stepper()
+    checked, go = threading.Event(), threading.Event()
+    real = st._may_arm
+    calls: list[bool] = []
+
+    def may_arm(*a: Any) -> bool:
+        ok = real(*a)
+        calls.append(ok)
+        if len(calls) == 2:  # the re-check under the lock passed: the caller counts and disarms now
+            checked.set()
+            go.wait(10)
+        return ok
+
+    st._may_arm = may_arm  # type: ignore[method-assign]
+    arm = threading.Thread(target=st._arm_after, args=(_done_step(caches),))
+    arm.start()
+    assert checked.wait(10)
+    st.w._submitted += 1
+    threading.Timer(0.05, go.set).start()
+    st.disarm()  # finds _arming_now set: waits for the lock, then releases the step
+    arm.join(10)
+    assert calls == [True, True] and st._armed is None and st.arming.released == 1
+
+
+def test_nothing_is_armed_once_the_stepper_is_closing():
+    """``close`` marks the stepper before it disarms: a step completing meanwhile arms nothing after it."""
+    st, caches = _stepper()
+    st._closing = True
+    st._arm_after(_done_step(caches))
+    assert st._armed is None and st.arming.armed_graphs == []
 
 
 class _Body:

@@ -22,7 +22,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("worker", help="start a worker (one per GPU)")
+    # no abbreviated options: LocalCluster reads its workers' flags (--armed-graphs / --no-armed-graphs) by name
+    p = sub.add_parser("worker", help="start a worker (one per GPU)", allow_abbrev=False)
     p.add_argument(
         "port", nargs="?", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)"
     )

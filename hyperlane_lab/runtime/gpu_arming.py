@@ -39,6 +39,7 @@ class ArmedSteps:
     _arm_lock: threading.RLock
     _armed: ArmedStep | None
     _arming_now: bool
+    _closing: bool
     _put: int
     _done: int
 
@@ -129,11 +130,13 @@ class ArmedSteps:
             self._arm_lock.release()
 
     def _may_arm(self, sid: str, sess: _Session, cache: Any, g: Any) -> bool:
-        """Nothing armed, this step the only one in flight, the compute thread idle and no other GPU user
-        (Profile), ``sess`` the only session and not failed, ``g`` still its cache's graph."""
+        """Nothing armed, the stepper not closing, this step the only one in flight, the compute thread idle
+        and no other GPU user (Profile), ``sess`` the only session and not failed, ``g`` still its cache's
+        graph."""
         w = self.w
         return bool(
             self._armed is None
+            and not self._closing
             and self._put == self._done + 1
             and w._submitted == w._finished
             and not w.gpu_users

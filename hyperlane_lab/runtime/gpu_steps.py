@@ -151,6 +151,7 @@ class GpuStepper(ArmedSteps):
         self._arm_lock = threading.RLock()
         self._armed: ArmedStep | None = None
         self._arming_now = False  # the completion thread holds the lock to arm (ArmedSteps.disarm reads it)
+        self._closing = False  # close() was called: arm nothing more
         # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
         # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
         self._put = 0
@@ -172,6 +173,7 @@ class GpuStepper(ArmedSteps):
         self._q.put(p)
 
     def close(self) -> None:
+        self._closing = True  # before disarm: an arm whose checks come later sees it (_may_arm)
         self.disarm()
         self._q.put(None)
 

@@ -46,19 +46,22 @@ def _default_devices(n: int) -> list[str]:
 
 
 def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[str, str]) -> bool:
-    """Whether the workers arm decode steps (models/decode_armed.py). Asked for (``--armed-graphs``,
+    """Whether the workers arm decode steps (models/decode_armed.py). Never without a CUDA worker or on a
+    host without ordered stores (not x86-64): nothing would arm. Otherwise, asked for (``--armed-graphs``,
     ``HYPERLANE_ARMED_GRAPHS=1``) or refused (``--no-armed-graphs``, ``=0``): as told. Unset: on when every
-    worker has a CUDA device of its own on an x86-64 host, the deployment armed steps are for (a waiting
-    gate holds its GPU's compute stream, so workers sharing a GPU would time-slice against it)."""
-    said = [a for a in args if a in ("--armed-graphs", "--no-armed-graphs")]
-    if said:
-        return said[-1] == "--armed-graphs"  # the worker's parser keeps the last
-    if environ.get("HYPERLANE_ARMED_GRAPHS") is not None:
-        return env_flag("HYPERLANE_ARMED_GRAPHS", False, environ)
+    worker has a CUDA device of its own, the deployment armed steps are for (a waiting gate holds its GPU's
+    compute stream, so workers sharing a GPU would time-slice against it)."""
     from hyperlane_lab.models.decode_armed import host_orders_stores  # imports torch
 
     cuda = [_gpu_name(d) for d in devices if d.startswith("cuda")]
-    return len(cuda) == len(devices) and len(set(cuda)) == len(cuda) and host_orders_stores()
+    if not cuda or not host_orders_stores():  # nothing would arm: CPU workers, or no ordered stores
+        return False
+    said = [a for a in args if a in ("--armed-graphs", "--no-armed-graphs")]
+    if said:
+        return said[-1] == "--armed-graphs"  # the worker's parser keeps the last (no abbreviations)
+    if environ.get("HYPERLANE_ARMED_GRAPHS") is not None:
+        return env_flag("HYPERLANE_ARMED_GRAPHS", False, environ)
+    return len(cuda) == len(devices) and len(set(cuda)) == len(cuda)
 
 
 def _gpu_name(device: str) -> str:
@@ -109,7 +112,8 @@ class LocalCluster:
         gpus = [_gpu_name(d) for d in self.devices if d.startswith("cuda")]
         shared = sorted({d for d in gpus if gpus.count(d) > 1})
         self.armed = armed_choice(self.devices, self.extra_args, workers_env)
-        if self.armed and (not self.extra_args or self.extra_args[-1] != "--armed-graphs"):
+        told = any(a in ("--armed-graphs", "--no-armed-graphs") for a in self.extra_args)
+        if self.armed and not told:  # the default (or the environment's) made explicit for the workers
             self.extra_args.append("--armed-graphs")
         if self.armed and shared:
             log.warning(
