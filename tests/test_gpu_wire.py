@@ -400,6 +400,42 @@ def test_armed_graphs_gpu_workers_match_the_probe(tmp_path, compression):
         assert all(cluster.alive)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs a GPU for each of 2 workers"
+)
+def test_local_cluster_arms_workers_with_a_gpu_each_by_default(tmp_path, monkeypatch):
+    """No flag, no environment: a LocalCluster whose workers have a GPU each arms their decode steps (Health's
+    ``armed_fired`` on both stages) and still gives the probe's greedy tokens."""
+    from hyperlane_lab.models.decode_armed import host_orders_stores
+    from hyperlane_lab.probes import greedy_sequences, load_pipeline
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    if not host_orders_stores():
+        pytest.skip("armed steps need an x86-64 host")
+    monkeypatch.delenv("HYPERLANE_ARMED_GRAPHS", raising=False)  # the default must decide
+    prompts = ["Once upon a time", "The dog"]
+    want = greedy_sequences(
+        load_pipeline(None, n_stages=2, dtype="fp16", device="cuda"), prompts, ["raw"], 64, 32
+    )
+    with (
+        LocalCluster(2, devices=["cuda:0", "cuda:1"], cache_dir=tmp_path) as cluster,
+        AutoDistributedModel.from_pretrained(
+            None, workers=cluster.addresses, dtype="fp16", progress=False
+        ) as m,
+    ):
+        assert cluster.armed
+        eos = m.spec.eos_token_ids[0]
+        got = []
+        for p in prompts * 2:  # the first run captures the graphs; the others replay them, armed
+            r = m.generate(p, max_tokens=32)
+            got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
+        assert got == want * 2
+        health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+        assert all(h.armed_fired > 0 for h in health), health
+
+
 def test_armed_gate_holds_its_stream_until_the_host_writes_the_pinned_flag():
     """The protocol as the worker uses it: pinned words, the gate then a copy from pinned inputs on one
     stream. Nothing after the gate runs before the flag; the copy then sees the inputs written before it."""
