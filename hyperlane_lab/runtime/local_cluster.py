@@ -181,7 +181,9 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
-        log.info("local cluster up: %s", ", ".join(self.addresses))
+        log.info(
+            "local cluster up: %s%s", ", ".join(self.addresses), "; decode steps armed" if self.armed else ""
+        )
         return self
 
     def _wait_ready(self, i: int, p: subprocess.Popen[bytes]) -> tuple[int, int, str]:
