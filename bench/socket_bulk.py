@@ -3,10 +3,12 @@
 A prompt step hands a [S, H] hidden state (4 MB for 512 tokens of a 4096-wide fp16 model) from one
 worker to the next. This times, for each size, one frame from a sending thread to the time the
 receiver has all of it: (a) ``SocketSender`` -> the asyncio ``FrameConnection`` a worker uses,
-(b) a bare socket: ``sendall`` in one thread, a ``recv_into`` loop in another. Medians of 10
-after 2 warm-ups; JSON to $OUT/socket_bulk.json (or --out).
+on one connection and striped over several (``--transport-stripes``: ``hyperlane worker --stripes``,
+runtime/stripes.py), (b) a bare socket: ``sendall`` in one thread, a ``recv_into`` loop in another,
+on one connection and over several (``--streams``). Medians of 10 after 2 warm-ups; JSON to
+$OUT/socket_bulk.json (or --out).
 
-    PYTHONPATH=$PWD python3 bench/socket_bulk.py --sizes-mb 1,4,16
+    PYTHONPATH=$PWD python3 bench/socket_bulk.py --sizes-mb 1,2,4,16 --transport-stripes 2,3,4
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from typing import Any
 
 import torch
 
-from hyperlane_lab.runtime.dataplane import BufferPool, start_server
-from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.dataplane import READ_TIMEOUT_S, BufferPool, start_server
+from hyperlane_lab.runtime.frame import MAX_PAYLOAD, FrameHeader, FrameKind
 from hyperlane_lab.runtime.sender import SocketSender
+from hyperlane_lab.runtime.stripes import MIN_PART, StripeRegistry
 
 REPS = 12
 
 
-def transport_s(n: int) -> float:
+def transport_s(n: int, stripes: int = 1) -> float:
+    """One tensor frame of ``n`` body bytes through the project's transport (split over ``stripes``
+    connections when > 1, as a worker started with ``--stripes`` sends a prompt's hidden state)."""
     arrived: list[float] = []
     ev = threading.Event()
 
@@ -41,17 +46,19 @@ def transport_s(n: int) -> float:
         ev.set()
 
     async def main() -> list[float]:
-        srv = await start_server("127.0.0.1", 0, on_frame, BufferPool())
+        registry = StripeRegistry(READ_TIMEOUT_S, MAX_PAYLOAD)
+        srv = await start_server("127.0.0.1", 0, on_frame, BufferPool(), stripes=registry)
         port = srv.sockets[0].getsockname()[1]
         times: list[float] = []
 
         def client() -> None:
-            snd = SocketSender(f"127.0.0.1:{port}")
-            payload = memoryview(bytearray(n))
+            snd = SocketSender(f"127.0.0.1:{port}", stripes=stripes, stripe_from=MIN_PART)
+            positions, payload = memoryview(bytearray(8)), memoryview(bytearray(n - 8))
             for i in range(REPS):
                 ev.clear()
                 t0 = time.perf_counter()
-                snd.send(FrameHeader(FrameKind.PING, "", i, 0, 0, torch.uint8, 0, 0, (), n), payload)
+                h = FrameHeader(FrameKind.TENSOR, "", i, 1, 1, torch.uint8, 0, 0, (n - 8,), n - 8)
+                snd.send(h, positions, payload)
                 if not ev.wait(30):
                     raise TimeoutError("frame did not arrive")
                 times.append(arrived[-1] - t0)
@@ -62,6 +69,7 @@ def transport_s(n: int) -> float:
         while th.is_alive():
             await asyncio.sleep(0.005)
         srv.close()
+        registry.close()
         return times
 
     return statistics.median(asyncio.run(main())[2:])
@@ -122,6 +130,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="1,4,16")
     ap.add_argument("--streams", default="2,4", help="bare sockets striped over this many connections too")
+    ap.add_argument("--transport-stripes", default="2,3,4", help="the transport striped over this many too")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -129,6 +138,7 @@ def main() -> int:
         n = int(mb * (1 << 20))
         t, b = transport_s(n), bare_s(n)
         striped = {int(k): bare_s(n, int(k)) for k in args.streams.split(",") if k}
+        t_striped = {int(k): transport_s(n, int(k)) for k in args.transport_stripes.split(",") if k}
         rows.append(
             {
                 "bytes": n,
@@ -137,9 +147,11 @@ def main() -> int:
                 "transport_gb_s": n / t / 1e9,
                 "bare_gb_s": n / b / 1e9,
                 "bare_striped_s": striped,
+                "transport_striped_s": t_striped,
             }
         )
         more = "".join(f", {k} streams {v * 1e3:.2f} ms ({n / v / 1e9:.2f} GB/s)" for k, v in striped.items())
+        more += "".join(f", transport x{k} {v * 1e3:.2f} ms" for k, v in t_striped.items())
         print(f"{mb:g} MB: transport {t * 1e3:.2f} ms ({n / t / 1e9:.2f} GB/s), bare socket {b * 1e3:.2f} ms "
               f"({n / b / 1e9:.2f} GB/s){more}, ratio {b / t:.2f}", flush=True)  # fmt: skip
     out = Path(args.out or Path(os.environ.get("OUT", "bench/out")) / "socket_bulk.json")

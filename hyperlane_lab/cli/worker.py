@@ -96,6 +96,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "HYPERLANE_ARMED_GRAPHS, off; LocalCluster and `hyperlane run --workers N` turn it on when every "
         "worker has a GPU of its own)",
     )
+    p.add_argument(
+        "--stripes",
+        type=_positive_int,
+        default=None,
+        help="send tensor frames of 1 MB or more (HYPERLANE_STRIPE_FROM bytes) to the next stage split over "
+        "this many connections, each written by its own thread (experimental; default: HYPERLANE_STRIPES, 1 = off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -126,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
         prompt_on_loop=args.prompt_on_loop,
         staging_pool=args.staging_pool,
         armed_graphs=args.armed_graphs,
+        stripes=args.stripes,
     )
     return run_worker(cfg)

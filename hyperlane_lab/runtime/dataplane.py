@@ -8,6 +8,7 @@ allocates payload memory. A malformed frame closes only that connection, with a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -25,6 +26,8 @@ from hyperlane_lab.runtime.frame import (
     pack_header,
     unpack_header,
 )
+from hyperlane_lab.runtime.stripe_conn import StripedConnection
+from hyperlane_lab.runtime.stripes import StripeGroup, StripeRegistry, _Entry
 
 __all__ = [
     "BufferPool",
@@ -148,7 +151,7 @@ _DRAIN_BYTES = 16 << 20  # at most this much per callback: other connections' fr
 READ_TIMEOUT_S = 60.0  # a frame that has begun must complete within this (a stalled peer is cut off)
 
 
-class FrameConnection(asyncio.BufferedProtocol):
+class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
     def __init__(
         self,
         on_frame: FrameHandler,
@@ -158,6 +161,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         name: str = "",
         on_header: HeaderCheck | None = None,
         read_timeout: float = READ_TIMEOUT_S,
+        stripes: StripeRegistry | None = None,
     ) -> None:
         self._on_frame, self._pool, self._max_payload, self._on_close = on_frame, pool, max_payload, on_close
         self._on_header = on_header
@@ -180,6 +184,19 @@ class FrameConnection(asyncio.BufferedProtocol):
         self.peer = ""
         self.frames_in = 0
         self._fd = -1  # the socket's descriptor, for draining large bodies (-1: not a real socket)
+        # striped frames (stripes.py): the registry of a worker's data server; this connection's group
+        # when it is a sender's main connection; the frame being assembled, whether this connection waits
+        # for its other parts (reading paused), bytes read past it meanwhile, a HELLO handing the socket on
+        self._stripes = stripes
+        self._group: StripeGroup | None = None
+        self._entry: Any = None
+        self._waiting = False
+        self._stash = b""
+        self._handoff: tuple[StripeGroup, int] | None = None
+        self._handed_off = False
+        self._discard = False  # a striped frame the header check refused: assembled, then dropped
+        self._part_end = 0  # body bytes this connection reads (the whole body unless striped)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -------------------------------------------------------------- asyncio callbacks
 
@@ -193,10 +210,12 @@ class FrameConnection(asyncio.BufferedProtocol):
                 self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        with contextlib.suppress(RuntimeError):  # driven by hand, outside an event loop
+            self._loop = asyncio.get_running_loop()
         self._watch()
 
     def _mid_frame(self) -> bool:
-        return self._hdr_got > 0 or self._header is not None or self._skip > 0
+        return self._hdr_got > 0 or self._header is not None or self._skip > 0  # (waiting: header set)
 
     def _watch(self) -> None:
         """Every read_timeout / 4: abort if a frame began more than read_timeout ago and is still
@@ -218,7 +237,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         # read instead of one event-loop pass each
         self._into_body = self._body is not None
         if self._body is not None:
-            return self._body.view[self._body_got :]
+            return self._body.view[self._body_got : self._part_end]
         if self._skip:
             return memoryview(self._scratch)[: min(self._skip, _SCRATCH)]
         return memoryview(self._scratch)
@@ -227,10 +246,10 @@ class FrameConnection(asyncio.BufferedProtocol):
         if self._into_body:
             assert self._header is not None
             self._body_got += nbytes
-            if self._fd >= 0 and self._header.body_len - self._body_got >= _DRAIN_FROM:
+            if self._fd >= 0 and self._part_end - self._body_got >= _DRAIN_FROM:
                 self._drain()
-            if self._body_got >= self._header.body_len:
-                self._emit()
+            if self._body is not None and self._body_got >= self._part_end:
+                self._body_done()
             return
         self._consume(memoryview(self._scratch)[:nbytes])
 
@@ -240,7 +259,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         is left for the transport's own next read to report; a read error closes the connection."""
         assert self._body is not None and self._header is not None
         view = self._body.view
-        want = min(self._header.body_len, self._body_got + _DRAIN_BYTES)
+        want = min(self._part_end, self._body_got + _DRAIN_BYTES)
         while self._body_got < want:  # every pass reads >= 1 byte or returns
             try:
                 n = os.readv(self._fd, [view[self._body_got : want]])
@@ -262,12 +281,13 @@ class FrameConnection(asyncio.BufferedProtocol):
                 self._skip -= k
                 data = data[k:]
             elif self._body is not None:
-                assert self._header is not None
-                k = min(self._header.body_len - self._body_got, len(data))
+                k = min(self._part_end - self._body_got, len(data))
                 self._body.view[self._body_got : self._body_got + k] = data[:k]
                 self._body_got += k
                 data = data[k:]
-                if self._body_got >= self._header.body_len and not self._emit():
+                if self._body_got >= self._part_end and not self._body_done():
+                    if self._waiting:  # the frame's other parts are still coming: keep what follows
+                        self._stash = bytes(data)
                     return
             else:
                 if self._hdr_got == 0:
@@ -277,6 +297,8 @@ class FrameConnection(asyncio.BufferedProtocol):
                 self._hdr_got += k
                 data = data[k:]
                 if self._hdr_got == HEADER.size and not self._begin_frame():
+                    if self._handoff is not None:
+                        self._hand_off(bytes(data))
                     return
 
     def _begin_frame(self) -> bool:
@@ -284,16 +306,34 @@ class FrameConnection(asyncio.BufferedProtocol):
         connection was closed."""
         try:
             header = unpack_header(self._hdr, self._max_payload)
+            if header.kind in (FrameKind.HELLO, FrameKind.STRIPE):
+                return self._stripe_hello(header)
             accept = self._on_header(self, header) if self._on_header is not None else True
+            if header.stripes and self._group is None:
+                raise ProtocolError(
+                    "a striped frame on a connection that did not say hello as a main connection"
+                )
         except ProtocolError as e:
             self.abort(str(e))
             return False
         self._hdr_got = 0
-        if not accept:
+        if not accept and not header.stripes:
             self._skip = header.body_len
             return True
         pin = header.kind == FrameKind.TENSOR  # only tensors go to a GPU
         self._header, self._body, self._body_got = header, self._pool.acquire(header.body_len, pin), 0
+        self._part_end, self._discard = header.body_len, not accept
+        if header.stripes:  # parts 1.. come on the group's stripe connections, straight into this body
+            assert self._group is not None
+            entry = _Entry(header, self._body, self._stripe_ready_from_thread)
+            try:
+                self._group.expect(entry)
+            except ProtocolError as e:
+                self._body.release()
+                self._header, self._body = None, None
+                self.abort(str(e))
+                return False
+            self._entry, self._part_end = entry, entry.bounds[0][1]
         return header.body_len > 0 or self._emit()
 
     def _emit(self) -> bool:
@@ -302,6 +342,10 @@ class FrameConnection(asyncio.BufferedProtocol):
         frame = Frame(self._header, self._body, self._t_first, time.perf_counter())
         self._header, self._body = None, None
         self.frames_in += 1
+        if self._discard:  # refused by the header check, read whole only to keep the stripes in step
+            self._discard = False
+            frame.body.release()
+            return self.transport is None or not self.transport.is_closing()
         try:
             self._on_frame(self, frame)
         except ProtocolError as e:
@@ -319,9 +363,14 @@ class FrameConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._entry is not None and self._group is not None:  # readers may still write into its body
+            self._group.abandon(self._entry)
+            self._entry, self._body = None, None
         if self._body is not None:
             self._body.release()
             self._body = None
+        if self._group is not None:
+            self._group.close(f"its main connection from {self.peer} closed")
         self._can_write.set()
         self.closed.set()
         if self._on_close:

@@ -3,7 +3,7 @@
     offset size field
     0      4    magic            b"HLF1"
     4      1    version          1
-    5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR
+    5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR, 7 STRIPE
     6      2    flags            bit 0: all_logits (reserved); bit 1: MORE (a prompt chunk: more
                                  chunks of this step follow; stages fill their caches, the last
                                  stage samples nothing)
@@ -15,14 +15,17 @@
     33     1    codec            codec id (0 = raw: the tensor as is, in `dtype`)
     34     2    group_size       codec group size (0 when unused)
     36     1    ndim             of the (decoded) tensor, <= 4
-    37     3    reserved         zero
+    37     1    stripes          0, or n in 2..8: the body is split in n parts (``stripes.py``)
+    38     2    reserved         zero
     40     16   shape            4 x u32, unused dims 0
     56     8    payload_len      bytes after the positions
     64     -    positions        B*S int64
     ...    -    payload          payload_len bytes (codec-encoded tensor, or raw bytes)
 
 TENSOR frames carry token ids (first stage) or hidden states; TOKENS frames carry the sampled
-ids [B] int64 back to the client; PING/PONG carry opaque bytes for link probes. Nothing here is
+ids [B] int64 back to the client; PING/PONG carry opaque bytes for link probes. A sender may split a
+large TENSOR frame's body over n connections (``stripes.py``): HELLO frames bind the connections into
+a group, the frame's header says n, and parts 1..n-1 travel as STRIPE frames. Nothing here is
 ever unpickled: tensors are rebuilt with ``torch.frombuffer`` from validated sizes only.
 """
 
@@ -45,6 +48,7 @@ __all__ = [
     "KNOWN_FLAGS",
     "MAGIC",
     "MAX_PAYLOAD",
+    "MAX_STRIPES",
     "VERSION",
     "FrameHeader",
     "FrameKind",
@@ -54,10 +58,11 @@ __all__ = [
 
 MAGIC = b"HLF1"
 VERSION = 1
-HEADER = struct.Struct("<4sBBH16sIHHBBHB3x4IQ")
+HEADER = struct.Struct("<4sBBH16sIHHBBHBB2x4IQ")
 assert HEADER.size == 64
 MAX_PAYLOAD = 1 << 31  # 2 GiB: larger frames are rejected before any allocation
 MAX_TOKENS = 1 << 20  # B*S bound
+MAX_STRIPES = 8  # connections one frame's body may be split over
 
 
 class FrameKind:
@@ -67,7 +72,8 @@ class FrameKind:
     PING = 4
     PONG = 5
     ERROR = 6
-    ALL = (1, 2, 3, 4, 5, 6)
+    STRIPE = 7
+    ALL = (1, 2, 3, 4, 5, 6, 7)
 
 
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -94,6 +100,7 @@ class FrameHeader:
     shape: tuple[int, ...]
     payload_len: int
     flags: int = 0
+    stripes: int = 0  # TENSOR: body split over this many connections; HELLO / STRIPE: the group's size
 
     @property
     def positions_len(self) -> int:
@@ -139,6 +146,7 @@ def pack_header(h: FrameHeader) -> bytes:
         h.codec,
         h.group_size,
         len(h.shape),
+        h.stripes,
         *shape,
         h.payload_len,
     )
@@ -161,6 +169,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, max_payload: int = MAX_PA
         codec,
         group,
         ndim,
+        stripes,
         d0,
         d1,
         d2,
@@ -181,6 +190,12 @@ def unpack_header(buf: bytes | bytearray | memoryview, max_payload: int = MAX_PA
         raise ProtocolError(f"unknown dtype code {dcode}")
     if ndim > 4:
         raise ProtocolError(f"ndim {ndim} > 4")
+    if stripes and not (
+        2 <= stripes <= MAX_STRIPES and kind in (FrameKind.TENSOR, FrameKind.HELLO, FrameKind.STRIPE)
+    ):
+        raise ProtocolError(
+            f"a {kind} frame split over {stripes} connections (tensor, hello and stripe frames only; 2 to {MAX_STRIPES})"
+        )
     if payload_len > max_payload:
         raise ProtocolError(f"payload of {payload_len} bytes exceeds the limit of {max_payload}")
     if batch * seq > MAX_TOKENS:
@@ -200,6 +215,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, max_payload: int = MAX_PA
         shape,
         payload_len,
         flags,
+        stripes,
     )
 
 

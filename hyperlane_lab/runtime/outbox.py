@@ -80,6 +80,8 @@ class WorkerOutbox:
     trace: TraceRecorder
     engine: Any
     stage_index: int
+    stripes: int
+    stripe_from: int
     _loop: asyncio.AbstractEventLoop | None
 
     async def connect_next(self, address: str, codec: str, group_size: int) -> float:
@@ -92,7 +94,10 @@ class WorkerOutbox:
         if address:
             if self.out.conn is not None and self.out.address == address and self.out.conn.is_open:
                 return 0.0
-            old, self.out.conn = self.out.conn, await asyncio.to_thread(SocketSender, address)
+            conn = await asyncio.to_thread(
+                SocketSender, address, stripes=self.stripes, stripe_from=self.stripe_from
+            )
+            old, self.out.conn = self.out.conn, conn
             self.out.address = address
             if old is not None:
                 old.close()

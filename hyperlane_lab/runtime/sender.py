@@ -12,13 +12,17 @@ The socket stays in blocking mode with the kernel's ``SO_SNDTIMEO`` as the limit
 with ``settimeout`` polls before every ``sendmsg`` (a second system call, and a second release and
 re-acquisition of the GIL, per frame on the critical path of every hop).
 
-Receiving stays on asyncio (``dataplane.py``); nothing is ever read from this socket.
+Receiving stays on asyncio (``dataplane.py``); nothing is ever read from this socket. With
+``stripes`` > 1 a large tensor frame's body is split over that many connections, each written by its
+own thread (``stripes.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import queue
 import select
 import socket
 import struct
@@ -26,34 +30,130 @@ import threading
 from typing import Any
 
 from hyperlane_lab.runtime.dataplane import parse_address
-from hyperlane_lab.runtime.frame import FrameHeader, pack_header
+from hyperlane_lab.runtime.frame import HEADER, MAX_STRIPES, FrameHeader, FrameKind, pack_header
+from hyperlane_lab.runtime.stripes import (
+    MIN_PART,
+    hello_header,
+    new_token,
+    stripe_bounds,
+    stripe_header,
+    stripes_for,
+)
 
-__all__ = ["SocketSender"]
+__all__ = ["STRIPE_FROM", "SocketSender"]
 
 log = logging.getLogger(__name__)
 
+STRIPE_FROM = 1 << 20  # default: striped senders split tensor frames of at least 1 MB
+
+
+def _connect(address: str, connect_timeout: float, send_timeout: float) -> socket.socket:
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
+    except OSError as e:
+        raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)  # blocking: one system call per send (see the module's docstring)
+    sec = max(send_timeout, 1e-3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6)))
+    return sock
+
+
+def _send_all(sock: socket.socket, bufs: list[memoryview]) -> None:
+    """Write every buffer whole (``sendmsg`` may take part of them)."""
+    while bufs:
+        sent = sock.sendmsg(bufs)
+        while bufs and sent >= bufs[0].nbytes:  # drop what went out, keep the rest
+            sent -= bufs[0].nbytes
+            bufs.pop(0)
+        if bufs and sent:
+            bufs[0] = bufs[0][sent:]
+
+
+def _cut(bufs: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """Bytes ``[start, end)`` of the concatenation of ``bufs``, as views."""
+    out, pos = [], 0
+    for b in bufs:
+        lo, hi = max(start - pos, 0), min(end - pos, b.nbytes)
+        if lo < hi:
+            out.append(b[lo:hi])
+        pos += b.nbytes
+        if pos >= end:
+            break
+    return out
+
+
+class _StripeWriter:
+    """One stripe connection's sending thread: writes the parts it is given, one frame at a time."""
+
+    def __init__(self, sock: socket.socket, index: int) -> None:
+        self.sock, self.index = sock, index
+        self._jobs: queue.SimpleQueue[list[memoryview] | None] = queue.SimpleQueue()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"hyperlane-stripe-send-{index}", daemon=True)
+        self.thread.start()
+
+    def submit(self, bufs: list[memoryview]) -> None:
+        self.error = None
+        self.done.clear()
+        self._jobs.put(bufs)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            bufs = self._jobs.get()
+            if bufs is None:
+                return
+            try:
+                _send_all(self.sock, bufs)
+            except BaseException as e:  # reported by the frame's send
+                self.error = e
+            finally:
+                self.done.set()
+
 
 class SocketSender:
-    def __init__(self, address: str, connect_timeout: float = 10.0, send_timeout: float = 60.0) -> None:
-        """Connect to a data port (``host:port``); raises ConnectionError naming the address."""
+    def __init__(
+        self,
+        address: str,
+        connect_timeout: float = 10.0,
+        send_timeout: float = 60.0,
+        stripes: int = 1,
+        stripe_from: int = STRIPE_FROM,
+    ) -> None:
+        """Connect to a data port (``host:port``); raises ConnectionError naming the address. With
+        ``stripes`` = n > 1, n - 1 more connections carry parts of frames of ``stripe_from`` bytes or more
+        (``stripes.py``): the peer must be a worker's data port."""
         self.address = address
-        host, port = parse_address(address)
-        try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
-        except OSError as e:
-            raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)  # blocking: one system call per send (see the module's docstring)
         if not 0 < send_timeout <= 1e6:
             raise ValueError(f"send_timeout must be > 0 and at most 1e6 s, got {send_timeout}")
-        sec = max(send_timeout, 1e-3)
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6))
-        )
+        if not 1 <= stripes <= MAX_STRIPES:
+            raise ValueError(f"stripes must be 1 (off) to {MAX_STRIPES}, got {stripes}")
+        if stripe_from < MIN_PART:
+            raise ValueError(f"stripe_from must be at least {MIN_PART} bytes, got {stripe_from}")
+        sock = _connect(address, connect_timeout, send_timeout)
         self._sock: socket.socket | None = sock
         self._lock = threading.Lock()
         self.send_timeout = send_timeout
         self.frames_out = 0
+        self.striped_out = 0
+        self.stripes, self.stripe_from = stripes, stripe_from
+        self._writers: list[_StripeWriter] = []
+        if stripes > 1:
+            token = new_token()
+            try:
+                _send_all(sock, [memoryview(pack_header(hello_header(token, 0, stripes)))])
+                for j in range(1, stripes):
+                    s = _connect(address, connect_timeout, send_timeout)
+                    _send_all(s, [memoryview(pack_header(hello_header(token, j, stripes)))])
+                    self._writers.append(_StripeWriter(s, j))
+            except (OSError, ConnectionError) as e:
+                self.close()
+                raise ConnectionError(f"cannot open the stripe connections to {address}: {e}") from e
 
     @property
     def is_open(self) -> bool:
@@ -76,21 +176,20 @@ class SocketSender:
 
         Blocks until the kernel has taken every byte (natural flow control). Raises ConnectionError
         if the connection is closed or breaks (and closes it)."""
-        bufs = [memoryview(pack_header(header))]
-        bufs += [memoryview(p).cast("B") for p in parts if len(p)]
-        total = sum(b.nbytes for b in bufs)
+        body = [memoryview(p).cast("B") for p in parts if len(p)]
+        body_len = sum(b.nbytes for b in body)
+        k = stripes_for(body_len, self.stripes, self.stripe_from) if header.kind == FrameKind.TENSOR else 0
         with self._lock:
             sock = self._sock
             if sock is None:
                 raise ConnectionError(f"data connection to {self.address} is closed")
             try:
-                while bufs:
-                    sent = sock.sendmsg(bufs)
-                    while bufs and sent >= bufs[0].nbytes:  # drop what went out, keep the rest
-                        sent -= bufs[0].nbytes
-                        bufs.pop(0)
-                    if bufs and sent:
-                        bufs[0] = bufs[0][sent:]
+                if header.stripes != k:  # (a header passed on from a striped frame says its own split)
+                    header = dataclasses.replace(header, stripes=k)
+                if k:
+                    self._send_striped(sock, header, body, body_len, k)
+                else:
+                    _send_all(sock, [memoryview(pack_header(header)), *body])
             except BlockingIOError as e:  # EAGAIN after SO_SNDTIMEO: the peer stopped reading
                 self._close_locked()
                 raise ConnectionError(
@@ -101,7 +200,24 @@ class SocketSender:
                 self._close_locked()
                 raise ConnectionError(f"data connection to {self.address} broke: {e}") from e
             self.frames_out += 1
-        return total
+        return HEADER.size + body_len
+
+    def _send_striped(
+        self, sock: socket.socket, header: FrameHeader, body: list[memoryview], n: int, k: int
+    ) -> None:
+        """(Lock held.) Parts 1..k-1 to the stripe threads, part 0 here, then wait for all of them."""
+        bounds = stripe_bounds(n, k)
+        for j in range(1, k):
+            s, e = bounds[j]
+            hdr = memoryview(pack_header(stripe_header(header, j, k, e - s)))
+            self._writers[j - 1].submit([hdr, *_cut(body, s, e)])
+        _send_all(sock, [memoryview(pack_header(header)), *_cut(body, *bounds[0])])
+        for w in self._writers[: k - 1]:
+            if not w.done.wait(self.send_timeout):
+                raise BlockingIOError(f"stripe {w.index} took no data for {self.send_timeout:g} s")
+            if w.error is not None:
+                raise OSError(f"stripe {w.index}: {w.error}")
+        self.striped_out += 1
 
     def close(self) -> None:
         """Close without waiting for a send in progress (that send fails and finishes the close)."""
@@ -121,3 +237,10 @@ class SocketSender:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+        for w in self._writers:
+            with contextlib.suppress(OSError):
+                w.sock.shutdown(socket.SHUT_RDWR)  # a writer blocked in sendmsg returns
+            with contextlib.suppress(OSError):
+                w.sock.close()
+            w.stop()
+        self._writers = []

@@ -145,6 +145,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             armed_fired=armed[0],
             armed_released=armed[1],
             armed_gave_up=armed[2],
+            striped_in=self.w.stripe_registry.frames,
+            striped_out=self.w.out.conn.striped_out if self.w.out.conn is not None else 0,
         )
 
     # ------------------------------------------------------------------ blobs and shards

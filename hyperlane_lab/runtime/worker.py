@@ -36,10 +36,26 @@ from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.models.decode_wire import IDX_CODECS
 from hyperlane_lab.runtime.blobs import BlobStore
-from hyperlane_lab.runtime.dataplane import BufferPool, Frame, FrameConnection, open_connection, start_server
-from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind, raw_nbytes
+from hyperlane_lab.runtime.dataplane import (
+    READ_TIMEOUT_S,
+    BufferPool,
+    Frame,
+    FrameConnection,
+    open_connection,
+    start_server,
+)
+from hyperlane_lab.runtime.frame import (
+    FLAG_MORE,
+    MAX_PAYLOAD,
+    MAX_STRIPES,
+    FrameHeader,
+    FrameKind,
+    raw_nbytes,
+)
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
 from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
+from hyperlane_lab.runtime.sender import STRIPE_FROM
+from hyperlane_lab.runtime.stripes import MIN_PART, StripeRegistry
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import check_payload, decode_payload, encode_tensor
 from hyperlane_lab.runtime.worker_config import WorkerConfig, device_memory, hold_cpu_latency, resolve_device
@@ -77,6 +93,22 @@ def _pinned_bytes(n: int) -> Any:
 def _opt_in(setting: bool | None, env: str) -> bool:
     """A worker switch that is off by default: the config's value, or the environment's when unset."""
     return env_flag(env, False) if setting is None else setting
+
+
+def _setting(value: int | None, env: str, default: int, lo: int, hi: int) -> int:
+    """An integer worker setting: the config's value, else the environment's, else ``default``."""
+    if value is not None:
+        return value
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = lo - 1
+    if not lo <= v <= hi:
+        raise ValueError(f"{env} must be an integer from {lo} to {hi}, got {raw!r}")
+    return v
 
 
 PROMPT_ON_LOOP_MAX_BYTES = 4 << 20  # --prompt-on-loop: larger prompt bodies still go to the compute thread
@@ -117,6 +149,13 @@ class Worker(WorkerOutbox):
         self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
         # GPU work outside the step paths and the compute thread (Profile): nothing is armed while > 0
         self.gpu_users = 0
+        # large tensor frames to the next stage split over several connections (runtime/stripes.py); the
+        # data server takes striped frames from any sender
+        self.stripes = _setting(config.stripes, "HYPERLANE_STRIPES", 1, 1, MAX_STRIPES)
+        self.stripe_from = _setting(
+            config.stripe_from, "HYPERLANE_STRIPE_FROM", STRIPE_FROM, MIN_PART, MAX_PAYLOAD
+        )
+        self.stripe_registry = StripeRegistry(READ_TIMEOUT_S, config.max_payload)
         self._gpu: GpuStepper | None = None  # made on first use for a CUDA engine (loop or compute thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -144,6 +183,7 @@ class Worker(WorkerOutbox):
             self.pool,
             max_payload=self.config.max_payload,
             on_header=self._check_header,
+            stripes=self.stripe_registry,
         )
         self.data_port = self._server.sockets[0].getsockname()[1]
         if self.config.session_ttl_s > 0:
@@ -172,6 +212,7 @@ class Worker(WorkerOutbox):
         for conn in [self.out.conn, *self.out.extra.values()]:
             if conn is not None:
                 conn.close()
+        self.stripe_registry.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
         if self._gpu is not None:
             self._gpu.close()

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from hyperlane_lab.runtime.frame import MAX_STRIPES
+from hyperlane_lab.runtime.stripes import MIN_PART
+
 __all__ = ["WorkerConfig", "busy_poll_window_us", "device_memory", "hold_cpu_latency", "resolve_device"]
 
 
@@ -55,6 +58,11 @@ class WorkerConfig:
     # is the worker's only session (models/decode_armed.py); the frame then only writes pinned inputs and a
     # flag. None = ``HYPERLANE_ARMED_GRAPHS`` (default off): experimental
     armed_graphs: bool | None = None
+    # connections a tensor frame of ``stripe_from`` bytes or more is split over on its way to the next stage
+    # (runtime/stripes.py; each written and read by its own thread). None = ``HYPERLANE_STRIPES`` (default 1,
+    # off) and ``HYPERLANE_STRIPE_FROM`` (default 1 MB): experimental, for prompt hand-offs on fast links
+    stripes: int | None = None
+    stripe_from: int | None = None
 
     def __post_init__(self) -> None:
         if self.cpus not in ("", "auto"):
@@ -67,6 +75,10 @@ class WorkerConfig:
             )
         if self.switch_interval_us is not None and self.switch_interval_us <= 0:
             raise ValueError(f"switch_interval_us must be > 0 µs, got {self.switch_interval_us}")
+        if self.stripes is not None and not 1 <= self.stripes <= MAX_STRIPES:
+            raise ValueError(f"stripes must be 1 (off) to {MAX_STRIPES} connections, got {self.stripes}")
+        if self.stripe_from is not None and self.stripe_from < MIN_PART:
+            raise ValueError(f"stripe_from must be at least {MIN_PART} bytes, got {self.stripe_from}")
 
 
 AUTO_BUSY_POLL_US = 20_000  # the auto window (bench/RESULTS.md, twelfth session)

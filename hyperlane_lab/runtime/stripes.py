@@ -1,0 +1,344 @@
+"""Striped frames: one large TENSOR frame's body sent over n TCP connections at once.
+
+Why: one TCP stream moves a prompt's hidden state (2-4 MB) at the speed of one thread's copies on each
+side; on loopback and fast links that is the hand-off's cost (``bench/socket_bulk.py``: 4 MB in 0.70 ms
+on one connection of an H200 host, 0.35 ms over three, with a sending and a receiving thread each).
+Opt-in: ``hyperlane worker --stripes N`` (or ``HYPERLANE_STRIPES``).
+
+Protocol (``frame.py`` has the header):
+
+- A sender with n stripes opens its main connection and n - 1 more to the same data port and sends a
+  HELLO on each: the session field is a random group token, ``step`` the connection's index (0 = main),
+  ``stripes`` = n. The receiver binds them into a group; a stripe connection is then read by its own
+  thread (``StripeReader``), outside the event loop.
+- A TENSOR frame whose body has at least ``stripe_from`` bytes (and at least ``MIN_PART`` per part) goes
+  out with ``stripes`` = k (2 <= k <= n) in its header: the body is cut by ``stripe_bounds(body_len, k)``;
+  part 0 follows the header on the main connection, part j travels on stripe connection j as a STRIPE
+  frame (the TENSOR frame's session and step, shape ``(j,)``, the part's bytes as its payload).
+- Each stripe connection carries parts in the order of the frames on the main connection, so a part
+  belongs to the oldest frame still waiting for that index. The receiver writes every part straight
+  into the frame's one body buffer and hands the frame on when all k parts are in; the main connection
+  reads nothing more until then (frames stay in order).
+- Anything else (a part of the wrong length or session, a STRIPE frame on a main connection, a group
+  index or size out of range, a peer that stops mid-part for ``READ_TIMEOUT_S``) closes the group's
+  connections, with the reason logged. Nothing is unpickled; lengths are checked before any write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperlane_lab.errors import ProtocolError
+from hyperlane_lab.runtime.frame import HEADER, MAX_STRIPES, FrameHeader, FrameKind, unpack_header
+
+if TYPE_CHECKING:
+    from hyperlane_lab.runtime.dataplane import PooledBuffer
+
+__all__ = [
+    "MIN_PART",
+    "StripeGroup",
+    "StripeRegistry",
+    "hello_header",
+    "new_token",
+    "stripe_bounds",
+    "stripe_header",
+    "stripes_for",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_PART = 4096  # bytes: a frame is cut in at most body_len // MIN_PART parts
+MAX_READERS = 64  # stripe connections (threads) one worker serves at a time
+
+
+def stripe_bounds(body_len: int, k: int) -> list[tuple[int, int]]:
+    """The k parts ``[start, end)`` of a body: equal sizes rounded up to 64 bytes, the last one shorter."""
+    q = -(-body_len // k)
+    q = -(-q // 64) * 64
+    return [(min(i * q, body_len), min((i + 1) * q, body_len)) for i in range(k)]
+
+
+def stripes_for(body_len: int, n: int, stripe_from: int) -> int:
+    """How many parts a sender with n connections cuts a body into: 0 (not striped) below ``stripe_from``."""
+    if n < 2 or body_len < stripe_from:
+        return 0
+    k = min(n, body_len // MIN_PART)
+    return k if k >= 2 else 0
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def hello_header(token: str, index: int, n: int) -> FrameHeader:
+    return FrameHeader(FrameKind.HELLO, token, index, 0, 0, torch.uint8, 0, 0, (), 0, 0, n)
+
+
+def stripe_header(h: FrameHeader, index: int, k: int, nbytes: int) -> FrameHeader:
+    return FrameHeader(FrameKind.STRIPE, h.session, h.step, 0, 0, torch.uint8, 0, 0, (index,), nbytes, 0, k)
+
+
+class _Entry:
+    """A striped frame being assembled: its body buffer, the parts not yet taken by a reader, writers busy."""
+
+    __slots__ = ("abandoned", "body", "bounds", "header", "left", "main_done", "on_ready", "writers")
+
+    def __init__(self, header: FrameHeader, body: PooledBuffer, on_ready: Callable[[_Entry], None]) -> None:
+        self.header, self.body, self.on_ready = header, body, on_ready
+        self.bounds = stripe_bounds(header.body_len, header.stripes)
+        self.left = set(range(1, header.stripes))
+        self.writers = 0
+        self.main_done = False
+        self.abandoned = False
+
+
+class StripeGroup:
+    """One sender's connections: the main one (read on the event loop) and its stripe readers (threads).
+    Everything shared is guarded by ``cond``."""
+
+    def __init__(self, registry: StripeRegistry, token: str, n: int) -> None:
+        self.registry, self.token, self.n = registry, token, n
+        self.cond = threading.Condition()
+        self.pending: deque[_Entry] = deque()
+        self.readers: dict[int, StripeReader] = {}
+        self.has_main = False
+        # closes the main connection from any thread: (reason, quietly: the sender closed, nothing failed)
+        self.main_abort: Callable[[str, bool], None] | None = None
+        self.broken = ""
+
+    # ------------------------------------------------------------- main connection (event loop)
+
+    def expect(self, entry: _Entry) -> None:
+        """A striped frame's header came on the main connection: its parts may now be written."""
+        if entry.header.stripes > self.n:
+            raise ProtocolError(
+                f"a frame split in {entry.header.stripes} parts on a group of {self.n} connections"
+            )
+        if any(e <= s for s, e in entry.bounds):
+            raise ProtocolError(f"a striped frame of {entry.header.body_len} bytes leaves a part empty")
+        with self.cond:
+            if self.broken:
+                raise ProtocolError(f"its stripe connections failed: {self.broken}")
+            self.pending.append(entry)
+            self.cond.notify_all()
+
+    def main_part_done(self, entry: _Entry) -> bool:
+        """The main connection has part 0: True if every part is in (hand the frame on now); else a
+        reader's ``on_ready`` does it later."""
+        with self.cond:
+            entry.main_done = True
+            return self._ready(entry)
+
+    def _ready(self, entry: _Entry) -> bool:  # (cond held)
+        if entry.left or entry.writers or not entry.main_done:
+            return False
+        with contextlib.suppress(ValueError):
+            self.pending.remove(entry)
+        return True
+
+    def abandon(self, entry: _Entry) -> None:
+        """The main connection is gone mid-frame: release the body once no reader writes into it."""
+        with self.cond:
+            entry.abandoned = True
+            with contextlib.suppress(ValueError):
+                self.pending.remove(entry)
+            if entry.writers == 0:
+                entry.body.release()
+
+    def close(self, reason: str, quiet: bool = False) -> None:
+        """Mark the group failed and shut its stripe connections (their threads end) and its main one
+        (``quiet``: the sender closed between frames, nothing to warn about)."""
+        with self.cond:
+            if not self.broken:
+                self.broken = reason
+            readers = list(self.readers.values())
+            self.cond.notify_all()
+        for r in readers:
+            r.shutdown()
+        if self.main_abort is not None:
+            self.main_abort(f"its stripe connections failed: {reason}", quiet)
+        self.registry._forget(self)
+
+    # ------------------------------------------------------------- stripe readers (their threads)
+
+    def take(self, index: int, h: FrameHeader, timeout: float) -> tuple[_Entry, int, int]:
+        """The oldest frame still waiting for part ``index``, checked against its STRIPE header; the
+        caller then writes ``body[start:end]`` and calls ``put``."""
+        with self.cond:
+            entry = None
+            ok = self.cond.wait_for(
+                lambda: self.broken or any(index in e.left for e in self.pending), timeout=timeout
+            )
+            if self.broken:
+                raise ConnectionError(self.broken)
+            if not ok:
+                raise ProtocolError(f"part {index} came but no frame on the main connection waited for it")
+            entry = next(e for e in self.pending if index in e.left)
+            eh = entry.header
+            start, end = entry.bounds[index]
+            if (h.session, h.step, h.stripes) != (
+                eh.session,
+                eh.step,
+                eh.stripes,
+            ) or h.payload_len != end - start:
+                raise ProtocolError(
+                    f"part {index} ({h.payload_len} bytes, step {h.step}, {h.stripes} parts) does not match the "
+                    f"frame it belongs to ({end - start} bytes, step {eh.step}, {eh.stripes} parts)"
+                )
+            entry.left.discard(index)
+            entry.writers += 1
+            return entry, start, end
+
+    def put(self, entry: _Entry, ok: bool) -> None:
+        """A reader finished writing its part (``ok``) or failed mid-part."""
+        with self.cond:
+            entry.writers -= 1
+            if entry.abandoned:
+                if entry.writers == 0:
+                    entry.body.release()
+                return
+            ready = ok and self._ready(entry)
+        if ready:
+            entry.on_ready(entry)
+
+
+class StripeReader:
+    """Reads one stripe connection in its own thread: STRIPE frames, each part straight into its frame's body."""
+
+    def __init__(self, group: StripeGroup, index: int, sock: socket.socket, leftover: bytes,
+                 read_timeout: float, max_payload: int) -> None:  # fmt: skip
+        self.group, self.index, self.sock = group, index, sock
+        self._left = memoryview(bytes(leftover))
+        self.read_timeout, self.max_payload = read_timeout, max_payload
+        self.parts = 0
+        self.thread = threading.Thread(target=self._run, name=f"hyperlane-stripe-{index}", daemon=True)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _read_into(self, view: memoryview, timeout: float | None) -> bool:
+        """Fill ``view`` (leftover bytes first); False at end of stream before any byte."""
+        got = 0
+        if self._left.nbytes:
+            k = min(self._left.nbytes, view.nbytes)
+            view[:k] = self._left[:k]
+            self._left, got = self._left[k:], k
+        self.sock.settimeout(timeout)
+        while got < view.nbytes:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                if got == 0:
+                    return False
+                raise ConnectionError(f"stripe connection {self.index} closed mid-frame")
+            got += n
+        return True
+
+    def _run(self) -> None:
+        g, reason, clean = self.group, "", False
+        hdr = bytearray(HEADER.size)
+        try:
+            while True:
+                if not self._read_into(memoryview(hdr), None):  # idle between frames: no limit
+                    clean = True  # the sender closed between frames
+                    return
+                h = unpack_header(hdr, self.max_payload)
+                if h.kind != FrameKind.STRIPE or h.shape != (self.index,):
+                    raise ProtocolError(
+                        f"stripe connection {self.index} got a frame of kind {h.kind}, shape {h.shape}"
+                    )
+                entry, start, end = g.take(self.index, h, self.read_timeout)
+                ok = False
+                try:
+                    ok = self._read_into(entry.body.view[start:end], self.read_timeout)
+                    if not ok:
+                        raise ConnectionError(f"stripe connection {self.index} closed mid-frame")
+                    self.parts += 1
+                finally:
+                    g.put(entry, ok)
+        except (ProtocolError, ConnectionError, OSError) as e:  # socket.timeout is an OSError
+            reason = f"stripe connection {self.index}: {e}"
+        except Exception as e:  # a bug must not leave the group waiting
+            log.exception("stripe reader %d failed", self.index)
+            reason = f"stripe connection {self.index}: internal error: {e}"
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            if reason and not g.broken:
+                log.warning("data plane: %s; closing its group", reason)
+            g.close(reason or f"stripe connection {self.index} closed", quiet=clean)
+            g.registry._reader_done(self)
+
+
+class StripeRegistry:
+    """A data server's stripe groups by token (one per sender). ``fail_main(group, reason)`` closes a
+    group's main connection from any thread (set by the server: it runs on the event loop)."""
+
+    def __init__(self, read_timeout: float, max_payload: int) -> None:
+        self.read_timeout, self.max_payload = read_timeout, max_payload
+        self._lock = threading.Lock()
+        self._groups: dict[str, StripeGroup] = {}
+        self._readers: set[StripeReader] = set()
+        self.frames = 0  # striped frames received whole
+
+    def group(self, token: str, n: int, index: int) -> StripeGroup:
+        """The group a HELLO joins (made by whichever of its connections comes first)."""
+        if not 2 <= n <= MAX_STRIPES or not 0 <= index < n:
+            raise ProtocolError(f"a hello for connection {index} of {n} (2 to {MAX_STRIPES} connections)")
+        with self._lock:
+            g = self._groups.get(token)
+            if g is None:
+                if len(self._groups) >= MAX_READERS:
+                    raise ProtocolError(f"too many stripe groups (at most {MAX_READERS})")
+                g = self._groups[token] = StripeGroup(self, token, n)
+            if g.n != n:
+                raise ProtocolError(f"a hello for a group of {n} connections; the group has {g.n}")
+            if (index == 0 and g.has_main) or index in g.readers:
+                raise ProtocolError(f"connection {index} of stripe group {token[:8]} joined twice")
+            if index == 0:
+                g.has_main = True
+            return g
+
+    def start_reader(self, g: StripeGroup, index: int, sock: socket.socket, leftover: bytes) -> StripeReader:
+        with self._lock:
+            if len(self._readers) >= MAX_READERS:
+                raise ProtocolError(f"too many stripe connections (at most {MAX_READERS})")
+            r = StripeReader(g, index, sock, leftover, self.read_timeout, self.max_payload)
+            self._readers.add(r)
+        with g.cond:
+            g.readers[index] = r
+        r.thread.start()
+        return r
+
+    def close(self) -> None:
+        with self._lock:
+            groups = list(self._groups.values())
+        for g in groups:
+            g.close("the server closed")
+
+    def _forget(self, g: StripeGroup) -> None:
+        with self._lock:
+            if self._groups.get(g.token) is g:
+                del self._groups[g.token]
+
+    def _reader_done(self, r: StripeReader) -> None:
+        with self._lock:
+            self._readers.discard(r)
+
+    @property
+    def reader_count(self) -> int:
+        with self._lock:
+            return len(self._readers)
+
+    def counts(self) -> dict[str, Any]:
+        with self._lock:
+            return {"groups": len(self._groups), "readers": len(self._readers), "frames": self.frames}
