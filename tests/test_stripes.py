@@ -57,12 +57,25 @@ def test_senders_stripe_only_large_bodies():
     assert stripes_for(MIN_PART + 5, 8, MIN_PART) == 0
 
 
+class _CountingPool(BufferPool):
+    """Records the size of every buffer taken (what a frame made the receiver allocate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[int] = []
+
+    def acquire(self, size: int, pin: bool = False) -> Any:
+        self.taken.append(size)
+        return super().acquire(size, pin)
+
+
 class _Server:
     """A data server with a stripe registry on its own event loop thread; frames go to ``got``."""
 
     def __init__(self, stripes: bool = True, read_timeout: float = 60.0, refuse: str = "") -> None:
         self.got: list[tuple[FrameHeader, bytes]] = []
         self.refuse = refuse  # the header check drops this session's frames (a closed session's late frames)
+        self.pool = _CountingPool()
         self.registry = StripeRegistry(read_timeout, 1 << 31) if stripes else None
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -82,7 +95,7 @@ class _Server:
                 "127.0.0.1",
                 0,
                 on_frame,
-                BufferPool(),
+                self.pool,
                 stripes=self.registry,
                 read_timeout=read_timeout,
                 on_header=lambda conn, h: h.session != self.refuse,
@@ -294,9 +307,9 @@ def test_a_sender_that_stops_mid_part_is_cut_off_and_the_body_freed():
         s.close()
 
 
-def test_a_striped_frame_the_header_check_refuses_is_read_whole_and_dropped():
-    """A late frame of a closed session: dropped, but all its parts are read, so the next frames (striped or
-    not) still line up with their parts."""
+def test_a_striped_frame_the_header_check_refuses_is_read_past_without_taking_its_size():
+    """A late frame of a closed session: dropped without allocating its declared size (a peer could declare
+    2 GB), but all its parts are read past, so the next frames (striped or not) still line up."""
     bad = uuid.uuid4().hex
     s = _Server(refuse=bad)
     try:
@@ -309,10 +322,64 @@ def test_a_striped_frame_the_header_check_refuses_is_read_whole_and_dropped():
         assert [g[0].step for g in got] == [1, 2, 4] and [g[1] for g in got] == [
             frames[i][1] for i in (1, 2, 4)
         ]
-        assert sender.striped_out == 4 and s.registry.frames == 4
+        assert sender.striped_out == 4 and s.registry.frames == 2  # (the two refused ones are not counted)
+        assert s.pool.taken == [frames[i][0].body_len for i in (1, 2, 4)]  # nothing for the refused ones
         sender.close()
     finally:
         s.close()
+
+
+def test_a_sender_closing_after_its_last_striped_frame_loses_no_frame(server):
+    """The stripe connections may end before the main connection's last frames are read: a stripe connection
+    closed between frames only retires its index, and the frames after the last striped one still arrive."""
+    for _ in range(3):
+        n = len(server.got)
+        sender = SocketSender(server.address, stripes=3, stripe_from=2 * MIN_PART)
+        sid = uuid.uuid4().hex
+        frames = [_tensor(50_000 if i % 10 == 0 else 200, i, sid) for i in range(60)]
+        for h, body in frames:
+            sender.send(h, body)
+        sender.close()
+        got = [g for g in server.wait_for(n + len(frames)) if g[0].session == sid]
+        assert [g[1] for g in got] == [b for _, b in frames]
+
+
+def test_a_stripe_connection_whose_group_gets_no_main_connection_ends():
+    s = _Server(read_timeout=0.5)
+    try:
+        stripe = _raw(s.address)
+        stripe.sendall(pack_header(hello_header(new_token(), 1, 2)))  # and no main connection ever
+        assert _closed_by_peer(stripe)
+        deadline = time.monotonic() + 10
+        while s.registry.reader_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.registry.reader_count == 0 and s.registry.counts()["groups"] == 0
+        stripe.close()
+        _still_serves(s)
+    finally:
+        s.close()
+
+
+def test_closing_a_sender_interrupts_its_striped_send():
+    """A peer that stops reading: a striped send blocks, and ``close`` from another thread ends it at once
+    (ConnectionError) instead of after the send timeout, with the stripe threads gone."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(8)
+    addr = f"127.0.0.1:{lsn.getsockname()[1]}"
+    sender = SocketSender(addr, stripes=3, stripe_from=2 * MIN_PART, send_timeout=30)
+    peers = [lsn.accept()[0] for _ in range(3)]  # accepted, never read
+    h, body = _tensor(64 << 20)
+    threading.Timer(0.5, sender.close).start()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError):
+        sender.send(h, body)
+    assert time.monotonic() - t0 < 10
+    assert not sender.is_open
+    assert all(not w.thread.is_alive() for w in sender._writers)
+    for p in peers:
+        p.close()
+    lsn.close()
 
 
 def test_sender_settings_are_checked():

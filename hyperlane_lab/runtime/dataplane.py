@@ -194,7 +194,6 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
         self._stash = b""
         self._handoff: tuple[StripeGroup, int] | None = None
         self._handed_off = False
-        self._discard = False  # a striped frame the header check refused: assembled, then dropped
         self._part_end = 0  # body bytes this connection reads (the whole body unless striped)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -317,12 +316,23 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
             self.abort(str(e))
             return False
         self._hdr_got = 0
-        if not accept and not header.stripes:
-            self._skip = header.body_len
+        if not accept:
+            if header.stripes:  # its parts still come on the stripe connections: read past them there too
+                assert self._group is not None
+                refused = _Entry(header, None, lambda e: None)  # no body: nothing of its size is taken
+                refused.main_done = True
+                try:
+                    self._group.expect(refused)
+                except ProtocolError as e:
+                    self.abort(str(e))
+                    return False
+                self._skip = refused.bounds[0][1]
+            else:
+                self._skip = header.body_len
             return True
         pin = header.kind == FrameKind.TENSOR  # only tensors go to a GPU
         self._header, self._body, self._body_got = header, self._pool.acquire(header.body_len, pin), 0
-        self._part_end, self._discard = header.body_len, not accept
+        self._part_end = header.body_len
         if header.stripes:  # parts 1.. come on the group's stripe connections, straight into this body
             assert self._group is not None
             entry = _Entry(header, self._body, self._stripe_ready_from_thread)
@@ -342,10 +352,6 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
         frame = Frame(self._header, self._body, self._t_first, time.perf_counter())
         self._header, self._body = None, None
         self.frames_in += 1
-        if self._discard:  # refused by the header check, read whole only to keep the stripes in step
-            self._discard = False
-            frame.body.release()
-            return self.transport is None or not self.transport.is_closing()
         try:
             self._on_frame(self, frame)
         except ProtocolError as e:

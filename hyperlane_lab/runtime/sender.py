@@ -220,13 +220,16 @@ class SocketSender:
         self.striped_out += 1
 
     def close(self) -> None:
-        """Close without waiting for a send in progress (that send fails and finishes the close)."""
+        """Close. A send in progress fails at once (every socket, the stripe connections' too, is shut down
+        first, so no thread stays blocked in ``sendmsg``) and finishes the close itself; should it have
+        completed anyway, the close is finished here once it lets go of the lock."""
         sock = self._sock
         if sock is None:
             return
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        if self._lock.acquire(blocking=False):
+        for s in [sock, *(w.sock for w in self._writers)]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        if self._lock.acquire(timeout=2.0):
             try:
                 self._close_locked()
             finally:

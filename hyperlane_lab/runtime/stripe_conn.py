@@ -88,7 +88,7 @@ class StripedConnection:
         s.setblocking(True)
         try:
             self._stripes.start_reader(g, index, s, leftover)
-        except ProtocolError as e:
+        except (ProtocolError, OSError) as e:
             log.warning("data plane: refusing a stripe connection from %s: %s", self.peer, e)
             s.close()
             g.close(str(e))

@@ -92,7 +92,11 @@ class _Entry:
 
     __slots__ = ("abandoned", "body", "bounds", "header", "left", "main_done", "on_ready", "writers")
 
-    def __init__(self, header: FrameHeader, body: PooledBuffer, on_ready: Callable[[_Entry], None]) -> None:
+    def __init__(
+        self, header: FrameHeader, body: PooledBuffer | None, on_ready: Callable[[_Entry], None]
+    ) -> None:
+        """``body`` None: a frame the header check refused; its parts are read and dropped, so the stripe
+        connections stay in step, but no memory of its declared size is taken."""
         self.header, self.body, self.on_ready = header, body, on_ready
         self.bounds = stripe_bounds(header.body_len, header.stripes)
         self.left = set(range(1, header.stripes))
@@ -110,8 +114,9 @@ class StripeGroup:
         self.cond = threading.Condition()
         self.pending: deque[_Entry] = deque()
         self.readers: dict[int, StripeReader] = {}
+        self.retired: set[int] = set()  # stripe connections the sender closed between frames
         self.has_main = False
-        # closes the main connection from any thread: (reason, quietly: the sender closed, nothing failed)
+        # closes the main connection from any thread: (reason, quietly: the server is closing)
         self.main_abort: Callable[[str, bool], None] | None = None
         self.broken = ""
 
@@ -128,6 +133,11 @@ class StripeGroup:
         with self.cond:
             if self.broken:
                 raise ProtocolError(f"its stripe connections failed: {self.broken}")
+            gone = sorted(entry.left & self.retired)
+            if gone:
+                raise ProtocolError(
+                    f"a striped frame needs stripe connection {gone[0]}, which its sender closed"
+                )
             self.pending.append(entry)
             self.cond.notify_all()
 
@@ -151,12 +161,22 @@ class StripeGroup:
             entry.abandoned = True
             with contextlib.suppress(ValueError):
                 self.pending.remove(entry)
-            if entry.writers == 0:
+            if entry.writers == 0 and entry.body is not None:
                 entry.body.release()
+
+    def retire(self, index: int) -> None:
+        """(A reader's thread.) The sender closed stripe connection ``index`` between frames (it is closing,
+        or re-wiring): the main connection's frames still arrive; only a frame that needs the index fails."""
+        with self.cond:
+            self.readers.pop(index, None)
+            self.retired.add(index)
+            needed = any(index in e.left for e in self.pending)
+        if needed:
+            self.close(f"stripe connection {index} closed with a part still to come")
 
     def close(self, reason: str, quiet: bool = False) -> None:
         """Mark the group failed and shut its stripe connections (their threads end) and its main one
-        (``quiet``: the sender closed between frames, nothing to warn about)."""
+        (``quiet``: the server is closing, nothing to warn about)."""
         with self.cond:
             if not self.broken:
                 self.broken = reason
@@ -198,12 +218,20 @@ class StripeGroup:
             entry.writers += 1
             return entry, start, end
 
+    def wait_for_main(self, timeout: float) -> bool:
+        """(A reader's thread, first.) False if no main connection joined the group within ``timeout``."""
+        with self.cond:
+            return (
+                bool(self.cond.wait_for(lambda: self.has_main or self.broken, timeout=timeout))
+                and not self.broken
+            )
+
     def put(self, entry: _Entry, ok: bool) -> None:
         """A reader finished writing its part (``ok``) or failed mid-part."""
         with self.cond:
             entry.writers -= 1
             if entry.abandoned:
-                if entry.writers == 0:
+                if entry.writers == 0 and entry.body is not None:
                     entry.body.release()
                 return
             ready = ok and self._ready(entry)
@@ -243,10 +271,22 @@ class StripeReader:
             got += n
         return True
 
+    def _drain(self, nbytes: int, timeout: float) -> bool:
+        """Read and drop ``nbytes`` (a refused frame's part), 64 KB at a time."""
+        scratch = memoryview(bytearray(min(nbytes, 1 << 16)))
+        while nbytes:
+            k = min(nbytes, scratch.nbytes)
+            if not self._read_into(scratch[:k], timeout):
+                return False
+            nbytes -= k
+        return True
+
     def _run(self) -> None:
         g, reason, clean = self.group, "", False
         hdr = bytearray(HEADER.size)
         try:
+            if not g.wait_for_main(self.read_timeout):  # a group nobody sends on must not hold a thread
+                raise ProtocolError(f"no main connection joined its group within {self.read_timeout:g} s")
             while True:
                 if not self._read_into(memoryview(hdr), None):  # idle between frames: no limit
                     clean = True  # the sender closed between frames
@@ -259,7 +299,10 @@ class StripeReader:
                 entry, start, end = g.take(self.index, h, self.read_timeout)
                 ok = False
                 try:
-                    ok = self._read_into(entry.body.view[start:end], self.read_timeout)
+                    if entry.body is None:  # refused by the header check: read past it
+                        ok = self._drain(end - start, self.read_timeout)
+                    else:
+                        ok = self._read_into(entry.body.view[start:end], self.read_timeout)
                     if not ok:
                         raise ConnectionError(f"stripe connection {self.index} closed mid-frame")
                     self.parts += 1
@@ -273,15 +316,18 @@ class StripeReader:
         finally:
             with contextlib.suppress(OSError):
                 self.sock.close()
-            if reason and not g.broken:
-                log.warning("data plane: %s; closing its group", reason)
-            g.close(reason or f"stripe connection {self.index} closed", quiet=clean)
+            if clean:
+                g.retire(self.index)
+            else:
+                if not g.broken:
+                    log.warning("data plane: %s; closing its group", reason)
+                g.close(reason)
             g.registry._reader_done(self)
 
 
 class StripeRegistry:
-    """A data server's stripe groups by token (one per sender). ``fail_main(group, reason)`` closes a
-    group's main connection from any thread (set by the server: it runs on the event loop)."""
+    """A data server's stripe groups by token (one per sender), with bounds on groups and reader threads
+    (``MAX_READERS`` each; a group whose main connection does not join within ``read_timeout`` ends)."""
 
     def __init__(self, read_timeout: float, max_payload: int) -> None:
         self.read_timeout, self.max_payload = read_timeout, max_payload
@@ -302,28 +348,41 @@ class StripeRegistry:
                 g = self._groups[token] = StripeGroup(self, token, n)
             if g.n != n:
                 raise ProtocolError(f"a hello for a group of {n} connections; the group has {g.n}")
-            if (index == 0 and g.has_main) or index in g.readers:
+            if index == 0 and g.has_main:
                 raise ProtocolError(f"connection {index} of stripe group {token[:8]} joined twice")
             if index == 0:
-                g.has_main = True
+                with g.cond:
+                    g.has_main = True
+                    g.cond.notify_all()  # readers waiting for a main connection
             return g
 
     def start_reader(self, g: StripeGroup, index: int, sock: socket.socket, leftover: bytes) -> StripeReader:
-        with self._lock:
+        r = StripeReader(g, index, sock, leftover, self.read_timeout, self.max_payload)
+        with self._lock:  # (then the group's cond: the one order these two locks are ever nested in)
             if len(self._readers) >= MAX_READERS:
                 raise ProtocolError(f"too many stripe connections (at most {MAX_READERS})")
-            r = StripeReader(g, index, sock, leftover, self.read_timeout, self.max_payload)
+            with g.cond:
+                if g.broken:
+                    raise ProtocolError(f"its stripe group already failed: {g.broken}")
+                if index in g.readers or index in g.retired:
+                    raise ProtocolError(f"connection {index} of stripe group {g.token[:8]} joined twice")
+                g.readers[index] = r
             self._readers.add(r)
-        with g.cond:
-            g.readers[index] = r
-        r.thread.start()
+        try:
+            r.thread.start()
+        except RuntimeError as e:  # no thread to be had: refuse this connection only
+            with self._lock:
+                self._readers.discard(r)
+            with g.cond:
+                g.readers.pop(index, None)
+            raise ProtocolError(f"cannot start a stripe reader: {e}") from e
         return r
 
     def close(self) -> None:
         with self._lock:
             groups = list(self._groups.values())
         for g in groups:
-            g.close("the server closed")
+            g.close("the server closed", quiet=True)
 
     def _forget(self, g: StripeGroup) -> None:
         with self._lock:
