@@ -272,6 +272,59 @@ def test_a_peer_breaking_the_stripe_protocol_loses_its_connections(server, bad):
         stripe.close()
 
 
+def _group_of_two(address: str, token: str) -> tuple[socket.socket, socket.socket]:
+    main, stripe = _raw(address), _raw(address)
+    main.sendall(pack_header(hello_header(token, 0, 2)))
+    stripe.sendall(pack_header(hello_header(token, 1, 2)))
+    return main, stripe
+
+
+def test_a_stripe_connection_sending_garbage_closes_its_group(server):
+    main, stripe = _group_of_two(server.address, new_token())
+    stripe.sendall(os.urandom(64))
+    assert _closed_by_peer(stripe) and _closed_by_peer(main)
+    _still_serves(server)
+    main.close(), stripe.close()
+
+
+@pytest.mark.parametrize("bad", ["joined_twice", "group_size_differs"])
+def test_a_hello_that_does_not_fit_its_group_is_refused(server, bad):
+    token = new_token()
+    main, stripe = _group_of_two(server.address, token)
+    other = _raw(server.address)
+    other.sendall(
+        pack_header(hello_header(token, 1, 2) if bad == "joined_twice" else hello_header(token, 1, 3))
+    )
+    assert _closed_by_peer(other)
+    other.close()
+    _still_serves(server)
+    main.close(), stripe.close()
+
+
+def test_a_sender_gone_mid_part_frees_the_frame_once_no_reader_writes(server):
+    """The sender dies while a reader is mid-part (its main connection is paused, waiting for that part): the
+    reader's end of stream closes the group and the main connection, and the body goes back to the pool."""
+    token = new_token()
+    main, stripe = _group_of_two(server.address, token)
+    h, body = _tensor(64 * MIN_PART)
+    hs = FrameHeader(**{**h.__dict__, "stripes": 2})
+    (s0, e0), (s1, e1) = stripe_bounds(len(body), 2)
+    main.sendall(pack_header(hs) + body[s0:e0])
+    stripe.sendall(pack_header(stripe_header(hs, 1, 2, e1 - s1)) + body[s1 : s1 + 1000])
+    time.sleep(0.2)  # the reader took the part and waits for the rest of it
+    stripe.close(), main.close()
+    deadline = time.monotonic() + 10
+    while (
+        server.registry.reader_count or server.registry.counts()["groups"]
+    ) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.registry.reader_count == 0 and server.registry.counts()["groups"] == 0 and not server.got
+    while not any(len(b) >= len(body) for b in server.pool._free) and time.monotonic() < deadline:
+        time.sleep(0.01)  # (the main connection's close runs on the event loop)
+    assert any(len(b) >= len(body) for b in server.pool._free)
+    _still_serves(server)
+
+
 def test_a_server_without_stripes_refuses_a_hello():
     s = _Server(stripes=False)
     try:
@@ -301,6 +354,7 @@ def test_a_sender_that_stops_mid_part_is_cut_off_and_the_body_freed():
         while s.registry.reader_count and time.monotonic() < deadline:
             time.sleep(0.01)
         assert s.registry.reader_count == 0 and not s.got
+        assert any(len(b) >= len(body) for b in s.pool._free)  # the frame's buffer went back to the pool
         _still_serves(s)
         main.close(), stripe.close()
     finally:

@@ -22,6 +22,10 @@ Protocol (``frame.py`` has the header):
 - Anything else (a part of the wrong length or session, a STRIPE frame on a main connection, a group
   index or size out of range, a peer that stops mid-part for ``READ_TIMEOUT_S``) closes the group's
   connections, with the reason logged. Nothing is unpickled; lengths are checked before any write.
+- A frame refused by the receiver's header check (a closed session's late frame) takes no buffer: its
+  parts are read past. A stripe connection closed between frames only retires its index; a group whose
+  main connection never joins ends after ``READ_TIMEOUT_S``. A main connection paused for a frame's parts
+  learns of its peer's close from its readers (their end of stream) or, at the latest, its read timeout.
 """
 
 from __future__ import annotations
