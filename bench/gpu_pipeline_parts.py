@@ -462,6 +462,9 @@ def run_split(
                 health = [c.call("Health", pb.HealthRequest()) for c in model.clients]
                 out["fast_path_steps"] = [int(h.fast_path_steps) for h in health]
                 out["busy_poll"] = [[int(h.busy_poll_spun), int(h.busy_poll_blocked)] for h in health]
+                out["armed_counts"] = [
+                    [int(h.armed_fired), int(h.armed_released), int(h.armed_gave_up)] for h in health
+                ]
             except Exception as e:  # an older worker build
                 out["fast_path_steps"] = str(e)[:200]
             out["sim_batch1"] = simulate(dec, pre, hop, 1, n_decode)
@@ -490,6 +493,11 @@ def run_split(
                               f" (kind, start, end us): {r['timeline_us']}", flush=True)  # fmt: skip
                 finally:
                     model.prefill_chunk = "auto"
+            with contextlib.suppress(Exception):  # prompt hand-offs split over connections (--stripes N)
+                from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+                health = [c.call("Health", pb.HealthRequest()) for c in model.clients]
+                out["striped_in_out"] = [[int(h.striped_in), int(h.striped_out)] for h in health]
             fetch_events(model)
             k = max(16, n_decode // 2)
             if ms:  # capture a graph per pooled cache once, with the measured runs' lengths (a cache
