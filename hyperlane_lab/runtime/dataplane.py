@@ -27,7 +27,7 @@ from hyperlane_lab.runtime.frame import (
     unpack_header,
 )
 from hyperlane_lab.runtime.stripe_conn import StripedConnection
-from hyperlane_lab.runtime.stripes import StripeGroup, StripeRegistry, _Entry
+from hyperlane_lab.runtime.stripes import StripeGroup, StripeRegistry
 
 __all__ = [
     "BufferPool",
@@ -185,15 +185,14 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
         self.frames_in = 0
         self._fd = -1  # the socket's descriptor, for draining large bodies (-1: not a real socket)
         # striped frames (stripes.py): the registry of a worker's data server; this connection's group
-        # when it is a sender's main connection; the frame being assembled, whether this connection waits
-        # for its other parts (reading paused), bytes read past it meanwhile, a HELLO handing the socket on
+        # when it is a sender's main connection; the frame being assembled (once its part here is in, the
+        # connection waits, reading paused, for the others), bytes read past it meanwhile, a HELLO handing
+        # the socket on
         self._stripes = stripes
         self._group: StripeGroup | None = None
         self._entry: Any = None
-        self._waiting = False
         self._stash = b""
         self._handoff: tuple[StripeGroup, int] | None = None
-        self._handed_off = False
         self._part_end = 0  # body bytes this connection reads (the whole body unless striped)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -285,7 +284,7 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
                 self._body_got += k
                 data = data[k:]
                 if self._body_got >= self._part_end and not self._body_done():
-                    if self._waiting:  # the frame's other parts are still coming: keep what follows
+                    if self._entry is not None:  # its other parts are still coming: keep what follows
                         self._stash = bytes(data)
                     return
             else:
@@ -318,13 +317,8 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
         self._hdr_got = 0
         if not accept:
             if header.stripes:  # its parts still come on the stripe connections: read past them there too
-                assert self._group is not None
-                refused = _Entry(header, None, lambda e: None)  # no body: nothing of its size is taken
-                refused.main_done = True
-                try:
-                    self._group.expect(refused)
-                except ProtocolError as e:
-                    self.abort(str(e))
+                refused = self._expect_parts(header, None)
+                if refused is None:
                     return False
                 self._skip = refused.bounds[0][1]
             else:
@@ -334,14 +328,9 @@ class FrameConnection(StripedConnection, asyncio.BufferedProtocol):
         self._header, self._body, self._body_got = header, self._pool.acquire(header.body_len, pin), 0
         self._part_end = header.body_len
         if header.stripes:  # parts 1.. come on the group's stripe connections, straight into this body
-            assert self._group is not None
-            entry = _Entry(header, self._body, self._stripe_ready_from_thread)
-            try:
-                self._group.expect(entry)
-            except ProtocolError as e:
-                self._body.release()
+            entry = self._expect_parts(header, self._body)
+            if entry is None:
                 self._header, self._body = None, None
-                self.abort(str(e))
                 return False
             self._entry, self._part_end = entry, entry.bounds[0][1]
         return header.body_len > 0 or self._emit()

@@ -45,6 +45,9 @@ def _default_devices(n: int) -> list[str]:
     return [f"cuda:{i % count}" if count else "cpu" for i in range(n)]
 
 
+_ARMED_FLAGS = ("--armed-graphs", "--no-armed-graphs")  # the worker's switch, by its full names
+
+
 def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[str, str]) -> bool:
     """Whether the workers arm decode steps (models/decode_armed.py). Never without a CUDA worker or on a
     host without ordered stores (not x86-64): nothing would arm. Otherwise, asked for (``--armed-graphs``,
@@ -56,7 +59,7 @@ def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[s
     cuda = [_gpu_name(d) for d in devices if d.startswith("cuda")]
     if not cuda or not host_orders_stores():  # nothing would arm: CPU workers, or no ordered stores
         return False
-    said = [a for a in args if a in ("--armed-graphs", "--no-armed-graphs")]
+    said = [a for a in args if a in _ARMED_FLAGS]
     if said:
         return said[-1] == "--armed-graphs"  # the worker's parser keeps the last (no abbreviations)
     if environ.get("HYPERLANE_ARMED_GRAPHS") is not None:
@@ -112,7 +115,7 @@ class LocalCluster:
         gpus = [_gpu_name(d) for d in self.devices if d.startswith("cuda")]
         shared = sorted({d for d in gpus if gpus.count(d) > 1})
         self.armed = armed_choice(self.devices, self.extra_args, workers_env)
-        told = any(a in ("--armed-graphs", "--no-armed-graphs") for a in self.extra_args)
+        told = any(a in _ARMED_FLAGS for a in self.extra_args)
         if self.armed and not told:  # the default (or the environment's) made explicit for the workers
             self.extra_args.append("--armed-graphs")
         if self.armed and shared:

@@ -33,6 +33,7 @@ from hyperlane_lab.runtime.dataplane import parse_address
 from hyperlane_lab.runtime.frame import HEADER, MAX_STRIPES, FrameHeader, FrameKind, pack_header
 from hyperlane_lab.runtime.stripes import (
     MIN_PART,
+    STRIPE_FROM,
     hello_header,
     new_token,
     stripe_bounds,
@@ -40,11 +41,9 @@ from hyperlane_lab.runtime.stripes import (
     stripes_for,
 )
 
-__all__ = ["STRIPE_FROM", "SocketSender"]
+__all__ = ["SocketSender"]
 
 log = logging.getLogger(__name__)
-
-STRIPE_FROM = 1 << 20  # default: striped senders split tensor frames of at least 1 MB
 
 
 def _connect(address: str, connect_timeout: float, send_timeout: float) -> socket.socket:
@@ -178,7 +177,8 @@ class SocketSender:
         if the connection is closed or breaks (and closes it)."""
         body = [memoryview(p).cast("B") for p in parts if len(p)]
         body_len = sum(b.nbytes for b in body)
-        k = stripes_for(body_len, self.stripes, self.stripe_from) if header.kind == FrameKind.TENSOR else 0
+        striped = self.stripes > 1 and header.kind == FrameKind.TENSOR
+        k = stripes_for(body_len, self.stripes, self.stripe_from) if striped else 0
         with self._lock:
             sock = self._sock
             if sock is None:
@@ -203,10 +203,10 @@ class SocketSender:
         return HEADER.size + body_len
 
     def _send_striped(
-        self, sock: socket.socket, header: FrameHeader, body: list[memoryview], n: int, k: int
+        self, sock: socket.socket, header: FrameHeader, body: list[memoryview], body_len: int, k: int
     ) -> None:
         """(Lock held.) Parts 1..k-1 to the stripe threads, part 0 here, then wait for all of them."""
-        bounds = stripe_bounds(n, k)
+        bounds = stripe_bounds(body_len, k)
         for j in range(1, k):
             s, e = bounds[j]
             hdr = memoryview(pack_header(stripe_header(header, j, k, e - s)))

@@ -14,13 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.stripes import _Entry
 
 if TYPE_CHECKING:
+    from hyperlane_lab.runtime.dataplane import PooledBuffer
     from hyperlane_lab.runtime.stripes import StripeGroup, StripeRegistry
 
 __all__ = ["StripedConnection"]
 
 log = logging.getLogger("hyperlane_lab.runtime.dataplane")
+
+
+def _ignore(entry: _Entry) -> None:  # a refused frame's parts are in: nothing to hand on
+    pass
 
 
 class StripedConnection:
@@ -33,10 +39,8 @@ class StripedConnection:
     _stripes: StripeRegistry | None
     _group: StripeGroup | None
     _entry: Any
-    _waiting: bool
     _stash: bytes
     _handoff: tuple[StripeGroup, int] | None
-    _handed_off: bool
     _loop: asyncio.AbstractEventLoop | None
 
     def _emit(self) -> bool:  # FrameConnection's
@@ -81,7 +85,6 @@ class StripedConnection:
         except (OSError, AttributeError) as e:
             self.abort(f"cannot take the stripe connection: {e}")
             return
-        self._handed_off = True
         self.transport.pause_reading()
         self.transport.abort()
         s = socket.socket(fileno=fd)
@@ -93,21 +96,36 @@ class StripedConnection:
             s.close()
             g.close(str(e))
 
+    def _expect_parts(self, header: FrameHeader, body: PooledBuffer | None) -> _Entry | None:
+        """Tell the group a striped frame's header came: its parts may be written into ``body`` (None: the
+        header check refused the frame; its parts are read past, nothing of its size is taken). None (the
+        body released, the connection closed) if the group cannot take it."""
+        assert self._group is not None
+        entry = _Entry(header, body, self._stripe_ready_from_thread if body is not None else _ignore)
+        entry.main_done = body is None  # a refused frame's part here is skipped, not waited for
+        try:
+            self._group.expect(entry)
+        except ProtocolError as e:
+            if body is not None:
+                body.release()
+            self.abort(str(e))
+            return None
+        return entry
+
     def _body_done(self) -> bool:
         """This connection's part of the body is in: hand the frame on, or (striped, other parts still
         coming) pause reading until they are. False if closed or waiting."""
         if self._entry is None:
             return self._emit()
         assert self._group is not None
-        if not self._group.main_part_done(self._entry):
-            self._waiting = True
+        if not self._group.main_part_done(self._entry):  # waiting for its other parts (_entry stays set)
             if self.transport is not None:
                 self.transport.pause_reading()
             return False
         return self._finish_striped()
 
     def _finish_striped(self) -> bool:
-        self._entry, self._waiting = None, False
+        self._entry = None
         if self._stripes is not None:
             self._stripes.frames += 1
         ok = self._emit()
@@ -124,15 +142,15 @@ class StripedConnection:
             self._stripes_ready(entry)
 
     def _stripes_ready(self, entry: Any) -> None:
-        if entry is not self._entry or not self._waiting:
+        if entry is not self._entry:  # (the connection closed meanwhile)
             return
         if self._finish_striped() and self._stash:
             stash, self._stash = self._stash, b""
             self._consume(memoryview(stash))
 
     def _abort_from_thread(self, reason: str, quiet: bool = False) -> None:
-        """(Any thread.) The group failed (or its sender closed, ``quiet``): close this main connection on
-        its event loop."""
+        """(Any thread.) The group failed (or the server is closing, ``quiet``): close this main connection
+        on its event loop."""
 
         def close() -> None:
             if not self.is_open or self.transport is None:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MIN_PART",
+    "STRIPE_FROM",
     "StripeGroup",
     "StripeRegistry",
     "hello_header",
@@ -61,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIN_PART = 4096  # bytes: a frame is cut in at most body_len // MIN_PART parts
+STRIPE_FROM = 1 << 20  # default: striped senders split tensor frames of at least 1 MB
 MAX_READERS = 64  # stripe connections (threads) one worker serves at a time
 
 
@@ -107,6 +109,12 @@ class _Entry:
         self.writers = 0
         self.main_done = False
         self.abandoned = False
+
+
+def _free_if_unwritten(entry: _Entry) -> None:
+    """(Group's cond held.) An abandoned frame's body goes back to its pool once no reader writes into it."""
+    if entry.writers == 0 and entry.body is not None:
+        entry.body.release()
 
 
 class StripeGroup:
@@ -165,8 +173,7 @@ class StripeGroup:
             entry.abandoned = True
             with contextlib.suppress(ValueError):
                 self.pending.remove(entry)
-            if entry.writers == 0 and entry.body is not None:
-                entry.body.release()
+            _free_if_unwritten(entry)
 
     def retire(self, index: int) -> None:
         """(A reader's thread.) The sender closed stripe connection ``index`` between frames (it is closing,
@@ -198,7 +205,6 @@ class StripeGroup:
         """The oldest frame still waiting for part ``index``, checked against its STRIPE header; the
         caller then writes ``body[start:end]`` and calls ``put``."""
         with self.cond:
-            entry = None
             ok = self.cond.wait_for(
                 lambda: self.broken or any(index in e.left for e in self.pending), timeout=timeout
             )
@@ -209,11 +215,8 @@ class StripeGroup:
             entry = next(e for e in self.pending if index in e.left)
             eh = entry.header
             start, end = entry.bounds[index]
-            if (h.session, h.step, h.stripes) != (
-                eh.session,
-                eh.step,
-                eh.stripes,
-            ) or h.payload_len != end - start:
+            same = (h.session, h.step, h.stripes) == (eh.session, eh.step, eh.stripes)
+            if not same or h.payload_len != end - start:
                 raise ProtocolError(
                     f"part {index} ({h.payload_len} bytes, step {h.step}, {h.stripes} parts) does not match the "
                     f"frame it belongs to ({end - start} bytes, step {eh.step}, {eh.stripes} parts)"
@@ -235,8 +238,7 @@ class StripeGroup:
         with self.cond:
             entry.writers -= 1
             if entry.abandoned:
-                if entry.writers == 0 and entry.body is not None:
-                    entry.body.release()
+                _free_if_unwritten(entry)
                 return
             ready = ok and self._ready(entry)
         if ready:
