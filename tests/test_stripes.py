@@ -25,6 +25,7 @@ from hyperlane_lab.runtime.frame import FrameHeader, FrameKind, pack_header
 from hyperlane_lab.runtime.sender import SocketSender
 from hyperlane_lab.runtime.stripes import (
     MIN_PART,
+    STRIPE_FROM,
     StripeRegistry,
     hello_header,
     new_token,
@@ -479,6 +480,6 @@ def test_worker_stripe_settings_are_checked(monkeypatch):
         Worker(WorkerConfig(device="cpu"))
     monkeypatch.setenv("HYPERLANE_STRIPES", "3")
     w = Worker(WorkerConfig(device="cpu"))
-    assert w.stripes == 3 and w.stripe_from == 1 << 20
+    assert w.stripes == 3 and w.stripe_from == STRIPE_FROM == 4 << 20
     with contextlib.suppress(Exception):
         w._compute.shutdown(wait=False)

@@ -88,6 +88,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "per upload (experimental; default: HYPERLANE_STAGING_POOL, off)",
     )
     p.add_argument(
+        "--early-upload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPU workers: start a prompt chunk's upload to the GPU as soon as its frame is in, before the "
+        "compute thread takes it (experimental; default: HYPERLANE_EARLY_UPLOAD, off)",
+    )
+    p.add_argument(
         "--armed-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -100,7 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--stripes",
         type=_positive_int,
         default=None,
-        help="send tensor frames of 1 MB or more (HYPERLANE_STRIPE_FROM bytes) to the next stage split over "
+        help="send tensor frames of 4 MB or more (HYPERLANE_STRIPE_FROM bytes) to the next stage split over "
         "this many connections, each written by its own thread (experimental; default: HYPERLANE_STRIPES, 1 = off)",
     )
     p.set_defaults(func=run)
@@ -132,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         prompt_on_loop=args.prompt_on_loop,
         staging_pool=args.staging_pool,
+        early_upload=args.early_upload,
         armed_graphs=args.armed_graphs,
         stripes=args.stripes,
     )
