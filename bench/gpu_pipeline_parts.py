@@ -498,7 +498,6 @@ def run_split(
 
                 health = [c.call("Health", pb.HealthRequest()) for c in model.clients]
                 out["striped_in_out"] = [[int(h.striped_in), int(h.striped_out)] for h in health]
-                out["early_uploads"] = [int(h.early_uploads) for h in health]
             fetch_events(model)
             k = max(16, n_decode // 2)
             if ms:  # capture a graph per pooled cache once, with the measured runs' lengths (a cache

@@ -81,63 +81,6 @@ def test_opt_in_switches_from_the_flag_or_the_environment(tmp_path, monkeypatch,
     assert (switch(None), switch(False)) == (True, False)
 
 
-def test_early_upload_is_off_unless_the_flag_or_the_environment_says_on(tmp_path, monkeypatch):
-    """``hyperlane worker --no-early-upload`` (``WorkerConfig.early_upload=False``) or ``HYPERLANE_EARLY_UPLOAD=0``
-    keeps a GPU step's upload on the compute thread (the default); ``--early-upload`` or ``HYPERLANE_EARLY_UPLOAD=1``
-    starts it when the frame is in."""
-    from hyperlane_lab.cli.main import build_parser
-    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
-
-    parse = build_parser().parse_args
-    assert [parse(["worker", *f]).early_upload for f in ([], ["--early-upload"], ["--no-early-upload"])] == [
-        None,
-        True,
-        False,
-    ]
-
-    def switch(setting: bool | None) -> bool:
-        return Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path), early_upload=setting)).early_upload
-
-    monkeypatch.delenv("HYPERLANE_EARLY_UPLOAD", raising=False)
-    assert (switch(None), switch(True)) == (False, True)
-    monkeypatch.setenv("HYPERLANE_EARLY_UPLOAD", "1")
-    assert (switch(None), switch(False)) == (True, False)
-
-
-@pytest.mark.parametrize("case", ["session_failed", "stage_left_its_gpu"])
-def test_an_early_upload_is_waited_for_before_its_frame_body_is_given_back(tmp_path, case):
-    """The DMA of an early upload reads the frame's pooled body: a frame dropped because its session
-    failed, or run on the CPU because the stage moved off its GPU while the frame waited, waits for
-    that copy before the body goes back to the pool."""
-    from hyperlane_lab.runtime.dataplane import Frame, PooledBuffer
-    from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
-    from hyperlane_lab.runtime.worker import Worker, WorkerConfig, _Session
-
-    events: list[str] = []
-
-    class Body(PooledBuffer):
-        def release(self) -> None:
-            events.append("released")
-
-    class Staged:
-        def wait(self) -> None:
-            events.append("waited")
-
-    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
-    w._call_soon = lambda *a: None  # type: ignore[method-assign]  # (no event loop: the error goes nowhere)
-    sid = uuid.uuid4().hex
-    w.sessions[sid] = _Session(1, 64, None, "", error="stage 2: boom" if case == "session_failed" else "")
-    h = FrameHeader(FrameKind.TENSOR, sid, 0, 1, 4, torch.float32, 0, 0, (1, 4, 8), 4 * 8 * 4)
-    frame = Frame(
-        h, Body(None, bytearray(h.positions_len + h.payload_len), h.positions_len + h.payload_len), 0, 0
-    )
-    w._run_step(frame, torch.zeros(1, 4, 8), torch.arange(4)[None], 0.0, False, Staged())  # type: ignore[arg-type]
-    assert events[:2] == [
-        "waited",
-        "released",
-    ]  # (no engine: the CPU path fails the step and releases its body)
-
-
 def test_bucket_rule():
     assert prompt_bucket(1, 1024) is None  # decode steps have their own graphs
     assert [prompt_bucket(s, 1024) for s in (2, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]

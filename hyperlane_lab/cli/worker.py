@@ -88,13 +88,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "per upload (experimental; default: HYPERLANE_STAGING_POOL, off)",
     )
     p.add_argument(
-        "--early-upload",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="GPU workers: start a prompt chunk's upload to the GPU as soon as its frame is in, before the "
-        "compute thread takes it (experimental; default: HYPERLANE_EARLY_UPLOAD, off)",
-    )
-    p.add_argument(
         "--armed-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -139,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         prompt_on_loop=args.prompt_on_loop,
         staging_pool=args.staging_pool,
-        early_upload=args.early_upload,
         armed_graphs=args.armed_graphs,
         stripes=args.stripes,
     )

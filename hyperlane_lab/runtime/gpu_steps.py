@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
     from hyperlane_lab.runtime.worker import Worker
 
-__all__ = ["GpuStepper", "Prefetched", "uses_gpu_path"]
+__all__ = ["GpuStepper", "uses_gpu_path"]
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,6 @@ def uses_gpu_path(engine: Any) -> bool:
     return (
         getattr(engine, "engine_name", "") == "torch" and isinstance(dev, torch.device) and dev.type == "cuda"
     )
-
-
-@dataclass(frozen=True)
-class Prefetched:
-    """A step's input on its way to the GPU since its frame arrived (``GpuStepper.prefetch``)."""
-
-    stepper: GpuStepper  # whose device and upload stream it went to
-    dev: torch.Tensor
-    ready: torch.cuda.Event  # fires once the copy has read the frame body
-
-    def wait(self) -> None:
-        """Before the body goes back to the pool without the step that would have waited for it."""
-        self.ready.synchronize()
 
 
 @dataclass
@@ -322,50 +309,22 @@ class GpuStepper(ArmedSteps):
     # ------------------------------------------------------------------ compute thread
 
     def run_step(
-        self,
-        frame: Frame,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        queued_at: float,
-        encoded: bool = False,
-        staged: Prefetched | None = None,
+        self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float, encoded: bool = False
     ) -> None:
         """``encoded``: ``x`` is the frame's codec payload as uint8 bytes, already checked against the
-        header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order.
-        ``staged``: ``x``'s upload, started when the frame arrived (``prefetch``). An armed step is
-        released first (this step must not queue behind its gate)."""
+        header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order. An
+        armed step is released first (this step must not queue behind its gate)."""
         if self.arming is None:  # arming off: nothing to order against
-            self._run_step(frame, x, positions, queued_at, encoded, staged)
+            self._run_step(frame, x, positions, queued_at, encoded)
             return
         with self._arm_lock:
             self.disarm()
-            self._run_step(frame, x, positions, queued_at, encoded, staged)
-
-    def prefetch(self, x: torch.Tensor) -> Prefetched | None:
-        """(Loop thread.) Start a prompt frame's upload as soon as its body is in, so the DMA runs while
-        the frame waits for the compute thread and its checks (the step adopts it). None (the step
-        uploads as before) where the staging pool is on, or if the copy could not be started."""
-        if self.pool is not None:
-            return None
-        try:
-            return Prefetched(self, *self.stager.prefetch(x))
-        except Exception as e:  # e.g. out of memory: the step's own upload reports it
-            log.debug("stage %d: early upload not started: %s", self.w.stage_index, e)
-            return None
+            self._run_step(frame, x, positions, queued_at, encoded)
 
     def _run_step(
-        self,
-        frame: Frame,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        queued_at: float,
-        encoded: bool,
-        staged: Prefetched | None,
+        self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float, encoded: bool
     ) -> None:
         t_run = time.perf_counter()
-        if staged is not None and staged.stepper is not self:  # made for another GPU (the stage moved)
-            staged.wait()
-            staged = None
         w, h = self.w, frame.header
         eng, sid, step = w.engine, h.session, h.step
         hs = host_stamps()  # opt-in marks of the host path (HYPERLANE_HOST_STAMPS)
@@ -373,7 +332,7 @@ class GpuStepper(ArmedSteps):
         sess = w.sessions.get(sid)
         released = False
         uploaded: torch.cuda.Event | None = None
-        staging = staged is not None  # an upload from the frame body may be in flight
+        staging = False  # an upload from the frame body may be in flight
         slot: torch.Tensor | None = None  # the pool buffer it went to (HYPERLANE_STAGING_POOL)
         try:
             if sess is None or eng is None:
@@ -396,13 +355,10 @@ class GpuStepper(ArmedSteps):
             events = io.take() if io is not None else None
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
-                staging = cache is None or encoded or staged is not None
-                if staging and staged is None and self.pool is not None:
+                staging = cache is None or encoded
+                if staging and self.pool is not None:
                     slot = self.pool.take(x.nbytes, self.stager.h2d_stream)
-                if staged is not None:  # its DMA began when the frame arrived
-                    x_in, uploaded = staged.dev, staged.ready
-                    self.stager.adopt(x_in, uploaded, self.compute_stream)
-                elif not staging:
+                if not staging:
                     x_in, uploaded = x, None
                 elif slot is not None:
                     x_in, uploaded = self.stager.upload_into(x, slot)

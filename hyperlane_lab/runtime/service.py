@@ -147,7 +147,6 @@ class WorkerService(pb_grpc.WorkerServicer):
             armed_gave_up=armed[2],
             striped_in=self.w.stripe_registry.frames,
             striped_out=self.w.out.conn.striped_out if self.w.out.conn is not None else 0,
-            early_uploads=self.w.early_uploads,
         )
 
     # ------------------------------------------------------------------ blobs and shards

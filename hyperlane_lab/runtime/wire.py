@@ -136,26 +136,11 @@ class CudaStager:
         and the source must stay untouched until the returned event has fired (enqueue the work
         that reads the tensor first, then ``synchronize()`` it before reusing the source)."""
         compute = torch.cuda.current_stream(self.device)
-        dev, ready = self.prefetch(x)
-        self.adopt(dev, ready, compute)  # its memory is not reused before the compute stream is done with it
-        return dev, ready
-
-    def prefetch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Start ``x``'s copy to the device now, from any thread, before the step that reads it is
-        enqueued (no stream waits for it yet): the step later calls ``adopt`` on its compute stream.
-        The source must stay untouched until the returned event has fired."""
-        with torch.cuda.device(self.device), torch.cuda.stream(self.h2d_stream):
+        with torch.cuda.stream(self.h2d_stream):
             dev = torch.empty(x.shape, dtype=x.dtype, device=self.device)  # from the h2d stream's pool
-            dev.copy_(x, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.h2d_stream)
+        ready = self._copy_in(x, dev, compute)
+        dev.record_stream(compute)  # its memory is not reused before the compute stream is done with it
         return dev, ready
-
-    @staticmethod
-    def adopt(dev: torch.Tensor, ready: torch.cuda.Event, compute: torch.cuda.Stream) -> None:
-        """Order ``compute``'s later work after a ``prefetch`` and keep its memory until that work is done."""
-        compute.wait_event(ready)
-        dev.record_stream(compute)
 
     def upload_into(self, x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         """``upload`` into ``buf`` (a uint8 device buffer of at least ``x.nbytes``, e.g. from a

@@ -52,7 +52,7 @@ from hyperlane_lab.runtime.frame import (
     FrameKind,
     raw_nbytes,
 )
-from hyperlane_lab.runtime.gpu_steps import GpuStepper, Prefetched, uses_gpu_path
+from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
 from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
 from hyperlane_lab.runtime.stripes import MIN_PART, STRIPE_FROM, StripeRegistry
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
@@ -144,10 +144,6 @@ class Worker(WorkerOutbox):
         self.fast_prompts = 0  # prompt steps enqueued on the loop thread
         # uploads into kept device buffers (GpuStepper, runtime/staging.py)
         self.staging_pool = _opt_in(config.staging_pool, "HYPERLANE_STAGING_POOL")
-        # a GPU step's input upload started on the loop thread when its frame is in (GpuStepper.prefetch);
-        # experimental, off by default: +4% for a 512-token prompt in one frame, -5% in chunks (2 x H200)
-        self.early_upload = _opt_in(config.early_upload, "HYPERLANE_EARLY_UPLOAD")
-        self.early_uploads = 0  # uploads started that way
         # a lone session's next decode step enqueued before its frame arrives (GpuStepper, models/decode_armed.py)
         self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
         # GPU work outside the step paths and the compute thread (Profile): nothing is armed while > 0
@@ -494,10 +490,7 @@ class Worker(WorkerOutbox):
             # enqueue only (graph replay), then back to the loop
             gpu.run_step(frame, x, positions, t1, encoded)
             return
-        # a GPU step that uploads its input: the DMA starts now, while the frame waits for the compute thread
-        staged = gpu.prefetch(x) if gpu is not None and self.early_upload and (h.seq > 1 or encoded) else None
-        self.early_uploads += staged is not None
-        self._submit(self._run_step, frame, x, positions, time.perf_counter(), encoded, staged)
+        self._submit(self._run_step, frame, x, positions, time.perf_counter(), encoded)
 
     # ------------------------------------------------------------------ compute (compute thread)
 
@@ -508,13 +501,10 @@ class Worker(WorkerOutbox):
             sess.error = message
         self._call_soon(self._forward_error, sid, step, message)
 
-    def _session_failed(self, sid: str) -> bool:
-        sess = self.sessions.get(sid)
-        return sess is not None and bool(sess.error)
-
     def _failed(self, frame: Frame) -> bool:
         """True (and the frame released) for a frame of a session that already failed."""
-        if not self._session_failed(frame.header.session):
+        sess = self.sessions.get(frame.header.session)
+        if sess is None or not sess.error:
             return False
         frame.body.release()
         log.debug("stage %d: dropping step %d of failed session %s", self.stage_index, frame.header.step,
@@ -547,27 +537,16 @@ class Worker(WorkerOutbox):
         gpu.run_wire(frame, spec, queued_at)
 
     def _run_step(
-        self,
-        frame: Frame,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        queued_at: float,
-        encoded: bool = False,
-        staged: Prefetched | None = None,
+        self, frame: Frame, x: torch.Tensor, positions: torch.Tensor, queued_at: float, encoded: bool = False
     ) -> None:
-        """``encoded``: ``x`` is the frame's codec payload (uint8), checked, for the GPU step to decode.
-        ``staged``: its upload, started on arrival (``GpuStepper.prefetch``)."""
+        """``encoded``: ``x`` is the frame's codec payload (uint8), checked, for the GPU step to decode."""
         h, eng = frame.header, self.engine
-        if staged is not None and self._session_failed(h.session):
-            staged.wait()  # the DMA reads the body: done before the body goes back to the pool
         if self._failed(frame):
             return
         gpu = self._gpu_for(eng)
         if gpu is not None:  # CUDA: enqueue only; a completion thread ships (gpu_steps.py)
-            gpu.run_step(frame, x, positions, queued_at, encoded, staged)
+            gpu.run_step(frame, x, positions, queued_at, encoded)
             return
-        if staged is not None:  # the stage left its GPU meanwhile: the copy is not used
-            staged.wait()
         sid, step = h.session, h.step
         sess = self.sessions.get(sid)
         t0 = time.perf_counter()

@@ -54,10 +54,6 @@ class WorkerConfig:
     # instead of a new allocation per upload. None = ``HYPERLANE_STAGING_POOL`` (default off): experimental;
     # within noise of the default on 2 H200s (bench/gpu_notes.md, twelfth session)
     staging_pool: bool | None = None
-    # GPU workers: start a prompt chunk's (or codec frame's) upload on the event loop thread as soon as its body
-    # is in, so the copy runs while the frame waits for the compute thread. None = ``HYPERLANE_EARLY_UPLOAD``
-    # (default off): experimental (bench/RESULTS.md, sixteenth session); ignored with ``staging_pool``
-    early_upload: bool | None = None
     # GPU workers: enqueue a session's next decode step behind a gate kernel before its frame arrives, while it
     # is the worker's only session (models/decode_armed.py); the frame then only writes pinned inputs and a
     # flag. None = ``HYPERLANE_ARMED_GRAPHS`` (default off): experimental
