@@ -17,6 +17,7 @@ import torch
 
 from hyperlane_lab.generation.sampling import Sampler, SamplingParams
 from hyperlane_lab.models.decode_armed import ArmedStep, Arming
+from hyperlane_lab.runtime.frame import FLAG_LAST
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, _Pending, _StepIO
 from hyperlane_lab.runtime.worker import _Session
 
@@ -205,8 +206,8 @@ def test_a_lone_sessions_next_step_is_armed_and_fired_by_its_own_frame():
 
 @pytest.mark.parametrize(
     "why",
-    ["two_sessions", "compute_busy", "another_step", "ring_done", "ring_eos", "other_graph", "armed", "closed",
-     "failed", "profiling"],
+    ["two_sessions", "compute_busy", "another_step", "ring_done", "ring_eos", "last_step", "other_graph", "armed",
+     "closed", "failed", "profiling"],
 )  # fmt: skip
 def test_no_step_is_armed_unless_the_session_is_alone_and_nothing_else_is_in_flight(why):
     st, caches = _stepper(2 if why == "two_sessions" else 1, ring=("f:1", 4, frozenset()))
@@ -223,6 +224,9 @@ def test_no_step_is_armed_unless_the_session_is_alone_and_nothing_else_is_in_fli
         del st.w.sessions["s0"]
     elif why == "ring_eos":
         p.final = True  # the ship's ring frame found every row done (EOS): no next step
+    elif why == "last_step":  # a stage before the last: the ring frame said this is its budget's last step
+        st.w.sessions["s0"].ring = None
+        p.flags = FLAG_LAST
     elif why == "failed":
         st.w.sessions["s0"].error = "stage 0: a bad frame"
     elif why == "profiling":

@@ -45,7 +45,7 @@ def test_roundtrip():
         (lambda b: b"XXXX" + b[4:], "bad magic"),
         (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
         (lambda b: b[:5] + bytes([77]) + b[6:], "unknown frame kind"),
-        (lambda b: b[:6] + struct.pack("<H", 4) + b[8:], "unknown frame flags"),
+        (lambda b: b[:6] + struct.pack("<H", 8) + b[8:], "unknown frame flags"),
         (lambda b: b[:32] + bytes([99]) + b[33:], "dtype"),
         (lambda b: b[:56] + struct.pack("<Q", 1 << 40) + b[64:], "exceeds the limit"),
         (lambda b: b[:40], "truncated"),

@@ -406,7 +406,8 @@ def test_armed_graphs_gpu_workers_match_the_probe(tmp_path, compression):
 )
 def test_local_cluster_arms_workers_with_a_gpu_each_by_default(tmp_path, monkeypatch):
     """No flag, no environment: a LocalCluster whose workers have a GPU each arms their decode steps (Health's
-    ``armed_fired`` on both stages) and still gives the probe's greedy tokens."""
+    ``armed_fired`` on both stages) and still gives the probe's greedy tokens; after a run's last step nothing
+    is armed (nothing released at the session's close, no gate left to give up)."""
     from hyperlane_lab.models.decode_armed import host_orders_stores
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
@@ -427,13 +428,27 @@ def test_local_cluster_arms_workers_with_a_gpu_each_by_default(tmp_path, monkeyp
     ):
         assert cluster.armed
         eos = m.spec.eos_token_ids[0]
-        got = []
+
+        def releases() -> list[tuple[int, int]]:
+            return [
+                (h.armed_released, h.armed_gave_up)
+                for h in (c.call("Health", pb.HealthRequest()) for c in m.clients)
+            ]
+
+        got, first = [], None
         for p in prompts * 2:  # the first run captures the graphs; the others replay them, armed
             r = m.generate(p, max_tokens=32)
             got.append(list(r.token_ids) + ([eos] if r.finish_reason == "eos" else []))
+            # (in the first run a gate may give up while the next stage captures its graph for > 2 s)
+            first = first or releases()
         assert got == want * 2
         health = [c.call("Health", pb.HealthRequest()) for c in m.clients]
         assert all(h.armed_fired > 0 for h in health), health
+        # the later runs used their whole budget (no EOS within 32 tokens), and the ring frame of each one's
+        # last step said so (FLAG_LAST): stage 0 armed nothing after it, so no session's close released an armed
+        # step (one release per run before) and no gate waited out its 2 s
+        assert all(len(g) == 32 and g[-1] != eos for g in got)
+        assert releases() == first, (first, health)
 
 
 def test_armed_gate_holds_its_stream_until_the_host_writes_the_pinned_flag():

@@ -659,3 +659,75 @@ def test_token_loop_one_row_rule_equals_the_numpy_rule():
     assert top == 7 and np.frombuffer(pos_out, dtype=np.int64).tolist() == [7, -1, -1]
     assert np.frombuffer(ids_out, dtype=np.int64).tolist() == [4, 8, 2]
     assert ring_frame(3, pos.tobytes(), ids, {4, 2}) is None
+
+
+def test_the_token_loops_last_step_is_flagged_so_no_stage_arms_after_it(tmp_path):
+    """The last stage feeds step k + 1 to the first stage while k + 1 is within the session's budget; the
+    frame of the budget's last step carries ``FLAG_LAST`` (the stages pass it on and arm nothing after
+    it, ``ArmedSteps._maybe_arm``) when every stage takes the flag, the ones before it carry no flag, and
+    past the budget nothing is sent."""
+    from hyperlane_lab.runtime.frame import FLAG_LAST
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig, _Session
+
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    sent: list = []
+    w._send = lambda address, header, parts, sid, step: sent.append((address, header)) or ""  # type: ignore[method-assign]
+    sid = uuid.uuid4().hex
+    for flag_last in (True, False):  # False: a stage before this one is older and would refuse the flag
+        sess = _Session(1, 64, None, "client:1", ring=("first:1", 4, frozenset({2})), flag_last=flag_last)
+        sent.clear()
+        goes_on = [w.ring_next(sess, sid, k, np.array([7]), np.array([10 + k]).tobytes()) for k in range(4)]
+        assert goes_on == [True, True, True, False]  # a budget of 4 steps: 0 (the prompt) .. 3
+        last = FLAG_LAST if flag_last else 0
+        assert [(a, h.step, h.flags) for a, h in sent] == [
+            ("first:1", 1, 0),
+            ("first:1", 2, 0),
+            ("first:1", 3, last),
+        ]
+    sent.clear()
+    assert not w.ring_next(sess, sid, 1, np.array([2]), np.array([11]).tobytes())  # EOS: no next step
+    assert not sent
+
+
+@pytest.mark.parametrize("old_stage", [None, 0, 1, 2])
+def test_the_client_asks_for_flagged_last_steps_only_when_every_stage_takes_the_flag(old_stage):
+    """OpenSession: each worker's reply says whether it takes frames flagged LAST; the last stage, opened last,
+    is asked to flag the token loop's last step only if every stage before it said so (an older worker
+    refuses unknown flags and would drop the connection). An older last stage ignores the request field."""
+    from types import SimpleNamespace
+
+    from hyperlane_lab.generation.sampling import SamplingParams
+    from hyperlane_lab.runtime.client import _RemoteRunner
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    requests: list = []
+
+    class Client:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def call(self, method: str, req: object) -> object:
+            if method == "OpenSession":
+                requests.append(req)
+                return pb.OpenSessionReply(
+                    ring=self.i == 2, prompt_chunks=True, flag_last=self.i != old_stage
+                )
+            return pb.CloseSessionReply()
+
+    class Data:
+        reply_address, first_stage = "client:1", "first:1"
+
+        def open_ring(self, sid: str) -> None:
+            pass
+
+        def end_session(self, sid: str) -> None:
+            pass
+
+    model = SimpleNamespace(
+        clients=[Client(i) for i in range(3)], server_loop=True, _data=Data(),
+        spec=SimpleNamespace(eos_token_ids=(2,)),
+    )  # fmt: skip
+    with _RemoteRunner(model).open_session(1, 64, SamplingParams(), max_new_tokens=8) as s:  # type: ignore[arg-type]
+        assert s.ring
+    assert [r.ring_to for r in requests] == ["", "", "first:1"]
+    assert requests[2].ring_flag_last == (old_stage is None or old_stage == 2)

@@ -108,7 +108,7 @@ class _RemoteRunner:
         m = self.model
         sid = uuid.uuid4().hex
         ring = m.server_loop and max_new_tokens > 0
-        chunks = True
+        chunks = flag_last = True
         opened: list[WorkerClient] = []
         try:
             for i, w in enumerate(m.clients):
@@ -128,11 +128,15 @@ class _RemoteRunner:
                     req.ring_to = m._data.first_stage
                     req.max_new_tokens = max_new_tokens
                     req.eos_token_ids.extend(m.spec.eos_token_ids)
+                    req.ring_flag_last = (
+                        flag_last  # the stages before it take the flag (a newer one does too)
+                    )
                 reply = w.call("OpenSession", req)
                 opened.append(w)
                 if last and ring and not reply.ring:  # a worker without the server-side loop
                     ring = False
                 chunks = chunks and reply.prompt_chunks  # older workers: the prompt in one frame
+                flag_last = flag_last and reply.flag_last  # older workers refuse frames flagged LAST
             if ring:
                 m._data.open_ring(sid)
             yield _RemoteSession(m, sid, ring=ring, chunks=chunks)

@@ -6,7 +6,9 @@
     5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR, 7 STRIPE
     6      2    flags            bit 0: all_logits (reserved); bit 1: MORE (a prompt chunk: more
                                  chunks of this step follow; stages fill their caches, the last
-                                 stage samples nothing)
+                                 stage samples nothing); bit 2: LAST (the token loop's last step
+                                 of the session's budget: no frame follows it, so no stage arms
+                                 a next step)
     8      16   session          uuid bytes
     24     4    step             0 = prefill, k = k-th decode step
     28     2    batch  B
@@ -43,6 +45,7 @@ from hyperlane_lab.errors import ProtocolError
 __all__ = [
     "DTYPE_CODES",
     "FLAG_ALL_LOGITS",
+    "FLAG_LAST",
     "FLAG_MORE",
     "HEADER",
     "KNOWN_FLAGS",
@@ -113,7 +116,8 @@ class FrameHeader:
 
 FLAG_ALL_LOGITS = 1  # reserved
 FLAG_MORE = 2  # chunked prefill: not the step's last chunk
-KNOWN_FLAGS = FLAG_ALL_LOGITS | FLAG_MORE
+FLAG_LAST = 4  # the server-side token loop's last step (its budget): stages arm nothing after it
+KNOWN_FLAGS = FLAG_ALL_LOGITS | FLAG_MORE | FLAG_LAST
 
 
 def _session_bytes(session: str) -> bytes:

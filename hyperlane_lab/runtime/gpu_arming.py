@@ -19,6 +19,7 @@ import torch
 
 from hyperlane_lab.models.decode_armed import ArmedStep, Arming
 from hyperlane_lab.models.decode_wire import WireSpec
+from hyperlane_lab.runtime.frame import FLAG_LAST
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.gpu_steps import _Pending
@@ -104,7 +105,7 @@ class ArmedSteps:
         eng = w.engine
         if sess is None or sess.error or eng is None:
             return
-        if p.final or (sess.ring is not None and p.step + 1 >= sess.ring[1]):
+        if p.final or p.flags & FLAG_LAST or (sess.ring is not None and p.step + 1 >= sess.ring[1]):
             return  # the token loop ended here (its budget, or every row sampled EOS): no frame follows
         try:
             cache = eng.session(p.sid)

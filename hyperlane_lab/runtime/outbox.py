@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader, FrameKind
 from hyperlane_lab.runtime.sender import SocketSender
 
 if TYPE_CHECKING:
@@ -167,8 +167,11 @@ class WorkerOutbox:
         if top >= sess.max_len:  # the budget should have stopped first: tell the client
             fail = f"position {top} is beyond the session's max length {sess.max_len}"
         else:
+            last = (
+                FLAG_LAST if sess.flag_last and step + 2 >= budget else 0
+            )  # no step follows it: arm nothing
             header = FrameHeader(
-                FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch
+                FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch, last
             )
             err = self._send(address, header, [pos_out, ids_out], sid, step)
             if err:

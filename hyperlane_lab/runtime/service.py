@@ -301,9 +301,17 @@ class WorkerService(pb_grpc.WorkerServicer):
                 )
             ring = (request.ring_to, int(request.max_new_tokens), frozenset(request.eos_token_ids))
         need = await self.w.open_session(
-            sid, int(request.batch), int(request.max_len), params, request.reply_to, ring
+            sid,
+            int(request.batch),
+            int(request.max_len),
+            params,
+            request.reply_to,
+            ring,
+            request.ring_flag_last,
         )
-        return pb.OpenSessionReply(kv_cache_bytes=need, ring=ring is not None, prompt_chunks=True)
+        return pb.OpenSessionReply(
+            kv_cache_bytes=need, ring=ring is not None, prompt_chunks=True, flag_last=True
+        )
 
     @_guard
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionReply:

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -253,6 +254,14 @@ class StripeReader:
     def __init__(self, group: StripeGroup, index: int, sock: socket.socket, leftover: bytes,
                  read_timeout: float, max_payload: int) -> None:  # fmt: skip
         self.group, self.index, self.sock = group, index, sock
+        # blocking, with the kernel's SO_RCVTIMEO as the limit: a Python socket with ``settimeout`` polls
+        # before every ``recv_into`` (a second system call and GIL round trip per read of a part)
+        sock.settimeout(None)
+        if read_timeout > 0:  # (<= 0: no limit, as on the data server's connections)
+            sec = max(read_timeout, 1e-3)
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6))
+            )
         self._left = memoryview(bytes(leftover))
         self.read_timeout, self.max_payload = read_timeout, max_payload
         self.parts = 0
@@ -262,16 +271,21 @@ class StripeReader:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
-    def _read_into(self, view: memoryview, timeout: float | None) -> bool:
-        """Fill ``view`` (leftover bytes first); False at end of stream before any byte."""
+    def _read_into(self, view: memoryview, limited: bool) -> bool:
+        """Fill ``view`` (leftover bytes first); False at end of stream before any byte. ``limited``: within
+        the read timeout (a part, or a header begun); otherwise the wait for a first byte has no limit."""
         got = 0
         if self._left.nbytes:
             k = min(self._left.nbytes, view.nbytes)
             view[:k] = self._left[:k]
             self._left, got = self._left[k:], k
-        self.sock.settimeout(timeout)
         while got < view.nbytes:
-            n = self.sock.recv_into(view[got:])
+            try:
+                n = self.sock.recv_into(view[got:])
+            except BlockingIOError:  # EAGAIN after SO_RCVTIMEO: nothing came for the read timeout
+                if not limited and got == 0:
+                    continue  # idle between frames
+                raise TimeoutError(f"no data for {self.read_timeout:g} s mid-frame") from None
             if n == 0:
                 if got == 0:
                     return False
@@ -279,12 +293,12 @@ class StripeReader:
             got += n
         return True
 
-    def _drain(self, nbytes: int, timeout: float) -> bool:
+    def _drain(self, nbytes: int) -> bool:
         """Read and drop ``nbytes`` (a refused frame's part), 64 KB at a time."""
         scratch = memoryview(bytearray(min(nbytes, 1 << 16)))
         while nbytes:
             k = min(nbytes, scratch.nbytes)
-            if not self._read_into(scratch[:k], timeout):
+            if not self._read_into(scratch[:k], True):
                 return False
             nbytes -= k
         return True
@@ -296,7 +310,7 @@ class StripeReader:
             if not g.wait_for_main(self.read_timeout):  # a group nobody sends on must not hold a thread
                 raise ProtocolError(f"no main connection joined its group within {self.read_timeout:g} s")
             while True:
-                if not self._read_into(memoryview(hdr), None):  # idle between frames: no limit
+                if not self._read_into(memoryview(hdr), False):  # idle between frames: no limit
                     clean = True  # the sender closed between frames
                     return
                 h = unpack_header(hdr, self.max_payload)
@@ -308,15 +322,15 @@ class StripeReader:
                 ok = False
                 try:
                     if entry.body is None:  # refused by the header check: read past it
-                        ok = self._drain(end - start, self.read_timeout)
+                        ok = self._drain(end - start)
                     else:
-                        ok = self._read_into(entry.body.view[start:end], self.read_timeout)
+                        ok = self._read_into(entry.body.view[start:end], True)
                     if not ok:
                         raise ConnectionError(f"stripe connection {self.index} closed mid-frame")
                     self.parts += 1
                 finally:
                     g.put(entry, ok)
-        except (ProtocolError, ConnectionError, OSError) as e:  # socket.timeout is an OSError
+        except (ProtocolError, ConnectionError, OSError) as e:  # TimeoutError is an OSError
             reason = f"stripe connection {self.index}: {e}"
         except Exception as e:  # a bug must not leave the group waiting
             log.exception("stripe reader %d failed", self.index)

@@ -78,6 +78,7 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
     # server-side token loop (last stage): (first stage's data address, steps, EOS ids) or None
     ring: tuple[str, int, frozenset[int]] | None = None
+    flag_last: bool = False  # ... whose last step's frame is flagged LAST (every stage takes the flag)
 
 
 def _noop() -> None:
@@ -268,7 +269,9 @@ class Worker(WorkerOutbox):
         params: SamplingParams,
         reply_to: str,
         ring: tuple[str, int, frozenset[int]] | None = None,
+        flag_last: bool = False,
     ) -> int:
+        """``flag_last``: with ``ring``, every stage takes frames flagged LAST (``outbox.ring_next``)."""
         eng = self.engine
         if eng is None:
             raise ValueError("no shard is loaded on this worker; call LoadShard first")
@@ -291,7 +294,7 @@ class Worker(WorkerOutbox):
             )
         await self._on_compute(eng.open_session, sid, batch, max_len)
         self.sessions[sid] = _Session(
-            batch, max_len, Sampler(params) if eng.is_last else None, reply_to, ring=ring
+            batch, max_len, Sampler(params) if eng.is_last else None, reply_to, ring=ring, flag_last=flag_last
         )
         return need
 
