@@ -304,7 +304,7 @@ def test_cli_discover(service_type: str, capsys: pytest.CaptureFixture[str]) -> 
         items = json.loads(capsys.readouterr().out)
         assert items == [{**dataclasses.asdict(info), "host": "127.0.0.1", "address": "127.0.0.1:50051"}]
         table_ns = argparse.Namespace(
-            timeout=1.0, json=False, interface=LO, count=0, service_type=service_type
+            timeout=3.0, json=False, interface=LO, count=0, service_type=service_type
         )
         assert discover_cli.run(table_ns) == 0
         out = capsys.readouterr().out.splitlines()

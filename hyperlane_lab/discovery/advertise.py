@@ -15,7 +15,7 @@ or, from plain threads / scripts, ``adv.start()`` / ``adv.update(info)`` / ``adv
 
 zeroconf always runs on its own event-loop thread here, so a busy worker loop (loading a shard
 synchronously, a long forward) never delays mDNS answers; the ``async_*`` methods only move the
-blocking calls (registration probes for ~1.5 s, goodbyes for ~0.4 s) off the caller's loop.
+blocking calls (the name check and registration probes for ~2.5 s, goodbyes for ~0.4 s) off the caller's loop.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from hyperlane_lab.errors import WorkerError
 from hyperlane_lab.types import WorkerInfo
 
 __all__ = ["WorkerAdvertiser", "instance_label"]
+
+TWIN_CHECK_MS = 1200  # how long start() asks by multicast for another worker of the same name (see there)
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,8 @@ class WorkerAdvertiser:
     # ------------------------------------------------------------------ sync API
 
     def start(self) -> None:
-        """Probe the name and announce the service (blocks ~1.5 s). Raises WorkerError on a name clash."""
-        from zeroconf import NonUniqueNameException
+        """Probe the name and announce the service (blocks ~2.5 s). Raises WorkerError on a name clash."""
+        from zeroconf import DNSQuestionType, NonUniqueNameException
 
         with self._lock:
             if self._zc is not None:
@@ -171,6 +173,14 @@ class WorkerAdvertiser:
             service = self._service_info(info)
             zc = make_zeroconf(self._interfaces)
             try:
+                # zeroconf's probes ask for unicast answers (QU), sent to port 5353 of this host, where every
+                # mDNS socket on it listens: a worker with this name on the same host may answer into its own
+                # socket. So first ask by multicast (QM), which reaches every socket; a responder answers within
+                # its one-per-second multicast limit
+                if zc.get_service_info(
+                    service.type, service.name, timeout=TWIN_CHECK_MS, question_type=DNSQuestionType.QM
+                ):
+                    raise NonUniqueNameException(service.name)
                 zc.register_service(service, allow_name_change=False)
             except NonUniqueNameException as exc:
                 zc.close()

@@ -100,7 +100,7 @@ class DiscoveryManager:
 
     def start_discovery(self) -> None:
         """Open the mDNS sockets and start browsing (clears the previous table). Idempotent."""
-        from zeroconf import ServiceBrowser
+        from zeroconf import DNSQuestionType, ServiceBrowser
 
         with self._cond:
             if self._zc is not None:
@@ -113,7 +113,13 @@ class DiscoveryManager:
             self._local_ips = bound_ips(self.interfaces) or local_ipv4_addresses(include_loopback=True)
             zc = make_zeroconf(self.interfaces)
             try:
-                self._browser = ServiceBrowser(zc, self.service_type, handlers=[self._on_state_change])
+                # QM questions: answers come back by multicast. A unicast (QU) answer goes to port 5353 of the
+                # asking host, where every mDNS socket of that host listens (workers beside a client, or several
+                # workers): the kernel hands it to one of them, often not the one that asked, and the
+                # browse then waits for its next query (~1 s later)
+                self._browser = ServiceBrowser(
+                    zc, self.service_type, handlers=[self._on_state_change], question_type=DNSQuestionType.QM
+                )
             except BaseException:
                 zc.close()
                 raise
@@ -274,9 +280,11 @@ class DiscoveryManager:
             log.exception("discovery: unexpected error handling %s %s", state_change, name)
 
     def _resolve(self, zc: Any, service_type: str, name: str) -> None:
-        from zeroconf import IPVersion
+        from zeroconf import DNSQuestionType, IPVersion
 
-        si = zc.get_service_info(service_type, name, timeout=int(self.resolve_timeout_s * 1000))
+        si = zc.get_service_info(  # QM: see start_discovery
+            service_type, name, timeout=int(self.resolve_timeout_s * 1000), question_type=DNSQuestionType.QM
+        )
         if si is None:
             self._ignore(name, f"did not resolve within {self.resolve_timeout_s:g} s")
             return
@@ -294,6 +302,8 @@ class DiscoveryManager:
     def _liveness_loop(self, zc: Any, stop: threading.Event) -> None:
         """Drop workers whose SRV record expired and who do not answer a fresh query, and re-read
         workers whose cached TXT record differs from the one in the table (liveness thread)."""
+        from zeroconf import DNSQuestionType
+
         assert self.liveness_interval_s is not None
         while not stop.wait(self.liveness_interval_s):
             with self._cond:
@@ -314,7 +324,10 @@ class DiscoveryManager:
                     continue
                 try:
                     si = zc.get_service_info(
-                        self.service_type, name, timeout=int(self.resolve_timeout_s * 1000)
+                        self.service_type,
+                        name,
+                        timeout=int(self.resolve_timeout_s * 1000),
+                        question_type=DNSQuestionType.QM,  # see start_discovery
                     )
                 except Exception:  # zeroconf closing under us during stop_discovery
                     if stop.is_set():
