@@ -15,7 +15,7 @@ or, from plain threads / scripts, ``adv.start()`` / ``adv.update(info)`` / ``adv
 
 zeroconf always runs on its own event-loop thread here, so a busy worker loop (loading a shard
 synchronously, a long forward) never delays mDNS answers; the ``async_*`` methods only move the
-blocking calls (the name check and registration probes for ~2.5 s, goodbyes for ~0.4 s) off the caller's loop.
+blocking calls (the name check and registration probes for ~4 s, goodbyes for ~0.4 s) off the caller's loop.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from hyperlane_lab.types import WorkerInfo
 
 __all__ = ["WorkerAdvertiser", "instance_label"]
 
-TWIN_CHECK_MS = 1200  # how long start() asks by multicast for another worker of the same name (see there)
+TWIN_CHECK_MS = 2500  # how long start() asks by multicast for another worker of the same name (see there): a
+# responder that multicast its records within the last second holds its answer back until the second is over
+# (answers came 1.0-1.4 s after the question on loopback)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ class WorkerAdvertiser:
     # ------------------------------------------------------------------ sync API
 
     def start(self) -> None:
-        """Probe the name and announce the service (blocks ~2.5 s). Raises WorkerError on a name clash."""
+        """Check and probe the name, then announce the service (blocks ~4 s). Raises WorkerError on a name clash."""
         from zeroconf import DNSQuestionType, NonUniqueNameException
 
         with self._lock:
