@@ -280,11 +280,9 @@ class DiscoveryManager:
             log.exception("discovery: unexpected error handling %s %s", state_change, name)
 
     def _resolve(self, zc: Any, service_type: str, name: str) -> None:
-        from zeroconf import DNSQuestionType, IPVersion
+        from zeroconf import IPVersion
 
-        si = zc.get_service_info(  # QM: see start_discovery
-            service_type, name, timeout=int(self.resolve_timeout_s * 1000), question_type=DNSQuestionType.QM
-        )
+        si = self._query(zc, service_type, name)
         if si is None:
             self._ignore(name, f"did not resolve within {self.resolve_timeout_s:g} s")
             return
@@ -299,11 +297,16 @@ class DiscoveryManager:
             return
         self._store(name, info, txt)
 
+    def _query(self, zc: Any, service_type: str, name: str) -> Any:
+        """The service's records, asked for with multicast answers (QM: see start_discovery), or None."""
+        from zeroconf import DNSQuestionType
+
+        timeout = int(self.resolve_timeout_s * 1000)
+        return zc.get_service_info(service_type, name, timeout=timeout, question_type=DNSQuestionType.QM)
+
     def _liveness_loop(self, zc: Any, stop: threading.Event) -> None:
         """Drop workers whose SRV record expired and who do not answer a fresh query, and re-read
         workers whose cached TXT record differs from the one in the table (liveness thread)."""
-        from zeroconf import DNSQuestionType
-
         assert self.liveness_interval_s is not None
         while not stop.wait(self.liveness_interval_s):
             with self._cond:
@@ -323,12 +326,7 @@ class DiscoveryManager:
                             log.debug("re-reading %s failed", name, exc_info=True)
                     continue
                 try:
-                    si = zc.get_service_info(
-                        self.service_type,
-                        name,
-                        timeout=int(self.resolve_timeout_s * 1000),
-                        question_type=DNSQuestionType.QM,  # see start_discovery
-                    )
+                    si = self._query(zc, self.service_type, name)
                 except Exception:  # zeroconf closing under us during stop_discovery
                     if stop.is_set():
                         return

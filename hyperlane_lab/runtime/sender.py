@@ -25,7 +25,6 @@ import logging
 import queue
 import select
 import socket
-import struct
 import threading
 from typing import Any
 
@@ -35,6 +34,7 @@ from hyperlane_lab.runtime.stripes import (
     MIN_PART,
     STRIPE_FROM,
     hello_header,
+    kernel_timeout,
     new_token,
     stripe_bounds,
     stripe_header,
@@ -54,8 +54,7 @@ def _connect(address: str, connect_timeout: float, send_timeout: float) -> socke
         raise ConnectionError(f"cannot open a data connection to {address}: {e}") from e
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)  # blocking: one system call per send (see the module's docstring)
-    sec = max(send_timeout, 1e-3)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6)))
+    kernel_timeout(sock, socket.SO_SNDTIMEO, send_timeout)
     return sock
 
 

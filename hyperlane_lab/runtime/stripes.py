@@ -54,6 +54,7 @@ __all__ = [
     "StripeGroup",
     "StripeRegistry",
     "hello_header",
+    "kernel_timeout",
     "new_token",
     "stripe_bounds",
     "stripe_header",
@@ -82,6 +83,13 @@ def stripes_for(body_len: int, n: int, stripe_from: int) -> int:
         return 0
     k = min(n, body_len // MIN_PART)
     return k if k >= 2 else 0
+
+
+def kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """Limit a blocking socket's sends or receives (``SO_SNDTIMEO`` / ``SO_RCVTIMEO``) in the kernel: a Python
+    socket with ``settimeout`` polls before every call instead (a second system call and GIL round trip)."""
+    sec = max(seconds, 1e-3)
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(sec), int(sec % 1 * 1e6)))
 
 
 def new_token() -> str:
@@ -254,14 +262,9 @@ class StripeReader:
     def __init__(self, group: StripeGroup, index: int, sock: socket.socket, leftover: bytes,
                  read_timeout: float, max_payload: int) -> None:  # fmt: skip
         self.group, self.index, self.sock = group, index, sock
-        # blocking, with the kernel's SO_RCVTIMEO as the limit: a Python socket with ``settimeout`` polls
-        # before every ``recv_into`` (a second system call and GIL round trip per read of a part)
-        sock.settimeout(None)
+        sock.settimeout(None)  # blocking, the kernel's limit instead (kernel_timeout)
         if read_timeout > 0:  # (<= 0: no limit, as on the data server's connections)
-            sec = max(read_timeout, 1e-3)
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6))
-            )
+            kernel_timeout(sock, socket.SO_RCVTIMEO, read_timeout)
         self._left = memoryview(bytes(leftover))
         self.read_timeout, self.max_payload = read_timeout, max_payload
         self.parts = 0
