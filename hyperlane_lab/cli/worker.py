@@ -60,6 +60,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "process can see, or of its own with --cpus, else off)",
     )
     p.add_argument(
+        "--compute-spin-us",
+        type=_non_negative_int,
+        default=0,
+        help="after each step, the compute thread waits for the next one spinning (native code, GIL "
+        "released) for up to this many µs instead of sleeping, so a prompt chunk's host path runs on "
+        "a warm core (experimental: no faster on 2 x H200, see bench/gpu_notes.md; costs a core while "
+        "it spins; default 0 = off, at most 1000000)",
+    )
+    p.add_argument(
         "--switch-interval-us",
         type=_positive_int,
         default=None,
@@ -128,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         session_ttl_s=args.session_ttl,
         cpu_latency_us=args.cpu_latency_us,
         busy_poll_us=args.busy_poll_us,
+        compute_spin_us=args.compute_spin_us,
         switch_interval_us=args.switch_interval_us,
         cpus=args.cpus,
         prompt_on_loop=args.prompt_on_loop,

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +52,17 @@ from hyperlane_lab.runtime.frame import (
     raw_nbytes,
 )
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, uses_gpu_path
+from hyperlane_lab.runtime.hot_thread import HotThread
 from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
 from hyperlane_lab.runtime.stripes import MIN_PART, STRIPE_FROM, StripeRegistry
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import check_payload, decode_payload, encode_tensor
-from hyperlane_lab.runtime.worker_config import WorkerConfig, device_memory, hold_cpu_latency, resolve_device
+from hyperlane_lab.runtime.worker_config import (
+    WorkerConfig,
+    device_memory,
+    hold_cpu_latency,
+    resolve_device,
+)
 from hyperlane_lab.types import SamplingParams
 
 __all__ = ["Worker", "WorkerConfig", "device_memory", "hold_cpu_latency", "resolve_device"]
@@ -131,7 +136,9 @@ class Worker(WorkerOutbox):
         if self.device.type == "cuda":  # prompt-sized bodies in page-locked memory: DMA to the GPU
             self.pool.pinned_alloc = _pinned_bytes
         self.profile: dict[str, float] = {}
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="hyperlane-compute")
+        # one thread runs engine calls in order; with compute_spin_us it spins for the next call for a
+        # while after each (runtime/hot_thread.py: a prompt chunk's host path on a warm core; opt-in)
+        self._compute = HotThread("hyperlane-compute", config.compute_spin_us / 1e6)
         # tasks given to / finished by the compute thread; each counter has one writer (the loop
         # thread / the compute thread), so "idle" = equal needs no lock
         self._submitted = 0

@@ -38,6 +38,11 @@ class WorkerConfig:
     # on VMs) per hop at the cost of a core while it spins. 0 = off (block in epoll as usual).
     # None = auto (``busy_poll_window_us``): on for a CUDA worker on a host with enough CPUs, else off
     busy_poll_us: int | None = None
+    # the compute thread (runtime/hot_thread.py): for this many µs after each call it runs, wait for the
+    # next one spinning in native code (GIL released) instead of sleeping, so that a prompt chunk's host
+    # path runs on a warm core (bench/host_cold.py). 0 = off (the default: on 2 x H200 it did not speed up
+    # split prompts or decode, bench/gpu_notes.md, seventeenth session); experimental, costs a core
+    compute_spin_us: int = 0
     # the worker process's GIL switch interval (sys.setswitchinterval) in µs. None = Python's
     # default (5 ms). Shorter made every split pipeline slower in bench/RESULTS.md (more forced
     # GIL hand-offs between the loop and completion threads); kept for experiments.
@@ -72,6 +77,10 @@ class WorkerConfig:
         if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(
                 f"busy_poll_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.busy_poll_us}"
+            )
+        if not 0 <= self.compute_spin_us <= 1_000_000:
+            raise ValueError(
+                f"compute_spin_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.compute_spin_us}"
             )
         if self.switch_interval_us is not None and self.switch_interval_us <= 0:
             raise ValueError(f"switch_interval_us must be > 0 µs, got {self.switch_interval_us}")

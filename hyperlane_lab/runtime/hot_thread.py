@@ -1,0 +1,183 @@
+"""A worker's compute thread: one thread that runs submitted calls in order and, for a while after each,
+waits for the next one by spinning in native code instead of sleeping.
+
+Why: a thread that sleeps between prompt chunks runs its next chunk's host path (checks, upload, graph
+replay) 3-4x slower than the same calls back to back: ``bench/host_cold.py`` on the H200 leases, 467 µs
+against 125 µs, and the worker's own host stamps show the slow figures on the prompt's critical path. A
+thread that spins keeps its core out of idle states. Python cannot spin without holding the GIL between
+polls (which starves the worker's other threads, see ``busypoll.py``), so the wait is glibc's
+``pthread_spin_lock`` called through ctypes, which releases the GIL for the call: ``submit`` unlocks it.
+
+The spin is bounded: only within ``window_s`` of the last call's end (a watchdog thread ends a spin whose
+window has run out) and only where glibc's spin locks exist (Linux); otherwise, and with ``window_s=0``,
+the thread blocks on its queue as a ``ThreadPoolExecutor(1)`` does. Spinning holds one core while it
+lasts. Opt-in (``hyperlane worker --compute-spin-us N``): on 2 x H200 (bench/gpu_notes.md, seventeenth
+session) the spin cut the stand-in path from 301 to 201 µs in ``host_cold.py`` but left a 2-stage prompt and
+decode where they were (the worker's other threads wake cold too, and the spinning thread still takes
+the GIL back by a sleeping wait).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["HotThread", "SpinWake", "spin_wake_available"]
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class SpinWake:
+    """A glibc spin lock used as a wake-up signal: ``wait()`` spins (in native code, the GIL released)
+    until another thread calls ``wake()``; a ``wake()`` with nobody waiting lets the next ``wait()``
+    return at once (one stored wake-up, as a binary semaphore)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._lock_fn = libc.pthread_spin_lock  # AttributeError where glibc's spin locks are missing
+        self._unlock_fn = libc.pthread_spin_unlock
+        self._lock = ctypes.c_int(0)  # pthread_spinlock_t is an int on glibc
+        self._ref = ctypes.byref(self._lock)
+        if libc.pthread_spin_init(self._ref, 0) != 0:
+            raise OSError(ctypes.get_errno(), "pthread_spin_init failed")
+        self._lock_fn(self._ref)  # held: the first wait() spins until a wake()
+
+    def wait(self) -> None:
+        self._lock_fn(self._ref)
+
+    def wake(self) -> None:
+        self._unlock_fn(self._ref)
+
+
+def spin_wake_available() -> bool:
+    """True where ``SpinWake`` works (glibc)."""
+    try:
+        SpinWake()
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+class HotThread:
+    """``submit(fn, *args) -> Future`` run on one thread, in order (what a worker used
+    ``ThreadPoolExecutor(1)`` for), spinning for the next call within ``window_s`` of the last one's end.
+    Counters: ``spun`` (calls taken after a spin: wake-ups saved) and ``blocked`` (calls taken after a
+    blocking wait)."""
+
+    def __init__(self, name: str, window_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not window_s >= 0:
+            raise ValueError(f"spin window must be >= 0 seconds, got {window_s}")
+        self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._clock = clock
+        self._spin: SpinWake | None = None
+        if window_s > 0:
+            try:
+                self._spin = SpinWake()
+            except (AttributeError, OSError) as e:
+                log.info("%s: no native spin lock here (%s); the thread sleeps between calls", name, e)
+        self.window_s = window_s if self._spin is not None else 0.0
+        self._last_end = 0.0
+        self._closed = False
+        self.spun = 0
+        self.blocked = 0
+        self.spinning = False  # in a native spin now
+        self._watch = threading.Event()  # set when a spin begins: the watchdog times its window
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._watchdog: threading.Thread | None = None
+        if self._spin is not None:
+            self._watchdog = threading.Thread(target=self._watch_spins, name=f"{name}-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError("cannot submit to a stopped compute thread")
+        fut: Future[Any] = Future()
+        self._q.put((fut, fn, args))
+        if self._spin is not None:
+            self._spin.wake()
+        return fut
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        """Stop taking calls; ``cancel_futures``: calls not yet started are cancelled (else run first)."""
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._q.put(None)
+        if self._spin is not None:
+            self._spin.wake()
+        self._watch.set()
+        if wait:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _take(self) -> _Item | None:
+        """The next call (None: stop), spinning while the window lasts, then blocking."""
+        spin = self._spin
+        spun = False
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                if item is not None:
+                    if spun:
+                        self.spun += 1
+                    return item
+                return None
+            if spin is None or self._closed or self._clock() - self._last_end >= self.window_s:
+                item = self._q.get()
+                if item is not None:
+                    self.blocked += 1
+                return item
+            self._watch.set()
+            self.spinning = True
+            spin.wait()  # native spin, GIL released: until submit() or the watchdog wakes it
+            self.spinning = False
+            spun = True
+
+    def _run(self) -> None:
+        while True:
+            item = self._take()
+            if item is None:
+                return
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as e:  # the caller's future carries it
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(result)
+            self._last_end = self._clock()
+
+    def _watch_spins(self) -> None:
+        """End each spin once the window since the last call has run out (sleeps otherwise)."""
+        assert self._spin is not None
+        while not self._closed:
+            self._watch.wait()
+            self._watch.clear()
+            while not self._closed:
+                left = self._last_end + self.window_s - self._clock()
+                if left <= 0:
+                    break
+                time.sleep(left)
+            with contextlib.suppress(Exception):
+                self._spin.wake()

@@ -1,0 +1,164 @@
+"""The worker's compute thread (runtime/hot_thread.py): calls run in order on one thread, results and errors
+reach their futures, and the thread spins for the next call only within its window (then blocks)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import pytest
+
+from hyperlane_lab.runtime.hot_thread import HotThread, SpinWake, spin_wake_available
+from hyperlane_lab.runtime.worker_config import WorkerConfig
+
+needs_spin = pytest.mark.skipif(not spin_wake_available(), reason="glibc spin locks only (Linux)")
+
+
+def _wait_until(cond, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.002)
+    return cond()
+
+
+@pytest.mark.parametrize("window", [0.0, 0.2])
+def test_calls_run_in_order_on_one_thread_with_their_results_and_errors(window):
+    if window and not spin_wake_available():
+        pytest.skip("glibc spin locks only (Linux)")
+    h = HotThread("t-order", window)
+    try:
+        seen: list[tuple[int, int | None]] = []
+
+        def call(i: int) -> int:
+            seen.append((i, threading.get_ident()))
+            if i % 7 == 3:
+                raise KeyError(f"call {i}")
+            return i * i
+
+        futs = [h.submit(call, i) for i in range(40)]
+        for i, f in enumerate(futs):
+            if i % 7 == 3:
+                with pytest.raises(KeyError, match=f"call {i}"):
+                    f.result(10)
+            else:
+                assert f.result(10) == i * i
+        assert [i for i, _ in seen] == list(range(40))  # in submission order
+        assert len({tid for _, tid in seen}) == 1 and seen[0][1] != threading.get_ident()
+    finally:
+        h.shutdown(wait=True)
+    assert not h._thread.is_alive()
+
+
+@needs_spin
+def test_the_thread_spins_for_the_next_call_only_within_its_window():
+    """A call submitted soon after the last one ends is taken after a spin; once the window has run out
+    the watchdog ends the spin and the next call is taken after a blocking wait."""
+    h = HotThread("t-window", 0.25)
+    try:
+        h.submit(lambda: None).result(10)  # the first call: taken from a blocking wait
+        assert (h.spun, h.blocked) == (0, 1)
+        for _ in range(5):
+            time.sleep(0.01)
+            h.submit(lambda: None).result(10)
+        assert (h.spun, h.blocked) == (5, 1)
+        assert _wait_until(lambda: h.spinning, 1.0)  # idle, within the window: spinning
+        assert _wait_until(lambda: not h.spinning, 3.0)  # the window ran out: no longer spinning
+        time.sleep(0.05)
+        assert not h.spinning
+        h.submit(lambda: None).result(10)
+        assert (h.spun, h.blocked) == (5, 2)
+    finally:
+        h.shutdown(wait=True)
+
+
+def test_without_a_window_the_thread_never_spins():
+    h = HotThread("t-off", 0.0)
+    try:
+        for _ in range(5):
+            h.submit(time.sleep, 0.001).result(10)
+        assert h.spun == 0 and h.blocked == 5 and h._watchdog is None and h.window_s == 0
+    finally:
+        h.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("window", [0.0, 5.0])
+def test_shutdown_cancels_waiting_calls_and_refuses_new_ones(window):
+    if window and not spin_wake_available():
+        pytest.skip("glibc spin locks only (Linux)")
+    h = HotThread("t-stop", window)
+    gate = threading.Event()
+    first = h.submit(gate.wait, 10)
+    assert _wait_until(first.running)
+    later = [h.submit(lambda: 1) for _ in range(3)]
+    h.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    assert first.result(10) is True  # the running call finishes
+    assert all(f.cancelled() for f in later)
+    h._thread.join(10)
+    assert not h._thread.is_alive()  # a spinning thread (5 s window) is woken to stop
+    with pytest.raises(RuntimeError, match="stopped compute thread"):
+        h.submit(lambda: 1)
+
+
+@needs_spin
+def test_spin_wake_keeps_one_wake_up_for_a_later_wait():
+    s = SpinWake()
+    s.wake()
+    s.wake()  # a second wake-up is not counted: one stored, as a binary semaphore
+    done = threading.Event()
+
+    def waiter() -> None:
+        s.wait()  # returns at once: the stored wake-up
+        done.set()
+        s.wait()  # spins until the next wake()
+        done.clear()
+
+    th = threading.Thread(target=waiter, daemon=True)
+    th.start()
+    assert _wait_until(done.is_set)
+    time.sleep(0.05)
+    assert th.is_alive() and done.is_set()  # spinning in the second wait
+    s.wake()
+    th.join(5)
+    assert not th.is_alive() and not done.is_set()
+
+
+def test_the_compute_spin_setting_is_off_unless_given():
+    assert WorkerConfig().compute_spin_us == 0
+    for bad in (-1, 2_000_000):
+        with pytest.raises(ValueError, match="compute_spin_us must be 0"):
+            WorkerConfig(compute_spin_us=bad)
+    assert WorkerConfig(compute_spin_us=700).compute_spin_us == 700
+
+
+def test_worker_command_line_takes_the_compute_spin_window():
+    from hyperlane_lab.cli import worker as cli_worker
+
+    parser = argparse.ArgumentParser()
+    cli_worker.add_parser(parser.add_subparsers())
+    assert parser.parse_args(["worker", "--compute-spin-us", "5000"]).compute_spin_us == 5000
+    assert parser.parse_args(["worker"]).compute_spin_us == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--compute-spin-us", "-3"])
+
+
+@needs_spin
+def test_a_worker_runs_its_engine_calls_on_a_spinning_thread_when_told(tmp_path):
+    from hyperlane_lab.runtime.worker import Worker
+
+    w = Worker(WorkerConfig(device="cpu", compute_spin_us=50_000, cache_dir=str(tmp_path)))
+    try:
+        assert w._compute.window_s == pytest.approx(0.05)
+        assert w._submit(lambda: 41 + 1).result(10) == 42
+        assert w._submit(lambda: 1).result(10) == 1
+        assert w._compute.spun == 1
+    finally:
+        w._compute.shutdown(wait=True)
+    w2 = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    try:
+        assert w2._compute.window_s == 0  # off by default
+    finally:
+        w2._compute.shutdown(wait=True)
