@@ -19,12 +19,14 @@ the GIL back by a sleeping wait).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -67,11 +69,34 @@ def spin_wake_available() -> bool:
     return True
 
 
+_LIVE: weakref.WeakSet[HotThread] = weakref.WeakSet()
+_EXIT_HOOK = threading.Lock()
+_exit_registered = False
+
+
+def _stop_at_exit() -> None:
+    """As ``ThreadPoolExecutor`` does at exit: stop every thread and let a call in progress finish (a CUDA
+    call cut off by the interpreter's teardown can crash it), for at most a few seconds each."""
+    live = list(_LIVE)
+    for h in live:
+        h.shutdown(wait=False, cancel_futures=True)
+    for h in live:
+        h._thread.join(timeout=5.0)
+
+
+def _register_exit_hook() -> None:
+    global _exit_registered
+    with _EXIT_HOOK:
+        if not _exit_registered:
+            atexit.register(_stop_at_exit)
+            _exit_registered = True
+
+
 class HotThread:
     """``submit(fn, *args) -> Future`` run on one thread, in order (what a worker used
     ``ThreadPoolExecutor(1)`` for), spinning for the next call within ``window_s`` of the last one's end.
     Counters: ``spun`` (calls taken after a spin: wake-ups saved) and ``blocked`` (calls taken after a
-    blocking wait)."""
+    blocking wait). ``submit`` and ``shutdown`` may be called from any thread."""
 
     def __init__(self, name: str, window_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         if not window_s >= 0:
@@ -87,42 +112,50 @@ class HotThread:
         self.window_s = window_s if self._spin is not None else 0.0
         self._last_end = 0.0
         self._closed = False
+        self._lock = threading.Lock()  # submit vs shutdown: nothing lands behind the stop marker
         self.spun = 0
         self.blocked = 0
         self.spinning = False  # in a native spin now
         self._watch = threading.Event()  # set when a spin begins: the watchdog times its window
+        self._timing = False  # the watchdog is timing a window now (a new spin need not wake it)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._watchdog: threading.Thread | None = None
         if self._spin is not None:
             self._watchdog = threading.Thread(target=self._watch_spins, name=f"{name}-watchdog", daemon=True)
             self._watchdog.start()
+        _LIVE.add(self)
+        _register_exit_hook()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        if self._closed:
-            raise RuntimeError("cannot submit to a stopped compute thread")
         fut: Future[Any] = Future()
-        self._q.put((fut, fn, args))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a stopped compute thread")
+            self._q.put((fut, fn, args))
         if self._spin is not None:
             self._spin.wake()
         return fut
 
-    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
-        """Stop taking calls; ``cancel_futures``: calls not yet started are cancelled (else run first)."""
-        self._closed = True
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        self._q.put(None)
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop taking calls (``ThreadPoolExecutor.shutdown``'s defaults): ``cancel_futures`` cancels the calls
+        not yet started (else they run first); ``wait`` joins the thread."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if cancel_futures:
+                    while True:
+                        try:
+                            item = self._q.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is not None:
+                            item[0].cancel()
+                self._q.put(None)
         if self._spin is not None:
             self._spin.wake()
         self._watch.set()
-        if wait:
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
     # ------------------------------------------------------------------ the thread
@@ -147,7 +180,8 @@ class HotThread:
                 if item is not None:
                     self.blocked += 1
                 return item
-            self._watch.set()
+            if not self._timing:
+                self._watch.set()
             self.spinning = True
             spin.wait()  # native spin, GIL released: until submit() or the watchdog wakes it
             self.spinning = False
@@ -169,15 +203,18 @@ class HotThread:
             self._last_end = self._clock()
 
     def _watch_spins(self) -> None:
-        """End each spin once the window since the last call has run out (sleeps otherwise)."""
+        """End each spin once the window since the last call has run out (sleeps otherwise); woken once
+        a window, not once a spin (the thread re-checks its window after every wake-up)."""
         assert self._spin is not None
         while not self._closed:
             self._watch.wait()
             self._watch.clear()
+            self._timing = True
             while not self._closed:
                 left = self._last_end + self.window_s - self._clock()
                 if left <= 0:
                     break
                 time.sleep(left)
+            self._timing = False
             with contextlib.suppress(Exception):
                 self._spin.wake()
