@@ -13,8 +13,11 @@ replay, a clone) on a thread fed by a queue, as a worker's compute thread is, in
   another stream (a worker's completion thread waiting for the previous chunk; CUDA spins by default);
 - ``gap+blocking``: the same with that event made with ``blocking=True`` (the waiter sleeps in the driver);
 - ``gap+spin``: ``gap``, with the thread waiting for its next step in ``pthread_spin_lock`` (through ctypes: native
-  code, the GIL released; ``runtime/hot_thread.SpinWake``, what a worker's compute thread does) instead of
-  ``queue.get``; the producer wakes it after each put. Its core stays busy.
+  code, the GIL released) instead of on its queue. Its core stays busy.
+
+The thread is the worker's own compute thread (``runtime/hot_thread.HotThread``: without a spin window in every
+mode but ``gap+spin``, where the window outlasts the gap). The s17c/s17d figures in bench/RESULTS.md came from an
+earlier copy of the script with its own queue-fed thread and the same spin lock.
 
 Per mode: the median wake-up (put -> the thread's start) and the median of each piece, in µs.
 Writes ``$OUT/host_cold.json`` (else ``bench/out/host_cold.json``) and prints a table.
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import statistics
 import sys
 import threading
@@ -82,36 +84,23 @@ def _step(env: dict[str, Any], marks: list[float]) -> None:
 
 
 def run_mode(env: dict[str, Any], mode: str, steps: int, gap_s: float) -> dict[str, float]:
-    q: queue.Queue[float | None] = queue.Queue()
-    done: queue.Queue[int] = queue.Queue()
+    from hyperlane_lab.runtime.hot_thread import HotThread
+
+    # the worker's compute thread itself: blocking on its queue, or (gap+spin) spinning for a window longer
+    # than the gap, so every step after the first is taken from a spin
+    compute = HotThread("host-cold", 10.0 if mode == "gap+spin" else 0.0)
+    compute.submit(torch.cuda.set_device, env["dev"]).result(60)
     rows: list[list[float]] = []
 
-    from hyperlane_lab.runtime.hot_thread import SpinWake
-
-    spin = SpinWake() if mode == "gap+spin" else None
-
-    def worker() -> None:
-        torch.cuda.set_device(env["dev"])
-        while True:
-            if spin is not None:
-                try:
-                    put = q.get_nowait()
-                except queue.Empty:
-                    spin.wait()
-                    continue
-            else:
-                put = q.get()
-            if put is None:
-                return
-            marks = [put, time.perf_counter()]
-            _step(env, marks)
-            rows.append(marks)
-            torch.cuda.current_stream(env["dev"]).synchronize()
-            done.put(1)
+    def step(put: float) -> None:
+        marks = [put, time.perf_counter()]
+        _step(env, marks)
+        rows.append(marks)
+        torch.cuda.current_stream(env["dev"]).synchronize()
 
     stop = threading.Event()
     waiter = None
-    if mode.startswith("gap+"):
+    if mode.startswith("gap+") and mode != "gap+spin":
         blocking = mode == "gap+blocking"
         side = torch.cuda.Stream(env["dev"])
 
@@ -126,19 +115,11 @@ def run_mode(env: dict[str, Any], mode: str, steps: int, gap_s: float) -> dict[s
 
         waiter = threading.Thread(target=wait_loop, daemon=True)
         waiter.start()
-    th = threading.Thread(target=worker, daemon=True)
-    th.start()
     for _ in range(steps):
-        q.put(time.perf_counter())
-        if spin is not None:
-            spin.wake()
-        done.get(timeout=60)
+        compute.submit(step, time.perf_counter()).result(60)
         if mode != "hot":
             time.sleep(gap_s)
-    q.put(None)
-    if spin is not None:
-        spin.wake()
-    th.join(timeout=60)
+    compute.shutdown()
     stop.set()
     if waiter is not None:
         waiter.join(timeout=60)

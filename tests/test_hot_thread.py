@@ -15,6 +15,11 @@ from hyperlane_lab.runtime.worker_config import WorkerConfig
 needs_spin = pytest.mark.skipif(not spin_wake_available(), reason="glibc spin locks only (Linux)")
 
 
+def windows(spin: float) -> list:
+    """Parameters: no spin, and a ``spin`` s window where glibc's spin locks exist."""
+    return [0.0, pytest.param(spin, marks=needs_spin)]
+
+
 def _wait_until(cond, timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -24,10 +29,8 @@ def _wait_until(cond, timeout: float = 5.0) -> bool:
     return cond()
 
 
-@pytest.mark.parametrize("window", [0.0, 0.2])
+@pytest.mark.parametrize("window", windows(0.2))
 def test_calls_run_in_order_on_one_thread_with_their_results_and_errors(window):
-    if window and not spin_wake_available():
-        pytest.skip("glibc spin locks only (Linux)")
     h = HotThread("t-order", window)
     try:
         seen: list[tuple[int, int | None]] = []
@@ -84,10 +87,8 @@ def test_without_a_window_the_thread_never_spins():
         h.shutdown(wait=True)
 
 
-@pytest.mark.parametrize("window", [0.0, 5.0])
+@pytest.mark.parametrize("window", windows(5.0))
 def test_shutdown_cancels_waiting_calls_and_refuses_new_ones(window):
-    if window and not spin_wake_available():
-        pytest.skip("glibc spin locks only (Linux)")
     h = HotThread("t-stop", window)
     gate = threading.Event()
     first = h.submit(gate.wait, 10)
@@ -104,11 +105,9 @@ def test_shutdown_cancels_waiting_calls_and_refuses_new_ones(window):
     h.shutdown()  # a second shutdown is harmless
 
 
-@pytest.mark.parametrize("window", [0.0, 5.0])
+@pytest.mark.parametrize("window", windows(5.0))
 def test_shutdown_by_default_runs_the_waiting_calls_first(window):
     """ThreadPoolExecutor's defaults: ``shutdown()`` lets queued calls run, then joins the thread."""
-    if window and not spin_wake_available():
-        pytest.skip("glibc spin locks only (Linux)")
     h = HotThread("t-drain", window)
     gate = threading.Event()
     h.submit(gate.wait, 10)

@@ -128,9 +128,7 @@ class _RemoteRunner:
                     req.ring_to = m._data.first_stage
                     req.max_new_tokens = max_new_tokens
                     req.eos_token_ids.extend(m.spec.eos_token_ids)
-                    req.ring_flag_last = (
-                        flag_last  # the stages before it take the flag (a newer one does too)
-                    )
+                    req.ring_flag_last = flag_last  # the stages before it take the flag
                 reply = w.call("OpenSession", req)
                 opened.append(w)
                 if last and ring and not reply.ring:  # a worker without the server-side loop

@@ -167,9 +167,8 @@ class WorkerOutbox:
         if top >= sess.max_len:  # the budget should have stopped first: tell the client
             fail = f"position {top} is beyond the session's max length {sess.max_len}"
         else:
-            last = (
-                FLAG_LAST if sess.flag_last and step + 2 >= budget else 0
-            )  # no step follows it: arm nothing
+            # the budget's last step: no step follows it, so no stage arms one
+            last = FLAG_LAST if sess.flag_last and step + 2 >= budget else 0
             header = FrameHeader(
                 FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch, last
             )

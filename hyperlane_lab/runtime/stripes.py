@@ -64,9 +64,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIN_PART = 4096  # bytes: a frame is cut in at most body_len // MIN_PART parts
-STRIPE_FROM = (
-    4 << 20
-)  # default: striped senders split tensor frames of at least 4 MB (2 MB ran slower striped)
+# default: striped senders split tensor frames of at least 4 MB (2 MB ran slower striped)
+STRIPE_FROM = 4 << 20
 MAX_READERS = 64  # stripe connections (threads) one worker serves at a time
 
 

@@ -57,12 +57,7 @@ from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
 from hyperlane_lab.runtime.stripes import MIN_PART, STRIPE_FROM, StripeRegistry
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import check_payload, decode_payload, encode_tensor
-from hyperlane_lab.runtime.worker_config import (
-    WorkerConfig,
-    device_memory,
-    hold_cpu_latency,
-    resolve_device,
-)
+from hyperlane_lab.runtime.worker_config import WorkerConfig, device_memory, hold_cpu_latency, resolve_device
 from hyperlane_lab.types import SamplingParams
 
 __all__ = ["Worker", "WorkerConfig", "device_memory", "hold_cpu_latency", "resolve_device"]
