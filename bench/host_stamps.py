@@ -1,8 +1,11 @@
 """Summarize the host stamps GPU workers wrote with ``HYPERLANE_HOST_STAMPS`` (``hyperlane_lab/host_stamps.py``).
 
-Per step kind (prompt / decode / wire) and per interval between consecutive marks (e.g. ``upload ->
-fwd:checked``): the median, 90th percentile and count, in µs, plus the whole step (begin -> end). Run a
-benchmark with the variable set, then this on the files it left:
+Per step kind (prompt / decode / wire / complete) and per interval between consecutive marks (e.g. ``upload ->
+fwd:checked``): the median, 90th percentile and count, in µs, plus the whole step (begin -> end); where the marks
+carry the thread's CPU time and context switches (files written since the eighteenth session), also the median
+CPU time of the interval and its mean voluntary / involuntary switches: wall time far above CPU time with
+voluntary switches is waiting (the GIL, a lock), CPU time near the wall time is slow code. Run a benchmark with
+the variable set, then this on the files it left:
 
     HYPERLANE_HOST_STAMPS=/tmp/hs_{pid}.jsonl PYTHONPATH=$PWD python3 bench/gpu_pipeline.py --parts split4 ...
     python3 bench/host_stamps.py /tmp/hs_*.jsonl [--min-tokens 128]
@@ -22,27 +25,51 @@ from pathlib import Path
 from typing import Any
 
 
+def _intervals(marks: list[list[Any]]) -> list[tuple[str, float, list[float] | None]]:
+    """(name, wall µs, [CPU µs, voluntary, involuntary switches] or None) per consecutive pair of marks, and the
+    whole step from "begin" (not "received") to the last mark."""
+    out: list[tuple[str, float, list[float] | None]] = []
+    for a, b in itertools.pairwise(marks):
+        both = len(a) >= 5 and len(b) >= 5
+        extra = [(b[2] - a[2]) * 1e6, b[3] - a[3], b[4] - a[4]] if both else None
+        out.append((f"{a[0]} -> {b[0]}", (b[1] - a[1]) * 1e6, extra))
+    begin = next((m for m in marks if m[0] == "begin"), marks[0])
+    last = marks[-1]
+    whole = None
+    if len(begin) >= 5 and len(last) >= 5:
+        whole = [(last[2] - begin[2]) * 1e6, last[3] - begin[3], last[4] - begin[4]]
+    out.append(("begin -> end (whole)", (last[1] - begin[1]) * 1e6, whole))
+    return out
+
+
 def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """{kind: {"a -> b": {"median_us", "p90_us", "n"}}} over the records with at least ``min_tokens`` tokens."""
+    """{kind: {"a -> b": {"median_us", "p90_us", "n"[, "cpu_median_us", "vcs_mean", "ivcs_mean"]}}} over the
+    records with at least ``min_tokens`` tokens (the CPU fields where the marks carry them)."""
     spans: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    extras: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("tokens", 0) < min_tokens:
             continue
-        marks = r["marks"]
-        for (a, ta), (b, tb) in itertools.pairwise(marks):
-            spans[r["kind"]][f"{a} -> {b}"].append((tb - ta) * 1e6)
-        begin = next((t for name, t in marks if name == "begin"), marks[0][1])  # not "received"
-        spans[r["kind"]]["begin -> end (whole)"].append((marks[-1][1] - begin) * 1e6)
+        for name, wall, extra in _intervals(r["marks"]):
+            spans[r["kind"]][name].append(wall)
+            if extra is not None:
+                extras[r["kind"]][name].append(extra)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for kind, by in spans.items():
         out[kind] = {}
         for name, vals in by.items():
             vals.sort()
-            out[kind][name] = {
+            row = {
                 "median_us": statistics.median(vals),
                 "p90_us": vals[min(len(vals) - 1, int(0.9 * len(vals)))],
                 "n": len(vals),
             }
+            ex = extras[kind].get(name)
+            if ex:
+                row["cpu_median_us"] = statistics.median(e[0] for e in ex)
+                row["vcs_mean"] = statistics.fmean(e[1] for e in ex)
+                row["ivcs_mean"] = statistics.fmean(e[2] for e in ex)
+            out[kind][name] = row
     return out
 
 
@@ -61,11 +88,16 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"files": args.files, "records": len(records), "summary": summary}, indent=1))
     for kind, by in summary.items():
-        print(
-            f"\n{kind} ({max(v['n'] for v in by.values())} steps)\n\n| interval | median µs | p90 µs | n |\n|---|---:|---:|---:|"
-        )
+        print(f"\n{kind} ({max(v['n'] for v in by.values())} steps)\n")
+        print("| interval | median µs | p90 µs | n | CPU median µs | vol. switches | invol. switches |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name, v in by.items():
-            print(f"| {name} | {v['median_us']:.0f} | {v['p90_us']:.0f} | {v['n']} |")
+            cpu = (
+                f"{v['cpu_median_us']:.0f} | {v['vcs_mean']:.2f} | {v['ivcs_mean']:.2f}"
+                if "cpu_median_us" in v
+                else "| |"
+            )
+            print(f"| {name} | {v['median_us']:.0f} | {v['p90_us']:.0f} | {v['n']} | {cpu} |")
     print(f"\nwrote {out}")
     return 0
 

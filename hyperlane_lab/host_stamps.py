@@ -3,10 +3,15 @@
 The trace's ``launch`` event spans a step's whole host path (checks, upload, the forward's own checks, the
 graph's input copy, the replay, the K/V copy-out); where a prompt chunk's 0.4-1.3 ms of it go is not in the
 trace. With ``HYPERLANE_HOST_STAMPS=<path>`` set (``{pid}`` in it is replaced by the worker's process id),
-each step's marks (name, ``time.perf_counter()``) are appended to that file as one JSON line:
-``{"kind": "prompt" | "decode", "session": ..., "step": ..., "tokens": ..., "marks": [[name, t], ...]}``.
-Lines are written in batches (and at ``flush``); off by default, and then every call is a no-op.
-``bench/host_stamps.py`` turns the files into per-interval medians.
+each step's marks are appended to that file as one JSON line: ``{"kind": "prompt" | "decode", "session": ...,
+"step": ..., "tokens": ..., "thread": ..., "marks": [[name, t, cpu, vcs, ivcs], ...]}`` with ``t`` from
+``time.perf_counter()``, ``cpu`` the thread's CPU time (``time.thread_time()``) and ``vcs`` / ``ivcs`` its
+voluntary / involuntary context switches so far (``getrusage(RUSAGE_THREAD)``, Linux; 0 elsewhere). Between
+two marks, wall time well above CPU time with voluntary switches means the thread waited (the GIL, a lock, a
+blocking call); CPU time close to the wall time means its code itself ran slowly (cold caches, a low clock);
+involuntary switches mean the kernel took its core away. The "received" mark (a time from another thread)
+has no CPU fields. Lines are written in batches (and at ``flush``); off by default, and then every call is a
+no-op. ``bench/host_stamps.py`` turns the files into per-interval medians.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["ENV", "HostStamps", "host_stamps"]
@@ -24,6 +30,30 @@ log = logging.getLogger(__name__)
 
 ENV = "HYPERLANE_HOST_STAMPS"
 _BATCH = 32  # records per write
+
+
+def _switch_reader() -> Callable[[], tuple[int, int]]:
+    """The calling thread's (voluntary, involuntary) context switches so far; (0, 0) where the platform
+    cannot tell (``RUSAGE_THREAD`` is Linux-only)."""
+    try:
+        import resource
+
+        who = resource.RUSAGE_THREAD
+        resource.getrusage(who)
+    except (ImportError, AttributeError, OSError, ValueError):
+        return lambda: (0, 0)
+
+    def read() -> tuple[int, int]:
+        r = resource.getrusage(who)
+        return r.ru_nvcsw, r.ru_nivcsw
+
+    return read
+
+
+def _now(switches: Callable[[], tuple[int, int]]) -> list[Any]:
+    """[wall, thread CPU, voluntary switches, involuntary switches] of the calling thread."""
+    vcs, ivcs = switches()
+    return [time.perf_counter(), time.thread_time(), vcs, ivcs]
 
 
 class HostStamps:
@@ -36,6 +66,7 @@ class HostStamps:
         self._lock = threading.Lock()
         self._done: list[str] = []
         self.records = 0
+        self._switches = _switch_reader() if self.enabled else (lambda: (0, 0))
 
     def begin(
         self, kind: str, session: str, step: int, tokens: int = 0, received: float | None = None
@@ -43,7 +74,7 @@ class HostStamps:
         """Open this thread's step; ``received`` (a ``perf_counter`` time, e.g. when its frame was fully
         received) becomes a first mark "received" before "begin"."""
         if self.enabled:
-            marks = [["begin", time.perf_counter()]]
+            marks = [["begin", *_now(self._switches)]]
             if received is not None:
                 marks.insert(0, ["received", received])
             self._local.rec = {
@@ -51,6 +82,7 @@ class HostStamps:
                 "session": session,
                 "step": step,
                 "tokens": tokens,
+                "thread": threading.current_thread().name,
                 "marks": marks,
             }
 
@@ -58,7 +90,7 @@ class HostStamps:
         if self.enabled:
             rec = getattr(self._local, "rec", None)
             if rec is not None:
-                rec["marks"].append([name, time.perf_counter()])
+                rec["marks"].append([name, *_now(self._switches)])
 
     def end(self) -> None:
         """Close this thread's step (its last mark is "end"); a step without ``begin`` is ignored."""
@@ -68,7 +100,7 @@ class HostStamps:
         if rec is None:
             return
         self._local.rec = None
-        rec["marks"].append(["end", time.perf_counter()])
+        rec["marks"].append(["end", *_now(self._switches)])
         with self._lock:
             self._done.append(json.dumps(rec))
             self.records += 1

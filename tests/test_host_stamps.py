@@ -4,8 +4,11 @@ of one thread's step only, and a bad path turns them off instead of failing the 
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 
+import pytest
 import torch
 
 from hyperlane_lab import host_stamps as hs_mod
@@ -92,3 +95,55 @@ def test_a_cpu_stage_forward_marks_its_checks(tmp_path, monkeypatch):
         assert [m[0] for m in rec["marks"]] == ["begin", "fwd:checked", "end"]
     finally:
         hs_mod._reset_for_tests(None)
+
+
+def _summary_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "host_stamps.py"
+    spec = importlib.util.spec_from_file_location("bench_host_stamps", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RUSAGE_THREAD is Linux-only")
+def test_marks_tell_waiting_from_running(tmp_path):
+    """A sleep between two marks is wall time without CPU time and with a voluntary switch; a busy loop is
+    CPU time (3 ms of it, however loaded the machine); the summary reports both per interval."""
+    hs = HostStamps(str(tmp_path / "st.jsonl"))
+    for step in range(3):
+        hs.begin("prompt", "s", step, tokens=256, received=time.perf_counter())
+        hs.mark("slept")
+        time.sleep(0.005)
+        hs.mark("spun")
+        cpu_end, wall_limit = time.thread_time() + 0.003, time.perf_counter() + 5.0
+        while time.thread_time() < cpu_end and time.perf_counter() < wall_limit:
+            pass
+        hs.end()
+    hs.flush()
+    recs = _records(hs.path)
+    for r in recs:
+        assert r["thread"] == threading.current_thread().name
+        received, *marks = r["marks"]
+        assert len(received) == 2 and all(len(m) == 5 for m in marks)
+        (_, t0, c0, v0, _), (_, t1, c1, v1, _), (_, t2, c2, _, _) = marks[1:4]
+        assert t1 - t0 >= 0.005 and c1 - c0 < 0.5 * (t1 - t0) and v1 - v0 >= 1  # the sleep: waiting
+        assert t2 - t1 >= c2 - c1 >= 0.003  # the loop: running
+    summary = _summary_module().summarize(recs, min_tokens=128)["prompt"]
+    slept, spun = summary["slept -> spun"], summary["spun -> end"]
+    assert slept["median_us"] >= 5000 and slept["cpu_median_us"] < 0.5 * slept["median_us"]
+    assert slept["vcs_mean"] >= 1
+    assert spun["median_us"] >= spun["cpu_median_us"] >= 3000
+    assert "cpu_median_us" not in summary["received -> begin"]  # the other thread's time has no CPU part
+    assert summary["begin -> end (whole)"]["n"] == 3
+    assert _summary_module().summarize(recs, min_tokens=512) == {}
+
+
+def test_old_two_field_marks_still_summarize():
+    rec = {"kind": "decode", "tokens": 1, "marks": [["begin", 1.0], ["a", 1.000010], ["end", 1.000030]]}
+    summary = _summary_module().summarize([rec])["decode"]
+    assert round(summary["a -> end"]["median_us"]) == 20 and "cpu_median_us" not in summary["a -> end"]
+    assert round(summary["begin -> end (whole)"]["median_us"]) == 30
