@@ -54,9 +54,18 @@ def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, d
             spans[r["kind"]][name].append(wall)
             if extra is not None:
                 extras[r["kind"]][name].append(extra)
+    probes: dict[str, list[list[float]]] = defaultdict(list)
+    for r in records:
+        if r.get("tokens", 0) >= min_tokens and r.get("probe"):
+            probes[r["kind"]].append(r["probe"])
     out: dict[str, dict[str, dict[str, float]]] = {}
+    for kind, rows in probes.items():  # HYPERLANE_HOST_STAMPS_PROBE: cold / warm loop and torch call
+        names = ("loop", "loop again", "torch call", "torch call again")
+        out.setdefault(kind, {})["probe"] = {
+            f"{n} median_us": statistics.median(row[i] for row in rows) for i, n in enumerate(names)
+        } | {"n": len(rows)}
     for kind, by in spans.items():
-        out[kind] = {}
+        out.setdefault(kind, {})
         for name, vals in by.items():
             vals.sort()
             row = {
@@ -92,12 +101,20 @@ def main() -> int:
         print("| interval | median µs | p90 µs | n | CPU median µs | vol. switches | invol. switches |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, v in by.items():
+            if name == "probe":
+                continue
             cpu = (
                 f"{v['cpu_median_us']:.0f} | {v['vcs_mean']:.2f} | {v['ivcs_mean']:.2f}"
                 if "cpu_median_us" in v
                 else "| |"
             )
             print(f"| {name} | {v['median_us']:.0f} | {v['p90_us']:.0f} | {v['n']} | {cpu} |")
+        if "probe" in by:
+            p = by["probe"]
+            print(
+                f"\nprobe before each step's begin ({p['n']:.0f} steps), median µs: "
+                + ", ".join(f"{k.removesuffix(' median_us')} {v:.1f}" for k, v in p.items() if k != "n")
+            )
     print(f"\nwrote {out}")
     return 0
 

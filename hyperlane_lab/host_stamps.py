@@ -10,7 +10,11 @@ voluntary / involuntary context switches so far (``getrusage(RUSAGE_THREAD)``, L
 two marks, wall time well above CPU time with voluntary switches means the thread waited (the GIL, a lock, a
 blocking call); CPU time close to the wall time means its code itself ran slowly (cold caches, a low clock);
 involuntary switches mean the kernel took its core away. The "received" mark (a time from another thread)
-has no CPU fields. Lines are written in batches (and at ``flush``); off by default, and then every call is a
+has no CPU fields. With ``HYPERLANE_HOST_STAMPS_PROBE=1`` as well, each step first times a small pure-Python
+loop twice and a trivial torch call twice on its thread (``"probe": [loop, loop again, torch, torch again]``, µs,
+before the "begin" mark): a first loop slower than the second points at the core's clock or wake-up, a first
+torch call much slower than the second at cold caches on the long code path of a torch call. Lines are
+written in batches (and at ``flush``); off by default, and then every call is a
 no-op. ``bench/host_stamps.py`` turns the files into per-interval medians.
 """
 
@@ -24,12 +28,38 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ENV", "HostStamps", "host_stamps"]
+__all__ = ["ENV", "PROBE_ENV", "HostStamps", "host_stamps", "probe"]
 
 log = logging.getLogger(__name__)
 
 ENV = "HYPERLANE_HOST_STAMPS"
+PROBE_ENV = "HYPERLANE_HOST_STAMPS_PROBE"
 _BATCH = 32  # records per write
+_PROBE_LOOP = 200  # iterations of the probe's Python loop (~5-10 µs on a warm core)
+
+
+def _loop() -> int:
+    acc = 0
+    for i in range(_PROBE_LOOP):
+        acc += i
+    return acc
+
+
+def probe() -> list[float]:
+    """µs of [a Python loop, the same loop again, a trivial torch call, the same call again] on this thread."""
+    import torch
+
+    pc = time.perf_counter
+    t0 = pc()
+    _loop()
+    t1 = pc()
+    _loop()
+    t2 = pc()
+    torch.empty(8)
+    t3 = pc()
+    torch.empty(8)
+    t4 = pc()
+    return [round((b - a) * 1e6, 2) for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4))]
 
 
 def _switch_reader() -> Callable[[], tuple[int, int]]:
@@ -59,9 +89,10 @@ def _now(switches: Callable[[], tuple[int, int]]) -> list[Any]:
 class HostStamps:
     """Marks of the step running on the calling thread; records go to ``path`` (None: disabled)."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, probe: bool = False) -> None:
         self.path = path.replace("{pid}", str(os.getpid())) if path else None
         self.enabled = self.path is not None
+        self.probe = probe and self.enabled
         self._local = threading.local()
         self._lock = threading.Lock()
         self._done: list[str] = []
@@ -74,6 +105,7 @@ class HostStamps:
         """Open this thread's step; ``received`` (a ``perf_counter`` time, e.g. when its frame was fully
         received) becomes a first mark "received" before "begin"."""
         if self.enabled:
+            probed = probe() if self.probe else None
             marks = [["begin", *_now(self._switches)]]
             if received is not None:
                 marks.insert(0, ["received", received])
@@ -85,6 +117,8 @@ class HostStamps:
                 "thread": threading.current_thread().name,
                 "marks": marks,
             }
+            if probed is not None:
+                self._local.rec["probe"] = probed
 
     def mark(self, name: str) -> None:
         if self.enabled:
@@ -133,7 +167,8 @@ def host_stamps() -> HostStamps:
     if _INSTANCE is None:
         with _INSTANCE_LOCK:
             if _INSTANCE is None:
-                _INSTANCE = HostStamps(os.environ.get(ENV) or None)
+                probing = os.environ.get(PROBE_ENV, "0") not in ("", "0")
+                _INSTANCE = HostStamps(os.environ.get(ENV) or None, probe=probing)
     return _INSTANCE
 
 

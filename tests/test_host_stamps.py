@@ -147,3 +147,23 @@ def test_old_two_field_marks_still_summarize():
     summary = _summary_module().summarize([rec])["decode"]
     assert round(summary["a -> end"]["median_us"]) == 20 and "cpu_median_us" not in summary["a -> end"]
     assert round(summary["begin -> end (whole)"]["median_us"]) == 30
+
+
+def test_probe_times_a_loop_and_a_torch_call_before_each_step(tmp_path, monkeypatch):
+    monkeypatch.setenv(hs_mod.ENV, str(tmp_path / "st.jsonl"))
+    monkeypatch.setenv(hs_mod.PROBE_ENV, "1")
+    monkeypatch.setattr(hs_mod, "_INSTANCE", None)
+    hs = hs_mod.host_stamps()
+    try:
+        assert hs.probe
+        for step in range(2):
+            hs.begin("prompt", "s", step, tokens=256)
+            hs.end()
+        hs.flush()
+        recs = _records(hs.path)
+        assert all(len(r["probe"]) == 4 and min(r["probe"]) > 0 for r in recs)
+        probe = _summary_module().summarize(recs)["prompt"]["probe"]
+        assert probe["n"] == 2 and probe["torch call median_us"] > 0
+    finally:
+        monkeypatch.setattr(hs_mod, "_INSTANCE", None)
+    assert not HostStamps(None, probe=True).probe  # nothing to write: no probing either
