@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from hyperlane_lab.runtime.hot_thread import HotThread, SpinWake, spin_wake_available
 from hyperlane_lab.runtime.worker_config import WorkerConfig
@@ -169,12 +170,32 @@ def test_spin_wake_keeps_one_wake_up_for_a_later_wait():
     assert not th.is_alive() and not done.is_set()
 
 
-def test_the_compute_spin_setting_is_off_unless_given():
-    assert WorkerConfig().compute_spin_us == 0
+def test_the_compute_spin_is_on_where_the_loop_busy_polls_unless_given(monkeypatch):
+    """Auto (None): a CUDA worker spins for AUTO_COMPUTE_SPIN_US exactly when its event loop busy-polls (the
+    same CPU budget; ``busy_poll_us=0`` turns both off); CPU workers never do; a given value always wins."""
+    from hyperlane_lab.runtime import cpus
+    from hyperlane_lab.runtime import worker_config as wc
+
+    assert WorkerConfig().compute_spin_us is None
     for bad in (-1, 2_000_000):
         with pytest.raises(ValueError, match="compute_spin_us must be 0"):
             WorkerConfig(compute_spin_us=bad)
     assert WorkerConfig(compute_spin_us=700).compute_spin_us == 700
+    assert wc.compute_spin_window_us(WorkerConfig(device="cpu")) == 0
+    assert wc.compute_spin_window_us(WorkerConfig(device="cpu", busy_poll_us=500)) == 0  # no CPU worker spins
+    assert wc.compute_spin_window_us(WorkerConfig(device="cpu", compute_spin_us=700)) == 700
+    monkeypatch.setattr(wc, "resolve_device", lambda d: torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    on = wc.AUTO_COMPUTE_SPIN_US
+    for n_cpus, want in ((8, on), (7, 0), (64, on)):
+        monkeypatch.setattr(cpus, "usable_cpus", lambda n=n_cpus: n)
+        cfg = WorkerConfig(device="cuda:0")
+        assert wc.compute_spin_window_us(cfg) == want, n_cpus
+        assert (wc.compute_spin_window_us(cfg) > 0) == (wc.busy_poll_window_us(cfg) > 0)
+        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", busy_poll_us=0)) == 0
+        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", busy_poll_us=300)) == on
+        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", compute_spin_us=0)) == 0
+        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", compute_spin_us=5)) == 5
 
 
 def test_worker_command_line_takes_the_compute_spin_window():
@@ -183,7 +204,7 @@ def test_worker_command_line_takes_the_compute_spin_window():
     parser = argparse.ArgumentParser()
     cli_worker.add_parser(parser.add_subparsers())
     assert parser.parse_args(["worker", "--compute-spin-us", "5000"]).compute_spin_us == 5000
-    assert parser.parse_args(["worker"]).compute_spin_us == 0
+    assert parser.parse_args(["worker"]).compute_spin_us is None  # auto
     with pytest.raises(SystemExit):
         parser.parse_args(["worker", "--compute-spin-us", "-3"])
 
@@ -202,7 +223,7 @@ def test_a_worker_runs_its_engine_calls_on_a_spinning_thread_when_told(tmp_path)
         w._compute.shutdown(wait=True)
     w2 = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
     try:
-        assert w2._compute.window_s == 0  # off by default
+        assert w2._compute.window_s == 0  # a CPU worker does not spin by default
     finally:
         w2._compute.shutdown(wait=True)
 

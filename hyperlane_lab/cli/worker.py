@@ -62,11 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--compute-spin-us",
         type=_non_negative_int,
-        default=0,
+        default=None,
         help="after each step, the compute thread waits for the next one spinning (native code, GIL "
         "released) for up to this many µs instead of sleeping, so a prompt chunk's host path runs on "
-        "a warm core (experimental: no faster on 2 x H200, see bench/gpu_notes.md; costs a core while "
-        "it spins; default 0 = off, at most 1000000)",
+        "a warm core (costs a core while it spins; 0 = off, at most 1000000). Default: 20000 on a GPU "
+        "worker whose event loop busy-polls (see --busy-poll-us), else off",
     )
     p.add_argument(
         "--switch-interval-us",

@@ -57,7 +57,13 @@ from hyperlane_lab.runtime.outbox import WorkerOutbox, _Outgoing
 from hyperlane_lab.runtime.stripes import MIN_PART, STRIPE_FROM, StripeRegistry
 from hyperlane_lab.runtime.trace_recorder import TraceRecorder
 from hyperlane_lab.runtime.wire import check_payload, decode_payload, encode_tensor
-from hyperlane_lab.runtime.worker_config import WorkerConfig, device_memory, hold_cpu_latency, resolve_device
+from hyperlane_lab.runtime.worker_config import (
+    WorkerConfig,
+    compute_spin_window_us,
+    device_memory,
+    hold_cpu_latency,
+    resolve_device,
+)
 from hyperlane_lab.types import SamplingParams
 
 __all__ = ["Worker", "WorkerConfig", "device_memory", "hold_cpu_latency", "resolve_device"]
@@ -131,9 +137,9 @@ class Worker(WorkerOutbox):
         if self.device.type == "cuda":  # prompt-sized bodies in page-locked memory: DMA to the GPU
             self.pool.pinned_alloc = _pinned_bytes
         self.profile: dict[str, float] = {}
-        # one thread runs engine calls in order; with compute_spin_us it spins for the next call for a
-        # while after each (runtime/hot_thread.py: a prompt chunk's host path on a warm core; opt-in)
-        self._compute = HotThread("hyperlane-compute", config.compute_spin_us / 1e6)
+        # one thread runs engine calls in order; it spins for the next call for a while after each where
+        # compute_spin_window_us says so (runtime/hot_thread.py: a prompt chunk's host path on a warm core)
+        self._compute = HotThread("hyperlane-compute", compute_spin_window_us(config) / 1e6)
         # tasks given to / finished by the compute thread; each counter has one writer (the loop
         # thread / the compute thread), so "idle" = equal needs no lock
         self._submitted = 0

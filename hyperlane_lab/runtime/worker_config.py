@@ -12,7 +12,14 @@ import torch
 from hyperlane_lab.runtime.frame import MAX_STRIPES
 from hyperlane_lab.runtime.stripes import MIN_PART
 
-__all__ = ["WorkerConfig", "busy_poll_window_us", "device_memory", "hold_cpu_latency", "resolve_device"]
+__all__ = [
+    "WorkerConfig",
+    "busy_poll_window_us",
+    "compute_spin_window_us",
+    "device_memory",
+    "hold_cpu_latency",
+    "resolve_device",
+]
 
 
 @dataclass
@@ -40,9 +47,10 @@ class WorkerConfig:
     busy_poll_us: int | None = None
     # the compute thread (runtime/hot_thread.py): for this many µs after each call it runs, wait for the
     # next one spinning in native code (GIL released) instead of sleeping, so that a prompt chunk's host
-    # path runs on a warm core (bench/host_cold.py). 0 = off (the default: on 2 x H200 it did not speed up
-    # split prompts or decode, bench/gpu_notes.md, seventeenth session); experimental, costs a core
-    compute_spin_us: int = 0
+    # path runs on a warm core (bench/host_cold.py). 0 = off. None = auto (``compute_spin_window_us``): on
+    # for a CUDA worker whenever its event loop busy-polls (2 x H200: +2.5-3.7 points on a chunked 2-stage
+    # prompt in two A/B runs, decode unchanged; bench/gpu_notes.md, eighteenth session); costs a core
+    compute_spin_us: int | None = None
     # the worker process's GIL switch interval (sys.setswitchinterval) in µs. None = Python's
     # default (5 ms). Shorter made every split pipeline slower in bench/RESULTS.md (more forced
     # GIL hand-offs between the loop and completion threads); kept for experiments.
@@ -78,7 +86,7 @@ class WorkerConfig:
             raise ValueError(
                 f"busy_poll_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.busy_poll_us}"
             )
-        if not 0 <= self.compute_spin_us <= 1_000_000:
+        if self.compute_spin_us is not None and not 0 <= self.compute_spin_us <= 1_000_000:
             raise ValueError(
                 f"compute_spin_us must be 0 (off) to 1000000 µs (spinning holds a core), got {self.compute_spin_us}"
             )
@@ -110,6 +118,20 @@ def busy_poll_window_us(config: WorkerConfig) -> int:
 
     gpus = 1 if config.cpus else max(1, torch.cuda.device_count())
     return AUTO_BUSY_POLL_US if usable_cpus() >= AUTO_BUSY_POLL_CPUS_PER_GPU * gpus else 0
+
+
+AUTO_COMPUTE_SPIN_US = 20_000  # the auto window of the compute thread's spin (eighteenth session's A/B)
+
+
+def compute_spin_window_us(config: WorkerConfig) -> int:
+    """How long the compute thread spins for its next call: ``compute_spin_us`` when given; else (auto)
+    ``AUTO_COMPUTE_SPIN_US`` for a CUDA worker whose event loop busy-polls (``busy_poll_window_us`` > 0:
+    the same CPU budget rule, and ``--busy-poll-us 0`` turns both off), 0 otherwise."""
+    if config.compute_spin_us is not None:
+        return config.compute_spin_us
+    if resolve_device(config.device).type != "cuda":
+        return 0
+    return AUTO_COMPUTE_SPIN_US if busy_poll_window_us(config) > 0 else 0
 
 
 def resolve_device(device: str) -> torch.device:
