@@ -25,28 +25,31 @@ from pathlib import Path
 from typing import Any
 
 
-def _intervals(marks: list[list[Any]]) -> list[tuple[str, float, list[float] | None]]:
+def _intervals(marks: list[list[Any]]) -> list[tuple[str, float, list[float | None] | None]]:
     """(name, wall µs, [CPU µs, voluntary, involuntary switches] or None) per consecutive pair of marks, and the
     whole step from "begin" (not "received") to the last mark."""
-    out: list[tuple[str, float, list[float] | None]] = []
+    out: list[tuple[str, float, list[float | None] | None]] = []
     for a, b in itertools.pairwise(marks):
-        both = len(a) >= 5 and len(b) >= 5
-        extra = [(b[2] - a[2]) * 1e6, b[3] - a[3], b[4] - a[4]] if both else None
-        out.append((f"{a[0]} -> {b[0]}", (b[1] - a[1]) * 1e6, extra))
+        out.append((f"{a[0]} -> {b[0]}", (b[1] - a[1]) * 1e6, _cpu_part(a, b)))
     begin = next((m for m in marks if m[0] == "begin"), marks[0])
-    last = marks[-1]
-    whole = None
-    if len(begin) >= 5 and len(last) >= 5:
-        whole = [(last[2] - begin[2]) * 1e6, last[3] - begin[3], last[4] - begin[4]]
-    out.append(("begin -> end (whole)", (last[1] - begin[1]) * 1e6, whole))
+    out.append(("begin -> end (whole)", (marks[-1][1] - begin[1]) * 1e6, _cpu_part(begin, marks[-1])))
     return out
+
+
+def _cpu_part(a: list[Any], b: list[Any]) -> list[float | None] | None:
+    """[CPU µs, voluntary, involuntary switches] between two marks (a switch count None where the platform did
+    not give one), or None when either mark has no CPU fields."""
+    if len(a) < 5 or len(b) < 5:
+        return None
+    switches = [y - x if x is not None and y is not None else None for x, y in ((a[3], b[3]), (a[4], b[4]))]
+    return [(b[2] - a[2]) * 1e6, *switches]
 
 
 def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     """{kind: {"a -> b": {"median_us", "p90_us", "n"[, "cpu_median_us", "vcs_mean", "ivcs_mean"]}}} over the
     records with at least ``min_tokens`` tokens (the CPU fields where the marks carry them)."""
     spans: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    extras: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    extras: dict[str, dict[str, list[list[float | None]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("tokens", 0) < min_tokens:
             continue
@@ -75,9 +78,11 @@ def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, d
             }
             ex = extras[kind].get(name)
             if ex:
-                row["cpu_median_us"] = statistics.median(e[0] for e in ex)
-                row["vcs_mean"] = statistics.fmean(e[1] for e in ex)
-                row["ivcs_mean"] = statistics.fmean(e[2] for e in ex)
+                row["cpu_median_us"] = statistics.median(e[0] for e in ex if e[0] is not None)
+                for key, i in (("vcs_mean", 1), ("ivcs_mean", 2)):
+                    counts = [e[i] for e in ex if e[i] is not None]
+                    if counts:
+                        row[key] = statistics.fmean(counts)
             out[kind][name] = row
     return out
 
@@ -103,11 +108,9 @@ def main() -> int:
         for name, v in by.items():
             if name == "probe":
                 continue
-            cpu = (
-                f"{v['cpu_median_us']:.0f} | {v['vcs_mean']:.2f} | {v['ivcs_mean']:.2f}"
-                if "cpu_median_us" in v
-                else "| |"
-            )
+            cells = [f"{v['cpu_median_us']:.0f}" if "cpu_median_us" in v else ""]
+            cells += [f"{v[k]:.2f}" if k in v else "" for k in ("vcs_mean", "ivcs_mean")]
+            cpu = " | ".join(cells)
             print(f"| {name} | {v['median_us']:.0f} | {v['p90_us']:.0f} | {v['n']} | {cpu} |")
         if "probe" in by:
             p = by["probe"]

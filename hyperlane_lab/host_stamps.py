@@ -6,16 +6,21 @@ trace. With ``HYPERLANE_HOST_STAMPS=<path>`` set (``{pid}`` in it is replaced by
 each step's marks are appended to that file as one JSON line: ``{"kind": "prompt" | "decode", "session": ...,
 "step": ..., "tokens": ..., "thread": ..., "marks": [[name, t, cpu, vcs, ivcs], ...]}`` with ``t`` from
 ``time.perf_counter()``, ``cpu`` the thread's CPU time (``time.thread_time()``) and ``vcs`` / ``ivcs`` its
-voluntary / involuntary context switches so far (``getrusage(RUSAGE_THREAD)``, Linux; 0 elsewhere). Between
-two marks, wall time well above CPU time with voluntary switches means the thread waited (the GIL, a lock, a
-blocking call); CPU time close to the wall time means its code itself ran slowly (cold caches, a low clock);
-involuntary switches mean the kernel took its core away. The "received" mark (a time from another thread)
-has no CPU fields. With ``HYPERLANE_HOST_STAMPS_PROBE=1`` as well, each step first times a small pure-Python
-loop twice and a trivial torch call twice on its thread (``"probe": [loop, loop again, torch, torch again]``, µs,
-before the "begin" mark): a first loop slower than the second points at the core's clock or wake-up, a first
-torch call much slower than the second at cold caches on the long code path of a torch call. Lines are
-written in batches (and at ``flush``); off by default, and then every call is a
-no-op. ``bench/host_stamps.py`` turns the files into per-interval medians.
+voluntary / involuntary context switches so far (``getrusage(RUSAGE_THREAD)``; null where the platform cannot
+tell, e.g. outside Linux). Between two marks, wall time well above CPU time with voluntary switches means the
+thread waited (the GIL, a lock, a blocking call); CPU time close to the wall time means its code itself ran
+slowly (cold caches, a low clock); involuntary switches mean the kernel took its core away. The "received"
+mark (a time from another thread) has no CPU fields. A mark costs ~2 µs (two system calls), ~15-30 µs over a
+prompt step's marks: the stamped path is a little slower than the plain one.
+
+With ``HYPERLANE_HOST_STAMPS_PROBE=1`` as well, each step first times a small pure-Python loop twice and a
+trivial torch call twice on its thread (``"probe": [loop, loop again, torch, torch again]``, µs) between a
+"probe" mark and the "begin" mark: a first loop slower than the second points at the core's clock or wake-up,
+a first torch call much slower than the second at cold caches on the long code path of a torch call. The probe
+(~40 µs) sits inside the step's "probe -> begin" interval, and it warms torch's call path for the intervals
+after it: read the step's own intervals from a run without it. Lines are written in batches (and at
+``flush``); off by default, and then every call is a no-op. ``bench/host_stamps.py`` turns the files into
+per-interval medians.
 """
 
 from __future__ import annotations
@@ -62,8 +67,15 @@ def probe() -> list[float]:
     return [round((b - a) * 1e6, 2) for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4))]
 
 
-def _switch_reader() -> Callable[[], tuple[int, int]]:
-    """The calling thread's (voluntary, involuntary) context switches so far; (0, 0) where the platform
+_Switches = Callable[[], tuple[int | None, int | None]]
+
+
+def _no_switches() -> tuple[None, None]:
+    return None, None
+
+
+def _switch_reader() -> _Switches:
+    """The calling thread's (voluntary, involuntary) context switches so far; (None, None) where the platform
     cannot tell (``RUSAGE_THREAD`` is Linux-only)."""
     try:
         import resource
@@ -71,16 +83,20 @@ def _switch_reader() -> Callable[[], tuple[int, int]]:
         who = resource.RUSAGE_THREAD
         resource.getrusage(who)
     except (ImportError, AttributeError, OSError, ValueError):
-        return lambda: (0, 0)
+        return _no_switches
 
-    def read() -> tuple[int, int]:
+    def read() -> tuple[int | None, int | None]:
         r = resource.getrusage(who)
         return r.ru_nvcsw, r.ru_nivcsw
 
     return read
 
 
-def _now(switches: Callable[[], tuple[int, int]]) -> list[Any]:
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _now(switches: _Switches) -> list[Any]:
     """[wall, thread CPU, voluntary switches, involuntary switches] of the calling thread."""
     vcs, ivcs = switches()
     return [time.perf_counter(), time.thread_time(), vcs, ivcs]
@@ -89,26 +105,28 @@ def _now(switches: Callable[[], tuple[int, int]]) -> list[Any]:
 class HostStamps:
     """Marks of the step running on the calling thread; records go to ``path`` (None: disabled)."""
 
-    def __init__(self, path: str | None, probe: bool = False) -> None:
+    def __init__(self, path: str | None, probing: bool = False) -> None:
         self.path = path.replace("{pid}", str(os.getpid())) if path else None
         self.enabled = self.path is not None
-        self.probe = probe and self.enabled
+        self.probing = probing and self.enabled
         self._local = threading.local()
         self._lock = threading.Lock()
         self._done: list[str] = []
         self.records = 0
-        self._switches = _switch_reader() if self.enabled else (lambda: (0, 0))
+        self._switches = _switch_reader() if self.enabled else _no_switches
 
     def begin(
         self, kind: str, session: str, step: int, tokens: int = 0, received: float | None = None
     ) -> None:
         """Open this thread's step; ``received`` (a ``perf_counter`` time, e.g. when its frame was fully
-        received) becomes a first mark "received" before "begin"."""
+        received) becomes a first mark "received" before "begin" (and before "probe" when probing)."""
         if self.enabled:
-            probed = probe() if self.probe else None
-            marks = [["begin", *_now(self._switches)]]
-            if received is not None:
-                marks.insert(0, ["received", received])
+            marks: list[list[Any]] = [] if received is None else [["received", received]]
+            probed = None
+            if self.probing:
+                marks.append(["probe", *_now(self._switches)])
+                probed = probe()
+            marks.append(["begin", *_now(self._switches)])
             self._local.rec = {
                 "kind": kind,
                 "session": session,
@@ -167,8 +185,7 @@ def host_stamps() -> HostStamps:
     if _INSTANCE is None:
         with _INSTANCE_LOCK:
             if _INSTANCE is None:
-                probing = os.environ.get(PROBE_ENV, "0") not in ("", "0")
-                _INSTANCE = HostStamps(os.environ.get(ENV) or None, probe=probing)
+                _INSTANCE = HostStamps(os.environ.get(ENV) or None, probing=_env_on(PROBE_ENV))
     return _INSTANCE
 
 

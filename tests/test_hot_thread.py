@@ -170,9 +170,10 @@ def test_spin_wake_keeps_one_wake_up_for_a_later_wait():
     assert not th.is_alive() and not done.is_set()
 
 
-def test_the_compute_spin_is_on_where_the_loop_busy_polls_unless_given(monkeypatch):
-    """Auto (None): a CUDA worker spins for AUTO_COMPUTE_SPIN_US exactly when its event loop busy-polls (the
-    same CPU budget; ``busy_poll_us=0`` turns both off); CPU workers never do; a given value always wins."""
+def test_the_compute_spin_is_on_where_the_loop_busy_polls_and_cpus_are_plenty_unless_given(monkeypatch):
+    """Auto (None): a CUDA worker spins for AUTO_COMPUTE_SPIN_US when its event loop busy-polls
+    (``busy_poll_us=0`` turns both off) and it has 6 usable CPUs per GPU (a third spinning thread); CPU
+    workers never do; a given value always wins."""
     from hyperlane_lab.runtime import cpus
     from hyperlane_lab.runtime import worker_config as wc
 
@@ -187,15 +188,35 @@ def test_the_compute_spin_is_on_where_the_loop_busy_polls_unless_given(monkeypat
     monkeypatch.setattr(wc, "resolve_device", lambda d: torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     on = wc.AUTO_COMPUTE_SPIN_US
-    for n_cpus, want in ((8, on), (7, 0), (64, on)):
+    # (usable CPUs, 2 GPUs visible): busy polling from 4 per GPU, the compute spin from 6; pinned (cpus): 1 GPU
+    for n_cpus, want, polls, want_pinned in ((8, 0, True, on), (12, on, True, on), (7, 0, False, on),
+                                             (64, on, True, on), (5, 0, False, 0)):  # fmt: skip
         monkeypatch.setattr(cpus, "usable_cpus", lambda n=n_cpus: n)
         cfg = WorkerConfig(device="cuda:0")
         assert wc.compute_spin_window_us(cfg) == want, n_cpus
-        assert (wc.compute_spin_window_us(cfg) > 0) == (wc.busy_poll_window_us(cfg) > 0)
+        assert (wc.busy_poll_window_us(cfg) > 0) == polls, n_cpus
+        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", cpus="0-1")) == want_pinned, n_cpus
         assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", busy_poll_us=0)) == 0
-        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", busy_poll_us=300)) == on
+        assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", busy_poll_us=300)) == (
+            on if n_cpus >= 12 else 0
+        )
         assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", compute_spin_us=0)) == 0
         assert wc.compute_spin_window_us(WorkerConfig(device="cuda:0", compute_spin_us=5)) == 5
+
+
+def test_a_worker_builds_its_compute_thread_with_the_resolved_window(tmp_path, monkeypatch, caplog):
+    from hyperlane_lab.runtime import worker as worker_mod
+
+    seen = []
+    monkeypatch.setattr(worker_mod, "compute_spin_window_us", lambda cfg: seen.append(cfg) or 1234)
+    cfg = WorkerConfig(device="cpu", cache_dir=str(tmp_path))
+    with caplog.at_level("INFO", logger="hyperlane_lab.runtime.worker"):
+        w = worker_mod.Worker(cfg)
+    try:
+        assert seen == [cfg] and w._compute.window_s == pytest.approx(1234e-6)
+        assert "spins up to 1234 µs" in caplog.text
+    finally:
+        w._compute.shutdown(wait=True)
 
 
 def test_worker_command_line_takes_the_compute_spin_window():

@@ -66,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="after each step, the compute thread waits for the next one spinning (native code, GIL "
         "released) for up to this many µs instead of sleeping, so a prompt chunk's host path runs on "
         "a warm core (costs a core while it spins; 0 = off, at most 1000000). Default: 20000 on a GPU "
-        "worker whose event loop busy-polls (see --busy-poll-us), else off",
+        "worker whose event loop busy-polls (see --busy-poll-us) and that has at least 6 usable CPUs "
+        "per GPU, else off",
     )
     p.add_argument(
         "--switch-interval-us",

@@ -12,7 +12,7 @@ The spin is bounded: only within ``window_s`` of the last call's end (a watchdog
 window has run out) and only where glibc's spin locks exist (Linux); otherwise, and with ``window_s=0``,
 the thread blocks on its queue as a ``ThreadPoolExecutor(1)`` does. Spinning holds one core while it
 lasts. ``hyperlane worker --compute-spin-us N`` sets the window; by default a GPU worker whose event loop
-busy-polls spins for 20 ms (``worker_config.compute_spin_window_us``). On 2 x H200 the spin cut the stand-in
+busy-polls and has 6 usable CPUs per GPU spins for 20 ms (``worker_config.compute_spin_window_us``). On 2 x H200 the spin cut the stand-in
 path from 301 to 201 µs in ``host_cold.py`` (seventeenth session) and, once its watchdog was woken once per
 window instead of once per spin, raised a chunked 512-token prompt over 2 stages by 2.5-3.7 points of one
 GPU in two A/B runs, decode unchanged (bench/gpu_notes.md, eighteenth session).

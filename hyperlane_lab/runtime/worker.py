@@ -139,7 +139,10 @@ class Worker(WorkerOutbox):
         self.profile: dict[str, float] = {}
         # one thread runs engine calls in order; it spins for the next call for a while after each where
         # compute_spin_window_us says so (runtime/hot_thread.py: a prompt chunk's host path on a warm core)
-        self._compute = HotThread("hyperlane-compute", compute_spin_window_us(config) / 1e6)
+        spin_us = compute_spin_window_us(config)
+        if spin_us:
+            log.info("worker: the compute thread spins up to %d µs for its next call after each", spin_us)
+        self._compute = HotThread("hyperlane-compute", spin_us / 1e6)
         # tasks given to / finished by the compute thread; each counter has one writer (the loop
         # thread / the compute thread), so "idle" = equal needs no lock
         self._submitted = 0

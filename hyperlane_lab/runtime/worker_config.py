@@ -48,8 +48,8 @@ class WorkerConfig:
     # the compute thread (runtime/hot_thread.py): for this many µs after each call it runs, wait for the
     # next one spinning in native code (GIL released) instead of sleeping, so that a prompt chunk's host
     # path runs on a warm core (bench/host_cold.py). 0 = off. None = auto (``compute_spin_window_us``): on
-    # for a CUDA worker whenever its event loop busy-polls (2 x H200: +2.5-3.7 points on a chunked 2-stage
-    # prompt in two A/B runs, decode unchanged; bench/gpu_notes.md, eighteenth session); costs a core
+    # for a CUDA worker whose event loop busy-polls and that has 6 CPUs per GPU (2 x H200: +2.5-3.7 points on a
+    # chunked 2-stage prompt in two A/B runs, decode unchanged; bench/gpu_notes.md, eighteenth session); costs a core
     compute_spin_us: int | None = None
     # the worker process's GIL switch interval (sys.setswitchinterval) in µs. None = Python's
     # default (5 ms). Shorter made every split pipeline slower in bench/RESULTS.md (more forced
@@ -99,39 +99,50 @@ class WorkerConfig:
 
 
 AUTO_BUSY_POLL_US = 20_000  # the auto window (bench/RESULTS.md, twelfth session)
-AUTO_BUSY_POLL_CPUS_PER_GPU = 4  # a CUDA worker may spin two threads: its loop and its completion wait
+AUTO_BUSY_POLL_CPUS_PER_GPU = (
+    4  # busy polling spins two threads of a CUDA worker: its loop and its completion wait
+)
+
+
+def _usable_cpus_per_gpu(config: WorkerConfig) -> float:
+    """Usable CPUs (``cpus.usable_cpus``: the affinity, capped by a container's CPU quota) per GPU the worker
+    shares them with: every GPU this process can see, or only its own when it was given CPUs of its own
+    (``cpus``, pinned before the loop is made)."""
+    from hyperlane_lab.runtime.cpus import usable_cpus
+
+    gpus = 1 if config.cpus else max(1, torch.cuda.device_count())
+    return usable_cpus() / gpus
 
 
 def busy_poll_window_us(config: WorkerConfig) -> int:
     """The busy-polling window this worker uses: ``busy_poll_us`` when given; else (auto)
     ``AUTO_BUSY_POLL_US`` for a CUDA worker with at least ``AUTO_BUSY_POLL_CPUS_PER_GPU`` usable CPUs
-    (``cpus.usable_cpus``: its affinity, capped by a container's CPU quota) per GPU it shares them
-    with: every GPU this process can see, or only its own when it was given CPUs of its own
-    (``cpus``, pinned before the loop is made). 0 otherwise (CPU workers need their cores for
-    compute). A worker started with one GPU in ``CUDA_VISIBLE_DEVICES`` cannot see the others: give it
-    ``--cpus`` or an explicit ``--busy-poll-us``."""
+    per GPU (``_usable_cpus_per_gpu``). 0 otherwise (CPU workers need their cores for compute). A worker
+    started with one GPU in ``CUDA_VISIBLE_DEVICES`` cannot see the others: give it ``--cpus`` or an
+    explicit ``--busy-poll-us``."""
     if config.busy_poll_us is not None:
         return config.busy_poll_us
     if resolve_device(config.device).type != "cuda":
         return 0
-    from hyperlane_lab.runtime.cpus import usable_cpus
-
-    gpus = 1 if config.cpus else max(1, torch.cuda.device_count())
-    return AUTO_BUSY_POLL_US if usable_cpus() >= AUTO_BUSY_POLL_CPUS_PER_GPU * gpus else 0
+    return AUTO_BUSY_POLL_US if _usable_cpus_per_gpu(config) >= AUTO_BUSY_POLL_CPUS_PER_GPU else 0
 
 
 AUTO_COMPUTE_SPIN_US = 20_000  # the auto window of the compute thread's spin (eighteenth session's A/B)
+# a third spinning thread (the compute thread, while the loop also polls): two CPUs more than busy polling's
+# rule, so at most half a GPU's CPUs spin. The A/B ran with 16 CPUs per GPU.
+AUTO_COMPUTE_SPIN_CPUS_PER_GPU = AUTO_BUSY_POLL_CPUS_PER_GPU + 2
 
 
 def compute_spin_window_us(config: WorkerConfig) -> int:
     """How long the compute thread spins for its next call: ``compute_spin_us`` when given; else (auto)
-    ``AUTO_COMPUTE_SPIN_US`` for a CUDA worker whose event loop busy-polls (``busy_poll_window_us`` > 0:
-    the same CPU budget rule, and ``--busy-poll-us 0`` turns both off), 0 otherwise."""
+    ``AUTO_COMPUTE_SPIN_US`` for a CUDA worker whose event loop busy-polls (``busy_poll_window_us`` > 0, so
+    ``--busy-poll-us 0`` turns both off) and that has at least ``AUTO_COMPUTE_SPIN_CPUS_PER_GPU`` usable CPUs
+    per GPU; 0 otherwise."""
     if config.compute_spin_us is not None:
         return config.compute_spin_us
-    if resolve_device(config.device).type != "cuda":
+    if resolve_device(config.device).type != "cuda" or busy_poll_window_us(config) <= 0:
         return 0
-    return AUTO_COMPUTE_SPIN_US if busy_poll_window_us(config) > 0 else 0
+    return AUTO_COMPUTE_SPIN_US if _usable_cpus_per_gpu(config) >= AUTO_COMPUTE_SPIN_CPUS_PER_GPU else 0
 
 
 def resolve_device(device: str) -> torch.device:
