@@ -228,7 +228,7 @@ def test_busy_polling_gpu_workers_match_the_probe(tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["compute_thread", "prompt_on_loop", "staging_pool"])
+@pytest.mark.parametrize("mode", ["compute_thread", "prompt_on_loop", "staging_pool", "direct_upload"])
 def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_path, monkeypatch, mode):
     """GPU workers receive prompt-sized hidden states into page-locked buffers (uploaded by DMA,
     the body held until the copy is done), replay the prompt from a graph, and give the in-process
@@ -236,7 +236,9 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
     prompts sent down the pipeline in chunks. ``on_loop``: with ``HYPERLANE_PROMPT_ON_LOOP=1`` a chunk
     whose graph is captured is enqueued on the event loop (a second chunked pass finds them all
     captured: Health's ``fast_path_prompts`` counts them). ``staging_pool``: with ``HYPERLANE_STAGING_POOL=1`` the
-    uploads go into device buffers kept for reuse; the later passes reuse them (Health's ``staged_reuses``)."""
+    uploads go into device buffers kept for reuse; the later passes reuse them (Health's ``staged_reuses``).
+    ``direct_upload``: with ``HYPERLANE_DIRECT_PROMPT_UPLOAD=1`` the later passes upload hidden states straight
+    into the captured prompt graphs' inputs (``TorchStage.prompt_input_slot``), with the same tokens."""
     from hyperlane_lab.probes import greedy_sequences, load_pipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
@@ -246,6 +248,9 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         monkeypatch.setenv("HYPERLANE_PROMPT_ON_LOOP", "1")  # the worker processes inherit it
     if pooled:
         monkeypatch.setenv("HYPERLANE_STAGING_POOL", "1")
+    direct = mode == "direct_upload"
+    if direct:
+        monkeypatch.setenv("HYPERLANE_DIRECT_PROMPT_UPLOAD", "1")
 
     story = (
         "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. "
@@ -261,7 +266,7 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
     ):
         eos = m.spec.eos_token_ids[0]
         # whole prompts, then in chunks (a chunk's graph reads the keys before it)
-        for chunk in (None, 64, 64) if on_loop or pooled else (None, 64):
+        for chunk in (None, 64, 64) if on_loop or pooled or direct else (None, 64):
             m.prefill_chunk = chunk
             got = []
             for p in prompts:
@@ -288,6 +293,8 @@ def test_prompt_states_arrive_in_pinned_buffers_and_give_the_probe_tokens(tmp_pa
         assert (sum(h.fast_path_prompts for h in health) > 0) == on_loop  # the second chunked pass
         # hidden states (stages 1 and 2) reuse kept buffers; stage 0's token ids are below the pool's minimum
         assert [h.staged_reuses > 0 for h in health] == [False, pooled, pooled], health
+        # hidden-state chunks of the later passes went straight into their prompt graphs' inputs (not token ids)
+        assert [h.direct_uploads > 0 for h in health] == [False, direct, direct], health
         assert all(cluster.alive)
 
 

@@ -57,10 +57,12 @@ def test_ready_says_when_run_would_replay_a_captured_graph():
     ("flag", "field", "env"),
     [("--prompt-on-loop", "prompt_on_loop", "HYPERLANE_PROMPT_ON_LOOP"),
      ("--staging-pool", "staging_pool", "HYPERLANE_STAGING_POOL"),
+     ("--direct-prompt-upload", "direct_prompt_upload", "HYPERLANE_DIRECT_PROMPT_UPLOAD"),
      ("--armed-graphs", "armed_graphs", "HYPERLANE_ARMED_GRAPHS")],
 )  # fmt: skip
 def test_opt_in_switches_from_the_flag_or_the_environment(tmp_path, monkeypatch, flag, field, env):
-    """``hyperlane worker --prompt-on-loop`` / ``--staging-pool`` / ``--armed-graphs`` (``WorkerConfig``'s
+    """``hyperlane worker --prompt-on-loop`` / ``--staging-pool`` / ``--direct-prompt-upload`` / ``--armed-graphs``
+    (``WorkerConfig``'s
     field of the same name) turn the switch on; unset, the environment variable decides (default off); an explicit
     False wins over the variable. A CPU worker has no GPU stepper, so nothing is staged."""
     from hyperlane_lab.cli.main import build_parser
@@ -457,6 +459,72 @@ def test_upload_into_a_kept_buffer_is_ordered_and_the_buffer_reused():
         pool.give(buf)
     assert [float(t) for t in sums] == [view.numel() * 1.0, view.numel() * 2.0]
     assert pool.reused == 1 and pool.allocated == 1 << 20
+
+
+@gpu
+def test_a_hidden_state_uploaded_into_the_graph_input_gives_the_copied_path_bytes():
+    """``TorchStage.prompt_input_slot`` (``--direct-prompt-upload``): a later stage's prompt chunk uploaded
+    from pinned host memory straight into its captured graph's input gives bitwise the output of the path that
+    copies it in; no slot until a replay of that graph was recorded, none while that replay is still queued
+    (the copying path overlaps it), none for the first stage, another dtype or an unknown session."""
+    from hyperlane_lab.runtime.wire import CudaStager
+
+    first, later = _stages(SPEC, [1], torch.float16, "cuda")
+    stager = CudaStager("cuda:0")
+    compute = torch.cuda.current_stream()
+    b, s = 1, 64
+    pos = torch.arange(s)[None]
+    gen = torch.Generator().manual_seed(3)
+    states = [torch.randn(b, s, SPEC.hidden_size, generator=gen).half().pin_memory() for _ in range(3)]
+    on_gpu = [t.cuda() for t in states]
+    sids = [uuid.uuid4().hex for _ in range(5)]
+    for sid in sids:
+        later.open_session(sid, b, s + 4)
+    first.open_session(sids[0], b, s + 4)
+    copied = [later.forward(sids[0], on_gpu[0], pos).cpu()]  # captures, replays (reads not tracked yet)
+    pg = later.graph_decoder().prompt_graphs()
+    assert not pg.track_reads and pg.direct_inputs == 0
+    assert later.prompt_input_slot(sids[1], pos, torch.float16) is None  # no replay recorded since tracking
+    assert pg.track_reads
+    copied.append(later.forward(sids[1], on_gpu[1], pos).cpu())  # records when its replay has read x_in
+    assert first.prompt_input_slot(sids[0], pos, torch.float16) is None  # token ids: the host path
+    assert later.prompt_input_slot(sids[2], pos, torch.float32) is None
+    assert later.prompt_input_slot("nobody", pos, torch.float16) is None
+    # a replay of the graph queued behind ~tens of ms of GPU work: no slot until it has run
+    torch.cuda._sleep(50_000_000)
+    pending = later.forward(sids[3], on_gpu[1], pos)
+    assert later.prompt_input_slot(sids[2], pos, torch.float16) is None
+    assert torch.equal(pending.cpu(), copied[1])  # (waits for it)
+    slot = later.prompt_input_slot(sids[2], pos, torch.float16)
+    assert slot is not None and tuple(slot[0].shape) == (b, s, SPEC.hidden_size)
+    x_in, ready = stager.upload_to(states[2], slot[0], slot[1], compute)
+    direct = later.forward(sids[2], x_in, pos)
+    ready.synchronize()
+    assert pg.direct_inputs == 1
+    assert torch.equal(direct.cpu(), later.forward(sids[4], on_gpu[2], pos).cpu())  # the copying path
+
+
+@gpu
+def test_an_upload_to_a_shared_input_waits_for_its_last_reader():
+    """``CudaStager.upload_to``: the copy into a device tensor that queued work still reads starts only once
+    the given event (recorded after that read) has fired; without the wait the copy, alone on the upload
+    stream, would land first and the read would see the new bytes."""
+    from hyperlane_lab.runtime.wire import CudaStager
+
+    stager = CudaStager("cuda:0")
+    compute = torch.cuda.current_stream()
+    src = torch.ones(1 << 16, dtype=torch.float16).pin_memory()
+    dst = torch.zeros(1 << 16, dtype=torch.float16, device="cuda")
+    torch.cuda._sleep(50_000_000)  # the reader below waits behind this on the compute stream
+    seen = dst.clone()
+    read = torch.cuda.Event()
+    read.record(compute)
+    out, ready = stager.upload_to(src, dst, read, compute)
+    assert out is dst and not ready.query()  # the host did not wait
+    after = dst.clone()  # compute stream: ordered after the copy
+    ready.synchronize()
+    assert float(seen.abs().max()) == 0.0  # the queued read saw the old bytes
+    assert bool((after == 1).all()) and bool((dst == 1).all())
 
 
 @gpu

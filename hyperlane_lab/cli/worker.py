@@ -98,6 +98,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "per upload (experimental; default: HYPERLANE_STAGING_POOL, off)",
     )
     p.add_argument(
+        "--direct-prompt-upload",
+        action="store_true",
+        default=None,
+        help="GPU workers: copy a prompt chunk's hidden state straight into the input of the captured prompt "
+        "graph that replays it, instead of a new device buffer and a second copy (experimental; default: "
+        "HYPERLANE_DIRECT_PROMPT_UPLOAD, off)",
+    )
+    p.add_argument(
         "--armed-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -143,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         prompt_on_loop=args.prompt_on_loop,
         staging_pool=args.staging_pool,
+        direct_prompt_upload=args.direct_prompt_upload,
         armed_graphs=args.armed_graphs,
         stripes=args.stripes,
     )

@@ -188,6 +188,12 @@ class GraphDecoder:
         """A prompt step of this shape would replay a captured graph (``PromptGraphs.ready``)."""
         return not self._broken and self._prompts is not None and self._prompts.ready(batch, seq, start)
 
+    def prompt_input(self, batch: int, seq: int, start: int) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+        """Where such a prompt step's hidden state may be uploaded directly (``PromptGraphs.input_slot``)."""
+        if self._broken:
+            return None
+        return self.prompt_graphs().input_slot(batch, seq, start)
+
     def prompt_step(
         self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0
     ) -> torch.Tensor | None:

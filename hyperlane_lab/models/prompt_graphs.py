@@ -99,6 +99,7 @@ class _PromptGraph:
     out: torch.Tensor  # [B, bucket, H] hidden, or [B, V] fp32 logits (last stage)
     keep: tuple[torch.Tensor, ...]  # the other tensors the graph reads (positions, RoPE rows,
     # masks): kept alive, the graph holds only their addresses
+    read: torch.cuda.Event | None = None  # fires once the last replay has read x_in (``track_reads``)
 
 
 class PromptGraphs:
@@ -117,6 +118,10 @@ class PromptGraphs:
         self.captures = 0
         self.replays = 0
         self.prefix_copies = 0  # later chunks whose keys before them were copied into the scratch
+        # direct uploads (``input_slot``): each replay records when it has read its input, so that the next
+        # upload into that input waits for it. Turned on by the first ``input_slot`` call
+        self.track_reads = False
+        self.direct_inputs = 0  # replays whose input was uploaded straight into x_in
 
     @property
     def max_context(self) -> int:
@@ -157,6 +162,25 @@ class PromptGraphs:
         eager fallback): the step then only enqueues work, and a latency-critical thread may run it."""
         key = self._key(batch, seq, start)
         return key is not None and key in self._graphs
+
+    def input_slot(self, batch: int, seq: int, start: int) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+        """Where a later stage's prompt step of this shape may upload its hidden state directly: the first
+        ``seq`` rows of the captured graph's input ``[batch, seq, H]`` and the event after which nothing
+        reads them any more (copy after it on another stream; ``run`` then skips its input copy). None when
+        no graph is captured for the step, for the first stage (token ids go through ``run``'s host path),
+        while the graph has no recorded replay since reads are tracked (its next replay records one), while
+        its last replay has not finished (the upload would wait for it: the copying path overlaps it
+        instead), or when the rows are not contiguous (batch > 1 with padding: ``copy_`` would stage them
+        through a temporary)."""
+        self.track_reads = True
+        key = self._key(batch, seq, start)
+        g = self._graphs.get(key) if key is not None else None
+        if g is None or self.stage.is_first or g.read is None:
+            return None
+        view = g.x_in[:, :seq]
+        if not view.is_contiguous() or not g.read.query():
+            return None
+        return view, g.read
 
     def run(self, cache: SessionCache, x: torch.Tensor, seq: int, start: int = 0) -> torch.Tensor | None:
         """The prompt step of ``seq`` tokens at positions ``start ..`` of every row from its
@@ -201,12 +225,20 @@ class PromptGraphs:
                 # stream sync a blocking copy makes (the previous chunk may still be running)
                 g.x_in.copy_(padded, non_blocking=True)
             else:
-                g.x_in[:, :seq].copy_(x)
-                g.x_in[:, seq:].zero_()
+                if self.track_reads and x.data_ptr() == g.x_in.data_ptr() and x.stride() == g.x_in.stride():
+                    self.direct_inputs += 1  # uploaded into x_in already (``input_slot``)
+                else:
+                    g.x_in[:, :seq].copy_(x)
+                if seq < bucket:
+                    g.x_in[:, seq:].zero_()
             if st.is_last:
                 g.last.fill_(seq - 1)
             hs.mark("pg:input")
             g.graph.replay()
+            if self.track_reads:
+                if g.read is None:
+                    g.read = torch.cuda.Event()
+                g.read.record()  # the current stream, which replayed: x_in is read once this fires
             hs.mark("pg:replay")
             end = start + seq
             copy_slots(cache, scratch, start, end)

@@ -128,6 +128,21 @@ class TorchStage(StageSessions):
         start = self._prompt_start(positions)
         return start is not None and graphs.prompt_ready(positions.shape[0], positions.shape[1], start)
 
+    def prompt_input_slot(
+        self, session_id: str, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+        """For a later stage's prompt step at these (host) positions whose graph is captured: the device tensor
+        its hidden state may be uploaded into (the graph's input, ``[B, S, H]`` in the stage's dtype) and the
+        event to copy after; ``forward`` given that tensor skips its input copy. None when the step does not
+        qualify (first stage, another dtype, no captured graph, an unknown session)."""
+        graphs = self.graph_decoder()
+        if graphs is None or self.is_first or dtype != self.dtype or session_id not in self._sessions:
+            return None
+        start = self._prompt_start(positions)
+        if start is None:
+            return None
+        return graphs.prompt_input(positions.shape[0], positions.shape[1], start)  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------------ compute
 
     def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,6 +139,9 @@ class GpuStepper(ArmedSteps):
         self.wire_enabled = env_flag("HYPERLANE_WIRE", True)  # 0: every decode step takes the staged path
         # uploads of prompt chunks and codec frames into device buffers kept for reuse (staging.py)
         self.pool = StagingPool(device) if worker.staging_pool else None
+        # prompt chunks uploaded straight into their captured prompt graph's input (TorchStage.prompt_input_slot)
+        self.direct_prompts = bool(getattr(worker, "direct_prompt_upload", False))
+        self.direct_uploads = 0
         # armed decode steps (decode_armed.py): a session's next wire step enqueued behind a gate while
         # it is the worker's only session. The lock orders arming (completion thread) against every
         # launch (loop or compute thread): nothing is enqueued behind a gate that no frame will open
@@ -356,10 +359,17 @@ class GpuStepper(ArmedSteps):
             with torch.cuda.device(self.device):
                 # the upload is not waited for here: the host enqueues the step while the DMA runs
                 staging = cache is None or encoded
-                if staging and self.pool is not None:
+                direct = None
+                if staging and not encoded and self.direct_prompts and h.seq > 1:
+                    slot_of = getattr(eng, "prompt_input_slot", None)  # torch engines only
+                    direct = slot_of(sid, positions, x.dtype) if slot_of is not None else None
+                if staging and direct is None and self.pool is not None:
                     slot = self.pool.take(x.nbytes, self.stager.h2d_stream)
                 if not staging:
                     x_in, uploaded = x, None
+                elif direct is not None:  # the graph's input: one copy, no allocation (prompt_graphs.py)
+                    x_in, uploaded = self.stager.upload_to(x, direct[0], direct[1], self.compute_stream)
+                    self.direct_uploads += 1
                 elif slot is not None:
                     x_in, uploaded = self.stager.upload_into(x, slot)
                 else:

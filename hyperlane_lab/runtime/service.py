@@ -142,6 +142,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             busy_poll_blocked=sel.blocked if sel is not None else 0,
             pinned_buffers=self.w.pool.pinned_allocations,
             staged_reuses=self.w.staged_reuses(),
+            direct_uploads=self.w.direct_uploads(),
             armed_fired=armed[0],
             armed_released=armed[1],
             armed_gave_up=armed[2],

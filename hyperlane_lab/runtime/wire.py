@@ -121,7 +121,8 @@ class CudaStager:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.copy_stream = torch.cuda.Stream(self.device)  # device -> host (waits on compute events)
-        self.h2d_stream = torch.cuda.Stream(self.device)  # host -> device (never waits on compute)
+        # host -> device; waits on compute only for an event it is given (``upload_to``: a graph input's last read)
+        self.h2d_stream = torch.cuda.Stream(self.device)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         dev, ready = self.upload(x)
@@ -149,10 +150,26 @@ class CudaStager:
         dev = buf[: x.nbytes].view(x.dtype).view(x.shape)
         return dev, self._copy_in(x, dev, torch.cuda.current_stream(self.device))
 
-    def _copy_in(self, x: torch.Tensor, dev: torch.Tensor, compute: torch.cuda.Stream) -> torch.cuda.Event:
-        """Copy ``x`` into ``dev`` on the upload stream, ordered before ``compute``'s later work; the returned
-        event fires once the copy has read ``x``."""
+    def upload_to(
+        self, x: torch.Tensor, dst: torch.Tensor, after: torch.cuda.Event | None, compute: torch.cuda.Stream
+    ) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """``upload`` into ``dst``, a device tensor of ``x``'s shape and dtype that others read too (a prompt
+        graph's input): the copy starts once ``after`` (the last work that read ``dst``) has fired, and
+        ``compute``'s later work sees it. Returns ``dst`` and the event that fires once ``x`` has been read."""
+        return dst, self._copy_in(x, dst, compute, after)
+
+    def _copy_in(
+        self,
+        x: torch.Tensor,
+        dev: torch.Tensor,
+        compute: torch.cuda.Stream,
+        after: torch.cuda.Event | None = None,
+    ) -> torch.cuda.Event:
+        """Copy ``x`` into ``dev`` on the upload stream (after ``after``, when given), ordered before
+        ``compute``'s later work; the returned event fires once the copy has read ``x``."""
         with torch.cuda.stream(self.h2d_stream):
+            if after is not None:
+                self.h2d_stream.wait_event(after)
             dev.copy_(x, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.h2d_stream)

@@ -156,6 +156,8 @@ class Worker(WorkerOutbox):
         self.fast_prompts = 0  # prompt steps enqueued on the loop thread
         # uploads into kept device buffers (GpuStepper, runtime/staging.py)
         self.staging_pool = _opt_in(config.staging_pool, "HYPERLANE_STAGING_POOL")
+        # prompt chunks uploaded straight into their prompt graph's input (GpuStepper, models/prompt_graphs.py)
+        self.direct_prompt_upload = _opt_in(config.direct_prompt_upload, "HYPERLANE_DIRECT_PROMPT_UPLOAD")
         # a lone session's next decode step enqueued before its frame arrives (GpuStepper, models/decode_armed.py)
         self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
         # GPU work outside the step paths and the compute thread (Profile): nothing is armed while > 0
@@ -320,6 +322,11 @@ class Worker(WorkerOutbox):
         """Uploads that went into a kept device buffer (``HYPERLANE_STAGING_POOL=1``; 0 otherwise)."""
         gpu = self._gpu
         return gpu.pool.reused if gpu is not None and gpu.pool is not None else 0
+
+    def direct_uploads(self) -> int:
+        """Prompt chunks uploaded straight into their prompt graph's input (``--direct-prompt-upload``)."""
+        gpu = self._gpu
+        return gpu.direct_uploads if gpu is not None else 0
 
     @property
     def busy_polling(self) -> bool:
