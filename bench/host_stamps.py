@@ -1,6 +1,6 @@
 """Summarize the host stamps GPU workers wrote with ``HYPERLANE_HOST_STAMPS`` (``hyperlane_lab/host_stamps.py``).
 
-Per step kind (prompt / decode / wire / complete) and per interval between consecutive marks (e.g. ``upload ->
+Per step kind (prompt / decode / wire / complete / dispatch, the loop thread's hand-off) and per interval between consecutive marks (e.g. ``upload ->
 fwd:checked``): the median, 90th percentile and count, in µs, plus the whole step (begin -> end); where the marks
 carry the thread's CPU time and context switches (files written since the eighteenth session), also the median
 CPU time of the interval and its mean voluntary / involuntary switches: wall time far above CPU time with

@@ -193,3 +193,36 @@ def test_platforms_without_switch_counts_leave_them_out(tmp_path, monkeypatch):
     assert all(m[3] is None and m[4] is None for m in rec["marks"])
     row = _summary_module().summarize([rec])["prompt"]["begin -> a"]
     assert "cpu_median_us" in row and "vcs_mean" not in row and "ivcs_mean" not in row
+
+
+@pytest.mark.multiprocess
+def test_workers_stamp_the_loop_threads_part_of_each_hand_off(tmp_path, monkeypatch, hf_greedy):
+    """Real worker processes with ``HYPERLANE_HOST_STAMPS`` set: every tensor frame a worker hands to its compute
+    thread leaves a "dispatch" record on the receiving thread (received, begin, decoded, routed, submitted, end,
+    in time order), written when the worker stops; the tokens are still transformers' greedy ones."""
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+
+    monkeypatch.setenv(hs_mod.ENV, str(tmp_path / "hs_{pid}.jsonl"))  # the worker processes inherit it
+    prompt, n = "Once upon a time", 6
+    with (
+        LocalCluster(2, cache_dir=tmp_path / "cache") as cluster,
+        AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m,
+    ):
+        assert m.generate(prompt, max_tokens=n).token_ids == hf_greedy(prompt, n)
+    files = sorted(tmp_path.glob("hs_*.jsonl"))
+    assert len(files) == 2  # one per worker process, written at its stop
+    for f in files:
+        recs = [r for r in _records(str(f)) if r["kind"] == "dispatch"]
+        assert len([r for r in recs if r["tokens"] > 1]) == 1  # the prompt
+        assert len(recs) >= n - 1  # and one frame per new token after the first
+        for r in recs:
+            assert [m[0] for m in r["marks"]] == [
+                "received",
+                "begin",
+                "decoded",
+                "routed",
+                "submitted",
+                "end",
+            ]
+            times = [m[1] for m in r["marks"]]
+            assert times == sorted(times)

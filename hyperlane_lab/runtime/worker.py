@@ -475,15 +475,20 @@ class Worker(WorkerOutbox):
             self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
             return
         t0 = time.perf_counter()
+        # this thread's part of the hand-off (HYPERLANE_HOST_STAMPS; ended before the step runs anywhere)
+        hs = host_stamps()
+        hs.begin("dispatch", h.session, h.step, h.batch * h.seq, frame.completed_at)
         # a codec frame for a GPU stage is checked here and decoded on its GPU by the step (the torch
         # reference on the host took 12-17 ms for a 256-token int8 chunk, on this thread)
         encoded = bool(h.codec) and gpu is not None  # (a stepper is always on the engine's device)
+        # (a record left open by a bad frame's ProtocolError is replaced by the next begin on this thread)
         if encoded:
             check_payload(h, frame.payload_view)  # lengths, outlier indices (ProtocolError)
             x = torch.frombuffer(frame.payload_view, dtype=torch.uint8)  # codec payloads are never empty
         else:
             x = decode_payload(h, frame.payload_view)  # validates payload length (ProtocolError)
         t1 = time.perf_counter()
+        hs.mark("decoded")
         positions = torch.frombuffer(frame.positions_view, dtype=torch.int64).view(h.batch, h.seq)
         self.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
         if h.codec and not encoded:
@@ -508,10 +513,15 @@ class Worker(WorkerOutbox):
                 self.fast_steps += 1
             else:
                 self.fast_prompts += 1
+            hs.mark("on_loop")
+            hs.end()
             # enqueue only (graph replay), then back to the loop
             gpu.run_step(frame, x, positions, t1, encoded)
             return
+        hs.mark("routed")
         self._submit(self._run_step, frame, x, positions, time.perf_counter(), encoded)
+        hs.mark("submitted")  # the compute thread's "received -> begin" = this record + its wake-up
+        hs.end()
 
     # ------------------------------------------------------------------ compute (compute thread)
 
