@@ -1,7 +1,7 @@
 """Summarize the host stamps GPU workers wrote with ``HYPERLANE_HOST_STAMPS`` (``hyperlane_lab/host_stamps.py``).
 
-Per step kind (prompt / decode / wire / complete / dispatch, the loop thread's hand-off) and per interval between consecutive marks (e.g. ``upload ->
-fwd:checked``): the median, 90th percentile and count, in µs, plus the whole step (begin -> end); where the marks
+Per step kind (prompt / decode / wire / complete / dispatch, the loop thread's hand-off) and per interval
+between consecutive marks (e.g. ``upload -> fwd:checked``): the median, 90th percentile and count, in µs, plus the whole step (begin -> end); where the marks
 carry the thread's CPU time and context switches (files written since the eighteenth session), also the median
 CPU time of the interval and its mean voluntary / involuntary switches: wall time far above CPU time with
 voluntary switches is waiting (the GIL, a lock), CPU time near the wall time is slow code. Run a benchmark with
@@ -50,6 +50,7 @@ def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, d
     records with at least ``min_tokens`` tokens (the CPU fields where the marks carry them)."""
     spans: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     extras: dict[str, dict[str, list[list[float | None]]]] = defaultdict(lambda: defaultdict(list))
+    probes: dict[str, list[list[float]]] = defaultdict(list)
     for r in records:
         if r.get("tokens", 0) < min_tokens:
             continue
@@ -57,9 +58,7 @@ def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, d
             spans[r["kind"]][name].append(wall)
             if extra is not None:
                 extras[r["kind"]][name].append(extra)
-    probes: dict[str, list[list[float]]] = defaultdict(list)
-    for r in records:
-        if r.get("tokens", 0) >= min_tokens and r.get("probe"):
+        if r.get("probe"):
             probes[r["kind"]].append(r["probe"])
     out: dict[str, dict[str, dict[str, float]]] = {}
     for kind, rows in probes.items():  # HYPERLANE_HOST_STAMPS_PROBE: cold / warm loop and torch call
@@ -78,7 +77,7 @@ def summarize(records: list[dict[str, Any]], min_tokens: int = 0) -> dict[str, d
             }
             ex = extras[kind].get(name)
             if ex:
-                row["cpu_median_us"] = statistics.median(e[0] for e in ex if e[0] is not None)
+                row["cpu_median_us"] = statistics.median(e[0] for e in ex)  # CPU time: always there
                 for key, i in (("vcs_mean", 1), ("ivcs_mean", 2)):
                     counts = [e[i] for e in ex if e[i] is not None]
                     if counts:

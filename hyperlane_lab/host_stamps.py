@@ -4,17 +4,17 @@ The trace's ``launch`` event spans a step's whole host path (checks, upload, the
 graph's input copy, the replay, the K/V copy-out); where a prompt chunk's 0.4-1.3 ms of it go is not in the
 trace. With ``HYPERLANE_HOST_STAMPS=<path>`` set (``{pid}`` in it is replaced by the worker's process id),
 each step's marks are appended to that file as one JSON line: ``{"kind": "prompt" | "decode" | "wire" |
-"complete" | "dispatch", "session": ...,
-"step": ..., "tokens": ..., "thread": ..., "marks": [[name, t, cpu, vcs, ivcs], ...]}`` with ``t`` from
+"complete" | "dispatch", "session": ..., "step": ..., "tokens": ..., "thread": ..., "marks": [[name, t, cpu,
+vcs, ivcs], ...]}`` with ``t`` from
 ``time.perf_counter()``, ``cpu`` the thread's CPU time (``time.thread_time()``) and ``vcs`` / ``ivcs`` its
 voluntary / involuntary context switches so far (``getrusage(RUSAGE_THREAD)``; null where the platform cannot
 tell, e.g. outside Linux). Between two marks, wall time well above CPU time with voluntary switches means the
 thread waited (the GIL, a lock, a blocking call); CPU time close to the wall time means its code itself ran
 slowly (cold caches, a low clock); involuntary switches mean the kernel took its core away. The "received"
-mark (a time from another thread) has no CPU fields. "dispatch" records are the event loop thread's part of handing a tensor frame to the compute
-thread (received, begin, decoded, routed, submitted): the compute thread's "received -> begin" is that record
-plus the compute thread's wake-up. A mark costs ~2 µs (two system calls), ~15-30 µs over a
-prompt step's marks: the stamped path is a little slower than the plain one.
+mark (a time from another thread) has no CPU fields. "dispatch" records are the event loop thread's part of
+handing a tensor frame to the compute thread (received, begin, decoded, routed, submitted): the compute
+thread's "received -> begin" is that record plus the compute thread's wake-up. A mark costs ~2 µs (two system
+calls), ~15-30 µs over a prompt step's marks: the stamped path is a little slower than the plain one.
 
 With ``HYPERLANE_HOST_STAMPS_PROBE=1`` as well, each step first times a small pure-Python loop twice and a
 trivial torch call twice on its thread (``"probe": [loop, loop again, torch, torch again]``, µs) between a
@@ -93,10 +93,6 @@ def _switch_reader() -> _Switches:
         return r.ru_nvcsw, r.ru_nivcsw
 
     return read
-
-
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _now(switches: _Switches) -> list[Any]:
@@ -188,7 +184,9 @@ def host_stamps() -> HostStamps:
     if _INSTANCE is None:
         with _INSTANCE_LOCK:
             if _INSTANCE is None:
-                _INSTANCE = HostStamps(os.environ.get(ENV) or None, probing=_env_on(PROBE_ENV))
+                from hyperlane_lab.models.decode_linear import env_flag  # the project's switch rule
+
+                _INSTANCE = HostStamps(os.environ.get(ENV) or None, probing=env_flag(PROBE_ENV, False))
     return _INSTANCE
 
 

@@ -3,6 +3,7 @@ of one thread's step only, and a bad path turns them off instead of failing the 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -97,6 +98,7 @@ def test_a_cpu_stage_forward_marks_its_checks(tmp_path, monkeypatch):
         hs_mod._reset_for_tests(None)
 
 
+@functools.cache
 def _summary_module():
     import importlib.util
     from pathlib import Path

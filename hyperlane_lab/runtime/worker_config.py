@@ -104,9 +104,8 @@ class WorkerConfig:
 
 
 AUTO_BUSY_POLL_US = 20_000  # the auto window (bench/RESULTS.md, twelfth session)
-AUTO_BUSY_POLL_CPUS_PER_GPU = (
-    4  # busy polling spins two threads of a CUDA worker: its loop and its completion wait
-)
+# busy polling spins two threads of a CUDA worker: its loop and its completion wait
+AUTO_BUSY_POLL_CPUS_PER_GPU = 4
 
 
 def _usable_cpus_per_gpu(config: WorkerConfig) -> float:
@@ -145,8 +144,9 @@ def compute_spin_window_us(config: WorkerConfig) -> int:
     per GPU; 0 otherwise."""
     if config.compute_spin_us is not None:
         return config.compute_spin_us
-    if resolve_device(config.device).type != "cuda" or busy_poll_window_us(config) <= 0:
+    if config.busy_poll_us == 0 or resolve_device(config.device).type != "cuda":
         return 0
+    # enough CPUs for the spin are enough for auto busy polling too (6 >= 4): one read of the CPU budget
     return AUTO_COMPUTE_SPIN_US if _usable_cpus_per_gpu(config) >= AUTO_COMPUTE_SPIN_CPUS_PER_GPU else 0
 
 
