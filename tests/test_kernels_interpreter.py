@@ -73,3 +73,23 @@ def test_compiled_launcher_refuses_cpu_tensors() -> None:
     x = torch.ones(2, 64)
     with pytest.raises(ValueError, match=r"need a CUDA tensor.*backend='torch'"):
         codecs.get("int8").encode(x, backend="triton")
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "") == "1", reason="runs its own interpreted child process"
+)
+def test_pdl_probe_kernel_under_interpreter() -> None:
+    """bench/pdl_probe.py's GEMV (plain and with its first weight tile loaded early) against float64, its
+    2-layer chain against torch.mv, and a misfit shape refused: ``--check`` exits 0 only when all hold."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(_HERE.parent / "bench" / "pdl_probe.py"), "--check"],
+        cwd=_HERE.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=250,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count(" ok") == 3 and "misfit refused" in out and "2-layer chain" in out, out[-2000:]

@@ -1,0 +1,295 @@
+"""Does programmatic dependent launch (PDL) shorten a decode step's chain of GEMVs? (issue 9, one GPU)
+
+A batch-1 decode step on one H200 runs at 78.5-79% of the weight-read roofline (goal 81%, i.e. ~115 µs of a
+~3.98 ms Llama-2-7B step). Inside the step's CUDA graph every kernel waits for the previous one to finish, then
+launches, ramps up and drains: a fixed cost of a few µs per kernel against a 4096 x 4096 GEMV's ~8 µs of weight
+reads. On Hopper (sm_90) a kernel launched with PDL may start while its predecessor still runs: its programs
+become resident, can read what does not depend on the predecessor (the weights), and wait in ``griddepcontrol.wait``
+for the predecessor's writes before reading its output. This script measures what that is worth on the card at hand,
+before the engine's GEMV (``kernels/gemv.py``) takes it on.
+
+The chain: Llama-2-7B's four decode products per layer (``wqkv`` 12288 x 4096, ``wo`` 4096 x 4096 plus a residual,
+``w_gate_up`` 22016 x 4096, ``w_down`` 4096 x 11008 plus a residual), each reading the previous product's output,
+for ``--layers`` layers with distinct weights (beyond L2, as in a step), captured in one CUDA graph. Variants:
+
+- ``cublas``: ``torch.nn.functional.linear`` into fixed buffers (the residual added by ``torch.add``);
+- ``triton``: this file's GEMV, launched normally;
+- ``pdl``: the same kernel launched with PDL, waiting at its start;
+- ``pdl_prefetch``: the same, each program loading its first weight tile before the wait.
+
+Every variant's output is compared with ``triton``'s (the Triton variants must agree bit for bit: a missed
+dependency would show as a difference) and the time per chain with a device-to-device copy of the same weight
+bytes in the same run. Writes ``$OUT/pdl_probe.json`` (else ``bench/out/pdl_probe.json``) and prints a table.
+
+Usage: python3 bench/pdl_probe.py [--layers 32] [--replays 20] [--out FILE]
+       TRITON_INTERPRET=1 python3 bench/pdl_probe.py --check   (the kernel against float64 on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.3 on CUDA; the names exist without a GPU too
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+# (name, N, K, residual): one layer's products in order; each reads the head of the previous output
+SHAPES = (("wqkv", 12288, 4096, False), ("wo", 4096, 4096, True), ("gate_up", 22016, 4096, False),
+          ("down", 4096, 11008, True))  # fmt: skip
+CONFIGS = (
+    (16, 256, 4, 4),
+    (8, 512, 4, 3),
+    (32, 256, 8, 3),
+    (16, 512, 8, 3),
+)  # BLOCK_N, BLOCK_K, warps, stages
+VARIANTS = ("cublas", "triton", "pdl", "pdl_prefetch")
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, r_ptr, y_ptr, K, RESID: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``y[n] = sum_k w[n, k] x[k] (+ r[n])`` for N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may become resident; it waits for this one's writes itself
+    if PREFETCH:  # the weights do not depend on the previous kernel: start reading them before the wait
+        w0 = tl.load(w_ptrs)
+        if PDL:
+            gdc_wait()
+        acc += w0.to(tl.float32) * tl.load(x_ptr + rk).to(tl.float32)[None, :]
+    elif PDL:
+        gdc_wait()
+    for k0 in range(BLOCK_K if PREFETCH else 0, K, BLOCK_K):
+        w = tl.load(w_ptrs + k0)
+        acc += w.to(tl.float32) * tl.load(x_ptr + k0 + rk).to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if RESID:
+        y += tl.load(r_ptr + rn).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty))
+
+
+def gemv_into(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None, cfg: tuple[int, ...],
+              pdl: bool = False, prefetch: bool = False) -> None:  # fmt: skip
+    """``y = w @ x[:K] (+ r)`` with the kernel above; ``x`` may be longer than K (its head is read)."""
+    n, k = w.shape
+    bn, bk, warps, stages = cfg
+    if n % bn or k % bk or x.numel() < k or y.numel() != n:
+        raise ValueError(f"pdl_probe gemv: {n}x{k} does not fit config {cfg} / x {x.numel()} / y {y.numel()}")
+    extra: dict[str, Any] = {"launch_pdl": True} if pdl else {}
+    _gemv[(n // bn,)](
+        x, w, r if r is not None else y, y, k, RESID=r is not None, PDL=pdl, PREFETCH=prefetch,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra,
+    )  # fmt: skip
+
+
+class Chain:
+    """``layers`` x the four products, distinct weights, fixed buffers; ``run(variant)`` enqueues one chain."""
+
+    def __init__(
+        self,
+        layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+        shapes: tuple[tuple[str, int, int, bool], ...] = SHAPES,
+    ) -> None:
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.shapes = shapes
+        self.w = [
+            [torch.randn(n, k, generator=g, device=device, dtype=dtype) / k**0.5 for _, n, k, _ in shapes]
+            for _ in range(layers)
+        ]
+        hidden = shapes[1][1]
+        self.x0 = torch.randn(hidden, generator=g, device=device, dtype=dtype)
+        self.h = (torch.empty_like(self.x0), torch.empty_like(self.x0))  # the residual stream, two buffers
+        self.out = {name: torch.empty(n, device=device, dtype=dtype) for name, n, _, _ in shapes}
+        self.cfg: dict[str, tuple[int, ...]] = {name: CONFIGS[0] for name, *_ in shapes}
+
+    def weight_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for layer in self.w for w in layer)
+
+    def run(self, variant: str) -> torch.Tensor:
+        """One chain into fixed buffers (capturable); returns the last residual stream. The residual products
+        read one residual buffer and write the other (no copy kernel between two products)."""
+        cur, nxt = self.h
+        cur.copy_(self.x0)
+        src = cur
+        for layer in self.w:
+            for (name, _, k, resid), w in zip(self.shapes, layer, strict=True):
+                dst = nxt if resid else self.out[name]
+                if variant == "cublas":
+                    if resid:
+                        torch.addmv(cur, w, src[:k], out=dst)
+                    else:
+                        torch.mv(w, src[:k], out=dst)
+                else:
+                    gemv_into(src, w, dst, cur if resid else None, self.cfg[name],
+                              pdl=variant.startswith("pdl"), prefetch=variant == "pdl_prefetch")  # fmt: skip
+                if resid:
+                    cur, nxt = nxt, cur
+                src = dst
+        return cur
+
+
+def _graph_us(fn: Any, replays: int) -> float:
+    """µs per call of ``fn`` replayed from a CUDA graph (captured thread-local, as the decode graphs are)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replays)
+    return sorted(times)[1]
+
+
+def _copy_gbps(dev: torch.device, replays: int) -> float:
+    """A 1 GiB device-to-device copy (as bench/gpu_pipeline.py), GB/s of bytes read + written."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / _graph_us(lambda: dst.copy_(src), replays) / 1e3
+
+
+def check_cpu() -> int:
+    """The kernel (every switch the interpreter can run) against a float64 product; 0 when all match."""
+    torch.manual_seed(0)
+    bad = 0
+    for n, k, cfg, resid, prefetch in ((32, 512, (16, 256, 4, 4), True, True), (16, 256, (8, 64, 4, 3), False, False),
+                                       (48, 768, (16, 256, 4, 4), False, True)):  # fmt: skip
+        w = torch.randn(n, k, dtype=torch.float16)
+        x = torch.randn(k + 8, dtype=torch.float16)
+        r = torch.randn(n, dtype=torch.float16) if resid else None
+        y = torch.empty(n, dtype=torch.float16)
+        gemv_into(x, w, y, r, cfg, prefetch=prefetch)
+        ref = w.double() @ x[:k].double() + (r.double() if r is not None else 0)
+        err = (y.double() - ref).abs().max().item()
+        ok = err <= 2e-3 * ref.abs().max().item() + 1e-3
+        bad += not ok
+        print(
+            f"{n}x{k} cfg {cfg} resid {resid} prefetch {prefetch}: max error {err:.2e} {'ok' if ok else 'BAD'}"
+        )
+    try:
+        gemv_into(torch.zeros(8), torch.zeros(10, 8), torch.zeros(10), None, (16, 256, 4, 4))
+        bad += 1
+        print("a shape that does not fit the config was accepted: BAD")
+    except ValueError as e:
+        print(f"misfit refused: {e}")
+    # the chain's plumbing (which buffer each product reads and writes) on small shapes, against torch.mv
+    small = (
+        ("wqkv", 96, 32, False),
+        ("wo", 32, 32, True),
+        ("gate_up", 128, 32, False),
+        ("down", 32, 64, True),
+    )
+    chain = Chain(2, torch.device("cpu"), torch.float32, shapes=small)
+    chain.cfg = dict.fromkeys(chain.cfg, (16, 32, 4, 3))
+    want = chain.run("cublas").double().clone()
+    got = chain.run("triton").double()
+    err = (got - want).abs().max().item()
+    bad += err > 1e-4 * want.abs().max().item()
+    print(f"2-layer chain, triton vs torch.mv: max error {err:.2e}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--check", action="store_true", help="CPU check under TRITON_INTERPRET=1, then exit")
+    ap.add_argument(
+        "--out", default=str(Path(os.environ.get("OUT", Path(__file__).parent / "out")) / "pdl_probe.json")
+    )
+    a = ap.parse_args(argv)
+    if a.check:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("--check runs the kernel on CPU: set TRITON_INTERPRET=1")
+        return check_cpu()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (or --check with TRITON_INTERPRET=1)")
+    dev = torch.device("cuda")
+    cap = torch.cuda.get_device_capability(dev)
+    pdl_ok = cap[0] >= 9 and gdc_wait is not None
+    chain = Chain(a.layers, dev, torch.float16)
+    nbytes = chain.weight_bytes()
+    copy_bw = _copy_gbps(dev, a.replays)
+    # per product, the config the plain kernel runs fastest (a graph of every layer's copy of that product)
+    for i, (name, n, k, _) in enumerate(SHAPES):
+        x = torch.randn(max(k, 4096), device=dev, dtype=torch.float16)
+        y = torch.empty(n, device=dev, dtype=torch.float16)
+        best = None
+        for cfg in CONFIGS:
+            if n % cfg[0] or k % cfg[1]:
+                continue
+            us = _graph_us(
+                lambda c=cfg, x=x, y=y, i=i: [gemv_into(x, lw[i], y, None, c) for lw in chain.w], a.replays
+            )
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        assert best is not None
+        chain.cfg[name] = best[1]
+    rows: list[dict[str, Any]] = []
+    outs: dict[str, torch.Tensor] = {}
+    kernels = a.layers * len(SHAPES)
+    for variant in VARIANTS:
+        if variant.startswith("pdl") and not pdl_ok:
+            rows.append({"variant": variant, "skipped": f"needs sm_90+ and Triton's gdc (capability {cap})"})
+            continue
+        us = _graph_us(lambda v=variant: chain.run(v), a.replays)
+        outs[variant] = chain.run(variant).clone()
+        rows.append({"variant": variant, "us_per_chain": us, "us_per_kernel": us / kernels,
+                     "weight_read_pct_of_copy": 100.0 * (nbytes / us / 1e3) / copy_bw})  # fmt: skip
+    base = next((r for r in rows if r["variant"] == "triton"), None)
+    for r in rows:
+        if "us_per_chain" in r and base is not None:
+            r["vs_triton"] = base["us_per_chain"] / r["us_per_chain"]
+            r["saved_us_per_kernel"] = (base["us_per_chain"] - r["us_per_chain"]) / kernels
+            ref = outs["triton"]
+            diff = (outs[r["variant"]].float() - ref.float()).abs().max().item()
+            r["max_abs_diff_vs_triton"] = diff
+            r["bitwise_equal_to_triton"] = bool(torch.equal(outs[r["variant"]], ref))
+    result = {
+        "device": torch.cuda.get_device_name(dev), "capability": list(cap), "torch": torch.__version__,
+        "triton": triton.__version__, "layers": a.layers, "weight_bytes": nbytes,
+        "copy_gbps": copy_bw, "configs": {k: list(v) for k, v in chain.cfg.items()}, "rows": rows,
+    }  # fmt: skip
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(f"{result['device']} (sm_{cap[0]}{cap[1]}), Triton {triton.__version__}; {a.layers} layers, "
+          f"{nbytes / 1e9:.2f} GB of weights; 1 GiB copy {copy_bw:.0f} GB/s (read + write)")  # fmt: skip
+    print("| variant | µs per chain | weight reads, % of copy bandwidth | vs triton | saved µs per kernel | "
+          "same bits as triton |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['variant']} | skipped: {r['skipped']} | | | | |")
+            continue
+        print(f"| {r['variant']} | {r['us_per_chain']:.0f} | {r['weight_read_pct_of_copy']:.1f}% | "
+              f"{r.get('vs_triton', 1.0):.3f}x | {r.get('saved_us_per_kernel', 0.0):+.2f} | "
+              f"{r.get('bitwise_equal_to_triton', '')} (max diff {r.get('max_abs_diff_vs_triton', 0.0):.1e}) |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
