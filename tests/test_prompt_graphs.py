@@ -497,6 +497,8 @@ def test_a_hidden_state_uploaded_into_the_graph_input_gives_the_copied_path_byte
     assert torch.equal(pending.cpu(), copied[1])  # (waits for it)
     slot = later.prompt_input_slot(sids[2], pos, torch.float16)
     assert slot is not None and tuple(slot[0].shape) == (b, s, SPEC.hidden_size)
+    # made in a forward, so an inference tensor: upload_to writes it in inference mode, as a worker does
+    assert slot[0].is_inference()
     x_in, ready = stager.upload_to(states[2], slot[0], slot[1], compute)
     direct = later.forward(sids[2], x_in, pos)
     ready.synchronize()

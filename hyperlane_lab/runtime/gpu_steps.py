@@ -368,7 +368,8 @@ class GpuStepper(ArmedSteps):
                 if not staging:
                     x_in, uploaded = x, None
                 elif direct is not None:  # the graph's input: one copy, no allocation (prompt_graphs.py)
-                    x_in, uploaded = self.stager.upload_to(x, direct[0], direct[1], self.compute_stream)
+                    here = torch.cuda.current_stream(self.device)  # the stream the graph replays on
+                    x_in, uploaded = self.stager.upload_to(x, direct[0], direct[1], here)
                     self.direct_uploads += 1
                 elif slot is not None:
                     x_in, uploaded = self.stager.upload_into(x, slot)

@@ -155,8 +155,14 @@ class CudaStager:
     ) -> tuple[torch.Tensor, torch.cuda.Event]:
         """``upload`` into ``dst``, a device tensor of ``x``'s shape and dtype that others read too (a prompt
         graph's input): the copy starts once ``after`` (the last work that read ``dst``) has fired, and
-        ``compute``'s later work sees it. Returns ``dst`` and the event that fires once ``x`` has been read."""
-        return dst, self._copy_in(x, dst, compute, after)
+        ``compute``'s later work sees it. Returns ``dst`` and the event that fires once ``x`` has been read.
+
+        ``after`` should have fired already (``PromptGraphs.input_slot`` gives a slot only then): one that has
+        not holds every later upload on this stager's upload stream behind it. The copy runs in inference
+        mode: a prompt graph's input is made inside a stage's forward, an inference tensor that may not be
+        written outside that mode."""
+        with torch.inference_mode():
+            return dst, self._copy_in(x, dst, compute, after)
 
     def _copy_in(
         self,
