@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hyperlane_lab.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
 from hyperlane_lab.kernels.quant_common import bf16_bits, check_launch
 
 __all__ = ["MAX_SPLIT", "SLOTS_PER_SPLIT", "choose_split", "decode_attention", "decode_attention_ref"]
@@ -73,7 +74,11 @@ def _decode_attn_kernel(
     BLOCK_L: tl.constexpr,
     PARTIAL: tl.constexpr,
     BF16: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    if PDL:  # every input (positions, qkv, caches) is read after the previous kernel has finished
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -150,9 +155,12 @@ def _decode_attn_kernel(
 @triton.jit
 def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, n_split,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (row, query head): merges the splits' (max, sum, acc) partials in fixed order."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     r = tl.program_id(0).to(tl.int64)
     si = tl.arange(0, BLOCK_S)
     smask = si < n_split
@@ -229,6 +237,7 @@ def decode_attention(
     *,
     block_l: int | None = None,
     num_warps: int = 4,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention output ``[B, 1, Hq * D]`` (qkv's dtype) of one decode step; also writes the roped new key
     and the new value into slot ``pos`` of ``k_cache`` / ``v_cache`` (slot ``L = k_cache.shape[2] - 1``
@@ -238,7 +247,8 @@ def decode_attention(
     ``sin_t [>= L, D]`` fp32 (half-rotation layout); caches ``[B, Hkv, L + 1, D]``. ``window``: sliding
     window (None / 0: full causal attention). ``split``: programs per (row, KV head) over the key range
     (None: ``choose_split``); ``block_l`` / ``num_warps``: keys per loop step (None: from the tile size)
-    and warps of the main kernel, for tuning. Rows with
+    and warps of the main kernel, for tuning; ``pdl``: launch with programmatic dependent launch
+    (``kernels/pdl.py``; sm_90+ only). Rows with
     pos < 0 give finite values that callers must ignore. Raises ValueError on mismatched inputs.
     """
     _check(qkv, pos, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads)
@@ -265,15 +275,17 @@ def decode_attention(
     else:
         m = lsum = acc = out  # unused
     bf16 = qkv.dtype == torch.bfloat16
+    extra = launch_options(pdl, qkv.device, "decode_attention")
     _decode_attn_kernel[(b, hkv, split)](
         qkv, pos, cos_t, sin_t, k_cache, v_cache, out, m, lsum, acc, split, n_slots, window or 0, d**-0.5,
         HQ=n_heads, HKV=hkv, G=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_L=block_l,
-        PARTIAL=partial, BF16=bf16, num_warps=num_warps,
+        PARTIAL=partial, BF16=bf16, PDL=pdl, num_warps=num_warps, **extra,
     )  # fmt: skip
     if partial:
         _combine_kernel[(b * n_heads,)](
             m, lsum, acc, out, split,
-            D=d, BLOCK_S=triton.next_power_of_2(split), BLOCK_D=block_d, BF16=bf16, num_warps=4,
+            D=d, BLOCK_S=triton.next_power_of_2(split), BLOCK_D=block_d, BF16=bf16, PDL=pdl, num_warps=4,
+            **extra,
         )  # fmt: skip
     return out
 

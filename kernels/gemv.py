@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hyperlane_lab.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 __all__ = ["CONFIGS", "GemvConfig", "candidates", "choose_config", "config_name", "gemv", "graph_time_us"]
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ def _gemv_kernel(
     NORM: tl.constexpr,  # x -> x * rsqrt(mean(x^2) + eps) * g (never with PARTIAL)
     GATED: tl.constexpr,  # x -> silu(gate) * up
     RESID: tl.constexpr,  # y -> y + residual (not PARTIAL: the sum kernel adds it)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -87,6 +90,9 @@ def _gemv_kernel(
     g_ptrs = g_ptr + k_lo + rk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: sum of squares of x
+    if PDL:  # the next kernel may start; x, g, r, y are touched only after the previous one has finished
+        gdc_launch_dependents()
+        gdc_wait()
     for k0 in range(0, K_PER, BLOCK_K):
         if EVEN:
             w = tl.load(w_ptrs)
@@ -133,8 +139,12 @@ def _splitk_sum_kernel(
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RESID: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -157,6 +167,7 @@ def gemv(
     eps: float = 1e-6,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for ``x [..., K]`` (any leading shape; meant for one row) with this
     kernel; returns ``[..., N]`` in ``x``'s dtype. Raises ValueError on mismatched inputs.
@@ -165,7 +176,7 @@ def gemv(
     ``norm_weight`` [K]: the input is RMS-normalised first (``rms_norm(x, norm_weight, eps)``; not
     with split-K, whose programs see only part of the row); ``gated``: ``x`` is ``[..., 2K]`` and
     the input is ``silu(x[..., :K]) * x[..., K:]`` (SwiGLU); ``residual`` [..., N]: added to the
-    result."""
+    result. ``pdl``: launch with programmatic dependent launch (``kernels/pdl.py``; sm_90+ only)."""
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"gemv needs a contiguous 2-D weight [N, K], got {tuple(w.shape)}")
     n, k = w.shape
@@ -203,17 +214,18 @@ def gemv(
     partial = splits > 1
     out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if partial else y
     b = bias if bias is not None else w
+    extra = launch_options(pdl, x.device, "gemv")
     _gemv_kernel[(triton.cdiv(n, c.block_n), splits, m)](
         x2, w, b, out, norm_weight if norm_weight is not None else w, r, m, n, k, k_per, x2.stride(0),
         float(eps), HAS_BIAS=bias is not None, PARTIAL=partial,
         EVEN=n % c.block_n == 0 and k % k_per == 0, NORM=norm_weight is not None, GATED=gated,
-        RESID=residual is not None and not partial,
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
+        RESID=residual is not None and not partial, PDL=pdl,
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages, **extra,
     )  # fmt: skip
     if partial:
         _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](
             out, b, r, y, n, m * n, SPLIT=splits, HAS_BIAS=bias is not None, RESID=residual is not None,
-            BLOCK=1024, num_warps=4,
+            PDL=pdl, BLOCK=1024, num_warps=4, **extra,
         )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 

@@ -629,6 +629,59 @@ def test_graph_decode_with_the_all_triton_layer_matches_float64():
     assert all(st.graph_decoder().captures == 2 for st in fast)
 
 
+@gpu
+def test_the_triton_layer_launched_with_pdl_gives_the_plain_launches_bits():
+    """The five-launch layer with every kernel launched with programmatic dependent launch
+    (``HYPERLANE_PDL=1``, sm_90+): captured in the decode graphs, it must give the same bits as the plain
+    launches (the same kernels in the same order; a kernel that read its input before the one writing it
+    had finished would not), for a batch-1 session over two stages; a chain of 64 PDL GEMVs in one CUDA
+    graph, each reading the previous one's output, likewise."""
+    from hyperlane_lab.codecs._kernels import kernel_module
+    from hyperlane_lab.models.cuda_decode import make_linear
+    from hyperlane_lab.models.decode_fused import make_triton_layer
+
+    if not kernel_module("pdl").pdl_supported("cuda"):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+ and Triton >= 3.4")
+    gk = kernel_module("gemv")
+    plain = next(c for c in gk.CONFIGS if c.split_k == 1)
+    split = next(c for c in gk.CONFIGS if c.split_k > 1)
+    cfgs = {"wqkv": plain, "wo": split, "w_gate_up": plain, "w_down": split}
+    outs = []
+    for pdl in (False, True):
+        stages = _stages(SPEC, [1], torch.float16, "cuda")
+        for st in stages:
+            gd = st.graph_decoder()
+            gd._lin = make_linear({})
+            attn = gd.attention_kernel()
+            assert attn is not None
+            gd._tlayer = make_triton_layer(attn, cfgs, pdl=pdl)
+        outs.append(_decode(stages, [6], steps=12, static=True))
+        assert all(st.graph_decoder().fallbacks == [] for st in stages)
+    for i, (a, b) in enumerate(zip(*outs, strict=True)):
+        assert torch.equal(a, b), f"step {i}"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(256, 256, generator=g, device="cuda", dtype=torch.float16) / 16 for _ in range(64)]
+    x0 = torch.randn(1, 256, generator=g, device="cuda", dtype=torch.float16)
+    chains = []
+    for pdl in (False, True):
+
+        def chain(pdl: bool = pdl) -> torch.Tensor:
+            x = x0
+            for w in ws:
+                x = gk.gemv(x, w, None, plain, residual=x, pdl=pdl)
+            return x
+
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        chains.append(out.clone())
+    assert torch.equal(chains[0], chains[1]) and torch.isfinite(chains[0]).all()
+
+
 def test_failed_warm_ups_turn_off_one_used_piece_at_a_time_on_cpu():
     """GraphDecoder._degrade: the all-Triton layer only when the warm-up used it, then fused
     attention, Triton GEMV, compiling, then nothing (the capture error is raised); configure()

@@ -888,6 +888,25 @@ def test_gemv_fused_extras_reject_bad_inputs() -> None:
         gemv(torch.zeros(1, 16, device=DEVICE), w, residual=torch.zeros(1, 7, device=DEVICE))
 
 
+def test_pdl_launches_are_refused_where_they_cannot_run() -> None:
+    """``pdl=True`` (programmatic dependent launch, kernels/pdl.py) needs a CUDA device of capability 9.0+ and
+    compiled kernels: CPU tensors (and the interpreter) get a ValueError that says so, before any launch."""
+    pdl = kernel_module("pdl")
+    assert not pdl.pdl_supported("cpu")
+    if INTERPRET:
+        assert not pdl.pdl_supported("cuda")  # the interpreter runs no launch attributes
+    assert pdl.launch_options(False, torch.device("cpu"), "k") == {}
+    with pytest.raises(ValueError, match=r"gemv: pdl=True needs .* capability 9\.0\+.*pass pdl=False"):
+        kernel_module("gemv").gemv(torch.zeros(1, 16), torch.zeros(8, 16), pdl=True)
+    qkv = torch.zeros(1, 1, (4 + 2 * 2) * 16)
+    cache = torch.zeros(1, 2, 9, 16)
+    tables = torch.zeros(8, 16)
+    with pytest.raises(ValueError, match=r"decode_attention: pdl=True needs"):
+        kernel_module("decode_attn").decode_attention(
+            qkv, torch.zeros(1, 1, dtype=torch.int64), tables, tables, cache, cache.clone(), 4, 2, pdl=True
+        )
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_triton_decode_layer_matches_the_static_layer(family: str) -> None:
     """The five-launch batch-1 layer (decode_fused.make_triton_layer: norm+qkv, attention kernel,

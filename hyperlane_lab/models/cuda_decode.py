@@ -130,6 +130,9 @@ class GraphDecoder:
         # off by default: measured slower than the compiled layer with the attention kernel on an
         # H200 (the prologues slow the GEMV more than the launches they save; bench/RESULTS.md)
         self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", False)
+        # that layer's launches with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in, not yet
+        # measured in the engine (bench/pdl_probe.py measures a chain of GEMVs)
+        self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
         # one capture stream, from the high-priority pool: a fresh pooled stream per capture would
@@ -226,10 +229,14 @@ class GraphDecoder:
             self._tlayer = False
             attn, lin = self.attention_kernel(), self.linear()
             if attn is not None and lin is not F.linear and self.triton_layer_enabled:
+                from hyperlane_lab.codecs._kernels import kernel_module  # Triton is there: attn is a kernel
+
                 cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
                 if cfgs is not None:
-                    self._tlayer = make_triton_layer(attn, cfgs)
+                    pdl = self.pdl_enabled and kernel_module("pdl").pdl_supported(self.stage.device)
+                    self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
+                    self.gemv_choice["triton_layer_pdl"] = pdl
         return self._tlayer if callable(self._tlayer) else None
 
     def layer_fn(self) -> LayerFn:
@@ -257,6 +264,7 @@ class GraphDecoder:
         if used_tlayer and callable(self._tlayer):
             self._tlayer, what = False, "the all-Triton layer"
             self.gemv_choice.pop("triton_layer", None)
+            self.gemv_choice.pop("triton_layer_pdl", None)
         elif callable(self._attn):
             self._attn, what = False, "fused attention"
         elif self._lin is not None and self._lin is not F.linear:

@@ -22,6 +22,7 @@ folded-in prologues slowed the products by more than the ~7 launches a layer the
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -155,13 +156,18 @@ def triton_layer_configs(
     return out
 
 
-def make_triton_layer(attn: Callable[..., torch.Tensor], cfgs: dict[str, Any]) -> Callable[..., torch.Tensor]:
+def make_triton_layer(
+    attn: Callable[..., torch.Tensor], cfgs: dict[str, Any], pdl: bool = False
+) -> Callable[..., torch.Tensor]:
     """A decode layer (``_around_attention``'s signature) in five Triton launches for one row:
     norm+qkv, attention, wo+residual, norm+gate/up, SwiGLU+down+residual. ``cfgs``: a
-    ``GemvConfig`` per role (``triton_layer_configs``)."""
+    ``GemvConfig`` per role (``triton_layer_configs``). ``pdl``: every launch with programmatic
+    dependent launch (``kernels/pdl.py``, sm_90+; ``HYPERLANE_PDL=1``), so each kernel of the chain
+    may start while the one before it finishes."""
     from hyperlane_lab.codecs._kernels import kernel_module
 
-    gemv = kernel_module("gemv").gemv
+    gemv = functools.partial(kernel_module("gemv").gemv, pdl=True) if pdl else kernel_module("gemv").gemv
+    attn = functools.partial(attn, pdl=True) if pdl else attn
     c_qkv, c_o, c_gu, c_down = (cfgs[r] for r in _ROLES)
 
     def pre(x: torch.Tensor, w: LayerWeights, spec: ModelSpec) -> torch.Tensor:
