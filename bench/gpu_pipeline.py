@@ -327,8 +327,8 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     # attention, all-Triton batch-1 layer where the timings favour it); "_sync" = the loop reads
     # each token before enqueueing the next step (the run-ahead loop is generate()'s default for
     # greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the opt-in five-launch
-    # Triton layer (HYPERLANE_TRITON_LAYER=1); "_layer_pdl" = that layer launched with programmatic
-    # dependent launch (HYPERLANE_PDL=1, sm_90+); "_unfused" = the plain attention ops (RoPE, cache
+    # Triton layer (HYPERLANE_TRITON_LAYER=1); "_pdl" = the step's Triton kernels launched with
+    # programmatic dependent launch (HYPERLANE_PDL=1, sm_90+); "_unfused" = the plain attention ops (RoPE, cache
     # writes, scores, softmax: ~9 kernels a layer)
     known = {
         "eager": (False, False, True, False, False, False),
@@ -337,6 +337,7 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "graph_compile_sync": (True, True, False, True, True, False),
         "graph_compile_cublas": (True, True, True, False, True, False),
         "graph_compile_layer": (True, True, True, True, True, True),
+        "graph_compile_pdl": (True, True, True, True, True, False, True),
         "graph_compile_layer_pdl": (True, True, True, True, True, True, True),
         "graph_compile_unfused": (True, True, True, True, False, False),
     }

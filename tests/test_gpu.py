@@ -216,6 +216,17 @@ def test_graph_decoder_pools_caches_on_cpu():
     assert gd.new_cache(2, 8) is not a
 
 
+def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch):
+    """``HYPERLANE_PDL=1`` turns the decoder's programmatic dependent launch on; off by default, and a CPU
+    stage (or a pre-Hopper GPU, or the interpreter) never launches with it."""
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    gd = GraphDecoder(st)
+    assert not gd.pdl_enabled and not gd.pdl()
+    monkeypatch.setenv("HYPERLANE_PDL", "1")
+    gd = GraphDecoder(st)
+    assert gd.pdl_enabled and not gd.pdl()
+
+
 def test_pooled_len_rounds_up_within_the_context():
     assert [pooled_len(n, 4096) for n in (1, 255, 256, 257, 4000, 4096)] == [256, 256, 256, 512, 4096, 4096]
     assert pooled_len(300, 300) == 300 and pooled_len(300, 400) == 400  # not past the model's context
@@ -630,12 +641,13 @@ def test_graph_decode_with_the_all_triton_layer_matches_float64():
 
 
 @gpu
-def test_the_triton_layer_launched_with_pdl_gives_the_plain_launches_bits():
-    """The five-launch layer with every kernel launched with programmatic dependent launch
-    (``HYPERLANE_PDL=1``, sm_90+): captured in the decode graphs, it must give the same bits as the plain
-    launches (the same kernels in the same order; a kernel that read its input before the one writing it
-    had finished would not), for a batch-1 session over two stages; a chain of 64 PDL GEMVs in one CUDA
-    graph, each reading the previous one's output, likewise."""
+def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
+    """The decode step's Triton kernels launched with programmatic dependent launch (``HYPERLANE_PDL=1``,
+    sm_90+): captured in the decode graphs, the five-launch layer and the compiled layer (Triton GEMVs and
+    the attention kernel between inductor's kernels) must each give the same bits as their plain launches
+    (the same kernels in the same order; a kernel that read its input before the one writing it had finished
+    would not), for a batch-1 session over two stages; a chain of 64 PDL GEMVs in one CUDA graph, each
+    reading the previous one's output, likewise."""
     from hyperlane_lab.codecs._kernels import kernel_module
     from hyperlane_lab.models.cuda_decode import make_linear
     from hyperlane_lab.models.decode_fused import make_triton_layer
@@ -659,6 +671,25 @@ def test_the_triton_layer_launched_with_pdl_gives_the_plain_launches_bits():
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
     for i, (a, b) in enumerate(zip(*outs, strict=True)):
         assert torch.equal(a, b), f"step {i}"
+    # the default compiled layer with the Triton GEMV for every product and the attention kernel, PDL on
+    # (GraphDecoder.pdl: HYPERLANE_PDL=1) and off: inductor's kernels between ours launch as usual
+    outs = []
+    for pdl in (False, True):
+        stages = _stages(SPEC, [1], torch.float16, "cuda")
+        for st in stages:
+            w = st.weights
+            mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+            mats += [w.lm_head] if w.lm_head is not None else []
+            gd = st.graph_decoder()
+            gd.pdl_enabled = pdl
+            assert gd.pdl() is pdl
+            gd._lin = make_linear({(t.shape[0], t.shape[1]): plain for t in mats}, pdl=pdl)
+            gd.configure(True)
+        outs.append(_decode(stages, [6], steps=8, static=True))
+        assert all(st.graph_decoder().fallbacks == [] for st in stages)
+        assert all(st.graph_decoder().captures == 1 for st in stages)
+    for i, (a, b) in enumerate(zip(*outs, strict=True)):
+        assert torch.equal(a, b), f"compiled layer, step {i}"
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(256, 256, generator=g, device="cuda", dtype=torch.float16) / 16 for _ in range(64)]
     x0 = torch.randn(1, 256, generator=g, device="cuda", dtype=torch.float16)

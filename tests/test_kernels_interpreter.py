@@ -92,4 +92,4 @@ def test_pdl_probe_kernel_under_interpreter() -> None:
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert out.count(" ok") == 3 and "misfit refused" in out and "2-layer chain" in out, out[-2000:]
+    assert out.count(" ok") == 3 and "misfit refused" in out and out.count("2-layer chain") == 2, out[-2000:]

@@ -25,6 +25,7 @@ off one of these optional pieces at a time (``GraphDecoder.fallbacks`` says whic
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,8 +131,9 @@ class GraphDecoder:
         # off by default: measured slower than the compiled layer with the attention kernel on an
         # H200 (the prologues slow the GEMV more than the launches they save; bench/RESULTS.md)
         self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", False)
-        # that layer's launches with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in, not yet
-        # measured in the engine (bench/pdl_probe.py measures a chain of GEMVs)
+        # the decode step's own Triton kernels (GEMV, attention; every kernel of the all-Triton layer)
+        # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in, not yet measured
+        # in the engine (bench/pdl_probe.py measures a chain of GEMVs)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
@@ -213,13 +215,29 @@ class GraphDecoder:
         it measured faster on this card (``HYPERLANE_TRITON_GEMV=0``: cuBLAS only)."""
         if self._lin is None:
             table, self.gemv_choice = choose_linears(self.stage)
-            self._lin = make_linear(table)
+            self._lin = make_linear(table, pdl=self.pdl())
+            if self.pdl_enabled:
+                self.gemv_choice["pdl"] = self.pdl()
         return self._lin
+
+    def pdl(self) -> bool:
+        """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1`` and
+        a device and Triton that take it (``kernels/pdl.py``)."""
+        if not self.pdl_enabled:
+            return False
+        try:
+            from hyperlane_lab.codecs._kernels import kernel_module
+
+            return bool(kernel_module("pdl").pdl_supported(self.stage.device))
+        except Exception as e:  # no Triton here
+            log.debug("no programmatic dependent launch: %s", e)
+            return False
 
     def attention_kernel(self) -> Callable[..., torch.Tensor] | None:
         """The one-kernel decode attention (``decode_fused.py``), or None for the plain layer."""
         if self._attn is None:
-            self._attn = fused_attention_kernel(self.stage.device) or False
+            attn = fused_attention_kernel(self.stage.device)
+            self._attn = (functools.partial(attn, pdl=True) if self.pdl() else attn) if attn else False
         return self._attn if callable(self._attn) else None
 
     def triton_layer(self) -> LayerFn | None:
@@ -229,11 +247,9 @@ class GraphDecoder:
             self._tlayer = False
             attn, lin = self.attention_kernel(), self.linear()
             if attn is not None and lin is not F.linear and self.triton_layer_enabled:
-                from hyperlane_lab.codecs._kernels import kernel_module  # Triton is there: attn is a kernel
-
                 cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
                 if cfgs is not None:
-                    pdl = self.pdl_enabled and kernel_module("pdl").pdl_supported(self.stage.device)
+                    pdl = self.pdl()
                     self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
                     self.gemv_choice["triton_layer_pdl"] = pdl
