@@ -24,7 +24,11 @@ Every variant's output is compared with ``triton``'s (the Triton variants must a
 dependency would show as a difference) and the time per chain with a device-to-device copy of the same weight
 bytes in the same run. Writes ``$OUT/pdl_probe.json`` (else ``bench/out/pdl_probe.json``) and prints a table.
 
-Usage: python3 bench/pdl_probe.py [--layers 32] [--replays 20] [--out FILE]
+``pdl_nowait`` is the negative control: PDL launches whose kernel skips the wait, so a product may read its
+input before the kernel writing it has finished; it should differ from ``triton`` (if it does not, the
+comparison cannot see a missed dependency on this card, and equal bits prove less).
+
+Usage: python3 bench/pdl_probe.py [--layers 32] [--replays 20] [--rounds 5] [--out FILE]
        TRITON_INTERPRET=1 python3 bench/pdl_probe.py --check   (the kernel against float64 on CPU)
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Triton >= 3.3 on CUDA; the names exist without a GPU too
+try:  # a Triton with the grid dependency controls (as kernels/pdl.py); the names exist without a GPU too
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
@@ -55,13 +60,23 @@ CONFIGS = (
     (32, 256, 8, 3),
     (16, 512, 8, 3),
 )  # BLOCK_N, BLOCK_K, warps, stages
-VARIANTS = ("cublas", "triton", "pdl", "pdl_prefetch", "triton_mixed", "pdl_mixed", "pdl_prefetch_mixed")
+VARIANTS = (
+    "cublas",
+    "triton",
+    "pdl",
+    "pdl_prefetch",
+    "triton_mixed",
+    "pdl_mixed",
+    "pdl_prefetch_mixed",
+    "pdl_nowait",
+)
 
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, r_ptr, y_ptr, K, RESID: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """``y[n] = sum_k w[n, k] x[k] (+ r[n])`` for N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks)."""
+          WAIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``y[n] = sum_k w[n, k] x[k] (+ r[n])`` for N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks).
+    ``WAIT=False`` with ``PDL`` (the negative control): no wait, so the product may read its input early."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
@@ -70,10 +85,10 @@ def _gemv(x_ptr, w_ptr, r_ptr, y_ptr, K, RESID: tl.constexpr, PDL: tl.constexpr,
         gdc_launch_dependents()  # the next kernel may become resident; it waits for this one's writes itself
     if PREFETCH:  # the weights do not depend on the previous kernel: start reading them before the wait
         w0 = tl.load(w_ptrs)
-        if PDL:
+        if PDL and WAIT:
             gdc_wait()
         acc += w0.to(tl.float32) * tl.load(x_ptr + rk).to(tl.float32)[None, :]
-    elif PDL:
+    elif PDL and WAIT:
         gdc_wait()
     for k0 in range(BLOCK_K if PREFETCH else 0, K, BLOCK_K):
         w = tl.load(w_ptrs + k0)
@@ -85,7 +100,7 @@ def _gemv(x_ptr, w_ptr, r_ptr, y_ptr, K, RESID: tl.constexpr, PDL: tl.constexpr,
 
 
 def gemv_into(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None, cfg: tuple[int, ...],
-              pdl: bool = False, prefetch: bool = False) -> None:  # fmt: skip
+              pdl: bool = False, prefetch: bool = False, wait: bool = True) -> None:  # fmt: skip
     """``y = w @ x[:K] (+ r)`` with the kernel above; ``x`` may be longer than K (its head is read)."""
     n, k = w.shape
     bn, bk, warps, stages = cfg
@@ -93,7 +108,7 @@ def gemv_into(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, r: torch.Tensor
         raise ValueError(f"pdl_probe gemv: {n}x{k} does not fit config {cfg} / x {x.numel()} / y {y.numel()}")
     extra: dict[str, Any] = {"launch_pdl": True} if pdl else {}
     _gemv[(n // bn,)](
-        x, w, r if r is not None else y, y, k, RESID=r is not None, PDL=pdl, PREFETCH=prefetch,
+        x, w, r if r is not None else y, y, k, RESID=r is not None, PDL=pdl, PREFETCH=prefetch, WAIT=wait,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
 
@@ -122,6 +137,11 @@ class Chain:
         self.staged = {name: torch.empty(k, device=device, dtype=dtype) for name, _, k, _ in shapes}
         self.cfg: dict[str, tuple[int, ...]] = {name: CONFIGS[0] for name, *_ in shapes}
 
+    def poison(self) -> None:
+        """NaN into every buffer a chain writes (before a replay whose output is checked)."""
+        for t in (*self.h, *self.out.values(), *self.staged.values()):
+            t.fill_(float("nan"))
+
     def weight_bytes(self) -> int:
         return sum(w.numel() * w.element_size() for layer in self.w for w in layer)
 
@@ -145,32 +165,42 @@ class Chain:
                         x = self.staged[name]
                         x.copy_(src[:k])
                     gemv_into(x, w, dst, cur if resid else None, self.cfg[name],
-                              pdl=variant.startswith("pdl"), prefetch=variant.startswith("pdl_prefetch"))  # fmt: skip
+                              pdl=variant.startswith("pdl"), prefetch=variant.startswith("pdl_prefetch"),
+                              wait=variant != "pdl_nowait")  # fmt: skip
                 if resid:
                     cur, nxt = nxt, cur
                 src = dst
         return cur
 
 
-def _graph_us(fn: Any, replays: int) -> float:
-    """µs per call of ``fn`` replayed from a CUDA graph (captured thread-local, as the decode graphs are)."""
+def _capture(fn: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn`` warmed up, then captured in a CUDA graph (thread-local, as the decode graphs are) and replayed
+    once; returns the graph and what the capture returned (its static output)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        fn()
+        out = fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph, out
+
+
+def _replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """µs per replay of ``graph``, ``replays`` back to back."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays)
-    return sorted(times)[1]
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
+def _graph_us(fn: Any, replays: int) -> float:
+    """µs per call of ``fn`` replayed from a CUDA graph: the median of three timings."""
+    graph = _capture(fn)[0]
+    return sorted(_replay_us(graph, replays) for _ in range(3))[1]
 
 
 def _copy_gbps(dev: torch.device, replays: int) -> float:
@@ -225,7 +255,8 @@ def check_cpu() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--replays", type=int, default=20, help="replays per timing")
+    ap.add_argument("--rounds", type=int, default=5, help="timings per variant, interleaved")
     ap.add_argument("--check", action="store_true", help="CPU check under TRITON_INTERPRET=1, then exit")
     ap.add_argument(
         "--out", default=str(Path(os.environ.get("OUT", Path(__file__).parent / "out")) / "pdl_probe.json")
@@ -259,18 +290,42 @@ def main(argv: list[str] | None = None) -> int:
         assert best is not None
         chain.cfg[name] = best[1]
     rows: list[dict[str, Any]] = []
-    outs: dict[str, torch.Tensor] = {}
-    kernels = a.layers * len(SHAPES)
+    graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
     for variant in VARIANTS:
         if variant.startswith("pdl") and not pdl_ok:
             rows.append({"variant": variant, "skipped": f"needs sm_90+ and Triton's gdc (capability {cap})"})
             continue
-        us = _graph_us(lambda v=variant: chain.run(v), a.replays)
-        outs[variant] = chain.run(variant).clone()
-        rows.append({"variant": variant, "us_per_chain": us, "us_per_kernel": us / kernels,
-                     "weight_read_pct_of_copy": 100.0 * (nbytes / us / 1e3) / copy_bw})  # fmt: skip
+        try:  # (a PDL kernel right after the graph's first copy node: how a capture takes it is card-dependent)
+            graphs[variant] = _capture(lambda v=variant: chain.run(v))
+        except Exception as e:  # keep the other variants
+            rows.append({"variant": variant, "skipped": f"capture failed: {type(e).__name__}: {e}"[:300]})
+    # interleaved: every round times each variant once, so a drift of the card's clocks hits them alike
+    times: dict[str, list[float]] = {v: [] for v in graphs}
+    for i in range(a.rounds):
+        order = list(graphs)[i % len(graphs) :] + list(graphs)[: i % len(graphs)]
+        for v in order:
+            times[v].append(_replay_us(graphs[v][0], a.replays))
+    # what each graph computes: the buffers poisoned with NaN, one replay (a product that read its input
+    # before the kernel writing it had finished would differ from the plain launches)
+    outs: dict[str, torch.Tensor] = {}
+    for v, (graph, out) in graphs.items():
+        chain.poison()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[v] = out.clone()
+    kernels = a.layers * len(SHAPES)
+    kept = [r for r in rows if "skipped" in r]
+    rows = []
+    for v in VARIANTS:
+        if v in graphs:
+            us = statistics.median(times[v])
+            rows.append({"variant": v, "us_per_chain": us, "us_per_kernel": us / kernels,
+                         "us_rounds": times[v], "finite": bool(torch.isfinite(outs[v]).all()),
+                         "weight_read_pct_of_copy": 100.0 * (nbytes / us / 1e3) / copy_bw})  # fmt: skip
+        else:
+            rows.extend(r for r in kept if r["variant"] == v)
     for r in rows:
-        name = "triton_mixed" if r["variant"].endswith("_mixed") else "triton"
+        name = "triton_mixed" if r["variant"].endswith("_mixed") else "triton"  # pdl_nowait: triton
         base = next((b for b in rows if b["variant"] == name), None)
         if "us_per_chain" in r and base is not None:
             r["baseline"] = name

@@ -251,6 +251,7 @@ def decode_attention(
     (``kernels/pdl.py``; sm_90+ only). Rows with
     pos < 0 give finite values that callers must ignore. Raises ValueError on mismatched inputs.
     """
+    extra = launch_options(pdl, qkv.device, "decode_attention")  # first: says why on any device
     _check(qkv, pos, cos_t, sin_t, k_cache, v_cache, n_heads, n_kv_heads)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"decode_attention: window must be None or an int >= 0, got {window!r}")
@@ -275,7 +276,6 @@ def decode_attention(
     else:
         m = lsum = acc = out  # unused
     bf16 = qkv.dtype == torch.bfloat16
-    extra = launch_options(pdl, qkv.device, "decode_attention")
     _decode_attn_kernel[(b, hkv, split)](
         qkv, pos, cos_t, sin_t, k_cache, v_cache, out, m, lsum, acc, split, n_slots, window or 0, d**-0.5,
         HQ=n_heads, HKV=hkv, G=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_L=block_l,

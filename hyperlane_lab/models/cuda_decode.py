@@ -135,6 +135,7 @@ class GraphDecoder:
         # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in, not yet measured
         # in the engine (bench/pdl_probe.py measures a chain of GEMVs)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
+        self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
         # one capture stream, from the high-priority pool: a fresh pooled stream per capture would
@@ -174,6 +175,8 @@ class GraphDecoder:
             self._lin = None
         if "fused attention" in self._degraded:
             self._attn = None
+        if "programmatic dependent launch" in self._degraded:
+            self._pdl_off, self._lin, self._attn = False, None, None
         self._degraded.clear()
         self.pool.clear()
         self._prompts = None
@@ -221,10 +224,11 @@ class GraphDecoder:
         return self._lin
 
     def pdl(self) -> bool:
-        """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1`` and
-        a device and Triton that take it (``kernels/pdl.py``)."""
-        if not self.pdl_enabled:
-            return False
+        """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1``, a
+        device and Triton that take it (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
+        return self.pdl_enabled and not self._pdl_off and self._pdl_supported()
+
+    def _pdl_supported(self) -> bool:
         try:
             from hyperlane_lab.codecs._kernels import kernel_module
 
@@ -273,11 +277,16 @@ class GraphDecoder:
         return self._layer_fn
 
     def _degrade(self, err: Exception, used_tlayer: bool) -> bool:
-        """After a failed warm-up, turn off the next optional piece that the warm-up used (the
-        all-Triton layer, fused attention, Triton GEMV, compiling), in that order; False when
-        nothing is left to turn off. ``configure()`` decides the pieces again."""
+        """After a failed warm-up, turn off the next optional piece that the warm-up used (programmatic
+        dependent launch, the all-Triton layer, fused attention, Triton GEMV, compiling), in that order;
+        False when nothing is left to turn off. ``configure()`` decides the pieces again."""
         why = f"{type(err).__name__}: {err}"[:300]
-        if used_tlayer and callable(self._tlayer):
+        if self.pdl():  # the kernels are decided again without it (the GEMV choice is timed again)
+            self._pdl_off, what = True, "programmatic dependent launch"
+            self._lin = None if self._lin is not F.linear else self._lin
+            self._attn = None if callable(self._attn) else self._attn
+            self._tlayer = None if callable(self._tlayer) else self._tlayer
+        elif used_tlayer and callable(self._tlayer):
             self._tlayer, what = False, "the all-Triton layer"
             self.gemv_choice.pop("triton_layer", None)
             self.gemv_choice.pop("triton_layer_pdl", None)
