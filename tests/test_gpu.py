@@ -550,6 +550,18 @@ def test_run_ahead_decode_on_gpu_equals_the_plain_loop(monkeypatch):
     assert replays >= 2 * 20
 
 
+def _triton_gemv_everywhere(st: TorchStage, cfg: object, pdl: bool = False) -> None:
+    """Force the Triton GEMV with ``cfg`` for every product of ``st``'s decode step (compiled layers)."""
+    from hyperlane_lab.models.cuda_decode import make_linear
+
+    w = st.weights
+    mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+    mats += [w.lm_head] if w.lm_head is not None else []
+    gd = st.graph_decoder()
+    gd._lin = make_linear({(t.shape[0], t.shape[1]): cfg for t in mats}, pdl=pdl)
+    gd.configure(True)
+
+
 @gpu
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("batch_lens", [[6], [6, 4]])
@@ -559,16 +571,10 @@ def test_graph_decode_with_triton_gemv_matches_float64(batch_lens, split_k):
     from hyperlane_lab.codecs._kernels import kernel_module
 
     CONFIGS = [c for c in kernel_module("gemv").CONFIGS if c.split_k == split_k]
-    from hyperlane_lab.models.cuda_decode import make_linear
 
     fast = _stages(SPEC, [1], torch.float16, "cuda")
     for st in fast:
-        w = st.weights
-        mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-        mats += [w.lm_head] if w.lm_head is not None else []
-        gd = st.graph_decoder()
-        gd._lin = make_linear({(t.shape[0], t.shape[1]): CONFIGS[0] for t in mats})
-        gd.configure(True)
+        _triton_gemv_everywhere(st, CONFIGS[0])
     ref = _decode(_cpu64(fast), batch_lens, steps=8, static=False)
     got = _decode(fast, batch_lens, steps=8, static=True)
     for i, (a, r) in enumerate(zip(got, ref)):
@@ -687,14 +693,9 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
     for pdl in (False, True):
         stages = _stages(SPEC, [1], torch.float16, "cuda")
         for st in stages:
-            w = st.weights
-            mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-            mats += [w.lm_head] if w.lm_head is not None else []
-            gd = st.graph_decoder()
-            gd.pdl_enabled = pdl
-            assert gd.pdl() is pdl
-            gd._lin = make_linear({(t.shape[0], t.shape[1]): plain for t in mats}, pdl=pdl)
-            gd.configure(True)
+            st.graph_decoder().pdl_enabled = pdl
+            assert st.graph_decoder().pdl() is pdl
+            _triton_gemv_everywhere(st, plain, pdl=pdl)
         outs.append(_decode(stages, [6], steps=8, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
         assert all(st.graph_decoder().captures == 1 for st in stages)
