@@ -217,13 +217,21 @@ def _graph_matmul_us(gk: Any, mats: list[torch.Tensor]) -> float:
     return float(gk.graph_time_us(lambda: torch.matmul(x, mats[next(it) % len(mats)]), 4 * len(mats)))
 
 
-def _configure(gd: Any, comp: bool, triton_gemv: bool, fused: bool, layer: bool, pdl: bool = False) -> None:
+def _configure(
+    gd: Any,
+    comp: bool,
+    triton_gemv: bool,
+    fused: bool,
+    layer: bool,
+    pdl: bool = False,
+    prefetch: bool = False,
+) -> None:
     """Set a GraphDecoder to one bench variant (``None`` = decide on the card, as by default)."""
     gd._lin = None if triton_gemv else torch.nn.functional.linear  # None: choose per shape
     gd._attn = None if fused else False
     gd.configure(comp)
     gd.triton_layer_enabled = layer
-    gd.pdl_enabled = pdl
+    gd.pdl_enabled, gd.pdl_prefetch = pdl, prefetch
     gd.fallbacks.clear()  # configure() keeps them; each variant records only its own
 
 
@@ -328,7 +336,8 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     # each token before enqueueing the next step (the run-ahead loop is generate()'s default for
     # greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the opt-in five-launch
     # Triton layer (HYPERLANE_TRITON_LAYER=1); "_pdl" = the step's Triton kernels launched with
-    # programmatic dependent launch (HYPERLANE_PDL=1, sm_90+); "_unfused" = the plain attention ops (RoPE, cache
+    # programmatic dependent launch (HYPERLANE_PDL=1, sm_90+; "_prefetch": the GEMVs read their first weight
+    # tile before the wait, HYPERLANE_PDL_PREFETCH=1); "_unfused" = the plain attention ops (RoPE, cache
     # writes, scores, softmax: ~9 kernels a layer)
     known = {
         "eager": (False, False, True, False, False, False),
@@ -338,7 +347,9 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         "graph_compile_cublas": (True, True, True, False, True, False),
         "graph_compile_layer": (True, True, True, True, True, True),
         "graph_compile_pdl": (True, True, True, True, True, False, True),
+        "graph_compile_pdl_prefetch": (True, True, True, True, True, False, True, True),
         "graph_compile_layer_pdl": (True, True, True, True, True, True, True),
+        "graph_compile_layer_pdl_prefetch": (True, True, True, True, True, True, True, True),
         "graph_compile_unfused": (True, True, True, True, False, False),
     }
     names = args.variants.split(",") if CUDA else ["eager"]

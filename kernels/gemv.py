@@ -56,6 +56,37 @@ CONFIGS = (
 
 
 @triton.jit
+def _w_tile(w_ptrs, rn, kmask, N, EVEN: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] tile of the weight (masked unless EVEN)."""
+    if EVEN:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _x_tile(x_ptrs, g_ptrs, kmask, K, ss, EVEN: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr):
+    """The matching [BLOCK_K] of the input in fp32, SwiGLU'd (GATED) and scaled by the norm weight (NORM,
+    which also adds its squares to ``ss``); returns it and ``ss``."""
+    if EVEN:
+        xv = tl.load(x_ptrs).to(tl.float32)
+        if GATED:
+            xv = xv * tl.sigmoid(xv) * tl.load(x_ptrs + K).to(tl.float32)
+        if NORM:
+            ss += xv * xv
+            xv = xv * tl.load(g_ptrs).to(tl.float32)
+    else:
+        xv = tl.load(x_ptrs, mask=kmask, other=0.0).to(tl.float32)
+        if GATED:
+            xv = xv * tl.sigmoid(xv) * tl.load(x_ptrs + K, mask=kmask, other=0.0).to(tl.float32)
+        if NORM:
+            ss += xv * xv
+            xv = xv * tl.load(g_ptrs, mask=kmask, other=0.0).to(tl.float32)
+    return xv, ss
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] (GATED: [M, 2K], gate then up) (row stride stride_xm, unit column stride)
     w_ptr,  # [N, K] contiguous
@@ -76,6 +107,7 @@ def _gemv_kernel(
     GATED: tl.constexpr,  # x -> silu(gate) * up
     RESID: tl.constexpr,  # y -> y + residual (not PARTIAL: the sum kernel adds it)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
+    PREFETCH: tl.constexpr,  # with PDL: the first weight tile is read before the wait (nothing writes it)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -92,25 +124,21 @@ def _gemv_kernel(
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: sum of squares of x
     if PDL:  # the next kernel may start; x, g, r, y are touched only after the previous one has finished
         gdc_launch_dependents()
-        gdc_wait()
-    for k0 in range(0, K_PER, BLOCK_K):
-        if EVEN:
-            w = tl.load(w_ptrs)
-            xv = tl.load(x_ptrs).to(tl.float32)
-            if GATED:
-                xv = xv * tl.sigmoid(xv) * tl.load(x_ptrs + K).to(tl.float32)
-            if NORM:
-                ss += xv * xv
-                xv = xv * tl.load(g_ptrs).to(tl.float32)
+        if PREFETCH:  # the first tile's weights, then the wait, then that tile's input (K_PER >= BLOCK_K)
+            kmask = (k_lo + rk) < K
+            w = _w_tile(w_ptrs, rn, kmask, N, EVEN)
+            gdc_wait()
+            xv, ss = _x_tile(x_ptrs, g_ptrs, kmask, K, ss, EVEN, GATED, NORM)
+            acc += w.to(tl.float32) * xv[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
         else:
-            kmask = (k_lo + k0 + rk) < K
-            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
-            xv = tl.load(x_ptrs, mask=kmask, other=0.0).to(tl.float32)
-            if GATED:
-                xv = xv * tl.sigmoid(xv) * tl.load(x_ptrs + K, mask=kmask, other=0.0).to(tl.float32)
-            if NORM:
-                ss += xv * xv
-                xv = xv * tl.load(g_ptrs, mask=kmask, other=0.0).to(tl.float32)
+            gdc_wait()
+    for k0 in range(BLOCK_K if PDL and PREFETCH else 0, K_PER, BLOCK_K):
+        kmask = (k_lo + k0 + rk) < K
+        w = _w_tile(w_ptrs, rn, kmask, N, EVEN)
+        xv, ss = _x_tile(x_ptrs, g_ptrs, kmask, K, ss, EVEN, GATED, NORM)
         acc += w.to(tl.float32) * xv[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -168,6 +196,7 @@ def gemv(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     pdl: bool = False,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for ``x [..., K]`` (any leading shape; meant for one row) with this
     kernel; returns ``[..., N]`` in ``x``'s dtype. Raises ValueError on mismatched inputs.
@@ -176,7 +205,9 @@ def gemv(
     ``norm_weight`` [K]: the input is RMS-normalised first (``rms_norm(x, norm_weight, eps)``; not
     with split-K, whose programs see only part of the row); ``gated``: ``x`` is ``[..., 2K]`` and
     the input is ``silu(x[..., :K]) * x[..., K:]`` (SwiGLU); ``residual`` [..., N]: added to the
-    result. ``pdl``: launch with programmatic dependent launch (``kernels/pdl.py``; sm_90+ only)."""
+    result. ``pdl``: launch with programmatic dependent launch (``kernels/pdl.py``; sm_90+ only);
+    ``prefetch`` (with ``pdl``): each program reads its first weight tile before waiting for the
+    previous kernel."""
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"gemv needs a contiguous 2-D weight [N, K], got {tuple(w.shape)}")
     n, k = w.shape
@@ -219,7 +250,7 @@ def gemv(
         x2, w, b, out, norm_weight if norm_weight is not None else w, r, m, n, k, k_per, x2.stride(0),
         float(eps), HAS_BIAS=bias is not None, PARTIAL=partial,
         EVEN=n % c.block_n == 0 and k % k_per == 0, NORM=norm_weight is not None, GATED=gated,
-        RESID=residual is not None and not partial, PDL=pdl,
+        RESID=residual is not None and not partial, PDL=pdl, PREFETCH=pdl and prefetch,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages, **extra,
     )  # fmt: skip
     if partial:

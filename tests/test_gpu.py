@@ -550,7 +550,7 @@ def test_run_ahead_decode_on_gpu_equals_the_plain_loop(monkeypatch):
     assert replays >= 2 * 20
 
 
-def _triton_gemv_everywhere(st: TorchStage, cfg: object, pdl: bool = False) -> None:
+def _triton_gemv_everywhere(st: TorchStage, cfg: object, pdl: bool = False, prefetch: bool = False) -> None:
     """Force the Triton GEMV with ``cfg`` for every product of ``st``'s decode step (compiled layers)."""
     from hyperlane_lab.models.cuda_decode import make_linear
 
@@ -558,7 +558,7 @@ def _triton_gemv_everywhere(st: TorchStage, cfg: object, pdl: bool = False) -> N
     mats = [t for lw in w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
     mats += [w.lm_head] if w.lm_head is not None else []
     gd = st.graph_decoder()
-    gd._lin = make_linear({(t.shape[0], t.shape[1]): cfg for t in mats}, pdl=pdl)
+    gd._lin = make_linear({(t.shape[0], t.shape[1]): cfg for t in mats}, pdl=pdl, prefetch=prefetch)
     gd.configure(True)
 
 
@@ -662,8 +662,9 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
     sm_90+): captured in the decode graphs, the five-launch layer and the compiled layer (Triton GEMVs and
     the attention kernel between inductor's kernels) must each give the same bits as their plain launches
     (the same kernels in the same order; a kernel that read its input before the one writing it had finished
-    would not), for a batch-1 session over two stages; a chain of 64 PDL GEMVs in one CUDA graph, each
-    reading the previous one's output, likewise."""
+    would not), for a batch-1 session over two stages, with and without the GEMVs' early first weight tile
+    (``HYPERLANE_PDL_PREFETCH=1``); a chain of 64 PDL GEMVs in one CUDA graph, each reading the previous one's
+    output, likewise."""
     from hyperlane_lab.codecs._kernels import kernel_module
     from hyperlane_lab.models.cuda_decode import make_linear
     from hyperlane_lab.models.decode_fused import make_triton_layer
@@ -674,44 +675,47 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
     plain = next(c for c in gk.CONFIGS if c.split_k == 1)
     split = next(c for c in gk.CONFIGS if c.split_k > 1)
     cfgs = {"wqkv": plain, "wo": split, "w_gate_up": plain, "w_down": split}
+    modes = ((False, False), (True, False), (True, True))  # (pdl, prefetch)
     outs = []
-    for pdl in (False, True):
+    for pdl, prefetch in modes:
         stages = _stages(SPEC, [1], torch.float16, "cuda")
         for st in stages:
             gd = st.graph_decoder()
             gd._lin = make_linear({})
             attn = gd.attention_kernel()
             assert attn is not None
-            gd._tlayer = make_triton_layer(attn, cfgs, pdl=pdl)
+            gd._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=prefetch)
         outs.append(_decode(stages, [6], steps=12, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
-    for i, (a, b) in enumerate(zip(*outs, strict=True)):
-        assert torch.equal(a, b), f"step {i}"
+    for mode, got in zip(modes[1:], outs[1:], strict=True):
+        for i, (a, b) in enumerate(zip(outs[0], got, strict=True)):
+            assert torch.equal(a, b), f"five-launch layer {mode}, step {i}"
     # the default compiled layer with the Triton GEMV for every product and the attention kernel, PDL on
     # (GraphDecoder.pdl: HYPERLANE_PDL=1) and off: inductor's kernels between ours launch as usual
     outs = []
-    for pdl in (False, True):
+    for pdl, prefetch in modes:
         stages = _stages(SPEC, [1], torch.float16, "cuda")
         for st in stages:
             st.graph_decoder().pdl_enabled = pdl
             assert st.graph_decoder().pdl() is pdl
-            _triton_gemv_everywhere(st, plain, pdl=pdl)
+            _triton_gemv_everywhere(st, plain, pdl=pdl, prefetch=prefetch)
         outs.append(_decode(stages, [6], steps=8, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
         assert all(st.graph_decoder().captures == 1 for st in stages)
-    for i, (a, b) in enumerate(zip(*outs, strict=True)):
-        assert torch.equal(a, b), f"compiled layer, step {i}"
+    for mode, got in zip(modes[1:], outs[1:], strict=True):
+        for i, (a, b) in enumerate(zip(outs[0], got, strict=True)):
+            assert torch.equal(a, b), f"compiled layer {mode}, step {i}"
     g = torch.Generator(device="cuda").manual_seed(0)
     # x <- W x + x with W ~ N(0, 1/64^2): |x| grows ~1.06x a step, finite over the chain
     ws = [torch.randn(256, 256, generator=g, device="cuda", dtype=torch.float16) / 64 for _ in range(64)]
     x0 = torch.randn(1, 256, generator=g, device="cuda", dtype=torch.float16)
     chains = []
-    for pdl in (False, True):
+    for pdl, prefetch in modes:
 
-        def chain(pdl: bool = pdl) -> torch.Tensor:
+        def chain(pdl: bool = pdl, prefetch: bool = prefetch) -> torch.Tensor:
             x = x0
             for w in ws:
-                x = gk.gemv(x, w, None, plain, residual=x, pdl=pdl)
+                x = gk.gemv(x, w, None, plain, residual=x, pdl=pdl, prefetch=prefetch)
             return x
 
         chain()
@@ -722,7 +726,7 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
         graph.replay()
         torch.cuda.synchronize()
         chains.append(out.clone())
-    assert torch.equal(chains[0], chains[1]) and torch.isfinite(chains[0]).all()
+    assert all(torch.equal(chains[0], c) for c in chains[1:]) and torch.isfinite(chains[0]).all()
     # and the launches did carry the attribute: Triton compiled PDL variants of the kernels
     for fn in (gk._gemv_kernel, gk._splitk_sum_kernel, kernel_module("decode_attn")._decode_attn_kernel):
         assert True in _launch_pdl_flags(fn), fn

@@ -896,6 +896,9 @@ def test_pdl_launches_are_refused_where_they_cannot_run() -> None:
     if INTERPRET:
         assert not pdl.pdl_supported("cuda")  # the interpreter runs no launch attributes
     assert pdl.launch_options(False, torch.device("cpu"), "k") == {}
+    gemv = kernel_module("gemv").gemv
+    x, w = torch.randn(1, 64).to(DEVICE), torch.randn(32, 64).to(DEVICE)
+    assert torch.equal(gemv(x, w, prefetch=True), gemv(x, w))  # the early tile only goes with pdl
     with pytest.raises(ValueError, match=r"gemv: pdl=True needs .* capability 9\.0\+.*pass pdl=False"):
         kernel_module("gemv").gemv(torch.zeros(1, 16), torch.zeros(8, 16), pdl=True)
     qkv = torch.zeros(1, 1, (4 + 2 * 2) * 16)

@@ -135,6 +135,7 @@ class GraphDecoder:
         # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in, not yet measured
         # in the engine (bench/pdl_probe.py measures a chain of GEMVs)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
+        self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", False)  # with it: the GEMVs' first tile early
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
@@ -218,9 +219,10 @@ class GraphDecoder:
         it measured faster on this card (``HYPERLANE_TRITON_GEMV=0``: cuBLAS only)."""
         if self._lin is None:
             table, self.gemv_choice = choose_linears(self.stage)
-            self._lin = make_linear(table, pdl=self.pdl())
+            pdl = self.pdl()
+            self._lin = make_linear(table, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
             if self.pdl_enabled:
-                self.gemv_choice["pdl"] = self.pdl()
+                self.gemv_choice["pdl"] = "prefetch" if pdl and self.pdl_prefetch else pdl
         return self._lin
 
     def pdl(self) -> bool:
@@ -254,7 +256,7 @@ class GraphDecoder:
                 cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
                 if cfgs is not None:
                     pdl = self.pdl()
-                    self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl)
+                    self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=self.pdl_prefetch)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
                     self.gemv_choice["triton_layer_pdl"] = pdl
         return self._tlayer if callable(self._tlayer) else None

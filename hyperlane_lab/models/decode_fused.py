@@ -157,16 +157,18 @@ def triton_layer_configs(
 
 
 def make_triton_layer(
-    attn: Callable[..., torch.Tensor], cfgs: dict[str, Any], pdl: bool = False
+    attn: Callable[..., torch.Tensor], cfgs: dict[str, Any], pdl: bool = False, prefetch: bool = False
 ) -> Callable[..., torch.Tensor]:
     """A decode layer (``_around_attention``'s signature) in five Triton launches for one row:
     norm+qkv, attention, wo+residual, norm+gate/up, SwiGLU+down+residual. ``cfgs``: a
     ``GemvConfig`` per role (``triton_layer_configs``). ``pdl``: every launch with programmatic
     dependent launch (``kernels/pdl.py``, sm_90+; ``HYPERLANE_PDL=1``), so each kernel of the chain
-    may start while the one before it finishes."""
+    may start while the one before it finishes; ``prefetch``: the GEMVs read their first weight tile
+    before waiting (``HYPERLANE_PDL_PREFETCH=1``)."""
     from hyperlane_lab.codecs._kernels import kernel_module
 
-    gemv = functools.partial(kernel_module("gemv").gemv, pdl=True) if pdl else kernel_module("gemv").gemv
+    gemv = kernel_module("gemv").gemv
+    gemv = functools.partial(gemv, pdl=True, prefetch=prefetch) if pdl else gemv
     attn = functools.partial(attn, pdl=True) if pdl else attn
     c_qkv, c_o, c_gu, c_down = (cfgs[r] for r in _ROLES)
 

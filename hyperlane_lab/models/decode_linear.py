@@ -34,10 +34,11 @@ def env_flag(name: str, default: bool, environ: Mapping[str, str] = os.environ) 
     return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
 
 
-def make_linear(table: dict[tuple[int, int], Any], pdl: bool = False) -> LinearFn:
+def make_linear(table: dict[tuple[int, int], Any], pdl: bool = False, prefetch: bool = False) -> LinearFn:
     """``F.linear`` that sends one-row products with a weight shape in ``table`` (value: a
     ``kernels.gemv.GemvConfig``, or None for cuBLAS) to the Triton GEMV kernel; ``pdl``: launched
-    with programmatic dependent launch (``kernels/pdl.py``, sm_90+)."""
+    with programmatic dependent launch (``kernels/pdl.py``, sm_90+), ``prefetch`` reading the first
+    weight tile before the wait."""
     if not any(table.values()):
         return F.linear
     from hyperlane_lab.codecs._kernels import kernel_module  # source checkouts too
@@ -51,7 +52,7 @@ def make_linear(table: dict[tuple[int, int], Any], pdl: bool = False) -> LinearF
         cfg = table.get((w.shape[0], w.shape[1]))
         if cfg is None or x.numel() != w.shape[1]:  # batch > 1 (or a shape cuBLAS does better)
             return F.linear(x, w, b)
-        return gemv(x, w, b, cfg, pdl=pdl)
+        return gemv(x, w, b, cfg, pdl=pdl, prefetch=prefetch)
 
     return lin
 
