@@ -24,7 +24,16 @@ import triton.language as tl
 
 from hyperlane_lab.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
-__all__ = ["CONFIGS", "GemvConfig", "candidates", "choose_config", "config_name", "gemv", "graph_time_us"]
+__all__ = [
+    "CONFIGS",
+    "GemvConfig",
+    "candidates",
+    "choose_config",
+    "config_name",
+    "gemv",
+    "graph_time_us",
+    "replay_us",
+]
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +292,20 @@ def graph_time_us(fn: object, reps: int, replays: int = 3) -> float:
         for _ in range(reps):
             fn()  # type: ignore[operator]
     graph.replay()  # first replay uploads the graph
+    us = replay_us(graph, replays)
+    del graph
+    return us / reps
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """µs per replay of a captured ``graph``, ``replays`` of them back to back (CUDA events)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
         graph.replay()
     end.record()
     end.synchronize()
-    del graph
-    return start.elapsed_time(end) * 1e3 / (reps * replays)
+    return start.elapsed_time(end) * 1e3 / replays
 
 
 def candidates(n: int) -> tuple[GemvConfig, ...]:
