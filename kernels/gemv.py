@@ -116,7 +116,7 @@ def _gemv_kernel(
     GATED: tl.constexpr,  # x -> silu(gate) * up
     RESID: tl.constexpr,  # y -> y + residual (not PARTIAL: the sum kernel adds it)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
-    PREFETCH: tl.constexpr,  # with PDL: the first weight tile is read before the wait (nothing writes it)
+    PREFETCH: tl.constexpr,  # the first step peeled; with PDL its weights are read before the wait
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -133,18 +133,19 @@ def _gemv_kernel(
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: sum of squares of x
     if PDL:  # the next kernel may start; x, g, r, y are touched only after the previous one has finished
         gdc_launch_dependents()
-        if PREFETCH:  # the first tile's weights, then the wait, then that tile's input (K_PER >= BLOCK_K)
-            kmask = (k_lo + rk) < K
-            w = _w_tile(w_ptrs, rn, kmask, N, EVEN)
+    if PREFETCH:  # the first step peeled: its weights, then (PDL) the wait, then its input (K_PER >= BLOCK_K)
+        kmask0 = (k_lo + rk) < K
+        w0 = _w_tile(w_ptrs, rn, kmask0, N, EVEN)
+        if PDL:
             gdc_wait()
-            xv, ss = _x_tile(x_ptrs, g_ptrs, kmask, K, ss, EVEN, GATED, NORM)
-            acc += w.to(tl.float32) * xv[None, :]
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-        else:
-            gdc_wait()
-    for k0 in range(BLOCK_K if PDL and PREFETCH else 0, K_PER, BLOCK_K):
+        xv0, ss = _x_tile(x_ptrs, g_ptrs, kmask0, K, ss, EVEN, GATED, NORM)
+        acc += w0.to(tl.float32) * xv0[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+    elif PDL:
+        gdc_wait()
+    for k0 in range(BLOCK_K if PREFETCH else 0, K_PER, BLOCK_K):
         kmask = (k_lo + k0 + rk) < K
         w = _w_tile(w_ptrs, rn, kmask, N, EVEN)
         xv, ss = _x_tile(x_ptrs, g_ptrs, kmask, K, ss, EVEN, GATED, NORM)
@@ -215,8 +216,8 @@ def gemv(
     with split-K, whose programs see only part of the row); ``gated``: ``x`` is ``[..., 2K]`` and
     the input is ``silu(x[..., :K]) * x[..., K:]`` (SwiGLU); ``residual`` [..., N]: added to the
     result. ``pdl``: launch with programmatic dependent launch (``kernels/pdl.py``; sm_90+ only);
-    ``prefetch`` (with ``pdl``): each program reads its first weight tile before waiting for the
-    previous kernel."""
+    ``prefetch``: the first step is peeled off the loop, so that with ``pdl`` each program reads its
+    first weight tile before waiting for the previous kernel (same sums, same bits)."""
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"gemv needs a contiguous 2-D weight [N, K], got {tuple(w.shape)}")
     n, k = w.shape
@@ -259,7 +260,7 @@ def gemv(
         x2, w, b, out, norm_weight if norm_weight is not None else w, r, m, n, k, k_per, x2.stride(0),
         float(eps), HAS_BIAS=bias is not None, PARTIAL=partial,
         EVEN=n % c.block_n == 0 and k % k_per == 0, NORM=norm_weight is not None, GATED=gated,
-        RESID=residual is not None and not partial, PDL=pdl, PREFETCH=pdl and prefetch,
+        RESID=residual is not None and not partial, PDL=pdl, PREFETCH=prefetch,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages, **extra,
     )  # fmt: skip
     if partial:

@@ -8,8 +8,10 @@ ramp-up between two kernels of a decode step's chain (see ``bench/pdl_probe.py``
 
 The rule every kernel here follows when its ``PDL`` switch is on: ``gdc_launch_dependents()`` then
 ``gdc_wait()`` before its first load or store of anything another kernel writes or reads (inputs, outputs,
-caches); weights may be read before the wait (nothing writes them). Since each kernel of a chain waits for the
-one before it to complete, and completes only after its own wait, every earlier kernel has completed too.
+caches); weights may be read before the wait (``gemv(prefetch=True)``). Since each kernel of a chain waits for
+the one before it to complete, and completes only after its own wait, every earlier kernel has completed too.
+An early weight read may run while several earlier kernels still run, so nothing in a decode step may write a
+weight (a dequantizing or merging kernel would race with it).
 A kernel launched without PDL after one launched with it waits for it as usual.
 
 Layout: ``gdc_wait`` / ``gdc_launch_dependents`` (re-exported from Triton, None where Triton lacks them) ->

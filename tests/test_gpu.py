@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import uuid
 from collections.abc import Sequence
 
@@ -216,15 +217,22 @@ def test_graph_decoder_pools_caches_on_cpu():
     assert gd.new_cache(2, 8) is not a
 
 
-def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch):
+def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch, caplog):
     """``HYPERLANE_PDL=1`` turns the decoder's programmatic dependent launch on; off by default, and a CPU
-    stage (or a pre-Hopper GPU, or the interpreter) never launches with it."""
+    stage (or a pre-Hopper GPU, or the interpreter) never launches with it. ``HYPERLANE_PDL_PREFETCH=1``
+    alone does nothing, and says so."""
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
     gd = GraphDecoder(st)
-    assert not gd.pdl_enabled and not gd.pdl()
+    assert not gd.pdl_enabled and not gd.pdl() and gd.pdl_mode() == "off"
+    monkeypatch.setenv("HYPERLANE_PDL_PREFETCH", "1")
+    with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
+        gd = GraphDecoder(st)
+    assert "without HYPERLANE_PDL=1" in caplog.text and not gd.pdl()
     monkeypatch.setenv("HYPERLANE_PDL", "1")
     gd = GraphDecoder(st)
-    assert gd.pdl_enabled and not gd.pdl()
+    assert gd.pdl_enabled and gd.pdl_prefetch and not gd.pdl() and gd.pdl_mode() == "off"
+    gd._pdl_supported = lambda: True  # type: ignore[method-assign]  # as on a Hopper GPU
+    assert gd.pdl() and gd.pdl_mode() == "pdl+prefetch"
 
 
 def test_pooled_len_rounds_up_within_the_context():

@@ -896,9 +896,6 @@ def test_pdl_launches_are_refused_where_they_cannot_run() -> None:
     if INTERPRET:
         assert not pdl.pdl_supported("cuda")  # the interpreter runs no launch attributes
     assert pdl.launch_options(False, torch.device("cpu"), "k") == {}
-    gemv = kernel_module("gemv").gemv
-    x, w = torch.randn(1, 64).to(DEVICE), torch.randn(32, 64).to(DEVICE)
-    assert torch.equal(gemv(x, w, prefetch=True), gemv(x, w))  # the early tile only goes with pdl
     with pytest.raises(ValueError, match=r"gemv: pdl=True needs .* capability 9\.0\+.*pass pdl=False"):
         kernel_module("gemv").gemv(torch.zeros(1, 16), torch.zeros(8, 16), pdl=True)
     qkv = torch.zeros(1, 1, (4 + 2 * 2) * 16)
@@ -908,6 +905,36 @@ def test_pdl_launches_are_refused_where_they_cannot_run() -> None:
         kernel_module("decode_attn").decode_attention(
             qkv, torch.zeros(1, 1, dtype=torch.int64), tables, tables, cache, cache.clone(), 4, 2, pdl=True
         )
+
+
+@pytest.mark.parametrize(("n", "k", "rows"), [(96, 1000, 2), (64, 2048, 1), (40, 4096, 1)])
+def test_gemv_with_its_first_step_peeled_gives_the_same_bits(n: int, k: int, rows: int) -> None:
+    """``gemv(prefetch=True)`` (the first weight tile read before the loop, and before the wait under PDL) gives
+    bitwise what the plain loop gives, for every config (split-K included), shapes that are not whole tiles,
+    several tiles per split, two rows, bias + residual, the RMSNorm and SwiGLU inputs; on a Hopper GPU also
+    launched with programmatic dependent launch."""
+    gk = kernel_module("gemv")
+    pdl_too = DEVICE == "cuda" and kernel_module("pdl").pdl_supported(DEVICE)
+    g = torch.Generator().manual_seed(n + k)
+    x, gu = (torch.randn(rows, m, generator=g).half().to(DEVICE) for m in (k, 2 * k))
+    w = (torch.randn(n, k, generator=g) / k**0.5).half().to(DEVICE)
+    b, r = torch.randn(n, generator=g).half().to(DEVICE), torch.randn(rows, n, generator=g).half().to(DEVICE)
+    nw = torch.rand(k, generator=g).half().to(DEVICE) + 0.5
+    for c in gk.CONFIGS:
+        cases = [dict(x=x, bias=b, residual=r), dict(x=gu, bias=None, residual=r, gated=True)]
+        if c.split_k == 1:
+            cases.append(dict(x=x, bias=b, residual=None, norm_weight=nw, eps=1e-5))
+        for kw in cases:
+            kw = dict(kw)
+            xin = kw.pop("x")
+            want = gk.gemv(xin, w, config=c, **kw)
+            assert torch.isfinite(want).all()
+            assert torch.equal(gk.gemv(xin, w, config=c, prefetch=True, **kw), want), (c, sorted(kw))
+            if pdl_too:
+                assert torch.equal(gk.gemv(xin, w, config=c, pdl=True, prefetch=True, **kw), want), (
+                    c,
+                    sorted(kw),
+                )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

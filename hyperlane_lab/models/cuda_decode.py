@@ -136,6 +136,8 @@ class GraphDecoder:
         # in the engine (bench/pdl_probe.py measures a chain of GEMVs)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
         self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", False)  # with it: the GEMVs' first tile early
+        if self.pdl_prefetch and not self.pdl_enabled:
+            log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
@@ -222,13 +224,19 @@ class GraphDecoder:
             pdl = self.pdl()
             self._lin = make_linear(table, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
             if self.pdl_enabled:
-                self.gemv_choice["pdl"] = "prefetch" if pdl and self.pdl_prefetch else pdl
+                self.gemv_choice["pdl"] = self.pdl_mode()
         return self._lin
 
     def pdl(self) -> bool:
         """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1``, a
         device and Triton that take it (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
         return self.pdl_enabled and not self._pdl_off and self._pdl_supported()
+
+    def pdl_mode(self) -> str:
+        """How this step's Triton kernels launch: "off", "pdl" or "pdl+prefetch" (reported in gemv_choice)."""
+        if not self.pdl():
+            return "off"
+        return "pdl+prefetch" if self.pdl_prefetch else "pdl"
 
     def _pdl_supported(self) -> bool:
         try:
@@ -256,9 +264,9 @@ class GraphDecoder:
                 cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
                 if cfgs is not None:
                     pdl = self.pdl()
-                    self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=self.pdl_prefetch)
+                    self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
-                    self.gemv_choice["triton_layer_pdl"] = pdl
+                    self.gemv_choice["triton_layer_pdl"] = self.pdl_mode()
         return self._tlayer if callable(self._tlayer) else None
 
     def layer_fn(self) -> LayerFn:
