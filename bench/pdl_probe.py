@@ -5,14 +5,16 @@ A batch-1 decode step on one H200 runs at 78.5-79% of the weight-read roofline (
 launches, ramps up and drains: a fixed cost of a few µs per kernel against a 4096 x 4096 GEMV's ~8 µs of weight
 reads. On Hopper (sm_90) a kernel launched with PDL may start while its predecessor still runs: its programs
 become resident, can read what does not depend on the predecessor (the weights), and wait in ``griddepcontrol.wait``
-for the predecessor's writes before reading its output. This script measures what that is worth on the card at hand,
-before the engine's GEMV (``kernels/gemv.py``) takes it on.
+for the predecessor's writes before reading its output. This script measures what that is worth on the card at hand
+on a bare GEMV of its own (no fused norm / SwiGLU, and a switch to skip the wait for the negative control below);
+the engine's GEMV (``kernels/gemv.py``, ``HYPERLANE_PDL`` / ``HYPERLANE_PDL_PREFETCH``) is measured in the pipeline
+by ``bench/gpu_pipeline.py --variants graph_compile,graph_compile_pdl,...``.
 
 The chain: Llama-2-7B's four decode products per layer (``wqkv`` 12288 x 4096, ``wo`` 4096 x 4096 plus a residual,
 ``w_gate_up`` 22016 x 4096, ``w_down`` 4096 x 11008 plus a residual), each reading the previous product's output,
 for ``--layers`` layers with distinct weights (beyond L2, as in a step), captured in one CUDA graph. Variants:
 
-- ``cublas``: ``torch.nn.functional.linear`` into fixed buffers (the residual added by ``torch.add``);
+- ``cublas``: ``torch.mv`` / ``torch.addmv`` (the residual products) into fixed buffers;
 - ``triton``: this file's GEMV, launched normally;
 - ``pdl``: the same kernel launched with PDL, waiting at its start;
 - ``pdl_prefetch``: the same, each program loading its first weight tile before the wait;
@@ -21,8 +23,8 @@ for ``--layers`` layers with distinct weights (beyond L2, as in a step), capture
   normally does not let its successor start early, so this is what PDL can give that layer.
 
 Every variant's output is compared with ``triton``'s (the Triton variants must agree bit for bit: a missed
-dependency would show as a difference) and the time per chain with a device-to-device copy of the same weight
-bytes in the same run. Writes ``$OUT/pdl_probe.json`` (else ``bench/out/pdl_probe.json``) and prints a table.
+dependency would show as a difference), and the weight bytes read per µs with a 1 GiB device-to-device copy in
+the same run. Writes ``$OUT/pdl_probe.json`` (else ``bench/out/pdl_probe.json``) and prints a table.
 
 ``pdl_nowait`` is the negative control: PDL launches whose kernel skips the wait, so a product may read its
 input before the kernel writing it has finished; it should differ from ``triton`` (if it does not, the
@@ -285,16 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                 best = (us, cfg)
         assert best is not None
         chain.cfg[name] = best[1]
-    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
     for variant in VARIANTS:
         if variant.startswith("pdl") and not pdl_ok:
-            rows.append({"variant": variant, "skipped": f"needs sm_90+ and Triton's gdc (capability {cap})"})
+            skipped[variant] = f"needs sm_90+ and Triton's gdc (capability {cap})"
             continue
         try:  # (a PDL kernel right after the graph's first copy node: how a capture takes it is card-dependent)
             graphs[variant] = _capture(lambda v=variant: chain.run(v))
         except Exception as e:  # keep the other variants
-            rows.append({"variant": variant, "skipped": f"capture failed: {type(e).__name__}: {e}"[:300]})
+            skipped[variant] = f"capture failed: {type(e).__name__}: {e}"[:300]
     # interleaved: every round times each variant once, so a drift of the card's clocks hits them alike
     times: dict[str, list[float]] = {v: [] for v in graphs}
     for i in range(a.rounds):
@@ -310,16 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         outs[v] = out.clone()
     kernels = a.layers * len(SHAPES)
-    kept = [r for r in rows if "skipped" in r]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for v in VARIANTS:
-        if v in graphs:
-            us = statistics.median(times[v])
-            rows.append({"variant": v, "us_per_chain": us, "us_per_kernel": us / kernels,
-                         "us_rounds": times[v], "finite": bool(torch.isfinite(outs[v]).all()),
-                         "weight_read_pct_of_copy": 100.0 * (nbytes / us / 1e3) / copy_bw})  # fmt: skip
-        else:
-            rows.extend(r for r in kept if r["variant"] == v)
+        if v in skipped:
+            rows.append({"variant": v, "skipped": skipped[v]})
+            continue
+        us = statistics.median(times[v])
+        rows.append({"variant": v, "us_per_chain": us, "us_per_kernel": us / kernels,
+                     "us_rounds": times[v], "finite": bool(torch.isfinite(outs[v]).all()),
+                     "weight_read_pct_of_copy": 100.0 * (nbytes / us / 1e3) / copy_bw})  # fmt: skip
     for r in rows:
         name = "triton_mixed" if r["variant"].endswith("_mixed") else "triton"  # pdl_nowait: triton
         base = next((b for b in rows if b["variant"] == name), None)

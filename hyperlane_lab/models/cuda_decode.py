@@ -251,7 +251,9 @@ class GraphDecoder:
         """The one-kernel decode attention (``decode_fused.py``), or None for the plain layer."""
         if self._attn is None:
             attn = fused_attention_kernel(self.stage.device)
-            self._attn = (functools.partial(attn, pdl=True) if self.pdl() else attn) if attn else False
+            if attn is not None and self.pdl():
+                attn = functools.partial(attn, pdl=True)
+            self._attn = attn or False
         return self._attn if callable(self._attn) else None
 
     def triton_layer(self) -> LayerFn | None:
