@@ -461,17 +461,18 @@ def table(res: dict[str, Any]) -> str:
                             "PASS" if ours / ref >= 10 else "MISS (goal 10x)",
                         )
                     )
-    for key in sorted(k for k in res if re.fullmatch(r"(split\d+|70b\d*)(@\w+)?", k)):
+    for key in sorted(k for k in res if re.fullmatch(r"(split\d+|70b\d*)(@\w+)?(#\d+)?", k)):
         rows += parts.table_rows(key, res.get(key), g1)
     lines = [f"GPU: {', '.join(card)}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
 
 
-PART_RE = r"1gpu|hf|(split\d+|70b\d*)(@\w+)?"
+PART_RE = r"1gpu|hf|(split\d+|70b\d*)(@\w+)?(#\d+)?"
 PARTS_VALID = (
     "valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8), each split or 70b part optionally "
-    "@NAME of a --worker-variant"
+    "@NAME of a --worker-variant, then optionally #N to run it again under its own key (split4#2: an A/B "
+    "run as A,B,B#2,A#2 shows what the order alone does)"
 )
 
 
@@ -507,7 +508,8 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=FLAGS",
-        help='extra worker flags for parts named PART@NAME, e.g. spin="--busy-poll-us 20000"',
+        help='extra worker flags for parts named PART@NAME, e.g. spin="--busy-poll-us 20000"; VAR=value words '
+        'set the workers\' environment instead, e.g. pdl="HYPERLANE_TRITON_LAYER=1 HYPERLANE_PDL=1"',
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", help="print the table of saved JSON files and exit")
@@ -551,19 +553,24 @@ def main() -> int:
             return part_1gpu(args, res)
         if name == "hf":
             return parts.part_hf(args, res)
-        if m := re.fullmatch(r"(split(\d+)|70b(\d*))(?:@(\w+))?", name):
+        if m := re.fullmatch(r"(split(\d+)|70b(\d*))(?:@(\w+))?(?:#\d+)?", name):
             flags = parts.worker_flags(args, m.group(4))  # splitN@NAME: workers with --worker-variant NAME
             if m.group(2):
                 return parts.part_split(args, res, int(m.group(2)), name, flags)
             return parts.part_70b(args, res, int(m.group(3) or 4), name, flags)
         raise ValueError(f"unknown part {name!r}; {PARTS_VALID}")
 
-    bad = [n for n in args.parts.split(",") if not re.fullmatch(PART_RE, n)]
+    names = args.parts.split(",")
+    bad = [n for n in names if not re.fullmatch(PART_RE, n)]
     if bad:
         raise SystemExit(f"unknown part(s) {bad}; {PARTS_VALID}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise SystemExit(
+            f"part(s) {twice} given twice: each needs its own key (e.g. {twice[0]},{twice[0]}#2)"
+        )
     try:  # every @NAME must name a --worker-variant: fail now, not hours into a run
         for n in args.parts.split(","):
-            parts.worker_flags(args, n.partition("@")[2] or None)
+            parts.worker_flags(args, n.partition("#")[0].partition("@")[2] or None)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     for name in args.parts.split(","):

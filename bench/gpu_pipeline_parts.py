@@ -404,8 +404,11 @@ def run_split(
     extra = ["--cpu-latency-us", str(args.cpu_latency_us)] if args.cpu_latency_us is not None else []
     out["cpu_latency_us"] = args.cpu_latency_us
     extra += flags or []
-    out["worker_flags"] = extra
-    with LocalCluster(p, devices=devices, startup_timeout=180, extra_args=extra) as cl:
+    # VAR=value words of a --worker-variant are the workers' environment (e.g. HYPERLANE_PDL=1), the rest flags
+    env = dict(w.split("=", 1) for w in extra if re.match(ENV_WORD, w))
+    extra = [w for w in extra if not re.match(ENV_WORD, w)]
+    out["worker_flags"], out["worker_env"] = extra, env
+    with LocalCluster(p, devices=devices, startup_timeout=180, extra_args=extra, env=env) as cl:
         out["armed"] = cl.armed  # armed decode steps (on by default with one GPU per worker)
         source = None if model_name == "bundled" else model_name
         with AutoDistributedModel.from_pretrained(
@@ -540,8 +543,12 @@ def worker_flags(args: argparse.Namespace, variant: str | None) -> list[str]:
     return found[variant]
 
 
+ENV_WORD = r"[A-Z][A-Z0-9_]*="  # a word of a worker variant that sets an environment variable
+
+
 def worker_variants(given: list[str]) -> dict[str, list[str]]:
-    """``["NAME=FLAGS", ...]`` -> {NAME: flags}; NAME is letters, digits and underscores."""
+    """``["NAME=FLAGS", ...]`` -> {NAME: flags}; NAME is letters, digits and underscores; FLAGS are worker
+    flags and ``VAR=value`` words for the workers' environment (``pdl=HYPERLANE_PDL=1``)."""
     out: dict[str, list[str]] = {}
     for v in given:
         name, eq, flags = v.partition("=")
@@ -594,7 +601,7 @@ def table_rows(
         return [(key, "error", r["error"][:80], "")]
     rows = []
     dec = r["decode"]["tok_s"]
-    if re.fullmatch(r"70b\d*", key.split("@")[0]):
+    if re.fullmatch(r"70b\d*", re.split(r"[@#]", key)[0]):
         roof = r.get("roofline_tok_s")
         if roof:
             rows.append(

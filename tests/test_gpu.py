@@ -671,8 +671,8 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
     the attention kernel between inductor's kernels) must each give the same bits as their plain launches
     (the same kernels in the same order; a kernel that read its input before the one writing it had finished
     would not), for a batch-1 session over two stages, with and without the GEMVs' early first weight tile
-    (``HYPERLANE_PDL_PREFETCH=1``); a chain of 64 PDL GEMVs in one CUDA graph, each reading the previous one's
-    output, likewise."""
+    (``HYPERLANE_PDL_PREFETCH=1``); a chain of 64 PDL GEMVs (every other one split-K) in one CUDA graph,
+    each reading the previous one's output, likewise."""
     from hyperlane_lab.codecs._kernels import kernel_module
     from hyperlane_lab.models.cuda_decode import make_linear
     from hyperlane_lab.models.decode_fused import make_triton_layer
@@ -714,16 +714,17 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
         for i, (a, b) in enumerate(zip(outs[0], got, strict=True)):
             assert torch.equal(a, b), f"compiled layer {mode}, step {i}"
     g = torch.Generator(device="cuda").manual_seed(0)
-    # x <- W x + x with W ~ N(0, 1/64^2): |x| grows ~1.06x a step, finite over the chain
-    ws = [torch.randn(256, 256, generator=g, device="cuda", dtype=torch.float16) / 64 for _ in range(64)]
-    x0 = torch.randn(1, 256, generator=g, device="cuda", dtype=torch.float16)
+    # x <- W x + x with W ~ N(0, 1/128^2), K = 1024: |x| grows ~1.03x a step, finite over the chain; every
+    # other product split-K (the model above is too narrow for a split: its K fits one block)
+    ws = [torch.randn(1024, 1024, generator=g, device="cuda", dtype=torch.float16) / 128 for _ in range(64)]
+    x0 = torch.randn(1, 1024, generator=g, device="cuda", dtype=torch.float16)
     chains = []
     for pdl, prefetch in modes:
 
         def chain(pdl: bool = pdl, prefetch: bool = prefetch) -> torch.Tensor:
             x = x0
-            for w in ws:
-                x = gk.gemv(x, w, None, plain, residual=x, pdl=pdl, prefetch=prefetch)
+            for i, w in enumerate(ws):
+                x = gk.gemv(x, w, None, (plain, split)[i % 2], residual=x, pdl=pdl, prefetch=prefetch)
             return x
 
         chain()

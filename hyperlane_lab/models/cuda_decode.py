@@ -132,8 +132,9 @@ class GraphDecoder:
         # H200 (the prologues slow the GEMV more than the launches they save; bench/RESULTS.md)
         self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", False)
         # the decode step's own Triton kernels (GEMV, attention; every kernel of the all-Triton layer)
-        # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in, not yet measured
-        # in the engine (bench/pdl_probe.py measures a chain of GEMVs)
+        # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in. On an H200 it slows
+        # the compiled layer by 7-8%; with HYPERLANE_TRITON_LAYER=1 and HYPERLANE_PDL_PREFETCH=1 it was the
+        # fastest decode measured, +0.5-2.3% over the default (bench/RESULTS.md, twentieth session)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
         self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", False)  # with it: the GEMVs' first tile early
         if self.pdl_prefetch and not self.pdl_enabled:

@@ -1,0 +1,79 @@
+"""``bench/gpu_pipeline.py``'s parts: a part run again under its own key (``split2#2``), so that an A/B
+comparison can be run as A, B, B#2, A#2 and the order's own effect read off; a worker variant's ``VAR=value``
+words become its workers' environment; a part named twice, or a bad suffix, is refused before anything
+starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_pipeline.py"
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ("split2,split2", "part(s) ['split2'] given twice: each needs its own key (e.g. split2,split2#2)"),
+        ("split2#x", "unknown part(s) ['split2#x']"),
+        ("split2@nope#2", "no --worker-variant named 'nope'"),
+    ],
+)
+def test_bad_part_lists_are_refused_before_anything_runs(parts: str, message: str) -> None:
+    r = _run(["--parts", parts], timeout=120)
+    assert r.returncode != 0 and message in r.stderr + r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_part_runs_again_under_its_own_key_with_a_variants_environment(tmp_path: Path) -> None:
+    """split2, then split2@stamps#2 (the same part again, its workers with HYPERLANE_HOST_STAMPS set by the
+    variant): two LocalClusters of two real worker processes on loopback, each generating; both results in the
+    JSON and the table under their own names, and only the second cluster's workers wrote host stamps."""
+    out = tmp_path / "parts.json"
+    stamps = tmp_path / "hs"
+    stamps.mkdir()
+    args = [
+        "--parts",
+        "split2,split2@stamps#2",
+        "--decode-tokens",
+        "2",
+        "--prefill",
+        "8",
+        "--reps",
+        "1",
+        "--ms=",
+    ]
+    variant = f"stamps=HYPERLANE_HOST_STAMPS={stamps}/hs_{{pid}}.jsonl --compute-spin-us 0"
+    r = _run([*args, "--worker-variant", variant, "--out", str(out)], timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("split2", "split2@stamps#2"):
+        assert "error" not in res[key], res[key].get("error")
+        assert res[key]["stages"] == 2 and res[key]["decode"]["tok_s"] > 0
+        assert f"| {key} decode |" in r.stdout
+    assert res["split2"]["worker_env"] == {} and "--compute-spin-us" not in res["split2"]["worker_flags"]
+    assert res["split2@stamps#2"]["worker_env"] == {"HYPERLANE_HOST_STAMPS": f"{stamps}/hs_{{pid}}.jsonl"}
+    assert res["split2@stamps#2"]["worker_flags"][-2:] == ["--compute-spin-us", "0"]
+    files = sorted(stamps.glob("hs_*.jsonl"))
+    assert len(files) == 2, files  # one per worker of the second cluster (a process id each)
+    kinds = {json.loads(line)["kind"] for f in files for line in f.read_text().splitlines()}
+    assert "dispatch" in kinds or "prompt" in kinds, kinds
