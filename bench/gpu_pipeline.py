@@ -116,6 +116,30 @@ def gen_prefill(model: Any, length: int, vocab: int, reps: int) -> dict[str, Any
 # ---------------------------------------------------------------------- 1 GPU, in process
 
 
+# The 1gpu part's decode variants: name -> (CUDA graphs, torch.compile, run-ahead loop, Triton GEMV where it
+# wins, one-kernel attention, all-Triton batch-1 layer where the timings favour it[, PDL, first tile early]);
+# "graph_compile" is the default engine; "_sync" = the loop reads
+# each token before enqueueing the next step (the run-ahead loop is generate()'s default for
+# greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the opt-in five-launch
+# Triton layer (HYPERLANE_TRITON_LAYER=1); "_pdl" = the step's Triton kernels launched with
+# programmatic dependent launch (HYPERLANE_PDL=1, sm_90+; "_prefetch": the GEMVs read their first weight
+# tile before the wait, HYPERLANE_PDL_PREFETCH=1); "_unfused" = the plain attention ops (RoPE, cache
+# writes, scores, softmax: ~9 kernels a layer)
+DECODE_VARIANTS = {
+    "eager": (False, False, True, False, False, False),
+    "graph": (True, False, True, True, True, False),
+    "graph_compile": (True, True, True, True, True, False),
+    "graph_compile_sync": (True, True, False, True, True, False),
+    "graph_compile_cublas": (True, True, True, False, True, False),
+    "graph_compile_layer": (True, True, True, True, True, True),
+    "graph_compile_pdl": (True, True, True, True, True, False, True),
+    "graph_compile_pdl_prefetch": (True, True, True, True, True, False, True, True),
+    "graph_compile_layer_pdl": (True, True, True, True, True, True, True),
+    "graph_compile_layer_pdl_prefetch": (True, True, True, True, True, True, True, True),
+    "graph_compile_unfused": (True, True, True, True, False, False),
+}
+
+
 def device_step_s(stage: TorchStage, steps: int = 50) -> float:
     """Per decode step with the host free to run ahead (no token read back): device time when the
     host enqueues faster than the GPU computes."""
@@ -331,29 +355,8 @@ def part_1gpu(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     pipe = InProcessPipeline([stage], None, spec)
     prompt = prompt_ids(32, spec.vocab_size)
     n = args.decode_tokens
-    # (CUDA graphs, torch.compile, run-ahead loop, Triton GEMV where it wins, one-kernel
-    # attention, all-Triton batch-1 layer where the timings favour it); "_sync" = the loop reads
-    # each token before enqueueing the next step (the run-ahead loop is generate()'s default for
-    # greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the opt-in five-launch
-    # Triton layer (HYPERLANE_TRITON_LAYER=1); "_pdl" = the step's Triton kernels launched with
-    # programmatic dependent launch (HYPERLANE_PDL=1, sm_90+; "_prefetch": the GEMVs read their first weight
-    # tile before the wait, HYPERLANE_PDL_PREFETCH=1); "_unfused" = the plain attention ops (RoPE, cache
-    # writes, scores, softmax: ~9 kernels a layer)
-    known = {
-        "eager": (False, False, True, False, False, False),
-        "graph": (True, False, True, True, True, False),
-        "graph_compile": (True, True, True, True, True, False),
-        "graph_compile_sync": (True, True, False, True, True, False),
-        "graph_compile_cublas": (True, True, True, False, True, False),
-        "graph_compile_layer": (True, True, True, True, True, True),
-        "graph_compile_pdl": (True, True, True, True, True, False, True),
-        "graph_compile_pdl_prefetch": (True, True, True, True, True, False, True, True),
-        "graph_compile_layer_pdl": (True, True, True, True, True, True, True),
-        "graph_compile_layer_pdl_prefetch": (True, True, True, True, True, True, True, True),
-        "graph_compile_unfused": (True, True, True, True, False, False),
-    }
     names = args.variants.split(",") if CUDA else ["eager"]
-    variants = {k: known[k] for k in names}
+    variants = {k: DECODE_VARIANTS[k] for k in names}
     out["decode"] = {}
     from hyperlane_lab.generation import pipeline as pl
 
@@ -476,6 +479,32 @@ PARTS_VALID = (
 )
 
 
+def check_lists(args: argparse.Namespace) -> None:
+    """SystemExit, with what is valid, for an unknown or repeated part or decode variant, or an @NAME that
+    names no --worker-variant: fail now, not hours into a run."""
+    names = args.parts.split(",")
+    bad = [n for n in names if not re.fullmatch(PART_RE, n)]
+    if bad:
+        raise SystemExit(f"unknown part(s) {bad}; {PARTS_VALID}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        again = [f"{n}#2" for n in twice if "#" not in n and n not in ("1gpu", "hf")]
+        hint = f" (a split or 70b part runs again under a key of its own, e.g. {again[0]})" if again else ""
+        raise SystemExit(f"part(s) {twice} given twice{hint}")
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in DECODE_VARIANTS]:
+        raise SystemExit(f"unknown decode variant(s) {unknown}; valid: {', '.join(DECODE_VARIANTS)}")
+    if twice := sorted({v for v in variants if variants.count(v) > 1}):
+        raise SystemExit(
+            f"decode variant(s) {twice} given twice: each runs once (repeat a run with another --out)"
+        )
+    try:
+        parts.worker_variants(args.worker_variant)
+        for n in names:
+            parts.worker_flags(args, n.partition("#")[0].partition("@")[2] or None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="1gpu,hf" if CUDA else "1gpu,split2")
@@ -520,6 +549,7 @@ def main() -> int:
             merged.update(json.loads(Path(f).read_text()))
         print(table(merged))
         return 0
+    check_lists(args)  # before anything is written or started
     os.environ["HYPERLANE_COMPILE"] = args.compile  # worker processes inherit it
     out_dir = os.environ.get("OUT")
     path = Path(
@@ -560,19 +590,6 @@ def main() -> int:
             return parts.part_70b(args, res, int(m.group(3) or 4), name, flags)
         raise ValueError(f"unknown part {name!r}; {PARTS_VALID}")
 
-    names = args.parts.split(",")
-    bad = [n for n in names if not re.fullmatch(PART_RE, n)]
-    if bad:
-        raise SystemExit(f"unknown part(s) {bad}; {PARTS_VALID}")
-    if twice := sorted({n for n in names if names.count(n) > 1}):
-        raise SystemExit(
-            f"part(s) {twice} given twice: each needs its own key (e.g. {twice[0]},{twice[0]}#2)"
-        )
-    try:  # every @NAME must name a --worker-variant: fail now, not hours into a run
-        for n in args.parts.split(","):
-            parts.worker_flags(args, n.partition("#")[0].partition("@")[2] or None)
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
     for name in args.parts.split(","):
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()

@@ -403,10 +403,8 @@ def run_split(
     t0 = time.perf_counter()
     extra = ["--cpu-latency-us", str(args.cpu_latency_us)] if args.cpu_latency_us is not None else []
     out["cpu_latency_us"] = args.cpu_latency_us
-    extra += flags or []
-    # VAR=value words of a --worker-variant are the workers' environment (e.g. HYPERLANE_PDL=1), the rest flags
-    env = dict(w.split("=", 1) for w in extra if re.match(ENV_WORD, w))
-    extra = [w for w in extra if not re.match(ENV_WORD, w)]
+    env, variant_flags = split_env(flags or [])
+    extra += variant_flags
     out["worker_flags"], out["worker_env"] = extra, env
     with LocalCluster(p, devices=devices, startup_timeout=180, extra_args=extra, env=env) as cl:
         out["armed"] = cl.armed  # armed decode steps (on by default with one GPU per worker)
@@ -543,12 +541,19 @@ def worker_flags(args: argparse.Namespace, variant: str | None) -> list[str]:
     return found[variant]
 
 
-ENV_WORD = r"[A-Z][A-Z0-9_]*="  # a word of a worker variant that sets an environment variable
+ENV_WORD = r"[A-Za-z_]\w*="  # a leading word of a worker variant that sets an environment variable
+
+
+def split_env(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A worker variant's words -> (environment, flags): ``VAR=value`` words before the first flag are the
+    workers' environment, as in a shell command line."""
+    n = next((i for i, w in enumerate(words) if not re.match(ENV_WORD, w)), len(words))
+    return dict(w.split("=", 1) for w in words[:n]), words[n:]
 
 
 def worker_variants(given: list[str]) -> dict[str, list[str]]:
-    """``["NAME=FLAGS", ...]`` -> {NAME: flags}; NAME is letters, digits and underscores; FLAGS are worker
-    flags and ``VAR=value`` words for the workers' environment (``pdl=HYPERLANE_PDL=1``)."""
+    """``["NAME=FLAGS", ...]`` -> {NAME: words}; NAME is letters, digits and underscores; the words are
+    ``VAR=value`` settings of the workers' environment first (``pdl=HYPERLANE_PDL=1``), then worker flags."""
     out: dict[str, list[str]] = {}
     for v in given:
         name, eq, flags = v.partition("=")
@@ -556,7 +561,14 @@ def worker_variants(given: list[str]) -> dict[str, list[str]]:
             raise ValueError(f"--worker-variant {v!r}: expected NAME=FLAGS with NAME of letters, digits, _")
         if name in out:
             raise ValueError(f"--worker-variant {name!r} is given twice")
-        out[name] = shlex.split(flags)
+        words = shlex.split(flags)
+        rest = split_env(words)[1]
+        if rest and not rest[0].startswith("-"):
+            raise ValueError(
+                f"--worker-variant {name!r}: {rest[0]!r} is neither VAR=value (environment settings come first) "
+                "nor a worker flag (--...)"
+            )
+        out[name] = words
     return out
 
 

@@ -18,7 +18,8 @@ SCRIPT = ROOT / "bench" / "gpu_pipeline.py"
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
@@ -30,16 +31,25 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("parts", "message"),
+    ("argv", "message"),
     [
-        ("split2,split2", "part(s) ['split2'] given twice: each needs its own key (e.g. split2,split2#2)"),
-        ("split2#x", "unknown part(s) ['split2#x']"),
-        ("split2@nope#2", "no --worker-variant named 'nope'"),
+        (["--parts", "split2,split2"], "part(s) ['split2'] given twice (a split or 70b part runs again under a "
+         "key of its own, e.g. split2#2)"),
+        (["--parts", "1gpu,1gpu"], "part(s) ['1gpu'] given twice\n"),
+        (["--parts", "split2#x"], "unknown part(s) ['split2#x']"),
+        (["--parts", "split2@nope#2"], "no --worker-variant named 'nope'"),
+        (["--parts", "split2", "--worker-variant", "x=oops --cpus 0"], "'oops' is neither VAR=value"),
+        (["--variants", "graph,graph_compile,graph"], "decode variant(s) ['graph'] given twice"),
+        (["--variants", "graph_compile,fast"], "unknown decode variant(s) ['fast']; valid: eager, graph,"),
     ],
-)
-def test_bad_part_lists_are_refused_before_anything_runs(parts: str, message: str) -> None:
-    r = _run(["--parts", parts], timeout=120)
+)  # fmt: skip
+def test_bad_part_lists_are_refused_before_anything_runs(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    out = tmp_path / "never.json"
+    r = _run([*argv, "--out", str(out / "x.json")], timeout=120)
     assert r.returncode != 0 and message in r.stderr + r.stdout, r.stderr[-2000:]
+    assert not out.exists()  # refused before the output folder was made
 
 
 @pytest.mark.multiprocess
