@@ -464,14 +464,16 @@ def table(res: dict[str, Any]) -> str:
                             "PASS" if ours / ref >= 10 else "MISS (goal 10x)",
                         )
                     )
-    for key in sorted(k for k in res if re.fullmatch(r"(split\d+|70b\d*)(@\w+)?(#\d+)?", k)):
+    for key in sorted(k for k in res if re.fullmatch(SPLIT_PART_RE, k)):
         rows += parts.table_rows(key, res.get(key), g1)
     lines = [f"GPU: {', '.join(card)}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
 
 
-PART_RE = r"1gpu|hf|(split\d+|70b\d*)(@\w+)?(#\d+)?"
+# splitN / 70b[N], then @NAME of a --worker-variant, then #N (groups: N of split, N of 70b, NAME)
+SPLIT_PART_RE = r"(?:split(\d+)|70b(\d*))(?:@(\w+))?(?:#\d+)?"
+PART_RE = rf"1gpu|hf|{SPLIT_PART_RE}"
 PARTS_VALID = (
     "valid: 1gpu, hf, splitN (e.g. split2), 70b, 70bN (e.g. 70b8), each split or 70b part optionally "
     "@NAME of a --worker-variant, then optionally #N to run it again under its own key (split4#2: an A/B "
@@ -500,7 +502,8 @@ def check_lists(args: argparse.Namespace) -> None:
     try:
         parts.worker_variants(args.worker_variant)
         for n in names:
-            parts.worker_flags(args, n.partition("#")[0].partition("@")[2] or None)
+            if m := re.fullmatch(SPLIT_PART_RE, n):
+                parts.worker_flags(args, m.group(3))
     except ValueError as e:
         raise SystemExit(str(e)) from e
 
@@ -583,11 +586,11 @@ def main() -> int:
             return part_1gpu(args, res)
         if name == "hf":
             return parts.part_hf(args, res)
-        if m := re.fullmatch(r"(split(\d+)|70b(\d*))(?:@(\w+))?(?:#\d+)?", name):
-            flags = parts.worker_flags(args, m.group(4))  # splitN@NAME: workers with --worker-variant NAME
-            if m.group(2):
-                return parts.part_split(args, res, int(m.group(2)), name, flags)
-            return parts.part_70b(args, res, int(m.group(3) or 4), name, flags)
+        if m := re.fullmatch(SPLIT_PART_RE, name):
+            flags = parts.worker_flags(args, m.group(3))  # splitN@NAME: workers with --worker-variant NAME
+            if m.group(1):
+                return parts.part_split(args, res, int(m.group(1)), name, flags)
+            return parts.part_70b(args, res, int(m.group(2) or 4), name, flags)
         raise ValueError(f"unknown part {name!r}; {PARTS_VALID}")
 
     for name in args.parts.split(","):

@@ -48,10 +48,12 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # a Triton with the grid dependency controls (as kernels/pdl.py); the names exist without a GPU too
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton
-    gdc_launch_dependents = gdc_wait = None
+from hyperlane_lab.codecs._kernels import kernel_module
+
+# kernels/pdl.py: the grid dependency controls (module globals for the kernel below), the device check, the
+# launch keyword
+PDL = kernel_module("pdl")
+gdc_launch_dependents, gdc_wait = PDL.gdc_launch_dependents, PDL.gdc_wait
 
 # (name, N, K, residual): one layer's products in order; each reads the head of the previous output
 SHAPES = (("wqkv", 12288, 4096, False), ("wo", 4096, 4096, True), ("gate_up", 22016, 4096, False),
@@ -108,7 +110,7 @@ def gemv_into(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, r: torch.Tensor
     bn, bk, warps, stages = cfg
     if n % bn or k % bk or x.numel() < k or y.numel() != n:
         raise ValueError(f"pdl_probe gemv: {n}x{k} does not fit config {cfg} / x {x.numel()} / y {y.numel()}")
-    extra: dict[str, Any] = {"launch_pdl": True} if pdl else {}
+    extra = PDL.launch_options(pdl, x.device, "pdl_probe gemv")
     _gemv[(n // bn,)](
         x, w, r if r is not None else y, y, k, RESID=r is not None, PDL=pdl, PREFETCH=prefetch, WAIT=wait,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **extra,
@@ -195,8 +197,6 @@ def _capture(fn: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
 
 def _replay_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     """µs per replay of ``graph`` (the engine's timer, ``kernels/gemv.replay_us``)."""
-    from hyperlane_lab.codecs._kernels import kernel_module
-
     return kernel_module("gemv").replay_us(graph, replays)  # type: ignore[no-any-return]
 
 
@@ -206,22 +206,13 @@ def _graph_us(fn: Any, replays: int) -> float:
     return sorted(_replay_us(graph, replays) for _ in range(3))[1]
 
 
-def _copy_gbps(dev: torch.device, reps: int = 20) -> float:
-    """A 1 GiB device-to-device copy launched directly, as bench/gpu_pipeline.py times it (median of ``reps``),
-    GB/s of bytes read + written. (Replayed from a CUDA graph the same copy measured 2.7 TB/s on an H200
-    against 4.2 launched directly, probably as a memcpy node run by a copy engine: not the reference.)"""
-    src = torch.empty(1 << 29, dtype=torch.float16, device=dev).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        if i >= 3:  # warmed up
-            times.append(a.elapsed_time(b) * 1e3)
-    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e3
+def _copy_gbps() -> float:
+    """GB/s (read + written) of a 1 GiB device-to-device copy launched directly, as ``bench/gpu_pipeline.py``
+    times it. (Replayed from a CUDA graph the same copy measured 2.7 TB/s on an H200 against 4.2 launched
+    directly, probably as a memcpy node run by a copy engine: not the reference.)"""
+    from gpu_pipeline import copy_bandwidth  # bench/, this script's folder
+
+    return float(copy_bandwidth()) / 1e9
 
 
 def check_cpu() -> int:
@@ -284,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("needs a CUDA GPU (or --check with TRITON_INTERPRET=1)")
     dev = torch.device("cuda")
     cap = torch.cuda.get_device_capability(dev)
-    pdl_ok = cap[0] >= 9 and gdc_wait is not None
+    pdl_ok = PDL.pdl_supported(dev)
     chain = Chain(a.layers, dev, torch.float16)
     nbytes = chain.weight_bytes()
-    copy_bw = _copy_gbps(dev)
+    copy_bw = _copy_gbps()
     # per product, the config the plain kernel runs fastest (a graph of every layer's copy of that product)
     for i, (name, n, k, _) in enumerate(SHAPES):
         x = torch.randn(max(k, 4096), device=dev, dtype=torch.float16)

@@ -664,6 +664,13 @@ def _launch_pdl_flags(fn: object) -> set[bool]:
     return flags
 
 
+def _assert_same_steps(outs: list[list[torch.Tensor]], modes: Sequence[object], what: str) -> None:
+    """Every mode's decode steps bitwise equal to the first mode's."""
+    for mode, got in zip(modes[1:], outs[1:], strict=True):
+        for i, (a, b) in enumerate(zip(outs[0], got, strict=True)):
+            assert torch.equal(a, b), f"{what} {mode}, step {i}"
+
+
 @gpu
 def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
     """The decode step's Triton kernels launched with programmatic dependent launch (``HYPERLANE_PDL=1``,
@@ -695,9 +702,7 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
             gd._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=prefetch)
         outs.append(_decode(stages, [6], steps=12, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
-    for mode, got in zip(modes[1:], outs[1:], strict=True):
-        for i, (a, b) in enumerate(zip(outs[0], got, strict=True)):
-            assert torch.equal(a, b), f"five-launch layer {mode}, step {i}"
+    _assert_same_steps(outs, modes, "five-launch layer")
     # the default compiled layer with the Triton GEMV for every product and the attention kernel, PDL on
     # (GraphDecoder.pdl: HYPERLANE_PDL=1) and off: inductor's kernels between ours launch as usual
     outs = []
@@ -710,9 +715,7 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
         outs.append(_decode(stages, [6], steps=8, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
         assert all(st.graph_decoder().captures == 1 for st in stages)
-    for mode, got in zip(modes[1:], outs[1:], strict=True):
-        for i, (a, b) in enumerate(zip(outs[0], got, strict=True)):
-            assert torch.equal(a, b), f"compiled layer {mode}, step {i}"
+    _assert_same_steps(outs, modes, "compiled layer")
     g = torch.Generator(device="cuda").manual_seed(0)
     # x <- W x + x with W ~ N(0, 1/128^2), K = 1024: |x| grows ~1.03x a step, finite over the chain; every
     # other product split-K (the model above is too narrow for a split: its K fits one block)
