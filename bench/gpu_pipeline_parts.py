@@ -250,6 +250,22 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
     return out
 
 
+def choice_summary(choices: dict[str, Any]) -> str:
+    """One stage's decode kernel choices (its Health's ``decode_choices``) in a few words: the weight
+    shapes on the Triton GEMV against all timed, the all-Triton layer, the PDL mode."""
+    shapes = {k: v for k, v in choices.items() if re.fullmatch(r"\d+x\d+", k) and isinstance(v, dict)}
+    if not choices:
+        return "none reported"
+    words = [f"triton GEMV {sum(bool(v.get('triton')) for v in shapes.values())}/{len(shapes)} shapes"]
+    if "triton_layer" in choices:
+        words.append("all-Triton layer")
+    if choices.get("triton_layer_pdl", choices.get("pdl", "off")) != "off":
+        words.append(str(choices.get("triton_layer_pdl", choices.get("pdl"))))
+    if "error" in choices:
+        words.append(str(choices["error"]))
+    return ", ".join(words)
+
+
 def prompt_timeline(events: list[TraceEvent], p: int) -> dict[str, list[list[Any]]]:
     """The last prompt's events (step 0 of the session that started last) per stage, as
     [kind, start, end] in µs from its first event: where a chunked prompt's time goes."""
@@ -466,6 +482,8 @@ def run_split(
                 out["armed_counts"] = [
                     [int(h.armed_fired), int(h.armed_released), int(h.armed_gave_up)] for h in health
                 ]
+                out["decode_choices"] = model.decode_choices()
+                print("  decode kernels per stage:", [choice_summary(c) for c in out["decode_choices"]])
             except Exception as e:  # an older worker build
                 out["fast_path_steps"] = str(e)[:200]
             out["sim_batch1"] = simulate(dec, pre, hop, 1, n_decode)

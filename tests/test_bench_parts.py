@@ -5,6 +5,7 @@ starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -80,6 +81,7 @@ def test_a_part_runs_again_under_its_own_key_with_a_variants_environment(tmp_pat
         assert "error" not in res[key], res[key].get("error")
         assert res[key]["stages"] == 2 and res[key]["decode"]["tok_s"] > 0
         assert f"| {key} decode |" in r.stdout
+        assert res[key]["decode_choices"] == [{}, {}]  # Health's field, read per worker: no CUDA decoder here
     assert res["split2"]["worker_env"] == {} and "--compute-spin-us" not in res["split2"]["worker_flags"]
     assert res["split2@stamps#2"]["worker_env"] == {"HYPERLANE_HOST_STAMPS": f"{stamps}/hs_{{pid}}.jsonl"}
     assert res["split2@stamps#2"]["worker_flags"][-2:] == ["--compute-spin-us", "0"]
@@ -87,3 +89,30 @@ def test_a_part_runs_again_under_its_own_key_with_a_variants_environment(tmp_pat
     assert len(files) == 2, files  # one per worker of the second cluster (a process id each)
     kinds = {json.loads(line)["kind"] for f in files for line in f.read_text().splitlines()}
     assert "dispatch" in kinds or "prompt" in kinds, kinds
+
+
+def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu_pipeline_parts", ROOT / "bench" / "gpu_pipeline_parts.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    choice_summary = mod.choice_summary
+    timed = {"cublas": 30.0, "64x64w4s3": 25.0}
+    choices = {
+        "12288x4096": {"triton": True, "us": timed},
+        "4096x4096": {"triton": False, "us": {"cublas": 10.0}},
+        "22016x4096": {"triton": True, "us": timed},
+        "triton_layer": {"qkv": "64x64w4s3"},
+        "triton_layer_pdl": "pdl+prefetch",
+    }
+    assert choice_summary(choices) == "triton GEMV 2/3 shapes, all-Triton layer, pdl+prefetch"
+    assert (
+        choice_summary({"4096x4096": {"triton": False, "us": {}}, "pdl": "off"}) == "triton GEMV 0/1 shapes"
+    )
+    assert (
+        choice_summary({"4096x4096": {"triton": True, "us": {}}, "pdl": "pdl"})
+        == "triton GEMV 1/1 shapes, pdl"
+    )
+    assert choice_summary({}) == "none reported"

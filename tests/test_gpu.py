@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -198,6 +200,29 @@ def test_fused_layer_split_equals_the_static_step_on_cpu():
             assert torch.allclose(ka[:, :, :L], kb[:, :, :L], atol=1e-12)
 
 
+def test_a_workers_health_reports_its_stages_decode_choices_as_json(tmp_path):
+    """Health's ``decode_choices``: "" with no shard, "{}" for a stage without a CUDA decoder yet, the
+    decoder's own choices (a copy) once it has them, and a clear error entry for what JSON cannot hold."""
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    assert w.decode_choices() == ""
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    w.engine = st
+    assert st.graph_decoder() is None and json.loads(w.decode_choices()) == {}  # CPU: no graph decoder
+    st._graphs = gd = GraphDecoder(
+        st
+    )  # as a CUDA stage holds one (its choices are made at the first capture)
+    gd.gemv_choice.update(
+        {"4096x4096": {"triton": True, "us": {"cublas": 12.5, "64x64w4s3": 11.0}}, "pdl": "off"}
+    )
+    got = st.decode_choices()
+    assert got == gd.gemv_choice and got is not gd.gemv_choice
+    assert json.loads(w.decode_choices()) == gd.gemv_choice
+    gd.gemv_choice[(1, 2)] = "a key JSON cannot hold"  # type: ignore[index]
+    assert "decode choices not reportable" in json.loads(w.decode_choices())["error"]
+
+
 def test_graph_decoder_pools_caches_on_cpu():
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
     gd = GraphDecoder(st, pool_size=1)
@@ -221,6 +246,8 @@ def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch,
     """``HYPERLANE_PDL=1`` turns the decoder's programmatic dependent launch on; off by default, and a CPU
     stage (or a pre-Hopper GPU, or the interpreter) never launches with it. ``HYPERLANE_PDL_PREFETCH=1``
     alone does nothing, and says so."""
+    for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH"):  # the suite may run with them exported
+        monkeypatch.delenv(name, raising=False)
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
     gd = GraphDecoder(st)
     assert not gd.pdl_enabled and not gd.pdl() and gd.pdl_mode() == "off"
@@ -426,6 +453,13 @@ def test_worker_gpu_path_matches_inprocess(tmp_path):
         fast = [c.call("Health", pb.HealthRequest()).fast_path_steps for c in m.clients]
         decode_steps = sum(1 for e in comp if e.step > 0)
         assert sum(fast) > decode_steps // 4, (fast, decode_steps)
+        # each worker timed its own decode products at its first capture, and Health reports the choice
+        for c in m.clients:
+            ch = json.loads(c.call("Health", pb.HealthRequest()).decode_choices)
+            shapes = [k for k in ch if re.fullmatch(r"\d+x\d+", k)]
+            assert shapes and all(
+                set(ch[k]) == {"triton", "us"} and "cublas" in ch[k]["us"] for k in shapes
+            ), ch
 
 
 @gpu

@@ -96,6 +96,13 @@ class TorchStage(StageSessions):
         if self._graphs is not None:
             self._graphs.release(cache)
 
+    def decode_choices(self) -> dict[str, Any]:
+        """The CUDA decoder's kernel choices so far (``GraphDecoder.gemv_choice``: per weight shape the
+        Triton GEMV or cuBLAS with the timings in µs, the all-Triton layer, the PDL mode); empty before
+        its first decode capture, on CPU or with graphs off. A copy, safe to read from another thread."""
+        g = self._graphs
+        return dict(g.gemv_choice) if g is not None else {}
+
     def graph_decoder(self) -> Any:
         """The CUDA-graph decoder of this stage (None on CPU or with ``cuda_graphs`` off)."""
         if not self.cuda_graphs or self.device.type != "cuda":

@@ -6,6 +6,7 @@ samples and sends the token ids straight back to the client's data port.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import uuid
@@ -306,6 +307,22 @@ class AutoDistributedModel(TextGenerator):
                 }
             )
         return rows
+
+    def decode_choices(self) -> list[dict[str, Any]]:
+        """Per stage, the decode kernels its worker chose (Health's ``decode_choices``): per weight shape the
+        Triton GEMV or cuBLAS with the timings (µs) that chose it, the all-Triton layer, the PDL mode. Each
+        worker times its own products at its first decode capture, so stages on alike GPUs can choose apart;
+        {} for a stage without a CUDA decoder (yet)."""
+        out = []
+        for c in self.clients:
+            text = c.call("Health", pb.HealthRequest()).decode_choices
+            try:
+                out.append(json.loads(text or "{}"))
+            except ValueError as e:
+                raise ValueError(
+                    f"worker {c.address} sent decode choices that are not JSON ({e}): {text[:200]!r}"
+                ) from e
+        return out
 
     def trace_events(self, clear: bool = False) -> list[TraceEvent]:
         """Events recorded by every stage since the last call, on this client's clock."""

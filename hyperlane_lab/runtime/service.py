@@ -143,6 +143,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             pinned_buffers=self.w.pool.pinned_allocations,
             staged_reuses=self.w.staged_reuses(),
             direct_uploads=self.w.direct_uploads(),
+            decode_choices=self.w.decode_choices(),
             armed_fired=armed[0],
             armed_released=armed[1],
             armed_gave_up=armed[2],

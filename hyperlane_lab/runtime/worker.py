@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -327,6 +328,18 @@ class Worker(WorkerOutbox):
         """Prompt chunks uploaded straight into their prompt graph's input (``--direct-prompt-upload``)."""
         gpu = self._gpu
         return gpu.direct_uploads if gpu is not None else 0
+
+    def decode_choices(self) -> str:
+        """The loaded stage's decode kernel choices as JSON text (``TorchStage.decode_choices``; Health
+        reports it): "{}" when the engine has none to report yet, "" when no shard is loaded."""
+        eng = self.engine
+        if eng is None:
+            return ""
+        choices = eng.decode_choices() if hasattr(eng, "decode_choices") else {}
+        try:
+            return json.dumps(choices, sort_keys=True, default=str)
+        except (TypeError, ValueError) as e:  # not JSON-shaped: say so rather than fail Health
+            return json.dumps({"error": f"decode choices not reportable: {e}"})
 
     @property
     def busy_polling(self) -> bool:
