@@ -455,7 +455,8 @@ def test_worker_gpu_path_matches_inprocess(tmp_path):
         assert sum(fast) > decode_steps // 4, (fast, decode_steps)
         # each worker timed its own decode products at its first capture, and Health reports the choice
         for c in m.clients:
-            ch = json.loads(c.call("Health", pb.HealthRequest()).decode_choices)
+            assert c.call("Health", pb.HealthRequest()).decode_choices == ""  # only when asked for
+            ch = json.loads(c.call("Health", pb.HealthRequest(with_decode_choices=True)).decode_choices)
             shapes = [k for k in ch if re.fullmatch(r"\d+x\d+", k)]
             assert shapes and all(
                 set(ch[k]) == {"triton", "us"} and "cublas" in ch[k]["us"] for k in shapes

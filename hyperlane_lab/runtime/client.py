@@ -315,7 +315,7 @@ class AutoDistributedModel(TextGenerator):
         {} for a stage without a CUDA decoder (yet)."""
         out = []
         for c in self.clients:
-            text = c.call("Health", pb.HealthRequest()).decode_choices
+            text = c.call("Health", pb.HealthRequest(with_decode_choices=True)).decode_choices
             try:
                 out.append(json.loads(text or "{}"))
             except ValueError as e:

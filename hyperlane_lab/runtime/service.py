@@ -143,7 +143,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             pinned_buffers=self.w.pool.pinned_allocations,
             staged_reuses=self.w.staged_reuses(),
             direct_uploads=self.w.direct_uploads(),
-            decode_choices=self.w.decode_choices(),
+            decode_choices=self.w.decode_choices() if request.with_decode_choices else "",
             armed_fired=armed[0],
             armed_released=armed[1],
             armed_gave_up=armed[2],
