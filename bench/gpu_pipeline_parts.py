@@ -253,14 +253,15 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
 def choice_summary(choices: dict[str, Any]) -> str:
     """One stage's decode kernel choices (its Health's ``decode_choices``) in a few words: the weight
     shapes on the Triton GEMV against all timed, the all-Triton layer, the PDL mode."""
-    shapes = {k: v for k, v in choices.items() if re.fullmatch(r"\d+x\d+", k) and isinstance(v, dict)}
     if not choices:
         return "none reported"
-    words = [f"triton GEMV {sum(bool(v.get('triton')) for v in shapes.values())}/{len(shapes)} shapes"]
+    shapes = [v for k, v in choices.items() if re.fullmatch(r"\d+x\d+", k) and isinstance(v, dict)]
+    words = [f"triton GEMV {sum(bool(v.get('triton')) for v in shapes)}/{len(shapes)} shapes"]
     if "triton_layer" in choices:
         words.append("all-Triton layer")
-    if choices.get("triton_layer_pdl", choices.get("pdl", "off")) != "off":
-        words.append(str(choices.get("triton_layer_pdl", choices.get("pdl"))))
+    pdl = choices.get("triton_layer_pdl", choices.get("pdl", "off"))
+    if pdl != "off":
+        words.append(str(pdl))
     if "error" in choices:
         words.append(str(choices["error"]))
     return ", ".join(words)

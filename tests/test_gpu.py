@@ -210,9 +210,8 @@ def test_a_workers_health_reports_its_stages_decode_choices_as_json(tmp_path):
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
     w.engine = st
     assert st.graph_decoder() is None and json.loads(w.decode_choices()) == {}  # CPU: no graph decoder
-    st._graphs = gd = GraphDecoder(
-        st
-    )  # as a CUDA stage holds one (its choices are made at the first capture)
+    # as a CUDA stage holds one (its choices are made at the first capture)
+    st._graphs = gd = GraphDecoder(st)
     gd.gemv_choice.update(
         {"4096x4096": {"triton": True, "us": {"cublas": 12.5, "64x64w4s3": 11.0}}, "pdl": "off"}
     )

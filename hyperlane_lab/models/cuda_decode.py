@@ -134,7 +134,8 @@ class GraphDecoder:
         # the decode step's own Triton kernels (GEMV, attention; every kernel of the all-Triton layer)
         # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in. On an H200 it slows
         # the compiled layer by 7-8%; with HYPERLANE_TRITON_LAYER=1 and HYPERLANE_PDL_PREFETCH=1 it was the
-        # fastest decode measured, +0.5-2.3% over the default (bench/RESULTS.md, twentieth session)
+        # fastest 1-GPU decode measured, +0.5-2.5% over the default, but gained nothing in split workers
+        # (bench/RESULTS.md, twentieth and twenty-first sessions)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
         self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", False)  # with it: the GEMVs' first tile early
         if self.pdl_prefetch and not self.pdl_enabled:

@@ -69,8 +69,8 @@ class WorkerConfig:
     staging_pool: bool | None = None
     # GPU workers: copy a prompt chunk's hidden state from its frame body straight into the input buffer of the
     # prompt graph that will replay it (one H2D copy, no device allocation, no graph input copy) when that graph
-    # is captured. None = ``HYPERLANE_DIRECT_PROMPT_UPLOAD`` (default off): experimental; on 2 and 4 H200s
-    # inconclusive against the A/B order's own effect (bench/RESULTS.md, twentieth session)
+    # is captured. None = ``HYPERLANE_DIRECT_PROMPT_UPLOAD`` (default off): experimental; on 4 H200s, run as
+    # A, B, B, A, it moved the chunked prompt by +0.4 points: nothing (bench/RESULTS.md, twenty-first session)
     direct_prompt_upload: bool | None = None
     # GPU workers: enqueue a session's next decode step behind a gate kernel before its frame arrives, while it
     # is the worker's only session (models/decode_armed.py); the frame then only writes pinned inputs and a
