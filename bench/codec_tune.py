@@ -140,7 +140,7 @@ def tune(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
         copy_us = _time_us(functools.partial(_copy, x), cuda)
         copy_gbps = 2 * x.numel() * 2 / copy_us / 1e3
         copies.append(dict(size=size, shape=[rows, args.hidden], us=copy_us, gbps=copy_gbps))
-        for codec in CODECS:
+        for codec in args.codecs.split(","):
             case = Case(codec, x, args.group_size)
             default = _default(case)
             grid = [(t, w, p) for t, w in (SMALL if small else LARGE) for p in _packs(codec, small)]
@@ -250,7 +250,11 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop timing new candidates after this")
+    ap.add_argument("--codecs", default=",".join(CODECS), help=f"comma-separated, of {CODECS}")
     args = ap.parse_args()
+    bad = sorted(set(args.codecs.split(",")) - set(CODECS))
+    if bad:
+        ap.error(f"unknown codec(s) {bad}; valid: {CODECS}")
     cuda = torch.cuda.is_available()
     if not cuda:
         # must be set before the kernel modules are imported (lazily, by Case): @triton.jit reads it then

@@ -250,6 +250,16 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
     return out
 
 
+def _short_config(text: str) -> str:
+    """``GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, split_k=1)`` -> ``16x256w4s4``
+    (``kernels/gemv.config_name``'s form; + ``k<n>`` for split-K); other text as it is."""
+    f = dict(re.findall(r"(\w+)=(\d+)", text))
+    if not {"block_n", "block_k", "num_warps", "num_stages"} <= f.keys():
+        return text
+    split = f"k{f['split_k']}" if f.get("split_k", "1") != "1" else ""
+    return f"{f['block_n']}x{f['block_k']}w{f['num_warps']}s{f['num_stages']}{split}"
+
+
 def choice_summary(choices: dict[str, Any]) -> str:
     """One stage's decode kernel choices (its Health's ``decode_choices``) in a few words: the weight
     shapes on the Triton GEMV against all timed, the all-Triton layer, the PDL mode."""
@@ -257,11 +267,17 @@ def choice_summary(choices: dict[str, Any]) -> str:
         return "none reported"
     shapes = [v for k, v in choices.items() if re.fullmatch(r"\d+x\d+", k) and isinstance(v, dict)]
     words = [f"triton GEMV {sum(bool(v.get('triton')) for v in shapes)}/{len(shapes)} shapes"]
-    if "triton_layer" in choices:
-        words.append("all-Triton layer")
+    layer = choices.get("triton_layer")
+    if layer is not None:
+        cfgs = (
+            [f"{role} {_short_config(str(c))}" for role, c in layer.items()]
+            if isinstance(layer, dict)
+            else []
+        )
+        words.append("all-Triton layer" + (f" ({', '.join(cfgs)})" if cfgs else ""))
     pdl = choices.get("triton_layer_pdl", choices.get("pdl", "off"))
     if pdl != "off":
-        words.append(str(pdl))
+        words.append(str(pdl) + (" (GEMVs timed with it)" if choices.get("timed_with_pdl") else ""))
     if "error" in choices:
         words.append(str(choices["error"]))
     return ", ".join(words)

@@ -104,10 +104,18 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
         "12288x4096": {"triton": True, "us": timed},
         "4096x4096": {"triton": False, "us": {"cublas": 10.0}},
         "22016x4096": {"triton": True, "us": timed},
-        "triton_layer": {"qkv": "64x64w4s3"},
+        "triton_layer": {
+            "wqkv": "GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, split_k=1)",
+            "w_down": "GemvConfig(block_n=8, block_k=512, num_warps=4, num_stages=3, split_k=2)",
+            "wo": "64x64w4s3",
+        },
         "triton_layer_pdl": "pdl+prefetch",
+        "timed_with_pdl": True,
     }
-    assert choice_summary(choices) == "triton GEMV 2/3 shapes, all-Triton layer, pdl+prefetch"
+    assert choice_summary(choices) == (
+        "triton GEMV 2/3 shapes, all-Triton layer (wqkv 16x256w4s4, w_down 8x512w4s3k2, wo 64x64w4s3), "
+        "pdl+prefetch (GEMVs timed with it)"
+    )
     assert (
         choice_summary({"4096x4096": {"triton": False, "us": {}}, "pdl": "off"}) == "triton GEMV 0/1 shapes"
     )

@@ -208,7 +208,9 @@ def test_a_workers_health_reports_its_stages_decode_choices_as_json(tmp_path):
     w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
     assert w.decode_choices() == ""
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
-    w.engine = st
+    assert not st.in_worker
+    w.set_engine(st, "torch", 0)
+    assert st.in_worker  # the decoder's in-process defaults stay off in a worker
     assert st.graph_decoder() is None and json.loads(w.decode_choices()) == {}  # CPU: no graph decoder
     # as a CUDA stage holds one (its choices are made at the first capture)
     st._graphs = gd = GraphDecoder(st)
@@ -242,23 +244,77 @@ def test_graph_decoder_pools_caches_on_cpu():
 
 
 def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch, caplog):
-    """``HYPERLANE_PDL=1`` turns the decoder's programmatic dependent launch on; off by default, and a CPU
-    stage (or a pre-Hopper GPU, or the interpreter) never launches with it. ``HYPERLANE_PDL_PREFETCH=1``
-    alone does nothing, and says so."""
-    for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH"):  # the suite may run with them exported
+    """Unset, the all-Triton layer, PDL and the early first tile are on for a stage holding the whole model
+    in this process, off for a split stage and for a worker's stage; each variable set decides its piece
+    anywhere. A CPU stage (or a pre-Hopper GPU, or the interpreter) never launches with PDL.
+    ``HYPERLANE_PDL_PREFETCH=1`` without PDL does nothing, and says so."""
+    for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH", "HYPERLANE_TRITON_LAYER"):  # may be exported
         monkeypatch.delenv(name, raising=False)
-    st = _stages(SPEC, [], torch.float32, "cpu")[0]
-    gd = GraphDecoder(st)
-    assert not gd.pdl_enabled and not gd.pdl() and gd.pdl_mode() == "off"
-    monkeypatch.setenv("HYPERLANE_PDL_PREFETCH", "1")
-    with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
-        gd = GraphDecoder(st)
-    assert "without HYPERLANE_PDL=1" in caplog.text and not gd.pdl()
-    monkeypatch.setenv("HYPERLANE_PDL", "1")
-    gd = GraphDecoder(st)
-    assert gd.pdl_enabled and gd.pdl_prefetch and not gd.pdl() and gd.pdl_mode() == "off"
+    whole = _stages(SPEC, [], torch.float32, "cpu")[0]
+    split = _stages(SPEC, [1], torch.float32, "cpu")
+
+    def pieces(g: GraphDecoder) -> tuple[bool, bool, bool]:
+        return g.triton_layer_enabled, g.pdl_enabled, g.pdl_prefetch
+
+    gd = GraphDecoder(whole)
+    assert gd.whole_in_process and pieces(gd) == (True, True, True)
+    assert not gd.pdl() and gd.pdl_mode() == "off"  # a CPU stage: no PDL whatever the switch
     gd._pdl_supported = lambda: True  # type: ignore[method-assign]  # as on a Hopper GPU
     assert gd.pdl() and gd.pdl_mode() == "pdl+prefetch"
+    for st in split:
+        g = GraphDecoder(st)
+        assert not g.whole_in_process and pieces(g) == (False, False, False)
+    whole.in_worker = True  # as a worker marks the stage it serves
+    g = GraphDecoder(whole)
+    assert not g.whole_in_process and pieces(g) == (False, False, False)
+    whole.in_worker = False
+    monkeypatch.setenv("HYPERLANE_PDL", "0")  # off where it would be on by default; no prefetch warning
+    with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
+        assert pieces(GraphDecoder(whole)) == (True, False, False)
+    assert "without HYPERLANE_PDL=1" not in caplog.text
+    monkeypatch.delenv("HYPERLANE_PDL")
+    monkeypatch.setenv("HYPERLANE_PDL_PREFETCH", "1")
+    with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
+        gd = GraphDecoder(split[0])
+    assert "without HYPERLANE_PDL=1" in caplog.text and not gd.pdl()
+    monkeypatch.setenv("HYPERLANE_PDL", "1")
+    monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "1")
+    gd = GraphDecoder(split[0])  # on for a split stage when asked for
+    assert pieces(gd) == (True, True, True) and not gd.pdl() and gd.pdl_mode() == "off"
+    gd._pdl_supported = lambda: True  # type: ignore[method-assign]
+    assert gd.pdl() and gd.pdl_mode() == "pdl+prefetch"
+
+
+def test_the_all_triton_layer_is_on_by_default_only_with_pdl(monkeypatch):
+    """The whole-model in-process default takes the five-launch layer only where PDL launches it (alone it
+    lost to the compiled layer); ``HYPERLANE_TRITON_LAYER=1`` takes it without PDL too."""
+    from hyperlane_lab.models import cuda_decode
+
+    for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH", "HYPERLANE_TRITON_LAYER"):
+        monkeypatch.delenv(name, raising=False)
+    whole = _stages(SPEC, [], torch.float32, "cpu")[0]
+    made: list[tuple[bool, bool]] = []
+
+    def fake_layer(attn, cfgs, pdl=False, prefetch=False):
+        made.append((pdl, prefetch))
+        return lambda *a: None
+
+    monkeypatch.setattr(cuda_decode, "triton_layer_configs", lambda w, choice: {"wqkv": "cfg"})
+    monkeypatch.setattr(cuda_decode, "make_triton_layer", fake_layer)
+
+    def decoder(pdl_ok: bool) -> GraphDecoder:
+        gd = GraphDecoder(whole)
+        gd._pdl_supported = lambda: pdl_ok  # type: ignore[method-assign]
+        gd.attention_kernel = lambda: lambda *a: None  # type: ignore[method-assign]  # as on a GPU
+        gd._lin = lambda x, w, b=None: x  # a Triton GEMV table (not F.linear)
+        return gd
+
+    assert decoder(pdl_ok=False).triton_layer() is None and made == []
+    gd = decoder(pdl_ok=True)
+    assert callable(gd.triton_layer()) and made == [(True, True)]
+    assert gd.gemv_choice["triton_layer_pdl"] == "pdl+prefetch"
+    monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "1")
+    assert callable(decoder(pdl_ok=False).triton_layer()) and made[-1] == (False, False)
 
 
 def test_pooled_len_rounds_up_within_the_context():

@@ -1013,3 +1013,34 @@ def test_armed_gate_refuses_bad_words():
         gate.armed_wait(flag, status, pos.view(1, -1), 1, 1, timer=False)
     with pytest.raises(ValueError, match=">= 1"):
         gate.armed_wait(flag, status, pos, 0, 1, timer=False)
+
+
+def test_encoder_floor_kernels_do_what_bench_encoder_floor_says() -> None:
+    """``bench/encoder_floor.py``'s stripped kernels (the int4 encoder's memory pattern): ``move`` stores a
+    nibble of each half of every word and each group's first half-word, ``absmax`` the max 16-bit magnitude
+    pattern, ``lite`` a valid int4 payload (|error| <= scale / 2, plus up to 7 x the fp16 scale's rounding)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "encoder_floor.py"
+    spec = importlib.util.spec_from_file_location("bench_encoder_floor", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernel = mod._kernels()
+    x = _rand((4, 4096), torch.float16, seed=11)
+    n = x.numel() // 64
+    s = torch.empty(n, dtype=torch.int16, device=DEVICE)
+    p = torch.empty(n * 32, dtype=torch.uint8, device=DEVICE)
+    w = x.view(torch.int32).view(n, 32).cpu()
+    kernel[(n // 64,)](x, s, p, GP=64, MODE=0)
+    assert torch.equal(s.cpu(), w[:, 0].to(torch.int16))
+    assert torch.equal(p.cpu().view(n, 32), ((w & 0xF) | ((w >> 12) & 0xF0)).to(torch.uint8))
+    kernel[(n // 64,)](x, s, p, GP=64, MODE=1)
+    assert torch.equal(s.cpu(), torch.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF).amax(1).to(torch.int16))
+    kernel[(n // 64,)](x, s, p, GP=64, MODE=2)
+    scale = s.cpu().view(torch.float16).float()
+    b = p.cpu().view(n, 32).to(torch.int32)
+    q = torch.stack([b & 0xF, b >> 4], -1).view(n, 64) - 8
+    err = (q.float() * scale[:, None] - x.cpu().float().view(n, 64)).abs().amax(1)
+    assert bool((err <= scale * 0.5 * 1.02).all()), float((err / scale).max())  # fp16 scale: ~7 x 2**-11

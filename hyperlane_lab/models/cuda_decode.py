@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,16 +129,21 @@ class GraphDecoder:
         self._eager_layers = False  # compiling the decode layer failed: capture the eager ops
         # batch 1: the all-Triton layer (decode_fused.make_triton_layer); None = not decided yet
         self._tlayer: LayerFn | bool | None = None
-        # off by default: measured slower than the compiled layer with the attention kernel on an
-        # H200 (the prologues slow the GEMV more than the launches they save; bench/RESULTS.md)
-        self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", False)
-        # the decode step's own Triton kernels (GEMV, attention; every kernel of the all-Triton layer)
-        # launched with programmatic dependent launch (sm_90+; kernels/pdl.py): opt-in. On an H200 it slows
-        # the compiled layer by 7-8%; with HYPERLANE_TRITON_LAYER=1 and HYPERLANE_PDL_PREFETCH=1 it was the
-        # fastest 1-GPU decode measured, +0.5-2.5% over the default, but gained nothing in split workers
-        # (bench/RESULTS.md, twentieth and twenty-first sessions)
-        self.pdl_enabled = env_flag("HYPERLANE_PDL", False)
-        self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", False)  # with it: the GEMVs' first tile early
+        # The all-Triton layer, its kernels launched with programmatic dependent launch (sm_90+; kernels/pdl.py)
+        # and the GEMVs' first weight tile read before the wait: by default on for a stage that holds the
+        # whole model in this process (``whole_in_process``), where on an H200 it was the fastest 1-GPU decode
+        # in 7 of 7 paired runs (+0.5-2.5%); off for split stages and a worker's stage, where it gained
+        # nothing (2 stages: -0.6%, s21b, and within 0.7%, s22b; one worker holding every layer: -1.0%, s22d), and where the
+        # device takes no PDL (the layer alone lost to the compiled one, third session). Each variable set
+        # decides its piece, on or off, anywhere (bench/RESULTS.md, twentieth to twenty-second sessions).
+        self.whole_in_process = stage.is_first and stage.is_last and not getattr(stage, "in_worker", False)
+        self._layer_auto = "HYPERLANE_TRITON_LAYER" not in os.environ and self.whole_in_process
+        self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", self.whole_in_process)
+        self.pdl_enabled = env_flag("HYPERLANE_PDL", self.whole_in_process)
+        prefetch_default = self.whole_in_process and self.pdl_enabled
+        self.pdl_prefetch = env_flag(
+            "HYPERLANE_PDL_PREFETCH", prefetch_default
+        )  # the GEMVs' first tile early
         if self.pdl_prefetch and not self.pdl_enabled:
             log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
@@ -230,8 +236,9 @@ class GraphDecoder:
         return self._lin
 
     def pdl(self) -> bool:
-        """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1``, a
-        device and Triton that take it (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
+        """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1`` (or,
+        unset, a stage holding the whole model in this process), a device and Triton that take it
+        (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
         return self.pdl_enabled and not self._pdl_off and self._pdl_supported()
 
     def pdl_mode(self) -> str:
@@ -260,11 +267,14 @@ class GraphDecoder:
 
     def triton_layer(self) -> LayerFn | None:
         """The all-Triton decode layer for one-row caches, where the attention kernel applies and
-        the GEMV timings favour it; opt-in (``HYPERLANE_TRITON_LAYER=1``), see ``__init__``."""
+        the GEMV timings favour it: ``HYPERLANE_TRITON_LAYER=1``, or, unset, a stage holding the whole
+        model in this process on a device that takes PDL (see ``__init__``)."""
         if self._tlayer is None:
             self._tlayer = False
             attn, lin = self.attention_kernel(), self.linear()
-            if attn is not None and lin is not F.linear and self.triton_layer_enabled:
+            # on by default only with PDL (the layer alone lost to the compiled one)
+            wanted = self.triton_layer_enabled and (self.pdl() or not self._layer_auto)
+            if attn is not None and lin is not F.linear and wanted:
                 cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
                 if cfgs is not None:
                     pdl = self.pdl()

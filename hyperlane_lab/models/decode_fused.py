@@ -15,9 +15,12 @@ Triton GEMV with the small ops folded in (RMSNorm into the q/k/v and gate/up pro
 ``silu(gate) * up`` into the down product, both residual adds into the output products), so a
 layer is five launches (plus a split-K sum where one is used) and needs no ``torch.compile``.
 With ``HYPERLANE_TRITON_LAYER=1`` the decoder uses it where the GEMV timings say the Triton
-products are about as fast as cuBLAS (``triton_layer_configs``). Off by default: on an H200 the
+products are about as fast as cuBLAS (``triton_layer_configs``). Alone it loses: on an H200 the
 folded-in prologues slowed the products by more than the ~7 launches a layer they save
 (Llama-2-7B: 229 vs 242 tok/s for the compiled layer with the attention kernel, bench/RESULTS.md).
+Launched with programmatic dependent launch and the first weight tile read early it was the fastest
+1-GPU decode, so a stage that holds the whole model in-process uses it by default where the device
+takes PDL (``cuda_decode.GraphDecoder``); split stages and workers keep the compiled layer.
 """
 
 from __future__ import annotations

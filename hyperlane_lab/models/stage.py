@@ -83,6 +83,8 @@ class TorchStage(StageSessions):
         # CUDA only: decode steps (S == 1) replay a CUDA graph (models/cuda_decode.py)
         self.cuda_graphs = os.environ.get("HYPERLANE_CUDA_GRAPHS", "1") != "0"
         self._graphs: Any = None
+        # set by a worker serving this stage (runtime.worker): the decoder's in-process defaults stay off
+        self.in_worker = False
 
     # ------------------------------------------------------------------ sessions
 

@@ -255,6 +255,8 @@ class Worker(WorkerOutbox):
     # ------------------------------------------------------------------ control (called from gRPC)
 
     def set_engine(self, engine: Any, engine_name: str, stage_index: int) -> None:
+        if hasattr(engine, "in_worker"):  # TorchStage: its decoder's in-process-only defaults stay off
+            engine.in_worker = True
         with self._lock:
             self.engine, self.engine_name, self.stage_index = engine, engine_name, stage_index
             self.sessions.clear()
