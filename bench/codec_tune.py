@@ -250,7 +250,11 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop timing new candidates after this")
-    ap.add_argument("--codecs", default=",".join(CODECS), help=f"comma-separated, of {CODECS}")
+    ap.add_argument(
+        "--codecs",
+        default=",".join(CODECS),
+        help=f"comma-separated, of {CODECS}: the encoders tuned (the codec.encode decode-size table keeps them all)",
+    )
     args = ap.parse_args()
     bad = sorted(set(args.codecs.split(",")) - set(CODECS))
     if bad:

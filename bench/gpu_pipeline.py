@@ -121,7 +121,7 @@ def gen_prefill(model: Any, length: int, vocab: int, reps: int) -> dict[str, Any
 # "graph_compile" is the default engine of split stages, workers and GPUs without PDL, and
 # "graph_compile_layer_pdl_prefetch" that of a whole-model in-process stage on sm_90+; "_sync" = the loop reads
 # each token before enqueueing the next step (the run-ahead loop is generate()'s default for
-# greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the opt-in five-launch
+# greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the five-launch
 # Triton layer (HYPERLANE_TRITON_LAYER=1); "_pdl" = the step's Triton kernels launched with
 # programmatic dependent launch (HYPERLANE_PDL=1, sm_90+; "_prefetch": the GEMVs read their first weight
 # tile before the wait, HYPERLANE_PDL_PREFETCH=1); "_unfused" = the plain attention ops (RoPE, cache
@@ -257,6 +257,9 @@ def _configure(
     gd.configure(comp)
     gd.triton_layer_enabled = layer
     gd.pdl_enabled, gd.pdl_prefetch = pdl, prefetch
+    gd._layer_auto = gd._pdl_auto = (
+        False  # each piece as the variant says (not the in-process default's rule)
+    )
     gd.fallbacks.clear()  # configure() keeps them; each variant records only its own
 
 

@@ -277,7 +277,7 @@ def choice_summary(choices: dict[str, Any]) -> str:
         words.append("all-Triton layer" + (f" ({', '.join(cfgs)})" if cfgs else ""))
     pdl = choices.get("triton_layer_pdl", choices.get("pdl", "off"))
     if pdl != "off":
-        words.append(str(pdl) + (" (GEMVs timed with it)" if choices.get("timed_with_pdl") else ""))
+        words.append(str(pdl))
     if "error" in choices:
         words.append(str(choices["error"]))
     return ", ".join(words)

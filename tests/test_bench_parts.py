@@ -110,11 +110,10 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
             "wo": "64x64w4s3",
         },
         "triton_layer_pdl": "pdl+prefetch",
-        "timed_with_pdl": True,
     }
     assert choice_summary(choices) == (
         "triton GEMV 2/3 shapes, all-Triton layer (wqkv 16x256w4s4, w_down 8x512w4s3k2, wo 64x64w4s3), "
-        "pdl+prefetch (GEMVs timed with it)"
+        "pdl+prefetch"
     )
     assert (
         choice_summary({"4096x4096": {"triton": False, "us": {}}, "pdl": "off"}) == "triton GEMV 0/1 shapes"

@@ -287,34 +287,88 @@ def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch,
 
 def test_the_all_triton_layer_is_on_by_default_only_with_pdl(monkeypatch):
     """The whole-model in-process default takes the five-launch layer only where PDL launches it (alone it
-    lost to the compiled layer); ``HYPERLANE_TRITON_LAYER=1`` takes it without PDL too."""
+    lost to the compiled layer), and launches only that layer with PDL: the compiled layer's GEMVs and
+    attention (batch > 1, or where the layer does not apply) keep plain launches. ``HYPERLANE_PDL=1`` puts
+    them on PDL too; ``HYPERLANE_TRITON_LAYER=1`` takes the layer without PDL."""
     from hyperlane_lab.models import cuda_decode
 
     for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH", "HYPERLANE_TRITON_LAYER"):
         monkeypatch.delenv(name, raising=False)
     whole = _stages(SPEC, [], torch.float32, "cpu")[0]
-    made: list[tuple[bool, bool]] = []
+    layers: list[tuple[object, bool, bool]] = []
+    linears: list[tuple[bool, bool]] = []
+
+    def attention(*a, pdl=False):  # stands in for the one-kernel attention
+        return None
 
     def fake_layer(attn, cfgs, pdl=False, prefetch=False):
-        made.append((pdl, prefetch))
+        layers.append((attn, pdl, prefetch))
         return lambda *a: None
 
+    def fake_linear(table, pdl=False, prefetch=False):
+        linears.append((pdl, prefetch))
+        return lambda x, w, b=None: x  # a Triton GEMV table (not F.linear)
+
+    monkeypatch.setattr(cuda_decode, "fused_attention_kernel", lambda device: attention)
+    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st: ({(8, 8): "cfg"}, {}))
+    monkeypatch.setattr(cuda_decode, "make_linear", fake_linear)
     monkeypatch.setattr(cuda_decode, "triton_layer_configs", lambda w, choice: {"wqkv": "cfg"})
     monkeypatch.setattr(cuda_decode, "make_triton_layer", fake_layer)
 
     def decoder(pdl_ok: bool) -> GraphDecoder:
         gd = GraphDecoder(whole)
-        gd._pdl_supported = lambda: pdl_ok  # type: ignore[method-assign]
-        gd.attention_kernel = lambda: lambda *a: None  # type: ignore[method-assign]  # as on a GPU
-        gd._lin = lambda x, w, b=None: x  # a Triton GEMV table (not F.linear)
+        gd._pdl_supported = lambda: pdl_ok  # type: ignore[method-assign]  # a Hopper GPU or not
         return gd
 
-    assert decoder(pdl_ok=False).triton_layer() is None and made == []
+    assert decoder(pdl_ok=False).triton_layer() is None and layers == []
+    assert linears[-1] == (False, False)
     gd = decoder(pdl_ok=True)
-    assert callable(gd.triton_layer()) and made == [(True, True)]
-    assert gd.gemv_choice["triton_layer_pdl"] == "pdl+prefetch"
+    assert callable(gd.triton_layer())
+    assert gd.attention_kernel() is attention and linears[-1] == (False, False)  # the compiled path: plain
+    attn, pdl, prefetch = layers[-1]
+    assert (pdl, prefetch) == (True, True) and attn.func is attention and attn.keywords == {"pdl": True}
+    assert gd.gemv_choice["triton_layer_pdl"] == "pdl+prefetch" and gd.gemv_choice["pdl"] == "off"
+    monkeypatch.setenv("HYPERLANE_PDL", "1")  # asked for: the compiled layer's kernels launch with PDL too
+    gd = decoder(pdl_ok=True)
+    assert callable(gd.triton_layer()) and linears[-1] == (True, True)
+    assert gd.attention_kernel().keywords == {"pdl": True} and layers[-1][0] is gd.attention_kernel()
+    monkeypatch.delenv("HYPERLANE_PDL")
     monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "1")
-    assert callable(decoder(pdl_ok=False).triton_layer()) and made[-1] == (False, False)
+    assert callable(decoder(pdl_ok=False).triton_layer()) and layers[-1][1:] == (False, False)
+
+
+def test_a_failed_warm_up_turns_off_pdl_only_where_it_was_used(monkeypatch):
+    """In-process default: a warm-up that failed without the all-Triton layer (a compiled-layer capture,
+    launched plainly) leaves PDL on and turns off the next piece; one that failed in the layer turns PDL
+    off, and with it the default layer; ``configure()`` decides both again."""
+    from hyperlane_lab.models import cuda_decode
+
+    for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH", "HYPERLANE_TRITON_LAYER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cuda_decode, "fused_attention_kernel", lambda device: lambda *a, pdl=False: None)
+    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st: ({(8, 8): "cfg"}, {}))
+    monkeypatch.setattr(
+        cuda_decode, "make_linear", lambda table, pdl=False, prefetch=False: lambda x, w, b=None: x
+    )
+    monkeypatch.setattr(cuda_decode, "triton_layer_configs", lambda w, choice: {"wqkv": "cfg"})
+    monkeypatch.setattr(cuda_decode, "make_triton_layer", lambda *a, **k: lambda *x: None)
+    whole = _stages(SPEC, [], torch.float32, "cpu")[0]
+
+    def decoder() -> GraphDecoder:
+        gd = GraphDecoder(whole)
+        gd._pdl_supported = lambda: True  # type: ignore[method-assign]  # as on a Hopper GPU
+        assert callable(gd.triton_layer()) and callable(gd.attention_kernel())
+        return gd
+
+    gd = decoder()
+    assert gd._degrade(RuntimeError("batch-2 capture"), used_tlayer=False)
+    assert gd.pdl() and gd.fallbacks == ["fused attention: RuntimeError: batch-2 capture"]
+    gd = decoder()
+    assert gd._degrade(RuntimeError("layer capture"), used_tlayer=True)
+    assert not gd.pdl() and gd.fallbacks[-1].startswith("programmatic dependent launch")
+    assert callable(gd.attention_kernel()) and gd.triton_layer() is None  # attention kept; no PDL, no layer
+    gd.configure(False)
+    assert gd.pdl() and callable(gd.triton_layer())
 
 
 def test_pooled_len_rounds_up_within_the_context():
@@ -520,7 +574,7 @@ def test_worker_gpu_path_matches_inprocess(tmp_path):
 
 @gpu
 @pytest.mark.multiprocess
-def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path):
+def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path, monkeypatch):
     """One worker holding every layer: its last stage is its first, so the server-side token loop
     starts a session's next step from the completion thread's ship, before that thread reads the
     step's GPU times (the next step records into the other of the session's two event sets).
@@ -529,6 +583,10 @@ def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path):
     from hyperlane_lab.generation.pipeline import InProcessPipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
 
+    # the in-process whole model would take the PDL layer by default, a worker the compiled one: pin both
+    # sides to the compiled layer, so that the tokens compare one path (worker vs in-process), not two layers
+    monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "0")
+    monkeypatch.setenv("HYPERLANE_PDL", "0")
     local = InProcessPipeline.from_pretrained(None, n_stages=1, dtype="fp16", device="cuda")
     prompt = "Once upon a time"
     with (

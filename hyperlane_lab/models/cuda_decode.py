@@ -129,15 +129,19 @@ class GraphDecoder:
         self._eager_layers = False  # compiling the decode layer failed: capture the eager ops
         # batch 1: the all-Triton layer (decode_fused.make_triton_layer); None = not decided yet
         self._tlayer: LayerFn | bool | None = None
-        # The all-Triton layer, its kernels launched with programmatic dependent launch (sm_90+; kernels/pdl.py)
-        # and the GEMVs' first weight tile read before the wait: by default on for a stage that holds the
-        # whole model in this process (``whole_in_process``), where on an H200 it was the fastest 1-GPU decode
-        # in 7 of 7 paired runs (+0.5-2.5%); off for split stages and a worker's stage, where it gained
-        # nothing (2 stages: -0.6%, s21b, and within 0.7%, s22b; one worker holding every layer: -1.0%, s22d), and where the
-        # device takes no PDL (the layer alone lost to the compiled one, third session). Each variable set
-        # decides its piece, on or off, anywhere (bench/RESULTS.md, twentieth to twenty-second sessions).
+        # The all-Triton layer, its kernels launched with programmatic dependent launch (sm_90+;
+        # kernels/pdl.py) and the GEMVs' first weight tile read before the wait: by default on for a stage
+        # that holds the whole model in this process (``whole_in_process``), where on an H200 it was the
+        # fastest 1-GPU decode in 7 of 7 paired runs (+0.5-2.5%); off for split stages and a worker's stage,
+        # where it gained nothing (2 stages: -0.6%, s21b, and within 0.7%, s22b; one worker holding every
+        # layer: -1.0%, s22d), and where the device takes no PDL (the layer alone lost to the compiled one,
+        # third session). Each variable set decides its piece, on or off, anywhere (bench/RESULTS.md,
+        # twentieth to twenty-second sessions).
         self.whole_in_process = stage.is_first and stage.is_last and not getattr(stage, "in_worker", False)
+        # by default (unset variables) PDL launches the all-Triton layer only: the compiled layer's
+        # kernels (batch > 1, or batch 1 where the layer does not apply) keep plain launches
         self._layer_auto = "HYPERLANE_TRITON_LAYER" not in os.environ and self.whole_in_process
+        self._pdl_auto = "HYPERLANE_PDL" not in os.environ and self.whole_in_process
         self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", self.whole_in_process)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", self.whole_in_process)
         prefetch_default = self.whole_in_process and self.pdl_enabled
@@ -229,10 +233,10 @@ class GraphDecoder:
         it measured faster on this card (``HYPERLANE_TRITON_GEMV=0``: cuBLAS only)."""
         if self._lin is None:
             table, self.gemv_choice = choose_linears(self.stage)
-            pdl = self.pdl()
+            pdl = self._pdl_outside_layer()
             self._lin = make_linear(table, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
             if self.pdl_enabled:
-                self.gemv_choice["pdl"] = self.pdl_mode()
+                self.gemv_choice["pdl"] = self.pdl_mode() if pdl else "off"
         return self._lin
 
     def pdl(self) -> bool:
@@ -240,6 +244,12 @@ class GraphDecoder:
         unset, a stage holding the whole model in this process), a device and Triton that take it
         (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
         return self.pdl_enabled and not self._pdl_off and self._pdl_supported()
+
+    def _pdl_outside_layer(self) -> bool:
+        """PDL for the compiled layer's kernels too (its Triton GEMVs and attention): only when
+        ``HYPERLANE_PDL`` asks for it; the in-process default launches only the all-Triton layer with PDL
+        (the compiled layer with PDL measured 7-8% slower on an H200)."""
+        return self.pdl() and not self._pdl_auto
 
     def pdl_mode(self) -> str:
         """How this step's Triton kernels launch: "off", "pdl" or "pdl+prefetch" (reported in gemv_choice)."""
@@ -260,7 +270,7 @@ class GraphDecoder:
         """The one-kernel decode attention (``decode_fused.py``), or None for the plain layer."""
         if self._attn is None:
             attn = fused_attention_kernel(self.stage.device)
-            if attn is not None and self.pdl():
+            if attn is not None and self._pdl_outside_layer():
                 attn = functools.partial(attn, pdl=True)
             self._attn = attn or False
         return self._attn if callable(self._attn) else None
@@ -278,6 +288,8 @@ class GraphDecoder:
                 cfgs = triton_layer_configs(self.stage.weights.layers[0], self.gemv_choice)
                 if cfgs is not None:
                     pdl = self.pdl()
+                    if pdl and not self._pdl_outside_layer():  # the default: PDL for this layer only
+                        attn = functools.partial(attn, pdl=True)
                     self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
                     self.gemv_choice["triton_layer_pdl"] = self.pdl_mode()
@@ -305,7 +317,8 @@ class GraphDecoder:
         dependent launch, the all-Triton layer, fused attention, Triton GEMV, compiling), in that order;
         False when nothing is left to turn off. ``configure()`` decides the pieces again."""
         why = f"{type(err).__name__}: {err}"[:300]
-        if self.pdl():  # the kernels are decided again without it (the GEMV choice is timed again)
+        # the kernels are decided again without PDL (the GEMV choice is timed again), if this warm-up used it
+        if self.pdl() and (used_tlayer or self._pdl_outside_layer()):
             self._pdl_off, what = True, "programmatic dependent launch"
             self._lin = None if self._lin is not F.linear else self._lin
             self._attn = None if callable(self._attn) else self._attn
