@@ -267,6 +267,9 @@ def choice_summary(choices: dict[str, Any]) -> str:
         return "none reported"
     shapes = [v for k, v in choices.items() if re.fullmatch(r"\d+x\d+", k) and isinstance(v, dict)]
     words = [f"triton GEMV {sum(bool(v.get('triton')) for v in shapes)}/{len(shapes)} shapes"]
+    pinned = sum("pinned" in v for v in shapes)
+    if pinned:
+        words[0] += f" ({pinned} pinned)"
     layer = choices.get("triton_layer")
     if layer is not None:
         cfgs = (

@@ -118,6 +118,11 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
     assert (
         choice_summary({"4096x4096": {"triton": False, "us": {}}, "pdl": "off"}) == "triton GEMV 0/1 shapes"
     )
+    pinned = {
+        "4096x4096": {"triton": True, "us": {}, "pinned": "8x512w4s3"},
+        "4096x11008": {"triton": True, "us": {}},
+    }
+    assert choice_summary(pinned) == "triton GEMV 2/2 shapes (1 pinned)"
     assert (
         choice_summary({"4096x4096": {"triton": True, "us": {}}, "pdl": "pdl"})
         == "triton GEMV 1/1 shapes, pdl"

@@ -310,7 +310,7 @@ def test_the_all_triton_layer_is_on_by_default_only_with_pdl(monkeypatch):
         return lambda x, w, b=None: x  # a Triton GEMV table (not F.linear)
 
     monkeypatch.setattr(cuda_decode, "fused_attention_kernel", lambda device: attention)
-    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st: ({(8, 8): "cfg"}, {}))
+    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st, pins=None: ({(8, 8): "cfg"}, {}))
     monkeypatch.setattr(cuda_decode, "make_linear", fake_linear)
     monkeypatch.setattr(cuda_decode, "triton_layer_configs", lambda w, choice: {"wqkv": "cfg"})
     monkeypatch.setattr(cuda_decode, "make_triton_layer", fake_layer)
@@ -346,7 +346,7 @@ def test_a_failed_warm_up_turns_off_pdl_only_where_it_was_used(monkeypatch):
     for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH", "HYPERLANE_TRITON_LAYER"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(cuda_decode, "fused_attention_kernel", lambda device: lambda *a, pdl=False: None)
-    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st: ({(8, 8): "cfg"}, {}))
+    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st, pins=None: ({(8, 8): "cfg"}, {}))
     monkeypatch.setattr(
         cuda_decode, "make_linear", lambda table, pdl=False, prefetch=False: lambda x, w, b=None: x
     )
@@ -369,6 +369,65 @@ def test_a_failed_warm_up_turns_off_pdl_only_where_it_was_used(monkeypatch):
     assert callable(gd.attention_kernel()) and gd.triton_layer() is None  # attention kept; no PDL, no layer
     gd.configure(False)
     assert gd.pdl() and callable(gd.triton_layer())
+
+
+def test_gemv_pins_set_shapes_rather_than_timing_them(monkeypatch):
+    """``HYPERLANE_GEMV_PIN``: ``NxK=NAME`` items pin a shape's decode product (a Triton config by its
+    timing-table name, or cuBLAS) in the product table and in the all-Triton layer, whatever the timings say;
+    shapes a stage lacks are ignored; a malformed item or an unknown name is refused with the valid names,
+    when the decoder is made (not at its first capture)."""
+    from types import SimpleNamespace
+
+    from hyperlane_lab.models.decode_fused import triton_layer_configs
+    from hyperlane_lab.models.decode_linear import apply_pins, gemv_pins
+
+    gk = _kernels().kernel_module("gemv")
+    by_name = {gk.config_name(c): c for c in gk.CONFIGS}
+    plain = [n for n, c in by_name.items() if c.split_k == 1]
+    split = next(n for n, c in by_name.items() if c.split_k > 1)
+    assert gemv_pins({}) == {} and gemv_pins({"HYPERLANE_GEMV_PIN": " "}) == {}
+    env = {"HYPERLANE_GEMV_PIN": f"4096x4096={plain[1]}, 4096x11008 = cublas,32000x4096={plain[2]},"}
+    pins = gemv_pins(env)
+    assert pins == {"4096x4096": plain[1], "4096x11008": "cublas", "32000x4096": plain[2]}
+    for bad in ("4096x4096", "4096=8x512w4s3", "4096x4096="):
+        with pytest.raises(ValueError, match="is not SHAPE=CONFIG"):
+            gemv_pins({"HYPERLANE_GEMV_PIN": bad})
+    with pytest.raises(ValueError, match=f"unknown config.*'9x9w1s1'.*valid: cublas, {plain[0]}"):
+        gemv_pins({"HYPERLANE_GEMV_PIN": "4096x4096=9x9w1s1"})
+    monkeypatch.setenv("HYPERLANE_GEMV_PIN", "4096x4096=nope")
+    with pytest.raises(ValueError, match="unknown config"):
+        GraphDecoder(_stages(SPEC, [], torch.float32, "cpu")[0])
+    monkeypatch.delenv("HYPERLANE_GEMV_PIN")
+
+    # the product table: pinned shapes take the pin (cuBLAS = None), the others keep their timed choice
+    fast = {"cublas": 30.0, **{n: 20.0 + i for i, n in enumerate(by_name)}}
+    table = {(4096, 4096): by_name[plain[0]], (4096, 11008): by_name[plain[0]], (12288, 4096): None}
+    choice = {f"{n}x{k}": {"triton": c is not None, "us": dict(fast)} for (n, k), c in table.items()}
+    apply_pins(table, choice, pins, by_name)  # 32000x4096: not in this stage, ignored
+    assert table == {(4096, 4096): by_name[plain[1]], (4096, 11008): None, (12288, 4096): None}
+    assert choice["4096x4096"]["pinned"] == plain[1] and choice["4096x4096"]["triton"] is True
+    assert choice["4096x11008"] == {"triton": False, "us": fast, "pinned": "cublas"}
+    assert "pinned" not in choice["12288x4096"] and "32000x4096" not in choice
+
+    # the all-Triton layer: a pinned role takes its pin even where another config timed faster
+    w = SimpleNamespace(wqkv=torch.empty(192, 64), wo=torch.empty(64, 64), w_gate_up=torch.empty(256, 64),
+                        w_down=torch.empty(64, 128))  # fmt: skip
+    timed = {
+        f"{n}x{k}": {"triton": True, "us": dict(fast)} for n, k in ((192, 64), (64, 64), (256, 64), (64, 128))
+    }
+    best = triton_layer_configs(w, timed)
+    assert best is not None and best["wo"] == by_name[plain[0]]  # the fastest timing
+    pinned = {
+        **timed,
+        "64x64": {**timed["64x64"], "pinned": split},
+        "192x64": {**timed["192x64"], "pinned": plain[3]},
+    }
+    got = triton_layer_configs(w, pinned)
+    assert got is not None and got["wo"] == by_name[split] and got["wqkv"] == by_name[plain[3]]
+    assert triton_layer_configs(w, {**timed, "64x64": {**timed["64x64"], "pinned": "cublas"}}) is None
+    assert (
+        triton_layer_configs(w, {**timed, "192x64": {**timed["192x64"], "pinned": split}}) is None
+    )  # normed
 
 
 def test_pooled_len_rounds_up_within_the_context():

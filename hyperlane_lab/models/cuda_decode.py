@@ -44,7 +44,7 @@ from hyperlane_lab.models.decode_fused import (
     make_triton_layer,
     triton_layer_configs,
 )
-from hyperlane_lab.models.decode_linear import LinearFn, choose_linears, env_flag, make_linear
+from hyperlane_lab.models.decode_linear import LinearFn, choose_linears, env_flag, gemv_pins, make_linear
 from hyperlane_lab.models.decode_static import (
     LayerFn,
     decode_attention,
@@ -150,6 +150,9 @@ class GraphDecoder:
         )  # the GEMVs' first tile early
         if self.pdl_prefetch and not self.pdl_enabled:
             log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
+        self.gemv_pins = (
+            gemv_pins()
+        )  # HYPERLANE_GEMV_PIN: shapes whose product is set, not timed (checked now)
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
@@ -232,7 +235,7 @@ class GraphDecoder:
         """The decode products' function: cuBLAS, or the Triton GEMV for the weight shapes where
         it measured faster on this card (``HYPERLANE_TRITON_GEMV=0``: cuBLAS only)."""
         if self._lin is None:
-            table, self.gemv_choice = choose_linears(self.stage)
+            table, self.gemv_choice = choose_linears(self.stage, self.gemv_pins)
             pdl = self._pdl_outside_layer()
             self._lin = make_linear(table, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
             if self.pdl_enabled:

@@ -133,7 +133,9 @@ def triton_layer_configs(
     """Per product role, the fastest Triton GEMV config from the decoder's timings (``choice``:
     ``decode_linear.choose_linears``' per-shape µs), or None when for some role cuBLAS is more
     than ``slack`` times faster (each fused product saves a ~2 µs kernel launch, so a Triton
-    product a few percent slower still wins) or a timing is missing."""
+    product a few percent slower still wins) or a timing is missing. A shape pinned by
+    ``HYPERLANE_GEMV_PIN`` (``choice[shape]["pinned"]``) takes its pinned config; pinned to cuBLAS, or to a
+    split-K config for a normed role, the layer is off (None)."""
     try:
         from hyperlane_lab.codecs._kernels import kernel_module
 
@@ -144,6 +146,16 @@ def triton_layer_configs(
     out: dict[str, Any] = {}
     for role in _ROLES:
         n, k = getattr(w, role).shape
+        pinned = choice.get(f"{n}x{k}", {}).get("pinned")
+        if pinned is not None:  # HYPERLANE_GEMV_PIN: this config, whatever the timings say
+            cfg = by_name.get(pinned)
+            if cfg is None or (role in _NORMED and cfg.split_k > 1):  # cuBLAS, or split-K under a norm
+                log.warning(
+                    "all-Triton layer off: %s is pinned to %s, which the layer cannot run", role, pinned
+                )
+                return None
+            out[role] = cfg
+            continue
         times = choice.get(f"{n}x{k}", {}).get("us", {})
         ok = {
             name: t

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from hyperlane_lab.models.stage import TorchStage
 
-__all__ = ["LinearFn", "choose_linears", "env_flag", "make_linear"]
+__all__ = ["LinearFn", "apply_pins", "choose_linears", "env_flag", "gemv_pins", "make_linear"]
 
 log = logging.getLogger("hyperlane_lab.models.cuda_decode")
 
@@ -57,9 +58,63 @@ def make_linear(table: dict[tuple[int, int], Any], pdl: bool = False, prefetch: 
     return lin
 
 
-def choose_linears(st: TorchStage) -> tuple[dict[tuple[int, int], Any], dict[str, Any]]:
+def gemv_pins(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``HYPERLANE_GEMV_PIN``: weight shapes whose decode product is pinned rather than chosen by timing,
+    as ``NxK=NAME`` items separated by commas (``4096x4096=8x512w4s3,4096x11008=cublas``; names as in the
+    timing tables, ``kernels/gemv.config_name``), e.g. to give two workers the same kernels. Raises
+    ValueError on an item that is not ``SHAPE=NAME`` or a name that is no GEMV config (listing them)."""
+    text = environ.get("HYPERLANE_GEMV_PIN", "").strip()
+    pins: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        shape, sep, name = (p.strip() for p in item.partition("="))
+        if not sep or not re.fullmatch(r"\d+x\d+", shape) or not name:
+            raise ValueError(
+                f"HYPERLANE_GEMV_PIN: {item!r} is not SHAPE=CONFIG (e.g. 4096x4096=8x512w4s3 or 4096x4096=cublas)"
+            )
+        pins[shape] = name
+    names = _config_names()
+    bad = sorted({n for n in pins.values() if n != "cublas"} - set(names)) if names else []
+    if bad:
+        raise ValueError(f"HYPERLANE_GEMV_PIN: unknown config(s) {bad}; valid: cublas, {', '.join(names)}")
+    return pins
+
+
+def _config_names() -> list[str]:
+    """The Triton GEMV configs' names, or [] without Triton (then pins are not checked here)."""
+    try:
+        from hyperlane_lab.codecs._kernels import kernel_module
+
+        gk = kernel_module("gemv")
+    except Exception:
+        return []
+    return [gk.config_name(c) for c in gk.CONFIGS]
+
+
+def apply_pins(
+    table: dict[tuple[int, int], Any],
+    choice: dict[str, Any],
+    pins: Mapping[str, str],
+    by_name: Mapping[str, Any],
+) -> None:
+    """Set each pinned shape this stage has (``table``) to its pinned config (``by_name[name]``, None for
+    "cublas"), marking ``choice[shape]["pinned"]``; pins for shapes the stage lacks are ignored (a split
+    stage holds no LM head)."""
+    for n, k in list(table):
+        name = pins.get(f"{n}x{k}")
+        if name is None:
+            continue
+        cfg = None if name == "cublas" else by_name[name]
+        table[(n, k)] = cfg
+        entry = choice.setdefault(f"{n}x{k}", {"us": {}})
+        entry.update(triton=cfg is not None, pinned=name)
+
+
+def choose_linears(
+    st: TorchStage, pins: Mapping[str, str] | None = None
+) -> tuple[dict[tuple[int, int], Any], dict[str, Any]]:
     """(weight shape -> ``GemvConfig`` or None for cuBLAS, per-shape timings in µs) for a CUDA
-    stage; empty on CPU or with ``HYPERLANE_TRITON_GEMV=0``. Failures keep cuBLAS."""
+    stage; empty on CPU or with ``HYPERLANE_TRITON_GEMV=0``. Failures keep cuBLAS. ``pins``
+    (``gemv_pins``): shapes whose config is set rather than chosen (still timed, for the report)."""
     table: dict[tuple[int, int], Any] = {}
     choice: dict[str, Any] = {}
     if st.device.type != "cuda" or not env_flag("HYPERLANE_TRITON_GEMV", True):
@@ -73,7 +128,8 @@ def choose_linears(st: TorchStage) -> tuple[dict[tuple[int, int], Any], dict[str
     try:
         from hyperlane_lab.codecs._kernels import kernel_module
 
-        choose_config = kernel_module("gemv").choose_config
+        gk = kernel_module("gemv")
+        choose_config = gk.choose_config
     except Exception as e:  # no Triton here: cuBLAS
         log.warning("stage %s: Triton GEMV not available (%s)", st.span, e)
         groups = {}
@@ -86,6 +142,8 @@ def choose_linears(st: TorchStage) -> tuple[dict[tuple[int, int], Any], dict[str
                 cfg, times = None, {}
             table[(n, k)] = cfg
             choice[f"{n}x{k}"] = {"triton": cfg is not None, "us": times}
+    if groups and pins:
+        apply_pins(table, choice, pins, {gk.config_name(c): c for c in gk.CONFIGS})
     if groups:
         log.info("stage %s: decode GEMV choice %s", st.span, choice)
     return table, choice
