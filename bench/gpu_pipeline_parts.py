@@ -268,8 +268,10 @@ def choice_summary(choices: dict[str, Any]) -> str:
     shapes = [v for k, v in choices.items() if re.fullmatch(r"\d+x\d+", k) and isinstance(v, dict)]
     words = [f"triton GEMV {sum(bool(v.get('triton')) for v in shapes)}/{len(shapes)} shapes"]
     pinned = sum("pinned" in v for v in shapes)
-    if pinned:
-        words[0] += f" ({pinned} pinned)"
+    unmatched = len(choices.get("pins_unmatched", []))
+    notes = [f"{pinned} pinned"] * bool(pinned) + [f"{unmatched} pins not in this stage"] * bool(unmatched)
+    if notes:
+        words[0] += f" ({', '.join(notes)})"
     layer = choices.get("triton_layer")
     if layer is not None:
         cfgs = (

@@ -123,6 +123,8 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
         "4096x11008": {"triton": True, "us": {}},
     }
     assert choice_summary(pinned) == "triton GEMV 2/2 shapes (1 pinned)"
+    pinned["pins_unmatched"] = ["11008x4096"]
+    assert choice_summary(pinned) == "triton GEMV 2/2 shapes (1 pinned, 1 pins not in this stage)"
     assert (
         choice_summary({"4096x4096": {"triton": True, "us": {}}, "pdl": "pdl"})
         == "triton GEMV 1/1 shapes, pdl"

@@ -62,3 +62,19 @@ def test_demo_in_process_prints_the_story(capsys: pytest.CaptureFixture[str]) ->
     assert all(
         s in out for s in ("[0, 2)", "[2, 4)", "[4, 5)")
     )  # the stage table lists the 3 half-open spans
+
+
+def test_worker_refuses_a_bad_gemv_pin_at_start(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HYPERLANE_GEMV_PIN`` is an operator's setting: a worker with a malformed one exits 1 with the reason
+    before it serves anything, rather than failing every session later."""
+    from hyperlane_lab.runtime import server
+
+    def started(config: object) -> None:  # fails the test rather than serving forever
+        raise AssertionError("the worker started with a bad HYPERLANE_GEMV_PIN")
+
+    monkeypatch.setattr(server, "_loop_for", started)
+    monkeypatch.setenv("HYPERLANE_GEMV_PIN", "4096x4096")
+    assert main(["worker", "0", "--device", "cpu", "--host", "127.0.0.1", "--no-advertise"]) == 1
+    assert "HYPERLANE_GEMV_PIN: '4096x4096' is not SHAPE=CONFIG" in capsys.readouterr().err

@@ -392,22 +392,46 @@ def test_gemv_pins_set_shapes_rather_than_timing_them(monkeypatch):
     for bad in ("4096x4096", "4096=8x512w4s3", "4096x4096="):
         with pytest.raises(ValueError, match="is not SHAPE=CONFIG"):
             gemv_pins({"HYPERLANE_GEMV_PIN": bad})
+    assert gemv_pins({"HYPERLANE_GEMV_PIN": f"04096x4096={plain[0]},4096x4096={plain[0]}"}) == {
+        "4096x4096": plain[0]
+    }
+    with pytest.raises(ValueError, match="4096x4096 is pinned twice"):
+        gemv_pins({"HYPERLANE_GEMV_PIN": f"4096x4096={plain[0]},4096x04096=cublas"})
     with pytest.raises(ValueError, match=f"unknown config.*'9x9w1s1'.*valid: cublas, {plain[0]}"):
         gemv_pins({"HYPERLANE_GEMV_PIN": "4096x4096=9x9w1s1"})
     monkeypatch.setenv("HYPERLANE_GEMV_PIN", "4096x4096=nope")
     with pytest.raises(ValueError, match="unknown config"):
         GraphDecoder(_stages(SPEC, [], torch.float32, "cpu")[0])
+    # the decoder hands its pins to the timing step
+    from hyperlane_lab.models import cuda_decode
+
+    seen = []
+    monkeypatch.setattr(cuda_decode, "choose_linears", lambda st, pins=None: (seen.append(pins), ({}, {}))[1])
+    monkeypatch.setenv("HYPERLANE_GEMV_PIN", f"64x64={plain[0]}")
+    GraphDecoder(_stages(SPEC, [], torch.float32, "cpu")[0]).linear()
+    assert seen == [{"64x64": plain[0]}]
     monkeypatch.delenv("HYPERLANE_GEMV_PIN")
 
     # the product table: pinned shapes take the pin (cuBLAS = None), the others keep their timed choice
     fast = {"cublas": 30.0, **{n: 20.0 + i for i, n in enumerate(by_name)}}
     table = {(4096, 4096): by_name[plain[0]], (4096, 11008): by_name[plain[0]], (12288, 4096): None}
     choice = {f"{n}x{k}": {"triton": c is not None, "us": dict(fast)} for (n, k), c in table.items()}
-    apply_pins(table, choice, pins, by_name)  # 32000x4096: not in this stage, ignored
+    apply_pins(table, choice, pins, by_name)  # 32000x4096: not in this stage, listed
     assert table == {(4096, 4096): by_name[plain[1]], (4096, 11008): None, (12288, 4096): None}
     assert choice["4096x4096"]["pinned"] == plain[1] and choice["4096x4096"]["triton"] is True
     assert choice["4096x11008"] == {"triton": False, "us": fast, "pinned": "cublas"}
     assert "pinned" not in choice["12288x4096"] and "32000x4096" not in choice
+    assert choice["pins_unmatched"] == ["32000x4096"]
+    # a pinned config that failed where the others were timed keeps the timed choice
+    table = {(4096, 4096): by_name[plain[0]]}
+    failed = {"4096x4096": {"triton": True, "us": {k: v for k, v in fast.items() if k != plain[1]}}}
+    apply_pins(table, failed, {"4096x4096": plain[1]}, by_name)
+    assert table == {(4096, 4096): by_name[plain[0]]} and failed["4096x4096"]["pin_failed"] == plain[1]
+    assert "pinned" not in failed["4096x4096"]
+    apply_pins(
+        table, failed, {"4096x4096": plain[1]}, by_name, timed=lambda n: plain[:1]
+    )  # not timed: pinned
+    assert table == {(4096, 4096): by_name[plain[1]]}
 
     # the all-Triton layer: a pinned role takes its pin even where another config timed faster
     w = SimpleNamespace(wqkv=torch.empty(192, 64), wo=torch.empty(64, 64), w_gate_up=torch.empty(256, 64),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,18 +60,27 @@ def make_linear(table: dict[tuple[int, int], Any], pdl: bool = False, prefetch: 
 
 def gemv_pins(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """``HYPERLANE_GEMV_PIN``: weight shapes whose decode product is pinned rather than chosen by timing,
-    as ``NxK=NAME`` items separated by commas (``4096x4096=8x512w4s3,4096x11008=cublas``; names as in the
-    timing tables, ``kernels/gemv.config_name``), e.g. to give two workers the same kernels. Raises
-    ValueError on an item that is not ``SHAPE=NAME`` or a name that is no GEMV config (listing them)."""
+    as ``NxK=NAME`` items separated by commas (``4096x4096=8x512w4s3,4096x11008=cublas``; N output rows, K
+    inputs; names as in the timing tables, ``kernels/gemv.config_name``), e.g. to give two workers the same
+    kernels. Raises ValueError on an item that is not ``SHAPE=NAME``, a shape given two names, or a name
+    that is no GEMV config (listing them; not checked without Triton, where pins do not apply)."""
     text = environ.get("HYPERLANE_GEMV_PIN", "").strip()
     pins: dict[str, str] = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         shape, sep, name = (p.strip() for p in item.partition("="))
-        if not sep or not re.fullmatch(r"\d+x\d+", shape) or not name:
+        m = re.fullmatch(r"(\d+)x(\d+)", shape)
+        if not sep or m is None or not name:
             raise ValueError(
                 f"HYPERLANE_GEMV_PIN: {item!r} is not SHAPE=CONFIG (e.g. 4096x4096=8x512w4s3 or 4096x4096=cublas)"
             )
+        shape = f"{int(m[1])}x{int(m[2])}"
+        if pins.get(shape, name) != name:
+            raise ValueError(
+                f"HYPERLANE_GEMV_PIN: {shape} is pinned twice ({pins[shape]}, {name}); give it once"
+            )
         pins[shape] = name
+    if not pins:
+        return pins
     names = _config_names()
     bad = sorted({n for n in pins.values() if n != "cublas"} - set(names)) if names else []
     if bad:
@@ -95,18 +104,33 @@ def apply_pins(
     choice: dict[str, Any],
     pins: Mapping[str, str],
     by_name: Mapping[str, Any],
+    timed: Callable[[int], Iterable[str]] | None = None,
 ) -> None:
     """Set each pinned shape this stage has (``table``) to its pinned config (``by_name[name]``, None for
-    "cublas"), marking ``choice[shape]["pinned"]``; pins for shapes the stage lacks are ignored (a split
-    stage holds no LM head)."""
+    "cublas"), marking ``choice[shape]["pinned"]``. A pinned config that failed where the others were timed
+    (``choice[shape]["us"]`` holds timings but not its own, e.g. too many registers for this card) keeps the
+    timed choice, marked ``"pin_failed"`` (``timed(n)``: the config names timed for n output rows; default
+    all). Pins for shapes the stage lacks are listed under
+    ``choice["pins_unmatched"]`` and logged (a split stage holds no LM head; a typo shows here)."""
     for n, k in list(table):
-        name = pins.get(f"{n}x{k}")
+        key = f"{n}x{k}"
+        name = pins.get(key)
         if name is None:
+            continue
+        entry = choice.setdefault(key, {"us": {}})
+        times = entry.get("us", {})
+        was_timed = name in (by_name if timed is None else set(timed(n)))
+        if name != "cublas" and len(times) > 1 and name not in times and was_timed:
+            log.warning("HYPERLANE_GEMV_PIN: %s=%s failed when timed; keeping the timed choice", key, name)
+            entry["pin_failed"] = name
             continue
         cfg = None if name == "cublas" else by_name[name]
         table[(n, k)] = cfg
-        entry = choice.setdefault(f"{n}x{k}", {"us": {}})
         entry.update(triton=cfg is not None, pinned=name)
+    unmatched = sorted(set(pins) - {f"{n}x{k}" for n, k in table})
+    if unmatched:
+        log.warning("HYPERLANE_GEMV_PIN: %s not in this stage's weight shapes %s", unmatched, sorted(choice))
+        choice["pins_unmatched"] = unmatched
 
 
 def choose_linears(
@@ -118,6 +142,8 @@ def choose_linears(
     table: dict[tuple[int, int], Any] = {}
     choice: dict[str, Any] = {}
     if st.device.type != "cuda" or not env_flag("HYPERLANE_TRITON_GEMV", True):
+        if pins and st.device.type == "cuda":
+            log.warning("HYPERLANE_GEMV_PIN ignored: HYPERLANE_TRITON_GEMV=0 keeps every product on cuBLAS")
         return table, choice
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     mats = [t for lw in st.weights.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
@@ -131,7 +157,12 @@ def choose_linears(
         gk = kernel_module("gemv")
         choose_config = gk.choose_config
     except Exception as e:  # no Triton here: cuBLAS
-        log.warning("stage %s: Triton GEMV not available (%s)", st.span, e)
+        log.warning(
+            "stage %s: Triton GEMV not available (%s)%s",
+            st.span,
+            e,
+            "; HYPERLANE_GEMV_PIN ignored" * bool(pins),
+        )
         groups = {}
     with torch.cuda.device(st.device):
         for (n, k), ws in sorted(groups.items()):
@@ -143,7 +174,8 @@ def choose_linears(
             table[(n, k)] = cfg
             choice[f"{n}x{k}"] = {"triton": cfg is not None, "us": times}
     if groups and pins:
-        apply_pins(table, choice, pins, {gk.config_name(c): c for c in gk.CONFIGS})
+        by_name = {gk.config_name(c): c for c in gk.CONFIGS}
+        apply_pins(table, choice, pins, by_name, lambda n: map(gk.config_name, gk.candidates(n)))
     if groups:
         log.info("stage %s: decode GEMV choice %s", st.span, choice)
     return table, choice

@@ -152,6 +152,13 @@ def _loop_for(config: WorkerConfig) -> tuple[asyncio.AbstractEventLoop, BusyPoll
 
 
 def run_worker(config: WorkerConfig) -> int:
+    from hyperlane_lab.models.decode_linear import gemv_pins
+
+    try:  # an operator's setting: refused at start, not at the first session
+        gemv_pins()
+    except ValueError as e:
+        print(f"hyperlane worker: {e}", file=sys.stderr)
+        return 1
     if config.cpus:
         from hyperlane_lab.runtime.cpus import pin_process, resolve_cpus
         from hyperlane_lab.runtime.worker_config import resolve_device
