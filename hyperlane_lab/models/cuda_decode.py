@@ -144,15 +144,12 @@ class GraphDecoder:
         self._pdl_auto = "HYPERLANE_PDL" not in os.environ and self.whole_in_process
         self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", self.whole_in_process)
         self.pdl_enabled = env_flag("HYPERLANE_PDL", self.whole_in_process)
-        prefetch_default = self.whole_in_process and self.pdl_enabled
-        self.pdl_prefetch = env_flag(
-            "HYPERLANE_PDL_PREFETCH", prefetch_default
-        )  # the GEMVs' first tile early
+        # the GEMVs' first weight tile read before the wait (with PDL only)
+        self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", self.whole_in_process and self.pdl_enabled)
         if self.pdl_prefetch and not self.pdl_enabled:
             log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
-        self.gemv_pins = (
-            gemv_pins()
-        )  # HYPERLANE_GEMV_PIN: shapes whose product is set, not timed (checked now)
+        # HYPERLANE_GEMV_PIN: shapes whose product is set rather than timed (checked here, not at a capture)
+        self.gemv_pins = gemv_pins()
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()

@@ -110,8 +110,8 @@ def apply_pins(
     "cublas"), marking ``choice[shape]["pinned"]``. A pinned config that failed where the others were timed
     (``choice[shape]["us"]`` holds timings but not its own, e.g. too many registers for this card) keeps the
     timed choice, marked ``"pin_failed"`` (``timed(n)``: the config names timed for n output rows; default
-    all). Pins for shapes the stage lacks are listed under
-    ``choice["pins_unmatched"]`` and logged (a split stage holds no LM head; a typo shows here)."""
+    all). Pins for shapes the stage lacks are listed under ``choice["pins_unmatched"]`` and logged (a split
+    stage holds no LM head; a typo shows here)."""
     for n, k in list(table):
         key = f"{n}x{k}"
         name = pins.get(key)
@@ -157,12 +157,8 @@ def choose_linears(
         gk = kernel_module("gemv")
         choose_config = gk.choose_config
     except Exception as e:  # no Triton here: cuBLAS
-        log.warning(
-            "stage %s: Triton GEMV not available (%s)%s",
-            st.span,
-            e,
-            "; HYPERLANE_GEMV_PIN ignored" * bool(pins),
-        )
+        ignored = "; HYPERLANE_GEMV_PIN ignored" if pins else ""
+        log.warning("stage %s: Triton GEMV not available (%s)%s", st.span, e, ignored)
         groups = {}
     with torch.cuda.device(st.device):
         for (n, k), ws in sorted(groups.items()):
