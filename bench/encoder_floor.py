@@ -46,9 +46,8 @@ def _kernels() -> Any:
         g = tl.program_id(0).to(tl.int64) * GP + tl.arange(0, GP)
         k = tl.arange(0, 32)
         w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + g[:, None] * 32 + k[None, :])
-        if (
-            MODE == 2
-        ):  # "lite": fp32 halves, scale = absmax / 7, q = round(v * (7 / absmax)) (no exact division)
+        # "lite": fp32 halves, scale = absmax / 7, q = round(v * (7 / absmax)) (no exact division)
+        if MODE == 2:
             lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             amax = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)

@@ -257,9 +257,8 @@ def _configure(
     gd.configure(comp)
     gd.triton_layer_enabled = layer
     gd.pdl_enabled, gd.pdl_prefetch = pdl, prefetch
-    gd._layer_auto = gd._pdl_auto = (
-        False  # each piece as the variant says (not the in-process default's rule)
-    )
+    # each piece as the variant says (not the in-process default's rule)
+    gd._layer_auto = gd._pdl_auto = False
     gd.fallbacks.clear()  # configure() keeps them; each variant records only its own
 
 

@@ -98,6 +98,12 @@ class TorchStage(StageSessions):
         if self._graphs is not None:
             self._graphs.release(cache)
 
+    def serve_in_worker(self) -> None:
+        """Mark this stage as a worker's (``runtime.worker``): its decoder keeps the in-process-only
+        defaults off (``cuda_decode.GraphDecoder``); a decoder made before is dropped, to be made again."""
+        self.in_worker = True
+        self._graphs = None
+
     def decode_choices(self) -> dict[str, Any]:
         """The CUDA decoder's kernel choices so far (``GraphDecoder.gemv_choice``: per weight shape the
         Triton GEMV or cuBLAS with the timings in µs, the all-Triton layer, the PDL mode); empty before
