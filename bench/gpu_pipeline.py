@@ -257,8 +257,12 @@ def _configure(
     gd.configure(comp)
     gd.triton_layer_enabled = layer
     gd.pdl_enabled, gd.pdl_prefetch = pdl, prefetch
-    # each piece as the variant says (not the in-process default's rule)
-    gd._layer_auto = gd._pdl_auto = False
+    # each piece as the variant says (not the in-process default's rule); with the all-Triton layer PDL
+    # launches that layer only (the LM head's product and batch > 1 steps plain), as the in-process default
+    # does since the twenty-second session; without it, the compiled layer's kernels (the variant's point).
+    # Until the twenty-third session the layer variants also launched the LM head's product with PDL.
+    gd._layer_auto = False
+    gd._pdl_auto = layer
     gd.fallbacks.clear()  # configure() keeps them; each variant records only its own
 
 
@@ -337,6 +341,39 @@ def kernel_profile(stage: TorchStage, steps: int = 5) -> dict[str, Any]:
         "gemm_us_per_step": gemm,
         "kernels_per_step": sum(r[2] for r in rows),
         "top": [{"kernel": k[:90], "us_per_step": round(t, 1), "calls_per_step": c} for k, t, c in rows[:12]],
+        "sequence": device_sequence(prof.events(), steps),
+    }
+
+
+def device_sequence(events: Any, steps: int) -> dict[str, Any]:
+    """The device events of the profiled steps in start order, each with what it added to the GPU's busy
+    time: ``added`` = its end past the latest end before it (a kernel launched with PDL starts early and
+    waits, so its own duration overlaps its predecessor's; ``added`` does not), ``gap`` = idle time
+    before it. Returns the middle step's list and, per event name, the added µs per step over all."""
+    ev = sorted((e for e in events if _is_kernel(e) and e.time_range.end > e.time_range.start),
+                key=lambda e: e.time_range.start)  # fmt: skip
+    rows, end, t0 = [], None, None
+    by_name: dict[str, float] = {}
+    gaps = 0.0
+    for e in ev:
+        s, f = e.time_range.start, e.time_range.end
+        t0 = s if t0 is None else t0
+        gap = 0.0 if end is None else max(0.0, s - end)
+        added = f - s if end is None else max(0.0, f - max(s, end))
+        end = f if end is None else max(end, f)
+        gaps += gap
+        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + added
+        rows.append((e.name[:60], round(s - t0, 2), round(f - s, 2), round(added, 2), round(gap, 2)))
+    n = len(rows) // max(1, steps)
+    mid = rows[n * (steps // 2) : n * (steps // 2 + 1)] if n else rows
+    return {
+        "events_per_step": n,
+        "span_us_per_step": 0.0 if not ev else (end - t0) / steps,
+        "gap_us_per_step": gaps / steps,
+        "added_us_per_step": {
+            k: round(v / steps, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])
+        },
+        "middle_step": [dict(zip(("name", "start_us", "dur_us", "added_us", "gap_us"), r)) for r in mid],
     }
 
 

@@ -76,9 +76,9 @@ def _decode_attn_kernel(
     BF16: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
-    if PDL:  # every input (positions, qkv, caches) is read after the previous kernel has finished
-        gdc_launch_dependents()
-        gdc_wait()
+    # Before the wait (PDL), only what no kernel of this step writes: the position (copied in before the
+    # step's first kernel), the RoPE tables and the cache slots before the position (written by earlier
+    # steps); the new q/k/v come from the kernel before this one, so they are read after the wait.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -88,6 +88,9 @@ def _decode_attn_kernel(
     # cached keys [lo, hi) are read; key g (the new one) comes from registers, never read back
     hi = g
     lo = tl.where(window > 0, tl.maximum(g - window + 1, 0), 0)
+    per = (hi - lo + n_split - 1) // n_split  # contiguous chunk of [lo, hi) per split (may be empty)
+    start = lo + s * per
+    end = tl.minimum(start + per, hi)
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
@@ -95,6 +98,17 @@ def _decode_attn_kernel(
     rot = tl.where(first, d + D // 2, d - D // 2)  # rotate_half(x)[d] = sign * x[rot]
     cos = tl.load(cos_ptr + g * D + d, mask=dmask, other=0.0)
     sin = tl.load(sin_ptr + g * D + d, mask=dmask, other=0.0) * tl.where(first, -1.0, 1.0)
+    base = (b * HKV + h) * n_slots * D
+    j = tl.arange(0, BLOCK_L)
+    jj = start + j  # the first block of keys, loaded early
+    kvmask = (jj < end)[:, None] & dmask[None, :]
+    offs = base + jj[:, None] * D + d[None, :]
+    kb = tl.load(kc_ptr + offs, mask=kvmask, other=0.0)  # [BLOCK_L, BLOCK_D]
+    vb = tl.load(vc_ptr + offs, mask=kvmask, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
     row = qkv_ptr + b * ((HQ + 2 * HKV) * D)
     gi = tl.arange(0, BLOCK_G)
     qo = (h * G + gi)[:, None] * D
@@ -108,7 +122,6 @@ def _decode_attn_kernel(
     k_new = _rounded(k * cos + kr * sin, kc_ptr, BF16)
     v_new = tl.load(row + (HQ + HKV + h) * D + d, mask=dmask, other=0.0)
 
-    base = (b * HKV + h) * n_slots * D
     slot = tl.where(valid, p, n_slots - 1)
     owner = s == 0  # split 0 stores the new key/value and folds it into its softmax state
     smask = dmask & (d * 0 + s == 0)  # a [BLOCK_D] mask (the interpreter rejects scalar-broadcast masks)
@@ -121,25 +134,23 @@ def _decode_attn_kernel(
     den = tl.where(owner, 1.0, 0.0) + tl.zeros_like(score_new)
     acc = den[:, None] * v_new.to(tl.float32)[None, :]  # [BLOCK_G, BLOCK_D]
 
-    per = (hi - lo + n_split - 1) // n_split  # contiguous chunk of [lo, hi) per split (may be empty)
-    start = lo + s * per
-    end = tl.minimum(start + per, hi)
-    j = tl.arange(0, BLOCK_L)
     for j0 in range(start, end, BLOCK_L):
-        jj = j0 + j
-        jmask = jj < end
-        offs = base + jj[:, None] * D + d[None, :]
-        kvmask = jmask[:, None] & dmask[None, :]
-        kb = tl.load(kc_ptr + offs, mask=kvmask, other=0.0).to(tl.float32)  # [BLOCK_L, BLOCK_D]
-        sc = tl.sum(q[:, None, :] * kb[None, :, :], axis=2)  # [BLOCK_G, BLOCK_L]
+        jmask = (j0 + j) < end
+        nj = j0 + BLOCK_L + j  # the next block's loads go out before this block's arithmetic
+        nmask = (nj < end)[:, None] & dmask[None, :]
+        noffs = base + nj[:, None] * D + d[None, :]
+        kn = tl.load(kc_ptr + noffs, mask=nmask, other=0.0)
+        vn = tl.load(vc_ptr + noffs, mask=nmask, other=0.0)
+        sc = tl.sum(q[:, None, :] * kb.to(tl.float32)[None, :, :], axis=2)  # [BLOCK_G, BLOCK_L]
         sc = tl.where(jmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))
         alpha = tl.exp(m - m_new)
         pr = tl.exp(sc - m_new[:, None])
-        vb = tl.load(vc_ptr + offs, mask=kvmask, other=0.0).to(tl.float32)
         den = den * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * vb[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * vb.to(tl.float32)[None, :, :], axis=1)
         m = m_new
+        kb = kn
+        vb = vn
 
     r = b * HQ + h * G + gi  # output row (b, query head)
     if PARTIAL:

@@ -7,11 +7,16 @@ that kernel has finished and its writes are visible. The kernel before it lets i
 ramp-up between two kernels of a decode step's chain (see ``bench/pdl_probe.py``).
 
 The rule every kernel here follows when its ``PDL`` switch is on: ``gdc_launch_dependents()`` then
-``gdc_wait()`` before its first load or store of anything another kernel writes or reads (inputs, outputs,
-caches); weights may be read before the wait (``gemv(prefetch=True)``). Since each kernel of a chain waits for
-the one before it to complete, and completes only after its own wait, every earlier kernel has completed too.
-An early weight read may run while several earlier kernels still run, so nothing in a decode step may write a
-weight (a dequantizing or merging kernel would race with it).
+``gdc_wait()`` before its first load or store of anything another kernel of the step writes (inputs, outputs,
+the new cache entry); what no kernel of the step writes may be read before the wait: weights
+(``gemv(prefetch=True)``), and in the attention kernel the positions, the RoPE tables and the cache slots
+before the position. Those were written before the step's chain began: a chain starts after a plainly
+launched kernel or a copy (the step's first), which waits for all earlier work, and the positions are
+copied in before it; earlier steps' cache entries were written by earlier replays. Since each kernel of a
+chain waits for the one before it to complete, and completes only after its own wait, every earlier kernel
+has completed too. An early read may run while several earlier kernels still run, so nothing in a decode
+step may write a weight (a dequantizing or merging kernel would race with it), the positions, or a cache slot
+other than the step's own.
 A kernel launched without PDL after one launched with it waits for it as usual.
 
 Layout: ``gdc_wait`` / ``gdc_launch_dependents`` (re-exported from Triton, None where Triton lacks them) ->

@@ -371,6 +371,42 @@ def test_a_failed_warm_up_turns_off_pdl_only_where_it_was_used(monkeypatch):
     assert gd.pdl() and callable(gd.triton_layer())
 
 
+def test_the_greedy_kernel_serves_small_batches_on_cuda_and_falls_back(monkeypatch):
+    """The one-launch greedy kernel serves up to GREEDY_ROWS rows of a CUDA stage; CPU stages, wider batches
+    and ``HYPERLANE_TRITON_GREEDY=0`` keep the torch ops; a kernel that fails its warm-up is turned off
+    (recorded in ``fallbacks``) and the torch ops give the result."""
+    from hyperlane_lab.models import cuda_decode
+
+    monkeypatch.delenv("HYPERLANE_TRITON_GREEDY", raising=False)
+    st = _stages(SPEC, [], torch.float32, "cpu")[0]
+    logits = torch.randn(2, 97)
+    assert GraphDecoder(st).pack_fn(1) is cuda_decode.greedy_pack  # a CPU stage
+    calls: list[int] = []
+
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return cuda_decode.greedy_pack(x)
+
+    gd = GraphDecoder(st)
+    gd._greedy = kernel  # as found on a CUDA device
+    rows = cuda_decode.GREEDY_ROWS
+    assert gd.pack_fn(rows) is kernel and gd.pack_fn(rows + 1) is cuda_decode.greedy_pack
+    pack, out = gd._warm_pack(logits)
+    assert pack is kernel and calls == [2] and torch.equal(out, cuda_decode.greedy_pack(logits))
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no kernel image")
+
+    gd._greedy = broken
+    pack, out = gd._warm_pack(logits)
+    assert pack is cuda_decode.greedy_pack and torch.equal(out, cuda_decode.greedy_pack(logits))
+    assert gd.fallbacks == ["Triton greedy: RuntimeError: no kernel image"] and gd.pack_fn(1) is pack
+    monkeypatch.setenv("HYPERLANE_TRITON_GREEDY", "0")
+    gd = GraphDecoder(st)
+    monkeypatch.setattr(gd.stage, "device", torch.device("cuda", 0))  # as a CUDA stage: still torch
+    assert gd.pack_fn(1) is cuda_decode.greedy_pack
+
+
 def test_gemv_pins_set_shapes_rather_than_timing_them(monkeypatch):
     """``HYPERLANE_GEMV_PIN``: ``NxK=NAME`` items pin a shape's decode product (a Triton config by its
     timing-table name, or cuBLAS) in the product table and in the all-Triton layer, whatever the timings say;

@@ -977,6 +977,45 @@ def test_triton_decode_layer_matches_the_static_layer(family: str) -> None:
         assert torch.allclose(kc_a, kc_b, atol=1e-5) and torch.allclose(vc_a, vc_b, atol=1e-5), p
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 32000), (3, 5000), (2, 1), (1, 4096), (1, 4097)])
+def test_greedy_kernel_equals_torch_argmax_and_finite_check(
+    dtype: torch.dtype, rows: int, vocab: int
+) -> None:
+    """``kernels/greedy.py`` gives ``torch.argmax`` (first maximal index: ties planted inside a block and
+    across blocks) and the any-non-finite flag of the torch form, for one and several rows, vocabularies
+    below, at and past a block, every dtype; a NaN or an Inf in any row sets the flag and leaves the ids in
+    range."""
+    mod = kernel_module("greedy")
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    if vocab > 10:
+        top = x[0].float().max() + 1
+        x[0, vocab // 3] = x[0, vocab // 3 + 1] = x[0, vocab - 1] = top  # the first one wins
+    got = mod.greedy_pack(x.to(DEVICE)).cpu()
+    assert torch.equal(got, mod.greedy_pack_ref(x)), (got, mod.greedy_pack_ref(x))
+    assert got[-1] == 0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[rows - 1, vocab // 2] = bad
+        got = mod.greedy_pack(y.to(DEVICE)).cpu()
+        assert got[-1] == 1 and ((got[:-1] >= 0) & (got[:-1] < vocab)).all(), (bad, got)
+        if bad == -float("inf"):  # the ids still hold where the maximum is finite
+            assert torch.equal(got[:-1], y.float().argmax(dim=-1))
+
+
+def test_greedy_kernel_rejects_bad_logits() -> None:
+    mod = kernel_module("greedy")
+    with pytest.raises(ValueError, match=r"must be \[B, V\]"):
+        mod.greedy_pack(torch.zeros(2, 3, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"dtype torch\.int64"):
+        mod.greedy_pack(torch.zeros(1, 4, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        mod.greedy_pack(torch.zeros(4, 3, device=DEVICE).t())
+    with pytest.raises(ValueError, match="at most 262144 logits"):
+        mod.greedy_pack(torch.zeros(1, 262145, device=DEVICE))
+
+
 # ---------------------------------------------------------------------------- the armed step's gate
 
 

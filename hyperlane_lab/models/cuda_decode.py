@@ -70,6 +70,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+GREEDY_ROWS = 4  # the Triton greedy kernel's rows at most (it walks them one after another)
+
 
 @dataclass
 class _Graph:
@@ -148,6 +150,11 @@ class GraphDecoder:
         self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", self.whole_in_process and self.pdl_enabled)
         if self.pdl_prefetch and not self.pdl_enabled:
             log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
+        # a last stage's greedy ids and non-finite flag for up to GREEDY_ROWS rows in one Triton launch
+        # (kernels/greedy.py) instead of ~10 torch kernels: +0.5% 1-GPU decode on an H200 (bench/tail_ab.py,
+        # twenty-third session). HYPERLANE_TRITON_GREEDY=0: the torch ops.
+        self.triton_greedy_enabled = env_flag("HYPERLANE_TRITON_GREEDY", True)
+        self._greedy: Callable[[torch.Tensor], torch.Tensor] | bool | None = None
         # HYPERLANE_GEMV_PIN: shapes whose product is set rather than timed (checked here, not at a capture)
         self.gemv_pins = gemv_pins()
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
@@ -294,6 +301,40 @@ class GraphDecoder:
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
                     self.gemv_choice["triton_layer_pdl"] = self.pdl_mode()
         return self._tlayer if callable(self._tlayer) else None
+
+    def pack_fn(self, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The in-graph greedy choice of a last stage's ``batch`` rows: the one-launch Triton kernel
+        (``kernels/greedy.py``; it walks the rows one after another, so up to ``GREEDY_ROWS``) on CUDA unless
+        ``HYPERLANE_TRITON_GREEDY=0`` or it failed once here; else ``greedy_pack`` (torch)."""
+        if self._greedy is None:
+            self._greedy = False
+            if self.triton_greedy_enabled and self.stage.device.type == "cuda":
+                try:
+                    from hyperlane_lab.codecs._kernels import kernel_module
+
+                    self._greedy = kernel_module("greedy").greedy_pack
+                except Exception as e:  # no Triton here
+                    log.debug("no Triton greedy kernel: %s", e)
+        if callable(self._greedy) and batch <= GREEDY_ROWS:
+            return self._greedy
+        return greedy_pack
+
+    def _warm_pack(self, logits: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """``pack_fn`` for ``logits``' rows and its result, run once outside a capture; a Triton kernel that
+        fails here is turned off (``fallbacks``) and the torch form used."""
+        pack = self.pack_fn(logits.shape[0])
+        try:
+            return pack, pack(logits)
+        except Exception as e:
+            if pack is greedy_pack:
+                raise
+            why = f"{type(e).__name__}: {e}"[:300]
+            log.warning(
+                "stage %s: Triton greedy kernel failed (%s); using the torch ops", self.stage.span, why
+            )
+            self.fallbacks.append(f"Triton greedy: {why}")
+            self._greedy = False
+            return greedy_pack, greedy_pack(logits)
 
     def layer_fn(self) -> LayerFn:
         """The decode layer the graph captures: with the attention kernel when it applies
@@ -512,18 +553,18 @@ class GraphDecoder:
                     except Exception as e:
                         if not self._degrade(e, used_tlayer=b == 1):
                             raise
-                gp = greedy_pack(warm) if st.is_last else None  # warms its kernels too
+                pack, gp = self._warm_pack(warm) if st.is_last else (greedy_pack, None)  # warms its kernels
                 if wire is not None:
                     wio = make_wire_io(wire, st.is_first, st.is_last, x_in, warm, gp)
                     io_host.zero_()
                     io_host[1] = -1  # as the warm-up: padding positions (trash slot)
-                    wire_out(wio, greedy_pack(run()) if st.is_last else run())  # warm the codec kernels
+                    wire_out(wio, pack(run()) if st.is_last else run())  # warm the codec kernels
                 graph = torch.cuda.CUDAGraph()
                 # own memory pool per graph: a decode step's intermediates are small, and a shared
                 # pool handle dies with the last graph that used it (a later capture on it asserts)
                 with graph_capture(graph):
                     out = run()
-                    greedy = greedy_pack(out) if st.is_last else None
+                    greedy = pack(out) if st.is_last else None
                     if wio is not None:
                         wire_out(wio, greedy if greedy is not None else out)
             torch.cuda.current_stream(dev).wait_stream(side)
