@@ -368,6 +368,7 @@ def device_sequence(events: Any, steps: int) -> dict[str, Any]:
     mid = rows[n * (steps // 2) : n * (steps // 2 + 1)] if n else rows
     return {
         "events_per_step": n,
+        "uneven": len(rows) != n * steps,  # steps of unequal event counts: middle_step may straddle two
         "span_us_per_step": 0.0 if not ev else (end - t0) / steps,
         "gap_us_per_step": gaps / steps,
         "added_us_per_step": {

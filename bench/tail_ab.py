@@ -9,6 +9,9 @@ layer with PDL and the first tile early):
               layer's qkv product folds its norm), launched plainly, + the greedy kernel (this script's own
               head, patched into ``decode_static._head``: not in the library, it measured no gain)
   head_pdl    that GEMV launched with PDL and its first tile early, + the greedy kernel
+  pin:SPEC    the default with GEMV configs pinned (HYPERLANE_GEMV_PIN's form, "+" between shapes, e.g.
+              pin:12288x4096=4x1024w4s3+4096x4096=8x512w4s3); every variant's GEMVs are timed again when its
+              pins differ from the one before it, so pin every role to compare one product's config alone
 Run in the order given, then reversed (A B C D D C B A), so drift shows. Per variant: generate() decode
 tok/s (run-ahead loop) and the device step (host free to run ahead), with the weight-read roofline from a
 device-to-device copy in the same process. Writes JSON and prints a table. Usage:
@@ -33,6 +36,7 @@ from hyperlane_lab.codecs._kernels import kernel_module
 from hyperlane_lab.generation.pipeline import InProcessPipeline
 from hyperlane_lab.models import TorchStage, decode_static
 from hyperlane_lab.models.cuda_decode import GraphDecoder
+from hyperlane_lab.models.decode_linear import gemv_pins
 from hyperlane_lab.types import LayerSpan
 
 VARIANTS = ("torch_tail", "greedy", "head_plain", "head_pdl")
@@ -61,9 +65,19 @@ def folded_head(gd: GraphDecoder, pdl: bool) -> Any:
     return head
 
 
+def variant_pins(name: str) -> dict[str, str]:
+    """The GEMV pins of a ``pin:SPEC`` variant ({} for the others); ValueError on a bad SPEC."""
+    if not name.startswith("pin:"):
+        return {}
+    return gemv_pins({"HYPERLANE_GEMV_PIN": name[len("pin:") :].replace("+", ",")})
+
+
 def set_variant(gd: GraphDecoder, name: str) -> None:
     """Put the decoder in one variant; its graphs are captured again at the next session."""
     gd.configure(gd.compile_layers)
+    pins = variant_pins(name)
+    if pins != gd.gemv_pins:  # chosen again, with these pins
+        gd.gemv_pins, gd._lin = pins, None
     gd.linear()  # the GEMV timings (kept across configure())
     gd.triton_greedy_enabled = name != "torch_tail"
     gd._greedy = False if name == "torch_tail" else None
@@ -80,9 +94,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/tail_ab.json")
     args = ap.parse_args()
     names = args.variants.split(",")
-    bad = [n for n in names if n not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variants {bad}; valid: {', '.join(VARIANTS)}")
+    bad = [n for n in names if n not in VARIANTS and not n.startswith("pin:")]
+    if bad or len(set(names)) != len(names):
+        raise SystemExit(
+            f"unknown or repeated variants {bad or names}; valid: {', '.join(VARIANTS)}, pin:SPEC"
+        )
+    try:
+        for n in names:
+            variant_pins(n)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not torch.cuda.is_available():
         raise SystemExit("tail_ab.py needs a CUDA GPU")
     spec = gp.spec_for(args.model)
@@ -93,15 +114,19 @@ def main() -> None:
     prompt = gp.prompt_ids(32, spec.vocab_size)
     gd = stage.graph_decoder()
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for name in [*names, *reversed(names)]:
-        set_variant(gd, name)
-        d = gp.gen_decode(pipe, prompt, args.decode_tokens, args.reps)
-        d["device_step_s"] = gp.device_step_s(stage)
-        d["fallbacks"] = list(gd.fallbacks)
-        runs[name].append(d)
-        print(f"  {name}: {d['tok_s']:.1f} tok/s, device step {d['device_step_s'] * 1e6:.1f} µs", flush=True)
-    decode_static._head = TORCH_HEAD  # type: ignore[assignment]
-    gd.triton_greedy_enabled, gd._greedy = True, None
+    try:
+        for name in [*names, *reversed(names)]:
+            set_variant(gd, name)
+            d = gp.gen_decode(pipe, prompt, args.decode_tokens, args.reps)
+            d["device_step_s"] = gp.device_step_s(stage)
+            d["fallbacks"] = list(gd.fallbacks)
+            d["triton_layer"] = gd.gemv_choice.get("triton_layer")  # the configs the layer ran
+            runs[name].append(d)
+            print(
+                f"  {name}: {d['tok_s']:.1f} tok/s, device step {d['device_step_s'] * 1e6:.1f} µs", flush=True
+            )
+    finally:
+        decode_static._head = TORCH_HEAD  # type: ignore[assignment]
     base = statistics.median(r["tok_s"] for r in runs[names[0]])
     out = {
         "gpu": torch.cuda.get_device_name(0),

@@ -11,8 +11,10 @@ The rule every kernel here follows when its ``PDL`` switch is on: ``gdc_launch_d
 the new cache entry); what no kernel of the step writes may be read before the wait: weights
 (``gemv(prefetch=True)``), and in the attention kernel the positions, the RoPE tables and the cache slots
 before the position. Those were written before the step's chain began: a chain starts after a plainly
-launched kernel or a copy (the step's first), which waits for all earlier work, and the positions are
-copied in before it; earlier steps' cache entries were written by earlier replays. Since each kernel of a
+launched kernel or a copy inside the step's graph (the embedding, the wire input's copy), or is the graph's
+first node (a later stage's first product), and a graph launch waits for all earlier work on its stream; the
+positions are copied in before or at the graph's start, and earlier steps' cache entries were written by
+earlier replays. Since each kernel of a
 chain waits for the one before it to complete, and completes only after its own wait, every earlier kernel
 has completed too. An early read may run while several earlier kernels still run, so nothing in a decode
 step may write a weight (a dequantizing or merging kernel would race with it), the positions, or a cache slot

@@ -130,3 +130,45 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
         == "triton GEMV 1/1 shapes, pdl"
     )
     assert choice_summary({}) == "none reported"
+
+
+def test_device_sequence_splits_busy_time_among_overlapping_kernels() -> None:
+    """``gpu_pipeline.device_sequence``: each event's added time is how far it moves the end of the busy time
+    (a PDL kernel that starts early and waits adds only its tail), gaps are idle time, and added plus gaps
+    make up the whole span; checked against a brute-force walk over a 0.125 µs grid."""
+    import random
+    from types import SimpleNamespace as NS
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gpu_pipeline", SCRIPT)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rng = random.Random(7)
+    events, t = [], 0.0
+    for _step in range(3):
+        for name in ("gemv", "attn", "gemv", "argmax"):
+            start = t  # PDL: a kernel may start before the last one ends, never before it started
+            if events:
+                start = max(events[-1].time_range.start + 0.25, t - rng.choice([0.0, 2.5, 6.0]))
+            t = max(t, start) + rng.choice([0.5, 1.0, 3.0, 8.0])
+            events.append(NS(name=name, device_type=None, time_range=NS(start=start, end=t)))
+            t += rng.choice([0.0, 0.0, 1.5])  # sometimes idle
+    seq = mod.device_sequence(list(reversed(events)), steps=3)  # any input order
+    assert seq["events_per_step"] == 4 and [e["name"] for e in seq["middle_step"]] == [
+        "gemv",
+        "attn",
+        "gemv",
+        "argmax",
+    ]
+    assert seq["middle_step"][0]["start_us"] == events[4].time_range.start - events[0].time_range.start
+    grid = [i * 0.125 for i in range(int(t / 0.125) + 1)]  # every time is a multiple of 0.25
+    busy = sum(0.125 for g in grid[:-1] if any(e.time_range.start <= g < e.time_range.end for e in events))
+    added = sum(seq["added_us_per_step"].values()) * 3
+    assert abs(added - busy) < 1e-6
+    assert abs(added + seq["gap_us_per_step"] * 3 - seq["span_us_per_step"] * 3) < 1e-6
+    for e in seq["middle_step"]:
+        assert 0 <= e["added_us"] <= e["dur_us"]

@@ -992,9 +992,16 @@ def test_greedy_kernel_equals_torch_argmax_and_finite_check(
     if vocab > 10:
         top = x[0].float().max() + 1
         x[0, vocab // 3] = x[0, vocab // 3 + 1] = x[0, vocab - 1] = top  # the first one wins
+        r = rows - 1  # the last row: a tie across the first block boundary (4095 / 4096) where there is one
+        a, b = (4095, 4096) if vocab > 4096 else (vocab - 2, vocab - 1)
+        x[r, a] = x[r, b] = x[r].float().max() + 2
     got = mod.greedy_pack(x.to(DEVICE)).cpu()
     assert torch.equal(got, mod.greedy_pack_ref(x)), (got, mod.greedy_pack_ref(x))
     assert got[-1] == 0
+    # all logits negative, the maximum in the last (partial) block: masked lanes must never win
+    neg = -(torch.rand(rows, vocab, generator=g) + 1).to(dtype)
+    neg[:, vocab - 1] = -0.5
+    assert torch.equal(mod.greedy_pack(neg.to(DEVICE)).cpu(), mod.greedy_pack_ref(neg))
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
         y[rows - 1, vocab // 2] = bad

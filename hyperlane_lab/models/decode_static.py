@@ -100,7 +100,10 @@ def static_decode_step(
         h = F.embedding(x, w.embed)
     else:
         h = x
-    if fused:  # the attention kernel builds slots, RoPE and masks from the positions itself
+    # fused: the attention kernel builds slots, RoPE and masks from the positions itself; launched with PDL it
+    # reads them (and older cache slots) before waiting for the kernel before it, so nothing in a step may
+    # write the positions or another step's cache slots (kernels/pdl.py)
+    if fused:
         for i, layer in enumerate(stage.span.layers()):
             window = spec.layer_window(layer)
             h = layer_fn(h, w.layers[i], spec, pos, cos_t, sin_t, cache.k[i], cache.v[i], window)
