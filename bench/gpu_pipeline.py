@@ -352,24 +352,23 @@ def device_sequence(events: Any, steps: int) -> dict[str, Any]:
     before it. Returns the middle step's list and, per event name, the added µs per step over all."""
     ev = sorted((e for e in events if _is_kernel(e) and e.time_range.end > e.time_range.start),
                 key=lambda e: e.time_range.start)  # fmt: skip
-    rows, end, t0 = [], None, None
+    t0 = end = ev[0].time_range.start if ev else 0.0  # the busy time so far ends at ``end``
+    rows = []
     by_name: dict[str, float] = {}
     gaps = 0.0
     for e in ev:
-        s, f = e.time_range.start, e.time_range.end
-        t0 = s if t0 is None else t0
-        gap = 0.0 if end is None else max(0.0, s - end)
-        added = f - s if end is None else max(0.0, f - max(s, end))
-        end = f if end is None else max(end, f)
+        s, f, name = e.time_range.start, e.time_range.end, e.name[:60]
+        gap, added = max(0.0, s - end), max(0.0, f - max(s, end))
+        end = max(end, f)
         gaps += gap
-        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + added
-        rows.append((e.name[:60], round(s - t0, 2), round(f - s, 2), round(added, 2), round(gap, 2)))
+        by_name[name] = by_name.get(name, 0.0) + added
+        rows.append((name, round(s - t0, 2), round(f - s, 2), round(added, 2), round(gap, 2)))
     n = len(rows) // max(1, steps)
     mid = rows[n * (steps // 2) : n * (steps // 2 + 1)] if n else rows
     return {
         "events_per_step": n,
         "uneven": len(rows) != n * steps,  # steps of unequal event counts: middle_step may straddle two
-        "span_us_per_step": 0.0 if not ev else (end - t0) / steps,
+        "span_us_per_step": (end - t0) / steps,
         "gap_us_per_step": gaps / steps,
         "added_us_per_step": {
             k: round(v / steps, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])

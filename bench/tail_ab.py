@@ -49,7 +49,7 @@ def folded_head(gd: GraphDecoder, pdl: bool) -> Any:
     gk = kernel_module("gemv")
     lm = gd.stage.weights.lm_head
     assert lm is not None
-    by_name = {gk.config_name(c): c for c in gk.CONFIGS}
+    by_name = gk.configs_by_name()
     times = gd.gemv_choice[f"{lm.shape[0]}x{lm.shape[1]}"]["us"]
     cfg = by_name[min((n for n in times if n in by_name and by_name[n].split_k == 1), key=times.__getitem__)]
 

@@ -30,6 +30,7 @@ __all__ = [
     "candidates",
     "choose_config",
     "config_name",
+    "configs_by_name",
     "gemv",
     "graph_time_us",
     "replay_us",
@@ -385,3 +386,8 @@ def config_name(c: GemvConfig) -> str:
     return f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}" + (
         f"k{c.split_k}" if c.split_k > 1 else ""
     )
+
+
+def configs_by_name() -> dict[str, GemvConfig]:
+    """Every config under its ``config_name`` (the names pins and timing tables use)."""
+    return {config_name(c): c for c in CONFIGS}

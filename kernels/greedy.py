@@ -1,7 +1,7 @@
 """Greedy choice of a decode step in one Triton launch: argmax ids of every row and a non-finite flag.
 
 Why: the torch form (``cuda_decode.greedy_pack``: ``isfinite``, ``all``, ``argmax``, two casts and a
-``cat``) is about ten small kernels at the end of every decode step, ~25 µs of a ~3.9 ms Llama-2-7B step
+``cat``) is about ten small kernels at the end of every decode step, ~27 µs of a ~3.9 ms Llama-2-7B step
 on an H200 (bench/gpu_notes.md, twenty-third session), where one program reading the 32k logits takes a
 few µs.
 

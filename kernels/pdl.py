@@ -14,11 +14,10 @@ before the position. Those were written before the step's chain began: a chain s
 launched kernel or a copy inside the step's graph (the embedding, the wire input's copy), or is the graph's
 first node (a later stage's first product), and a graph launch waits for all earlier work on its stream; the
 positions are copied in before or at the graph's start, and earlier steps' cache entries were written by
-earlier replays. Since each kernel of a
-chain waits for the one before it to complete, and completes only after its own wait, every earlier kernel
-has completed too. An early read may run while several earlier kernels still run, so nothing in a decode
-step may write a weight (a dequantizing or merging kernel would race with it), the positions, or a cache slot
-other than the step's own.
+earlier replays. Since each kernel of a chain waits for the one before it to complete, and completes only
+after its own wait, every earlier kernel has completed too. An early read may run while several earlier
+kernels still run, so nothing in a decode step may write a weight (a dequantizing or merging kernel would race
+with it), the positions, or a cache slot other than the step's own.
 A kernel launched without PDL after one launched with it waits for it as usual.
 
 Layout: ``gdc_wait`` / ``gdc_launch_dependents`` (re-exported from Triton, None where Triton lacks them) ->

@@ -142,7 +142,7 @@ def triton_layer_configs(
         gk = kernel_module("gemv")
     except Exception:  # no Triton
         return None
-    by_name = {gk.config_name(c): c for c in gk.CONFIGS}
+    by_name = gk.configs_by_name()
     out: dict[str, Any] = {}
     for role in _ROLES:
         n, k = getattr(w, role).shape

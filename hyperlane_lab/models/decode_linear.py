@@ -96,7 +96,7 @@ def _config_names() -> list[str]:
         gk = kernel_module("gemv")
     except Exception:
         return []
-    return [gk.config_name(c) for c in gk.CONFIGS]
+    return list(gk.configs_by_name())
 
 
 def apply_pins(
@@ -170,7 +170,7 @@ def choose_linears(
             table[(n, k)] = cfg
             choice[f"{n}x{k}"] = {"triton": cfg is not None, "us": times}
     if groups and pins:
-        by_name = {gk.config_name(c): c for c in gk.CONFIGS}
+        by_name = gk.configs_by_name()
         apply_pins(table, choice, pins, by_name, lambda n: map(gk.config_name, gk.candidates(n)))
     if groups:
         log.info("stage %s: decode GEMV choice %s", st.span, choice)
