@@ -280,6 +280,10 @@ def choice_summary(choices: dict[str, Any]) -> str:
             else []
         )
         words.append("all-Triton layer" + (f" ({', '.join(cfgs)})" if cfgs else ""))
+    tune = choices.get("triton_layer_tune")
+    if isinstance(tune, dict) and "chosen" in tune:
+        moved = [r for r, c in tune["chosen"].items() if c != tune.get("alone", {}).get(r)]
+        words.append(f"tuned in the step ({len(tune.get('trials', []))} trials, {len(moved)} roles changed)")
     pdl = choices.get("triton_layer_pdl", choices.get("pdl", "off"))
     if pdl != "off":
         words.append(str(pdl))

@@ -9,6 +9,10 @@ layer with PDL and the first tile early):
               layer's qkv product folds its norm), launched plainly, + the greedy kernel (this script's own
               head, patched into ``decode_static._head``: not in the library, it measured no gain)
   head_pdl    that GEMV launched with PDL and its first tile early, + the greedy kernel
+  untuned     the default with the layer's configs as timed alone (HYPERLANE_LAYER_TUNE=0; the default until
+              the twenty-fourth session), not tuned by timing the whole step (models/layer_tune.py)
+  tuned_replay  the default with the layer's configs tuned by timing bare back-to-back replays of the step
+              (layer_tune.StepTimer's "replay" mode) rather than steps as a session runs them
   pin:SPEC    the default with GEMV configs pinned (HYPERLANE_GEMV_PIN's form, "+" between shapes, e.g.
               pin:12288x4096=4x1024w4s3+4096x4096=8x512w4s3); every variant's GEMVs are timed again when its
               pins differ from the one before it, so pin every role to compare one product's config alone
@@ -39,7 +43,7 @@ from hyperlane_lab.models.cuda_decode import GraphDecoder
 from hyperlane_lab.models.decode_linear import gemv_pins
 from hyperlane_lab.types import LayerSpan
 
-VARIANTS = ("torch_tail", "greedy", "head_plain", "head_pdl")
+VARIANTS = ("torch_tail", "greedy", "head_plain", "head_pdl", "untuned", "tuned_replay")
 TORCH_HEAD = decode_static._head
 
 
@@ -75,6 +79,8 @@ def variant_pins(name: str) -> dict[str, str]:
 def set_variant(gd: GraphDecoder, name: str) -> None:
     """Put the decoder in one variant; its graphs are captured again at the next session."""
     gd.configure(gd.compile_layers)
+    gd.layer_tune_enabled = name != "untuned"
+    gd.layer_tune_mode = "replay" if name == "tuned_replay" else "session"
     pins = variant_pins(name)
     if pins != gd.gemv_pins:  # chosen again, with these pins
         gd.gemv_pins, gd._lin = pins, None
@@ -121,6 +127,9 @@ def main() -> None:
             d["device_step_s"] = gp.device_step_s(stage)
             d["fallbacks"] = list(gd.fallbacks)
             d["triton_layer"] = gd.gemv_choice.get("triton_layer")  # the configs the layer ran
+            d["triton_layer_tune"] = (
+                gd.gemv_choice.get("triton_layer_tune") if gd.layer_tune_enabled else None
+            )
             runs[name].append(d)
             print(
                 f"  {name}: {d['tok_s']:.1f} tok/s, device step {d['device_step_s'] * 1e6:.1f} µs", flush=True

@@ -130,6 +130,14 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
         == "triton GEMV 1/1 shapes, pdl"
     )
     assert choice_summary({}) == "none reported"
+    choices["triton_layer_tune"] = {
+        "alone": {"wqkv": "16x256w4s4", "wo": "8x512w4s3"},
+        "chosen": {"wqkv": "8x512w4s3", "wo": "8x512w4s3"},
+        "trials": [{"role": "wqkv", "config": "8x512w4s3", "kept": True}, {"role": "wo", "config": "a"}],
+    }
+    assert choice_summary(choices).endswith(
+        "wo 64x64w4s3), tuned in the step (2 trials, 1 roles changed), pdl+prefetch"
+    )
 
 
 def test_device_sequence_splits_busy_time_among_overlapping_kernels() -> None:

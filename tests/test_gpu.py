@@ -921,6 +921,42 @@ def test_graph_decode_with_the_all_triton_layer_matches_float64():
     assert all(st.graph_decoder().captures == 2 for st in fast)
 
 
+@gpu
+def test_the_layer_tuned_in_the_step_decodes_like_float64(monkeypatch):
+    """The all-Triton layer's configs tuned by timing the whole step (``layer_tune.tune_layer``) on one stage
+    holding the model: each role's choice is the config chosen alone or one it tried, every timed trial has a
+    positive step time, the tuning's own graphs leave the decoder's capture count and caches alone, and the
+    tuned layer's decode steps match float64."""
+    from hyperlane_lab.models.decode_fused import make_triton_layer, triton_layer_configs
+    from hyperlane_lab.models.layer_tune import tune_layer
+
+    monkeypatch.delenv("HYPERLANE_LAYER_TUNE", raising=False)
+    fast = _stages(SPEC, [], torch.float16, "cuda")
+    gd = fast[0].graph_decoder()
+    gd.linear()  # the products timed alone
+    attn = gd.attention_kernel()
+    assert attn is not None
+    alone = triton_layer_configs(fast[0].weights.layers[0], gd.gemv_choice, slack=1e9)
+    assert alone is not None
+
+    def make(c):
+        return make_triton_layer(attn, c)
+
+    best = tune_layer(gd, alone, make)
+    report = gd.gemv_choice["triton_layer_tune"]
+    assert report["trials"] and gd.captures == 0 and len(gd.pool) == 0
+    for role, name in report["chosen"].items():
+        tried = {t["config"] for t in report["trials"] if t["role"] == role and t["kept"]}
+        assert name == report["alone"][role] or name in tried, role
+    assert all(t["us"] > 0 and t["current_us"] > 0 for t in report["trials"] if "us" in t)
+    gd._tlayer = make(best)
+    ref = _decode(_cpu64(fast), [6], steps=10, static=False)
+    got = _decode(fast, [6], steps=10, static=True)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert _rel(a, r) < 2e-2, f"step {i}"
+    assert gd.captures == 1 and gd.fallbacks == []
+
+
 def _launch_pdl_flags(fn: object) -> set[bool]:
     """The ``launch_pdl`` option of every kernel Triton compiled from the JIT function ``fn`` (its
     per-device caches of compiled kernels, as in Triton 3.6-3.9)."""

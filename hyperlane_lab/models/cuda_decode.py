@@ -52,6 +52,7 @@ from hyperlane_lab.models.decode_static import (
     static_decode_step,
 )
 from hyperlane_lab.models.decode_wire import WireIO, WireSpec, make_wire_io, wire_in, wire_out
+from hyperlane_lab.models.layer_tune import tune_layer
 from hyperlane_lab.models.layers import decoder_layer
 from hyperlane_lab.models.prompt_graphs import PromptGraphs
 
@@ -157,6 +158,11 @@ class GraphDecoder:
         self._greedy: Callable[[torch.Tensor], torch.Tensor] | bool | None = None
         # HYPERLANE_GEMV_PIN: shapes whose product is set rather than timed (checked here, not at a capture)
         self.gemv_pins = gemv_pins()
+        # the all-Triton layer's configs chosen by timing the whole step (layer_tune.py); 0: as timed alone
+        self.layer_tune_enabled = env_flag("HYPERLANE_LAYER_TUNE", True)
+        self.layer_tune_mode = "session"  # how the step is timed (layer_tune.StepTimer)
+        # tuned configs and their report, per launch mode, starting configs and pins (kept across configure())
+        self._tuned: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
         self._degraded: set[str] = set()  # pieces turned off since the last configure()
@@ -285,7 +291,9 @@ class GraphDecoder:
     def triton_layer(self) -> LayerFn | None:
         """The all-Triton decode layer for one-row caches, where the attention kernel applies and
         the GEMV timings favour it: ``HYPERLANE_TRITON_LAYER=1``, or, unset, a stage holding the whole
-        model in this process on a device that takes PDL (see ``__init__``)."""
+        model in this process on a device that takes PDL (see ``__init__``). Its configs are the ones timed
+        fastest alone, then tuned by timing the whole step (``layer_tune.tune_layer``; ``HYPERLANE_LAYER_TUNE=0``
+        keeps them as timed alone)."""
         if self._tlayer is None:
             self._tlayer = False
             attn, lin = self.attention_kernel(), self.linear()
@@ -297,7 +305,13 @@ class GraphDecoder:
                     pdl = self.pdl()
                     if pdl and not self._pdl_outside_layer():  # the default: PDL for this layer only
                         attn = functools.partial(attn, pdl=True)
-                    self._tlayer = make_triton_layer(attn, cfgs, pdl=pdl, prefetch=pdl and self.pdl_prefetch)
+                    prefetch = pdl and self.pdl_prefetch
+
+                    def make(c: dict[str, Any], attn: Any = attn) -> LayerFn:
+                        return make_triton_layer(attn, c, pdl=pdl, prefetch=prefetch)  # type: ignore[no-any-return]
+
+                    cfgs = tune_layer(self, cfgs, make)
+                    self._tlayer = make(cfgs)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}
                     self.gemv_choice["triton_layer_pdl"] = self.pdl_mode()
         return self._tlayer if callable(self._tlayer) else None
@@ -511,10 +525,14 @@ class GraphDecoder:
         else:
             g.x_in.copy_(x, non_blocking=True)
 
-    def _capture(self, cache: SessionCache, wire: WireSpec | None = None) -> _Graph:
+    def _capture(self, cache: SessionCache, wire: WireSpec | None = None, degrade: bool = True) -> _Graph:
+        """The decode graph of ``cache``'s step (``wire``: in wire mode). A failed warm-up turns off the
+        next optional piece and tries again (``_degrade``) unless ``degrade`` is False: then it raises."""
         st = self.stage
         dev = st.device
         b, h = cache.batch, st.spec.hidden_size
+        if b == 1 and st.weights.layers:
+            self.triton_layer()  # decided (and tuned, which captures graphs itself) before this capture
         io = torch.zeros((2, b), dtype=torch.int64, device=dev)
         io[1] = -1  # warm-up and capture positions: padding, so their writes hit the trash slot
         io_host = torch.empty((2, b), dtype=torch.int64, pin_memory=True)
@@ -551,7 +569,7 @@ class GraphDecoder:
                         warm = run()
                         break
                     except Exception as e:
-                        if not self._degrade(e, used_tlayer=b == 1):
+                        if not degrade or not self._degrade(e, used_tlayer=b == 1):
                             raise
                 pack, gp = self._warm_pack(warm) if st.is_last else (greedy_pack, None)  # warms its kernels
                 if wire is not None:
