@@ -164,3 +164,93 @@ def test_tune_layer_times_once_per_setting_and_can_be_turned_off(monkeypatch):
     assert gd.gemv_choice["triton_layer_tune"] == report  # kept: reported again, not timed again
     monkeypatch.setenv("HYPERLANE_LAYER_TUNE", "0")
     assert layer_tune.tune_layer(GraphDecoder(st), alone, lambda c: None) == alone
+
+
+def test_a_failed_tuning_keeps_the_configs_timed_alone_and_says_why(monkeypatch):
+    """A timing that raises (e.g. the starting configs fail to capture) leaves the configs chosen alone, recorded
+    in ``fallbacks`` and the report, once (kept like a result); with tuning off no stale report is left."""
+    pytest.importorskip("triton")
+    from hyperlane_lab.codecs._kernels import kernel_module
+    from hyperlane_lab.models.config import ModelSpec
+    from hyperlane_lab.models.cuda_decode import GraphDecoder
+    from hyperlane_lab.models.stage import TorchStage
+    from hyperlane_lab.types import LayerSpan
+
+    gk = kernel_module("gemv")
+    plain = [c for c in gk.CONFIGS if c.split_k == 1]
+    st = TorchStage.random(
+        ModelSpec("llama", 2, 64, 4, 2, 16, 128, 97, 1e-6),
+        LayerSpan(0, 2),
+        seed=0,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    calls: list = []
+
+    class Broken:
+        def __init__(self, *a):
+            pass
+
+        def compare(self, cur, trial):
+            calls.append(trial)
+            raise RuntimeError("no kernel image")
+
+        def close(self):
+            calls.append("closed")
+
+    monkeypatch.setattr(layer_tune, "StepTimer", Broken)
+    monkeypatch.delenv("HYPERLANE_LAYER_TUNE", raising=False)
+    monkeypatch.setattr(st, "device", torch.device("cuda", 0))
+    gd = GraphDecoder(st)
+    for n, k in layer_tune.role_shapes(st.weights.layers[0]).values():
+        gd.gemv_choice[f"{n}x{k}"] = {"us": {gk.config_name(c): 10.0 for c in plain}}
+    alone = {r: plain[0] for r in ROLES}
+    assert layer_tune.tune_layer(gd, alone, lambda c: None) == alone
+    assert len(calls) == 2 and calls[-1] == "closed" and not gd._tuning
+    assert gd.fallbacks == ["layer tuning: RuntimeError: no kernel image"]
+    assert gd.gemv_choice["triton_layer_tune"]["error"] == "RuntimeError: no kernel image"
+    assert layer_tune.tune_layer(gd, alone, lambda c: None) == alone and len(calls) == 2  # not tried again
+    gd.layer_tune_enabled = False
+    assert layer_tune.tune_layer(gd, alone, lambda c: None) == alone
+    assert "triton_layer_tune" not in gd.gemv_choice
+
+
+def test_the_step_timer_restores_the_decoder_after_a_failed_capture():
+    """``StepTimer``: a trial whose capture fails gives None and leaves the decoder's layer and capture count as
+    they were; a starting config whose capture fails raises (the tuning stops)."""
+    from types import SimpleNamespace
+
+    from hyperlane_lab.models.config import ModelSpec
+    from hyperlane_lab.models.stage import TorchStage
+    from hyperlane_lab.types import LayerSpan
+
+    st = TorchStage.random(
+        ModelSpec("llama", 2, 64, 4, 2, 16, 128, 97, 1e-6),
+        LayerSpan(0, 2),
+        seed=0,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    seen: list = []
+
+    def capture(cache, degrade=True):
+        assert degrade is False
+        seen.append(gd._tlayer)
+        gd.captures += 5  # as a capture would count itself
+        if gd._tlayer == ("layer", "bad"):
+            raise RuntimeError("out of resources")
+        return SimpleNamespace(
+            io=torch.zeros(2, 1, dtype=torch.int64), greedy=torch.zeros(2, dtype=torch.int64)
+        )
+
+    own = object()
+    gd = SimpleNamespace(stage=st, _tlayer=own, captures=3, cache_len=lambda n: n, _capture=capture)
+    timer = layer_tune.StepTimer(gd, lambda c: ("layer", c["wqkv"]))  # type: ignore[arg-type]
+    cur = dict.fromkeys(ROLES, "good")
+    assert timer.compare(cur, {**cur, "wqkv": "bad"}) is None
+    assert seen == [("layer", "good"), ("layer", "bad")] and gd._tlayer is own and gd.captures == 3
+    g, cache = timer.graph(cur)  # kept; its first session input is a valid id, its position a real one
+    assert g.greedy.tolist() == [1, 1] and g.io[:, 0].tolist() == [1, 16] and cache.max_len == 64
+    with pytest.raises(RuntimeError, match="out of resources"):
+        timer.compare({**cur, "wqkv": "bad"}, cur)
+    assert gd._tlayer is own and gd.captures == 3

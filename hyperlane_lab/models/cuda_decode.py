@@ -161,6 +161,7 @@ class GraphDecoder:
         # the all-Triton layer's configs chosen by timing the whole step (layer_tune.py); 0: as timed alone
         self.layer_tune_enabled = env_flag("HYPERLANE_LAYER_TUNE", True)
         self.layer_tune_mode = "session"  # how the step is timed (layer_tune.StepTimer)
+        self._tuning = False  # tune_layer is running (its nested captures must not tune again)
         # tuned configs and their report, per launch mode, starting configs and pins (kept across configure())
         self._tuned: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
@@ -380,8 +381,8 @@ class GraphDecoder:
             self._tlayer = None if callable(self._tlayer) else self._tlayer
         elif used_tlayer and callable(self._tlayer):
             self._tlayer, what = False, "the all-Triton layer"
-            self.gemv_choice.pop("triton_layer", None)
-            self.gemv_choice.pop("triton_layer_pdl", None)
+            for k in ("triton_layer", "triton_layer_pdl", "triton_layer_tune"):
+                self.gemv_choice.pop(k, None)
         elif callable(self._attn):
             self._attn, what = False, "fused attention"
         elif self._lin is not None and self._lin is not F.linear:
@@ -563,29 +564,33 @@ class GraphDecoder:
         with torch.cuda.device(dev):
             side = self.capture_stream()
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                while True:  # warm-up: lazy init (cuBLAS, compile, Triton) outside the capture
-                    try:
-                        warm = run()
-                        break
-                    except Exception as e:
-                        if not degrade or not self._degrade(e, used_tlayer=b == 1):
-                            raise
-                pack, gp = self._warm_pack(warm) if st.is_last else (greedy_pack, None)  # warms its kernels
-                if wire is not None:
-                    wio = make_wire_io(wire, st.is_first, st.is_last, x_in, warm, gp)
-                    io_host.zero_()
-                    io_host[1] = -1  # as the warm-up: padding positions (trash slot)
-                    wire_out(wio, pack(run()) if st.is_last else run())  # warm the codec kernels
-                graph = torch.cuda.CUDAGraph()
-                # own memory pool per graph: a decode step's intermediates are small, and a shared
-                # pool handle dies with the last graph that used it (a later capture on it asserts)
-                with graph_capture(graph):
-                    out = run()
-                    greedy = pack(out) if st.is_last else None
-                    if wio is not None:
-                        wire_out(wio, greedy if greedy is not None else out)
-            torch.cuda.current_stream(dev).wait_stream(side)
+            try:
+                with torch.cuda.stream(side):
+                    while True:  # warm-up: lazy init (cuBLAS, compile, Triton) outside the capture
+                        try:
+                            warm = run()
+                            break
+                        except Exception as e:
+                            if not degrade or not self._degrade(e, used_tlayer=b == 1):
+                                raise
+                    pack, gp = (
+                        self._warm_pack(warm) if st.is_last else (greedy_pack, None)
+                    )  # warms its kernels
+                    if wire is not None:
+                        wio = make_wire_io(wire, st.is_first, st.is_last, x_in, warm, gp)
+                        io_host.zero_()
+                        io_host[1] = -1  # as the warm-up: padding positions (trash slot)
+                        wire_out(wio, pack(run()) if st.is_last else run())  # warm the codec kernels
+                    graph = torch.cuda.CUDAGraph()
+                    # own memory pool per graph: a decode step's intermediates are small, and a shared
+                    # pool handle dies with the last graph that used it (a later capture on it asserts)
+                    with graph_capture(graph):
+                        out = run()
+                        greedy = pack(out) if st.is_last else None
+                        if wio is not None:
+                            wire_out(wio, greedy if greedy is not None else out)
+            finally:  # also after a failure: the caller may free memory the side stream's work still writes
+                torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
         log.debug("stage %s: captured decode graph for batch %d, max_len %d (wire %s)", st.span, b,
                   cache.max_len, wire)  # fmt: skip

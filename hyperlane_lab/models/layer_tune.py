@@ -3,19 +3,22 @@
 Why: ``triton_layer_configs`` takes, per product role, the config that timed fastest *alone*. Inside the
 step the products run back to back, launched with programmatic dependent launch, each starting while the one
 before it drains, and that changes the order. On an H200 (Llama-2-7B, bench/tail_ab.py, s24b) the five q/k/v
-configs that timed within 3% of each other alone gave 255.0-266.7 tok/s in the step: the one chosen alone
+configs that timed within 4% of each other alone (s23e) gave 255.0-266.7 tok/s in the step: the one chosen alone
 (16x256w4s4) ran 261.2, another (8x512w4s3) 266.7 (+2.1%).
 
 How: start from the configs chosen alone; for each role in turn (q/k/v, wo, gate/up, down) try that role's
 other configs that timed within ``margin`` of its best alone (at most ``limit``, fastest first), the other
 roles held at the current choice; a trial replaces the current choice when it is at least ``min_gain``
-faster. One pass (coordinate descent): at most len(roles) x limit timings, ~10 s for Llama-2-7B on an H200
+faster. One pass (coordinate descent): at most len(roles) x limit timings, ~10-12 s for Llama-2-7B on an H200
 once Triton's disk cache holds the kernels. Each timing captures the stage's decode step (the graph a session
 replays, on a scratch cache) and runs it as a greedy session does (``StepTimer``'s "session" mode), in rounds
 alternating with the current choice's graph, so drift between the two cancels. Timing bare back-to-back
-replays instead ranked the configs differently and picked a slower set (s24c/s24d: +1.0% against +4.6% for
+replays instead ranked the configs differently and picked a slower set (s24c/s24d: +0.7-1.0% against +4.6% for
 session timing, both over the configs chosen alone, in one process). Roles pinned by ``HYPERLANE_GEMV_PIN``
-keep their pins. ``HYPERLANE_LAYER_TUNE=0`` keeps the configs chosen alone.
+keep their pins. ``HYPERLANE_LAYER_TUNE=0`` keeps the configs chosen alone. The timer captures the staged
+step; a worker decoding from frames replays a wire-mode graph of the same layers (``decode_wire``), which has
+its own copies at both ends and was not timed. Tuning runs at the stage's first batch-1 capture, so that step
+waits for it (the GEMVs' alone timings also run then).
 
 ``candidates`` and ``descend`` are pure (tests check them against brute force); ``StepTimer`` does the timing
 on a ``GraphDecoder``.
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperlane_lab.models.decode_fused import _NORMED, _ROLES
 from hyperlane_lab.models.sessions import SessionCache
 
 if TYPE_CHECKING:
@@ -41,8 +45,7 @@ __all__ = ["StepTimer", "candidates", "descend", "tune_layer"]
 
 log = logging.getLogger(__name__)
 
-ROLES = ("wqkv", "wo", "w_gate_up", "w_down")
-NORMED = ("wqkv", "w_gate_up")  # the norm folded in: no split-K (as decode_fused._NORMED)
+ROLES, NORMED = _ROLES, _NORMED  # the layer's product roles; those with the norm folded in (no split-K)
 
 
 def candidates(
@@ -90,7 +93,7 @@ def descend(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One coordinate-descent pass from ``base`` (role -> config): for each role in ``base``'s order and each
     of its ``cands``, ``compare(current, trial)`` gives (trial µs, current µs) or None (the trial failed);
-    the trial becomes current when it is at least ``min_gain`` faster. Returns the final configs and one
+    the trial becomes current when it is more than ``min_gain`` faster. Returns the final configs and one
     record per trial (role, config name, µs, current µs, kept)."""
     cur = dict(base)
     trials: list[dict[str, Any]] = []
@@ -119,7 +122,8 @@ class StepTimer:
       on, cycling over 8.
     - "replay": bare back-to-back replays of the graph. On an H200 it ranked configs unlike the session loop.
 
-    ``make_layer(cfgs)`` builds the layer. Only the current choice's graph is kept between comparisons."""
+    ``make_layer(cfgs)`` builds the layer. Each comparison first drops every graph (and scratch cache) but the
+    current choice's."""
 
     def __init__(
         self,
@@ -159,6 +163,8 @@ class StepTimer:
             g.io[1].fill_(self.position)
             if st.is_first:
                 g.io[0].fill_(1)
+            if g.greedy is not None:  # "session" mode's first input id: not written until the first replay
+                g.greedy.fill_(1)
             self._graphs[k] = (g, cache)
         return self._graphs[k]
 
@@ -181,11 +187,12 @@ class StepTimer:
 
     def compare(self, cur: dict[str, Any], trial: dict[str, Any]) -> tuple[float, float] | None:
         """(trial µs, current µs) a step: the two run in alternating rounds, medians; None when the trial's
-        capture fails (logged)."""
+        capture fails (logged). Raises when the current choice's capture or the timing fails."""
         keep = self.key(cur)
         self._graphs = {k: v for k, v in self._graphs.items() if k == keep}
+        current = self.graph(cur)
         try:
-            runs: tuple[tuple[Any, SessionCache], ...] = self.graph(cur), self.graph(trial)
+            runs: tuple[tuple[Any, SessionCache], ...] = current, self.graph(trial)
         except Exception as e:
             log.warning("stage %s: layer tuning skipped %s (%s)", self.gd.stage.span, self.key(trial), e)
             return None
@@ -220,31 +227,48 @@ def tune_layer(
     """``cfgs`` (the configs timed fastest alone) improved by timing ``gd``'s whole step, on a CUDA stage unless
     ``HYPERLANE_LAYER_TUNE=0`` (``gd.layer_tune_enabled``); ``make(cfgs)`` builds the layer. The trials go to
     ``gd.gemv_choice["triton_layer_tune"]``; the result is kept (``gd._tuned``) per launch mode, starting
-    configs and pins, so ``configure()`` does not time them again."""
-    if not gd.layer_tune_enabled or gd.stage.device.type != "cuda":
+    configs, pins, timing mode, tail and compiling, so ``configure()`` does not time them again. A failure
+    (the starting configs' capture, a timing) keeps ``cfgs`` and is recorded in ``gd.fallbacks``; a call
+    made while tuning (a nested capture) returns ``cfgs``."""
+    if not gd.layer_tune_enabled or gd.stage.device.type != "cuda" or gd._tuning:
+        if not gd._tuning:
+            gd.gemv_choice.pop("triton_layer_tune", None)  # no stale report for configs not tuned
         return cfgs
     from hyperlane_lab.codecs._kernels import kernel_module
 
     gk = kernel_module("gemv")
     name = gk.config_name
     mode = gd.layer_tune_mode
-    key = (gd.pdl_mode(), tuple(name(cfgs[r]) for r in ROLES), tuple(sorted(gd.gemv_pins.items())), mode)
+    # what the timed step depends on besides the layer: the launch mode, pins, the tail, compiling
+    key = (
+        gd.pdl_mode(),
+        tuple(name(cfgs[r]) for r in ROLES),
+        tuple(sorted(gd.gemv_pins.items())),
+        mode,
+        gd.triton_greedy_enabled,
+        gd.compile_layers,
+    )
     if key not in gd._tuned:
-        shapes = role_shapes(gd.stage.weights.layers[0])
-        cands = candidates(shapes, gd.gemv_choice, cfgs, gk.configs_by_name())
-        timer = StepTimer(gd, make, name, mode)
         t0 = time.perf_counter()
+        report: dict[str, Any] = {"alone": {r: name(c) for r, c in cfgs.items()}, "mode": mode}
+        gd._tuning = True
+        timer = StepTimer(gd, make, name, mode)
         try:
-            best, trials = descend(cfgs, cands, timer.compare, name=name)
+            shapes = role_shapes(gd.stage.weights.layers[0])
+            cands = candidates(shapes, gd.gemv_choice, cfgs, gk.configs_by_name())
+            best, report["trials"] = descend(cfgs, cands, timer.compare, name=name)
+        except Exception as e:  # the configs chosen alone; the real capture finds out whether they run
+            why = f"{type(e).__name__}: {e}"[:300]
+            log.warning(
+                "stage %s: layer tuning failed (%s); keeping the configs timed alone", gd.stage.span, why
+            )
+            gd.fallbacks.append(f"layer tuning: {why}")
+            best, report["error"] = cfgs, why
         finally:
             timer.close()
-        report = {
-            "alone": {r: name(c) for r, c in cfgs.items()},
-            "chosen": {r: name(c) for r, c in best.items()},
-            "trials": trials,
-            "mode": mode,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+            gd._tuning = False
+        report["chosen"] = {r: name(c) for r, c in best.items()}
+        report["seconds"] = round(time.perf_counter() - t0, 3)
         log.info("stage %s: decode layer configs tuned in the step: %s", gd.stage.span, report)
         gd._tuned[key] = best, report
     best, gd.gemv_choice["triton_layer_tune"] = gd._tuned[key]
