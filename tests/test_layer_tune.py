@@ -34,6 +34,16 @@ def _choice() -> dict:
     }
 
 
+def _small_stage():
+    """A two-layer 64-wide CPU stage holding the whole model."""
+    from hyperlane_lab.models.config import ModelSpec
+    from hyperlane_lab.models.stage import TorchStage
+    from hyperlane_lab.types import LayerSpan
+
+    spec = ModelSpec("llama", 2, 64, 4, 2, 16, 128, 97, 1e-6)
+    return TorchStage.random(spec, LayerSpan(0, 2), seed=0, dtype=torch.float32, device="cpu")
+
+
 def test_candidates_are_the_near_configs_fastest_first_without_the_base():
     base = {"wqkv": BY_NAME["a"], "wo": BY_NAME["ek2"], "w_gate_up": BY_NAME["a"], "w_down": BY_NAME["a"]}
     got = candidates(SHAPES, _choice(), base, BY_NAME, margin=0.15, limit=3)
@@ -115,15 +125,11 @@ def test_tune_layer_times_once_per_setting_and_can_be_turned_off(monkeypatch):
     ``HYPERLANE_LAYER_TUNE=0``, or a CPU stage, keeps the configs chosen alone."""
     pytest.importorskip("triton")
     from hyperlane_lab.codecs._kernels import kernel_module
-    from hyperlane_lab.models.config import ModelSpec
     from hyperlane_lab.models.cuda_decode import GraphDecoder
-    from hyperlane_lab.models.stage import TorchStage
-    from hyperlane_lab.types import LayerSpan
 
     gk = kernel_module("gemv")
     plain = [c for c in gk.CONFIGS if c.split_k == 1]
-    spec = ModelSpec("llama", 2, 64, 4, 2, 16, 128, 97, 1e-6)
-    st = TorchStage.random(spec, LayerSpan(0, 2), seed=0, dtype=torch.float32, device="cpu")
+    st = _small_stage()
     shapes = layer_tune.role_shapes(st.weights.layers[0])
     fast = {"wqkv": plain[1], "wo": plain[2], "w_gate_up": plain[0], "w_down": plain[3]}  # in the step
 
@@ -171,20 +177,11 @@ def test_a_failed_tuning_keeps_the_configs_timed_alone_and_says_why(monkeypatch)
     in ``fallbacks`` and the report, once (kept like a result); with tuning off no stale report is left."""
     pytest.importorskip("triton")
     from hyperlane_lab.codecs._kernels import kernel_module
-    from hyperlane_lab.models.config import ModelSpec
     from hyperlane_lab.models.cuda_decode import GraphDecoder
-    from hyperlane_lab.models.stage import TorchStage
-    from hyperlane_lab.types import LayerSpan
 
     gk = kernel_module("gemv")
     plain = [c for c in gk.CONFIGS if c.split_k == 1]
-    st = TorchStage.random(
-        ModelSpec("llama", 2, 64, 4, 2, 16, 128, 97, 1e-6),
-        LayerSpan(0, 2),
-        seed=0,
-        dtype=torch.float32,
-        device="cpu",
-    )
+    st = _small_stage()
     calls: list = []
 
     class Broken:
@@ -220,17 +217,7 @@ def test_the_step_timer_restores_the_decoder_after_a_failed_capture():
     they were; a starting config whose capture fails raises (the tuning stops)."""
     from types import SimpleNamespace
 
-    from hyperlane_lab.models.config import ModelSpec
-    from hyperlane_lab.models.stage import TorchStage
-    from hyperlane_lab.types import LayerSpan
-
-    st = TorchStage.random(
-        ModelSpec("llama", 2, 64, 4, 2, 16, 128, 97, 1e-6),
-        LayerSpan(0, 2),
-        seed=0,
-        dtype=torch.float32,
-        device="cpu",
-    )
+    st = _small_stage()
     seen: list = []
 
     def capture(cache, degrade=True):
