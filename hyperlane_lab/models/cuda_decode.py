@@ -162,7 +162,7 @@ class GraphDecoder:
         self.layer_tune_enabled = env_flag("HYPERLANE_LAYER_TUNE", True)
         self.layer_tune_mode = "session"  # how the step is timed (layer_tune.StepTimer)
         self._tuning = False  # tune_layer is running (its nested captures must not tune again)
-        # tuned configs and their report, per launch mode, starting configs and pins (kept across configure())
+        # tuned configs and their report, per tune_layer's key (kept across configure())
         self._tuned: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self._pdl_off = False  # a failed warm-up turned it off (until configure())
         self.fallbacks: list[str] = []  # what a failed warm-up turned off, and why (history)
@@ -532,8 +532,11 @@ class GraphDecoder:
         st = self.stage
         dev = st.device
         b, h = cache.batch, st.spec.hidden_size
-        if b == 1 and st.weights.layers:
-            self.triton_layer()  # decided (and tuned, which captures graphs itself) before this capture
+        if b == 1 and st.weights.layers:  # the layer decided (and tuned, with captures of its own) first
+            try:
+                self.triton_layer()
+            except Exception as e:  # raised again in the warm-up below, which degrades as usual
+                log.debug("stage %s: all-Triton layer not decided (%s)", st.span, e)
         io = torch.zeros((2, b), dtype=torch.int64, device=dev)
         io[1] = -1  # warm-up and capture positions: padding, so their writes hit the trash slot
         io_host = torch.empty((2, b), dtype=torch.int64, pin_memory=True)
@@ -573,9 +576,8 @@ class GraphDecoder:
                         except Exception as e:
                             if not degrade or not self._degrade(e, used_tlayer=b == 1):
                                 raise
-                    pack, gp = (
-                        self._warm_pack(warm) if st.is_last else (greedy_pack, None)
-                    )  # warms its kernels
+                    # warms its kernels
+                    pack, gp = self._warm_pack(warm) if st.is_last else (greedy_pack, None)
                     if wire is not None:
                         wio = make_wire_io(wire, st.is_first, st.is_last, x_in, warm, gp)
                         io_host.zero_()
