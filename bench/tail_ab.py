@@ -127,9 +127,7 @@ def main() -> None:
             d["device_step_s"] = gp.device_step_s(stage)
             d["fallbacks"] = list(gd.fallbacks)
             d["triton_layer"] = gd.gemv_choice.get("triton_layer")  # the configs the layer ran
-            d["triton_layer_tune"] = (
-                gd.gemv_choice.get("triton_layer_tune") if gd.layer_tune_enabled else None
-            )
+            d["triton_layer_tune"] = gd.gemv_choice.get("triton_layer_tune")  # none when not tuned
             runs[name].append(d)
             print(
                 f"  {name}: {d['tok_s']:.1f} tok/s, device step {d['device_step_s'] * 1e6:.1f} µs", flush=True

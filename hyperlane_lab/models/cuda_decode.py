@@ -306,11 +306,9 @@ class GraphDecoder:
                     pdl = self.pdl()
                     if pdl and not self._pdl_outside_layer():  # the default: PDL for this layer only
                         attn = functools.partial(attn, pdl=True)
-                    prefetch = pdl and self.pdl_prefetch
-
-                    def make(c: dict[str, Any], attn: Any = attn) -> LayerFn:
-                        return make_triton_layer(attn, c, pdl=pdl, prefetch=prefetch)  # type: ignore[no-any-return]
-
+                    make = functools.partial(
+                        make_triton_layer, attn, pdl=pdl, prefetch=pdl and self.pdl_prefetch
+                    )
                     cfgs = tune_layer(self, cfgs, make)
                     self._tlayer = make(cfgs)
                     self.gemv_choice["triton_layer"] = {r: str(c) for r, c in cfgs.items()}

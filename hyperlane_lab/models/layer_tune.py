@@ -141,6 +141,8 @@ class StepTimer:
         self.gd, self.make_layer, self.name, self.mode = gd, make_layer, name, mode
         self.rounds, self.steps, self.max_len, self.position = rounds, steps, max_len, position
         self._graphs: dict[tuple[str, ...], Any] = {}
+        self._pos = [torch.tensor([[position + i]]) for i in range(8)]  # "session" mode's host positions
+        self._host: torch.Tensor | None = None  # its pinned copy of the ids (made at the first timing)
 
     def key(self, cfgs: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(self.name(cfgs[r]) for r in ROLES)
@@ -179,6 +181,8 @@ class StepTimer:
         else:
             x = torch.zeros_like(g.x_in)
         replays = gd.replays
+        if self._host is None:
+            self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
         for i in range(n):
             gd.step(cache, x, self._pos[i % len(self._pos)])
             if g.greedy is not None:
@@ -196,8 +200,6 @@ class StepTimer:
         except Exception as e:
             log.warning("stage %s: layer tuning skipped %s (%s)", self.gd.stage.span, self.key(trial), e)
             return None
-        self._pos = [torch.tensor([[self.position + i]]) for i in range(8)]
-        self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
         times: list[list[float]] = [[], []]
         with torch.cuda.device(self.gd.stage.device):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
