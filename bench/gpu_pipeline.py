@@ -118,8 +118,8 @@ def gen_prefill(model: Any, length: int, vocab: int, reps: int) -> dict[str, Any
 
 # The 1gpu part's decode variants: name -> (CUDA graphs, torch.compile, run-ahead loop, Triton GEMV where it
 # wins, one-kernel attention, all-Triton batch-1 layer where the timings favour it[, PDL, first tile early]);
-# "graph_compile" is the default engine of split stages, workers and GPUs without PDL, and
-# "graph_compile_layer_pdl_prefetch" that of a whole-model in-process stage on sm_90+; "_sync" = the loop reads
+# "graph_compile" is the default engine on GPUs without PDL, and "graph_compile_layer_pdl_prefetch" (its
+# configs tuned in the step) that of every stage on sm_90+; "_sync" = the loop reads
 # each token before enqueueing the next step (the run-ahead loop is generate()'s default for
 # greedy on CUDA); "_cublas" = every product on cuBLAS; "_layer" = the five-launch
 # Triton layer (HYPERLANE_TRITON_LAYER=1); "_pdl" = the step's Triton kernels launched with

@@ -208,9 +208,7 @@ def test_a_workers_health_reports_its_stages_decode_choices_as_json(tmp_path):
     w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
     assert w.decode_choices() == ""
     st = _stages(SPEC, [], torch.float32, "cpu")[0]
-    assert not st.in_worker
     w.set_engine(st, "torch", 0)
-    assert st.in_worker  # the decoder's in-process defaults stay off in a worker
     assert st.graph_decoder() is None and json.loads(w.decode_choices()) == {}  # CPU: no graph decoder
     # as a CUDA stage holds one (its choices are made at the first capture)
     st._graphs = gd = GraphDecoder(st)
@@ -244,10 +242,11 @@ def test_graph_decoder_pools_caches_on_cpu():
 
 
 def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch, caplog):
-    """Unset, the all-Triton layer, PDL and the early first tile are on for a stage holding the whole model
-    in this process, off for a split stage and for a worker's stage; each variable set decides its piece
-    anywhere. A CPU stage (or a pre-Hopper GPU, or the interpreter) never launches with PDL.
-    ``HYPERLANE_PDL_PREFETCH=1`` without PDL does nothing, and says so."""
+    """Unset, the all-Triton layer, PDL and the early first tile are on for every stage: a whole model, a split
+    stage, a worker's stage; each variable set decides its piece. A CPU stage (or a pre-Hopper GPU, or the
+    interpreter) never launches with PDL. ``HYPERLANE_PDL_PREFETCH=1`` without PDL does nothing, and says so."""
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
     for name in ("HYPERLANE_PDL", "HYPERLANE_PDL_PREFETCH", "HYPERLANE_TRITON_LAYER"):  # may be exported
         monkeypatch.delenv(name, raising=False)
     whole = _stages(SPEC, [], torch.float32, "cpu")[0]
@@ -257,36 +256,38 @@ def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch,
         return g.triton_layer_enabled, g.pdl_enabled, g.pdl_prefetch
 
     gd = GraphDecoder(whole)
-    assert gd.whole_in_process and pieces(gd) == (True, True, True)
+    assert pieces(gd) == (True, True, True)
     assert not gd.pdl() and gd.pdl_mode() == "off"  # a CPU stage: no PDL whatever the switch
     gd._pdl_supported = lambda: True  # type: ignore[method-assign]  # as on a Hopper GPU
     assert gd.pdl() and gd.pdl_mode() == "pdl+prefetch"
+    assert not gd._pdl_outside_layer()  # by default PDL launches the all-Triton layer only
     for st in split:
         g = GraphDecoder(st)
-        assert not g.whole_in_process and pieces(g) == (False, False, False)
-    whole.in_worker = True  # as a worker marks the stage it serves
-    g = GraphDecoder(whole)
-    assert not g.whole_in_process and pieces(g) == (False, False, False)
-    whole.in_worker = False
+        assert pieces(g) == (True, True, True) and g._layer_auto and g._pdl_auto
+    Worker(WorkerConfig(device="cpu")).set_engine(split[1], "torch", 1)  # a worker's stage: the same defaults
+    assert pieces(GraphDecoder(split[1])) == (True, True, True)
     monkeypatch.setenv("HYPERLANE_PDL", "0")  # off where it would be on by default; no prefetch warning
     with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
         assert pieces(GraphDecoder(whole)) == (True, False, False)
     assert "without HYPERLANE_PDL=1" not in caplog.text
-    monkeypatch.delenv("HYPERLANE_PDL")
     monkeypatch.setenv("HYPERLANE_PDL_PREFETCH", "1")
     with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
         gd = GraphDecoder(split[0])
     assert "without HYPERLANE_PDL=1" in caplog.text and not gd.pdl()
+    monkeypatch.delenv("HYPERLANE_PDL_PREFETCH")
+    monkeypatch.delenv("HYPERLANE_PDL")
+    monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "0")  # the compiled layer; PDL (the layer's only) unused
+    assert pieces(GraphDecoder(split[0])) == (False, True, True)
     monkeypatch.setenv("HYPERLANE_PDL", "1")
     monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "1")
-    gd = GraphDecoder(split[0])  # on for a split stage when asked for
+    gd = GraphDecoder(split[0])  # set: each piece as asked, PDL for the compiled layer's kernels too
     assert pieces(gd) == (True, True, True) and not gd.pdl() and gd.pdl_mode() == "off"
     gd._pdl_supported = lambda: True  # type: ignore[method-assign]
-    assert gd.pdl() and gd.pdl_mode() == "pdl+prefetch"
+    assert gd.pdl() and gd.pdl_mode() == "pdl+prefetch" and gd._pdl_outside_layer()
 
 
 def test_the_all_triton_layer_is_on_by_default_only_with_pdl(monkeypatch):
-    """The whole-model in-process default takes the five-launch layer only where PDL launches it (alone it
+    """By default a stage takes the five-launch layer only where PDL launches it (alone it
     lost to the compiled layer), and launches only that layer with PDL: the compiled layer's GEMVs and
     attention (batch > 1, or where the layer does not apply) keep plain launches. ``HYPERLANE_PDL=1`` puts
     them on PDL too; ``HYPERLANE_TRITON_LAYER=1`` takes the layer without PDL."""
@@ -702,8 +703,8 @@ def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path, mon
     from hyperlane_lab.generation.pipeline import InProcessPipeline
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
 
-    # the in-process whole model would take the PDL layer by default, a worker the compiled one: pin both
-    # sides to the compiled layer, so that the tokens compare one path (worker vs in-process), not two layers
+    # both sides would take the PDL layer, its configs tuned by timing the step in each process (so they may
+    # differ): pin both to the compiled layer, so that the tokens compare one path (worker vs in-process)
     monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "0")
     monkeypatch.setenv("HYPERLANE_PDL", "0")
     local = InProcessPipeline.from_pretrained(None, n_stages=1, dtype="fp16", device="cuda")

@@ -133,22 +133,21 @@ class GraphDecoder:
         # batch 1: the all-Triton layer (decode_fused.make_triton_layer); None = not decided yet
         self._tlayer: LayerFn | bool | None = None
         # The all-Triton layer, its kernels launched with programmatic dependent launch (sm_90+;
-        # kernels/pdl.py) and the GEMVs' first weight tile read before the wait: by default on for a stage
-        # that holds the whole model in this process (``whole_in_process``), where on an H200 it was the
-        # fastest 1-GPU decode in 7 of 7 paired runs (+0.5-2.5%); off for split stages and a worker's stage,
-        # where it gained nothing (2 stages: -0.6%, s21b, and within 0.7%, s22b; one worker holding every
-        # layer: -1.0%, s22d), and where the device takes no PDL (the layer alone lost to the compiled one,
-        # third session). Each variable set decides its piece, on or off, anywhere (bench/RESULTS.md,
-        # twentieth to twenty-second sessions).
-        self.whole_in_process = stage.is_first and stage.is_last and not getattr(stage, "in_worker", False)
-        # by default (unset variables) PDL launches the all-Triton layer only: the compiled layer's
-        # kernels (batch > 1, or batch 1 where the layer does not apply) keep plain launches
-        self._layer_auto = "HYPERLANE_TRITON_LAYER" not in os.environ and self.whole_in_process
-        self._pdl_auto = "HYPERLANE_PDL" not in os.environ and self.whole_in_process
-        self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", self.whole_in_process)
-        self.pdl_enabled = env_flag("HYPERLANE_PDL", self.whole_in_process)
+        # kernels/pdl.py), the GEMVs' first weight tile read before the wait and its configs tuned in the step
+        # (layer_tune.py): on by default for every stage on a device that takes PDL. On an H200 it was the
+        # fastest decode for a whole model in-process (7 of 7 paired runs, +0.5-2.5% with the configs chosen
+        # alone; tuned, +4.6% more), for one worker holding every layer (+8.5%) and for two worker stages
+        # (+2.2%) (bench/RESULTS.md, twentieth to twenty-fifth sessions). Where the device takes no PDL it
+        # stays off (alone the layer lost to the compiled one, third session). Each variable set decides its
+        # piece, on or off.
+        # Unset, PDL launches the all-Triton layer only: the compiled layer's kernels (batch > 1, or batch 1
+        # where the layer does not apply) keep plain launches (with PDL they ran 7-8% slower).
+        self._layer_auto = "HYPERLANE_TRITON_LAYER" not in os.environ
+        self._pdl_auto = "HYPERLANE_PDL" not in os.environ
+        self.triton_layer_enabled = env_flag("HYPERLANE_TRITON_LAYER", True)
+        self.pdl_enabled = env_flag("HYPERLANE_PDL", True)
         # the GEMVs' first weight tile read before the wait (with PDL only)
-        self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", self.whole_in_process and self.pdl_enabled)
+        self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", self.pdl_enabled)
         if self.pdl_prefetch and not self.pdl_enabled:
             log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
         # a last stage's greedy ids and non-finite flag for up to GREEDY_ROWS rows in one Triton launch
@@ -254,14 +253,13 @@ class GraphDecoder:
         return self._lin
 
     def pdl(self) -> bool:
-        """Launch this step's Triton kernels with programmatic dependent launch: ``HYPERLANE_PDL=1`` (or,
-        unset, a stage holding the whole model in this process), a device and Triton that take it
-        (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
+        """Launch this step's Triton kernels with programmatic dependent launch: unless ``HYPERLANE_PDL=0``, on
+        a device and Triton that take it (``kernels/pdl.py``), and no failed warm-up since ``configure()``."""
         return self.pdl_enabled and not self._pdl_off and self._pdl_supported()
 
     def _pdl_outside_layer(self) -> bool:
         """PDL for the compiled layer's kernels too (its Triton GEMVs and attention): only when
-        ``HYPERLANE_PDL`` asks for it; the in-process default launches only the all-Triton layer with PDL
+        ``HYPERLANE_PDL`` asks for it; the default launches only the all-Triton layer with PDL
         (the compiled layer with PDL measured 7-8% slower on an H200)."""
         return self.pdl() and not self._pdl_auto
 
@@ -291,8 +289,8 @@ class GraphDecoder:
 
     def triton_layer(self) -> LayerFn | None:
         """The all-Triton decode layer for one-row caches, where the attention kernel applies and
-        the GEMV timings favour it: ``HYPERLANE_TRITON_LAYER=1``, or, unset, a stage holding the whole
-        model in this process on a device that takes PDL (see ``__init__``). Its configs are the ones timed
+        the GEMV timings favour it: ``HYPERLANE_TRITON_LAYER=1``, or, unset, on a device that takes PDL (see
+        ``__init__``). Its configs are the ones timed
         fastest alone, then tuned by timing the whole step (``layer_tune.tune_layer``; ``HYPERLANE_LAYER_TUNE=0``
         keeps them as timed alone)."""
         if self._tlayer is None:

@@ -19,10 +19,11 @@ products are about as fast as cuBLAS (``triton_layer_configs``). Alone it loses:
 folded-in prologues slowed the products by more than the ~7 launches a layer they save
 (Llama-2-7B: 229 vs 242 tok/s for the compiled layer with the attention kernel, bench/RESULTS.md).
 Launched with programmatic dependent launch and the first weight tile read early it was the fastest
-1-GPU decode, so a stage that holds the whole model in-process uses it by default where the device
-takes PDL (``cuda_decode.GraphDecoder``); split stages and workers keep the compiled layer. The decoder then
-tunes the per-role configs by timing the whole step (``layer_tune.py``): alone and in the step they rank
-differently (+4.6% 1-GPU decode on an H200, twenty-fourth session).
+1-GPU decode. The decoder tunes its per-role configs by timing the whole step (``layer_tune.py``): alone
+and in the step they rank differently (+4.6% 1-GPU decode on an H200, twenty-fourth session). So tuned,
+it is the default of every stage on a device that takes PDL (``cuda_decode.GraphDecoder``): a whole model
+in-process, a worker holding every layer (+8.5% against the compiled layer) and split worker stages
+(+2.2%, twenty-fifth session).
 """
 
 from __future__ import annotations

@@ -83,8 +83,6 @@ class TorchStage(StageSessions):
         # CUDA only: decode steps (S == 1) replay a CUDA graph (models/cuda_decode.py)
         self.cuda_graphs = os.environ.get("HYPERLANE_CUDA_GRAPHS", "1") != "0"
         self._graphs: Any = None
-        # set by a worker serving this stage (runtime.worker): the decoder's in-process defaults stay off
-        self.in_worker = False
 
     # ------------------------------------------------------------------ sessions
 
@@ -97,12 +95,6 @@ class TorchStage(StageSessions):
     def _release(self, cache: SessionCache) -> None:
         if self._graphs is not None:
             self._graphs.release(cache)
-
-    def serve_in_worker(self) -> None:
-        """Mark this stage as a worker's (``runtime.worker``): its decoder keeps the in-process-only
-        defaults off (``cuda_decode.GraphDecoder``); a decoder made before is dropped, to be made again."""
-        self.in_worker = True
-        self._graphs = None
 
     def decode_choices(self) -> dict[str, Any]:
         """The CUDA decoder's kernel choices so far (``GraphDecoder.gemv_choice``: per weight shape the

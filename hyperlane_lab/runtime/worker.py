@@ -255,8 +255,6 @@ class Worker(WorkerOutbox):
     # ------------------------------------------------------------------ control (called from gRPC)
 
     def set_engine(self, engine: Any, engine_name: str, stage_index: int) -> None:
-        if hasattr(engine, "serve_in_worker"):  # TorchStage: its decoder's in-process-only defaults stay off
-            engine.serve_in_worker()
         with self._lock:
             self.engine, self.engine_name, self.stage_index = engine, engine_name, stage_index
             self.sessions.clear()
