@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -212,6 +213,30 @@ def test_shard_shipping_and_cache(tmp_path, hf_greedy, monkeypatch):
         with AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m:
             assert m.generate(PROMPTS[0], max_tokens=12).token_ids == hf_greedy(PROMPTS[0], 12)
         assert calls and not sent  # asked, but nothing was sent
+
+
+def test_shards_live_in_the_workers_cache_and_a_lost_blob_is_linked_again(tmp_path, hf_greedy):
+    """A worker builds a shipped shard's folder inside its own cache, so caches side by side never share one;
+    a shard folder whose weights blob was deleted is linked again to the blob shipped next time."""
+
+    def generate(cache: Path) -> list[int]:
+        with (
+            LocalCluster(1, cache_dir=cache) as cluster,
+            AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m,
+        ):
+            return list(m.generate(PROMPTS[0], max_tokens=8).token_ids)
+
+    want = hf_greedy(PROMPTS[0], 8)
+    for name in ("a", "b"):
+        assert generate(tmp_path / name) == want
+        (shard,) = (tmp_path / name / "shards").iterdir()
+        link = shard / "model.safetensors"
+        assert link.is_symlink() and link.resolve().parent == (tmp_path / name).resolve()
+    assert not (tmp_path / "shards").exists()  # nothing written beside the caches
+    link.resolve().unlink()  # cache b loses the weights blob: its shard's link dangles
+    assert link.is_symlink() and not link.exists()
+    assert generate(tmp_path / "b") == want  # shipped again, linked again
+    assert link.exists()
 
 
 def test_model_does_not_fit(tmp_path):

@@ -4,7 +4,6 @@ INVALID_ARGUMENT with a message saying what was wrong; the worker keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -197,7 +196,9 @@ class WorkerService(pb_grpc.WorkerServicer):
                     f"blob {b[:12]}... is not in the worker's cache; upload it with PutBlob first"
                 )
         key = "-".join(b[:16] for b in blobs if b)
-        folder = self.w.blobs.root.parent / "shards" / key
+        # inside the worker's own cache: a folder next to it could be another cache's (two workers with
+        # caches side by side in /tmp), whose weights link may point at a blob that cache has since lost
+        folder = self.w.blobs.root / "shards" / key
         folder.mkdir(parents=True, exist_ok=True)
         # workers of one machine may share the cache: publish each file atomically
         tmp = folder / f".config.{os.getpid()}.{time.monotonic_ns()}"
@@ -205,10 +206,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         os.replace(tmp, folder / "config.json")
         opts: dict[str, Any] = {}
         if req.weights_sha256:
-            target = folder / "model.safetensors"
-            if not target.exists():
-                with contextlib.suppress(FileExistsError):  # another worker linked it first
-                    os.symlink(self.w.blobs.path(req.weights_sha256), target)
+            target, blob = folder / "model.safetensors", self.w.blobs.path(req.weights_sha256)
+            if not target.exists():  # missing, or a link to a blob no longer there: (re)link atomically
+                link = folder / f".weights.{os.getpid()}.{time.monotonic_ns()}"
+                os.symlink(blob, link)
+                os.replace(link, target)
         if req.onnx_sha256:
             opts["onnx_path"] = str(self.w.blobs.path(req.onnx_sha256))
             opts["onnx_sha256"] = req.onnx_sha256

@@ -29,7 +29,7 @@ class WorkerConfig:
     data_port: int | None = None  # None = grpc_port + 1 (or any free port when grpc_port is 0)
     device: str = "auto"  # auto | cpu | cuda:N
     worker_id: str = ""
-    cache_dir: str = ""  # blob cache; default ~/.cache/hyperlane_lab/blobs
+    cache_dir: str = ""  # blob cache (shipped shards in its shards/); default ~/.cache/hyperlane_lab/blobs
     advertise: bool = True  # register on mDNS (zeroconf)
     advertise_address: str | None = None  # address put in the mDNS record (multi-homed hosts)
     interfaces: str = "all"  # zeroconf interfaces: all | default | comma-separated IPs
