@@ -31,7 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
     p.add_argument("--device", default="auto", help="cpu, cuda:N, or auto (default)")
     p.add_argument("--id", default="", help="worker id (default hostname + random suffix)")
-    p.add_argument("--cache-dir", default="", help="blob cache, shipped shards included (default ~/.cache/hyperlane_lab/blobs)")
+    p.add_argument(
+        "--cache-dir",
+        default="",
+        help="blob cache, shipped shards included (default ~/.cache/hyperlane_lab/blobs)",
+    )
     p.add_argument("--no-advertise", action="store_true", help="do not register on mDNS")
     p.add_argument("--advertise-address", default=None, help="address to put in the mDNS record")
     p.add_argument(
