@@ -257,9 +257,9 @@ def _configure(
     gd.configure(comp)
     gd.triton_layer_enabled = layer
     gd.pdl_enabled, gd.pdl_prefetch = pdl, prefetch
-    # each piece as the variant says (not the in-process default's rule); with the all-Triton layer PDL
-    # launches that layer only (the LM head's product and batch > 1 steps plain), as the in-process default
-    # does since the twenty-second session; without it, the compiled layer's kernels (the variant's point).
+    # each piece as the variant says (not the default's rule); with the all-Triton layer PDL launches that
+    # layer only (the LM head's product and batch > 1 steps plain), as the default does (in-process since
+    # the twenty-second session, everywhere since the twenty-fifth); without it, the compiled layer's kernels (the variant's point).
     # Until the twenty-third session the layer variants also launched the LM head's product with PDL.
     gd._layer_auto = False
     gd._pdl_auto = layer
@@ -585,7 +585,7 @@ def main() -> int:
         default=[],
         metavar="NAME=FLAGS",
         help='extra worker flags for parts named PART@NAME, e.g. spin="--busy-poll-us 20000"; VAR=value words '
-        'set the workers\' environment instead, e.g. pdl="HYPERLANE_TRITON_LAYER=1 HYPERLANE_PDL=1"',
+        'set the workers\' environment instead, e.g. c="HYPERLANE_TRITON_LAYER=0 HYPERLANE_PDL=0"',
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", help="print the table of saved JSON files and exit")

@@ -241,7 +241,7 @@ def test_graph_decoder_pools_caches_on_cpu():
     assert gd.new_cache(2, 8) is not a
 
 
-def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch, caplog):
+def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch, caplog, tmp_path):
     """Unset, the all-Triton layer, PDL and the early first tile are on for every stage: a whole model, a split
     stage, a worker's stage; each variable set decides its piece. A CPU stage (or a pre-Hopper GPU, or the
     interpreter) never launches with PDL. ``HYPERLANE_PDL_PREFETCH=1`` without PDL does nothing, and says so."""
@@ -264,16 +264,17 @@ def test_pdl_is_asked_for_by_the_environment_and_needs_a_hopper_gpu(monkeypatch,
     for st in split:
         g = GraphDecoder(st)
         assert pieces(g) == (True, True, True) and g._layer_auto and g._pdl_auto
-    Worker(WorkerConfig(device="cpu")).set_engine(split[1], "torch", 1)  # a worker's stage: the same defaults
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    w.set_engine(split[1], "torch", 1)  # a worker's stage: the same defaults
     assert pieces(GraphDecoder(split[1])) == (True, True, True)
     monkeypatch.setenv("HYPERLANE_PDL", "0")  # off where it would be on by default; no prefetch warning
     with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
         assert pieces(GraphDecoder(whole)) == (True, False, False)
-    assert "without HYPERLANE_PDL=1" not in caplog.text
+    assert "does nothing" not in caplog.text
     monkeypatch.setenv("HYPERLANE_PDL_PREFETCH", "1")
     with caplog.at_level(logging.WARNING, logger="hyperlane_lab.models.cuda_decode"):
         gd = GraphDecoder(split[0])
-    assert "without HYPERLANE_PDL=1" in caplog.text and not gd.pdl()
+    assert "HYPERLANE_PDL=0 does nothing" in caplog.text and not gd.pdl()
     monkeypatch.delenv("HYPERLANE_PDL_PREFETCH")
     monkeypatch.delenv("HYPERLANE_PDL")
     monkeypatch.setenv("HYPERLANE_TRITON_LAYER", "0")  # the compiled layer; PDL (the layer's only) unused
@@ -339,7 +340,7 @@ def test_the_all_triton_layer_is_on_by_default_only_with_pdl(monkeypatch):
 
 
 def test_a_failed_warm_up_turns_off_pdl_only_where_it_was_used(monkeypatch):
-    """In-process default: a warm-up that failed without the all-Triton layer (a compiled-layer capture,
+    """By default: a warm-up that failed without the all-Triton layer (a compiled-layer capture,
     launched plainly) leaves PDL on and turns off the next piece; one that failed in the layer turns PDL
     off, and with it the default layer; ``configure()`` decides both again."""
     from hyperlane_lab.models import cuda_decode
@@ -1039,14 +1040,18 @@ def test_decode_kernels_launched_with_pdl_give_the_plain_launches_bits():
         outs.append(_decode(stages, [6], steps=12, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)
     _assert_same_steps(outs, modes, "five-launch layer")
-    # the default compiled layer with the Triton GEMV for every product and the attention kernel, PDL on
-    # (GraphDecoder.pdl: HYPERLANE_PDL=1) and off: inductor's kernels between ours launch as usual
+    # the compiled layer with the Triton GEMV for every product and the attention kernel, PDL on for its
+    # kernels too (as HYPERLANE_PDL=1 asks; unset, PDL launches the all-Triton layer only) and off:
+    # inductor's kernels between ours launch as usual
     outs = []
     for pdl, prefetch in modes:
         stages = _stages(SPEC, [1], torch.float16, "cuda")
         for st in stages:
-            st.graph_decoder().pdl_enabled = pdl
-            assert st.graph_decoder().pdl() is pdl
+            gd = st.graph_decoder()
+            gd.pdl_enabled, gd._pdl_auto, gd.triton_layer_enabled = pdl, False, False
+            assert gd.pdl() is pdl and gd._pdl_outside_layer() is pdl
+            attn = gd.attention_kernel()
+            assert attn is not None and (getattr(attn, "keywords", {}) == {"pdl": True}) is pdl
             _triton_gemv_everywhere(st, plain, pdl=pdl, prefetch=prefetch)
         outs.append(_decode(stages, [6], steps=8, static=True))
         assert all(st.graph_decoder().fallbacks == [] for st in stages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import socket
 import struct
 import threading
@@ -199,7 +200,8 @@ def test_shard_shipping_and_cache(tmp_path, hf_greedy, monkeypatch):
     with LocalCluster(2, cache_dir=tmp_path / "cache") as cluster:
         with AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m:
             assert m.generate(PROMPTS[0], max_tokens=12).token_ids == hf_greedy(PROMPTS[0], 12)
-        assert len(list((tmp_path / "cache").iterdir())) >= 3  # config + 2 weight shards
+        blobs = [f for f in (tmp_path / "cache").iterdir() if re.fullmatch("[0-9a-f]{64}", f.name)]
+        assert len(blobs) >= 3  # config + 2 weight shards
         calls, sent = [], []
         orig = WorkerClient.upload_blob
 
@@ -215,9 +217,10 @@ def test_shard_shipping_and_cache(tmp_path, hf_greedy, monkeypatch):
         assert calls and not sent  # asked, but nothing was sent
 
 
-def test_shards_live_in_the_workers_cache_and_a_lost_blob_is_linked_again(tmp_path, hf_greedy):
-    """A worker builds a shipped shard's folder inside its own cache, so caches side by side never share one;
-    a shard folder whose weights blob was deleted is linked again to the blob shipped next time."""
+def test_shards_live_in_the_workers_cache_and_a_lost_blob_is_linked_again(tmp_path, hf_greedy, monkeypatch):
+    """A worker builds a shipped shard's folder inside its own cache, so caches side by side never share one,
+    with a relative link to the weights blob (a relative cache path works); a shard whose link dangles (its
+    blob deleted, or the link pointing where a cache used to be) is linked again to the blob shipped next."""
 
     def generate(cache: Path) -> list[int]:
         with (
@@ -227,16 +230,21 @@ def test_shards_live_in_the_workers_cache_and_a_lost_blob_is_linked_again(tmp_pa
             return list(m.generate(PROMPTS[0], max_tokens=8).token_ids)
 
     want = hf_greedy(PROMPTS[0], 8)
-    for name in ("a", "b"):
-        assert generate(tmp_path / name) == want
-        (shard,) = (tmp_path / name / "shards").iterdir()
+    monkeypatch.chdir(tmp_path)
+    for cache in (Path("a"), tmp_path / "b"):  # relative, absolute
+        assert generate(cache) == want
+        (shard,) = (tmp_path / cache / "shards").iterdir()
         link = shard / "model.safetensors"
-        assert link.is_symlink() and link.resolve().parent == (tmp_path / name).resolve()
+        assert link.is_symlink() and link.resolve().parent == (tmp_path / cache).resolve()
+        assert not os.path.isabs(os.readlink(link))
     assert not (tmp_path / "shards").exists()  # nothing written beside the caches
     link.resolve().unlink()  # cache b loses the weights blob: its shard's link dangles
     assert link.is_symlink() and not link.exists()
     assert generate(tmp_path / "b") == want  # shipped again, linked again
-    assert link.exists()
+    link.unlink()
+    link.symlink_to(tmp_path / "gone" / link.resolve().name)  # where a cache used to be
+    assert generate(tmp_path / "b") == want
+    assert link.exists() and link.resolve().parent == (tmp_path / "b").resolve()
 
 
 def test_model_does_not_fit(tmp_path):

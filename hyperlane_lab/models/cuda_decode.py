@@ -137,7 +137,7 @@ class GraphDecoder:
         # (layer_tune.py): on by default for every stage on a device that takes PDL. On an H200 it was the
         # fastest decode for a whole model in-process (7 of 7 paired runs, +0.5-2.5% with the configs chosen
         # alone; tuned, +4.6% more), for one worker holding every layer (+8.5%) and for two worker stages
-        # (+2.2%) (bench/RESULTS.md, twentieth to twenty-fifth sessions). Where the device takes no PDL it
+        # sharing one H200 (+2.2%) (bench/RESULTS.md, twentieth to twenty-fifth sessions). Where the device takes no PDL it
         # stays off (alone the layer lost to the compiled one, third session). Each variable set decides its
         # piece, on or off.
         # Unset, PDL launches the all-Triton layer only: the compiled layer's kernels (batch > 1, or batch 1
@@ -149,7 +149,9 @@ class GraphDecoder:
         # the GEMVs' first weight tile read before the wait (with PDL only)
         self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", self.pdl_enabled)
         if self.pdl_prefetch and not self.pdl_enabled:
-            log.warning("HYPERLANE_PDL_PREFETCH is set without HYPERLANE_PDL=1: it does nothing alone")
+            log.warning(
+                "HYPERLANE_PDL_PREFETCH=1 with HYPERLANE_PDL=0 does nothing: the first tile is read early only under PDL"
+            )
         # a last stage's greedy ids and non-finite flag for up to GREEDY_ROWS rows in one Triton launch
         # (kernels/greedy.py) instead of ~10 torch kernels: +0.5% 1-GPU decode on an H200 (bench/tail_ab.py,
         # twenty-third session). HYPERLANE_TRITON_GREEDY=0: the torch ops.

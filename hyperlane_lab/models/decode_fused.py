@@ -23,7 +23,7 @@ Launched with programmatic dependent launch and the first weight tile read early
 and in the step they rank differently (+4.6% 1-GPU decode on an H200, twenty-fourth session). So tuned,
 it is the default of every stage on a device that takes PDL (``cuda_decode.GraphDecoder``): a whole model
 in-process, a worker holding every layer (+8.5% against the compiled layer) and split worker stages
-(+2.2%, twenty-fifth session).
+(+2.2%, two sharing one H200; twenty-fifth session).
 """
 
 from __future__ import annotations

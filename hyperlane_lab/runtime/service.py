@@ -207,9 +207,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         opts: dict[str, Any] = {}
         if req.weights_sha256:
             target, blob = folder / "model.safetensors", self.w.blobs.path(req.weights_sha256)
-            if not target.exists():  # missing, or a link to a blob no longer there: (re)link atomically
+            # missing, dangling (a cache moved, a blob lost) or another file: link again, atomically. The link
+            # is relative (../../<sha256>): right for a relative cache path and for a cache moved as a whole
+            if not target.exists() or target.resolve() != blob.resolve():
                 link = folder / f".weights.{os.getpid()}.{time.monotonic_ns()}"
-                os.symlink(blob, link)
+                os.symlink(os.path.relpath(blob, folder), link)
                 os.replace(link, target)
         if req.onnx_sha256:
             opts["onnx_path"] = str(self.w.blobs.path(req.onnx_sha256))
