@@ -259,7 +259,8 @@ def _configure(
     gd.pdl_enabled, gd.pdl_prefetch = pdl, prefetch
     # each piece as the variant says (not the default's rule); with the all-Triton layer PDL launches that
     # layer only (the LM head's product and batch > 1 steps plain), as the default does (in-process since
-    # the twenty-second session, everywhere since the twenty-fifth); without it, the compiled layer's kernels (the variant's point).
+    # the twenty-second session, everywhere since the twenty-fifth); without it, the compiled layer's
+    # kernels (the variant's point).
     # Until the twenty-third session the layer variants also launched the LM head's product with PDL.
     gd._layer_auto = False
     gd._pdl_auto = layer

@@ -137,9 +137,9 @@ class GraphDecoder:
         # (layer_tune.py): on by default for every stage on a device that takes PDL. On an H200 it was the
         # fastest decode for a whole model in-process (7 of 7 paired runs, +0.5-2.5% with the configs chosen
         # alone; tuned, +4.6% more), for one worker holding every layer (+8.5%) and for two worker stages
-        # sharing one H200 (+2.2%) (bench/RESULTS.md, twentieth to twenty-fifth sessions). Where the device takes no PDL it
-        # stays off (alone the layer lost to the compiled one, third session). Each variable set decides its
-        # piece, on or off.
+        # sharing one H200 (+2.2%) (bench/RESULTS.md, twentieth to twenty-fifth sessions). Where the device
+        # takes no PDL it stays off (alone the layer lost to the compiled one, third session). Each variable
+        # set decides its piece, on or off.
         # Unset, PDL launches the all-Triton layer only: the compiled layer's kernels (batch > 1, or batch 1
         # where the layer does not apply) keep plain launches (with PDL they ran 7-8% slower).
         self._layer_auto = "HYPERLANE_TRITON_LAYER" not in os.environ
@@ -150,7 +150,8 @@ class GraphDecoder:
         self.pdl_prefetch = env_flag("HYPERLANE_PDL_PREFETCH", self.pdl_enabled)
         if self.pdl_prefetch and not self.pdl_enabled:
             log.warning(
-                "HYPERLANE_PDL_PREFETCH=1 with HYPERLANE_PDL=0 does nothing: the first tile is read early only under PDL"
+                "HYPERLANE_PDL_PREFETCH=1 with HYPERLANE_PDL=0 does nothing: "
+                "the first tile is read early only under PDL"
             )
         # a last stage's greedy ids and non-finite flag for up to GREEDY_ROWS rows in one Triton launch
         # (kernels/greedy.py) instead of ~10 torch kernels: +0.5% 1-GPU decode on an H200 (bench/tail_ab.py,
@@ -292,9 +293,8 @@ class GraphDecoder:
     def triton_layer(self) -> LayerFn | None:
         """The all-Triton decode layer for one-row caches, where the attention kernel applies and
         the GEMV timings favour it: ``HYPERLANE_TRITON_LAYER=1``, or, unset, on a device that takes PDL (see
-        ``__init__``). Its configs are the ones timed
-        fastest alone, then tuned by timing the whole step (``layer_tune.tune_layer``; ``HYPERLANE_LAYER_TUNE=0``
-        keeps them as timed alone)."""
+        ``__init__``). Its configs are the ones timed fastest alone, then tuned by timing the whole step
+        (``layer_tune.tune_layer``; ``HYPERLANE_LAYER_TUNE=0`` keeps them as timed alone)."""
         if self._tlayer is None:
             self._tlayer = False
             attn, lin = self.attention_kernel(), self.linear()

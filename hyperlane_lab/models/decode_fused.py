@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "fused_attention_kernel",
     "make_fused_layer",
     "make_triton_layer",
+    "runnable_times",
     "triton_layer_configs",
 ]
 
@@ -160,11 +161,7 @@ def triton_layer_configs(
             out[role] = cfg
             continue
         times = choice.get(f"{n}x{k}", {}).get("us", {})
-        ok = {
-            name: t
-            for name, t in times.items()
-            if name in by_name and (role not in _NORMED or by_name[name].split_k == 1)
-        }
+        ok = runnable_times(role, times, by_name)
         if "cublas" not in times or not ok:
             return None
         best = min(ok, key=ok.__getitem__)
@@ -172,6 +169,16 @@ def triton_layer_configs(
             return None
         out[role] = by_name[best]
     return out
+
+
+def runnable_times(role: str, times: Mapping[str, float], by_name: Mapping[str, Any]) -> dict[str, float]:
+    """The timings (config name -> µs) of the Triton configs ``role``'s product can run in the layer: no
+    cuBLAS or unknown names, and no split-K where the norm is folded in (``_NORMED``)."""
+    return {
+        name: t
+        for name, t in times.items()
+        if name in by_name and (role not in _NORMED or by_name[name].split_k == 1)
+    }
 
 
 def make_triton_layer(

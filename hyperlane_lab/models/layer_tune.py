@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hyperlane_lab.models.decode_fused import _NORMED, _ROLES
+from hyperlane_lab.models.decode_fused import _ROLES, runnable_times
 from hyperlane_lab.models.sessions import SessionCache
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ __all__ = ["StepTimer", "candidates", "descend", "tune_layer"]
 
 log = logging.getLogger(__name__)
 
-ROLES, NORMED = _ROLES, _NORMED  # the layer's product roles; those with the norm folded in (no split-K)
+ROLES = _ROLES  # the layer's product roles
 
 
 def candidates(
@@ -66,11 +66,7 @@ def candidates(
         if entry.get("pinned") is not None:
             out[role] = []
             continue
-        times = {
-            name: t
-            for name, t in entry.get("us", {}).items()
-            if name in by_name and (role not in NORMED or by_name[name].split_k == 1)
-        }
+        times = runnable_times(role, entry.get("us", {}), by_name)
         if not times:
             out[role] = []
             continue
