@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import random
@@ -245,6 +246,28 @@ def test_shards_live_in_the_workers_cache_and_a_lost_blob_is_linked_again(tmp_pa
     link.symlink_to(tmp_path / "gone" / link.resolve().name)  # where a cache used to be
     assert generate(tmp_path / "b") == want
     assert link.exists() and link.resolve().parent == (tmp_path / "b").resolve()
+
+
+def test_one_worker_token_loop_runs_in_memory_or_through_its_own_socket(tmp_path, hf_greedy):
+    """A worker holding every layer is its own first stage: its token loop hands each next step to the step
+    path in memory, so a step sends one frame (the client's tokens); with ``--no-local-ring`` the next step's
+    frame goes through the worker's own socket first (two sends a step but the last). Greedy tokens equal
+    transformers' either way, and sampled ones with a seed agree between the two."""
+    want = hf_greedy(PROMPTS[0], 12)
+    sampled = []
+    for extra, sends in (([], 1), (["--no-local-ring"], 2)):
+        with (
+            LocalCluster(1, cache_dir=tmp_path / "c", extra_args=extra) as cluster,
+            AutoDistributedModel.from_pretrained(None, workers=cluster.addresses, progress=False) as m,
+        ):
+            m.trace_events()  # drain
+            assert m.generate(PROMPTS[0], max_tokens=12).token_ids == want
+            per_step = collections.Counter(e.step for e in m.trace_events() if e.kind.value == "send")
+            assert sorted(per_step) == list(range(12)), per_step
+            assert {per_step[k] for k in range(11)} == {sends} and per_step[11] == 1, per_step
+            kw = dict(max_tokens=10, temperature=0.9, top_k=40, seed=3)
+            sampled.append(m.generate(PROMPTS[1], **kw).token_ids)
+    assert sampled[0] == sampled[1] and len(sampled[0]) == 10
 
 
 def test_model_does_not_fit(tmp_path):

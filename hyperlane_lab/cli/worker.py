@@ -119,6 +119,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "worker has a GPU of its own)",
     )
     p.add_argument(
+        "--local-ring",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a worker holding every layer runs its token loop's next step without sending the frame to its own "
+        "socket (default: HYPERLANE_LOCAL_RING, on; --no-local-ring sends it through the socket)",
+    )
+    p.add_argument(
         "--stripes",
         type=_positive_int,
         default=None,
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         staging_pool=args.staging_pool,
         direct_prompt_upload=args.direct_prompt_upload,
         armed_graphs=args.armed_graphs,
+        local_ring=args.local_ring,
         stripes=args.stripes,
     )
     return run_worker(cfg)

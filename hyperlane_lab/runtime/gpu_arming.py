@@ -1,27 +1,34 @@
-"""Armed decode steps for the GPU step path (``GpuStepper``, ``gpu_steps.py``): when to arm a session's next
-wire-mode step, fire it from its frame, or release it (the mechanism is ``models/decode_armed.py``).
+"""Steps the GPU completion thread enqueues itself, for ``GpuStepper`` (``gpu_steps.py``): armed decode steps
+(when to arm a session's next wire-mode step, fire it from its frame, or release it; the mechanism is
+``models/decode_armed.py``) and a one-stage token loop's next step (``run_ring``).
 
 Rules: the completion thread arms after shipping a wire step when the worker has exactly one session, that
 step was the only one in flight, the compute thread is idle and the session's graph is the one that ran it
 (and, on a token-loop last stage, a next step exists). ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming
-against every launch (``run_wire``, ``run_step``); the completion thread only tries the lock, so it never waits
-behind a prompt. Anything that is not the armed session's next wire step releases it first.
+and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only tries
+the lock to arm, so it never waits behind a prompt. Anything that is not the armed session's next wire step
+releases it first. A task for the compute thread counted while the completion thread checks or launches
+under the lock waits for it (``disarm``), so the compute thread never runs beside such a launch.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from hyperlane_lab.errors import ProtocolError
+from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.decode_armed import ArmedStep, Arming
 from hyperlane_lab.models.decode_wire import WireSpec
-from hyperlane_lab.runtime.frame import FLAG_LAST
+from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader
 
 if TYPE_CHECKING:
+    from hyperlane_lab.runtime.dataplane import Frame
     from hyperlane_lab.runtime.gpu_steps import _Pending
     from hyperlane_lab.runtime.worker import Worker, _Session
 
@@ -44,20 +51,27 @@ class ArmedSteps:
     _put: int
     _done: int
 
+    _thread: threading.Thread  # the completion thread
+    ring_steps: int
+
     def _on_device(self) -> None:  # GpuStepper's
+        raise NotImplementedError
+
+    def wire_spec(self, h: FrameHeader) -> WireSpec | None:  # GpuStepper's
+        raise NotImplementedError
+
+    def _run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:  # GpuStepper's
         raise NotImplementedError
 
     def disarm(self) -> None:
         """Release the armed step, if any (it runs as padding): call before any other GPU work of this
         worker that does not go through ``run_wire``/``run_step``, which release it themselves, after
-        counting that work (``Worker._submit``). An arm under way (its checks may have passed before the
-        work was counted) finishes first and is released here. With nothing armed and no arm under way,
-        returns without the lock: the compute thread holds it while it enqueues a prompt chunk (~1 ms),
-        and the loop thread must not wait for that. Safe: the completion thread sets ``_arming_now``
-        before its checks read the count, and sets ``_armed`` before clearing it, so one of the two
-        reads below (in this order) sees it. Nothing to do when arming is off."""
-        if self.arming is None:
-            return
+        counting that work (``Worker._submit``). An arm or a ``run_ring`` launch under way (its checks may
+        have passed before the work was counted) finishes first (and an arm is released here). With
+        neither, returns without the lock: the compute thread holds it while it enqueues a prompt chunk
+        (~1 ms), and the loop thread must not wait for that. Safe: the completion thread sets
+        ``_arming_now`` before its checks read the count, and sets ``_armed`` before clearing it, so one
+        of the two reads below (in this order) sees it."""
         if not self._arming_now and self._armed is None:
             return
         with self._arm_lock:
@@ -86,6 +100,38 @@ class ArmedSteps:
             return True
         arming.release(a)
         return False
+
+    def run_ring(self, frame: Frame) -> bool:
+        """Enqueue a one-stage token loop's next step at once (``outbox.ring_here``) where the loop thread would
+        have enqueued it on arrival: on the completion thread, a wire-mode step whose graph is ready, with
+        nothing on the compute thread. False: not taken here (the loop thread takes the frame)."""
+        if threading.current_thread() is not self._thread or self._closing:
+            return False
+        w, h = self.w, frame.header
+        eng, sess = w.engine, w.sessions.get(h.session)
+        if eng is None or sess is None or sess.error:
+            return False
+        try:
+            spec = self.wire_spec(h)
+        except ProtocolError:  # (a frame built by this worker: never seen) the loop thread's path says why
+            return False
+        if spec is None:
+            return False
+        with self._arm_lock:
+            self._arming_now = True  # before the count is read: work counted meanwhile waits (see disarm)
+            try:
+                if w._submitted != w._finished or not eng.decode_graph_ready(h.session, spec):
+                    return False
+                hs = host_stamps()
+                hs.mark("ring")
+                hs.end()  # the completion record ends here; the step's own record follows
+                sess.last_used = time.monotonic()
+                self.ring_steps += 1
+                self._run_wire(frame, spec, frame.completed_at)
+            finally:
+                self._arming_now = False
+        w.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
+        return True
 
     def _arm_after(self, p: _Pending) -> None:
         try:

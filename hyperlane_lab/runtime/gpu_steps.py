@@ -155,10 +155,11 @@ class GpuStepper(ArmedSteps):
         self._armed: ArmedStep | None = None
         self._arming_now = False  # the completion thread holds the lock to arm (ArmedSteps.disarm reads it)
         self._closing = False  # close() was called: arm nothing more
-        # steps handed to / finished by the completion thread. One writer each: ``run_step`` and
-        # ``run_wire`` run on the loop thread only while the compute thread is idle, and vice versa
+        # steps handed to / finished by the completion thread. ``_put``'s writers (``run_step``, ``run_wire``
+        # on the loop or compute thread, ``run_ring`` on the completion thread) hold ``_arm_lock``
         self._put = 0
         self._done = 0
+        self.ring_steps = 0  # one-stage token loop steps the completion thread enqueued (``run_ring``)
 
     def _on_device(self) -> None:
         """Make this stepper's device the calling thread's current one, once per thread (the threads
@@ -232,10 +233,7 @@ class GpuStepper(ArmedSteps):
         """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
         event; the completion thread sends the pinned result. Runs where ``run_step`` runs. An armed
         step of the session (decode_armed.py) only needs the writes and its flag."""
-        if self.arming is None:  # arming off: nothing to order against
-            self._run_wire(frame, spec, queued_at)
-            return
-        with self._arm_lock:
+        with self._arm_lock:  # (uncontended but for an arm or a ring launch on the completion thread)
             self._run_wire(frame, spec, queued_at)
 
     def _run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
@@ -317,9 +315,6 @@ class GpuStepper(ArmedSteps):
         """``encoded``: ``x`` is the frame's codec payload as uint8 bytes, already checked against the
         header (``wire.check_payload``): it is uploaded and decoded on this GPU, in stream order. An
         armed step is released first (this step must not queue behind its gate)."""
-        if self.arming is None:  # arming off: nothing to order against
-            self._run_step(frame, x, positions, queued_at, encoded)
-            return
         with self._arm_lock:
             self.disarm()
             self._run_step(frame, x, positions, queued_at, encoded)

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hyperlane_lab.runtime.dataplane import Frame, PooledBuffer
 from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader, FrameKind
 from hyperlane_lab.runtime.sender import SocketSender
 
 if TYPE_CHECKING:
+    from hyperlane_lab.runtime.gpu_steps import GpuStepper
     from hyperlane_lab.runtime.trace_recorder import TraceRecorder
     from hyperlane_lab.runtime.worker import _Session
 
@@ -83,6 +85,7 @@ class WorkerOutbox:
     stripes: int
     stripe_from: int
     _loop: asyncio.AbstractEventLoop | None
+    _gpu: GpuStepper | None
 
     async def connect_next(self, address: str, codec: str, group_size: int) -> float:
         t0 = time.perf_counter()
@@ -172,7 +175,11 @@ class WorkerOutbox:
             header = FrameHeader(
                 FrameKind.TENSOR, sid, step + 1, batch, 1, torch.int64, 0, 0, (batch, 1), 8 * batch, last
             )
-            err = self._send(address, header, [pos_out, ids_out], sid, step)
+            if sess.ring_here:
+                self.ring_here(header, pos_out + ids_out)
+                err = ""
+            else:
+                err = self._send(address, header, [pos_out, ids_out], sid, step)
             if err:
                 fail = f"the token loop cannot reach the first stage at {address}: {err}"
         if fail:  # the client waits for the next step: an error frame instead, never silence
@@ -180,6 +187,41 @@ class WorkerOutbox:
             self._call_soon(self._forward_error, sid, step + 1, f"stage {self.stage_index}: {fail}")
             return False
         return True
+
+    def ring_here(self, header: FrameHeader, body: bytes) -> None:
+        """(Compute or GPU completion thread.) The next step of a token loop whose first stage is this worker
+        (it holds every layer): the frame goes to the step path in memory, not through the worker's own socket.
+        Through the socket it waited 240-400 µs a token on an H200 host: the loop thread sleeps in epoll while
+        the step that sent it completes, then waits for the GIL (bench/gpu_notes.md, twenty-fifth session).
+        The GPU completion thread enqueues it at once wherever the loop thread would on arrival
+        (``GpuStepper.run_ring``); otherwise the loop thread takes it as if it had come in."""
+        now = time.perf_counter()
+        frame = Frame(header, PooledBuffer(None, bytearray(body), len(body)), now, now)
+        gpu = self._gpu
+        if gpu is not None and gpu.run_ring(frame):
+            return
+        self._call_soon(self._accept_ring, frame)
+
+    def _accept_ring(self, frame: Frame) -> None:
+        """(Loop thread.) ``ring_here``'s frame, taken as an arrived one; a failure fails its session (the
+        client waits for that step: an error frame, never silence)."""
+        h = frame.header
+        try:
+            self._accept_tensor(frame)
+        except Exception as e:
+            frame.body.release()
+            log.exception(
+                "stage %d: the token loop's step %d of %s failed", self.stage_index, h.step, h.session
+            )
+            self.step_failed(
+                self.sessions.get(h.session), h.session, h.step, f"stage {self.stage_index}: {e}"
+            )
+
+    def _accept_tensor(self, frame: Frame) -> None:  # Worker's
+        raise NotImplementedError
+
+    def step_failed(self, sess: _Session | None, sid: str, step: int, message: str) -> None:  # Worker's
+        raise NotImplementedError
 
     def _forward_error(self, sid: str, step: int, message: str) -> None:
         sess = self.sessions.get(sid)

@@ -86,6 +86,9 @@ class _Session:
     # server-side token loop (last stage): (first stage's data address, steps, EOS ids) or None
     ring: tuple[str, int, frozenset[int]] | None = None
     flag_last: bool = False  # ... whose last step's frame is flagged LAST (every stage takes the flag)
+    # ... whose first stage is this worker (it holds every layer): the next step's frame is handed to the
+    # step path in memory (``outbox.ring_here``), not sent to this worker's own socket
+    ring_here: bool = False
 
 
 def _noop() -> None:
@@ -161,6 +164,10 @@ class Worker(WorkerOutbox):
         self.direct_prompt_upload = _opt_in(config.direct_prompt_upload, "HYPERLANE_DIRECT_PROMPT_UPLOAD")
         # a lone session's next decode step enqueued before its frame arrives (GpuStepper, models/decode_armed.py)
         self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
+        # a one-stage pipeline's token loop hands its next step over in memory (outbox.ring_here)
+        self.local_ring = (
+            env_flag("HYPERLANE_LOCAL_RING", True) if config.local_ring is None else config.local_ring
+        )
         # GPU work outside the step paths and the compute thread (Profile): nothing is armed while > 0
         self.gpu_users = 0
         # large tensor frames to the next stage split over several connections (runtime/stripes.py); the
@@ -293,11 +300,14 @@ class Worker(WorkerOutbox):
             raise ValueError(f"session {sid} is already open")
         if ring is not None and not eng.is_last:
             raise ValueError("only the last stage runs a server-side token loop (ring_to)")
+        # one stage holds every layer: its token loop's first stage is itself (any other address names a
+        # worker that would run the same layers on a cache it does not have)
+        here = ring is not None and eng.is_first and self.local_ring
         if eng.is_last:
             if not reply_to:
                 raise ValueError("the last stage needs reply_to (the client's data address)")
             await self._connection_to(reply_to)
-            if ring is not None:
+            if ring is not None and not here:
                 await self._connection_to(ring[0])
         need = eng.kv_cache_bytes(batch, max_len) if hasattr(eng, "kv_cache_bytes") else 0
         _, free = self.memory()
@@ -308,7 +318,13 @@ class Worker(WorkerOutbox):
             )
         await self._on_compute(eng.open_session, sid, batch, max_len)
         self.sessions[sid] = _Session(
-            batch, max_len, Sampler(params) if eng.is_last else None, reply_to, ring=ring, flag_last=flag_last
+            batch,
+            max_len,
+            Sampler(params) if eng.is_last else None,
+            reply_to,
+            ring=ring,
+            flag_last=flag_last,
+            ring_here=here,
         )
         return need
 

@@ -76,6 +76,10 @@ class WorkerConfig:
     # is the worker's only session (models/decode_armed.py); the frame then only writes pinned inputs and a
     # flag. None = ``HYPERLANE_ARMED_GRAPHS`` (default off): experimental
     armed_graphs: bool | None = None
+    # a worker holding every layer runs its token loop's next step without sending the frame to its own socket:
+    # the GPU completion thread enqueues it at once (outbox.ring_here). None = ``HYPERLANE_LOCAL_RING``
+    # (default on); off sends it through the socket as a multi-stage ring does (for A/B runs)
+    local_ring: bool | None = None
     # connections a tensor frame of ``stripe_from`` bytes or more is split over on its way to the next stage
     # (runtime/stripes.py; each written and read by its own thread). None = ``HYPERLANE_STRIPES`` (default 1,
     # off) and ``HYPERLANE_STRIPE_FROM`` (default 4 MB): experimental, for prompt hand-offs on fast links
