@@ -201,7 +201,8 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
     ``complete`` = GPU done -> send begins (D2H,
     completion wake-up, argmax read, header), ``send`` = socket write. Between stages, ``wire`` =
     send done -> next stage has the whole frame. ``client`` = what is left of a token's time:
-    the last stage's tokens reaching the client, the client's loop and its send to stage 0.
+    the last stage's tokens reaching the client, the client's loop and its send to stage 0. A one-stage
+    token loop handed over in memory has ``s0_handover`` = GPU done -> the next step's frame made instead.
     All stage clocks are this host's monotonic clock (one host), so differences are exact."""
     by: dict[tuple[str, int, int, str], TraceEvent] = {}
     for e in sorted(events, key=lambda e: e.start):
@@ -246,6 +247,13 @@ def hop_breakdown(events: list[TraceEvent], p: int, token_s: float, prefill: boo
             )
     inside = {f"s{p - 1}_sample", f"s{p - 1}_ring_send"}  # already counted in s{p-1}_complete
     inside |= {f"s{i}_{k}" for i in range(p) for k in ("queue", "launch")}  # counted in s{i}_dispatch
+    if p == 1 and not prefill and "s0_ring_send" not in out:
+        # a worker's token loop to itself in memory (outbox.ring_here): the next step is handed over (its
+        # "receive" ends) before the tokens' send, and its launch runs inside this step's "complete": the
+        # token's path is compute -> handover -> the next step's dispatch; complete and send run beside it
+        seg("s0_handover", lambda st, s, k: by[("receive", 0, s, k + 1)].end - by[("compute", 0, s, k)].end)
+        if "s0_handover" in out:
+            inside |= {"s0_complete", "s0_send"}
     out["client"] = token_s - sum(v for k, v in out.items() if k not in inside)
     return out
 

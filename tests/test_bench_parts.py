@@ -140,6 +140,46 @@ def test_choice_summary_names_the_kernels_a_stage_chose() -> None:
     )
 
 
+def test_hop_breakdown_of_a_token_loop_through_a_socket_and_in_memory() -> None:
+    """``hop_breakdown`` on synthetic one-stage traces (µs): through the worker's own socket the ring frame's
+    send comes first, and the segments add up to the token; handed over in memory (no ring send) the next
+    step's frame is made before the tokens are sent, so complete and send run beside the next dispatch and
+    only compute, handover and dispatch are on the token's path."""
+    from hyperlane_lab.types import EventKind, TraceEvent
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu_pipeline_parts", ROOT / "bench" / "gpu_pipeline_parts.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def ev(kind: str, a: float, b: float, step: int) -> TraceEvent:
+        return TraceEvent(0, EventKind(kind), a * 1e-6, b * 1e-6, "s", step)
+
+    def trace(local: bool) -> list[TraceEvent]:
+        out, t = [], 0.0
+        for k in range(1, 6):  # step k: frame in at t, GPU t+50 .. t+3050
+            out += [ev("receive", t - 5, t, k), ev("compute", t + 50, t + 3050, k)]
+            if local:  # next frame made 3100, launched; tokens sent 3200-3220
+                out += [ev("send", t + 3200, t + 3220, k)]
+                t += 3100
+            else:  # ring frame sent 3100-3120, tokens 3130-3150, next frame in 3300
+                out += [ev("send", t + 3100, t + 3120, k), ev("send", t + 3130, t + 3150, k)]
+                t += 3300
+        return out
+
+    sock = mod.hop_breakdown(trace(False), 1, 3300e-6)
+    assert {k: round(v * 1e6) for k, v in sock.items()} == {
+        "s0_dispatch": 50, "s0_compute": 3000, "s0_complete": 80, "s0_send": 20, "s0_ring_send": 20,
+        "client": 150,
+    }  # fmt: skip
+    mem = mod.hop_breakdown(trace(True), 1, 3100e-6)
+    assert {k: round(v * 1e6) for k, v in mem.items()} == {
+        "s0_dispatch": 50, "s0_compute": 3000, "s0_complete": 150, "s0_send": 20, "s0_handover": 50, "client": 0,
+    }  # fmt: skip
+
+
 def test_device_sequence_splits_busy_time_among_overlapping_kernels() -> None:
     """``gpu_pipeline.device_sequence``: each event's added time is how far it moves the end of the busy time
     (a PDL kernel that starts early and waits adds only its tail), gaps are idle time, and added plus gaps
