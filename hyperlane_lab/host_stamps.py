@@ -13,7 +13,10 @@ thread waited (the GIL, a lock, a blocking call); CPU time close to the wall tim
 slowly (cold caches, a low clock); involuntary switches mean the kernel took its core away. The "received"
 mark (a time from another thread) has no CPU fields. "dispatch" records are the event loop thread's part of
 handing a tensor frame to the compute thread (received, begin, decoded, routed, submitted): the compute
-thread's "received -> begin" is that record plus the compute thread's wake-up. A mark costs ~2 µs (two system
+thread's "received -> begin" is that record plus the compute thread's wake-up. A worker holding every layer
+whose completion thread launches its token loop's next step (``GpuStepper.run_ring``) ends that step's "complete"
+record at a "ring" mark: the next step's "wire" record follows on the same thread, and the tokens' send after it
+is not stamped. A mark costs ~2 µs (two system
 calls), ~15-30 µs over a prompt step's marks: the stamped path is a little slower than the plain one.
 
 With ``HYPERLANE_HOST_STAMPS_PROBE=1`` as well, each step first times a small pure-Python loop twice and a

@@ -735,8 +735,8 @@ def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path, mon
             assert all(a.end <= b.start + 1e-4 for a, b in itertools.pairwise(es))  # one step at a time
         from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
 
-        # a worker with the GPU to itself arms decode steps by default (LocalCluster); its ring frame to
-        # itself may come before an arm (then launched on arrival), but no gate may wait out its limit
+        # a worker with the GPU to itself arms decode steps by default (LocalCluster); with its token loop in
+        # memory the next step is launched before an arm could be, and no gate may wait out its limit
         h = m.clients[0].call("Health", pb.HealthRequest())
         from hyperlane_lab.models.decode_armed import host_orders_stores
 

@@ -252,7 +252,8 @@ def test_one_worker_token_loop_runs_in_memory_or_through_its_own_socket(tmp_path
     """A worker holding every layer is its own first stage: its token loop hands each next step to the step
     path in memory, so a step sends one frame (the client's tokens); with ``--no-local-ring`` the next step's
     frame goes through the worker's own socket first (two sends a step but the last). Greedy tokens equal
-    transformers' either way, and sampled ones with a seed agree between the two."""
+    transformers' either way, sampled ones with a seed agree between the two, and three sessions' loops run side
+    by side give each its own tokens."""
     want = hf_greedy(PROMPTS[0], 12)
     sampled = []
     for extra, sends in (([], 1), (["--no-local-ring"], 2)):
@@ -267,6 +268,11 @@ def test_one_worker_token_loop_runs_in_memory_or_through_its_own_socket(tmp_path
             assert {per_step[k] for k in range(11)} == {sends} and per_step[11] == 1, per_step
             kw = dict(max_tokens=10, temperature=0.9, top_k=40, seed=3)
             sampled.append(m.generate(PROMPTS[1], **kw).token_ids)
+            if not extra:  # three sessions' loops side by side on the one worker: each its own tokens
+                seq = [m.generate(p, max_tokens=8).token_ids for p in PROMPTS]
+                with ThreadPoolExecutor(3) as ex:
+                    assert list(ex.map(lambda p: m.generate(p, max_tokens=8).token_ids, PROMPTS)) == seq
+                assert seq[0] == want[:8]
     assert sampled[0] == sampled[1] and len(sampled[0]) == 10
 
 

@@ -6,7 +6,7 @@ Rules: the completion thread arms after shipping a wire step when the worker has
 step was the only one in flight, the compute thread is idle and the session's graph is the one that ran it
 (and, on a token-loop last stage, a next step exists). ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming
 and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only tries
-the lock to arm, so it never waits behind a prompt. Anything that is not the armed session's next wire step
+the lock (to arm or to launch), so it never waits behind a prompt. Anything that is not the armed session's next wire step
 releases it first. A task for the compute thread counted while the completion thread checks or launches
 under the lock waits for it (``disarm``), so the compute thread never runs beside such a launch.
 """
@@ -104,32 +104,41 @@ class ArmedSteps:
     def run_ring(self, frame: Frame) -> bool:
         """Enqueue a one-stage token loop's next step at once (``outbox.ring_here``) where the loop thread would
         have enqueued it on arrival: on the completion thread, a wire-mode step whose graph is ready, with
-        nothing on the compute thread. False: not taken here (the loop thread takes the frame)."""
+        nothing on the compute thread. False: not taken here (the loop thread takes the frame). Never waits:
+        with the lock held elsewhere (a prompt chunk or a capture on the compute thread, a launch on the loop
+        thread) the frame goes to the loop thread, and this thread goes on to send the step's tokens."""
         if threading.current_thread() is not self._thread or self._closing:
             return False
         w, h = self.w, frame.header
         eng, sess = w.engine, w.sessions.get(h.session)
-        if eng is None or sess is None or sess.error:
+        if eng is None or sess is None or sess.error or w._submitted != w._finished:
             return False
-        try:
-            spec = self.wire_spec(h)
-        except ProtocolError:  # (a frame built by this worker: never seen) the loop thread's path says why
+        if not self._arm_lock.acquire(blocking=False):
             return False
-        if spec is None:
-            return False
-        with self._arm_lock:
-            self._arming_now = True  # before the count is read: work counted meanwhile waits (see disarm)
+        self._arming_now = True  # before the checks read the count: work counted meanwhile waits (see disarm)
+        try:  # re-checked under the lock: a task, a reload, a close or a failure may have come meanwhile
+            if w._submitted != w._finished or w.engine is not eng or w.sessions.get(h.session) is not sess:
+                return False
             try:
-                if w._submitted != w._finished or not eng.decode_graph_ready(h.session, spec):
-                    return False
-                hs = host_stamps()
-                hs.mark("ring")
-                hs.end()  # the completion record ends here; the step's own record follows
-                sess.last_used = time.monotonic()
-                self.ring_steps += 1
-                self._run_wire(frame, spec, frame.completed_at)
-            finally:
-                self._arming_now = False
+                spec = self.wire_spec(h)  # under the lock: a reload's forget_specs waits for it
+            except (
+                ProtocolError
+            ):  # (a frame built by this worker: never seen) the loop thread's path says why
+                return False
+            if spec is None or sess.error or not eng.decode_graph_ready(h.session, spec):
+                return False
+            hs = host_stamps()
+            hs.mark("ring")
+            hs.end()  # the completion record ends here (its "shipped" mark is not taken); the step's own follows
+            sess.last_used = time.monotonic()
+            put = self._put
+            self._run_wire(
+                frame, spec, frame.completed_at
+            )  # a failure there fails the session, as on the loop
+            self.ring_steps += self._put - put
+        finally:
+            self._arming_now = False
+            self._arm_lock.release()
         w.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
         return True
 

@@ -11,7 +11,9 @@ leave the device idle while the host waits for each step's result and prepares t
                        trace, build the frame and write it to the socket (``SocketSender``).
 
 ``run_step`` runs on the compute thread, or on the worker's event loop for decode steps whose
-CUDA graph is captured (it only enqueues then; see ``Worker._accept_tensor``).
+CUDA graph is captured (it only enqueues then; see ``Worker._accept_tensor``). A worker holding every
+layer has its token loop's next step launched by the completion thread itself, right after the sample
+(``run_ring``, ``gpu_arming.py``). Every launch holds the stepper's lock.
 
 With several sessions in flight the GPU always has the next session's step queued behind the
 current one, while copies and socket sends of finished steps proceed in parallel. Sampled
@@ -119,7 +121,8 @@ def _step_io(cache: Any) -> _StepIO:
 
 
 class GpuStepper(ArmedSteps):
-    """One per worker and device; ``run_step`` is called on the worker's compute thread."""
+    """One per worker and device; ``run_step`` is called on the worker's compute thread or event loop, and
+    ``run_ring`` on its completion thread (module docstring)."""
 
     def __init__(self, worker: Worker, device: torch.device) -> None:
         self.w = worker
@@ -144,7 +147,7 @@ class GpuStepper(ArmedSteps):
         self.direct_uploads = 0
         # armed decode steps (decode_armed.py): a session's next wire step enqueued behind a gate while
         # it is the worker's only session. The lock orders arming (completion thread) against every
-        # launch (loop or compute thread): nothing is enqueued behind a gate that no frame will open
+        # launch (loop, compute or completion thread): nothing is enqueued behind a gate that no frame will open
         self.arming = None
         if getattr(worker, "armed_graphs", False):
             if host_orders_stores():
@@ -231,7 +234,8 @@ class GpuStepper(ArmedSteps):
 
     def run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:
         """A decode step in wire mode: numpy writes into the graph's pinned inputs, one replay, one
-        event; the completion thread sends the pinned result. Runs where ``run_step`` runs. An armed
+        event; the completion thread sends the pinned result. Runs where ``run_step`` runs, or on the
+        completion thread for a one-stage token loop (``run_ring``). An armed
         step of the session (decode_armed.py) only needs the writes and its flag."""
         with self._arm_lock:  # (uncontended but for an arm or a ring launch on the completion thread)
             self._run_wire(frame, spec, queued_at)

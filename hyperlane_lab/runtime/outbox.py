@@ -151,7 +151,8 @@ class WorkerOutbox:
         self, sess: _Session, sid: str, step: int, ids: torch.Tensor | np.ndarray, pos_bytes: bytes
     ) -> bool:
         """Server-side token loop: feed step ``step``'s sampled ``ids`` [B] (int64, host) to the first stage as
-        step ``step + 1`` (call after the TOKENS frame went to the client). Each row's next position
+        step ``step + 1`` (call before the step's TOKENS frame goes to the client: the next step is on the
+        critical path, the client only reads). Each row's next position
         is its last position + 1; a row that sampled an EOS id, or was padding, becomes padding
         (-1). Stops after the session's token budget or when every row is padding. Returns False when
         the loop ended here (no next step will come from it), True otherwise (or without a loop)."""
@@ -198,8 +199,12 @@ class WorkerOutbox:
         now = time.perf_counter()
         frame = Frame(header, PooledBuffer(None, bytearray(body), len(body)), now, now)
         gpu = self._gpu
-        if gpu is not None and gpu.run_ring(frame):
-            return
+        try:
+            if gpu is not None and gpu.run_ring(frame):
+                return
+        except Exception as e:  # the loop thread's path takes the frame (and reports a failure for this step)
+            log.warning("stage %d: the token loop's step %d goes through the event loop: %s", self.stage_index,
+                        header.step, e)  # fmt: skip
         self._call_soon(self._accept_ring, frame)
 
     def _accept_ring(self, frame: Frame) -> None:

@@ -142,7 +142,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             pinned_buffers=self.w.pool.pinned_allocations,
             staged_reuses=self.w.staged_reuses(),
             direct_uploads=self.w.direct_uploads(),
-            ring_here_steps=self.w._gpu.ring_steps if self.w._gpu is not None else 0,
+            ring_here_steps=self.w.ring_here_steps(),
             decode_choices=self.w.decode_choices() if request.with_decode_choices else "",
             armed_fired=armed[0],
             armed_released=armed[1],

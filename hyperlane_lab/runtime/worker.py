@@ -11,7 +11,8 @@ configuration and device facts).
 Latency path on CUDA: a decode step whose graph is already captured only *enqueues* GPU work, so
 when the compute thread is idle the loop thread enqueues it itself as soon as the frame is in,
 saving a thread hand-off per hop; anything else (prefill, first step, CPU) goes to the compute
-thread.
+thread. A worker holding every layer hands its token loop's next step to itself in memory, and on CUDA
+its completion thread enqueues it (``outbox.ring_here``).
 """
 
 from __future__ import annotations
@@ -303,6 +304,10 @@ class Worker(WorkerOutbox):
         # one stage holds every layer: its token loop's first stage is itself (any other address names a
         # worker that would run the same layers on a cache it does not have)
         here = ring is not None and eng.is_first and self.local_ring
+        if here:
+            log.debug(
+                "session %s: one stage holds every layer; its token loop runs in memory (ring_to unused)", sid
+            )
         if eng.is_last:
             if not reply_to:
                 raise ValueError("the last stage needs reply_to (the client's data address)")
@@ -382,6 +387,11 @@ class Worker(WorkerOutbox):
         if gpu is not None:
             gpu.disarm()
 
+    def ring_here_steps(self) -> int:
+        """Token loop steps this worker's GPU completion thread enqueued itself (``outbox.ring_here``)."""
+        gpu = self._gpu
+        return gpu.ring_steps if gpu is not None else 0
+
     def armed_counts(self) -> tuple[int, int, int]:
         """(steps started by their flag, armed steps released as padding, of which the gate had given up);
         zeros unless armed graphs are on."""
@@ -390,7 +400,8 @@ class Worker(WorkerOutbox):
 
     def _submit(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the compute thread (call on the loop thread); counts it as pending. An armed
-        step is released first (counted before: the completion thread arms only while nothing is pending)."""
+        step is released first, and a launch under way on the completion thread finishes first (counted
+        before: the completion thread arms or launches only while nothing is pending)."""
         self._submitted += 1
         self.disarm()
 

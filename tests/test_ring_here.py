@@ -1,0 +1,169 @@
+"""A worker holding every layer runs its token loop in memory (``outbox.ring_here``): on a GPU worker the
+completion thread launches the next step itself (``GpuStepper.run_ring``) when the event loop would have
+launched it on arrival, and otherwise leaves the frame to the loop. On the CPU with the stand-ins of
+``test_armed.py``; one worker's tokens in ``tests/test_runtime.py``, on a GPU in ``tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
+from tests.test_armed import _Frame, _wire_stepper
+
+
+class _Trace:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int]] = []
+
+    def add(self, kind: str, start: float, end: float, sid: str, step: int, *a: Any, **kw: Any) -> None:
+        self.events.append((kind, sid, step))
+
+
+def _ring_stepper() -> tuple[Any, Any]:
+    st, caches = _wire_stepper()
+    st.arming = None  # armed steps off: the in-memory loop does not need them
+    st._thread = threading.current_thread()  # the test's thread plays the completion thread
+    st.ring_steps = 0
+    st.wire_spec = lambda h: caches[h.session].graph.wire.spec  # type: ignore[method-assign]
+    st.w.engine.ready = True
+    st.w.engine.decode_graph_ready = lambda sid, spec: st.w.engine.ready
+    st.w.trace = _Trace()
+    return st, caches
+
+
+def _frame(step: int = 5, pos: int = 6, tok: int = 12) -> Any:
+    f = _Frame("s0", step, pos=pos, tok=tok)
+    f.received_at = 0.0
+    return f
+
+
+def test_the_completion_thread_launches_the_next_step_where_the_loop_would():
+    st, caches = _ring_stepper()
+    sess = st.w.sessions["s0"]
+    sess.last_used = 0.0
+    frame = _frame()
+    assert st.run_ring(frame)
+    ((cache, _, pos, ids),) = st.w.engine.decoder.launched
+    assert cache is caches["s0"] and pos == [6] and ids == [12]
+    p = st._q.get_nowait()
+    assert (p.sid, p.step, p.mode, p.pos_bytes) == ("s0", 5, "hidden", np.int64(6).tobytes())
+    assert st._put == 1 and st.ring_steps == 1 and frame.body.released and st.w.failed == []
+    assert st.w.trace.events == [("receive", "s0", 5)] and sess.last_used > 0
+    assert not st._arming_now and st._arm_lock.acquire(blocking=False)  # nothing left held
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["other_thread", "closing", "compute_busy", "not_ready", "no_wire_spec", "closed", "failed", "locked"],
+)
+def test_otherwise_the_frame_is_left_to_the_event_loop(why):
+    """Not the completion thread, the stepper closing, a task pending on the compute thread, the session's graph
+    not captured, no wire spec, the session closed or failed, or the step lock held elsewhere (a prompt chunk, a
+    capture, a launch on the loop thread): nothing is launched, the frame is untouched (the loop thread takes
+    it), and the completion thread never waits for the lock."""
+    st, _ = _ring_stepper()
+    if why == "other_thread":
+        st._thread = threading.Thread(target=lambda: None)
+    elif why == "closing":
+        st._closing = True
+    elif why == "compute_busy":
+        st.w._submitted = 1
+    elif why == "not_ready":
+        st.w.engine.ready = False
+    elif why == "no_wire_spec":
+        st.wire_spec = lambda h: None
+    elif why == "closed":
+        del st.w.sessions["s0"]
+    elif why == "failed":
+        st.w.sessions["s0"].error = "stage 0: a bad frame"
+    held, let_go = threading.Event(), threading.Event()
+    if why == "locked":
+
+        def hold() -> None:
+            with st._arm_lock:
+                held.set()
+                let_go.wait(10)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert held.wait(10)
+    frame = _frame()
+    try:
+        assert not st.run_ring(frame)  # with the lock held: returns at once, not after the holder's 10 s
+    finally:
+        let_go.set()
+    assert st.w.engine.decoder.launched == [] and st._put == 0 and st.ring_steps == 0
+    assert not frame.body.released and st.w.trace.events == [] and not st._arming_now
+
+
+def test_a_task_counted_while_the_completion_thread_launches_waits_for_the_launch():
+    """The loop thread counts a compute task (a close, a prompt, a reload) while the completion thread is inside
+    its launch: ``disarm`` (called by ``Worker._submit`` after counting) returns only once the step is enqueued,
+    so the compute thread never runs beside that launch."""
+    st, _ = _ring_stepper()
+    inside, go = threading.Event(), threading.Event()
+    real = st.w.engine.decoder.step_wire
+
+    def slow(*a: Any) -> Any:
+        inside.set()
+        assert go.wait(10)
+        return real(*a)
+
+    st.w.engine.decoder.step_wire = slow
+    took: list[bool] = []
+    t = threading.Thread(target=lambda: took.append(st.run_ring(_frame())))
+    st._thread = t
+    t.start()
+    assert inside.wait(10)
+    st.w._submitted += 1  # Worker._submit: count the task, then disarm
+    threading.Timer(0.05, go.set).start()
+    st.disarm()
+    assert st._put == 1  # the launch finished before disarm returned
+    t.join(10)
+    assert took == [True] and st.ring_steps == 1
+
+
+def test_ring_here_hands_the_loop_what_the_completion_thread_does_not_take(tmp_path):
+    """``Worker.ring_here`` builds the next step's frame in memory (positions, then ids); a frame the GPU
+    stepper launched is done, one it declined, or whose launch raised, goes to the event loop's
+    ``_accept_ring``."""
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    class _Loop:
+        def call_soon_threadsafe(self, fn: Any, *a: Any) -> None:
+            calls.append((fn, a))
+
+    class _Gpu:
+        def __init__(self, took: bool | None) -> None:
+            self.took = took
+
+        def run_ring(self, frame: Any) -> bool:
+            if self.took is None:
+                raise RuntimeError("no spec for it")
+            return self.took
+
+    w._loop = _Loop()  # type: ignore[assignment]
+    sid = uuid.uuid4().hex
+    header = FrameHeader(FrameKind.TENSOR, sid, 3, 1, 1, torch.int64, 0, 0, (1, 1), 8)
+    body = np.array([5, 9], dtype=np.int64).tobytes()
+    try:
+        for took in (True, False, None):
+            w._gpu = _Gpu(took)  # type: ignore[assignment]
+            w.ring_here(header, body)
+        w._gpu = None
+        w.ring_here(header, body)  # a CPU worker: always the loop
+    finally:
+        w._compute.shutdown(wait=True)
+    assert [fn for fn, _ in calls] == [w._accept_ring] * 3
+    frame = calls[0][1][0]
+    assert frame.header is header and bytes(frame.positions_view) == body[:8]
+    assert bytes(frame.payload_view) == body[8:] and frame.received_at == frame.completed_at
