@@ -313,21 +313,27 @@ def test_a_task_counted_while_an_arm_is_under_way_releases_it():
     assert st._armed is None and st.arming.released == 1 and len(st.arming.armed_graphs) == 1
 
 
+def _hold(lock: Any) -> tuple[threading.Thread, threading.Event]:
+    """A thread holding ``lock`` (as a launch on another thread does) until the returned event is set."""
+    held, let_go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            let_go.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+    return t, let_go
+
+
 def test_disarm_with_nothing_armed_does_not_wait_for_a_launch_holding_the_lock():
     """The compute thread holds the arming lock while it enqueues a prompt chunk (~1 ms); the loop thread's
     ``_submit`` (count, then disarm) must not wait for it when nothing is armed and no arm is under way. With
     an armed step it takes the lock and releases the step once the launch lets go."""
     st, caches = _stepper()
-    held, let_go = threading.Event(), threading.Event()
-
-    def launch() -> None:  # run_step on the compute thread
-        with st._arm_lock:
-            held.set()
-            let_go.wait(10)
-
-    t = threading.Thread(target=launch)
-    t.start()
-    assert held.wait(10)
+    t, let_go = _hold(st._arm_lock)  # run_step on the compute thread
     done = threading.Event()
     threading.Thread(target=lambda: (st.disarm(), done.set())).start()
     assert done.wait(5)  # returned while the launch still holds the lock
@@ -336,10 +342,7 @@ def test_disarm_with_nothing_armed_does_not_wait_for_a_launch_holding_the_lock()
     t.join(10)
     st._arm_after(_done_step(caches))  # now something is armed: disarm locks and releases it
     assert st._armed is not None
-    held.clear(), let_go.clear()
-    t = threading.Thread(target=launch)
-    t.start()
-    assert held.wait(10)
+    t, let_go = _hold(st._arm_lock)
     done.clear()
     d = threading.Thread(target=lambda: (st.disarm(), done.set()))
     d.start()

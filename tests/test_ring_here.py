@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
-from tests.test_armed import _Frame, _wire_stepper
+from tests.test_armed import _Frame, _hold, _wire_stepper
 
 
 class _Trace:
@@ -82,17 +82,7 @@ def test_otherwise_the_frame_is_left_to_the_event_loop(why):
         del st.w.sessions["s0"]
     elif why == "failed":
         st.w.sessions["s0"].error = "stage 0: a bad frame"
-    held, let_go = threading.Event(), threading.Event()
-    if why == "locked":
-
-        def hold() -> None:
-            with st._arm_lock:
-                held.set()
-                let_go.wait(10)
-
-        t = threading.Thread(target=hold)
-        t.start()
-        assert held.wait(10)
+    let_go = _hold(st._arm_lock)[1] if why == "locked" else threading.Event()
     frame = _frame()
     try:
         assert not st.run_ring(frame)  # with the lock held: returns at once, not after the holder's 10 s
