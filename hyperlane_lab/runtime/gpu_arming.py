@@ -5,10 +5,11 @@
 Rules: the completion thread arms after shipping a wire step when the worker has exactly one session, that
 step was the only one in flight, the compute thread is idle and the session's graph is the one that ran it
 (and, on a token-loop last stage, a next step exists). ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming
-and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only tries
-the lock (to arm or to launch), so it never waits behind a prompt. Anything that is not the armed session's next wire step
-releases it first. A task for the compute thread counted while the completion thread checks or launches
-under the lock waits for it (``disarm``), so the compute thread never runs beside such a launch.
+and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only
+tries the lock (to arm or to launch), so it never waits behind a prompt. Anything that is not the armed
+session's next wire step releases it first. A task for the compute thread counted while the completion thread
+checks or launches under the lock waits for it (``disarm``), so the compute thread never runs beside such a
+launch.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ class ArmedSteps:
         return False
 
     def run_ring(self, frame: Frame) -> bool:
-        """Enqueue a one-stage token loop's next step at once (``outbox.ring_here``) where the loop thread would
-        have enqueued it on arrival: on the completion thread, a wire-mode step whose graph is ready, with
-        nothing on the compute thread. False: not taken here (the loop thread takes the frame). Never waits:
+        """Enqueue a one-stage token loop's next step at once (``outbox.ring_here``) where the loop thread
+        would have enqueued it on arrival: on the completion thread, a wire-mode step whose graph is ready,
+        with nothing on the compute thread. False: not taken here (the loop thread takes the frame). Never waits:
         with the lock held elsewhere (a prompt chunk or a capture on the compute thread, a launch on the loop
         thread) the frame goes to the loop thread, and this thread goes on to send the step's tokens."""
         if threading.current_thread() is not self._thread or self._closing:
@@ -119,22 +120,20 @@ class ArmedSteps:
         try:  # re-checked under the lock: a task, a reload, a close or a failure may have come meanwhile
             if w._submitted != w._finished or w.engine is not eng or w.sessions.get(h.session) is not sess:
                 return False
+            # under the lock: a reload's forget_specs waits for it. A ProtocolError (never seen: this worker
+            # built the frame) is left to the loop thread's path, which says why
             try:
-                spec = self.wire_spec(h)  # under the lock: a reload's forget_specs waits for it
-            except (
-                ProtocolError
-            ):  # (a frame built by this worker: never seen) the loop thread's path says why
+                spec = self.wire_spec(h)
+            except ProtocolError:
                 return False
             if spec is None or sess.error or not eng.decode_graph_ready(h.session, spec):
                 return False
             hs = host_stamps()
             hs.mark("ring")
-            hs.end()  # the completion record ends here (its "shipped" mark is not taken); the step's own follows
+            hs.end()  # the completion record ends here (no "shipped" mark); the step's own record follows
             sess.last_used = time.monotonic()
             put = self._put
-            self._run_wire(
-                frame, spec, frame.completed_at
-            )  # a failure there fails the session, as on the loop
+            self._run_wire(frame, spec, frame.completed_at)  # a failure fails the session, as on the loop
             self.ring_steps += self._put - put
         finally:
             self._arming_now = False

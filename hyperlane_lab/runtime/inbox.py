@@ -1,6 +1,6 @@
-"""A worker's incoming frames: header checks before any body memory is taken, routing each tensor frame to the
-GPU step path (``gpu_steps.py``, enqueued on the loop thread when nothing would be overtaken) or to the compute
-thread, and the step itself where no GPU runs it (forward, sample or encode, send).
+"""A worker's incoming frames: header checks before any body memory is taken, routing each tensor frame to
+the GPU step path (``gpu_steps.py``, enqueued on the loop thread when nothing would be overtaken) or to the
+compute thread, and the step itself where no GPU runs it (forward, sample or encode, send).
 
 Mixed into ``Worker`` (``worker.py``) over ``WorkerOutbox`` (``outbox.py``: what leaves the worker).
 """

@@ -222,10 +222,10 @@ class WorkerOutbox:
                 self.sessions.get(h.session), h.session, h.step, f"stage {self.stage_index}: {e}"
             )
 
-    def _accept_tensor(self, frame: Frame) -> None:  # Worker's
+    def _accept_tensor(self, frame: Frame) -> None:  # WorkerInbox's (inbox.py)
         raise NotImplementedError
 
-    def step_failed(self, sess: _Session | None, sid: str, step: int, message: str) -> None:  # Worker's
+    def step_failed(self, sess: _Session | None, sid: str, step: int, message: str) -> None:  # WorkerInbox's
         raise NotImplementedError
 
     def _forward_error(self, sid: str, step: int, message: str) -> None:
