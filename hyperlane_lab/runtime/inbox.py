@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,6 @@ class WorkerInbox(WorkerOutbox):
     fast_prompts: int
     prompt_on_loop: bool
     _pongs: dict[int, asyncio.Future[float]]
-    _lock: threading.Lock
 
     def _submit(self, fn: Any, *args: Any) -> Any:  # Worker's
         raise NotImplementedError

@@ -92,9 +92,9 @@ def _pinned_bytes(n: int) -> Any:
     return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
 
 
-def _opt_in(setting: bool | None, env: str) -> bool:
-    """A worker switch that is off by default: the config's value, or the environment's when unset."""
-    return env_flag(env, False) if setting is None else setting
+def _switch(setting: bool | None, env: str, default: bool = False) -> bool:
+    """A worker switch: the config's value, or the environment's when unset, else ``default``."""
+    return env_flag(env, default) if setting is None else setting
 
 
 def _setting(value: int | None, env: str, default: int, lo: int, hi: int) -> int:
@@ -145,18 +145,16 @@ class Worker(WorkerInbox):
         # compute thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md); experimental, off by default.
         # Bodies up to PROMPT_ON_LOOP_MAX_BYTES only: the step waits for its upload before the body goes
         # back to the pool, and a larger body's copy would hold the loop (other sessions' frames) longer
-        self.prompt_on_loop = _opt_in(config.prompt_on_loop, "HYPERLANE_PROMPT_ON_LOOP")
+        self.prompt_on_loop = _switch(config.prompt_on_loop, "HYPERLANE_PROMPT_ON_LOOP")
         self.fast_prompts = 0  # prompt steps enqueued on the loop thread
         # uploads into kept device buffers (GpuStepper, runtime/staging.py)
-        self.staging_pool = _opt_in(config.staging_pool, "HYPERLANE_STAGING_POOL")
+        self.staging_pool = _switch(config.staging_pool, "HYPERLANE_STAGING_POOL")
         # prompt chunks uploaded straight into their prompt graph's input (GpuStepper, models/prompt_graphs.py)
-        self.direct_prompt_upload = _opt_in(config.direct_prompt_upload, "HYPERLANE_DIRECT_PROMPT_UPLOAD")
+        self.direct_prompt_upload = _switch(config.direct_prompt_upload, "HYPERLANE_DIRECT_PROMPT_UPLOAD")
         # a lone session's next decode step enqueued before its frame arrives (GpuStepper, models/decode_armed.py)
-        self.armed_graphs = _opt_in(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
+        self.armed_graphs = _switch(config.armed_graphs, "HYPERLANE_ARMED_GRAPHS")
         # a one-stage pipeline's token loop hands its next step over in memory (outbox.ring_here)
-        self.local_ring = (
-            env_flag("HYPERLANE_LOCAL_RING", True) if config.local_ring is None else config.local_ring
-        )
+        self.local_ring = _switch(config.local_ring, "HYPERLANE_LOCAL_RING", default=True)
         # GPU work outside the step paths and the compute thread (Profile): nothing is armed while > 0
         self.gpu_users = 0
         # large tensor frames to the next stage split over several connections (runtime/stripes.py); the
