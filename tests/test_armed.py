@@ -72,6 +72,33 @@ def test_fire_writes_the_inputs_then_the_flag_and_release_pads():
     assert not arming.gave_up_on(d)
 
 
+def test_a_step_armed_ahead_has_its_inputs_written_only_after_the_step_before_it_ran():
+    """Armed behind a step of the same graph (a one-stage ring), fire and release share that step's pinned
+    inputs: each waits for the event recorded before the gate, then writes. One armed directly waits for
+    nothing."""
+    arming, g = Arming(), _Graph(batch=1)
+    g.io_np[1] = 3  # the step ahead's position, maybe not read yet
+    for how in ("fire", "release"):
+        a = _armed(arming, g)
+        a.ahead = ev = _Ahead(g)
+        if how == "fire":
+            assert arming.fire(a, np.array([4]), np.array([9]), first=True)
+            assert ev.seen == [[3]] and g.io_np[:, 0].tolist() == [9, 4]
+        else:
+            arming.release(a)
+            assert ev.seen == [[4]] and g.io_np[1].tolist() == [-1]
+        assert int(arming.flag[0]) == a.target
+    _armed(arming, g).behind()  # no step ahead: returns at once
+
+
+def test_step_events_come_in_three_sets_taken_in_turn():
+    """A one-stage ring may have a step completing (its GPU times read after its ship), the next in flight and
+    the one after armed: each records into its own set."""
+    io = _StepIO(tuple((_Ev(), _Ev(), _Ev()) for _ in range(3)), {})  # type: ignore[arg-type]
+    got = [io.take() for _ in range(6)]
+    assert len({id(e) for e in got[:3]}) == 3 and got[3:] == got[:3]
+
+
 def test_a_step_armed_too_long_ago_is_not_fired():
     """The host fires only within half the gate's limit of arming, so the gate never gives up on a fired step."""
     now = [100.0]
@@ -98,11 +125,12 @@ class _FakeArming(Arming):
         self.armed_graphs: list[Any] = []
         self.fail = False
         self.slow: Any = None  # (started, go) events: arm waits for go after signalling started
+        self.aheads: list[bool] = []
 
     def warm(self, batch: int) -> None:
         pass
 
-    def arm(self, sid, graph, start, end, stream):  # type: ignore[no-untyped-def,override]
+    def arm(self, sid, graph, start, end, stream, ahead=False):  # type: ignore[no-untyped-def,override]
         if self.fail:
             raise RuntimeError("no gate here")
         if self.slow is not None:
@@ -110,8 +138,23 @@ class _FakeArming(Arming):
             started.set()
             assert go.wait(10)
         self.armed_graphs.append(graph)
+        self.aheads.append(ahead)
         self.target += 1
-        return ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end)
+        a = ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end)
+        a.ahead = _Ahead(graph) if ahead else None
+        return a
+
+
+class _Ahead:
+    """Stands in for the event recorded before a gate armed ahead: ``synchronize`` notes the graph's positions
+    as they were when the host waited (before it wrote any)."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.seen: list[list[int]] = []
+
+    def synchronize(self) -> None:
+        self.seen.append(self.graph.io_np[1].tolist())
 
 
 class _Ev:
@@ -140,6 +183,8 @@ class _Decoder:
 
     def step_wire(self, cache: _Cache, spec: Any, pos: Any, x: Any) -> Any:
         self.launched.append((cache, spec, pos.tolist(), np.asarray(x).tolist()))
+        cache.graph.io_np[1] = pos  # the inputs the real one writes (first stage)
+        cache.graph.io_np[0] = x
         return cache.graph
 
 
@@ -183,6 +228,7 @@ def _stepper(
     st._arming_now = False
     st._closing = False
     st._put, st._done = 1, 0  # the step being completed is the only one in flight
+    st.ring_ahead, st.arm_ahead = None, True
     st.compute_stream = None  # type: ignore[assignment]
     st.device = torch.device("cpu")
     st._on_device = lambda: None  # type: ignore[method-assign]

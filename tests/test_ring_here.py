@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
-from tests.test_armed import _Frame, _hold, _wire_stepper
+from tests.test_armed import _FakeArming, _Frame, _hold, _wire_stepper
 
 
 class _Trace:
@@ -117,6 +117,98 @@ def test_a_task_counted_while_the_completion_thread_launches_waits_for_the_launc
     assert st._put == 1  # the launch finished before disarm returned
     t.join(10)
     assert took == [True] and st.ring_steps == 1
+
+
+def _ahead_stepper(budget: int = 10) -> tuple[Any, Any, Any]:
+    """A one-stage ring with armed steps on: step 6 of session s0 is in flight and its ship has just had
+    ``run_ring`` enqueue step 7 (the frame carries position 8, token 12); returns the stepper, the caches and
+    step 6's pending entry."""
+    from hyperlane_lab.runtime.gpu_steps import _Pending
+
+    st, caches = _ring_stepper()
+    st.arming = _FakeArming()
+    st.w.sessions["s0"].ring = ("f:1", budget, frozenset())
+    st._put = 1  # step 6
+    assert st.run_ring(_frame(step=7, pos=8, tok=12))
+    g = caches["s0"].graph
+    p = _Pending("s0", 6, 1, 1, 0.0, 1, b"", None, None, None, None, None, "hidden", wire=g.wire)  # type: ignore[arg-type]
+    return st, caches, p
+
+
+def test_the_step_after_a_ring_launch_is_armed_behind_it_and_fired_by_its_frame():
+    """After a ship whose ring frame ``run_ring`` launched, the completion thread arms the step after that one
+    (ahead: behind it on the stream). At the launched step's ship its frame only fires the armed step: the
+    inputs, then the flag, no launch."""
+    st, caches, p = _ahead_stepper()
+    assert st.ring_ahead == ("s0", 7) and st._put == 2
+    st._arm_after(p)
+    a = st._armed
+    assert a is not None and st.arming.aheads == [True] and a.ahead is not None
+    assert st.ring_ahead is None  # used once: the next ship sets it again
+    assert st._q.get_nowait().step == 7
+    st._done = 1  # step 6 is done; step 7's ship makes step 8's frame
+    assert st.run_ring(_frame(step=8, pos=9, tok=30))
+    assert len(st.w.engine.decoder.launched) == 1  # step 7's launch only
+    q = st._q.get_nowait()
+    g = caches["s0"].graph
+    assert q.armed is a and q.step == 8 and g.io_np[:, 0].tolist() == [30, 9] and st.arming.fired == 1
+    assert a.ahead.seen == [[8]]  # the host waited for step 7 before writing step 8's position over its own
+    assert st.ring_steps == 2 and st.ring_ahead == ("s0", 8) and st._armed is None
+
+
+@pytest.mark.parametrize("why", ["switch_off", "budget", "not_from_ring", "other_step", "third_in_flight"])
+def test_nothing_is_armed_ahead_otherwise(why):
+    """``HYPERLANE_ARM_AHEAD=0``; no step after the launched one within the budget; two steps in flight but
+    the second not the ring's launch from this ship; a third step in flight: nothing is armed."""
+    st, _, p = _ahead_stepper(budget=8 if why == "budget" else 10)  # step 7 is the budget's last
+    if why == "switch_off":
+        st.arm_ahead = False
+    elif why == "not_from_ring":
+        st.ring_ahead = None
+    elif why == "other_step":
+        st.ring_ahead = ("s0", 9)
+    elif why == "third_in_flight":
+        st._put += 1
+    st._arm_after(p)
+    assert st._armed is None and st.arming.aheads == []
+    if why != "budget":  # with the budget, the same step one earlier is armed
+        return
+    p.step, st.ring_ahead = 5, ("s0", 6)
+    st._arm_after(p)
+    assert st.arming.aheads == [True]
+
+
+@pytest.mark.parametrize("how", ["eos", "failed"])
+def test_a_step_armed_ahead_is_released_when_no_frame_will_come_for_it(how):
+    """The launched step sampled EOS on every row (its ship made no ring frame), or it failed: the completion
+    thread releases the step armed behind it (padding, then the flag) instead of leaving its gate to hold the
+    stream for its limit."""
+    st, caches, p = _ahead_stepper()
+    st._arm_after(p)
+    a = st._armed
+    assert a is not None
+    g = caches["s0"].graph
+    nxt = type(p)("s0", 7, 1, 1, 0.0, 1, b"", None, None, None, None, None, "hidden", wire=g.wire)
+    if how == "eos":
+        nxt.final = True
+        st._arm_after(nxt)
+    else:
+        errors: list[tuple[Any, ...]] = []
+        st.w.busy_polling = False
+        st.w._call_soon = lambda *args: errors.append(args)
+        st.w._forward_error = object()
+
+        def fail(q: Any) -> None:
+            raise RuntimeError("the copy of step 7 failed")
+
+        st._complete = fail
+        st._q = __import__("queue").SimpleQueue()
+        st._q.put(nxt)
+        st._q.put(None)
+        st._complete_loop()
+        assert len(errors) == 1 and "failed" in errors[0][-1]
+    assert st._armed is None and st.arming.released == 1 and g.io_np[1].tolist() == [-1]
+    assert int(st.arming.flag[0]) == a.target and st.arming.aheads == [True]
 
 
 def test_ring_here_hands_the_loop_what_the_completion_thread_does_not_take(tmp_path):

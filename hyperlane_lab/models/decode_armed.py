@@ -8,10 +8,13 @@ record, ``graph.replay()``: 50-100 µs a hop on the lent H100/H200 hosts) is off
 
 Rules (``GpuStepper`` keeps them): one armed step per stage at a time, only while the worker has one
 open session (an armed step holds the device's compute stream, so any other work waits behind it) and
-nothing else is in flight; anything else that needs the GPU releases it first (``release``: the inputs'
-positions become padding, so the graph runs as a no-op on the trash slot, then the flag). The host fires
-a step only within ``fire_window_s`` of arming it, half the gate's own limit, so the gate never gives up
-on a step that was fired; a step found armed for longer is released and launched as usual.
+nothing else is in flight, except, for a one-stage token loop, the session's step before it (armed *ahead*:
+the gate waits behind that step, so at its completion the host only writes the inputs and the flag); anything
+else that needs the GPU releases it first (``release``: the inputs' positions become padding, so the graph
+runs as a no-op on the trash slot, then the flag). A step armed ahead shares its pinned inputs with the step
+before it, so the host writes them (fire, release) only after that step has read them (``ArmedStep.ahead``).
+The host fires a step only within ``fire_window_s`` of arming it, half the gate's own limit, so the gate
+never gives up on a step that was fired; a step found armed for longer is released and launched as usual.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ class ArmedStep:
     armed_at: float  # time.monotonic() when it was enqueued
     start: torch.cuda.Event  # recorded after the gate: the step's GPU start
     end: torch.cuda.Event  # recorded after the graph
+    # armed behind a step of the same graph: an event recorded before the gate (that step's inputs read by then)
+    ahead: Any = None
+
+    def behind(self) -> None:
+        """Wait until the step this one was armed behind has run (at once when it has: the usual case, its
+        result having made this step's frame), so that writing the shared pinned inputs cannot change it."""
+        if self.ahead is not None:
+            self.ahead.synchronize()
 
 
 class Arming:
@@ -66,6 +77,7 @@ class Arming:
         self._clock = clock
         self._warm: set[int] = set()  # batch sizes the gate was compiled for
         self._dummy: tuple[torch.Tensor, ...] = ()
+        self._ahead: Any = None  # the event of a step armed ahead (one armed step at a time: reused)
 
     def warm(self, batch: int) -> None:
         """Compile the gate for ``batch`` rows once (a released gate on words of its own, on the current
@@ -82,15 +94,22 @@ class Arming:
         self._warm.add(batch)
 
     def arm(self, sid: str, graph: Any, start: torch.cuda.Event, end: torch.cuda.Event,
-            stream: torch.cuda.Stream) -> ArmedStep:  # fmt: skip
+            stream: torch.cuda.Stream, ahead: bool = False) -> ArmedStep:  # fmt: skip
         """Enqueue gate + ``graph`` on ``stream`` (the current stream of the calling thread, on the
-        graph's device). The graph's previous replay must have finished reading its inputs."""
+        graph's device). Nothing is written to the graph's inputs here. ``ahead``: a step of the same graph
+        may still be queued on ``stream`` (its inputs not read yet); ``fire`` and ``release`` wait for it."""
         from hyperlane_lab.codecs._kernels import kernel_module
 
         self.target += 1
         positions = graph.io_host[1]  # [B] pinned int64: the gate pads them if it gives up
         gate = kernel_module("armed_wait").armed_wait
+        a = ArmedStep(sid, graph, self.target, self._clock(), start, end)
         with torch.cuda.stream(stream):  # the gate and the graph on the compute stream
+            if ahead:
+                if self._ahead is None:
+                    self._ahead = torch.cuda.Event()
+                a.ahead = self._ahead
+                a.ahead.record(stream)
             gate(self.flag, self.status, positions, self.target, int(self.limit_s * 1e9), timer=True)
             try:
                 start.record(stream)
@@ -98,10 +117,11 @@ class Arming:
                 graph.staged.record(stream)  # the inputs are read once this passes (step_wire waits on it)
                 end.record(stream)
             except BaseException:  # open the gate on padding: nothing may wait behind it
+                a.behind()
                 graph.io_np[1] = -1
                 self._flag[0] = self.target
                 raise
-        return ArmedStep(sid, graph, self.target, self._clock(), start, end)
+        return a
 
     def fire(self, a: ArmedStep, pos: np.ndarray, x: Any, first: bool) -> bool:
         """Write the step's inputs (``pos`` int64 [B]; ``x``: ids [B] on the first stage, else the
@@ -109,6 +129,7 @@ class Arming:
         written) when the step was armed longer than ``fire_window_s`` ago: release it and launch."""
         if self._clock() - a.armed_at > self.fire_window_s:
             return False
+        a.behind()
         g = a.graph
         g.io_np[1] = pos
         if first:
@@ -122,6 +143,7 @@ class Arming:
     def release(self, a: ArmedStep) -> None:
         """Let an armed step run as a no-op: padding positions (K/V writes to the trash slot), then
         the flag. Its result buffers are overwritten; nothing reads them."""
+        a.behind()
         a.graph.io_np[1] = -1
         self._flag[0] = a.target
         self.released += 1

@@ -4,8 +4,10 @@
 
 Rules: the completion thread arms after shipping a wire step when the worker has exactly one session, that
 step was the only one in flight, the compute thread is idle and the session's graph is the one that ran it
-(and, on a token-loop last stage, a next step exists). ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming
-and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only
+(and, on a token-loop last stage, a next step exists). A one-stage token loop arms *ahead*: its next step is
+already enqueued (``run_ring``, from the ship), so the step after it is armed behind that one, when it exists;
+the completion thread releases it where it learns that no frame will come for it (EOS, a failed step).
+``GpuStepper``'s re-entrant ``_arm_lock`` orders arming and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only
 tries the lock (to arm or to launch), so it never waits behind a prompt. Anything that is not the armed
 session's next wire step releases it first. A task for the compute thread counted while the completion thread
 checks or launches under the lock waits for it (``disarm``), so the compute thread never runs beside such a
@@ -54,6 +56,8 @@ class ArmedSteps:
 
     _thread: threading.Thread  # the completion thread
     ring_steps: int
+    ring_ahead: tuple[str, int] | None
+    arm_ahead: bool
 
     def _on_device(self) -> None:  # GpuStepper's
         raise NotImplementedError
@@ -135,23 +139,37 @@ class ArmedSteps:
             put = self._put
             self._run_wire(frame, spec, frame.completed_at)  # a failure fails the session, as on the loop
             self.ring_steps += self._put - put
+            if self._put != put:
+                self.ring_ahead = (h.session, h.step)
         finally:
             self._arming_now = False
             self._arm_lock.release()
         w.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
         return True
 
+    def release_ahead(self, p: _Pending) -> None:
+        """(Completion thread.) Step ``p`` ended its session's token loop or failed: release a step armed behind
+        the next one (no frame will come for it; it would hold the stream until its gate gave up)."""
+        a = self._armed
+        if a is not None and a.ahead is not None and a.sid == p.sid:
+            self.disarm()
+
     def _arm_after(self, p: _Pending) -> None:
+        if p.final:
+            self.release_ahead(p)
         try:
             self._maybe_arm(p)
         except Exception as e:  # e.g. the gate kernel cannot run here: launch every step as before
             log.warning("stage %d: cannot arm decode steps on %s (%s); launching them on arrival",
                         self.w.stage_index, self.device, e)  # fmt: skip
             self.arming = None
+        finally:
+            self.ring_ahead = None  # (set by run_ring during this step's ship)
 
     def _maybe_arm(self, p: _Pending) -> None:
         """(Completion thread, after step ``p`` was shipped.) Arm the session's next wire step when it
-        is the worker's only session, its graph is the one that ran ``p`` and nothing else is in flight."""
+        is the worker's only session, its graph is the one that ran ``p`` and nothing else is in flight;
+        or, when ``run_ring`` enqueued the next step from this ship, arm the step after it (ahead)."""
         w, arming = self.w, self.arming
         if arming is None or p.wire is None or len(w.sessions) != 1:
             return
@@ -159,14 +177,20 @@ class ArmedSteps:
         eng = w.engine
         if sess is None or sess.error or eng is None:
             return
-        if p.final or p.flags & FLAG_LAST or (sess.ring is not None and p.step + 1 >= sess.ring[1]):
+        ahead = 1 if self.arm_ahead and self.ring_ahead == (p.sid, p.step + 1) else 0
+        if p.final or p.flags & FLAG_LAST or (sess.ring is not None and p.step + 1 + ahead >= sess.ring[1]):
             return  # the token loop ended here (its budget, or every row sampled EOS): no frame follows
         try:
             cache = eng.session(p.sid)
         except KeyError:  # closed meanwhile
             return
         g = cache.graph
-        if g is None or g.wire is not p.wire or g.staged is None or not self._may_arm(p.sid, sess, cache, g):
+        if (
+            g is None
+            or g.wire is not p.wire
+            or g.staged is None
+            or not self._may_arm(p.sid, sess, cache, g, ahead)
+        ):
             return
         self._on_device()  # (the gate runs on the current device)
         arming.warm(p.batch)  # the gate's first compile for this batch: not while holding the lock
@@ -174,25 +198,25 @@ class ArmedSteps:
             return
         self._arming_now = True  # before the checks read the task count (see disarm)
         try:  # re-checked under the lock: a launch, a failed step or a compute task may have begun meanwhile
-            if not self._may_arm(p.sid, sess, cache, g):
+            if not self._may_arm(p.sid, sess, cache, g, ahead):
                 return
             from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
 
             start, end, _ = _step_io(cache).take()
-            self._armed = arming.arm(p.sid, g, start, end, self.compute_stream)
+            self._armed = arming.arm(p.sid, g, start, end, self.compute_stream, ahead=bool(ahead))
         finally:
             self._arming_now = False  # after _armed is set
             self._arm_lock.release()
 
-    def _may_arm(self, sid: str, sess: _Session, cache: Any, g: Any) -> bool:
-        """Nothing armed, the stepper not closing, this step the only one in flight, the compute thread idle
-        and no other GPU user (Profile), ``sess`` the only session and not failed, ``g`` still its cache's
-        graph."""
+    def _may_arm(self, sid: str, sess: _Session, cache: Any, g: Any, ahead: int = 0) -> bool:
+        """Nothing armed, the stepper not closing, this step (and with ``ahead`` the next one, which
+        ``run_ring`` enqueued) the only one in flight, the compute thread idle and no other GPU user
+        (Profile), ``sess`` the only session and not failed, ``g`` still its cache's graph."""
         w = self.w
         return bool(
             self._armed is None
             and not self._closing
-            and self._put == self._done + 1
+            and self._put == self._done + 1 + ahead
             and w._submitted == w._finished
             and not w.gpu_users
             and len(w.sessions) == 1

@@ -94,29 +94,29 @@ _Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, 
 
 @dataclass
 class _StepIO:
-    """Per session cache (so per decode graph): pinned result buffers, and two sets of timing events
+    """Per session cache (so per decode graph): pinned result buffers, and three sets of timing events
     taken in turns (``take``). The completion thread reads a step's GPU times after its frame is
     out; by then the session's next step may have started (a one-stage ring starts it from the
-    ship), but it records into the other set, and the step after it cannot start before the
-    completion thread, which finishes one step before the next, has shipped the next one. Decode steps
-    only (no ``FLAG_MORE`` chunks, several of which may be in flight): one step of a session in flight
-    per stage."""
+    ship) and, armed ahead, the one after it may be enqueued (after those reads; a released one's set
+    is skipped by the next launch), each recording into another set. Decode steps only (no ``FLAG_MORE``
+    chunks, several of which may be in flight): one step of a session in flight per stage, but a
+    one-stage ring's."""
 
-    events: tuple[_Events, _Events]
+    events: tuple[_Events, ...]
     host: dict[str, torch.Tensor]
     turn: int = 0
 
     def take(self) -> _Events:
-        """The event set for the step about to be launched (the other one than the last step's)."""
-        self.turn ^= 1
+        """The event set for the step about to be launched or armed (the next one in turn)."""
+        self.turn = (self.turn + 1) % len(self.events)
         return self.events[self.turn]
 
 
 def _step_io(cache: Any) -> _StepIO:
     io = cache.step_io
     if io is None:
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-        io = cache.step_io = _StepIO(((ev[0], ev[1], ev[2]), (ev[3], ev[4], ev[5])), {})
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(9)]
+        io = cache.step_io = _StepIO(tuple((ev[i], ev[i + 1], ev[i + 2]) for i in range(0, 9, 3)), {})
     return io  # type: ignore[no-any-return]
 
 
@@ -163,6 +163,9 @@ class GpuStepper(ArmedSteps):
         self._put = 0
         self._done = 0
         self.ring_steps = 0  # one-stage token loop steps the completion thread enqueued (``run_ring``)
+        self.ring_ahead: tuple[str, int] | None = None  # (session, step) of the last step run_ring enqueued
+        # a one-stage ring's step after the one run_ring enqueued is armed behind it (gpu_arming.py)
+        self.arm_ahead = env_flag("HYPERLANE_ARM_AHEAD", True)
 
     def _on_device(self) -> None:
         """Make this stepper's device the calling thread's current one, once per thread (the threads
@@ -471,6 +474,7 @@ class GpuStepper(ArmedSteps):
             except Exception as e:
                 log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
                 self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
+                self.release_ahead(p)  # no frame comes for a step armed behind this one
             else:
                 self._arm_after(p)
             finally:
