@@ -91,12 +91,62 @@ def test_a_step_armed_ahead_has_its_inputs_written_only_after_the_step_before_it
     _armed(arming, g).behind()  # no step ahead: returns at once
 
 
-def test_step_events_come_in_three_sets_taken_in_turn():
+def test_step_events_come_in_three_sets_taken_in_turn(monkeypatch):
     """A one-stage ring may have a step completing (its GPU times read after its ship), the next in flight and
     the one after armed: each records into its own set."""
-    io = _StepIO(tuple((_Ev(), _Ev(), _Ev()) for _ in range(3)), {})  # type: ignore[arg-type]
+    from hyperlane_lab.runtime.gpu_steps import _step_io
+
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kw: _Ev())
+    cache = type("Cache", (), {"step_io": None})()
+    io = _step_io(cache)
+    assert cache.step_io is io and _step_io(cache) is io
     got = [io.take() for _ in range(6)]
-    assert len({id(e) for e in got[:3]}) == 3 and got[3:] == got[:3]
+    assert len({id(e) for s in got[:3] for e in s}) == 9 and got[3:] == got[:3]
+
+
+def test_arm_ahead_records_an_event_before_the_gate(monkeypatch):
+    """``Arming.arm(ahead=True)`` records the event that fire and release wait for on the stream before the
+    gate (so it passes once the step ahead has run); without ``ahead`` none. A replay that fails opens the
+    gate on padding, after waiting for the step ahead."""
+    import hyperlane_lab.codecs._kernels as kernels
+
+    order: list[str] = []
+
+    class _Event(_Ev):
+        def record(self, stream: Any = None) -> None:
+            order.append("ahead")
+
+        def synchronize(self) -> None:
+            order.append("waited")
+
+    class _Gate:
+        @staticmethod
+        def armed_wait(*a: Any, **kw: Any) -> None:
+            order.append("gate")
+
+    class _Replay:
+        fail = False
+
+        def replay(self) -> None:
+            order.append("replay")
+            if self.fail:
+                raise RuntimeError("replay failed")
+
+    monkeypatch.setattr(kernels, "kernel_module", lambda name: _Gate)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    arming, g = Arming(), _Graph(batch=1)
+    g.graph, g.staged = _Replay(), _Ev()
+    a = arming.arm("s", g, _Ev(), _Ev(), None, ahead=True)  # type: ignore[arg-type]
+    assert order == ["ahead", "gate", "replay"] and a.ahead is not None and a.target == 1
+    order.clear()
+    b = arming.arm("s", g, _Ev(), _Ev(), None)  # type: ignore[arg-type]
+    assert order == ["gate", "replay"] and b.ahead is None
+    order.clear()
+    g.graph.fail, g.io_np[1] = True, 5
+    with pytest.raises(RuntimeError, match="replay failed"):
+        arming.arm("s", g, _Ev(), _Ev(), None, ahead=True)  # type: ignore[arg-type]
+    assert order == ["ahead", "gate", "replay", "waited"] and g.io_np[1].tolist() == [-1]
+    assert int(arming.flag[0]) == arming.target == 3
 
 
 def test_a_step_armed_too_long_ago_is_not_fired():
@@ -228,7 +278,8 @@ def _stepper(
     st._arming_now = False
     st._closing = False
     st._put, st._done = 1, 0  # the step being completed is the only one in flight
-    st.ring_ahead, st.arm_ahead = None, True
+    st.ring_ahead, st.arm_ahead, st._read = None, True, 0
+    st._thread = threading.Thread(target=lambda: None)  # the completion thread: not the test's
     st.compute_stream = None  # type: ignore[assignment]
     st.device = torch.device("cpu")
     st._on_device = lambda: None  # type: ignore[method-assign]

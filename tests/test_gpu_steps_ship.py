@@ -42,10 +42,12 @@ def _ship(ids: list[int], flag: int, positions: list[int], eos: frozenset[int] =
     w = _Worker(sess)
     stepper = object.__new__(GpuStepper)  # no CUDA needed for a greedy step's ship
     stepper.w = w
+    stepper._done, stepper._read = 4, 0  # four steps done before this one
     host = torch.tensor([*ids, flag], dtype=torch.int64)  # the decode graph's pinned [ids..., finite flag]
     pos = np.array(positions, dtype=np.int64).reshape(batch, -1)
     p = _Pending("ab" * 16, 3, batch, 1, 0.0, batch, pos.tobytes(), host, None, None, host, None, "greedy")
     assert stepper._ship(p) is not None  # the sample time
+    assert stepper._read == 5  # its result was read: a step armed behind it may be released (gpu_arming.py)
     return w
 
 
@@ -68,7 +70,7 @@ def test_greedy_ship_reads_a_wire_graphs_ids_through_its_numpy_view():
     sess = _Session(1, 64, Sampler(SamplingParams()), "client:1", ring=("first:2", 50, frozenset()))
     w = _Worker(sess)
     stepper = object.__new__(GpuStepper)
-    stepper.w = w
+    stepper.w, stepper._done, stepper._read = w, 0, 0
 
     class _Wire:
         out_ids = np.array([23, 0], dtype=np.int64)
@@ -118,14 +120,14 @@ class _Recorder(_Trace):
 
 def test_gpu_times_are_read_after_the_ship_from_the_steps_own_events():
     """The completion thread ships a step before reading its GPU times; the session's next step, launched
-    during the ship (a one-stage ring starts it from there), takes the other event set, so the times read
+    during the ship (a one-stage ring starts it from there), takes another event set, so the times read
     are the step's own (step s takes s ms here), not the next step's."""
     from hyperlane_lab.runtime.gpu_steps import _StepIO
 
     sess = _Session(1, 64, Sampler(SamplingParams()), "client:1")
     w = _Worker(sess)
     w.trace = _Recorder()
-    io = _StepIO(tuple((_Event(), _Event(), _Event()) for _ in range(2)), {})  # type: ignore[arg-type]
+    io = _StepIO(tuple((_Event(), _Event(), _Event()) for _ in range(3)), {})  # type: ignore[arg-type]
     stepper = object.__new__(GpuStepper)
     stepper.w, stepper.pool = w, None
 

@@ -144,7 +144,7 @@ def test_the_step_after_a_ring_launch_is_armed_behind_it_and_fired_by_its_frame(
     st._arm_after(p)
     a = st._armed
     assert a is not None and st.arming.aheads == [True] and a.ahead is not None
-    assert st.ring_ahead is None  # used once: the next ship sets it again
+    assert a.after == 2  # step 7: the second step enqueued
     assert st._q.get_nowait().step == 7
     st._done = 1  # step 6 is done; step 7's ship makes step 8's frame
     assert st.run_ring(_frame(step=8, pos=9, tok=30))
@@ -205,10 +205,68 @@ def test_a_step_armed_ahead_is_released_when_no_frame_will_come_for_it(how):
         st._q = __import__("queue").SimpleQueue()
         st._q.put(nxt)
         st._q.put(None)
+        st.ring_ahead = ("s0", 8)  # as if step 7's ship had launched step 8 before failing
         st._complete_loop()
-        assert len(errors) == 1 and "failed" in errors[0][-1]
+        assert len(errors) == 1 and "failed" in errors[0][-1] and st.ring_ahead is None
     assert st._armed is None and st.arming.released == 1 and g.io_np[1].tolist() == [-1]
     assert int(st.arming.flag[0]) == a.target and st.arming.aheads == [True]
+
+
+@pytest.mark.parametrize("how", ["disarm", "other_session", "frame_from_the_network"])
+def test_another_thread_touches_a_step_armed_ahead_only_once_the_step_before_it_was_read(how):
+    """The step armed ahead shares the graph's output buffers with the step before it, which its gate opening
+    would overwrite: released (``disarm``: a task for another session; another session's frame) or fired (a
+    frame not made from that result) on the loop thread, it waits until the completion thread has read that
+    step's result."""
+    st, caches, p = _ahead_stepper()
+    st._arm_after(p)
+    a = st._armed
+    assert a is not None and a.after == 2
+    st._done = 1  # step 6 done; step 7 still on the GPU
+    st._thread = threading.Thread(target=lambda: None)  # the completion thread: another one than the caller
+    if how == "other_session":
+        from hyperlane_lab.generation.sampling import Sampler, SamplingParams
+        from hyperlane_lab.runtime.worker import _Session
+        from tests.test_armed import _Cache, _Graph
+
+        st.w.sessions["s1"] = _Session(1, 64, Sampler(SamplingParams()), "c:1")
+        caches["s1"] = st.w.engine.caches["s1"] = _Cache(_Graph(batch=1))
+    target = a.target
+
+    def act() -> None:
+        if how == "disarm":
+            st.disarm()
+        elif how == "other_session":
+            st.run_wire(_Frame("s1", 2, pos=3, tok=8), caches["s1"].graph.wire.spec, 0.0)
+        else:
+            st.run_wire(_Frame("s0", 8, pos=9, tok=5), caches["s0"].graph.wire.spec, 0.0)
+
+    t = threading.Thread(target=act)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and int(st.arming.flag[0]) < target  # the gate is still closed
+    st._read = 2  # the completion thread read step 7's ids
+    t.join(10)
+    assert not t.is_alive() and int(st.arming.flag[0]) == target
+    assert (st.arming.fired, st.arming.released) == ((1, 0) if how == "frame_from_the_network" else (0, 1))
+
+
+def test_a_failed_sessions_armed_step_is_released_at_once(tmp_path):
+    """``_forward_error`` (every failure of a session ends there, on the loop thread) releases the session's
+    armed step: no frame of the session will run, and its gate would hold the stream up to its limit."""
+    from hyperlane_lab.generation.sampling import Sampler, SamplingParams
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig, _Session
+
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    released: list[str] = []
+    w._gpu = type("G", (), {"release_session": lambda self, sid: released.append(sid)})()  # type: ignore[assignment]
+    w.sessions["a"] = _Session(1, 64, Sampler(SamplingParams()), "c:1")
+    try:
+        w._forward_error("a", 3, "stage 0: a bad frame")
+        w._forward_error("gone", 3, "stage 0: a bad frame")  # a session this worker does not know
+    finally:
+        w._compute.shutdown(wait=True)
+    assert released == ["a"] and w.sessions["a"].error == "stage 0: a bad frame"
 
 
 def test_ring_here_hands_the_loop_what_the_completion_thread_does_not_take(tmp_path):

@@ -49,6 +49,9 @@ class ArmedStep:
     end: torch.cuda.Event  # recorded after the graph
     # armed behind a step of the same graph: an event recorded before the gate (that step's inputs read by then)
     ahead: Any = None
+    # ... and that step's number among the stepper's (``GpuStepper._put``): its result shares the graph's output
+    # buffers, so a release from another thread waits until the completion thread has read it (gpu_arming.py)
+    after: int = 0
 
     def behind(self) -> None:
         """Wait until the step this one was armed behind has run (at once when it has: the usual case, its

@@ -6,7 +6,11 @@ Rules: the completion thread arms after shipping a wire step when the worker has
 step was the only one in flight, the compute thread is idle and the session's graph is the one that ran it
 (and, on a token-loop last stage, a next step exists). A one-stage token loop arms *ahead*: its next step is
 already enqueued (``run_ring``, from the ship), so the step after it is armed behind that one, when it exists;
-the completion thread releases it where it learns that no frame will come for it (EOS, a failed step).
+the completion thread releases it where it learns that no frame will come for it (EOS, a failed step), and a
+failed session's armed step is released at once (``release_session``). Such a step shares the graph's output
+buffers with the step ahead of it, which its gate opening would overwrite: a release or a fire from another
+thread than the completion thread first waits until that thread has read the step ahead's result
+(``_ahead_read``; at once in the usual case, the frame being made from that result).
 ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only
 tries the lock (to arm or to launch), so it never waits behind a prompt. Anything that is not the armed
 session's next wire step releases it first. A task for the compute thread counted while the completion thread
@@ -26,7 +30,7 @@ import torch
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.host_stamps import host_stamps
-from hyperlane_lab.models.decode_armed import ArmedStep, Arming
+from hyperlane_lab.models.decode_armed import GATE_LIMIT_S, ArmedStep, Arming
 from hyperlane_lab.models.decode_wire import WireSpec
 from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader
 
@@ -53,6 +57,7 @@ class ArmedSteps:
     _closing: bool
     _put: int
     _done: int
+    _read: int
 
     _thread: threading.Thread  # the completion thread
     ring_steps: int
@@ -76,13 +81,36 @@ class ArmedSteps:
         neither, returns without the lock: the compute thread holds it while it enqueues a prompt chunk
         (~1 ms), and the loop thread must not wait for that. Safe: the completion thread sets
         ``_arming_now`` before its checks read the count, and sets ``_armed`` before clearing it, so one
-        of the two reads below (in this order) sees it."""
+        of the two reads below (in this order) sees it. A step armed ahead (a one-stage ring) waits here until
+        the completion thread has read the result of the step before it (``_ahead_read``): up to a step's
+        time, on this rare path (another session's work during a lone session's token loop)."""
         if not self._arming_now and self._armed is None:
             return
         with self._arm_lock:
             a, self._armed = self._armed, None
             if a is not None and self.arming is not None:
+                self._ahead_read(a)
                 self.arming.release(a)
+
+    def release_session(self, sid: str) -> None:
+        """Session ``sid`` failed: release its armed step (no frame of it will be run)."""
+        a = self._armed
+        if a is not None and a.sid == sid:
+            self.disarm()
+
+    def _ahead_read(self, a: ArmedStep) -> None:
+        """(Lock held.) For a step armed ahead, on another thread than the completion thread: wait until the
+        completion thread has read the result of the step ahead (it takes no lock until then), at most the
+        gate's limit. The completion thread itself fires or releases only after reading it."""
+        if not a.after or threading.current_thread() is self._thread:
+            return
+        deadline = time.monotonic() + GATE_LIMIT_S
+        while self._read < a.after and self._done < a.after:
+            if time.monotonic() > deadline:
+                log.warning("stage %d: step %d's result still unread after %.0f s; releasing the step armed "
+                            "behind it", self.w.stage_index, a.after, GATE_LIMIT_S)  # fmt: skip
+                return
+            time.sleep(50e-6)
 
     def _take_armed(self, sid: str, cache: Any, spec: WireSpec) -> ArmedStep | None:
         """(Lock held.) The armed step if it is this session's next wire step with ``spec``; else
@@ -94,6 +122,7 @@ class ArmedSteps:
         g = cache.graph
         if a.sid == sid and g is a.graph and g.wire is not None and g.wire.spec == spec:
             return a
+        self._ahead_read(a)
         self.arming.release(a)
         return None
 
@@ -101,6 +130,7 @@ class ArmedSteps:
         """(Lock held.) Start the armed step with these inputs; False (and released) when it is too old."""
         arming = self.arming
         assert arming is not None
+        self._ahead_read(a)  # (a frame not made from the step ahead's result: one from the network)
         if arming.fire(a, pos, x, first):
             return True
         arming.release(a)
@@ -163,8 +193,6 @@ class ArmedSteps:
             log.warning("stage %d: cannot arm decode steps on %s (%s); launching them on arrival",
                         self.w.stage_index, self.device, e)  # fmt: skip
             self.arming = None
-        finally:
-            self.ring_ahead = None  # (set by run_ring during this step's ship)
 
     def _maybe_arm(self, p: _Pending) -> None:
         """(Completion thread, after step ``p`` was shipped.) Arm the session's next wire step when it
@@ -203,7 +231,10 @@ class ArmedSteps:
             from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
 
             start, end, _ = _step_io(cache).take()
-            self._armed = arming.arm(p.sid, g, start, end, self.compute_stream, ahead=bool(ahead))
+            a = arming.arm(p.sid, g, start, end, self.compute_stream, ahead=bool(ahead))
+            if ahead:
+                a.after = self._put  # the step ahead: the last one enqueued
+            self._armed = a
         finally:
             self._arming_now = False  # after _armed is set
             self._arm_lock.release()

@@ -162,6 +162,7 @@ class GpuStepper(ArmedSteps):
         # on the loop or compute thread, ``run_ring`` on the completion thread) hold ``_arm_lock``
         self._put = 0
         self._done = 0
+        self._read = 0  # steps whose result the completion thread has read (a sampled step's: ArmedSteps)
         self.ring_steps = 0  # one-stage token loop steps the completion thread enqueued (``run_ring``)
         self.ring_ahead: tuple[str, int] | None = None  # (session, step) of the last step run_ring enqueued
         # a one-stage ring's step after the one run_ring enqueued is armed behind it (gpu_arming.py)
@@ -478,6 +479,7 @@ class GpuStepper(ArmedSteps):
             else:
                 self._arm_after(p)
             finally:
+                self.ring_ahead = None  # (set by run_ring during this step's ship)
                 self._done += 1
             if self._done == self._put and self.w.busy_polling:
                 self.w.wake_loop()  # the loop thread may spin for the next frame now
@@ -565,6 +567,7 @@ class GpuStepper(ArmedSteps):
                 with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
                     p.out.record_stream(self.side_stream)
                     ids = sess.sampler(p.out).to(torch.int64).contiguous().numpy()
+            self._read = self._done + 1  # this step's: a step armed behind it may start now (ArmedSteps)
             if sess is None:
                 return None
             t2 = time.perf_counter()

@@ -233,6 +233,8 @@ class WorkerOutbox:
         if sess is None:  # errors are only relayed for sessions this worker knows
             return
         sess.error = message
+        if self._gpu is not None:  # no frame of it will run: its armed step must not hold the stream
+            self._gpu.release_session(sid)
         if self.engine is not None and self.engine.is_last:
             conn = self.out.extra.get(sess.reply_to)
         else:
