@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hyperlane_lab.generation.sampling import Sampler, SamplingParams
-from hyperlane_lab.models.decode_armed import ArmedStep, Arming
+from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed, Arming
 from hyperlane_lab.runtime.frame import FLAG_LAST
 from hyperlane_lab.runtime.gpu_steps import GpuStepper, _Pending, _StepIO
 from hyperlane_lab.runtime.worker import _Session
@@ -143,10 +143,13 @@ def test_arm_ahead_records_an_event_before_the_gate(monkeypatch):
     assert order == ["gate", "replay"] and b.ahead is None
     order.clear()
     g.graph.fail, g.io_np[1] = True, 5
-    with pytest.raises(RuntimeError, match="replay failed"):
+    with pytest.raises(ArmFailed) as failed:  # ahead: the gate stays closed (the stepper releases it later)
         arming.arm("s", g, _Ev(), _Ev(), None, ahead=True)  # type: ignore[arg-type]
-    assert order == ["ahead", "gate", "replay", "waited"] and g.io_np[1].tolist() == [-1]
-    assert int(arming.flag[0]) == arming.target == 3
+    assert order == ["ahead", "gate", "replay"] and g.io_np[1].tolist() == [5]
+    assert failed.value.step.target == arming.target == 3 and int(arming.flag[0]) == 0
+    with pytest.raises(RuntimeError, match="replay failed"):  # not ahead: opened on padding at once
+        arming.arm("s", g, _Ev(), _Ev(), None)  # type: ignore[arg-type]
+    assert g.io_np[1].tolist() == [-1] and int(arming.flag[0]) == arming.target == 4
 
 
 def test_a_step_armed_too_long_ago_is_not_fired():
@@ -278,7 +281,7 @@ def _stepper(
     st._arming_now = False
     st._closing = False
     st._put, st._done = 1, 0  # the step being completed is the only one in flight
-    st.ring_ahead, st.arm_ahead, st._read = None, True, 0
+    st.ring_ahead, st.arm_ahead, st._read, st._orphan = None, True, 0, None
     st._thread = threading.Thread(target=lambda: None)  # the completion thread: not the test's
     st.compute_stream = None  # type: ignore[assignment]
     st.device = torch.device("cpu")

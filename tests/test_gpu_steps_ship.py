@@ -42,7 +42,7 @@ def _ship(ids: list[int], flag: int, positions: list[int], eos: frozenset[int] =
     w = _Worker(sess)
     stepper = object.__new__(GpuStepper)  # no CUDA needed for a greedy step's ship
     stepper.w = w
-    stepper._done, stepper._read = 4, 0  # four steps done before this one
+    stepper._done, stepper._read, stepper._orphan = 4, 0, None  # four steps done before this one
     host = torch.tensor([*ids, flag], dtype=torch.int64)  # the decode graph's pinned [ids..., finite flag]
     pos = np.array(positions, dtype=np.int64).reshape(batch, -1)
     p = _Pending("ab" * 16, 3, batch, 1, 0.0, batch, pos.tobytes(), host, None, None, host, None, "greedy")
@@ -70,7 +70,7 @@ def test_greedy_ship_reads_a_wire_graphs_ids_through_its_numpy_view():
     sess = _Session(1, 64, Sampler(SamplingParams()), "client:1", ring=("first:2", 50, frozenset()))
     w = _Worker(sess)
     stepper = object.__new__(GpuStepper)
-    stepper.w, stepper._done, stepper._read = w, 0, 0
+    stepper.w, stepper._done, stepper._read, stepper._orphan = w, 0, 0, None
 
     class _Wire:
         out_ids = np.array([23, 0], dtype=np.int64)

@@ -195,7 +195,9 @@ def test_a_step_armed_ahead_is_released_when_no_frame_will_come_for_it(how):
     else:
         errors: list[tuple[Any, ...]] = []
         st.w.busy_polling = False
-        st.w._call_soon = lambda *args: errors.append(args)
+        st._done = 1  # step 6 done
+        # the failure's relay may release from the loop thread: step 7's result counts as read before it
+        st.w._call_soon = lambda *args: errors.append((st._read, *args))
         st.w._forward_error = object()
 
         def fail(q: Any) -> None:
@@ -208,11 +210,12 @@ def test_a_step_armed_ahead_is_released_when_no_frame_will_come_for_it(how):
         st.ring_ahead = ("s0", 8)  # as if step 7's ship had launched step 8 before failing
         st._complete_loop()
         assert len(errors) == 1 and "failed" in errors[0][-1] and st.ring_ahead is None
+        assert errors[0][0] == 2 and st._done == 2
     assert st._armed is None and st.arming.released == 1 and g.io_np[1].tolist() == [-1]
     assert int(st.arming.flag[0]) == a.target and st.arming.aheads == [True]
 
 
-@pytest.mark.parametrize("how", ["disarm", "other_session", "frame_from_the_network"])
+@pytest.mark.parametrize("how", ["disarm", "other_session", "frame_from_the_network", "done"])
 def test_another_thread_touches_a_step_armed_ahead_only_once_the_step_before_it_was_read(how):
     """The step armed ahead shares the graph's output buffers with the step before it, which its gate opening
     would overwrite: released (``disarm``: a task for another session; another session's frame) or fired (a
@@ -234,7 +237,7 @@ def test_another_thread_touches_a_step_armed_ahead_only_once_the_step_before_it_
     target = a.target
 
     def act() -> None:
-        if how == "disarm":
+        if how in ("disarm", "done"):
             st.disarm()
         elif how == "other_session":
             st.run_wire(_Frame("s1", 2, pos=3, tok=8), caches["s1"].graph.wire.spec, 0.0)
@@ -245,10 +248,64 @@ def test_another_thread_touches_a_step_armed_ahead_only_once_the_step_before_it_
     t.start()
     t.join(0.2)
     assert t.is_alive() and int(st.arming.flag[0]) < target  # the gate is still closed
-    st._read = 2  # the completion thread read step 7's ids
+    if how == "done":
+        st._done = 2  # step 7 completed without a sampled result (its session closed meanwhile)
+    else:
+        st._read = 2  # the completion thread read step 7's ids
     t.join(10)
     assert not t.is_alive() and int(st.arming.flag[0]) == target
     assert (st.arming.fired, st.arming.released) == ((1, 0) if how == "frame_from_the_network" else (0, 1))
+
+
+def test_a_step_whose_arming_ahead_failed_is_released_once_the_step_before_it_was_read():
+    """``Arming.arm(ahead=True)`` failed with its gate enqueued and closed (``ArmFailed``): arming is turned off
+    for the worker, and the completion thread opens that gate on padding right after it has read the result of
+    the step ahead (a replay behind the gate, if enqueued, would overwrite that result)."""
+    from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed
+
+    st, caches, p = _ahead_stepper()
+    arming = st.arming
+    g = caches["s0"].graph
+
+    def fail(sid: str, graph: Any, start: Any, end: Any, stream: Any, ahead: bool = False) -> Any:
+        arming.target += 1
+        raise ArmFailed(ArmedStep(sid, graph, arming.target, 0.0, start, end))
+
+    arming.arm = fail
+    g.io_np[1] = 8  # step 7's position, maybe not read yet
+    st._arm_after(p)
+    assert st.arming is None and st._armed is None and st._orphan is not None and st._orphan[1].after == 2
+    st._done = 0
+    st.mark_read()  # step 6's result: not the step ahead
+    assert st._orphan is not None and int(arming.flag[0]) == 0 and g.io_np[1].tolist() == [8]
+    st._done, st.w.busy_polling = 1, False
+    st._complete = lambda q: None  # step 7 completes without a sampled result (its session closed meanwhile)
+    st._q = __import__("queue").SimpleQueue()
+    st._q.put(p)
+    st._q.put(None)
+    st._complete_loop()
+    assert st._orphan is None and int(arming.flag[0]) == arming.target and g.io_np[1].tolist() == [-1]
+    assert arming.released == 1 and st._done == 2
+
+
+def test_a_fire_that_raises_releases_the_step_it_took():
+    """The armed step was taken (``_take_armed``) when writing its inputs raised: it is released (its gate
+    opened on padding), not left closed, and the step fails with the error."""
+    from tests.test_armed import _Frame as Frame
+
+    st, caches, p = _ahead_stepper()
+    st._arm_after(p)
+    a = st._armed
+    assert a is not None
+    st._read = 2
+
+    def broken(*args: Any) -> bool:
+        raise OSError("pinned memory gone")
+
+    st.arming.fire = broken
+    st.run_wire(Frame("s0", 8, pos=9, tok=5), caches["s0"].graph.wire.spec, 0.0)
+    assert st._armed is None and st.arming.released == 1 and int(st.arming.flag[0]) == a.target
+    assert len(st.w.failed) == 1 and "pinned memory gone" in st.w.failed[0]
 
 
 def test_a_failed_sessions_armed_step_is_released_at_once(tmp_path):

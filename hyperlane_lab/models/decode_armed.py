@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ArmedStep", "Arming", "GATE_LIMIT_S", "host_orders_stores"]
+__all__ = ["ArmFailed", "ArmedStep", "Arming", "GATE_LIMIT_S", "host_orders_stores"]
 
 GATE_LIMIT_S = 2.0  # the gate kernel gives up after this long (a forgotten release costs at most this)
 
@@ -58,6 +58,15 @@ class ArmedStep:
         result having made this step's frame), so that writing the shared pinned inputs cannot change it."""
         if self.ahead is not None:
             self.ahead.synchronize()
+
+
+class ArmFailed(RuntimeError):
+    """``Arming.arm(ahead=True)`` failed after enqueueing the gate: ``step`` is still closed. Release it once
+    the step ahead's result has been read (its padding replay, if enqueued, overwrites that result)."""
+
+    def __init__(self, step: ArmedStep) -> None:
+        super().__init__("arming a decode step ahead failed; its gate waits for a release")
+        self.step = step
 
 
 class Arming:
@@ -119,8 +128,9 @@ class Arming:
                 graph.graph.replay()
                 graph.staged.record(stream)  # the inputs are read once this passes (step_wire waits on it)
                 end.record(stream)
-            except BaseException:  # open the gate on padding: nothing may wait behind it
-                a.behind()
+            except BaseException as e:  # open the gate on padding: nothing may wait behind it
+                if ahead:  # not yet: the replay may overwrite the step ahead's unread result
+                    raise ArmFailed(a) from e
                 graph.io_np[1] = -1
                 self._flag[0] = self.target
                 raise

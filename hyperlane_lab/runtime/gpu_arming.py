@@ -10,10 +10,12 @@ the completion thread releases it where it learns that no frame will come for it
 failed session's armed step is released at once (``release_session``). Such a step shares the graph's output
 buffers with the step ahead of it, which its gate opening would overwrite: a release or a fire from another
 thread than the completion thread first waits until that thread has read the step ahead's result
-(``_ahead_read``; at once in the usual case, the frame being made from that result).
-``GpuStepper``'s re-entrant ``_arm_lock`` orders arming and every launch (``run_wire``, ``run_step``, ``run_ring``) against each other; the completion thread only
-tries the lock (to arm or to launch), so it never waits behind a prompt. Anything that is not the armed
-session's next wire step releases it first. A task for the compute thread counted while the completion thread
+(``_ahead_read``; at once in the usual case, the frame being made from that result). The completion thread
+marks each step's result read (``mark_read``), and opens then the gate of a step whose arming ahead failed.
+
+``GpuStepper``'s re-entrant ``_arm_lock`` orders arming and every launch (``run_wire``, ``run_step``,
+``run_ring``) against each other; the completion thread only tries the lock (to arm or to launch), so it never
+waits behind a prompt. Anything that is not the armed session's next wire step releases it first. A task for the compute thread counted while the completion thread
 checks or launches under the lock waits for it (``disarm``), so the compute thread never runs beside such a
 launch.
 """
@@ -30,7 +32,7 @@ import torch
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.host_stamps import host_stamps
-from hyperlane_lab.models.decode_armed import GATE_LIMIT_S, ArmedStep, Arming
+from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed, Arming
 from hyperlane_lab.models.decode_wire import WireSpec
 from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader
 
@@ -58,6 +60,7 @@ class ArmedSteps:
     _put: int
     _done: int
     _read: int
+    _orphan: tuple[Arming, ArmedStep] | None  # a step whose arming ahead failed, its gate still closed
 
     _thread: threading.Thread  # the completion thread
     ring_steps: int
@@ -104,13 +107,23 @@ class ArmedSteps:
         gate's limit. The completion thread itself fires or releases only after reading it."""
         if not a.after or threading.current_thread() is self._thread:
             return
-        deadline = time.monotonic() + GATE_LIMIT_S
+        limit = self.arming.limit_s if self.arming is not None else 2.0
+        deadline = time.monotonic() + limit
         while self._read < a.after and self._done < a.after:
             if time.monotonic() > deadline:
                 log.warning("stage %d: step %d's result still unread after %.0f s; releasing the step armed "
-                            "behind it", self.w.stage_index, a.after, GATE_LIMIT_S)  # fmt: skip
+                            "behind it", self.w.stage_index, a.after, limit)  # fmt: skip
                 return
             time.sleep(50e-6)
+
+    def mark_read(self) -> None:
+        """(Completion thread.) The result of the step being completed was read (or will never be): a step
+        armed behind it may start, and one whose arming failed (``_orphan``) is released now."""
+        self._read = self._done + 1
+        o = self._orphan
+        if o is not None and self._read >= o[1].after:
+            self._orphan = None
+            o[0].release(o[1])
 
     def _take_armed(self, sid: str, cache: Any, spec: WireSpec) -> ArmedStep | None:
         """(Lock held.) The armed step if it is this session's next wire step with ``spec``; else
@@ -131,8 +144,12 @@ class ArmedSteps:
         arming = self.arming
         assert arming is not None
         self._ahead_read(a)  # (a frame not made from the step ahead's result: one from the network)
-        if arming.fire(a, pos, x, first):
-            return True
+        try:
+            if arming.fire(a, pos, x, first):
+                return True
+        except BaseException:  # taken already (_take_armed): never leave its gate closed
+            arming.release(a)
+            raise
         arming.release(a)
         return False
 
@@ -231,7 +248,12 @@ class ArmedSteps:
             from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
 
             start, end, _ = _step_io(cache).take()
-            a = arming.arm(p.sid, g, start, end, self.compute_stream, ahead=bool(ahead))
+            try:
+                a = arming.arm(p.sid, g, start, end, self.compute_stream, ahead=bool(ahead))
+            except ArmFailed as e:  # released by mark_read, once the step ahead's result is read
+                e.step.after = self._put
+                self._orphan = (arming, e.step)
+                raise
             if ahead:
                 a.after = self._put  # the step ahead: the last one enqueued
             self._armed = a

@@ -163,6 +163,7 @@ class GpuStepper(ArmedSteps):
         self._put = 0
         self._done = 0
         self._read = 0  # steps whose result the completion thread has read (a sampled step's: ArmedSteps)
+        self._orphan = None
         self.ring_steps = 0  # one-stage token loop steps the completion thread enqueued (``run_ring``)
         self.ring_ahead: tuple[str, int] | None = None  # (session, step) of the last step run_ring enqueued
         # a one-stage ring's step after the one run_ring enqueued is armed behind it (gpu_arming.py)
@@ -474,12 +475,15 @@ class GpuStepper(ArmedSteps):
                 self._complete(p)
             except Exception as e:
                 log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
+                self.mark_read()  # nothing will read its result: a release elsewhere must not wait for it
                 self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
                 self.release_ahead(p)  # no frame comes for a step armed behind this one
             else:
                 self._arm_after(p)
             finally:
                 self.ring_ahead = None  # (set by run_ring during this step's ship)
+                if self._read <= self._done:  # (a step shipped without a sampled result)
+                    self.mark_read()
                 self._done += 1
             if self._done == self._put and self.w.busy_polling:
                 self.w.wake_loop()  # the loop thread may spin for the next frame now
@@ -567,7 +571,7 @@ class GpuStepper(ArmedSteps):
                 with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
                     p.out.record_stream(self.side_stream)
                     ids = sess.sampler(p.out).to(torch.int64).contiguous().numpy()
-            self._read = self._done + 1  # this step's: a step armed behind it may start now (ArmedSteps)
+            self.mark_read()  # this step's: a step armed behind it may start now (ArmedSteps)
             if sess is None:
                 return None
             t2 = time.perf_counter()
