@@ -105,7 +105,7 @@ def test_step_events_come_in_three_sets_taken_in_turn(monkeypatch):
 
 
 def test_arm_ahead_records_an_event_before_the_gate(monkeypatch):
-    """``Arming.arm(ahead=True)`` records the event that fire and release wait for on the stream before the
+    """``Arming.arm(after=n)`` records the event that fire and release wait for on the stream before the
     gate (so it passes once the step ahead has run); without ``ahead`` none. A replay that fails opens the
     gate on padding, after waiting for the step ahead."""
     import hyperlane_lab.codecs._kernels as kernels
@@ -136,7 +136,7 @@ def test_arm_ahead_records_an_event_before_the_gate(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     arming, g = Arming(), _Graph(batch=1)
     g.graph, g.staged = _Replay(), _Ev()
-    a = arming.arm("s", g, _Ev(), _Ev(), None, ahead=True)  # type: ignore[arg-type]
+    a = arming.arm("s", g, _Ev(), _Ev(), None, after=1)  # type: ignore[arg-type]
     assert order == ["ahead", "gate", "replay"] and a.ahead is not None and a.target == 1
     order.clear()
     b = arming.arm("s", g, _Ev(), _Ev(), None)  # type: ignore[arg-type]
@@ -144,7 +144,7 @@ def test_arm_ahead_records_an_event_before_the_gate(monkeypatch):
     order.clear()
     g.graph.fail, g.io_np[1] = True, 5
     with pytest.raises(ArmFailed) as failed:  # ahead: the gate stays closed (the stepper releases it later)
-        arming.arm("s", g, _Ev(), _Ev(), None, ahead=True)  # type: ignore[arg-type]
+        arming.arm("s", g, _Ev(), _Ev(), None, after=1)  # type: ignore[arg-type]
     assert order == ["ahead", "gate", "replay"] and g.io_np[1].tolist() == [5]
     assert failed.value.step.target == arming.target == 3 and int(arming.flag[0]) == 0
     with pytest.raises(RuntimeError, match="replay failed"):  # not ahead: opened on padding at once
@@ -183,7 +183,7 @@ class _FakeArming(Arming):
     def warm(self, batch: int) -> None:
         pass
 
-    def arm(self, sid, graph, start, end, stream, ahead=False):  # type: ignore[no-untyped-def,override]
+    def arm(self, sid, graph, start, end, stream, after=0):  # type: ignore[no-untyped-def,override]
         if self.fail:
             raise RuntimeError("no gate here")
         if self.slow is not None:
@@ -191,10 +191,10 @@ class _FakeArming(Arming):
             started.set()
             assert go.wait(10)
         self.armed_graphs.append(graph)
-        self.aheads.append(ahead)
+        self.aheads.append(bool(after))
         self.target += 1
-        a = ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end)
-        a.ahead = _Ahead(graph) if ahead else None
+        a = ArmedStep(sid, graph, self.target, __import__("time").monotonic(), start, end, after=after)
+        a.ahead = _Ahead(graph) if after else None
         return a
 
 

@@ -258,7 +258,7 @@ def test_another_thread_touches_a_step_armed_ahead_only_once_the_step_before_it_
 
 
 def test_a_step_whose_arming_ahead_failed_is_released_once_the_step_before_it_was_read():
-    """``Arming.arm(ahead=True)`` failed with its gate enqueued and closed (``ArmFailed``): arming is turned off
+    """``Arming.arm(after=n)`` failed with its gate enqueued and closed (``ArmFailed``): arming is turned off
     for the worker, and the completion thread opens that gate on padding right after it has read the result of
     the step ahead (a replay behind the gate, if enqueued, would overwrite that result)."""
     from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed
@@ -267,9 +267,9 @@ def test_a_step_whose_arming_ahead_failed_is_released_once_the_step_before_it_wa
     arming = st.arming
     g = caches["s0"].graph
 
-    def fail(sid: str, graph: Any, start: Any, end: Any, stream: Any, ahead: bool = False) -> Any:
+    def fail(sid: str, graph: Any, start: Any, end: Any, stream: Any, after: int = 0) -> Any:
         arming.target += 1
-        raise ArmFailed(ArmedStep(sid, graph, arming.target, 0.0, start, end))
+        raise ArmFailed(ArmedStep(sid, graph, arming.target, 0.0, start, end, after=after))
 
     arming.arm = fail
     g.io_np[1] = 8  # step 7's position, maybe not read yet

@@ -47,10 +47,10 @@ class ArmedStep:
     armed_at: float  # time.monotonic() when it was enqueued
     start: torch.cuda.Event  # recorded after the gate: the step's GPU start
     end: torch.cuda.Event  # recorded after the graph
-    # armed behind a step of the same graph: an event recorded before the gate (that step's inputs read by then)
+    # armed behind a step of the same graph: an event recorded before the gate (that step's inputs read then)
     ahead: Any = None
-    # ... and that step's number among the stepper's (``GpuStepper._put``): its result shares the graph's output
-    # buffers, so a release from another thread waits until the completion thread has read it (gpu_arming.py)
+    # ... and that step's number among the stepper's (``GpuStepper._put``): its result shares the graph's
+    # output buffers, so a release from another thread waits until the completion thread has read it
     after: int = 0
 
     def behind(self) -> None:
@@ -61,7 +61,7 @@ class ArmedStep:
 
 
 class ArmFailed(RuntimeError):
-    """``Arming.arm(ahead=True)`` failed after enqueueing the gate: ``step`` is still closed. Release it once
+    """``Arming.arm(after=n)`` failed after enqueueing the gate: ``step`` is still closed. Release it once
     the step ahead's result has been read (its padding replay, if enqueued, overwrites that result)."""
 
     def __init__(self, step: ArmedStep) -> None:
@@ -106,18 +106,19 @@ class Arming:
         self._warm.add(batch)
 
     def arm(self, sid: str, graph: Any, start: torch.cuda.Event, end: torch.cuda.Event,
-            stream: torch.cuda.Stream, ahead: bool = False) -> ArmedStep:  # fmt: skip
+            stream: torch.cuda.Stream, after: int = 0) -> ArmedStep:  # fmt: skip
         """Enqueue gate + ``graph`` on ``stream`` (the current stream of the calling thread, on the
-        graph's device). Nothing is written to the graph's inputs here. ``ahead``: a step of the same graph
-        may still be queued on ``stream`` (its inputs not read yet); ``fire`` and ``release`` wait for it."""
+        graph's device). Nothing is written to the graph's inputs here. ``after`` > 0: step number ``after``
+        (``ArmedStep.after``), of the same graph, may still be queued on ``stream`` (its inputs not read yet);
+        ``fire`` and ``release`` wait for it."""
         from hyperlane_lab.codecs._kernels import kernel_module
 
         self.target += 1
         positions = graph.io_host[1]  # [B] pinned int64: the gate pads them if it gives up
         gate = kernel_module("armed_wait").armed_wait
-        a = ArmedStep(sid, graph, self.target, self._clock(), start, end)
+        a = ArmedStep(sid, graph, self.target, self._clock(), start, end, after=after)
         with torch.cuda.stream(stream):  # the gate and the graph on the compute stream
-            if ahead:
+            if after:
                 if self._ahead is None:
                     self._ahead = torch.cuda.Event()
                 a.ahead = self._ahead
@@ -129,7 +130,7 @@ class Arming:
                 graph.staged.record(stream)  # the inputs are read once this passes (step_wire waits on it)
                 end.record(stream)
             except BaseException as e:  # open the gate on padding: nothing may wait behind it
-                if ahead:  # not yet: the replay may overwrite the step ahead's unread result
+                if after:  # not yet: the replay may overwrite the step ahead's unread result
                     raise ArmFailed(a) from e
                 graph.io_np[1] = -1
                 self._flag[0] = self.target

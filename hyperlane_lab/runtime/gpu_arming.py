@@ -15,9 +15,9 @@ marks each step's result read (``mark_read``), and opens then the gate of a step
 
 ``GpuStepper``'s re-entrant ``_arm_lock`` orders arming and every launch (``run_wire``, ``run_step``,
 ``run_ring``) against each other; the completion thread only tries the lock (to arm or to launch), so it never
-waits behind a prompt. Anything that is not the armed session's next wire step releases it first. A task for the compute thread counted while the completion thread
-checks or launches under the lock waits for it (``disarm``), so the compute thread never runs beside such a
-launch.
+waits behind a prompt. Anything that is not the armed session's next wire step releases it first. A task for
+the compute thread counted while the completion thread checks or launches under the lock waits for it
+(``disarm``), so the compute thread never runs beside such a launch.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class ArmedSteps:
                 self.arming.release(a)
 
     def release_session(self, sid: str) -> None:
-        """Session ``sid`` failed: release its armed step (no frame of it will be run)."""
+        """Session ``sid`` failed or its token loop ended: release its armed step (no frame of it will come;
+        its gate would hold the stream until its limit)."""
         a = self._armed
         if a is not None and a.sid == sid:
             self.disarm()
@@ -107,7 +108,8 @@ class ArmedSteps:
         gate's limit. The completion thread itself fires or releases only after reading it."""
         if not a.after or threading.current_thread() is self._thread:
             return
-        limit = self.arming.limit_s if self.arming is not None else 2.0
+        assert self.arming is not None  # (the callers release or fire through it)
+        limit = self.arming.limit_s
         deadline = time.monotonic() + limit
         while self._read < a.after and self._done < a.after:
             if time.monotonic() > deadline:
@@ -144,14 +146,13 @@ class ArmedSteps:
         arming = self.arming
         assert arming is not None
         self._ahead_read(a)  # (a frame not made from the step ahead's result: one from the network)
+        fired = False
         try:
-            if arming.fire(a, pos, x, first):
-                return True
-        except BaseException:  # taken already (_take_armed): never leave its gate closed
-            arming.release(a)
-            raise
-        arming.release(a)
-        return False
+            fired = arming.fire(a, pos, x, first)
+        finally:  # taken already (_take_armed): never leave its gate closed, even if the writes raised
+            if not fired:
+                arming.release(a)
+        return fired
 
     def run_ring(self, frame: Frame) -> bool:
         """Enqueue a one-stage token loop's next step at once (``outbox.ring_here``) where the loop thread
@@ -194,16 +195,9 @@ class ArmedSteps:
         w.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
         return True
 
-    def release_ahead(self, p: _Pending) -> None:
-        """(Completion thread.) Step ``p`` ended its session's token loop or failed: release a step armed behind
-        the next one (no frame will come for it; it would hold the stream until its gate gave up)."""
-        a = self._armed
-        if a is not None and a.ahead is not None and a.sid == p.sid:
-            self.disarm()
-
     def _arm_after(self, p: _Pending) -> None:
-        if p.final:
-            self.release_ahead(p)
+        if p.final:  # the token loop ended with p: no frame comes for a step armed behind the next one
+            self.release_session(p.sid)
         try:
             self._maybe_arm(p)
         except Exception as e:  # e.g. the gate kernel cannot run here: launch every step as before
@@ -248,15 +242,11 @@ class ArmedSteps:
             from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
 
             start, end, _ = _step_io(cache).take()
-            try:
-                a = arming.arm(p.sid, g, start, end, self.compute_stream, ahead=bool(ahead))
+            try:  # ahead: behind the last step enqueued
+                self._armed = arming.arm(p.sid, g, start, end, self.compute_stream, self._put if ahead else 0)
             except ArmFailed as e:  # released by mark_read, once the step ahead's result is read
-                e.step.after = self._put
                 self._orphan = (arming, e.step)
                 raise
-            if ahead:
-                a.after = self._put  # the step ahead: the last one enqueued
-            self._armed = a
         finally:
             self._arming_now = False  # after _armed is set
             self._arm_lock.release()

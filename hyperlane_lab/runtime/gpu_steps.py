@@ -477,7 +477,7 @@ class GpuStepper(ArmedSteps):
                 log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
                 self.mark_read()  # nothing will read its result: a release elsewhere must not wait for it
                 self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
-                self.release_ahead(p)  # no frame comes for a step armed behind this one
+                self.release_session(p.sid)  # no frame comes for a step armed behind this one
             else:
                 self._arm_after(p)
             finally:
