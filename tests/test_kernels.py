@@ -1061,6 +1061,72 @@ def test_armed_gate_refuses_bad_words():
         gate.armed_wait(flag, status, pos, 0, 1, timer=False)
 
 
+# ---------------------------------------------------------------------------- a chained token loop's link
+
+
+def _chain_inputs(ids: list[int], bad: int, pos: list[int]) -> tuple[torch.Tensor, ...]:
+    b = len(ids)
+    result = torch.tensor([*ids, bad], dtype=torch.int64, device=DEVICE)
+    io = torch.tensor([[5] * b, pos], dtype=torch.int64, device=DEVICE)
+    nxt = torch.full((2, b), 77, dtype=torch.int64, device=DEVICE)
+    slot = torch.full((b + 1,), 77, dtype=torch.int64, device=DEVICE)
+    return result, io, nxt, slot
+
+
+@pytest.mark.parametrize(
+    "ids, bad, pos, eos, want_pos",
+    [
+        ([12], 0, [6], [-1], [7]),  # one row: next position
+        ([2], 0, [6], [2], [-1]),  # EOS
+        ([12], 0, [-1], [2], [-1]),  # padding stays padding
+        ([12], 0, [9], [-1], [-1]),  # position 10 is the limit: padding, never a write past the cache
+        ([12], 0, [8], [-1], [9]),  # ... position 9 is the last allowed
+        ([12, 3, 2, 40, 7], 0, [6, 6, -1, 4, 6], [2, 7, 3], [7, -1, -1, 5, -1]),  # rows; three EOS ids
+        ([12, 3, 5], 1, [6, 6, 6], [-1], [-1, -1, -1]),  # NaN/Inf in the logits: every row padding
+        ([99, 60], 0, [1, 1], [-1], [2, 2]),  # an id out of the vocab (never a real argmax): 0 as next id
+    ],
+)
+def test_ring_chain_equals_its_reference_and_the_host_rule(ids, bad, pos, eos, want_pos):
+    """``kernels/ring_chain.py``: the next step's ids and positions, and a copy of the result, as
+    ``runtime/outbox.ring_frame`` (the host's rule, checked here on the same rows) makes them."""
+    import numpy as np
+
+    from hyperlane_lab.runtime.outbox import ring_frame
+
+    mod = kernel_module("ring_chain")
+    eos_t = torch.tensor(eos, dtype=torch.int64, device=DEVICE)
+    got, want = _chain_inputs(ids, bad, pos), _chain_inputs(ids, bad, pos)
+    mod.ring_chain(*got, eos_t, 10, 64)
+    want = tuple(t.cpu() for t in want)
+    mod.ring_chain_reference(*want, eos_t.cpu(), 10, 64)
+    for g, w in zip(got, want, strict=True):
+        assert g.cpu().tolist() == w.tolist()
+    nxt, slot = got[2].cpu(), got[3].cpu()
+    assert nxt[1].tolist() == want_pos
+    assert nxt[0].tolist() == [t if t < 64 else 0 for t in ids]
+    assert slot.tolist() == [*ids, bad]
+    if not bad:  # the host's rule on the same step (it applies the max length as a failure, not as padding)
+        host = ring_frame(len(ids), np.array(pos, dtype=np.int64).tobytes(), np.array(ids), frozenset(eos))
+        host_pos = [-1] * len(ids) if host is None else np.frombuffer(host[1], dtype=np.int64).tolist()
+        assert [p if p < 10 else -1 for p in host_pos] == want_pos
+
+
+def test_ring_chain_refuses_bad_shapes():
+    mod = kernel_module("ring_chain")
+    result, io, nxt, slot = _chain_inputs([1, 2], 0, [3, 4])
+    eos = torch.tensor([-1], dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="int64"):
+        mod.ring_chain(result.int(), io, nxt, slot, eos, 10, 64)
+    with pytest.raises(ValueError, match=r"\[2, B\]"):
+        mod.ring_chain(result, io[1:], nxt, slot, eos, 10, 64)
+    with pytest.raises(ValueError, match="non-finite flag"):
+        mod.ring_chain(result[:2], io, nxt, slot, eos, 10, 64)
+    with pytest.raises(ValueError, match="1 to 64 ids"):
+        mod.ring_chain(result, io, nxt, slot, eos[:0], 10, 64)
+    with pytest.raises(ValueError, match=">= 1"):
+        mod.ring_chain(result, io, nxt, slot, eos, 0, 64)
+
+
 def test_encoder_floor_kernels_do_what_bench_encoder_floor_says() -> None:
     """``bench/encoder_floor.py``'s stripped kernels (the int4 encoder's memory pattern): ``move`` stores a
     nibble of each half of every word and each group's first half-word, ``absmax`` the max 16-bit magnitude

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +67,10 @@ class ArmedSteps:
     ring_steps: int
     ring_ahead: tuple[str, int] | None
     arm_ahead: bool
+    _chained: _Pending | None  # ChainedSteps'
+    _chain_due: _Pending | None
+    _last: _Pending | None
+    _confirm: Callable[[Frame], bool]  # (a method of ChainedSteps, the other mixin)
 
     def _on_device(self) -> None:  # GpuStepper's
         raise NotImplementedError
@@ -160,9 +165,14 @@ class ArmedSteps:
         with nothing on the compute thread. False: not taken here (the loop thread takes the frame). Never waits:
         with the lock held elsewhere (a prompt chunk or a capture on the compute thread, a launch on the loop
         thread) the frame goes to the loop thread, and this thread goes on to send the step's tokens."""
-        if threading.current_thread() is not self._thread or self._closing:
+        if threading.current_thread() is not self._thread:
             return False
         w, h = self.w, frame.header
+        if self._chained is not None and self._confirm(frame):  # on the GPU already (gpu_chain.py)
+            w.trace.add("receive", frame.received_at, frame.completed_at, h.session, h.step, h.body_len)
+            return True
+        if self._closing:
+            return False
         eng, sess = w.engine, w.sessions.get(h.session)
         if eng is None or sess is None or sess.error or w._submitted != w._finished:
             return False
@@ -189,6 +199,7 @@ class ArmedSteps:
             self.ring_steps += self._put - put
             if self._put != put:
                 self.ring_ahead = (h.session, h.step)
+                self._chain_due = self._last  # the next step may be chained behind this one (gpu_chain.py)
         finally:
             self._arming_now = False
             self._arm_lock.release()
@@ -258,6 +269,7 @@ class ArmedSteps:
         w = self.w
         return bool(
             self._armed is None
+            and self._chained is None  # a chained step behind: its inputs come from the GPU (gpu_chain.py)
             and not self._closing
             and self._put == self._done + 1 + ahead
             and w._submitted == w._finished

@@ -44,6 +44,7 @@ from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
 from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
 from hyperlane_lab.runtime.gpu_arming import ArmedSteps
+from hyperlane_lab.runtime.gpu_chain import ChainedSteps
 from hyperlane_lab.runtime.staging import StagingPool
 from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
 
@@ -87,6 +88,16 @@ class _Pending:
     staged_in: torch.Tensor | None = None  # the StagingPool buffer of its input, given back when done
     armed: ArmedStep | None = None  # started by its flag (decode_armed.py): check the gate did not give up
     final: bool = False  # the token loop ended with this step (set by the ship): arm nothing after it
+    # chained behind the step before it, inputs made on the GPU (gpu_chain.py); it ships only once confirmed by
+    # that step's ring frame
+    chained: bool = False
+    confirmed: bool = False
+    slot: Any = None  # numpy view of the pinned copy of its result, when a step was chained behind it
+
+    @property
+    def wasted(self) -> bool:
+        """A chained step its predecessor's ship did not confirm: it ran as padding, nothing of it ships."""
+        return self.chained and not self.confirmed
 
 
 _Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, end (compute), done (copy)
@@ -120,7 +131,7 @@ def _step_io(cache: Any) -> _StepIO:
     return io  # type: ignore[no-any-return]
 
 
-class GpuStepper(ArmedSteps):
+class GpuStepper(ArmedSteps, ChainedSteps):
     """One per worker and device; ``run_step`` is called on the worker's compute thread or event loop, and
     ``run_ring`` on its completion thread (module docstring)."""
 
@@ -168,6 +179,8 @@ class GpuStepper(ArmedSteps):
         self.ring_ahead: tuple[str, int] | None = None  # (session, step) of the last step run_ring enqueued
         # a one-stage ring's step after the one run_ring enqueued is armed behind it (gpu_arming.py)
         self.arm_ahead = env_flag("HYPERLANE_ARM_AHEAD", True)
+        # ... and, greedy, its step after the one in flight is chained behind it instead (gpu_chain.py)
+        self.chain = env_flag("HYPERLANE_RING_CHAIN", True)
 
     def _on_device(self) -> None:
         """Make this stepper's device the calling thread's current one, once per thread (the threads
@@ -182,6 +195,7 @@ class GpuStepper(ArmedSteps):
 
     def _enqueue(self, p: _Pending) -> None:
         self._put += 1
+        self._last = p
         self._q.put(p)
 
     def close(self) -> None:
@@ -479,9 +493,11 @@ class GpuStepper(ArmedSteps):
                 self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
                 self.release_session(p.sid)  # no frame comes for a step armed behind this one
             else:
+                self._chain_after()
                 self._arm_after(p)
             finally:
                 self.ring_ahead = None  # (set by run_ring during this step's ship)
+                self._forget_chain(p)
                 if self._read <= self._done:  # (a step shipped without a sampled result)
                     self.mark_read()
                 self._done += 1
@@ -508,6 +524,9 @@ class GpuStepper(ArmedSteps):
             hs.end()
             self._release_slot(p.staged_in, done=synced)
             raise
+        if p.wasted:  # ran as padding: nothing to ship, no times to trace
+            hs.end()
+            return
         try:
             t_sampled = self._ship(p)  # frames first (the next stage waits for them), bookkeeping after
             hs.mark("shipped")
@@ -554,8 +573,11 @@ class GpuStepper(ArmedSteps):
         if p.mode in ("greedy", "sample"):
             sess = w.sessions.get(p.sid)
             if p.mode == "greedy":
-                # a wire graph's view made once (``.numpy()`` is a torch call: µs on a woken thread)
-                host = p.wire.out_ids if p.wire is not None and p.wire.out_ids is not None else None
+                # a wire graph's view made once (``.numpy()`` is a torch call: µs on a woken thread); a step
+                # with one chained behind it: the pinned copy the link kernel made (the graph's is overwritten)
+                host = p.slot
+                if host is None and p.wire is not None and p.wire.out_ids is not None:
+                    host = p.wire.out_ids
                 if host is None:
                     assert p.host is not None
                     host = p.host.numpy()

@@ -143,6 +143,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             staged_reuses=self.w.staged_reuses(),
             direct_uploads=self.w.direct_uploads(),
             ring_here_steps=self.w.ring_here_steps(),
+            ring_chained_steps=self.w.ring_chained_steps(),
             decode_choices=self.w.decode_choices() if request.with_decode_choices else "",
             armed_fired=armed[0],
             armed_released=armed[1],

@@ -378,6 +378,12 @@ class Worker(WorkerInbox):
         gpu = self._gpu
         return gpu.ring_steps if gpu is not None else 0
 
+    def ring_chained_steps(self) -> int:
+        """Greedy token loop steps enqueued behind the step before them, their inputs made on the GPU
+        (``gpu_chain.py``)."""
+        gpu = self._gpu
+        return gpu.chained_steps if gpu is not None else 0
+
     def armed_counts(self) -> tuple[int, int, int]:
         """(steps started by their flag, armed steps released as padding, of which the gate had given up);
         zeros unless armed graphs are on."""

@@ -1,0 +1,190 @@
+"""Chained steps, for ``GpuStepper`` (``gpu_steps.py``): a one-stage greedy token loop runs a step ahead on the GPU.
+
+A worker holding every layer runs its session's token loop itself (``outbox.ring_here``): each step's ship makes
+the next step's frame, which the completion thread launches (``run_ring``) or fires (an armed step). Either way the
+token goes to the host and back before the next step starts: 50-95 µs a token of an idle GPU on the lent H200
+hosts. Greedy decoding needs no host for the choice, so, as the in-process engine's run-ahead does
+(``generation/driver.py``), the step after the one in flight is enqueued behind it at once, its inputs made on
+the GPU from that step's result (``kernels/ring_chain.py``: the next ids and positions written into the graph's
+pinned inputs, the result saved into a pinned slot, since the next replay overwrites the graph's own):
+
+    ship of step k:   read k's ids (its slot) -> ring frame of k+1 (``outbox.ring_next``) -> ``run_ring``
+                      *confirms* k+1, already on the GPU (``_confirm``) -> TOKENS of k to the client
+    after the ship:   chain k+2 behind k+1 (``_chain_after``): the link kernel, the graph's replay, events
+
+The host keeps deciding: a chained step ships only once its predecessor's ring frame confirmed it (positions,
+flags, token count come from that frame, which the link kernel's rule matches row for row). One never confirmed
+(every row sampled EOS, a failed step, a session gone) ran as padding, its K/V writes on the trash slot: at most
+one wasted step a session, as in process, and nothing of it is sent. A step is never chained past the token
+budget, nor with an armed step ahead of it, nor while other work may launch (the rules of ``run_ring``:
+the completion thread only tries the stepper's lock, and a task counted meanwhile waits for the launch).
+
+``HYPERLANE_RING_CHAIN=0`` turns it off (the loop then arms steps ahead, ``gpu_arming.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperlane_lab.runtime.frame import FLAG_LAST
+
+if TYPE_CHECKING:
+    from hyperlane_lab.runtime.dataplane import Frame
+    from hyperlane_lab.runtime.gpu_steps import _Pending
+    from hyperlane_lab.runtime.worker import Worker, _Session
+
+__all__ = ["ChainedSteps"]
+
+log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
+
+
+class ChainedSteps:
+    """Mixed into ``GpuStepper``: the chained step in flight (at most one) and the rules above."""
+
+    w: Worker
+    device: torch.device
+    compute_stream: torch.cuda.Stream
+    _arm_lock: threading.RLock
+    _arming_now: bool
+    _closing: bool
+    _armed: Any
+    _thread: threading.Thread  # the completion thread
+
+    chain = False  # HYPERLANE_RING_CHAIN (GpuStepper sets it)
+    chained_steps = 0  # steps enqueued behind the one before them, inputs made on the GPU
+    _chained: _Pending | None = None  # the last one, until its predecessor's ring frame confirms it
+    _chain_due: _Pending | None = None  # a step to chain the next one behind, once the current ship is out
+    _last: _Pending | None = None  # the last step enqueued (``GpuStepper._enqueue``)
+
+    def _on_device(self) -> None:  # GpuStepper's
+        raise NotImplementedError
+
+    def _confirm(self, frame: Frame) -> bool:
+        """(Completion thread, from ``run_ring``.) ``frame`` is the ring frame of the step chained behind the step
+        being shipped: that step is on the GPU already. Take the frame's positions, token count and flags for its
+        ship, and chain the next one once this ship is out. False: no such step (``run_ring`` goes on)."""
+        c, h = self._chained, frame.header
+        if c is None or c.sid != h.session or c.step != h.step:
+            return False
+        self._chained = None
+        c.pos_bytes = bytes(frame.positions_view)
+        c.tokens = sum(1 for q in memoryview(c.pos_bytes).cast("q") if q >= 0)
+        c.flags, c.confirmed = h.flags, True
+        frame.body.release()
+        self._chain_due = c
+        return True
+
+    def _chain_after(self) -> None:
+        """(Completion thread, after a ship.) Chain a step behind the one that ship confirmed or launched."""
+        c, self._chain_due = self._chain_due, None
+        if c is None or not self.chain:
+            return
+        try:
+            self._maybe_chain(c)
+        except Exception as e:  # e.g. no Triton here: the loop launches or arms each step as before
+            log.warning("stage %d: cannot chain decode steps on %s (%s); launching them from each ship",
+                        self.w.stage_index, self.device, e)  # fmt: skip
+            self.chain = False
+
+    def _forget_chain(self, p: _Pending) -> None:
+        """(Completion thread, ``p`` completed or failed.) A step chained behind ``p`` that ``p``'s ship did not
+        confirm stays unconfirmed (it ships nothing); nothing is chained behind it."""
+        c = self._chained
+        if c is not None and c.sid == p.sid and c.step == p.step + 1:
+            self._chained = None
+        self._chain_due = None
+
+    def _maybe_chain(self, c: _Pending) -> None:
+        w = self.w
+        sess = w.sessions.get(c.sid)
+        eng = w.engine
+        if sess is None or eng is None or not self._may_chain(c, sess, eng):
+            return
+        cache = eng.session(c.sid)
+        from hyperlane_lab.codecs._kernels import kernel_module
+        from hyperlane_lab.runtime.gpu_steps import _Pending as Pending  # (gpu_steps imports this module)
+        from hyperlane_lab.runtime.gpu_steps import _step_io
+
+        link = kernel_module("ring_chain").ring_chain  # imported before the lock (the first import compiles)
+        self._on_device()
+        if not self._arm_lock.acquire(blocking=False):  # a launch elsewhere: the next ship launches the step
+            return
+        self._arming_now = True  # before the checks read the task count (see ArmedSteps.disarm)
+        try:  # re-checked under the lock: a launch, a task, a close or a failure may have come meanwhile
+            g = cache.graph
+            if not self._may_chain(c, sess, eng) or g is None or g.wire is not c.wire or g.greedy is None:
+                return
+            io = _step_io(cache)
+            slots = io.host.get("chain")
+            if slots is None or slots.shape[1] != c.batch + 1:  # two slots: a step's and the one before it
+                pinned = torch.cuda.is_available()  # (plain memory for the CPU tests of the rules)
+                slots = io.host["chain"] = torch.empty((2, c.batch + 1), dtype=torch.int64, pin_memory=pinned)
+            slot = slots[c.step % 2]
+            start, end, linked = io.take()
+            cs = self.compute_stream
+            assert sess.ring is not None
+            limit = min(sess.max_len, cache.limit)
+            with torch.cuda.stream(cs):
+                start.record(cs)
+                link(g.greedy, g.io, g.io_host, slot, self._eos(sess.ring[2]), limit, eng.spec.vocab_size)
+                linked.record(cs)  # c's result is in its slot: the completion thread waits for this
+                g.graph.replay()
+                g.staged.record(cs)
+                end.record(cs)
+            now = time.perf_counter()
+            c.slot, c.done = slot.numpy(), linked
+            p = Pending(c.sid, c.step + 1, c.batch, 1, now, 0, b"", g.out, start, end, None, None, "greedy",
+                         wire=g.wire, t_run=now, t_launched=now, chained=True)  # fmt: skip
+            cache.writes += 1
+            sess.steps += 1
+            self._chained = p
+            self.chained_steps += 1
+            self._enqueue(p)
+        finally:
+            self._arming_now = False
+            self._arm_lock.release()
+
+    def _may_chain(self, c: _Pending, sess: _Session, eng: Any) -> bool:
+        """``c`` is a greedy wire step of a one-stage token loop (this worker holds every layer), the last step
+        enqueued; the next one is within the budget; nothing armed or chained; the stepper not closing; the
+        compute thread idle and no other GPU user (Profile); the session not failed."""
+        w = self.w
+        ring = sess.ring
+        return bool(
+            self.chain
+            and self._last is c
+            and self._chained is None
+            and self._armed is None
+            and not self._closing
+            and c.mode == "greedy"
+            and c.wire is not None
+            and not c.flags & FLAG_LAST
+            and eng.is_first
+            and eng.is_last
+            and sess.ring_here
+            and ring is not None
+            and c.step + 1 < ring[1]
+            and len(ring[2]) <= 64  # (the link kernel's EOS ids)
+            and c.batch <= 1024
+            and not sess.error
+            and w.sessions.get(c.sid) is sess
+            and w._submitted == w._finished
+            and not w.gpu_users
+        )
+
+    def _eos(self, eos: frozenset[int]) -> torch.Tensor:
+        """The EOS ids on the device, -1 for none (made once per set)."""
+        cache: dict[frozenset[int], torch.Tensor] = self.__dict__.setdefault("_eos_dev", {})
+        t = cache.get(eos)
+        if t is None:
+            ids = sorted(eos) or [-1]
+            t = cache[eos] = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return t
+
+    def _enqueue(self, p: _Pending) -> None:  # GpuStepper's
+        raise NotImplementedError
