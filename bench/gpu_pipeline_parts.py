@@ -513,6 +513,7 @@ def run_split(
                 health = [c.call("Health", pb.HealthRequest()) for c in model.clients]
                 out["fast_path_steps"] = [int(h.fast_path_steps) for h in health]
                 out["ring_here_steps"] = [int(h.ring_here_steps) for h in health]
+                out["ring_chained_steps"] = [int(h.ring_chained_steps) for h in health]
                 out["busy_poll"] = [[int(h.busy_poll_spun), int(h.busy_poll_blocked)] for h in health]
                 out["armed_counts"] = [
                     [int(h.armed_fired), int(h.armed_released), int(h.armed_gave_up)] for h in health

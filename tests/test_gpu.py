@@ -729,6 +729,19 @@ def test_one_gpu_worker_ring_matches_inprocess_and_times_each_step(tmp_path, mon
         assert [o.token_ids for o in m.generate(two, max_tokens=32)] == [
             o.token_ids for o in local.generate(two, max_tokens=32)
         ]
+        # the bundled model's stories run past 300 tokens: an extra EOS id (a token the loop samples at step 20,
+        # maybe earlier) ends a session early, so the step chained behind its last one runs as padding and
+        # ships nothing; one row of two ends before the other (a padding row), and a session opened right after
+        # reuses the parked cache behind that wasted step
+        stop_id = local.generate(prompt, max_tokens=48).token_ids[20]
+        for x in (m, local):
+            x.spec = dataclasses.replace(x.spec, eos_token_ids=(*x.spec.eos_token_ids, stop_id))
+        short = m.generate(prompt, max_tokens=48).token_ids
+        assert short == local.generate(prompt, max_tokens=48).token_ids and len(short) <= 21
+        assert [o.token_ids for o in m.generate([prompt, "Tom"], max_tokens=40)] == [
+            o.token_ids for o in local.generate([prompt, "Tom"], max_tokens=40)
+        ]
+        assert m.generate(two[0], max_tokens=24).token_ids == local.generate(two[0], max_tokens=24).token_ids
         by_session: dict[str, list] = {}
         for e in comp:
             by_session.setdefault(e.session, []).append(e)
