@@ -155,6 +155,10 @@ class _Queue:
 
 
 def _loop(batch: int, budget: int, eos: frozenset[int], max_len: int = 64, chain: bool = True) -> Any:
+    """A stepper, its worker, graph and cache. Chaining on, armed steps are on too (as for ``LocalCluster``
+    workers with a GPU each), with the stand-in gate of ``test_armed.py``: a greedy loop must arm nothing."""
+    from tests.test_armed import _FakeArming
+
     g = _Graph(batch)
     cache = SimpleNamespace(graph=g, writes=0, limit=max_len, step_io=_StepIO(tuple(
         (_Ev(), _Ev(), _Ev()) for _ in range(3)), {}))  # type: ignore[arg-type]  # fmt: skip
@@ -164,7 +168,7 @@ def _loop(batch: int, budget: int, eos: frozenset[int], max_len: int = 64, chain
     w = _Worker(sess, _Engine(cache))
     st = object.__new__(GpuStepper)
     st.w, st.device, st.compute_stream, st.pool = w, torch.device("cpu"), None, None  # type: ignore[assignment]
-    st.arming = None
+    st.arming = _FakeArming() if chain else None  # (the stand-in gate never replays: off without chaining)
     st._arm_lock, st._armed, st._arming_now, st._closing = threading.RLock(), None, False, False
     st._put = st._done = st._read = 0
     st._orphan, st.ring_steps, st.ring_ahead, st.arm_ahead, st.chain = None, 0, None, True, chain
@@ -214,6 +218,7 @@ def test_chained_loop_sends_the_oracles_tokens(case, chain, monkeypatch):
     assert len(g.runs) == len(want) and st._put == st._done == len(want)
     assert st.chained_steps == (max(0, len(want) - 2) if chain else 0)
     assert st.ring_steps == len(want) - 1 - st.chained_steps and st._chained is None
+    assert st.arming is None or (st.arming.armed_graphs == [] and st._armed is None)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -231,6 +236,9 @@ def test_a_loop_that_ends_on_eos_wastes_one_padding_step_and_sends_nothing_of_it
     assert len(g.runs) == len(want) + 1 and g.runs[-1][1] == [-1] * rows  # the wasted step: padding
     assert g.runs[: len(want)] == [(i, p) for i, p in _inputs(ids, pos, want, eos)]
     assert st._put == st._done and st._chained is None
+    assert (
+        st.arming.armed_graphs == [] and st._armed is None
+    )  # no gate behind the wasted step: no frame comes
 
 
 def _inputs(ids: list[int], pos: list[int], steps: list[list[int]], eos: frozenset[int]) -> list[Any]:
@@ -274,15 +282,27 @@ def test_a_non_finite_step_fails_and_the_step_chained_behind_it_ships_nothing(mo
     assert len(g.runs) == 6 and g.runs[-1][1] == [-1] and st._put == st._done == 6
 
 
-def test_no_chain_with_an_armed_step_a_pending_task_or_another_step_behind(monkeypatch):
+def test_no_chain_with_an_armed_step_a_pending_task_or_another_step_behind():
     """The rules of ``_may_chain``, each broken once on a step about to have one chained behind it."""
+    from hyperlane_lab.runtime.frame import FLAG_LAST
+
     st, w, g, _ = _loop(1, 20, frozenset())
     sess = w.sessions["s"]
     p = SimpleNamespace(sid="s", step=3, batch=1, mode="greedy", wire=g.wire, flags=0)
     st._last = p
     eng = w.engine
     assert st._may_chain(p, sess, eng)
+    many_eos = ("here", 20, frozenset(range(65)))
     for broken, undo in (
+        (lambda: setattr(st, "_chained", object()), lambda: setattr(st, "_chained", None)),
+        (lambda: setattr(st, "_closing", True), lambda: setattr(st, "_closing", False)),
+        (lambda: setattr(p, "flags", FLAG_LAST), lambda: setattr(p, "flags", 0)),
+        (lambda: setattr(p, "wire", None), lambda: setattr(p, "wire", g.wire)),
+        (lambda: setattr(eng, "is_last", False), lambda: setattr(eng, "is_last", True)),
+        (lambda: setattr(eng, "is_first", False), lambda: setattr(eng, "is_first", True)),
+        (lambda: setattr(sess, "ring", many_eos), lambda: setattr(sess, "ring", ("here", 20, frozenset()))),
+        (lambda: setattr(p, "batch", 1025), lambda: setattr(p, "batch", 1)),
+        (lambda: w.sessions.__setitem__("s", object()), lambda: w.sessions.__setitem__("s", sess)),
         (lambda: setattr(st, "_armed", object()), lambda: setattr(st, "_armed", None)),
         (lambda: setattr(w, "_submitted", 1), lambda: setattr(w, "_submitted", 0)),
         (lambda: setattr(st, "_last", object()), lambda: setattr(st, "_last", p)),
@@ -300,3 +320,93 @@ def test_no_chain_with_an_armed_step_a_pending_task_or_another_step_behind(monke
         assert not st._may_chain(p, sess, eng)
         undo()
     assert st._may_chain(p, sess, eng)
+
+
+class _Order(_Ev):
+    def __init__(self, log: list[Any], name: str) -> None:
+        super().__init__()
+        self.log, self.name = log, name
+
+    def record(self, stream: Any = None) -> None:
+        self.log.append(self.name)
+
+
+def test_a_chained_step_is_link_then_replay_and_its_predecessor_waits_for_the_link(monkeypatch):
+    """In stream order: the chained step's start, the link, the event its predecessor's completion waits on (so the
+    slot holds that result before the host reads it), the replay, the ``staged`` event (a later host write to the
+    pinned inputs waits for it) and the step's end. The predecessor reads the slot the link wrote."""
+    import hyperlane_lab.codecs._kernels as kernels
+    from hyperlane_lab.kernels import ring_chain
+    from hyperlane_lab.runtime.gpu_steps import _Pending
+
+    st, _, g, cache = _loop(1, 20, frozenset())
+    log: list[Any] = []
+    cache.step_io = _StepIO(tuple((_Order(log, f"start{i}"), _Order(log, f"end{i}"), _Order(log, f"linked{i}"))
+                                  for i in range(3)), {})  # type: ignore[arg-type]  # fmt: skip
+    g.staged = _Order(log, "staged")
+
+    def link(*a: Any) -> None:
+        log.append("link")
+        ring_chain.ring_chain_reference(*a)
+
+    monkeypatch.setattr(kernels, "kernel_module", lambda name: SimpleNamespace(ring_chain=link))
+    g.io_np[:, 0] = [9, 4]  # step 6 ran at position 4 with id 9
+    g.replay()
+    log.clear()
+    c = _Pending("s", 6, 1, 1, 0.0, 1, b"", g.out, None, None, None, None, "greedy", wire=g.wire)  # type: ignore[arg-type]
+    st._last = c
+    st._maybe_chain(c)
+    # the first link is its compile, a launch on buffers of its own before the lock (once per size)
+    assert log == ["link", "start1", "link", "linked1", "staged", "end1"]
+    assert c.done is cache.step_io.events[1][2] and c.slot.tolist() == [rule(9, 4), 0]
+    assert g.runs[-1] == ([rule(9, 4)], [5])  # the chained step: c's id, the next position
+    p = st._q.get()
+    assert (p.sid, p.step, p.chained, p.confirmed) == ("s", 7, True, False) and st._chained is p
+
+
+def test_a_session_closed_before_the_chain_leaves_chaining_on(monkeypatch):
+    """The session closes between the checks and the cache lookup: nothing is chained, and chaining stays on
+    (only a failure of the kernel turns it off)."""
+    st, w, g, _ = _loop(1, 20, frozenset())
+    c = SimpleNamespace(sid="s", step=3, batch=1, mode="greedy", wire=g.wire, flags=0)
+    st._last = st._chain_due = c
+
+    def gone(sid: str) -> Any:
+        raise KeyError(sid)
+
+    w.engine.session = gone  # type: ignore[method-assign]
+    st._chain_after()
+    assert st.chain and st._chained is None and st._put == 0
+
+    def broken(name: str) -> Any:
+        raise ModuleNotFoundError("no Triton here")
+
+    import hyperlane_lab.codecs._kernels as kernels
+
+    monkeypatch.setattr(kernels, "kernel_module", broken)
+    w.engine.session = lambda sid: _  # type: ignore[method-assign]
+    st._chain_due = c
+    st._chain_after()
+    assert not st.chain and st._put == 0
+
+
+@pytest.mark.parametrize("how", ["failed", "closed"])
+def test_a_ring_frame_for_a_chained_step_of_a_failed_session_is_dropped(how):
+    """The step is on the GPU already: the frame is taken (the event loop must not launch it a second time) and
+    dropped, and the step stays unconfirmed (it ships nothing)."""
+    from hyperlane_lab.runtime.gpu_steps import _Pending
+
+    st, w, g, _ = _loop(1, 20, frozenset())
+    c = _Pending(
+        "s", 7, 1, 1, 0.0, 0, b"", g.out, None, None, None, None, "greedy", wire=g.wire, chained=True
+    )  # type: ignore[arg-type]
+    st._chained = c
+    if how == "failed":
+        w.sessions["s"].error = "stage 0: a failure"
+    else:
+        del w.sessions["s"]
+    body = np.array([8, 5], dtype=np.int64).tobytes()
+    h = FrameHeader(FrameKind.TENSOR, "s", 7, 1, 1, torch.int64, 0, 0, (1, 1), 8)
+    frame = Frame(h, PooledBuffer(None, bytearray(body), len(body)), 0.0, 0.0)
+    assert st.run_ring(frame)
+    assert c.wasted and st._chained is None and st._chain_due is None and st._put == 0

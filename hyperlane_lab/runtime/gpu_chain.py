@@ -40,6 +40,18 @@ if TYPE_CHECKING:
 
 __all__ = ["ChainedSteps"]
 
+
+def _row(batch: int) -> int:
+    """A pinned slot row's length in int64 words: the result's ``batch + 1``, rounded up to 16 bytes (each
+    slot starts 16-byte aligned, so the kernel is compiled once for both)."""
+    return (batch + 2) // 2 * 2
+
+
+def triton_block(n: int) -> int:
+    """``triton.next_power_of_2`` (a kernel's block for ``n`` values), without importing Triton."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
 
 
@@ -67,11 +79,16 @@ class ChainedSteps:
     def _confirm(self, frame: Frame) -> bool:
         """(Completion thread, from ``run_ring``.) ``frame`` is the ring frame of the step chained behind the step
         being shipped: that step is on the GPU already. Take the frame's positions, token count and flags for its
-        ship, and chain the next one once this ship is out. False: no such step (``run_ring`` goes on)."""
+        ship, and chain the next one once this ship is out. A session closed or failed meanwhile: the frame is
+        dropped and the step stays unconfirmed (it ships nothing). False: no such step (``run_ring`` goes on)."""
         c, h = self._chained, frame.header
         if c is None or c.sid != h.session or c.step != h.step:
             return False
         self._chained = None
+        sess = self.w.sessions.get(c.sid)
+        if sess is None or sess.error:
+            frame.body.release()
+            return True
         c.pos_bytes = bytes(frame.positions_view)
         c.tokens = sum(1 for q in memoryview(c.pos_bytes).cast("q") if q >= 0)
         c.flags, c.confirmed = h.flags, True
@@ -105,13 +122,17 @@ class ChainedSteps:
         eng = w.engine
         if sess is None or eng is None or not self._may_chain(c, sess, eng):
             return
-        cache = eng.session(c.sid)
-        from hyperlane_lab.codecs._kernels import kernel_module
+        try:
+            cache = eng.session(c.sid)
+        except KeyError:  # closed meanwhile
+            return
         from hyperlane_lab.runtime.gpu_steps import _Pending as Pending  # (gpu_steps imports this module)
         from hyperlane_lab.runtime.gpu_steps import _step_io
 
-        link = kernel_module("ring_chain").ring_chain  # imported before the lock (the first import compiles)
+        assert sess.ring is not None
         self._on_device()
+        # not under the lock: the kernel's first compile for these sizes, and the EOS ids' upload
+        link, eos = self._link(c.batch, sess.ring[2])
         if not self._arm_lock.acquire(blocking=False):  # a launch elsewhere: the next ship launches the step
             return
         self._arming_now = True  # before the checks read the task count (see ArmedSteps.disarm)
@@ -121,17 +142,18 @@ class ChainedSteps:
                 return
             io = _step_io(cache)
             slots = io.host.get("chain")
-            if slots is None or slots.shape[1] != c.batch + 1:  # two slots: a step's and the one before it
+            if slots is None or slots.shape[1] != _row(c.batch):  # two slots: a step's and the one before it
                 pinned = torch.cuda.is_available()  # (plain memory for the CPU tests of the rules)
-                slots = io.host["chain"] = torch.empty((2, c.batch + 1), dtype=torch.int64, pin_memory=pinned)
-            slot = slots[c.step % 2]
+                slots = io.host["chain"] = torch.empty(
+                    (2, _row(c.batch)), dtype=torch.int64, pin_memory=pinned
+                )
+            slot = slots[c.step % 2, : c.batch + 1]
             start, end, linked = io.take()
             cs = self.compute_stream
-            assert sess.ring is not None
             limit = min(sess.max_len, cache.limit)
             with torch.cuda.stream(cs):
                 start.record(cs)
-                link(g.greedy, g.io, g.io_host, slot, self._eos(sess.ring[2]), limit, eng.spec.vocab_size)
+                link(g.greedy, g.io, g.io_host, slot, eos, limit, eng.spec.vocab_size)
                 linked.record(cs)  # c's result is in its slot: the completion thread waits for this
                 g.graph.replay()
                 g.staged.record(cs)
@@ -177,14 +199,34 @@ class ChainedSteps:
             and not w.gpu_users
         )
 
-    def _eos(self, eos: frozenset[int]) -> torch.Tensor:
-        """The EOS ids on the device, -1 for none (made once per set)."""
-        cache: dict[frozenset[int], torch.Tensor] = self.__dict__.setdefault("_eos_dev", {})
-        t = cache.get(eos)
-        if t is None:
-            ids = sorted(eos) or [-1]
-            t = cache[eos] = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        return t
+    def _link(self, batch: int, eos: frozenset[int]) -> tuple[Any, torch.Tensor]:
+        """The link kernel's launcher, compiled for ``batch`` rows and this many EOS ids (a launch on buffers of
+        its own, on the current stream, the first time), and the EOS ids on the device (-1 for none), uploaded
+        from pinned memory without a wait. Both made once (a few EOS sets kept)."""
+        from hyperlane_lab.codecs._kernels import kernel_module
+
+        link = kernel_module("ring_chain").ring_chain
+        kept: dict[Any, Any] = self.__dict__.setdefault("_link_kept", {})
+        ids = kept.get(eos)
+        if ids is None:
+            if len(kept) > 32:
+                kept.clear()
+            host = ids = torch.tensor(sorted(eos) or [-1], dtype=torch.int64)
+            if self.device.type == "cuda":  # (the CPU tests of the rules keep host memory)
+                host = host.pin_memory()
+                ids = torch.empty_like(host, device=self.device)
+                ids.copy_(host, non_blocking=True)  # the upload reads ``host`` later: kept with it
+            kept[eos], kept[("host", eos)] = ids, host
+        key = ("warm", triton_block(batch), triton_block(ids.numel()))
+        if key not in kept:  # the compile, on buffers of the same alignment as the real ones
+            dev = self.device
+            res = torch.zeros(batch + 1, dtype=torch.int64, device=dev)
+            io = torch.full((2, batch), -1, dtype=torch.int64, device=dev)
+            out = torch.empty((2, _row(batch)), dtype=torch.int64, device=dev)
+            nxt = torch.empty((2, batch), dtype=torch.int64, device=dev)
+            link(res, io, nxt, out[0, : batch + 1], ids, 1, 1)
+            kept[key] = (res, io, out, nxt)  # alive until the launch has run (they are tiny)
+        return link, ids
 
     def _enqueue(self, p: _Pending) -> None:  # GpuStepper's
         raise NotImplementedError
