@@ -18,7 +18,8 @@ import torch
 from hyperlane_lab.generation.sampling import Sampler, SamplingParams
 from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed, Arming
 from hyperlane_lab.runtime.frame import FLAG_LAST
-from hyperlane_lab.runtime.gpu_steps import GpuStepper, _Pending, _StepIO
+from hyperlane_lab.runtime.gpu_pending import _Pending, _StepIO
+from hyperlane_lab.runtime.gpu_steps import GpuStepper
 from hyperlane_lab.runtime.worker import _Session
 
 
@@ -94,7 +95,7 @@ def test_a_step_armed_ahead_has_its_inputs_written_only_after_the_step_before_it
 def test_step_events_come_in_three_sets_taken_in_turn(monkeypatch):
     """A one-stage ring may have a step completing (its GPU times read after its ship), the next in flight and
     the one after armed: each records into its own set."""
-    from hyperlane_lab.runtime.gpu_steps import _step_io
+    from hyperlane_lab.runtime.gpu_pending import _step_io
 
     monkeypatch.setattr(torch.cuda, "Event", lambda **kw: _Ev())
     cache = type("Cache", (), {"step_io": None})()

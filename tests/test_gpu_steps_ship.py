@@ -13,7 +13,8 @@ import torch
 
 from hyperlane_lab.generation.sampling import NON_FINITE, Sampler, SamplingParams
 from hyperlane_lab.runtime.frame import FrameKind
-from hyperlane_lab.runtime.gpu_steps import GpuStepper, _Pending
+from hyperlane_lab.runtime.gpu_pending import _Pending
+from hyperlane_lab.runtime.gpu_steps import GpuStepper
 from hyperlane_lab.runtime.outbox import WorkerOutbox
 from hyperlane_lab.runtime.worker import _Session
 
@@ -122,7 +123,7 @@ def test_gpu_times_are_read_after_the_ship_from_the_steps_own_events():
     """The completion thread ships a step before reading its GPU times; the session's next step, launched
     during the ship (a one-stage ring starts it from there), takes another event set, so the times read
     are the step's own (step s takes s ms here), not the next step's."""
-    from hyperlane_lab.runtime.gpu_steps import _StepIO
+    from hyperlane_lab.runtime.gpu_pending import _StepIO
 
     sess = _Session(1, 64, Sampler(SamplingParams()), "client:1")
     w = _Worker(sess)

@@ -22,7 +22,8 @@ import torch
 from hyperlane_lab.generation.sampling import Sampler, SamplingParams
 from hyperlane_lab.runtime.dataplane import Frame, PooledBuffer
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
-from hyperlane_lab.runtime.gpu_steps import GpuStepper, _StepIO
+from hyperlane_lab.runtime.gpu_pending import _StepIO
+from hyperlane_lab.runtime.gpu_steps import GpuStepper
 from hyperlane_lab.runtime.outbox import WorkerOutbox
 from hyperlane_lab.runtime.worker import _Session
 
@@ -337,7 +338,7 @@ def test_a_chained_step_is_link_then_replay_and_its_predecessor_waits_for_the_li
     pinned inputs waits for it) and the step's end. The predecessor reads the slot the link wrote."""
     import hyperlane_lab.codecs._kernels as kernels
     from hyperlane_lab.kernels import ring_chain
-    from hyperlane_lab.runtime.gpu_steps import _Pending
+    from hyperlane_lab.runtime.gpu_pending import _Pending
 
     st, _, g, cache = _loop(1, 20, frozenset())
     log: list[Any] = []
@@ -394,7 +395,7 @@ def test_a_session_closed_before_the_chain_leaves_chaining_on(monkeypatch):
 def test_a_ring_frame_for_a_chained_step_of_a_failed_session_is_dropped(how):
     """The step is on the GPU already: the frame is taken (the event loop must not launch it a second time) and
     dropped, and the step stays unconfirmed (it ships nothing)."""
-    from hyperlane_lab.runtime.gpu_steps import _Pending
+    from hyperlane_lab.runtime.gpu_pending import _Pending
 
     st, w, g, _ = _loop(1, 20, frozenset())
     c = _Pending(

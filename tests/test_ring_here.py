@@ -123,7 +123,7 @@ def _ahead_stepper(budget: int = 10) -> tuple[Any, Any, Any]:
     """A one-stage ring with armed steps on: step 6 of session s0 is in flight and its ship has just had
     ``run_ring`` enqueue step 7 (the frame carries position 8, token 12); returns the stepper, the caches and
     step 6's pending entry."""
-    from hyperlane_lab.runtime.gpu_steps import _Pending
+    from hyperlane_lab.runtime.gpu_pending import _Pending
 
     st, caches = _ring_stepper()
     st.arming = _FakeArming()

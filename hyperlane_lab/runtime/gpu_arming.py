@@ -36,10 +36,10 @@ from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed, Arming
 from hyperlane_lab.models.decode_wire import WireSpec
 from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader
+from hyperlane_lab.runtime.gpu_pending import _Pending, _step_io
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
-    from hyperlane_lab.runtime.gpu_steps import _Pending
     from hyperlane_lab.runtime.worker import Worker, _Session
 
 __all__ = ["ArmedSteps"]
@@ -255,8 +255,6 @@ class ArmedSteps:
         try:  # re-checked under the lock: a launch, a failed step or a compute task may have begun meanwhile
             if not self._may_arm(p.sid, sess, cache, g, ahead):
                 return
-            from hyperlane_lab.runtime.gpu_steps import _step_io  # (gpu_steps imports this module)
-
             start, end, _ = _step_io(cache).take()
             try:  # ahead: behind the last step enqueued
                 self._armed = arming.arm(p.sid, g, start, end, self.compute_stream, self._put if ahead else 0)

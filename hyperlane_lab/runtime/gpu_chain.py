@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hyperlane_lab.runtime.frame import FLAG_LAST
+from hyperlane_lab.runtime.gpu_pending import _Pending, _step_io
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
-    from hyperlane_lab.runtime.gpu_steps import _Pending
     from hyperlane_lab.runtime.worker import Worker, _Session
 
 __all__ = ["ChainedSteps"]
@@ -126,9 +126,6 @@ class ChainedSteps:
             cache = eng.session(c.sid)
         except KeyError:  # closed meanwhile
             return
-        from hyperlane_lab.runtime.gpu_steps import _Pending as Pending  # (gpu_steps imports this module)
-        from hyperlane_lab.runtime.gpu_steps import _step_io
-
         assert sess.ring is not None
         self._on_device()
         # not under the lock: the kernel's first compile for these sizes, and the EOS ids' upload
@@ -160,7 +157,7 @@ class ChainedSteps:
                 end.record(cs)
             now = time.perf_counter()
             c.slot, c.done = slot.numpy(), linked
-            p = Pending(c.sid, c.step + 1, c.batch, 1, now, 0, b"", g.out, start, end, None, None, "greedy",
+            p = _Pending(c.sid, c.step + 1, c.batch, 1, now, 0, b"", g.out, start, end, None, None, "greedy",
                          wire=g.wire, t_run=now, t_launched=now, chained=True)  # fmt: skip
             cache.writes += 1
             sess.steps += 1

@@ -28,25 +28,25 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from hyperlane_lab.errors import ProtocolError
-from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.models.cuda_decode import graph_greedy, greedy_pack
 from hyperlane_lab.models.decode_armed import ArmedStep, Arming, host_orders_stores
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.models.decode_wire import WireSpec, frame_wire_spec
 from hyperlane_lab.models.sessions import check_positions, check_token_ids
-from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader, FrameKind
+from hyperlane_lab.runtime.frame import FLAG_MORE, FrameHeader
 from hyperlane_lab.runtime.gpu_arming import ArmedSteps
 from hyperlane_lab.runtime.gpu_chain import ChainedSteps
+from hyperlane_lab.runtime.gpu_complete import CompletionThread
+from hyperlane_lab.runtime.gpu_pending import _Pending, _step_io, _StepIO
 from hyperlane_lab.runtime.staging import StagingPool
-from hyperlane_lab.runtime.wire import CudaStager, decode_payload, encode_tensor, tensor_bytes
+from hyperlane_lab.runtime.wire import CudaStager, decode_payload
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
@@ -65,73 +65,7 @@ def uses_gpu_path(engine: Any) -> bool:
     )
 
 
-@dataclass
-class _Pending:
-    sid: str
-    step: int
-    batch: int
-    seq: int
-    queued_at: float
-    tokens: int
-    pos_bytes: bytes
-    out: torch.Tensor  # device result (kept alive until shipped)
-    start: torch.cuda.Event  # compute stream, before forward
-    end: torch.cuda.Event  # compute stream, after forward (+ argmax)
-    host: torch.Tensor | None  # pinned copy of the payload (raw / greedy), filled by `done`
-    done: torch.cuda.Event | None
-    mode: str  # "hidden" (raw hidden), "greedy" (ids + flag), "sample", "codec", "none" (a prompt chunk),
-    # "wire" (a wire-mode graph's encoded payload, see models/decode_wire.py)
-    flags: int = 0  # the frame's flags, passed on to the next stage
-    wire: Any = None  # the graph's WireIO (mode "wire")
-    t_run: float = 0.0  # host clock when the step began on its thread (the "queue" event ends here)
-    t_launched: float = 0.0  # host clock when its GPU work was enqueued (the "launch" event ends here)
-    staged_in: torch.Tensor | None = None  # the StagingPool buffer of its input, given back when done
-    armed: ArmedStep | None = None  # started by its flag (decode_armed.py): check the gate did not give up
-    final: bool = False  # the token loop ended with this step (set by the ship): arm nothing after it
-    # chained behind the step before it, inputs made on the GPU (gpu_chain.py); it ships only once confirmed by
-    # that step's ring frame
-    chained: bool = False
-    confirmed: bool = False
-    slot: Any = None  # numpy view of the pinned copy of its result, when a step was chained behind it
-
-    @property
-    def wasted(self) -> bool:
-        """A chained step its predecessor's ship did not confirm: it ran as padding, nothing of it ships."""
-        return self.chained and not self.confirmed
-
-
-_Events = tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]  # start, end (compute), done (copy)
-
-
-@dataclass
-class _StepIO:
-    """Per session cache (so per decode graph): pinned result buffers, and three sets of timing events
-    taken in turns (``take``). The completion thread reads a step's GPU times after its frame is
-    out; by then the session's next step may have started (a one-stage ring starts it from the
-    ship) and, armed ahead, the one after it may be enqueued (after those reads; a released one's set
-    is skipped by the next launch), each recording into another set. Decode steps only (no ``FLAG_MORE``
-    chunks, several of which may be in flight): one step of a session in flight per stage, but a
-    one-stage ring's."""
-
-    events: tuple[_Events, ...]
-    host: dict[str, torch.Tensor]
-    turn: int = 0
-
-    def take(self) -> _Events:
-        """The event set for the step about to be launched or armed (the next one in turn)."""
-        self.turn = (self.turn + 1) % len(self.events)
-        return self.events[self.turn]
-
-
-def _step_io(cache: Any) -> _StepIO:
-    io = cache.step_io
-    if io is None:
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(9)]
-        io = cache.step_io = _StepIO(tuple((ev[i], ev[i + 1], ev[i + 2]) for i in range(0, 9, 3)), {})
-    return io  # type: ignore[no-any-return]
-
-
-class GpuStepper(ArmedSteps, ChainedSteps):
+class GpuStepper(CompletionThread, ArmedSteps, ChainedSteps):
     """One per worker and device; ``run_step`` is called on the worker's compute thread or event loop, and
     ``run_ring`` on its completion thread (module docstring)."""
 
@@ -477,194 +411,3 @@ class GpuStepper(ArmedSteps, ChainedSteps):
             buf.copy_(out, non_blocking=True)  # ``out`` is a graph's static buffer: no record_stream
             done.record(cs)
         return buf, done
-
-    # ------------------------------------------------------------------ completion thread
-
-    def _complete_loop(self) -> None:
-        while True:
-            p = self._q.get()
-            if p is None:
-                return
-            try:
-                self._complete(p)
-            except Exception as e:
-                log.exception("stage %d: could not emit step %d of %s", self.w.stage_index, p.step, p.sid)
-                self.mark_read()  # nothing will read its result: a release elsewhere must not wait for it
-                self.w._call_soon(self.w._forward_error, p.sid, p.step, f"stage {self.w.stage_index}: {e}")
-                self.release_session(p.sid)  # no frame comes for a step armed behind this one
-            else:
-                self._chain_after()
-                self._arm_after(p)
-            finally:
-                self.ring_ahead = None  # (set by run_ring during this step's ship)
-                self._forget_chain(p)
-                if self._read <= self._done:  # (a step shipped without a sampled result)
-                    self.mark_read()
-                self._done += 1
-            if self._done == self._put and self.w.busy_polling:
-                self.w.wake_loop()  # the loop thread may spin for the next frame now
-
-    def _complete(self, p: _Pending) -> None:
-        w = self.w
-        hs = host_stamps()
-        hs.begin("complete", p.sid, p.step, p.tokens)
-        synced = False
-        try:
-            last = p.done if p.done is not None else p.end
-            last.synchronize()  # releases the GIL while it waits
-            synced = True
-            t_done = time.perf_counter()
-            hs.mark("synced")
-            if p.armed is not None and self.arming is not None and self.arming.gave_up_on(p.armed):
-                raise RuntimeError(  # never seen: the host fires only within half the gate's limit
-                    "the armed decode step's gate gave up before its frame released it (the step ran "
-                    "as padding); retry the request, or run workers without --armed-graphs"
-                )
-        except BaseException:
-            hs.end()
-            self._release_slot(p.staged_in, done=synced)
-            raise
-        if p.wasted:  # ran as padding: nothing to ship, no times to trace
-            hs.end()
-            return
-        try:
-            t_sampled = self._ship(p)  # frames first (the next stage waits for them), bookkeeping after
-            hs.mark("shipped")
-        finally:
-            hs.end()
-            # every reader of the uploaded input is done: the step's events were waited for above and what
-            # the side stream did for it (sampling, a codec) came back to the host in _ship
-            self._release_slot(p.staged_in, done=True)
-        # place the GPU interval on the host clock: it ended when its copy (if any) began. The events
-        # are still this step's: a session's next step records into the other set (_StepIO)
-        try:
-            tail = p.end.elapsed_time(p.done) / 1e3 if p.done is not None else 0.0
-            t_end = t_done - tail
-            t_start = t_end - p.start.elapsed_time(p.end) / 1e3
-        except Exception as e:  # the frame is out: a lost timing must not fail the step
-            log.debug("stage %d: no GPU times for step %d of %s: %s", w.stage_index, p.step, p.sid, e)
-            return
-        if t_sampled is not None:
-            w.trace.add("sample", t_end, t_sampled, p.sid, p.step)
-        # queue: waiting for the thread that runs the step (as on the CPU path); from its
-        # start to the GPU's start the host stages inputs and launches
-        w.trace.add("queue", p.queued_at, max(p.queued_at, min(p.t_run, t_start)), p.sid, p.step)
-        # host staging and enqueueing (the GPU may start during it)
-        w.trace.add("launch", p.t_run, p.t_launched, p.sid, p.step)
-        w.trace.add("compute", max(p.queued_at, t_start), t_end, p.sid, p.step, tokens=p.tokens)
-
-    def _release_slot(self, slot: torch.Tensor | None, done: bool) -> None:
-        """Give a step's staging buffer back to the pool (``done``: its GPU work finished), or drop it
-        behind the compute stream's work (a step that failed before that)."""
-        if slot is None or self.pool is None:
-            return
-        if done:
-            self.pool.give(slot)
-        else:
-            with contextlib.suppress(Exception):
-                self.pool.discard(slot, self.compute_stream)
-
-    def _ship(self, p: _Pending) -> float | None:
-        """Send the step's frames. Returns when a sampled (last-stage) step's token was ready on the
-        host (the "sample" span ends there), else None."""
-        w = self.w
-        if p.mode == "none":
-            return None
-        if p.mode in ("greedy", "sample"):
-            sess = w.sessions.get(p.sid)
-            if p.mode == "greedy":
-                # a wire graph's view made once (``.numpy()`` is a torch call: µs on a woken thread); a step
-                # with one chained behind it: the pinned copy the link kernel made (the graph's is overwritten)
-                host = p.slot
-                if host is None and p.wire is not None and p.wire.out_ids is not None:
-                    host = p.wire.out_ids
-                if host is None:
-                    assert p.host is not None
-                    host = p.host.numpy()
-                if int(host[-1]):
-                    raise ValueError(NON_FINITE)
-                # a copy: the pinned buffer is reused by the session's next step, which the ring
-                # frame below may start before the client's frame is out (one-stage pipelines).
-                # numpy from here on: each torch call costs tens of µs on a thread woken from idle
-                ids: np.ndarray = host[:-1].copy()
-            else:
-                if sess is None or sess.sampler is None:
-                    return None  # closed meanwhile
-                with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
-                    p.out.record_stream(self.side_stream)
-                    ids = sess.sampler(p.out).to(torch.int64).contiguous().numpy()
-            self.mark_read()  # this step's: a step armed behind it may start now (ArmedSteps)
-            if sess is None:
-                return None
-            t2 = time.perf_counter()
-            # the next step first: critical path. No next step (budget, EOS): nothing to arm for it
-            p.final = not w.ring_next(sess, p.sid, p.step, ids, p.pos_bytes)
-            payload = [ids.data.cast("B")]
-            header = FrameHeader(
-                FrameKind.TOKENS,
-                p.sid,
-                p.step,
-                p.batch,
-                0,
-                torch.int64,
-                0,
-                0,
-                tuple(ids.shape),
-                payload[0].nbytes,
-            )
-            w._send(sess.reply_to, header, [p.pos_bytes[:0], *payload], p.sid, p.step)
-            return t2
-        if p.sid not in w.sessions:  # closed while the step was in flight: nothing to ship
-            return None
-        if p.mode == "hidden":
-            assert p.host is not None
-            # a wire graph's pinned result has a byte view made once (tensor_bytes is five torch calls)
-            parts, dtype, codec, group, shape = (
-                [p.wire.payload() if p.wire is not None else tensor_bytes(p.host)],
-                p.host.dtype,
-                0,
-                0,
-                tuple(p.host.shape),
-            )
-        elif p.mode == "wire":  # encoded inside the graph; the kernels counted NaN/Inf groups
-            wio = p.wire
-            bad = wio.bad_groups()
-            if bad:  # the codec's own check on the same tensor names the index and the fix
-                from hyperlane_lab import codecs
-
-                c = codecs.get_by_id(wio.spec.out_codec, wio.spec.out_group or 64)
-                with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
-                    p.out.record_stream(self.side_stream)
-                    c.encode(p.out)  # raises ValueError (NaN/Inf, or beyond the fp16 scale range)
-                raise ValueError(
-                    f"codec {c.name!r} flagged {bad} group(s) of the hidden state it cannot encode"
-                )
-            parts, dtype, codec, group, shape = (
-                [wio.payload()],
-                p.out.dtype,
-                wio.spec.out_codec,
-                wio.spec.out_group,
-                tuple(p.out.shape),
-            )
-        else:  # a codec: the same encode as the CPU path, on the side stream
-            t1 = time.perf_counter()
-            with torch.cuda.device(self.device), torch.cuda.stream(self.side_stream):
-                p.out.record_stream(self.side_stream)
-                enc = encode_tensor(p.out, w.out.codec, w.out.group_size)
-            w.trace.add("quantize", t1, time.perf_counter(), p.sid, p.step)
-            parts, dtype, codec, group, shape = enc.parts, enc.dtype, enc.codec, enc.group_size, enc.shape
-        header = FrameHeader(
-            FrameKind.TENSOR,
-            p.sid,
-            p.step,
-            p.batch,
-            p.seq,
-            dtype,
-            codec,
-            group,
-            shape,
-            sum(x.nbytes for x in parts),
-            p.flags,
-        )
-        w._send("", header, [p.pos_bytes, *parts], p.sid, p.step)
-        return None
