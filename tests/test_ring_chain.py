@@ -411,3 +411,79 @@ def test_a_ring_frame_for_a_chained_step_of_a_failed_session_is_dropped(how):
     frame = Frame(h, PooledBuffer(None, bytearray(body), len(body)), 0.0, 0.0)
     assert st.run_ring(frame)
     assert c.wasted and st._chained is None and st._chain_due is None and st._put == 0
+
+
+def test_a_warmed_link_is_not_launched_again_at_the_first_chain(monkeypatch):
+    """``warm_chain`` (the compute thread, at the session's open) compiles the link on buffers of its own and
+    uploads the EOS ids; the completion thread's first chain then launches only the real link."""
+    import hyperlane_lab.codecs._kernels as kernels
+    from hyperlane_lab.kernels import ring_chain
+
+    st, _, g, _ = _loop(1, 20, frozenset({2, 3}))
+    links: list[int] = []
+
+    def link(*a: Any) -> None:
+        links.append(a[0].numel())
+        ring_chain.ring_chain_reference(*a)
+
+    monkeypatch.setattr(kernels, "kernel_module", lambda name: SimpleNamespace(ring_chain=link))
+    assert not st.chain_ready(1, frozenset({2, 3}))
+    st.warm_chain(1, frozenset({2, 3}))
+    assert st.chain_ready(1, frozenset({2, 3})) and links == [2]
+    assert not st.chain_ready(2, frozenset({2, 3})) and not st.chain_ready(1, frozenset({2, 3, 4, 5, 6}))
+    c = SimpleNamespace(sid="s", step=3, batch=1, mode="greedy", wire=g.wire, flags=0)
+    st._last = c
+    st._maybe_chain(c)
+    assert links == [2, 2] and st.chained_steps == 1  # no second warm-up launch
+
+    def broken(name: str) -> Any:
+        raise ModuleNotFoundError("no Triton here")
+
+    monkeypatch.setattr(kernels, "kernel_module", broken)
+    st.warm_chain(4, frozenset())
+    assert not st.chain and st.chain_ready(4, frozenset())  # off: nothing to warm
+
+
+def test_opening_a_one_stage_greedy_session_warms_the_link_on_the_compute_thread(tmp_path):
+    """``Worker.open_session``: a session whose token loop runs in memory (one stage holds every layer) and decodes
+    greedily has the link warmed on the compute thread (where no capture runs beside it), once per size; a sampled
+    session, or one of a stage that is not the first, does not."""
+    import asyncio
+
+    from hyperlane_lab.runtime.worker import Worker, WorkerConfig
+    from hyperlane_lab.types import SamplingParams
+
+    w = Worker(WorkerConfig(device="cpu", cache_dir=str(tmp_path)))
+    warmed: list[tuple[Any, ...]] = []
+
+    class _Gpu:
+        def disarm(self) -> None:
+            pass
+
+        def chain_ready(self, batch: int, eos: frozenset[int]) -> bool:
+            return (batch, eos) in [a[1:] for a in warmed]
+
+        def warm_chain(self, batch: int, eos: frozenset[int]) -> None:
+            warmed.append((threading.current_thread().name, batch, eos))
+
+    async def no_connection(address: str) -> None:
+        return None
+
+    w._gpu = _Gpu()  # type: ignore[assignment]
+    w.engine = SimpleNamespace(is_first=True, is_last=True, open_session=lambda *a: None)
+    w._connection_to = no_connection  # type: ignore[method-assign]
+    ring = ("x:1", 10, frozenset({2}))
+    try:
+        loop = asyncio.new_event_loop()
+        for i, (params, first) in enumerate(
+            [(SamplingParams(), True), (SamplingParams(), True), (SamplingParams(temperature=0.8), True),
+             (SamplingParams(), False)]
+        ):  # fmt: skip
+            w.engine.is_first = first
+            batch = (2, 2, 3, 4)[i]  # the second session: a size already warmed
+            loop.run_until_complete(w.open_session(f"s{i}", batch, 64, params, "c:1", ring=ring))
+        loop.close()
+    finally:
+        w._compute.shutdown(wait=True)
+    assert [a[1:] for a in warmed] == [(2, frozenset({2}))]  # the first session only: then ready
+    assert warmed[0][0] != threading.current_thread().name  # on the compute thread

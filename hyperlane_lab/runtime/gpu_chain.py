@@ -128,7 +128,7 @@ class ChainedSteps:
             return
         assert sess.ring is not None
         self._on_device()
-        # not under the lock: the kernel's first compile for these sizes, and the EOS ids' upload
+        # done when the session opened (``warm_chain``, on the compute thread); else here, not under the lock
         link, eos = self._link(c.batch, sess.ring[2])
         if not self._arm_lock.acquire(blocking=False):  # a launch elsewhere: the next ship launches the step
             return
@@ -195,6 +195,28 @@ class ChainedSteps:
             and w._submitted == w._finished
             and not w.gpu_users
         )
+
+    def chain_ready(self, batch: int, eos: frozenset[int]) -> bool:
+        """The link kernel is compiled for these sizes and the EOS ids are on the device (``warm_chain``), or
+        chaining is off (nothing to warm)."""
+        kept = self.__dict__.get("_link_kept", {})
+        return not self.chain or (
+            eos in kept and ("warm", triton_block(batch), triton_block(len(eos) or 1)) in kept
+        )
+
+    def warm_chain(self, batch: int, eos: frozenset[int]) -> None:
+        """(Compute thread, when a one-stage greedy loop's session opens.) Compile the link kernel for these sizes
+        and upload the EOS ids where no capture can run beside it; the completion thread would otherwise do it at
+        the session's first chain. A failure turns chaining off (the loop launches or arms each step)."""
+        if not self.chain or len(eos) > 64 or batch > 1024:
+            return
+        try:
+            self._on_device()
+            self._link(batch, eos)
+        except Exception as e:
+            log.warning("stage %d: cannot chain decode steps on %s (%s); launching them from each ship",
+                        self.w.stage_index, self.device, e)  # fmt: skip
+            self.chain = False
 
     def _link(self, batch: int, eos: frozenset[int]) -> tuple[Any, torch.Tensor]:
         """The link kernel's launcher, compiled for ``batch`` rows and this many EOS ids (a launch on buffers of

@@ -308,6 +308,12 @@ class Worker(WorkerInbox):
                 f"worker {self.worker_id} has {free / 2**30:.2f} GiB free; use a shorter max length or smaller batch"
             )
         await self._on_compute(eng.open_session, sid, batch, max_len)
+        gpu = self._gpu
+        # a greedy token loop in memory: its steps will be chained (gpu_chain.py); the link is warmed here, where
+        # no capture runs beside it
+        eos = ring[2] if ring is not None else None
+        if here and params.greedy and gpu is not None and eos is not None and not gpu.chain_ready(batch, eos):
+            await self._on_compute(gpu.warm_chain, batch, eos)
         self.sessions[sid] = _Session(
             batch,
             max_len,
