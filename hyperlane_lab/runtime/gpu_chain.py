@@ -19,6 +19,8 @@ one wasted step a session, as in process, and nothing of it is sent. A step is n
 budget, nor with an armed step ahead of it, nor while other work may launch (the rules of ``run_ring``:
 the completion thread only tries the stepper's lock, and a task counted meanwhile waits for the launch).
 
+The link kernel is compiled, and the session's EOS ids uploaded, on the compute thread when such a session opens
+(``warm_chain``, from ``Worker.open_session``), where no graph capture can run beside the launch.
 ``HYPERLANE_RING_CHAIN=0`` turns it off (the loop then arms steps ahead, ``gpu_arming.py``).
 """
 
