@@ -26,6 +26,7 @@ from hyperlane_lab.runtime.gpu_pending import _StepIO
 from hyperlane_lab.runtime.gpu_steps import GpuStepper
 from hyperlane_lab.runtime.outbox import WorkerOutbox
 from hyperlane_lab.runtime.worker import _Session
+from tests.test_armed import _Ev as _CountingEv
 
 V = 97
 
@@ -48,12 +49,8 @@ def oracle(ids: list[int], pos: list[int], budget: int, eos: frozenset[int], max
     return steps
 
 
-class _Ev:
-    def __init__(self) -> None:
-        self.records = 0
-
-    def record(self, stream: Any = None) -> None:
-        self.records += 1
+class _Ev(_CountingEv):
+    """``test_armed``'s stand-in event, waited for and timed as the completion thread does."""
 
     def synchronize(self) -> None:
         pass

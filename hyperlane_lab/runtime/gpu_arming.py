@@ -25,61 +25,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from hyperlane_lab.errors import ProtocolError
 from hyperlane_lab.host_stamps import host_stamps
-from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed, Arming
+from hyperlane_lab.models.decode_armed import ArmedStep, ArmFailed
 from hyperlane_lab.models.decode_wire import WireSpec
-from hyperlane_lab.runtime.frame import FLAG_LAST, FrameHeader
-from hyperlane_lab.runtime.gpu_pending import _Pending, _step_io
+from hyperlane_lab.runtime.frame import FLAG_LAST
+from hyperlane_lab.runtime.gpu_pending import StepperState, _Pending, _step_io
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
-    from hyperlane_lab.runtime.worker import Worker, _Session
+    from hyperlane_lab.runtime.worker import _Session
 
 __all__ = ["ArmedSteps"]
 
 log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
 
 
-class ArmedSteps:
+class ArmedSteps(StepperState):
     """Mixed into ``GpuStepper``: its armed step (at most one) and the rules above."""
-
-    w: Worker
-    device: torch.device
-    compute_stream: torch.cuda.Stream
-    arming: Arming | None
-    _arm_lock: threading.RLock
-    _armed: ArmedStep | None
-    _arming_now: bool
-    _closing: bool
-    _put: int
-    _done: int
-    _read: int
-    _orphan: tuple[Arming, ArmedStep] | None  # a step whose arming ahead failed, its gate still closed
-
-    _thread: threading.Thread  # the completion thread
-    ring_steps: int
-    ring_ahead: tuple[str, int] | None
-    arm_ahead: bool
-    _chained: _Pending | None  # ChainedSteps'
-    _chain_due: _Pending | None
-    _last: _Pending | None
-    _confirm: Callable[[Frame], bool]  # (a method of ChainedSteps, the other mixin)
-
-    def _on_device(self) -> None:  # GpuStepper's
-        raise NotImplementedError
-
-    def wire_spec(self, h: FrameHeader) -> WireSpec | None:  # GpuStepper's
-        raise NotImplementedError
-
-    def _run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:  # GpuStepper's
-        raise NotImplementedError
 
     def disarm(self) -> None:
         """Release the armed step, if any (it runs as padding): call before any other GPU work of this

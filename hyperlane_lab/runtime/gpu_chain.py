@@ -27,18 +27,17 @@ The link kernel is compiled, and the session's EOS ids uploaded, on the compute 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hyperlane_lab.runtime.frame import FLAG_LAST
-from hyperlane_lab.runtime.gpu_pending import _Pending, _step_io
+from hyperlane_lab.runtime.gpu_pending import StepperState, _Pending, _step_io
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.dataplane import Frame
-    from hyperlane_lab.runtime.worker import Worker, _Session
+    from hyperlane_lab.runtime.worker import _Session
 
 __all__ = ["ChainedSteps"]
 
@@ -49,34 +48,28 @@ def _row(batch: int) -> int:
     return (batch + 2) // 2 * 2
 
 
-def triton_block(n: int) -> int:
-    """``triton.next_power_of_2`` (a kernel's block for ``n`` values), without importing Triton."""
-    return 1 << max(0, n - 1).bit_length()
+def _linkable(batch: int, eos: frozenset[int]) -> bool:
+    """Within the link kernel's limits (``kernels/ring_chain.py``): up to 1,024 rows and 64 EOS ids."""
+    return batch <= 1024 and len(eos) <= 64
+
+
+def _warm_key(batch: int, eos: frozenset[int]) -> tuple[int, int]:
+    """The link kernel's compiled variant: its row and EOS blocks (``triton.next_power_of_2``, without
+    importing Triton; an empty EOS set is one -1)."""
+    return 1 << (batch - 1).bit_length(), 1 << (max(len(eos), 1) - 1).bit_length()
 
 
 log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
 
 
-class ChainedSteps:
+class ChainedSteps(StepperState):
     """Mixed into ``GpuStepper``: the chained step in flight (at most one) and the rules above."""
-
-    w: Worker
-    device: torch.device
-    compute_stream: torch.cuda.Stream
-    _arm_lock: threading.RLock
-    _arming_now: bool
-    _closing: bool
-    _armed: Any
-    _thread: threading.Thread  # the completion thread
 
     chain = False  # HYPERLANE_RING_CHAIN (GpuStepper sets it)
     chained_steps = 0  # steps enqueued behind the one before them, inputs made on the GPU
     _chained: _Pending | None = None  # the last one, until its predecessor's ring frame confirms it
     _chain_due: _Pending | None = None  # a step to chain the next one behind, once the current ship is out
     _last: _Pending | None = None  # the last step enqueued (``GpuStepper._enqueue``)
-
-    def _on_device(self) -> None:  # GpuStepper's
-        raise NotImplementedError
 
     def _confirm(self, frame: Frame) -> bool:
         """(Completion thread, from ``run_ring``.) ``frame`` is the ring frame of the step chained behind the step
@@ -106,9 +99,12 @@ class ChainedSteps:
         try:
             self._maybe_chain(c)
         except Exception as e:  # e.g. no Triton here: the loop launches or arms each step as before
-            log.warning("stage %d: cannot chain decode steps on %s (%s); launching them from each ship",
-                        self.w.stage_index, self.device, e)  # fmt: skip
-            self.chain = False
+            self._chain_off(e)
+
+    def _chain_off(self, e: Exception) -> None:
+        log.warning("stage %d: cannot chain decode steps on %s (%s); launching them from each ship",
+                    self.w.stage_index, self.device, e)  # fmt: skip
+        self.chain = False
 
     def _forget_chain(self, p: _Pending) -> None:
         """(Completion thread, ``p`` completed or failed.) A step chained behind ``p`` that ``p``'s ship did not
@@ -190,8 +186,7 @@ class ChainedSteps:
             and sess.ring_here
             and ring is not None
             and c.step + 1 < ring[1]
-            and len(ring[2]) <= 64  # (the link kernel's EOS ids)
-            and c.batch <= 1024
+            and _linkable(c.batch, ring[2])
             and not sess.error
             and w.sessions.get(c.sid) is sess
             and w._submitted == w._finished
@@ -201,24 +196,27 @@ class ChainedSteps:
     def chain_ready(self, batch: int, eos: frozenset[int]) -> bool:
         """The link kernel is compiled for these sizes and the EOS ids are on the device (``warm_chain``), or
         chaining is off (nothing to warm)."""
-        kept = self.__dict__.get("_link_kept", {})
-        return not self.chain or (
-            eos in kept and ("warm", triton_block(batch), triton_block(len(eos) or 1)) in kept
-        )
+        return not self.chain or (eos in self._eos_ids() and _warm_key(batch, eos) in self._link_warm())
 
     def warm_chain(self, batch: int, eos: frozenset[int]) -> None:
         """(Compute thread, when a one-stage greedy loop's session opens.) Compile the link kernel for these sizes
         and upload the EOS ids where no capture can run beside it; the completion thread would otherwise do it at
         the session's first chain. A failure turns chaining off (the loop launches or arms each step)."""
-        if not self.chain or len(eos) > 64 or batch > 1024:
+        if not self.chain or not _linkable(batch, eos):
             return
         try:
             self._on_device()
             self._link(batch, eos)
         except Exception as e:
-            log.warning("stage %d: cannot chain decode steps on %s (%s); launching them from each ship",
-                        self.w.stage_index, self.device, e)  # fmt: skip
-            self.chain = False
+            self._chain_off(e)
+
+    def _eos_ids(self) -> dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]]:
+        """Per EOS set: its ids on the device and the (pinned) host tensor they were uploaded from."""
+        return self.__dict__.setdefault("_eos_dev", {})  # type: ignore[no-any-return]
+
+    def _link_warm(self) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """The sizes the link kernel was compiled for, with the buffers of that launch."""
+        return self.__dict__.setdefault("_warm_links", {})  # type: ignore[no-any-return]
 
     def _link(self, batch: int, eos: frozenset[int]) -> tuple[Any, torch.Tensor]:
         """The link kernel's launcher, compiled for ``batch`` rows and this many EOS ids (a launch on buffers of
@@ -227,27 +225,24 @@ class ChainedSteps:
         from hyperlane_lab.codecs._kernels import kernel_module
 
         link = kernel_module("ring_chain").ring_chain
-        kept: dict[Any, Any] = self.__dict__.setdefault("_link_kept", {})
-        ids = kept.get(eos)
-        if ids is None:
-            if len(kept) > 32:
-                kept.clear()
+        known = self._eos_ids()
+        if eos not in known:
+            if len(known) > 16:
+                known.clear()
             host = ids = torch.tensor(sorted(eos) or [-1], dtype=torch.int64)
             if self.device.type == "cuda":  # (the CPU tests of the rules keep host memory)
                 host = host.pin_memory()
                 ids = torch.empty_like(host, device=self.device)
                 ids.copy_(host, non_blocking=True)  # the upload reads ``host`` later: kept with it
-            kept[eos], kept[("host", eos)] = ids, host
-        key = ("warm", triton_block(batch), triton_block(ids.numel()))
-        if key not in kept:  # the compile, on buffers of the same alignment as the real ones
+            known[eos] = (ids, host)
+        ids = known[eos][0]
+        warm, key = self._link_warm(), _warm_key(batch, eos)
+        if key not in warm:  # the compile, on buffers of the same alignment as the real ones
             dev = self.device
             res = torch.zeros(batch + 1, dtype=torch.int64, device=dev)
             io = torch.full((2, batch), -1, dtype=torch.int64, device=dev)
             out = torch.empty((2, _row(batch)), dtype=torch.int64, device=dev)
             nxt = torch.empty((2, batch), dtype=torch.int64, device=dev)
             link(res, io, nxt, out[0, : batch + 1], ids, 1, 1)
-            kept[key] = (res, io, out, nxt)  # alive until the launch has run (they are tiny)
+            warm[key] = (res, io, out, nxt)  # alive until the launch has run (they are tiny)
         return link, ids
-
-    def _enqueue(self, p: _Pending) -> None:  # GpuStepper's
-        raise NotImplementedError

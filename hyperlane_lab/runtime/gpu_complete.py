@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,39 +16,19 @@ import torch
 from hyperlane_lab.generation.sampling import NON_FINITE
 from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
-from hyperlane_lab.runtime.gpu_pending import _Pending
+from hyperlane_lab.runtime.gpu_pending import StepperState, _Pending
 from hyperlane_lab.runtime.wire import encode_tensor, tensor_bytes
 
 if TYPE_CHECKING:
-    from hyperlane_lab.models.decode_armed import Arming
-    from hyperlane_lab.runtime.staging import StagingPool
-    from hyperlane_lab.runtime.worker import Worker
+    pass
 
 __all__ = ["CompletionThread"]
 
 log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
 
 
-class CompletionThread:
+class CompletionThread(StepperState):
     """Mixed into ``GpuStepper``: the body of its completion thread."""
-
-    w: Worker
-    device: torch.device
-    side_stream: torch.cuda.Stream
-    compute_stream: torch.cuda.Stream
-    arming: Arming | None
-    pool: StagingPool | None
-    _q: queue.SimpleQueue[_Pending | None]
-    _put: int
-    _done: int
-    _read: int
-    ring_ahead: tuple[str, int] | None
-    # the other mixins' (ArmedSteps, ChainedSteps)
-    mark_read: Callable[[], None]
-    release_session: Callable[[str], None]
-    _arm_after: Callable[[_Pending], None]
-    _chain_after: Callable[[], None]
-    _forget_chain: Callable[[_Pending], None]
 
     def _complete_loop(self) -> None:
         while True:

@@ -1,17 +1,26 @@
-"""The GPU stepper's record of a step in flight (``_Pending``) and a session cache's reused pinned buffers and
-timing events (``_StepIO``), shared by ``gpu_steps.py`` and its mixins (``gpu_complete``, ``gpu_arming``,
-``gpu_chain``)."""
+"""The GPU stepper's record of a step in flight (``_Pending``), a session cache's reused pinned buffers and
+timing events (``_StepIO``), and the state its mixins share (``StepperState``), for ``gpu_steps.py`` and its
+mixins (``gpu_complete``, ``gpu_arming``, ``gpu_chain``)."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hyperlane_lab.models.decode_armed import ArmedStep
+from hyperlane_lab.models.decode_armed import ArmedStep, Arming
 
-__all__ = ["_Pending", "_StepIO", "_step_io"]
+if TYPE_CHECKING:
+    from hyperlane_lab.models.decode_wire import WireSpec
+    from hyperlane_lab.runtime.dataplane import Frame
+    from hyperlane_lab.runtime.frame import FrameHeader
+    from hyperlane_lab.runtime.staging import StagingPool
+    from hyperlane_lab.runtime.worker import Worker
+
+__all__ = ["StepperState", "_Pending", "_StepIO", "_step_io"]
 
 
 @dataclass
@@ -60,7 +69,7 @@ class _StepIO:
     ship) and, armed ahead, the one after it may be enqueued (after those reads; a released one's set
     is skipped by the next launch), each recording into another set. Decode steps only (no ``FLAG_MORE``
     chunks, several of which may be in flight): one step of a session in flight per stage, but a
-    one-stage ring's."""
+    one-stage ring's (chained: the completing step, the one in flight, the one chained behind it)."""
 
     events: tuple[_Events, ...]
     host: dict[str, torch.Tensor]
@@ -78,3 +87,61 @@ def _step_io(cache: Any) -> _StepIO:
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(9)]
         io = cache.step_io = _StepIO(tuple((ev[i], ev[i + 1], ev[i + 2]) for i in range(0, 9, 3)), {})
     return io  # type: ignore[no-any-return]
+
+
+class StepperState:
+    """What ``GpuStepper`` (``gpu_steps.py``) holds and its mixins use: the fields it sets in ``__init__``, and
+    the methods one part calls on another. Last in the stepper's bases, so these stubs never hide the real ones."""
+
+    w: Worker
+    device: torch.device
+    compute_stream: torch.cuda.Stream
+    side_stream: torch.cuda.Stream
+    pool: StagingPool | None
+    arming: Arming | None
+    _q: queue.SimpleQueue[_Pending | None]
+    _thread: threading.Thread  # the completion thread
+    _arm_lock: threading.RLock
+    _armed: ArmedStep | None
+    _arming_now: bool
+    _closing: bool
+    _put: int
+    _done: int
+    _read: int
+    _orphan: tuple[Arming, ArmedStep] | None  # a step whose arming ahead failed, its gate still closed
+    ring_steps: int
+    ring_ahead: tuple[str, int] | None
+    arm_ahead: bool
+    _chained: _Pending | None
+    _chain_due: _Pending | None
+    _last: _Pending | None
+
+    def _on_device(self) -> None:  # GpuStepper's
+        raise NotImplementedError
+
+    def _enqueue(self, p: _Pending) -> None:  # GpuStepper's
+        raise NotImplementedError
+
+    def wire_spec(self, h: FrameHeader) -> WireSpec | None:  # GpuStepper's
+        raise NotImplementedError
+
+    def _run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:  # GpuStepper's
+        raise NotImplementedError
+
+    def mark_read(self) -> None:  # ArmedSteps'
+        raise NotImplementedError
+
+    def release_session(self, sid: str) -> None:  # ArmedSteps'
+        raise NotImplementedError
+
+    def _arm_after(self, p: _Pending) -> None:  # ArmedSteps'
+        raise NotImplementedError
+
+    def _confirm(self, frame: Frame) -> bool:  # ChainedSteps'
+        raise NotImplementedError
+
+    def _chain_after(self) -> None:  # ChainedSteps'
+        raise NotImplementedError
+
+    def _forget_chain(self, p: _Pending) -> None:  # ChainedSteps'
+        raise NotImplementedError
