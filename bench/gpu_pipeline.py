@@ -43,6 +43,7 @@ import gpu_pipeline_parts as parts  # bench/gpu_pipeline_parts.py: the hf, split
 
 from hyperlane_lab.generation.pipeline import InProcessPipeline
 from hyperlane_lab.models import PRESETS, ModelSpec, TorchStage, bundled_model_path
+from hyperlane_lab.runtime.local_cluster import mps_active
 from hyperlane_lab.types import LayerSpan
 
 CUDA = torch.cuda.is_available()
@@ -507,7 +508,12 @@ def table(res: dict[str, Any]) -> str:
                     )
     for key in sorted(k for k in res if re.fullmatch(SPLIT_PART_RE, k)):
         rows += parts.table_rows(key, res.get(key), g1)
-    lines = [f"GPU: {', '.join(card)}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
+    mps = (
+        " (split parts: workers sharing it through MPS, bench/with_mps.sh)"
+        if res.get("meta", {}).get("mps")
+        else ""
+    )
+    lines = [f"GPU: {', '.join(card)}{mps}", "", "| metric | value | detail | goal |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
 
@@ -618,6 +624,8 @@ def main() -> int:
         "python": platform.python_version(),
         "compile_in_workers": args.compile,
         "command": " ".join(sys.argv),
+        # several workers on one GPU through MPS (bench/with_mps.sh): their kernels run side by side
+        "mps": mps_active(os.environ),
     }
 
     def save() -> None:

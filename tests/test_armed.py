@@ -454,11 +454,12 @@ def test_disarm_with_nothing_armed_does_not_wait_for_a_launch_holding_the_lock()
     assert st._armed is None and st.arming.released == 1
 
 
-def test_local_cluster_warns_when_armed_workers_share_a_gpu():
+def test_local_cluster_warns_when_armed_workers_share_a_gpu(monkeypatch, tmp_path):
     """Armed steps are for one worker per GPU: a LocalCluster that would put several armed workers on one
     GPU says so (nothing is started here)."""
     from hyperlane_lab.runtime.local_cluster import LocalCluster
 
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps"))
     with _messages("hyperlane_lab.runtime.local_cluster") as seen:
         cases = [
             (["cuda:0", "cuda:0", "cuda:1"], ["--armed-graphs"], {}, True),
@@ -497,7 +498,7 @@ def test_local_cluster_warns_when_armed_workers_share_a_gpu():
         (["cpu", "cpu"], ["--armed-graphs"], {}, False),  # asked for, but nothing would arm
     ],
 )
-def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, devices, args, env, armed):
+def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, tmp_path, devices, args, env, armed):
     """LocalCluster's default: armed steps where every worker has a GPU of its own (x86-64), off where any
     GPU is shared or a worker is on the CPU; an explicit flag or HYPERLANE_ARMED_GRAPHS decides otherwise.
     The workers get what was decided (nothing is started here)."""
@@ -505,12 +506,41 @@ def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, devices, a
     from hyperlane_lab.runtime.local_cluster import LocalCluster
 
     monkeypatch.delenv("HYPERLANE_ARMED_GRAPHS", raising=False)
+    monkeypatch.setenv(
+        "CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps")
+    )  # (no MPS daemon: see the next test)
     monkeypatch.setattr(decode_armed.platform, "machine", lambda: "x86_64")
     cl = LocalCluster(len(devices), devices=devices, extra_args=args, env=env)
     assert cl.armed is armed
     said = [a for a in cl.extra_args if a in ("--armed-graphs", "--no-armed-graphs")]
     if any(d.startswith("cuda") for d in devices):  # (CPU workers never arm, whatever they are told)
         assert (said[-1:] == ["--armed-graphs"]) == armed, said  # the worker's parser keeps the last
+
+
+def test_local_cluster_arms_workers_sharing_a_gpu_through_mps(monkeypatch, tmp_path):
+    """With an MPS control daemon reachable (its ``control`` socket in ``CUDA_MPS_PIPE_DIRECTORY``, from the
+    environment or the cluster's ``env``), workers sharing a GPU run kernels side by side: armed by default, no
+    warning. Without one (a folder without the socket) they stay off."""
+    from hyperlane_lab.models import decode_armed
+    from hyperlane_lab.runtime.local_cluster import LocalCluster, mps_active
+
+    monkeypatch.delenv("HYPERLANE_ARMED_GRAPHS", raising=False)
+    monkeypatch.setattr(decode_armed.platform, "machine", lambda: "x86_64")
+    pipe, empty = tmp_path / "pipe", tmp_path / "empty"
+    pipe.mkdir(), empty.mkdir()
+    (pipe / "control").touch()
+    assert mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(pipe)}) and not mps_active(
+        {"CUDA_MPS_PIPE_DIRECTORY": str(empty)}
+    )
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(empty))
+    assert LocalCluster(2, devices=["cuda:0", "cuda:0"]).armed is False
+    with _messages("hyperlane_lab.runtime.local_cluster") as seen:
+        cl = LocalCluster(2, devices=["cuda:0", "cuda:0"], env={"CUDA_MPS_PIPE_DIRECTORY": str(pipe)})
+        assert cl.armed is True and cl.extra_args[-1] == "--armed-graphs" and seen == []
+        monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipe))
+        assert LocalCluster(3, devices=["cuda:0", "cuda:0", "cuda:1"]).armed is True and seen == []
+        assert LocalCluster(2, devices=["cuda:0", "cuda:0"], extra_args=["--no-armed-graphs"]).armed is False
+        assert LocalCluster(2, devices=["cuda:0", "cpu"]).armed is False  # a CPU worker: nothing arms
 
 
 def test_local_cluster_does_not_arm_workers_on_hosts_without_ordered_stores(monkeypatch):

@@ -9,6 +9,7 @@ whose payload length does not match its header is refused.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -354,6 +355,51 @@ def test_armed_steps_equal_launched_steps_and_a_release_changes_nothing(codec):
             assert pay_a == pay_l, f"step {t}, stage {i}"
         nxt = np.frombuffer(pay_l, dtype=np.int64)[:-1].copy()  # the last stage's ids (then its flag)
     assert arming.fired == 3 * 5 and arming.released == 3
+
+
+@pytest.mark.multiprocess
+def test_hop_warm_ups_change_no_token(tmp_path):
+    """Workers that warm each hop shortly before a lone decode step's frame (runtime/hop_warm.py), with a 10 µs
+    lead and a model whose steps are long enough for the completion thread to catch them (tiny-100m, random
+    weights, two stages on one GPU): every stage sent WARM frames, each arrived at the stage its frames go to
+    (the last stage's: the first, the token loop's) and was dropped there; lone sessions' greedy tokens equal
+    the same prompts' run side by side (several steps in flight: no warm-ups) and a second lone pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+
+    g = torch.Generator().manual_seed(5)
+    env = {"HYPERLANE_HOP_WARM_LEAD_US": "10"}
+    with (
+        LocalCluster(2, devices=["cuda:0"] * 2, cache_dir=tmp_path, env=env) as cluster,
+        AutoDistributedModel.from_pretrained(
+            "tiny-100m", workers=cluster.addresses, random_weights=True, dtype="fp16", progress=False
+        ) as m,
+    ):
+        prompts = [torch.randint(3, m.spec.vocab_size, (n,), generator=g).tolist() for n in (8, 17, 5, 30)]
+
+        def run(p: list[int]) -> list[int]:
+            return list(m.generate(p, max_tokens=24).token_ids)
+
+        def counts() -> tuple[list[int], list[int]]:
+            h = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+            return [x.hop_warmups for x in h], [x.warm_frames_in for x in h]
+
+        alone = [run(p) for p in prompts]
+        assert sum(len(t) for t in alone) >= 40, alone
+        sent, got = counts()
+        assert all(n >= 10 for n in sent), sent
+        deadline = time.monotonic() + 10  # (the last WARM frames may still be on the way)
+        while got != [sent[1], sent[0]] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            sent, got = counts()
+        assert got == [sent[1], sent[0]], (sent, got)
+        with ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(run, prompts)) == alone
+        assert [run(p) for p in prompts] == alone
+        assert all(a > b for a, b in zip(counts()[0], sent)), (sent, counts())
+        assert all(cluster.alive)
 
 
 @pytest.mark.multiprocess

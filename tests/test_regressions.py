@@ -300,6 +300,73 @@ def test_unknown_session_frame_keeps_the_connection(cluster3):
     assert h.kind == FrameKind.PONG and h.step == 42 and got[64:68] == b"ping"
 
 
+def _read_until_closed_or(s: socket.socket, n: int) -> bytes:
+    got = b""
+    deadline = time.monotonic() + 10
+    while len(got) < n and time.monotonic() < deadline:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.multiprocess
+def test_warm_frames_are_dropped_counted_and_a_bad_one_refused(cluster3):
+    """WARM frames (runtime/hop_warm.py) are dropped on arrival: the connection stays (a PING behind them is
+    answered) and Health counts them. One that carries positions or bytes is a protocol error: that connection
+    closes, the worker stays up and answers on a new one."""
+    from hyperlane_lab.runtime import WorkerClient
+    from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
+    from hyperlane_lab.runtime.sender import SocketSender, _warm_header
+
+    port = cluster3.data_ports[1]
+    client = WorkerClient(cluster3.addresses[1])
+    before = client.call("Health", pb.HealthRequest()).warm_frames_in
+    sender = SocketSender(f"127.0.0.1:{port}")
+    assert sender.warm() and sender.warm() and sender.frames_out == 2
+    ping = pack_header(FrameHeader(FrameKind.PING, "", 7, 0, 0, torch.uint8, 0, 0, (), 4)) + b"ping"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(_warm_header() + ping)
+        got = _read_until_closed_or(s, 68)
+    assert unpack_header(got[:64]).kind == FrameKind.PONG and got[64:68] == b"ping"
+    deadline = time.monotonic() + 10  # the sender's two frames may still be on their way
+    while (
+        client.call("Health", pb.HealthRequest()).warm_frames_in < before + 3 and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert client.call("Health", pb.HealthRequest()).warm_frames_in == before + 3
+    sender.close()
+    for bad in (
+        FrameHeader(FrameKind.WARM, "", 0, 0, 0, torch.uint8, 0, 0, (), 4),  # bytes
+        FrameHeader(FrameKind.WARM, "", 0, 1, 1, torch.uint8, 0, 0, (), 0),  # a position
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(pack_header(bad) + bytes(8 + 4) + ping)
+            assert _read_until_closed_or(s, 68) == b""  # closed: the PING behind it is never answered
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(ping)
+        assert unpack_header(_read_until_closed_or(s, 68)[:64]).kind == FrameKind.PONG
+    assert client.call("Health", pb.HealthRequest()).warm_frames_in == before + 3
+    client.close()
+
+
+def test_the_client_drops_warm_frames_and_refuses_loaded_ones():
+    from hyperlane_lab.errors import ProtocolError
+    from hyperlane_lab.runtime.client_dataplane import ClientDataPlane
+
+    warm = FrameHeader(FrameKind.WARM, "", 0, 0, 0, torch.uint8, 0, 0, (), 0)
+    assert ClientDataPlane._check_header(None, warm)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="exceeds 0"):
+        ClientDataPlane._check_header(
+            None, FrameHeader(FrameKind.WARM, "", 0, 0, 0, torch.uint8, 0, 0, (), 1)
+        )  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="carries nothing"):
+        ClientDataPlane._check_header(
+            None, FrameHeader(FrameKind.WARM, "", 0, 1, 1, torch.uint8, 0, 0, (), 0)
+        )  # type: ignore[arg-type]
+
+
 @pytest.mark.multiprocess
 def test_idle_sessions_are_reaped(tmp_path, bundled_path):
     """A client that dies without CloseSession does not leave its KV cache behind forever."""

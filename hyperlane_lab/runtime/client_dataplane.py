@@ -246,9 +246,17 @@ class ClientDataPlane:
 
     @staticmethod
     def _check_header(conn: FrameConnection, h: FrameHeader) -> bool:
-        limit = {FrameKind.TOKENS: 1 << 20, FrameKind.ERROR: 64 << 10, FrameKind.PONG: 64 << 20}.get(h.kind)
+        limits = {
+            FrameKind.TOKENS: 1 << 20,
+            FrameKind.ERROR: 64 << 10,
+            FrameKind.PONG: 64 << 20,
+            FrameKind.WARM: 0,
+        }
+        limit = limits.get(h.kind)
         if limit is None:
             raise ProtocolError(f"the client does not accept frames of kind {h.kind}")
+        if h.kind == FrameKind.WARM and h.batch * h.seq:
+            raise ProtocolError(f"a warm-up frame carries nothing, got {h.batch}x{h.seq} positions")
         if h.payload_len > limit:
             raise ProtocolError(f"frame of kind {h.kind} with {h.payload_len} bytes exceeds {limit}")
         return True
@@ -282,6 +290,8 @@ class ClientDataPlane:
             elif h.kind == FrameKind.ERROR:
                 msg = bytes(frame.payload_view).decode("utf-8", "replace")
                 self.fail_session(h.session, RuntimeError(f"pipeline error: {msg}"))
+            elif h.kind == FrameKind.WARM:  # a last stage's warm-up before its tokens (hop_warm.py): dropped
+                pass
             elif h.kind == FrameKind.PONG:
                 fut2 = self.pongs.pop(h.step, None)
                 if fut2 is not None and not fut2.done():

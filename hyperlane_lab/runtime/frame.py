@@ -3,7 +3,7 @@
     offset size field
     0      4    magic            b"HLF1"
     4      1    version          1
-    5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR, 7 STRIPE
+    5      1    kind             1 TENSOR, 2 TOKENS, 3 HELLO, 4 PING, 5 PONG, 6 ERROR, 7 STRIPE, 8 WARM
     6      2    flags            bit 0: all_logits (reserved); bit 1: MORE (a prompt chunk: more
                                  chunks of this step follow; stages fill their caches, the last
                                  stage samples nothing); bit 2: LAST (the token loop's last step
@@ -27,7 +27,9 @@
 TENSOR frames carry token ids (first stage) or hidden states; TOKENS frames carry the sampled
 ids [B] int64 back to the client; PING/PONG carry opaque bytes for link probes. A sender may split a
 large TENSOR frame's body over n connections (``stripes.py``): HELLO frames bind the connections into
-a group, the frame's header says n, and parts 1..n-1 travel as STRIPE frames. Nothing here is
+a group, the frame's header says n, and parts 1..n-1 travel as STRIPE frames. A WARM frame (no positions, no
+payload) goes shortly before a decode step's frame on the same connection and is dropped on arrival: it runs
+the path once while nothing waits for it, so the step's frame finds it warm (``runtime/hop_warm.py``). Nothing here is
 ever unpickled: tensors are rebuilt with ``torch.frombuffer`` from validated sizes only.
 """
 
@@ -76,7 +78,8 @@ class FrameKind:
     PONG = 5
     ERROR = 6
     STRIPE = 7
-    ALL = (1, 2, 3, 4, 5, 6, 7)
+    WARM = 8
+    ALL = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 DTYPE_CODES: dict[torch.dtype, int] = {

@@ -60,6 +60,8 @@ class CompletionThread(StepperState):
         hs.begin("complete", p.sid, p.step, p.tokens)
         synced = False
         try:
+            if self._warm_hop(p):  # shortly before the step ends: its connection's warm-up (hop_warm.py)
+                hs.mark("warmed")
             last = p.done if p.done is not None else p.end
             last.synchronize()  # releases the GIL while it waits
             synced = True
@@ -94,6 +96,7 @@ class CompletionThread(StepperState):
         except Exception as e:  # the frame is out: a lost timing must not fail the step
             log.debug("stage %d: no GPU times for step %d of %s: %s", w.stage_index, p.step, p.sid, e)
             return
+        self._note_gpu_time(p, t_end - t_start)
         if t_sampled is not None:
             w.trace.add("sample", t_end, t_sampled, p.sid, p.step)
         # queue: waiting for the thread that runs the step (as on the CPU path); from its

@@ -128,6 +128,12 @@ class StepperState:
     def _run_wire(self, frame: Frame, spec: WireSpec, queued_at: float) -> None:  # GpuStepper's
         raise NotImplementedError
 
+    def _warm_hop(self, p: _Pending) -> bool:  # HopWarm's
+        raise NotImplementedError
+
+    def _note_gpu_time(self, p: _Pending, seconds: float) -> None:  # HopWarm's
+        raise NotImplementedError
+
     def mark_read(self) -> None:  # ArmedSteps'
         raise NotImplementedError
 

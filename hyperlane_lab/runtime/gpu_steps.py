@@ -45,6 +45,7 @@ from hyperlane_lab.runtime.gpu_arming import ArmedSteps
 from hyperlane_lab.runtime.gpu_chain import ChainedSteps
 from hyperlane_lab.runtime.gpu_complete import CompletionThread
 from hyperlane_lab.runtime.gpu_pending import _Pending, _step_io, _StepIO
+from hyperlane_lab.runtime.hop_warm import HopWarm
 from hyperlane_lab.runtime.staging import StagingPool
 from hyperlane_lab.runtime.wire import CudaStager, decode_payload
 
@@ -65,7 +66,7 @@ def uses_gpu_path(engine: Any) -> bool:
     )
 
 
-class GpuStepper(CompletionThread, ArmedSteps, ChainedSteps):
+class GpuStepper(CompletionThread, ArmedSteps, ChainedSteps, HopWarm):
     """One per worker and device; ``run_step`` is called on the worker's compute thread or event loop, and
     ``run_ring`` on its completion thread (module docstring)."""
 
@@ -78,6 +79,7 @@ class GpuStepper(CompletionThread, ArmedSteps, ChainedSteps):
         # set another, and a graph replays on the current one. Looked up once (~6 µs a call from Python)
         self.compute_stream = torch.cuda.default_stream(device)
         self._threads = threading.local()  # _on_device's note of the threads it has set
+        self._init_hop_warm()  # a hop's warm-up before each lone decode step's frame (hop_warm.py)
         self._q: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._complete_loop, name="hyperlane-complete", daemon=True)
         self._thread.start()

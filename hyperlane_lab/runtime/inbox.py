@@ -43,6 +43,7 @@ class WorkerInbox(WorkerOutbox):
     fast_prompts: int
     prompt_on_loop: bool
     _pongs: dict[int, asyncio.Future[float]]
+    warm_frames_in: int  # WARM frames dropped on arrival (hop_warm.py)
 
     def _submit(self, fn: Any, *args: Any) -> Any:  # Worker's
         raise NotImplementedError
@@ -54,6 +55,10 @@ class WorkerInbox(WorkerOutbox):
 
     def _on_frame(self, conn: FrameConnection, frame: Frame) -> None:
         h = frame.header
+        if h.kind == FrameKind.WARM:  # a hop's warm-up (hop_warm.py): its work was the arrival itself
+            frame.body.release()
+            self.warm_frames_in += 1
+            return
         if h.kind == FrameKind.PING:
             conn.send(
                 FrameHeader(FrameKind.PONG, h.session, h.step, 0, 0, torch.uint8, 0, 0, (), h.payload_len),
@@ -78,6 +83,12 @@ class WorkerInbox(WorkerOutbox):
 
     def _check_header(self, conn: FrameConnection, h: FrameHeader) -> bool:
         """Vet a header before any body memory is taken (see dataplane.HeaderCheck)."""
+        if h.kind == FrameKind.WARM:
+            if h.payload_len or h.batch * h.seq:
+                raise ProtocolError(
+                    f"a warm-up frame carries nothing, got {h.batch}x{h.seq} positions and {h.payload_len} bytes"
+                )
+            return True
         if h.kind in (FrameKind.PING, FrameKind.PONG):
             if h.payload_len > MAX_PROBE:
                 raise ProtocolError(f"probe frame of {h.payload_len} bytes exceeds {MAX_PROBE}")

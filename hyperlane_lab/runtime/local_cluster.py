@@ -53,7 +53,8 @@ def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[s
     host without ordered stores (not x86-64): nothing would arm. Otherwise, asked for (``--armed-graphs``,
     ``HYPERLANE_ARMED_GRAPHS=1``) or refused (``--no-armed-graphs``, ``=0``): as told. Unset: on when every
     worker has a CUDA device of its own, the deployment armed steps are for (a waiting gate holds its GPU's
-    compute stream, so workers sharing a GPU would time-slice against it)."""
+    compute stream, so workers sharing a GPU would time-slice against it), or when they share GPUs through the
+    CUDA Multi-Process Service (``mps_active``: their kernels then run side by side, a gate beside a step)."""
     from hyperlane_lab.models.decode_armed import host_orders_stores  # imports torch
 
     cuda = [_gpu_name(d) for d in devices if d.startswith("cuda")]
@@ -64,7 +65,15 @@ def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[s
         return said[-1] == "--armed-graphs"  # the worker's parser keeps the last (no abbreviations)
     if environ.get("HYPERLANE_ARMED_GRAPHS") is not None:
         return env_flag("HYPERLANE_ARMED_GRAPHS", False, environ)
-    return len(cuda) == len(devices) and len(set(cuda)) == len(cuda)
+    return len(cuda) == len(devices) and (len(set(cuda)) == len(cuda) or mps_active(environ))
+
+
+def mps_active(environ: Mapping[str, str]) -> bool:
+    """Whether CUDA processes started with ``environ`` reach a running MPS control daemon (its ``control`` socket in
+    ``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``). Several workers on one GPU then share one context
+    and run kernels concurrently instead of time-slicing (``bench/with_mps.sh`` starts one for a command)."""
+    pipe = environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"
+    return os.path.exists(os.path.join(pipe, "control"))
 
 
 def _gpu_name(device: str) -> str:
@@ -118,7 +127,7 @@ class LocalCluster:
         told = any(a in _ARMED_FLAGS for a in self.extra_args)
         if self.armed and not told:  # the default (or the environment's) made explicit for the workers
             self.extra_args.append("--armed-graphs")
-        if self.armed and shared:
+        if self.armed and shared and not mps_active(workers_env):
             log.warning(
                 "armed decode steps with several workers on %s: their waiting gate kernels time-slice the "
                 "GPU against each other (correct, slower); give each worker its own GPU",

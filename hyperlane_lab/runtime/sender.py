@@ -28,6 +28,8 @@ import socket
 import threading
 from typing import Any
 
+import torch
+
 from hyperlane_lab.runtime.dataplane import parse_address
 from hyperlane_lab.runtime.frame import HEADER, MAX_STRIPES, FrameHeader, FrameKind, pack_header
 from hyperlane_lab.runtime.stripes import (
@@ -56,6 +58,16 @@ def _connect(address: str, connect_timeout: float, send_timeout: float) -> socke
     sock.settimeout(None)  # blocking: one system call per send (see the module's docstring)
     kernel_timeout(sock, socket.SO_SNDTIMEO, send_timeout)
     return sock
+
+
+_WARM: list[bytes] = []
+
+
+def _warm_header() -> bytes:
+    """The WARM frame's bytes (made once)."""
+    if not _WARM:
+        _WARM.append(pack_header(FrameHeader(FrameKind.WARM, "0" * 32, 0, 0, 0, torch.uint8, 0, 0, (), 0)))
+    return _WARM[0]
 
 
 def _send_all(sock: socket.socket, bufs: list[memoryview]) -> None:
@@ -152,6 +164,26 @@ class SocketSender:
             except (OSError, ConnectionError) as e:
                 self.close()
                 raise ConnectionError(f"cannot open the stripe connections to {address}: {e}") from e
+
+    def warm(self) -> bool:
+        """Write a WARM frame (a header, nothing else; the peer drops it): a hop's warm-up shortly before a step's
+        frame (``hop_warm.py``). Never waits for another thread's send: False when one holds the connection, or it
+        is closed or breaks (then it is closed here, and the step's own send reports that)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            sock = self._sock
+            if sock is None:
+                return False
+            try:
+                _send_all(sock, [memoryview(_warm_header())])
+            except OSError:  # BlockingIOError included: the peer stopped reading
+                self._close_locked()
+                return False
+            self.frames_out += 1
+            return True
+        finally:
+            self._lock.release()
 
     @property
     def is_open(self) -> bool:

@@ -141,6 +141,7 @@ class Worker(WorkerInbox):
         self._submitted = 0
         self._finished = 0
         self.fast_steps = 0  # decode steps enqueued on the loop thread (the latency path)
+        self.warm_frames_in = 0  # WARM frames dropped on arrival (runtime/hop_warm.py)
         # prompt steps whose graph is captured enqueued on the loop thread too, saving the hand-off to the
         # compute thread (~0.27 ms a chunk on 4 x H100, bench/gpu_notes.md); experimental, off by default.
         # Bodies up to PROMPT_ON_LOOP_MAX_BYTES only: the step waits for its upload before the body goes
@@ -389,6 +390,12 @@ class Worker(WorkerInbox):
         (``gpu_chain.py``)."""
         gpu = self._gpu
         return gpu.chained_steps if gpu is not None else 0
+
+    def hop_warmups(self) -> tuple[int, int]:
+        """(WARM frames this worker's GPU completion thread sent before a decode step's frame, warm-ups it skipped
+        because its sleep woke after the step's end) (``hop_warm.py``)."""
+        gpu = self._gpu
+        return (gpu.hop_warmups, gpu.hop_late) if gpu is not None else (0, 0)
 
     def armed_counts(self) -> tuple[int, int, int]:
         """(steps started by their flag, armed steps released as padding, of which the gate had given up);
