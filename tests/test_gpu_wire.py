@@ -363,7 +363,9 @@ def test_hop_warm_ups_change_no_token(tmp_path):
     lead and a model whose steps are long enough for the completion thread to catch them (tiny-100m, random
     weights, two stages on one GPU): every stage sent WARM frames, each arrived at the stage its frames go to
     (the last stage's: the first, the token loop's) and was dropped there; lone sessions' greedy tokens equal
-    the same prompts' run side by side (several steps in flight: no warm-ups) and a second lone pass."""
+    the same prompts' run side by side and a second lone pass. No ship waited for a warm-up's sleep: the first
+    session's first decode step captures its graph (seconds in its "GPU time"), which must not set the next sleep
+    (a step's send starts within 50 ms of its GPU end, everywhere)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from hyperlane_lab.runtime import AutoDistributedModel, LocalCluster
@@ -399,6 +401,15 @@ def test_hop_warm_ups_change_no_token(tmp_path):
             assert list(ex.map(run, prompts)) == alone
         assert [run(p) for p in prompts] == alone
         assert all(a > b for a, b in zip(counts()[0], sent)), (sent, counts())
+        ev = {(e.kind.value, e.stage, e.session, e.step): e for e in m.trace_events() if e.step > 0}
+        gaps = [
+            ev[("send", st, ss, k)].start - e.end
+            for (kind, st, ss, k), e in ev.items()
+            if kind == "compute" and ("send", st, ss, k) in ev
+        ]
+        assert len(gaps) > 50 and max(gaps) < 0.05, sorted(gaps)[-5:]
+        late = [c.call("Health", pb.HealthRequest()).hop_warm_late for c in m.clients]
+        assert sum(late) <= 4, late
         assert all(cluster.alive)
 
 

@@ -12,14 +12,21 @@ is otherwise idle: the next stage's GPU is waiting for this frame.
 When: a decode step (one position a row) that is the only step in flight here (several in flight: the next
 stage is busy, and the extra frame would only cost it), whose frame goes to another process (the next stage;
 the last stage's ring frame to the first stage, or its tokens to the client when the client drives the
-loop), with a GPU time known from the session's previous decode steps (the shortest of the last few, so a
-slow step never moves it later). The completion thread waits natively for the step's start event (the GPU
+loop), with GPU times known from at least two of the session's previous decode steps. The estimate is the
+shortest of the last four: a step that captured a graph (its "GPU time" holds the host's seconds of capture)
+or a slow one never moves it later. The completion thread waits natively for the step's start event (the GPU
 began it, an armed step's gate opened), sleeps until ``lead`` before the expected end, and sends the WARM frame
-unless the step is already done; then it waits for the end as before. A sleep wakes late, and on the H200 hosts
-by 150-250 µs (a 150 µs lead found the step done at almost every wake, so each of those ships waited for the
-wake): so the sleep is cut by the most its last 8 woke late (300 µs before the first), and left out when less
-than 100 µs would remain (the WARM frame goes at once then). A wrong guess costs at most the sleep's lateness
-past the end; ``hop_late`` counts those.
+unless the step is already done; then it waits for the end as before.
+
+A sleep wakes late, and on the H200 hosts by 150-250 µs: with a 150 µs lead the step was done at almost every
+wake, so each of those ships waited for the wake. So the sleep is cut by the most the last 8 woke late (300 µs
+before the first; at most half the wait, so that an outlier never stops the sleeps that age it out), and left
+out when less than 100 µs would remain (the WARM frame goes at once then). A guess can still be wrong: a step
+shorter than the shortest of the last four by more than the lead, or a wake later than any recent one, makes
+the ship wait for the wake. ``hop_late`` counts those.
+
+A peer from before this frame kind refuses it (an unknown kind closes the connection): in a deployment that
+mixes versions, turn warm-ups off.
 
 ``HYPERLANE_HOP_WARM=0`` turns it off; ``HYPERLANE_HOP_WARM_LEAD_US`` sets the lead (default 200). Health
 counts the warm-ups (``hop_warmups``), the late wakes (``hop_warm_late``) and the WARM frames a worker dropped
@@ -49,6 +56,7 @@ _RECENT = 4  # decode steps whose GPU times the estimate takes the shortest of
 _SHIPS_TO_PEER = ("hidden", "wire", "codec")  # modes whose frame goes to the next stage
 _MIN_SLEEP_S = 100e-6  # a shorter wait before the warm-up is skipped: the WARM frame goes at once
 _RECENT_SLEEPS = 8  # sleeps whose lateness the next one allows for (the most of them)
+_MAX_WAIT_S = 0.05  # steps longer than this are not warmed (a guess that far off would cost as much)
 _FIRST_LATE_S = 300e-6  # ... before the first: woke 150-250 µs late on the H200 hosts (twenty-ninth session)
 
 
@@ -94,7 +102,9 @@ class HopWarm(StepperState):
         return (p.sid, p.mode, p.batch)
 
     def _late_guess(self) -> float:
-        """How late this thread's sleeps wake: the most of the last ``_RECENT_SLEEPS`` (``_FIRST_LATE_S`` before any)."""
+        """How late this thread's sleeps wake: the most of the last ``_RECENT_SLEEPS`` (``_FIRST_LATE_S`` before any).
+        The caller allows at most half the wait for it, so that an outlier (a preempted thread) never stops the
+        sleeps that would age it out."""
         return max(self._lateness) if self._lateness else _FIRST_LATE_S
 
     def _note_gpu_time(self, p: _Pending, seconds: float) -> None:
@@ -128,10 +138,10 @@ class HopWarm(StepperState):
         times = self._gpu_times
         if not self.hop_warm or times is None or p.seq != 1 or p.chained or p.wasted:
             return False
-        if times[0] != self._hop_key(p) or self._put - self._done != 1:
-            return False
+        if times[0] != self._hop_key(p) or len(times[1]) < 2 or self._put - self._done != 1:
+            return False  # (one time alone may be a graph capture's: the host's seconds of capture in it)
         wait = min(times[1]) - self.hop_lead_s
-        if wait < self.hop_lead_s:  # a step too short to place the warm-up in
+        if not self.hop_lead_s <= wait <= _MAX_WAIT_S:  # a step too short to place the warm-up in, or long
             return False
         conn = self._hop_conn(p)
         if conn is None:
@@ -143,7 +153,7 @@ class HopWarm(StepperState):
             if last.query():
                 return False
             # the sleep wakes late (an idle vCPU's wake-up, the timer's slack): aim that much earlier
-            nap = wait - self._late_guess() - (time.perf_counter() - began)
+            nap = wait - min(self._late_guess(), wait / 2) - (time.perf_counter() - began)
             if nap > _MIN_SLEEP_S:  # (shorter: warm now, since a sleep this short may well wake past the end)
                 t0 = time.perf_counter()
                 time.sleep(nap)

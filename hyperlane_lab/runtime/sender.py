@@ -150,6 +150,7 @@ class SocketSender:
         self._lock = threading.Lock()
         self.send_timeout = send_timeout
         self.frames_out = 0
+        self.warm_out = 0  # WARM frames (``warm``), not counted in frames_out
         self.striped_out = 0
         self.stripes, self.stripe_from = stripes, stripe_from
         self._writers: list[_StripeWriter] = []
@@ -167,23 +168,40 @@ class SocketSender:
 
     def warm(self) -> bool:
         """Write a WARM frame (a header, nothing else; the peer drops it): a hop's warm-up shortly before a step's
-        frame (``hop_warm.py``). Never waits for another thread's send: False when one holds the connection, or it
-        is closed or breaks (then it is closed here, and the step's own send reports that)."""
+        frame (``hop_warm.py``). Never waits: False when another thread holds the connection, when the socket
+        cannot take the header at once (the peer is behind: no warm-up is needed then), or when it is closed or
+        breaks (then it is closed here, with the reason logged, and the step's own send reports it)."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
             sock = self._sock
             if sock is None:
                 return False
+            head = memoryview(_warm_header())
             try:
-                _send_all(sock, [memoryview(_warm_header())])
-            except OSError:  # BlockingIOError included: the peer stopped reading
-                self._close_locked()
+                sent = sock.send(head, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # nothing taken: the stream is as it was
                 return False
-            self.frames_out += 1
+            except OSError as e:
+                return self._warm_failed(e)
+            if (
+                sent < head.nbytes
+            ):  # a nearly full buffer took part of it: the rest must follow, or the stream is cut
+                try:
+                    _send_all(sock, [head[sent:]])
+                except OSError as e:  # (a timeout included: half a header is in the stream)
+                    return self._warm_failed(e)
+            self.warm_out += 1
             return True
         finally:
             self._lock.release()
+
+    def _warm_failed(self, e: OSError) -> bool:
+        """(Lock held.) A warm-up's send failed: close, say why (the step's own send then reports a closed
+        connection)."""
+        log.warning("data connection to %s closed during a warm-up: %s", self.address, e)
+        self._close_locked()
+        return False
 
     @property
     def is_open(self) -> bool:
