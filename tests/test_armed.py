@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import socket
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -517,21 +521,27 @@ def test_local_cluster_arms_workers_that_have_a_gpu_each(monkeypatch, tmp_path, 
         assert (said[-1:] == ["--armed-graphs"]) == armed, said  # the worker's parser keeps the last
 
 
-def test_local_cluster_arms_workers_sharing_a_gpu_through_mps(monkeypatch, tmp_path):
+def test_local_cluster_arms_workers_sharing_a_gpu_through_mps(monkeypatch, tmp_path, request):
     """With an MPS control daemon reachable (its ``control`` socket in ``CUDA_MPS_PIPE_DIRECTORY``, from the
     environment or the cluster's ``env``), workers sharing a GPU run kernels side by side: armed by default, no
-    warning. Without one (a folder without the socket) they stay off."""
+    warning. Without one (a folder without the socket, or a socket nothing listens on) they stay off."""
     from hyperlane_lab.models import decode_armed
     from hyperlane_lab.runtime.local_cluster import LocalCluster, mps_active
 
     monkeypatch.delenv("HYPERLANE_ARMED_GRAPHS", raising=False)
     monkeypatch.setattr(decode_armed.platform, "machine", lambda: "x86_64")
-    pipe, empty = tmp_path / "pipe", tmp_path / "empty"
-    pipe.mkdir(), empty.mkdir()
-    (pipe / "control").touch()
-    assert mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(pipe)}) and not mps_active(
-        {"CUDA_MPS_PIPE_DIRECTORY": str(empty)}
-    )
+    short = Path(tempfile.mkdtemp(prefix="mps", dir="/tmp"))  # (a UNIX socket's path has at most 107 bytes)
+    pipe, empty, stale = short / "pipe", tmp_path / "empty", tmp_path / "stale"
+    for d in (pipe, empty, stale):
+        d.mkdir()
+    (stale / "control").touch()  # what a daemon that died may leave: nothing listens
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemon.bind(str(pipe / "control"))
+    daemon.listen(8)
+    request.addfinalizer(lambda: (daemon.close(), shutil.rmtree(short, ignore_errors=True)))
+    assert mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(pipe)})
+    assert not mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(empty)})
+    assert not mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(stale)})
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(empty))
     assert LocalCluster(2, devices=["cuda:0", "cuda:0"]).armed is False
     with _messages("hyperlane_lab.runtime.local_cluster") as seen:

@@ -8,6 +8,7 @@ import json
 import socket
 import time
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -357,6 +358,11 @@ def test_the_client_drops_warm_frames_and_refuses_loaded_ones():
 
     warm = FrameHeader(FrameKind.WARM, "", 0, 0, 0, torch.uint8, 0, 0, (), 0)
     assert ClientDataPlane._check_header(None, warm)  # type: ignore[arg-type]
+    released = []
+    body = SimpleNamespace(release=lambda: released.append(True))
+    plane = object.__new__(ClientDataPlane)  # (a WARM frame touches nothing of it)
+    plane._on_frame(None, SimpleNamespace(header=warm, body=body))  # type: ignore[arg-type]
+    assert released == [True]
     with pytest.raises(ProtocolError, match="exceeds 0"):
         ClientDataPlane._check_header(
             None, FrameHeader(FrameKind.WARM, "", 0, 0, 0, torch.uint8, 0, 0, (), 1)

@@ -9,6 +9,7 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,18 @@ def armed_choice(devices: Sequence[str], args: Sequence[str], environ: Mapping[s
 
 def mps_active(environ: Mapping[str, str]) -> bool:
     """Whether CUDA processes started with ``environ`` reach a running MPS control daemon (its ``control`` socket in
-    ``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``). Several workers on one GPU then share one context
+    ``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``, takes a connection). Several workers on one GPU then share one context
     and run kernels concurrently instead of time-slicing (``bench/with_mps.sh`` starts one for a command)."""
-    pipe = environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"
-    return os.path.exists(os.path.join(pipe, "control"))
+    path = os.path.join(environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps", "control")
+    if not os.path.exists(path):
+        return False
+    try:  # a socket left behind by a daemon that died refuses the connection
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(path)
+    except OSError:
+        return False
+    return True
 
 
 def _gpu_name(device: str) -> str:
