@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,9 +17,6 @@ from hyperlane_lab.host_stamps import host_stamps
 from hyperlane_lab.runtime.frame import FrameHeader, FrameKind
 from hyperlane_lab.runtime.gpu_pending import StepperState, _Pending
 from hyperlane_lab.runtime.wire import encode_tensor, tensor_bytes
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["CompletionThread"]
 
@@ -62,8 +58,7 @@ class CompletionThread(StepperState):
         try:
             if self._warm_hop(p):  # shortly before the step ends: its connection's warm-up (hop_warm.py)
                 hs.mark("warmed")
-            last = p.done if p.done is not None else p.end
-            last.synchronize()  # releases the GIL while it waits
+            p.last.synchronize()  # releases the GIL while it waits
             synced = True
             t_done = time.perf_counter()
             hs.mark("synced")

@@ -53,6 +53,11 @@ class _Pending:
     slot: Any = None  # numpy view of the pinned copy of its result, when a step was chained behind it
 
     @property
+    def last(self) -> torch.cuda.Event:
+        """The step's last event: its copy's (``done``) if it has one, else the compute stream's ``end``."""
+        return self.done if self.done is not None else self.end
+
+    @property
     def wasted(self) -> bool:
         """A chained step its predecessor's ship did not confirm: it ran as padding, nothing of it ships."""
         return self.chained and not self.confirmed

@@ -146,7 +146,7 @@ class HopWarm(StepperState):
         conn = self._hop_conn(p)
         if conn is None:
             return False
-        last = p.done if p.done is not None else p.end
+        last = p.last
         try:
             p.start.synchronize()  # the GPU began the step (releases the GIL while it waits)
             began = time.perf_counter()

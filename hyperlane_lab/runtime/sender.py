@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import select
@@ -60,14 +61,10 @@ def _connect(address: str, connect_timeout: float, send_timeout: float) -> socke
     return sock
 
 
-_WARM: list[bytes] = []
-
-
+@functools.cache
 def _warm_header() -> bytes:
     """The WARM frame's bytes (made once)."""
-    if not _WARM:
-        _WARM.append(pack_header(FrameHeader(FrameKind.WARM, "0" * 32, 0, 0, 0, torch.uint8, 0, 0, (), 0)))
-    return _WARM[0]
+    return pack_header(FrameHeader(FrameKind.WARM, "0" * 32, 0, 0, 0, torch.uint8, 0, 0, (), 0))
 
 
 def _send_all(sock: socket.socket, bufs: list[memoryview]) -> None:

@@ -132,6 +132,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         sel = self.w.selector
         armed = self.w.armed_counts()
+        warmups, warm_late = self.w.hop_warmups()
         return pb.HealthReply(
             ok=True,
             worker_time_s=time.perf_counter(),
@@ -144,8 +145,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             direct_uploads=self.w.direct_uploads(),
             ring_here_steps=self.w.ring_here_steps(),
             ring_chained_steps=self.w.ring_chained_steps(),
-            hop_warmups=self.w.hop_warmups()[0],
-            hop_warm_late=self.w.hop_warmups()[1],
+            hop_warmups=warmups,
+            hop_warm_late=warm_late,
             warm_frames_in=self.w.warm_frames_in,
             decode_choices=self.w.decode_choices() if request.with_decode_choices else "",
             armed_fired=armed[0],
