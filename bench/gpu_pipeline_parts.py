@@ -515,9 +515,17 @@ def run_split(
                 out["ring_here_steps"] = [int(h.ring_here_steps) for h in health]
                 out["ring_chained_steps"] = [int(h.ring_chained_steps) for h in health]
                 out["hop_warmups"] = [
-                    [int(h.hop_warmups), int(h.warm_frames_in), int(h.hop_warm_late)] for h in health
+                    [
+                        int(h.hop_warmups),
+                        int(h.warm_frames_in),
+                        int(h.hop_warm_late),
+                        round(h.hop_warm_wake_us),
+                    ]
+                    for h in health
                 ]
-                print("  hop warm-ups per stage (sent, received, woke late):", out["hop_warmups"])
+                print(
+                    "  hop warm-ups per stage (sent, received, late, recent lateness us):", out["hop_warmups"]
+                )
                 out["busy_poll"] = [[int(h.busy_poll_spun), int(h.busy_poll_blocked)] for h in health]
                 out["armed_counts"] = [
                     [int(h.armed_fired), int(h.armed_released), int(h.armed_gave_up)] for h in health

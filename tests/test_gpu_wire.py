@@ -359,7 +359,7 @@ def test_armed_steps_equal_launched_steps_and_a_release_changes_nothing(codec):
 
 @pytest.mark.multiprocess
 def test_hop_warm_ups_change_no_token(tmp_path):
-    """Workers that warm each hop shortly before a lone decode step's frame (runtime/hop_warm.py), with a 10 µs
+    """Workers that warm each hop shortly before a lone decode step's frame (runtime/hop_warm.py), with a 50 µs
     lead and a model whose steps are long enough for the completion thread to catch them (tiny-100m, random
     weights, two stages on one GPU): every stage sent WARM frames, each arrived at the stage its frames go to
     (the last stage's: the first, the token loop's) and was dropped there; lone sessions' greedy tokens equal
@@ -372,7 +372,7 @@ def test_hop_warm_ups_change_no_token(tmp_path):
     from hyperlane_lab.runtime.proto_gen import hyperlane_pb2 as pb
 
     g = torch.Generator().manual_seed(5)
-    env = {"HYPERLANE_HOP_WARM_LEAD_US": "10"}
+    env = {"HYPERLANE_HOP_WARM_LEAD_US": "50"}
     with (
         LocalCluster(2, devices=["cuda:0"] * 2, cache_dir=tmp_path, env=env) as cluster,
         AutoDistributedModel.from_pretrained(
@@ -409,8 +409,13 @@ def test_hop_warm_ups_change_no_token(tmp_path):
             if kind == "compute" and ("send", st, ss, k) in ev
         ]
         assert len(gaps) > 50 and max(gaps) < 0.05, sorted(gaps)[-5:]
-        late = [c.call("Health", pb.HealthRequest()).hop_warm_late for c in m.clients]
-        assert sum(late) <= 4, late
+        h = [c.call("Health", pb.HealthRequest()) for c in m.clients]
+        # the waits are GPU-timed (gpu_timer.py): one ends within a launch's µs of its mark, so a warm-up comes
+        # too late only when a step ran shorter than the recent ones by more than the lead (s30a, host sleeps:
+        # 144 and 132 of ~150)
+        late, done = [x.hop_warm_late for x in h], [x.hop_warmups for x in h]
+        assert sum(late) <= max(4, (sum(late) + sum(done)) // 10), (late, done)
+        assert max(x.hop_warm_wake_us for x in h) < 100, [x.hop_warm_wake_us for x in h]
         assert all(cluster.alive)
 
 

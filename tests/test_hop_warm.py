@@ -364,3 +364,65 @@ def test_a_warm_up_send_never_waits_and_never_cuts_the_stream(case, caplog):
     if case == "busy":
         assert s._lock.locked()
         s._lock.release()
+
+
+class _Timer:
+    """A ``GpuTimer`` stand-in: its wait moves the stand-in clock by the wait plus its own lateness."""
+
+    def __init__(self, clock: _Clock, late: float = 0.0) -> None:
+        self.clock, self.late, self.waited = clock, late, []
+
+    def wait(self, s: float) -> None:
+        self.waited.append(s)
+        self.clock.now += s + self.late
+
+
+def test_the_wait_is_timed_by_the_gpu_once_the_timer_is_made_after_the_first_decode_step(monkeypatch):
+    """The first decode step's GPU time makes the timer (once, and only with a device); the waits then go to it,
+    not to a host sleep, and its lateness is what the next wait allows for and what Health reports."""
+    st, clock, out = _stepper(monkeypatch)
+    made: list[Any] = []
+
+    def make(device: Any) -> _Timer:
+        made.append(device)
+        return _Timer(clock, late=15e-6)
+
+    monkeypatch.setattr(hop_warm, "GpuTimer", make)
+    st._note_gpu_time(_step(clock), 2e-3)
+    assert made == [] and st._timer is None  # a stepper without a device: host sleeps
+    st.device = torch.device("cuda", 1)
+    st._timer_tried = False
+    _known(st, clock, 2e-3)
+    assert made == [torch.device("cuda", 1)]  # once, not at every step
+    t0 = clock.now
+    assert st._warm_hop(_step(clock, gpu_s=2e-3))
+    assert clock.slept == [] and st._timer.waited == [pytest.approx(2e-3 - LEAD - 300e-6)]
+    assert out.conn.at == [pytest.approx(t0 + 2e-3 - LEAD - 300e-6 + 15e-6)]
+    assert st.hop_wake_us == pytest.approx(15.0)
+    t1 = clock.now  # the next wait allows the 15 µs it saw: the WARM frame lands lead before the end
+    assert st._warm_hop(_step(clock, gpu_s=2e-3))
+    assert out.conn.at[-1] == pytest.approx(t1 + 2e-3 - LEAD)
+
+
+def test_no_gpu_timer_means_host_sleeps_with_the_reason_logged(monkeypatch, caplog):
+    st, clock, _ = _stepper(monkeypatch)
+    st.device = torch.device("cuda", 0)
+
+    def fail(device: Any) -> None:
+        raise ValueError("a spin of 1000000 cycles took 9.0 ms (0.11 GHz): the measurement was disturbed")
+
+    monkeypatch.setattr(hop_warm, "GpuTimer", fail)
+    with caplog.at_level("INFO", logger="hyperlane_lab.runtime.gpu_steps"):
+        _known(st, clock, 2e-3)
+    assert st._timer is None and "no GPU timer: a spin of 1000000 cycles" in caplog.text
+    assert caplog.text.count("no GPU timer") == 1  # tried once
+    assert st._warm_hop(_step(clock, gpu_s=2e-3)) and clock.slept == [pytest.approx(2e-3 - LEAD - 300e-6)]
+    assert st.hop_wake_us == 0.0
+
+
+def test_warm_ups_off_make_no_timer(monkeypatch):
+    st, clock, _ = _stepper(monkeypatch, env={"HYPERLANE_HOP_WARM": "0"})
+    st.device = torch.device("cuda", 0)
+    monkeypatch.setattr(hop_warm, "GpuTimer", lambda d: pytest.fail("made a timer with warm-ups off"))
+    _known(st, clock, 2e-3)
+    assert st._timer is None and not st._warm_hop(_step(clock))

@@ -15,22 +15,28 @@ the last stage's ring frame to the first stage, or its tokens to the client when
 loop), with GPU times known from at least two of the session's previous decode steps. The estimate is the
 shortest of the last four: a step that captured a graph (its "GPU time" holds the host's seconds of capture)
 or a slow one never moves it later. The completion thread waits natively for the step's start event (the GPU
-began it, an armed step's gate opened), sleeps until ``lead`` before the expected end, and sends the WARM frame
+began it, an armed step's gate opened), waits until ``lead`` before the expected end, and sends the WARM frame
 unless the step is already done; then it waits for the end as before.
 
-A sleep wakes late, and on the H200 hosts by 150-250 µs: with a 150 µs lead the step was done at almost every
-wake, so each of those ships waited for the wake. So the sleep is cut by the most the last 8 woke late (300 µs
-before the first; at most half the wait, so that an outlier never stops the sleeps that age it out), and left
-out when less than 100 µs would remain (the WARM frame goes at once then). A guess can still be wrong: a step
-shorter than the shortest of the last four by more than the lead, or a wake later than any recent one, makes
-the ship wait for the wake. ``hop_late`` counts those.
+The wait is timed by the GPU (``gpu_timer.py``: a spin kernel on a stream of its own, then a spinning event
+wait), made once the first decode step has shipped. With host sleeps, four workers on one H200 (MPS), a
+middle stage's sleeps of at most half its ~0.75 ms wait ended after its ~0.95 ms step in 144 of 174 steps
+(thirtieth session), and each of those ships waited for the wake: the scheduler ran the woken thread late. A
+thread waiting on an event stays on its CPU. Where no GPU timer can be made (its clock rate could not be
+measured) the wait is a host sleep.
+
+Either wait can end late: the wait is cut by the most the last 8 ended late (300 µs before the first; at most
+half the wait, so that an outlier never stops the waits that age it out), and left out when less than 100 µs
+would remain (the WARM frame goes at once then). A guess can still be wrong: a step shorter than the shortest
+of the last four by more than the lead, or a wait ending later than any recent one, makes the ship wait for
+it. ``hop_late`` counts those; ``hop_wake_us`` is the most the recent waits ended late.
 
 A peer from before this frame kind refuses it (an unknown kind closes the connection): in a deployment that
 mixes versions, turn warm-ups off.
 
 ``HYPERLANE_HOP_WARM=0`` turns it off; ``HYPERLANE_HOP_WARM_LEAD_US`` sets the lead (default 200). Health
-counts the warm-ups (``hop_warmups``), the late wakes (``hop_warm_late``) and the WARM frames a worker dropped
-(``warm_frames_in``).
+counts the warm-ups (``hop_warmups``), the late wakes (``hop_warm_late``), how late recent waits ended
+(``hop_warm_wake_us``) and the WARM frames a worker dropped (``warm_frames_in``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import TYPE_CHECKING
 
 from hyperlane_lab.models.decode_linear import env_flag
 from hyperlane_lab.runtime.gpu_pending import StepperState, _Pending
+from hyperlane_lab.runtime.gpu_timer import GpuTimer
 
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.sender import SocketSender
@@ -57,7 +64,7 @@ _SHIPS_TO_PEER = ("hidden", "wire", "codec")  # modes whose frame goes to the ne
 _MIN_SLEEP_S = 100e-6  # a shorter wait before the warm-up is skipped: the WARM frame goes at once
 _RECENT_SLEEPS = 8  # sleeps whose lateness the next one allows for (the most of them)
 _MAX_WAIT_S = 0.05  # steps longer than this are not warmed (a guess that far off would cost as much)
-_FIRST_LATE_S = 300e-6  # ... before the first: woke 150-250 µs late on the H200 hosts (twenty-ninth session)
+_FIRST_LATE_S = 300e-6  # ... before the first (host sleeps woke 150-250 µs late on the H200 hosts)
 
 
 def lead_from_env(environ: dict[str, str] | None = None) -> float:
@@ -86,9 +93,11 @@ class HopWarm(StepperState):
     hop_warm: bool = False
     hop_lead_s: float = DEFAULT_LEAD_US / 1e6
     hop_warmups: int = 0
-    hop_late: int = 0  # sleeps that woke after the step had ended (no warm-up; the ship went at once)
+    hop_late: int = 0  # waits that ended after the step had (no warm-up; the ship went at once)
     _gpu_times: tuple[tuple[str, str, int], deque[float]] | None = None
     _lateness: deque[float]  # (set by _init_hop_warm: without it, warm-ups are off)
+    _timer: GpuTimer | None = None  # the GPU-timed wait (made after the first decode step; None: host sleeps)
+    _timer_tried: bool = False
 
     def _init_hop_warm(self) -> None:
         self.hop_warm = env_flag("HYPERLANE_HOP_WARM", True)
@@ -96,6 +105,28 @@ class HopWarm(StepperState):
         self.hop_warmups = self.hop_late = 0
         self._gpu_times = None
         self._lateness = deque(maxlen=_RECENT_SLEEPS)
+        self._timer, self._timer_tried = None, False
+
+    @property
+    def hop_wake_us(self) -> float:
+        """The most the recent waits before a warm-up ended late, in µs (0 before any)."""
+        lateness = getattr(self, "_lateness", None)
+        return max(lateness) * 1e6 if lateness else 0.0
+
+    def _make_timer(self) -> None:
+        """(Completion thread, after a step shipped.) The GPU-timed wait, once; host sleeps when it fails."""
+        self._timer_tried = True
+        try:
+            self._timer = GpuTimer(self.device)
+        except Exception as e:
+            log.info("stage %d: hop warm-ups wait with host sleeps: no GPU timer: %s", self.w.stage_index, e)
+
+    def _nap(self, seconds: float) -> None:
+        """Wait ``seconds``: by the GPU's clock when there is a timer, else a host sleep."""
+        if self._timer is not None:
+            self._timer.wait(seconds)
+        else:
+            time.sleep(seconds)
 
     @staticmethod
     def _hop_key(p: _Pending) -> tuple[str, str, int]:
@@ -115,6 +146,8 @@ class HopWarm(StepperState):
         if self._gpu_times is None or self._gpu_times[0] != key:
             self._gpu_times = (key, deque(maxlen=_RECENT))
         self._gpu_times[1].append(seconds)
+        if self.hop_warm and not self._timer_tried and getattr(self, "device", None) is not None:
+            self._make_timer()
 
     def _hop_conn(self, p: _Pending) -> SocketSender | None:
         """The connection step ``p``'s frame will take to another process, if it takes one."""
@@ -152,11 +185,11 @@ class HopWarm(StepperState):
             began = time.perf_counter()
             if last.query():
                 return False
-            # the sleep wakes late (an idle vCPU's wake-up, the timer's slack): aim that much earlier
+            # the wait ends late (a launch, a clock that changed; a host sleep: the thread's wake-up): aim earlier
             nap = wait - min(self._late_guess(), wait / 2) - (time.perf_counter() - began)
-            if nap > _MIN_SLEEP_S:  # (shorter: warm now, since a sleep this short may well wake past the end)
+            if nap > _MIN_SLEEP_S:  # (shorter: warm now, since a wait this short may well end past the end)
                 t0 = time.perf_counter()
-                time.sleep(nap)
+                self._nap(nap)
                 self._lateness.append(max(0.0, time.perf_counter() - t0 - nap))
                 if last.query():  # done meanwhile (woke too late): ship it now
                     self.hop_late += 1

@@ -132,7 +132,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthReply:
         sel = self.w.selector
         armed = self.w.armed_counts()
-        warmups, warm_late = self.w.hop_warmups()
+        warmups, warm_late, warm_wake_us = self.w.hop_warmups()
         return pb.HealthReply(
             ok=True,
             worker_time_s=time.perf_counter(),
@@ -147,6 +147,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             ring_chained_steps=self.w.ring_chained_steps(),
             hop_warmups=warmups,
             hop_warm_late=warm_late,
+            hop_warm_wake_us=warm_wake_us,
             warm_frames_in=self.w.warm_frames_in,
             decode_choices=self.w.decode_choices() if request.with_decode_choices else "",
             armed_fired=armed[0],

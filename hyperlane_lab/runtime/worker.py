@@ -391,11 +391,11 @@ class Worker(WorkerInbox):
         gpu = self._gpu
         return gpu.chained_steps if gpu is not None else 0
 
-    def hop_warmups(self) -> tuple[int, int]:
+    def hop_warmups(self) -> tuple[int, int, float]:
         """(WARM frames this worker's GPU completion thread sent before a decode step's frame, warm-ups it skipped
-        because its sleep woke after the step's end) (``hop_warm.py``)."""
+        because its wait ended after the step's end, the most its recent waits ended late in µs) (``hop_warm.py``)."""
         gpu = self._gpu
-        return (gpu.hop_warmups, gpu.hop_late) if gpu is not None else (0, 0)
+        return (gpu.hop_warmups, gpu.hop_late, gpu.hop_wake_us) if gpu is not None else (0, 0, 0.0)
 
     def armed_counts(self) -> tuple[int, int, int]:
         """(steps started by their flag, armed steps released as padding, of which the gate had given up);
