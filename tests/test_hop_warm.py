@@ -426,3 +426,13 @@ def test_warm_ups_off_make_no_timer(monkeypatch):
     monkeypatch.setattr(hop_warm, "GpuTimer", lambda d: pytest.fail("made a timer with warm-ups off"))
     _known(st, clock, 2e-3)
     assert st._timer is None and not st._warm_hop(_step(clock))
+
+
+def test_host_sleeps_when_asked_for(monkeypatch):
+    st, clock, _ = _stepper(monkeypatch, env={"HYPERLANE_HOP_WARM_WAIT": "host"})
+    st.device = torch.device("cuda", 0)
+    monkeypatch.setattr(
+        hop_warm, "GpuTimer", lambda d: pytest.fail("made a timer where host sleeps were asked")
+    )
+    _known(st, clock, 2e-3)
+    assert st._timer is None and st._warm_hop(_step(clock, gpu_s=2e-3)) and len(clock.slept) == 1

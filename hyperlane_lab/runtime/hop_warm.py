@@ -34,7 +34,8 @@ it. ``hop_late`` counts those; ``hop_wake_us`` is the most the recent waits ende
 A peer from before this frame kind refuses it (an unknown kind closes the connection): in a deployment that
 mixes versions, turn warm-ups off.
 
-``HYPERLANE_HOP_WARM=0`` turns it off; ``HYPERLANE_HOP_WARM_LEAD_US`` sets the lead (default 200). Health
+``HYPERLANE_HOP_WARM=0`` turns it off; ``HYPERLANE_HOP_WARM_LEAD_US`` sets the lead (default 200);
+``HYPERLANE_HOP_WARM_WAIT=host`` waits with host sleeps instead of the GPU timer (for comparisons). Health
 counts the warm-ups (``hop_warmups``), the late wakes (``hop_warm_late``), how late recent waits ended
 (``hop_warm_wake_us``) and the WARM frames a worker dropped (``warm_frames_in``).
 """
@@ -116,6 +117,8 @@ class HopWarm(StepperState):
     def _make_timer(self) -> None:
         """(Completion thread, after a step shipped.) The GPU-timed wait, once; host sleeps when it fails."""
         self._timer_tried = True
+        if os.environ.get("HYPERLANE_HOP_WARM_WAIT", "gpu").strip().lower() == "host":
+            return  # (for comparisons: host sleeps asked for)
         try:
             self._timer = GpuTimer(self.device)
         except Exception as e:
