@@ -30,7 +30,7 @@ def test_a_rate_no_gpu_runs_at_is_refused_with_the_figures(cycles, ms, what):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_waits_last_what_they_were_asked_for():
     """Waits of 200 µs to 1 ms: the median, by the host's clock, within 10% + 30 µs (a launch) of the ask, and
-    none ends early by more than 5%. The calibration spun ``CALIBRATION_CYCLES`` at a GPU's rate."""
+    none ends early by more than 5%; ``since`` counts them. The calibration spun ``CALIBRATION_CYCLES`` at a GPU's rate."""
     t = GpuTimer("cuda:0")
     assert 0.3e9 <= t.rate <= 4e9
     for ask in (200e-6, 500e-6, 1e-3):
@@ -43,3 +43,7 @@ def test_gpu_waits_last_what_they_were_asked_for():
         assert abs(med - ask) <= 0.1 * ask + 30e-6, (ask, med, CALIBRATION_CYCLES / t.rate)
         assert min(took) >= 0.95 * ask, (ask, sorted(took)[:3])
     assert t.waits == 90
+    ev = torch.cuda.Event(enable_timing=True)  # since: the GPU's time from an event to now
+    ev.record(t.stream)
+    t.wait(1e-3)
+    assert 0.95e-3 <= t.since(ev) <= 1.3e-3

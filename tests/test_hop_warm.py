@@ -376,6 +376,9 @@ class _Timer:
         self.waited.append(s)
         self.clock.now += s + self.late
 
+    def since(self, event: _Event) -> float:
+        return self.clock.now - event.at
+
 
 def test_the_wait_is_timed_by_the_gpu_once_the_timer_is_made_after_the_first_decode_step(monkeypatch):
     """The first decode step's GPU time makes the timer (once, and only with a device); the waits then go to it,
@@ -436,3 +439,20 @@ def test_host_sleeps_when_asked_for(monkeypatch):
     )
     _known(st, clock, 2e-3)
     assert st._timer is None and st._warm_hop(_step(clock, gpu_s=2e-3)) and len(clock.slept) == 1
+
+
+def test_a_step_the_thread_came_to_late_is_warmed_by_its_gpu_start(monkeypatch):
+    """The completion thread got the step 400 µs after the GPU began it (a launch's host work): the GPU timer says
+    so, and the WARM frame still lands lead (plus the first wait's allowance) before the estimate's end. Host
+    sleeps cannot know: theirs lands 400 µs later."""
+    for timed in (True, False):
+        st, clock, out = _stepper(monkeypatch)
+        if timed:
+            st._timer, st._timer_tried = _Timer(clock), True
+        _known(st, clock, 2e-3)
+        start = clock.now
+        p = _step(clock, gpu_s=2e-3)
+        clock.now += 400e-6
+        assert st._warm_hop(p)
+        want = start + 2e-3 - LEAD - 300e-6 + (0.0 if timed else 400e-6)
+        assert out.conn.at == [pytest.approx(want)], timed

@@ -60,6 +60,7 @@ class GpuTimer:
         self._spin = spin if spin is not None else torch.cuda._sleep
         self.stream = torch.cuda.Stream(self.device)
         self._end = torch.cuda.Event()
+        self._mark = torch.cuda.Event(enable_timing=True)
         self.rate = self._calibrate()
         self.waits = 0
 
@@ -75,6 +76,14 @@ class GpuTimer:
         rate = rate_from(CALIBRATION_CYCLES, a.elapsed_time(b))
         log.debug("GPU timer on %s: %.3f GHz", self.device, rate / 1e9)
         return rate
+
+    def since(self, event: torch.cuda.Event) -> float:
+        """Seconds since the GPU passed ``event`` (a timing event, already complete), by the GPU's clock: an
+        event recorded now on this stream, waited for, and the time between the two."""
+        with torch.cuda.stream(self.stream):
+            self._mark.record()
+        self._mark.synchronize()
+        return float(event.elapsed_time(self._mark)) / 1e3
 
     def wait(self, seconds: float) -> None:
         """Return ``seconds`` from now (by the GPU's clock, plus a launch's few µs)."""

@@ -16,7 +16,9 @@ loop), with GPU times known from at least two of the session's previous decode s
 shortest of the last four: a step that captured a graph (its "GPU time" holds the host's seconds of capture)
 or a slow one never moves it later. The completion thread waits natively for the step's start event (the GPU
 began it, an armed step's gate opened), waits until ``lead`` before the expected end, and sends the WARM frame
-unless the step is already done; then it waits for the end as before.
+unless the step is already done; then it waits for the end as before. This thread may come to a step well after
+the GPU began it (a step is queued for it once launched, and a launch takes 150-200 µs of host work): with the
+GPU timer, an event recorded on its stream says how long ago the start was, and the wait is that much shorter.
 
 The wait is timed by the GPU (``gpu_timer.py``: a spin kernel on a stream of its own, then a spinning event
 wait), made once the first decode step has shipped. With host sleeps, four workers on one H200 (MPS), a
@@ -186,6 +188,8 @@ class HopWarm(StepperState):
         try:
             p.start.synchronize()  # the GPU began the step (releases the GIL while it waits)
             began = time.perf_counter()
+            if self._timer is not None:  # this thread may come to the step well after its start: by how much
+                began -= self._timer.since(p.start)
             if last.query():
                 return False
             # the wait ends late (a launch, a clock that changed; a host sleep: the thread's wake-up): aim earlier
