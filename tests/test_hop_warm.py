@@ -86,6 +86,7 @@ def _step(
 ) -> Any:
     start = clock.now
     end = _Event(clock, start + gpu_s)
+    kw.setdefault("t_run", start)  # (its launch began as the GPU started)
     p = _Pending(
         "s", step, 1, seq, start, 1, b"", torch.zeros(1), _Event(clock, start), end, None, None, mode, **kw
     )
@@ -443,16 +444,35 @@ def test_host_sleeps_when_asked_for(monkeypatch):
 
 def test_a_step_the_thread_came_to_late_is_warmed_by_its_gpu_start(monkeypatch):
     """The completion thread got the step 400 µs after the GPU began it (a launch's host work): the GPU timer says
-    so, and the WARM frame still lands lead (plus the first wait's allowance) before the estimate's end. Host
-    sleeps cannot know: theirs lands 400 µs later."""
+    so, and the WARM frame still lands lead (plus the first wait's allowance) before the estimate's end. Without a
+    timer the wait counts from when the launch began (here 100 µs before the GPU start: the frame goes 100 µs
+    early); with neither, it would land 400 µs late."""
     for timed in (True, False):
         st, clock, out = _stepper(monkeypatch)
         if timed:
             st._timer, st._timer_tried = _Timer(clock), True
         _known(st, clock, 2e-3)
         start = clock.now
-        p = _step(clock, gpu_s=2e-3)
+        p = _step(clock, gpu_s=2e-3, t_run=start - 100e-6)
         clock.now += 400e-6
         assert st._warm_hop(p)
-        want = start + 2e-3 - LEAD - 300e-6 + (0.0 if timed else 400e-6)
+        want = start + 2e-3 - LEAD - 300e-6 - (0.0 if timed else 100e-6)
         assert out.conn.at == [pytest.approx(want)], timed
+
+
+def test_a_step_that_starts_while_the_thread_waits_counts_from_its_start(monkeypatch):
+    """An armed step: the thread waits for its gate to open, so the start is now, whatever ``t_run`` says."""
+    st, clock, out = _stepper(monkeypatch)
+    _known(st, clock, 2e-3)
+    p = _step(clock, gpu_s=2e-3, t_run=clock.now - 5e-3)
+    p.start.at = p.end.at = clock.now + 1e-3  # (its gate opens in 1 ms; the stand-in's wait jumps there)
+    p.end.at += 2e-3
+    sync = p.start.synchronize
+
+    def wait_for_gate() -> None:
+        clock.now = max(clock.now, p.start.at)
+        sync()
+
+    p.start.synchronize = wait_for_gate
+    assert st._warm_hop(p)
+    assert out.conn.at == [pytest.approx(p.start.at + 2e-3 - LEAD - 300e-6)]

@@ -18,7 +18,8 @@ or a slow one never moves it later. The completion thread waits natively for the
 began it, an armed step's gate opened), waits until ``lead`` before the expected end, and sends the WARM frame
 unless the step is already done; then it waits for the end as before. This thread may come to a step well after
 the GPU began it (a step is queued for it once launched, and a launch takes 150-200 µs of host work): with the
-GPU timer, an event recorded on its stream says how long ago the start was, and the wait is that much shorter.
+GPU timer, an event recorded on its stream says how long ago the start was, and the wait is that much shorter;
+without one, a start already passed counts from when the step's launch began (``t_run``: early rather than late).
 
 The wait is timed by the GPU (``gpu_timer.py``: a spin kernel on a stream of its own, then a spinning event
 wait), made once the first decode step has shipped. With host sleeps, four workers on one H200 (MPS), a
@@ -186,10 +187,13 @@ class HopWarm(StepperState):
             return False
         last = p.last
         try:
+            already = p.start.query()
             p.start.synchronize()  # the GPU began the step (releases the GIL while it waits)
             began = time.perf_counter()
             if self._timer is not None:  # this thread may come to the step well after its start: by how much
                 began -= self._timer.since(p.start)
+            elif already:  # no timer to ask: it began after its launch did (counting from there errs early)
+                began = min(began, p.t_run)
             if last.query():
                 return False
             # the wait ends late (a launch, a clock that changed; a host sleep: the thread's wake-up): aim earlier
