@@ -32,7 +32,9 @@ def test_gpu_waits_last_what_they_were_asked_for():
     """Waits of 200 µs to 1 ms: the median, by the host's clock, within 10% + 30 µs (a launch) of the ask, and
     none ends early by more than 5%; ``since`` counts them. The calibration spun ``CALIBRATION_CYCLES`` at a GPU's rate."""
     t = GpuTimer("cuda:0")
-    assert 0.3e9 <= t.rate <= 4e9
+    with pytest.raises(RuntimeError, match="before calibrate"):
+        t.wait(1e-3)
+    assert 0.3e9 <= t.calibrate() <= 4e9 and t.rate is not None
     for ask in (200e-6, 500e-6, 1e-3):
         took = []
         for _ in range(30):

@@ -410,12 +410,12 @@ def test_hop_warm_ups_change_no_token(tmp_path):
         ]
         assert len(gaps) > 50 and max(gaps) < 0.05, sorted(gaps)[-5:]
         h = [c.call("Health", pb.HealthRequest()) for c in m.clients]
-        # the waits are GPU-timed (gpu_timer.py): one ends within a launch's µs of its mark, so a warm-up comes
-        # too late only when a step ran shorter than the recent ones by more than the lead (s30a, host sleeps:
-        # 144 and 132 of ~150)
+        # the waits count from the step's GPU start and are timed by the GPU (gpu_timer.py), ending 61-97 µs past
+        # their mark in the s30d bench (4 workers, MPS), which the next wait allows for: a warm-up comes too late
+        # only when a step ran shorter than the recent ones by more than that (s30a-c, before: 113-144 of ~150)
         late, done = [x.hop_warm_late for x in h], [x.hop_warmups for x in h]
         assert sum(late) <= max(4, (sum(late) + sum(done)) // 10), (late, done)
-        assert max(x.hop_warm_wake_us for x in h) < 100, [x.hop_warm_wake_us for x in h]
+        assert max(x.hop_warm_wake_us for x in h) < 150, [x.hop_warm_wake_us for x in h]
         assert all(cluster.alive)
 
 

@@ -368,39 +368,61 @@ def test_a_warm_up_send_never_waits_and_never_cuts_the_stream(case, caplog):
 
 
 class _Timer:
-    """A ``GpuTimer`` stand-in: its wait moves the stand-in clock by the wait plus its own lateness."""
+    """A ``GpuTimer`` stand-in: its wait moves the stand-in clock by the wait plus its own lateness; ``since`` reads
+    the stand-in events' times."""
 
-    def __init__(self, clock: _Clock, late: float = 0.0) -> None:
-        self.clock, self.late, self.waited = clock, late, []
+    def __init__(self, clock: _Clock, late: float = 0.0, rate: float | None = 2e9, fail: str = "") -> None:
+        self.clock, self.late, self.waited, self.fail = clock, late, [], fail
+        self.rate: float | None = None
+        self._rate = rate
+
+    def calibrate(self) -> float:
+        if self.fail == "calibrate":
+            raise ValueError("a spin of 1000000 cycles took 9.0 ms (0.11 GHz): the measurement was disturbed")
+        if self.fail == "calibrate_cuda":
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        self.rate = self._rate
+        return self.rate or 0.0
 
     def wait(self, s: float) -> None:
+        if self.fail == "wait":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         self.waited.append(s)
         self.clock.now += s + self.late
 
     def since(self, event: _Event) -> float:
+        if self.fail == "since":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return self.clock.now - event.at
+
+
+def _with_timer(monkeypatch: Any, st: Any, clock: _Clock, **kw: Any) -> list[Any]:
+    """Give ``st`` a device and make ``hop_warm.GpuTimer`` a stand-in; the list gets each timer made."""
+    made: list[Any] = []
+
+    def make(device: Any) -> _Timer:
+        if kw.get("fail") == "make":
+            raise RuntimeError("CUDA error: out of memory")
+        made.append(_Timer(clock, **kw))
+        return made[-1]
+
+    st.device = torch.device("cuda", 1)
+    monkeypatch.setattr(hop_warm, "GpuTimer", make)
+    return made
 
 
 def test_the_wait_is_timed_by_the_gpu_once_the_timer_is_made_after_the_first_decode_step(monkeypatch):
     """The first decode step's GPU time makes the timer (once, and only with a device); the waits then go to it,
     not to a host sleep, and its lateness is what the next wait allows for and what Health reports."""
     st, clock, out = _stepper(monkeypatch)
-    made: list[Any] = []
-
-    def make(device: Any) -> _Timer:
-        made.append(device)
-        return _Timer(clock, late=15e-6)
-
-    monkeypatch.setattr(hop_warm, "GpuTimer", make)
     st._note_gpu_time(_step(clock), 2e-3)
-    assert made == [] and st._timer is None  # a stepper without a device: host sleeps
-    st.device = torch.device("cuda", 1)
-    st._timer_tried = False
+    assert st._timer is None and st._timer_tried is False  # a stepper without a device: no clock
+    made = _with_timer(monkeypatch, st, clock, late=15e-6)
     _known(st, clock, 2e-3)
-    assert made == [torch.device("cuda", 1)]  # once, not at every step
+    assert len(made) == 1 and made[0].rate == 2e9  # once, not at every step; calibrated
     t0 = clock.now
     assert st._warm_hop(_step(clock, gpu_s=2e-3))
-    assert clock.slept == [] and st._timer.waited == [pytest.approx(2e-3 - LEAD - 300e-6)]
+    assert clock.slept == [] and made[0].waited == [pytest.approx(2e-3 - LEAD - 300e-6)]
     assert out.conn.at == [pytest.approx(t0 + 2e-3 - LEAD - 300e-6 + 15e-6)]
     assert st.hop_wake_us == pytest.approx(15.0)
     t1 = clock.now  # the next wait allows the 15 µs it saw: the WARM frame lands lead before the end
@@ -408,38 +430,103 @@ def test_the_wait_is_timed_by_the_gpu_once_the_timer_is_made_after_the_first_dec
     assert out.conn.at[-1] == pytest.approx(t1 + 2e-3 - LEAD)
 
 
-def test_no_gpu_timer_means_host_sleeps_with_the_reason_logged(monkeypatch, caplog):
-    st, clock, _ = _stepper(monkeypatch)
-    st.device = torch.device("cuda", 0)
+def test_a_stage_with_no_hop_to_warm_makes_no_timer(monkeypatch):
+    """One worker's loop (the ring stays here): no frame to warm, so no calibration on its completion thread."""
+    for ring_here in (True, False):
+        st, clock, _ = _stepper(monkeypatch, _greedy_session(("first:2", 10, frozenset()), ring_here))
+        made = _with_timer(monkeypatch, st, clock)
+        _known(st, clock, 2e-3, mode="greedy")
+        assert len(made) == (0 if ring_here else 1) and st._timer_tried is not ring_here
 
-    def fail(device: Any) -> None:
-        raise ValueError("a spin of 1000000 cycles took 9.0 ms (0.11 GHz): the measurement was disturbed")
 
-    monkeypatch.setattr(hop_warm, "GpuTimer", fail)
-    with caplog.at_level("INFO", logger="hyperlane_lab.runtime.gpu_steps"):
+@pytest.mark.parametrize("fail", ["calibrate", "calibrate_cuda"])
+def test_no_clock_rate_means_host_sleeps_counted_from_the_gpu_start(monkeypatch, caplog, fail):
+    """A refused or failed calibration: host sleeps, the reason logged once; the timer still says when the step
+    began, so a step the thread came to late is still placed by its GPU start."""
+    st, clock, out = _stepper(monkeypatch)
+    made = _with_timer(monkeypatch, st, clock, fail=fail)
+    with caplog.at_level("WARNING", logger="hyperlane_lab.runtime.gpu_steps"):
         _known(st, clock, 2e-3)
-    assert st._timer is None and "no GPU timer: a spin of 1000000 cycles" in caplog.text
-    assert caplog.text.count("no GPU timer") == 1  # tried once
-    assert st._warm_hop(_step(clock, gpu_s=2e-3)) and clock.slept == [pytest.approx(2e-3 - LEAD - 300e-6)]
+        _known(st, clock, 2e-3)
+    assert len(made) == 1 and made[0].rate is None and caplog.text.count("wait with host sleeps") == 1
+    assert ("0.11 GHz" if fail == "calibrate" else "unspecified launch failure") in caplog.text
+    start = clock.now
+    p = _step(clock, gpu_s=2e-3, t_run=start - 1e-3)  # (t_run not used: the clock knows)
+    clock.now += 400e-6
+    assert st._warm_hop(p) and made[0].waited == [] and len(clock.slept) == 1
+    assert out.conn.at == [pytest.approx(start + 2e-3 - LEAD - 300e-6)]
     assert st.hop_wake_us == 0.0
+
+
+def test_no_gpu_clock_at_all_means_host_sleeps_counted_from_the_launch(monkeypatch, caplog):
+    st, clock, _ = _stepper(monkeypatch)
+    _with_timer(monkeypatch, st, clock, fail="make")
+    with caplog.at_level("WARNING", logger="hyperlane_lab.runtime.gpu_steps"):
+        _known(st, clock, 2e-3)
+    assert (
+        st._timer is None
+        and "without the GPU's clock (host sleeps): CUDA error: out of memory" in caplog.text
+    )
+    assert st._warm_hop(_step(clock, gpu_s=2e-3)) and len(clock.slept) == 1
+
+
+@pytest.mark.parametrize("fail", ["wait", "since"])
+def test_a_failing_timer_turns_warm_ups_off_and_leaves_the_error_to_the_steps_wait(monkeypatch, caplog, fail):
+    st, clock, out = _stepper(monkeypatch)
+    _with_timer(monkeypatch, st, clock, fail=fail)
+    _known(st, clock, 2e-3)
+    with caplog.at_level("WARNING", logger="hyperlane_lab.runtime.gpu_steps"):
+        assert not st._warm_hop(_step(clock, gpu_s=2e-3))
+    assert not st.hop_warm and "hop warm-ups off: CUDA error" in caplog.text and out.conn.at == []
+    assert not st._warm_hop(_step(clock, gpu_s=2e-3))  # off from then on
 
 
 def test_warm_ups_off_make_no_timer(monkeypatch):
     st, clock, _ = _stepper(monkeypatch, env={"HYPERLANE_HOP_WARM": "0"})
-    st.device = torch.device("cuda", 0)
-    monkeypatch.setattr(hop_warm, "GpuTimer", lambda d: pytest.fail("made a timer with warm-ups off"))
+    made = _with_timer(monkeypatch, st, clock)
     _known(st, clock, 2e-3)
-    assert st._timer is None and not st._warm_hop(_step(clock))
+    assert made == [] and st._timer is None and not st._warm_hop(_step(clock))
 
 
 def test_host_sleeps_when_asked_for(monkeypatch):
-    st, clock, _ = _stepper(monkeypatch, env={"HYPERLANE_HOP_WARM_WAIT": "host"})
-    st.device = torch.device("cuda", 0)
-    monkeypatch.setattr(
-        hop_warm, "GpuTimer", lambda d: pytest.fail("made a timer where host sleeps were asked")
-    )
+    """``HYPERLANE_HOP_WARM_WAIT=host``: no calibration, host sleeps; the wait still counts from the GPU start."""
+    st, clock, out = _stepper(monkeypatch, env={"HYPERLANE_HOP_WARM_WAIT": "host"})
+    made = _with_timer(monkeypatch, st, clock)
     _known(st, clock, 2e-3)
-    assert st._timer is None and st._warm_hop(_step(clock, gpu_s=2e-3)) and len(clock.slept) == 1
+    assert len(made) == 1 and made[0].rate is None
+    start = clock.now
+    p = _step(clock, gpu_s=2e-3)
+    clock.now += 400e-6
+    assert st._warm_hop(p) and len(clock.slept) == 1 and made[0].waited == []
+    assert out.conn.at == [pytest.approx(start + 2e-3 - LEAD - 300e-6)]
+
+
+@pytest.mark.parametrize(("text", "gpu"), [("", True), ("gpu", True), (" GPU ", True), ("host", False)])
+def test_the_wait_from_the_environment(text, gpu):
+    assert hop_warm.wait_on_gpu_from_env({"HYPERLANE_HOP_WARM_WAIT": text}) is gpu
+
+
+def test_a_bad_wait_is_refused_with_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match=r"must be 'gpu' .* or 'host' .*got 'cpu'"):
+        hop_warm.wait_on_gpu_from_env({"HYPERLANE_HOP_WARM_WAIT": "cpu"})
+    monkeypatch.setenv("HYPERLANE_HOP_WARM_WAIT", "hots")  # at the stepper's start, not at a step
+    with pytest.raises(ValueError, match="got 'hots'"):
+        _stepper(monkeypatch)
+
+
+def test_health_reads_the_steppers_warm_up_counts():
+    """``Worker.hop_warmups`` (Health's source): the GPU stepper's counts and its waits' lateness, zeros without."""
+    from hyperlane_lab.runtime.worker import Worker
+
+    w = object.__new__(Worker)
+    w._gpu = None
+    assert Worker.hop_warmups(w) == (0, 0, 0.0)
+    st = object.__new__(GpuStepper)
+    st._init_hop_warm()
+    st.hop_warmups, st.hop_late = 7, 2
+    st._lateness.extend([20e-6, 45e-6, 30e-6])
+    w._gpu = st
+    assert Worker.hop_warmups(w) == (7, 2, pytest.approx(45.0))
 
 
 def test_a_step_the_thread_came_to_late_is_warmed_by_its_gpu_start(monkeypatch):

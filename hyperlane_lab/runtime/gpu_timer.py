@@ -1,25 +1,31 @@
-"""A wait timed by the GPU's clock, for a thread that must wake at a moment inside a GPU step (``hop_warm.py``).
+"""The GPU's clock for a thread that must act at a moment inside a GPU step (``hop_warm.py``): how long ago the
+GPU passed an event (``since``), and a wait timed by the GPU (``wait``).
 
-Why: a host sleep wakes when the scheduler runs the thread again. On the H200 hosts, with four worker processes
-and their polling threads on one card (MPS), the completion thread's sleeps woke 0.4 ms and more after their
-deadline (thirtieth session: 144 of 174 warm-ups of a middle stage came too late). A CUDA event wait spins
-(the default schedule of a process with fewer contexts than CPUs), so a thread waiting on an event stays on
-its CPU and sees the event within microseconds: the wait here is a one-thread spin kernel of the right number
-of SM cycles (``torch.cuda._sleep``) on a stream of its own, then a wait for an event recorded after it.
+Why: the completion thread comes to a step only after its launch returned, 150-200 µs after the GPU began it on
+the H200 hosts, so "now" is no measure of the step's start; and a host sleep ends when the scheduler runs the
+thread again, late on a loaded host (four workers and their threads on one card). Thirtieth session, 4 stages
+through MPS: with host sleeps counted from the thread's arrival, the middle stages' warm-ups came after the
+step in 144 of 174 steps; with GPU-timed waits still counted from the arrival, in 48-135; with both from here,
+in none.
 
-The cycle rate is measured once, when the timer is made (a short spin that loads the kernel, then two timed
-spins; the second counts); a rate outside 0.3-4 GHz means the measurement was disturbed, and the caller keeps
-host sleeps. A GPU whose clock changes
-later makes the waits longer or shorter: the caller measures how late each wait ends and aims earlier.
+- ``since(event)``: an event recorded now on this timer's stream, waited for, and the GPU time between the two.
+- ``wait(seconds)``: a one-thread spin kernel of that many SM cycles (``torch.cuda._sleep``, a private torch
+  API that its own tests use) on the same stream, then a wait for an event recorded after it. A CUDA event wait
+  spins (the default for a process with fewer contexts than CPUs), so the thread stays on its CPU. Under load
+  (s30d) the waits ended 61-97 µs after their mark: the launch from Python, the event wait, the GIL.
 
-The kernel takes one warp on one SM while it spins: nothing a decode step's kernels would miss.
+The stream is a high-priority one (the pool other than the default streams'), so that its short kernels are
+scheduled ahead of a step's pending blocks. The spin takes one warp on one SM while it runs.
+
+``calibrate()`` measures the cycle rate: a short spin loads the kernel (its first launch's module load, timed
+inside a spin, gave 0.13 GHz in s30b), then the fastest of three timed spins counts (a disturbance only makes
+one longer). A rate outside 0.3-4 GHz is refused (ValueError); ``since`` works without it. A clock that
+changes later makes waits longer or shorter: the caller measures how late each ends and aims earlier.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_CYCLES = 1_000_000  # ~0.5 ms at the 1.98 GHz of an H100/H200 under load
 _RATE_RANGE = (0.3e9, 4e9)  # SM cycles per second a working measurement gives
+_TIMED_SPINS = 3
 
 
 def rate_from(cycles: int, elapsed_ms: float) -> float:
@@ -51,44 +58,44 @@ def cycles_for(seconds: float, rate: float) -> int:
 
 
 class GpuTimer:
-    """``wait(seconds)`` spins a kernel on a stream of its own for that long and waits (spinning) for its end.
-    Made and used on one thread (the completion thread); ``ValueError`` from the constructor when the clock's
-    rate cannot be measured."""
+    """The GPU's clock on ``device`` (module docstring). Made and used on one thread (the completion thread)."""
 
-    def __init__(self, device: torch.device | str, spin: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self._spin = spin if spin is not None else torch.cuda._sleep
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = torch.cuda.Stream(self.device, priority=-1)
         self._end = torch.cuda.Event()
         self._mark = torch.cuda.Event(enable_timing=True)
-        self.rate = self._calibrate()
+        self.rate: float | None = None  # SM cycles per second (``calibrate``); None: no waits
         self.waits = 0
 
-    def _calibrate(self) -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def calibrate(self) -> float:
+        """Measure the SM cycle rate (module docstring); ValueError when no spin gave a GPU's clock."""
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(_TIMED_SPINS)]  # fmt: skip
         with torch.cuda.stream(self.stream):
-            self._spin(1000)  # the kernel's first launch loads it: 1M cycles timed 7.9 ms with it (s30b)
-            for _ in range(2):  # (the second also finds the SM clock raised by the first)
+            torch.cuda._sleep(1000)  # loads the kernel before anything is timed
+            for a, b in pairs:
                 a.record()
-                self._spin(CALIBRATION_CYCLES)
+                torch.cuda._sleep(CALIBRATION_CYCLES)
                 b.record()
-            b.synchronize()
-        rate = rate_from(CALIBRATION_CYCLES, a.elapsed_time(b))
-        log.debug("GPU timer on %s: %.3f GHz", self.device, rate / 1e9)
-        return rate
+        pairs[-1][1].synchronize()
+        self.rate = rate_from(CALIBRATION_CYCLES, min(a.elapsed_time(b) for a, b in pairs))
+        log.debug("GPU timer on %s: %.3f GHz", self.device, self.rate / 1e9)
+        return self.rate
 
     def since(self, event: torch.cuda.Event) -> float:
-        """Seconds since the GPU passed ``event`` (a timing event, already complete), by the GPU's clock: an
-        event recorded now on this stream, waited for, and the time between the two."""
+        """Seconds since the GPU passed ``event`` (a timing event, already complete), by the GPU's clock."""
         with torch.cuda.stream(self.stream):
             self._mark.record()
         self._mark.synchronize()
         return float(event.elapsed_time(self._mark)) / 1e3
 
     def wait(self, seconds: float) -> None:
-        """Return ``seconds`` from now (by the GPU's clock, plus a launch's few µs)."""
+        """Return ``seconds`` from now by the GPU's clock (plus the launch and the event wait). Needs ``calibrate``."""
+        if self.rate is None:
+            raise RuntimeError("GpuTimer.wait before calibrate()")
         with torch.cuda.stream(self.stream):
-            self._spin(cycles_for(seconds, self.rate))
+            torch.cuda._sleep(cycles_for(seconds, self.rate))
             self._end.record()
         self._end.synchronize()
         self.waits += 1

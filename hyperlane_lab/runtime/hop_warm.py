@@ -16,17 +16,17 @@ loop), with GPU times known from at least two of the session's previous decode s
 shortest of the last four: a step that captured a graph (its "GPU time" holds the host's seconds of capture)
 or a slow one never moves it later. The completion thread waits natively for the step's start event (the GPU
 began it, an armed step's gate opened), waits until ``lead`` before the expected end, and sends the WARM frame
-unless the step is already done; then it waits for the end as before. This thread may come to a step well after
-the GPU began it (a step is queued for it once launched, and a launch takes 150-200 µs of host work): with the
-GPU timer, an event recorded on its stream says how long ago the start was, and the wait is that much shorter;
-without one, a start already passed counts from when the step's launch began (``t_run``: early rather than late).
+unless the step is already done; then it waits for the end as before.
 
-The wait is timed by the GPU (``gpu_timer.py``: a spin kernel on a stream of its own, then a spinning event
-wait), made once the first decode step has shipped. With host sleeps, four workers on one H200 (MPS), a
-middle stage's sleeps of at most half its ~0.75 ms wait ended after its ~0.95 ms step in 144 of 174 steps
-(thirtieth session), and each of those ships waited for the wake: the scheduler ran the woken thread late. A
-thread waiting on an event stays on its CPU. Where no GPU timer can be made (its clock rate could not be
-measured) the wait is a host sleep.
+The wait needs the GPU's clock (``gpu_timer.py``, made at the first decode step that has a hop to warm), for two
+reasons found on one H200 with four workers through MPS (thirtieth session; warm-ups that came after their
+step, each making its ship wait: 144 of a middle stage's 174 steps at first, none with both fixes):
+- this thread comes to a step only once its launch returned, 150-200 µs of host work after the GPU began it, so
+  the wait counts from the start the GPU's clock gives (``GpuTimer.since``), not from the thread's arrival
+  (without a GPU clock, from when the step's launch began, ``t_run``: early rather than late);
+- a host sleep ends when the scheduler runs the thread again, late on a loaded host: the wait is a spin kernel
+  timed by the GPU and a spinning event wait (``GpuTimer.wait``). Where its clock rate cannot be measured, or
+  ``HYPERLANE_HOP_WARM_WAIT=host`` asks for it, the wait is a host sleep.
 
 Either wait can end late: the wait is cut by the most the last 8 ended late (300 µs before the first; at most
 half the wait, so that an outlier never stops the waits that age it out), and left out when less than 100 µs
@@ -58,7 +58,7 @@ from hyperlane_lab.runtime.gpu_timer import GpuTimer
 if TYPE_CHECKING:
     from hyperlane_lab.runtime.sender import SocketSender
 
-__all__ = ["DEFAULT_LEAD_US", "HopWarm", "lead_from_env"]
+__all__ = ["DEFAULT_LEAD_US", "HopWarm", "lead_from_env", "wait_on_gpu_from_env"]
 
 log = logging.getLogger("hyperlane_lab.runtime.gpu_steps")
 
@@ -69,6 +69,18 @@ _MIN_SLEEP_S = 100e-6  # a shorter wait before the warm-up is skipped: the WARM 
 _RECENT_SLEEPS = 8  # sleeps whose lateness the next one allows for (the most of them)
 _MAX_WAIT_S = 0.05  # steps longer than this are not warmed (a guess that far off would cost as much)
 _FIRST_LATE_S = 300e-6  # ... before the first (host sleeps woke 150-250 µs late on the H200 hosts)
+
+
+def wait_on_gpu_from_env(environ: dict[str, str] | None = None) -> bool:
+    """``HYPERLANE_HOP_WARM_WAIT``: ``gpu`` (the default) or ``host``; a clear error otherwise."""
+    env = os.environ if environ is None else environ
+    text = env.get("HYPERLANE_HOP_WARM_WAIT", "").strip().lower()
+    if text not in ("", "gpu", "host"):
+        raise ValueError(
+            f"HYPERLANE_HOP_WARM_WAIT must be 'gpu' (waits timed by the GPU, the default) or 'host' (host "
+            f"sleeps), got {text!r}"
+        )
+    return text != "host"
 
 
 def lead_from_env(environ: dict[str, str] | None = None) -> float:
@@ -100,12 +112,14 @@ class HopWarm(StepperState):
     hop_late: int = 0  # waits that ended after the step had (no warm-up; the ship went at once)
     _gpu_times: tuple[tuple[str, str, int], deque[float]] | None = None
     _lateness: deque[float]  # (set by _init_hop_warm: without it, warm-ups are off)
-    _timer: GpuTimer | None = None  # the GPU-timed wait (made after the first decode step; None: host sleeps)
+    hop_wait_gpu: bool = True  # waits timed by the GPU (HYPERLANE_HOP_WARM_WAIT=gpu), else host sleeps
+    _timer: GpuTimer | None = None  # the GPU's clock (gpu_timer.py), made at the first hop to warm
     _timer_tried: bool = False
 
     def _init_hop_warm(self) -> None:
         self.hop_warm = env_flag("HYPERLANE_HOP_WARM", True)
         self.hop_lead_s = lead_from_env() if self.hop_warm else DEFAULT_LEAD_US / 1e6
+        self.hop_wait_gpu = wait_on_gpu_from_env() if self.hop_warm else True
         self.hop_warmups = self.hop_late = 0
         self._gpu_times = None
         self._lateness = deque(maxlen=_RECENT_SLEEPS)
@@ -118,19 +132,27 @@ class HopWarm(StepperState):
         return max(lateness) * 1e6 if lateness else 0.0
 
     def _make_timer(self) -> None:
-        """(Completion thread, after a step shipped.) The GPU-timed wait, once; host sleeps when it fails."""
+        """(Completion thread, after a step shipped.) The GPU's clock, once: ``since`` always, GPU-timed waits
+        when asked for and calibrated (else host sleeps; the reason logged)."""
         self._timer_tried = True
-        if os.environ.get("HYPERLANE_HOP_WARM_WAIT", "gpu").strip().lower() == "host":
-            return  # (for comparisons: host sleeps asked for)
+        stage = self.w.stage_index
         try:
-            self._timer = GpuTimer(self.device)
-        except Exception as e:
-            log.info("stage %d: hop warm-ups wait with host sleeps: no GPU timer: %s", self.w.stage_index, e)
+            timer = GpuTimer(self.device)
+        except Exception as e:  # (no stream: the step's own calls will say more)
+            log.warning("stage %d: hop warm-ups without the GPU's clock (host sleeps): %s", stage, e)
+            return
+        if self.hop_wait_gpu:
+            try:
+                timer.calibrate()
+            except Exception as e:
+                log.warning("stage %d: hop warm-ups wait with host sleeps: %s", stage, e)
+        self._timer = timer
 
     def _nap(self, seconds: float) -> None:
-        """Wait ``seconds``: by the GPU's clock when there is a timer, else a host sleep."""
-        if self._timer is not None:
-            self._timer.wait(seconds)
+        """Wait ``seconds``: by the GPU's clock when the timer has a rate, else a host sleep."""
+        timer = self._timer
+        if timer is not None and timer.rate is not None:
+            timer.wait(seconds)
         else:
             time.sleep(seconds)
 
@@ -152,7 +174,12 @@ class HopWarm(StepperState):
         if self._gpu_times is None or self._gpu_times[0] != key:
             self._gpu_times = (key, deque(maxlen=_RECENT))
         self._gpu_times[1].append(seconds)
-        if self.hop_warm and not self._timer_tried and getattr(self, "device", None) is not None:
+        if (  # (a stage with no hop to warm, one worker's loop, never pays the timer's calibration)
+            self.hop_warm
+            and not self._timer_tried
+            and getattr(self, "device", None) is not None
+            and self._hop_conn(p) is not None
+        ):
             self._make_timer()
 
     def _hop_conn(self, p: _Pending) -> SocketSender | None:
@@ -189,10 +216,10 @@ class HopWarm(StepperState):
         try:
             already = p.start.query()
             p.start.synchronize()  # the GPU began the step (releases the GIL while it waits)
-            began = time.perf_counter()
+            began = time.perf_counter()  # (read before ``since``: its own µs make the start early, not late)
             if self._timer is not None:  # this thread may come to the step well after its start: by how much
                 began -= self._timer.since(p.start)
-            elif already:  # no timer to ask: it began after its launch did (counting from there errs early)
+            elif already and p.t_run > 0:  # no clock to ask: it began after its launch did (errs early)
                 began = min(began, p.t_run)
             if last.query():
                 return False
