@@ -12,8 +12,8 @@ import concurrent.futures
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -244,15 +244,17 @@ class ClientDataPlane:
             if not f.done():
                 f.set_exception(exc)
 
+    # the frame kinds a client takes, and their largest payloads
+    _LIMITS: ClassVar[Mapping[int, int]] = {
+        FrameKind.TOKENS: 1 << 20,
+        FrameKind.ERROR: 64 << 10,
+        FrameKind.PONG: 64 << 20,
+        FrameKind.WARM: 0,
+    }
+
     @staticmethod
     def _check_header(conn: FrameConnection, h: FrameHeader) -> bool:
-        limits = {
-            FrameKind.TOKENS: 1 << 20,
-            FrameKind.ERROR: 64 << 10,
-            FrameKind.PONG: 64 << 20,
-            FrameKind.WARM: 0,
-        }
-        limit = limits.get(h.kind)
+        limit = ClientDataPlane._LIMITS.get(h.kind)
         if limit is None:
             raise ProtocolError(f"the client does not accept frames of kind {h.kind}")
         if h.kind == FrameKind.WARM and h.batch * h.seq:

@@ -181,9 +181,8 @@ class SocketSender:
                 return False
             except OSError as e:
                 return self._warm_failed(e)
-            if (
-                sent < head.nbytes
-            ):  # a nearly full buffer took part of it: the rest must follow, or the stream is cut
+            # a nearly full buffer may take part of it: the rest must follow, or the stream is cut
+            if sent < head.nbytes:
                 try:
                     _send_all(sock, [head[sent:]])
                 except OSError as e:  # (a timeout included: half a header is in the stream)
